@@ -1,0 +1,137 @@
+from proto.edgeloop.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("device_id", "labels", "runtime_backend")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    RUNTIME_BACKEND_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    labels: _containers.ScalarMap[str, str]
+    runtime_backend: str
+    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., runtime_backend: _Optional[str] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("device_id", "bundle_id", "latest_update_version", "bundle_files")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    LATEST_UPDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_FILES_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    bundle_id: str
+    latest_update_version: int
+    bundle_files: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., latest_update_version: _Optional[int] = ..., bundle_files: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FetchBundleRequest(_message.Message):
+    __slots__ = ("device_id", "bundle_id", "paths", "chunk_size")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    PATHS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    bundle_id: str
+    paths: _containers.RepeatedScalarFieldContainer[str]
+    chunk_size: int
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., paths: _Optional[_Iterable[str]] = ..., chunk_size: _Optional[int] = ...) -> None: ...
+
+class Sample(_message.Message):
+    __slots__ = ("device_id", "sample_id", "bundle_id", "input", "features", "entropy", "prediction", "stream_position", "captured_unix_ms")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    CAPTURED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    sample_id: str
+    bundle_id: str
+    input: _common_pb2.Tensor
+    features: _common_pb2.Tensor
+    entropy: float
+    prediction: int
+    stream_position: int
+    captured_unix_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., sample_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., input: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., features: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., entropy: _Optional[float] = ..., prediction: _Optional[int] = ..., stream_position: _Optional[int] = ..., captured_unix_ms: _Optional[int] = ...) -> None: ...
+
+class UploadAck(_message.Message):
+    __slots__ = ("stored_ids", "duplicate_ids", "bytes_received")
+    STORED_IDS_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    stored_ids: _containers.RepeatedScalarFieldContainer[str]
+    duplicate_ids: _containers.RepeatedScalarFieldContainer[str]
+    bytes_received: int
+    def __init__(self, stored_ids: _Optional[_Iterable[str]] = ..., duplicate_ids: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class DriftReport(_message.Message):
+    __slots__ = ("device_id", "detector", "signal", "statistic", "threshold", "stream_position", "detected_unix_ms")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    STATISTIC_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    STREAM_POSITION_FIELD_NUMBER: _ClassVar[int]
+    DETECTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    detector: str
+    signal: str
+    statistic: float
+    threshold: float
+    stream_position: int
+    detected_unix_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., detector: _Optional[str] = ..., signal: _Optional[str] = ..., statistic: _Optional[float] = ..., threshold: _Optional[float] = ..., stream_position: _Optional[int] = ..., detected_unix_ms: _Optional[int] = ...) -> None: ...
+
+class DriftAck(_message.Message):
+    __slots__ = ("event_id",)
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    event_id: int
+    def __init__(self, event_id: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("device_id", "bundle_id", "since_version", "max_wait_seconds")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    bundle_id: str
+    since_version: int
+    max_wait_seconds: float
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., since_version: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ...) -> None: ...
+
+class FederatedUpdate(_message.Message):
+    __slots__ = ("device_id", "bundle_id", "base_version", "num_samples", "tensors")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    bundle_id: str
+    base_version: int
+    num_samples: int
+    tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+
+class SubmitAck(_message.Message):
+    __slots__ = ("submission_id",)
+    SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
+    submission_id: int
+    def __init__(self, submission_id: _Optional[int] = ...) -> None: ...
