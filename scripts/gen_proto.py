@@ -15,9 +15,8 @@ PROTO_DIR = ROOT / "proto" / "edgeloop" / "v1"
 
 def main() -> int:
     """Run protoc over every .proto file, writing code beside it; return protoc's exit code."""
-    from grpc_tools import protoc
-
     import grpc_tools
+    from grpc_tools import protoc
 
     include = Path(grpc_tools.__file__).parent / "_proto"
     protos = sorted(p.relative_to(ROOT).as_posix() for p in PROTO_DIR.glob("*.proto"))

@@ -1,0 +1,51 @@
+"""Adaptable-parameter dictionaries: validation and a canonical digest, shared by device and server."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from runtime.errors import InputError
+
+
+def params_digest(params: Mapping[str, np.ndarray]) -> str:
+    """Return the sha256 hex of a canonical encoding of ``params`` (sorted names, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for name in sorted(params):
+        arr = np.ascontiguousarray(params[name])
+        h.update(name.encode("utf-8") + b"\0")
+        h.update(arr.dtype.str.encode("ascii") + b"\0")
+        h.update(",".join(str(d) for d in arr.shape).encode("ascii") + b"\0")
+        h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def validate_params(
+    params: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], *, partial: bool = True
+) -> dict[str, np.ndarray]:
+    """Check names, shapes and finiteness of ``params`` against ``expected`` shapes; return float32 copies.
+
+    With ``partial`` a subset of the expected names is allowed; otherwise every name must be present.
+    Raises :class:`InputError` naming the offending parameter.
+    """
+    unknown = sorted(set(params) - set(expected))
+    if unknown:
+        raise InputError(f"unknown adaptable parameter(s) {unknown}; expected names from {sorted(expected)}")
+    if not partial:
+        missing = sorted(set(expected) - set(params))
+        if missing:
+            raise InputError(f"missing adaptable parameter(s) {missing}")
+    out: dict[str, np.ndarray] = {}
+    for name, value in params.items():
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "fiu":
+            raise InputError(f"parameter {name!r} has non-numeric dtype {arr.dtype}")
+        arr = arr.astype(np.float32, copy=True)
+        if tuple(arr.shape) != tuple(expected[name]):
+            raise InputError(f"parameter {name!r} has shape {arr.shape}, expected {tuple(expected[name])}")
+        if not np.all(np.isfinite(arr)):
+            raise InputError(f"parameter {name!r} contains NaN or infinite values")
+        out[name] = arr
+    return out
