@@ -1,0 +1,1 @@
+"""Torch side of edgeloop: built-in architectures, training, the adaptable graph, ONNX export and bundles."""

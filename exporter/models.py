@@ -1,0 +1,99 @@
+"""Built-in architectures (source students and stronger teachers) and their explicit registry.
+
+Every registered model normalises its [0, 1] input inside the graph and exposes
+``forward_features(x) -> (N, D)`` and ``classifier`` so the adaptable graph can output penultimate features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Shape of the data a model is built for."""
+
+    in_channels: int
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.in_channels < 1 or self.num_classes < 2 or self.image_size < 4:
+            raise ValueError(f"invalid model spec {self}")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
+            raise ValueError(f"mean/std need {self.in_channels} values, got {self.mean} / {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {self.std}")
+
+
+def _block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+class ConvNet(nn.Module):
+    """A plain conv–BN–ReLU stack, global average pooling and a linear classifier.
+
+    ``plan`` lists ``(channels, stride)`` per block; the input is normalised by ``spec.mean``/``spec.std``.
+    """
+
+    def __init__(self, spec: ModelSpec, plan: Sequence[tuple[int, int]]) -> None:
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("input_mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("input_std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
+        layers: list[nn.Module] = []
+        c_in = spec.in_channels
+        for c_out, stride in plan:
+            layers += _block(c_in, c_out, stride)
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.feature_dim = c_in
+        self.classifier = nn.Linear(c_in, spec.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, D) of a [0, 1] input batch (N, C, H, W)."""
+        z = self.features((x - self.input_mean) / self.input_std)
+        return z.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K)."""
+        return self.classifier(self.forward_features(x))
+
+
+def small_cnn(spec: ModelSpec) -> ConvNet:
+    """The edge student: three conv–BN–ReLU blocks (16, 32, 64 channels), ~24k parameters."""
+    return ConvNet(spec, [(16, 1), (32, 2), (64, 2)])
+
+
+def wide_cnn(spec: ModelSpec) -> ConvNet:
+    """The cloud teacher: five wider blocks (64…256 channels), ~560k parameters."""
+    return ConvNet(spec, [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2)])
+
+
+ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {}
+
+
+def register_architecture(name: str, factory: Callable[[ModelSpec], nn.Module]) -> None:
+    """Add ``factory`` under ``name``; duplicate or empty names are rejected."""
+    if not name or not name.replace("_", "").isalnum():
+        raise ValueError(f"invalid architecture name {name!r}")
+    if name in ARCHITECTURES:
+        raise ValueError(f"architecture {name!r} is already registered")
+    ARCHITECTURES[name] = factory
+
+
+register_architecture("small_cnn", small_cnn)
+register_architecture("wide_cnn", wide_cnn)
+
+
+def build_model(arch: str, spec: ModelSpec) -> nn.Module:
+    """Instantiate the registered architecture ``arch`` for ``spec``."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; registered: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[arch](spec)
