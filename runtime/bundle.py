@@ -1,0 +1,122 @@
+"""Loading a bundle on a device: every file's sha256, then the golden vectors, then a ready session."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import BundleIntegrityError, GoldenMismatchError, ManifestError
+from runtime.manifest import Manifest, ModelEntry, read_manifest
+from runtime.session import Session, open_session
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 hex of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle with an open session on one of its models."""
+
+    root: Path
+    bundle_id: str
+    manifest: Manifest
+    model: ModelEntry
+    session: Session
+
+
+def verify_files(root: Path, manifest: Manifest) -> None:
+    """Check that every file the manifest lists exists inside ``root`` and matches its sha256."""
+    base = root.resolve()
+    for rel, expected in sorted(manifest.files.items()):
+        path = (root / rel).resolve()
+        if base not in path.parents:
+            raise BundleIntegrityError(f"manifest file path {rel!r} escapes the bundle directory")
+        if not path.is_file():
+            raise BundleIntegrityError(f"bundle file {rel!r} is missing from {root}")
+        actual = file_sha256(path)
+        if actual != expected:
+            raise BundleIntegrityError(
+                f"bundle file {rel!r} fails its sha256 check: expected {expected[:16]}…, got {actual[:16]}…"
+            )
+
+
+def golden_feeds(manifest: Manifest, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Graph feeds for the golden check: ``x``, the golden α and the initial parameters."""
+    feeds = {manifest.input.name: x, manifest.alpha_input: np.asarray(manifest.golden_alpha, np.float32)}
+    feeds.update(manifest.initial_params)
+    return feeds
+
+
+def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Session) -> None:
+    """Run the golden inputs and compare every recorded output of ``model`` within its tolerance."""
+    path = root / manifest.golden_file
+    try:
+        golden = np.load(path, allow_pickle=False)
+        recorded = {k: golden[k] for k in golden.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise BundleIntegrityError(f"golden file {manifest.golden_file!r} is unreadable: {exc}") from exc
+    if "input" not in recorded:
+        raise BundleIntegrityError(f"golden file {manifest.golden_file!r} has no 'input' array")
+    if model.name not in manifest.golden_tolerance:
+        raise ManifestError(f"golden.models has no tolerance for model {model.name!r}")
+    atol, rtol = manifest.golden_tolerance[model.name]
+    outputs = session.run(golden_feeds(manifest, recorded["input"].astype(np.float32)))
+    prefix = f"{model.name}/"
+    checked = 0
+    for key, expected in recorded.items():
+        if not key.startswith(prefix):
+            continue
+        out = key[len(prefix) :]
+        if out not in outputs:
+            raise GoldenMismatchError(f"model {model.name!r} has no output {out!r} recorded in golden vectors")
+        diff = np.abs(outputs[out].astype(np.float64) - expected)
+        bound = atol + rtol * np.abs(expected)
+        if not np.all(diff <= bound):
+            raise GoldenMismatchError(
+                f"model {model.name!r} output {out!r} differs from its golden vector by up to "
+                f"{float(diff.max()):.3g} (atol {atol}, rtol {rtol})"
+            )
+        checked += 1
+    if checked == 0:
+        raise GoldenMismatchError(f"golden vectors hold no outputs for model {model.name!r}")
+
+
+def load_bundle(
+    path: Path,
+    model: str | None = None,
+    backend: str = "onnx",
+    threads: int | None = None,
+    verify: bool = True,
+) -> Bundle:
+    """Open a bundle directory: validate the manifest, verify sha256s and golden outputs, open a session.
+
+    Raises a :class:`runtime.errors.BundleError` subclass naming the file, model or output that failed.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ManifestError(f"bundle directory not found: {root}")
+    manifest, raw = read_manifest(root)
+    entry = manifest.model(model)
+    if verify:
+        verify_files(root, manifest)
+    session = open_session(root / entry.file, backend=backend, threads=threads)
+    if verify:
+        verify_golden(root, manifest, entry, session)
+    bundle_id = hashlib.sha256(raw).hexdigest()
+    log.info("loaded bundle %s (%s, model %s, backend %s)", bundle_id[:12], manifest.name, entry.name, backend)
+    return Bundle(root=root, bundle_id=bundle_id, manifest=manifest, model=entry, session=session)

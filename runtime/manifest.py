@@ -1,0 +1,195 @@
+"""The bundle manifest (schema version 1): parsing and validation into typed, frozen objects."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import ManifestError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model input: name, shape with -1 for the batch, dtype and value range."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    value_range: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class NormLayerSpec:
+    """One adaptable normalisation layer and the graph tensor names of its parameters and statistics."""
+
+    name: str
+    channels: int
+    weight: str
+    bias: str
+    mean: str
+    var: str
+    batch_mean: str
+    batch_var: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model file of the bundle."""
+
+    name: str
+    file: str
+    format: str
+    precision: str
+    graph: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest. ``raw`` keeps the parsed JSON for fields the runtime does not interpret."""
+
+    name: str
+    input: InputSpec
+    labels: tuple[str, ...]
+    logits_output: str
+    features_output: str
+    alpha_input: str
+    layers: tuple[NormLayerSpec, ...]
+    initial_params: dict[str, np.ndarray]
+    models: tuple[ModelEntry, ...]
+    default_model: str
+    files: dict[str, str]
+    golden_file: str
+    golden_alpha: float
+    golden_tolerance: dict[str, tuple[float, float]]
+    raw: dict[str, Any]
+
+    def model(self, name: str | None) -> ModelEntry:
+        """The model entry called ``name`` (the default model when None)."""
+        wanted = name or self.default_model
+        for entry in self.models:
+            if entry.name == wanted:
+                return entry
+        raise ManifestError(f"model {wanted!r} not in bundle; available: {[m.name for m in self.models]}")
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shape of every adaptable parameter input."""
+        return {k: tuple(v.shape) for k, v in self.initial_params.items()}
+
+    def source_feature_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Source penultimate-feature mean and variance, when recorded."""
+        feats = self.raw.get("source_statistics", {}).get("features")
+        if not feats:
+            return None
+        return np.asarray(feats["mean"], np.float32), np.asarray(feats["var"], np.float32)
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise ManifestError(f"manifest field {where}.{key} is missing")
+    value = obj[key]
+    if not isinstance(value, kind):
+        raise ManifestError(f"manifest field {where}.{key} has type {type(value).__name__}, expected {kind}")
+    return value
+
+
+def _input_spec(raw: dict[str, Any]) -> InputSpec:
+    spec = _get(raw, "input", dict, "manifest")
+    shape = tuple(int(d) for d in _get(spec, "shape", list, "input"))
+    if len(shape) < 2 or shape[0] != -1 or any(d <= 0 for d in shape[1:]):
+        raise ManifestError(f"manifest field input.shape {list(shape)} must be [-1, positive dims…]")
+    lo, hi = (float(v) for v in spec.get("value_range", [0.0, 1.0]))
+    return InputSpec(_get(spec, "name", str, "input"), shape, _get(spec, "dtype", str, "input"), (lo, hi))
+
+
+def _layers(adaptable: dict[str, Any]) -> tuple[NormLayerSpec, ...]:
+    layers = []
+    for i, layer in enumerate(_get(adaptable, "layers", list, "adaptable")):
+        where = f"adaptable.layers[{i}]"
+        fields = {k: _get(layer, k, str, where) for k in ("name", "weight", "bias", "mean", "var")}
+        stats = {k: _get(layer, k, str, where) for k in ("batch_mean", "batch_var")}
+        layers.append(NormLayerSpec(channels=int(_get(layer, "channels", int, where)), **fields, **stats))
+    return tuple(layers)
+
+
+def _initial(adaptable: dict[str, Any], layers: tuple[NormLayerSpec, ...]) -> dict[str, np.ndarray]:
+    initial = _get(adaptable, "initial", dict, "adaptable")
+    out: dict[str, np.ndarray] = {}
+    for layer in layers:
+        for name in (layer.weight, layer.bias, layer.mean, layer.var):
+            values = np.asarray(_get(initial, name, list, "adaptable.initial"), dtype=np.float32)
+            if values.shape != (layer.channels,) or not np.all(np.isfinite(values)):
+                raise ManifestError(f"adaptable.initial.{name} must be {layer.channels} finite numbers")
+            out[name] = values
+    return out
+
+
+def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
+    entries = []
+    for i, m in enumerate(_get(raw, "models", list, "manifest")):
+        where = f"models[{i}]"
+        keys = ("name", "file", "format", "precision", "graph")
+        entries.append(ModelEntry(**{k: _get(m, k, str, where) for k in keys}))
+    if not entries:
+        raise ManifestError("manifest lists no models")
+    return tuple(entries)
+
+
+def parse_manifest(raw: dict[str, Any]) -> Manifest:
+    """Validate parsed manifest JSON and build a :class:`Manifest`; raise :class:`ManifestError` naming the field."""
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(f"manifest schema_version is {version!r}; this runtime reads {SCHEMA_VERSION}")
+    adaptable = _get(raw, "adaptable", dict, "manifest")
+    outputs = _get(raw, "outputs", dict, "manifest")
+    golden = _get(raw, "golden", dict, "manifest")
+    layers = _layers(adaptable)
+    tolerance = {
+        name: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0)))
+        for name, t in _get(golden, "models", dict, "golden").items()
+    }
+    models = _models(raw)
+    files = {str(k): str(v) for k, v in _get(raw, "files", dict, "manifest").items()}
+    manifest = Manifest(
+        name=str(raw.get("name", "")),
+        input=_input_spec(raw),
+        labels=tuple(str(x) for x in _get(raw, "labels", list, "manifest")),
+        logits_output=_get(outputs, "logits", str, "outputs"),
+        features_output=_get(outputs, "features", str, "outputs"),
+        alpha_input=_get(adaptable, "alpha_input", str, "adaptable"),
+        layers=layers,
+        initial_params=_initial(adaptable, layers),
+        models=models,
+        default_model=str(raw.get("default_model", models[0].name)),
+        files=files,
+        golden_file=_get(golden, "file", str, "golden"),
+        golden_alpha=float(golden.get("alpha", 0.0)),
+        golden_tolerance=tolerance,
+        raw=raw,
+    )
+    manifest.model(None)
+    for entry in models:
+        if entry.file not in files:
+            raise ManifestError(f"model file {entry.file!r} has no sha256 in manifest.files")
+    if manifest.golden_file not in files:
+        raise ManifestError(f"golden file {manifest.golden_file!r} has no sha256 in manifest.files")
+    return manifest
+
+
+def read_manifest(bundle_dir: Path) -> tuple[Manifest, bytes]:
+    """Read and validate ``bundle_dir/manifest.json``; return it and its raw bytes."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"bundle has no {MANIFEST_NAME}: {path}")
+    data = path.read_bytes()
+    try:
+        raw = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
+    return parse_manifest(raw), data

@@ -1,0 +1,97 @@
+"""The adaptable model on a device: current parameters plus one forward pass that returns statistics."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from runtime.bundle import Bundle
+from runtime.errors import InputError
+from runtime.params import validate_params
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    """Outputs of one adaptable forward pass."""
+
+    logits: np.ndarray
+    features: np.ndarray
+    batch_stats: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64 for stable entropies."""
+    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    """Shannon entropy (nats) of each row of ``probs``."""
+    return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
+
+
+class AdaptableModel:
+    """A bundle's adaptable graph with its current parameters (thread-safe parameter swaps)."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self._shapes = self.manifest.param_shapes()
+        self._params = {k: v.copy() for k, v in self.manifest.initial_params.items()}
+        self._lock = threading.Lock()
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        """A copy of the current adaptable parameters."""
+        with self._lock:
+            return {k: v.copy() for k, v in self._params.items()}
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output classes."""
+        return len(self.manifest.labels)
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        """Replace some or all parameters at once, after validating names, shapes and finiteness."""
+        checked = validate_params(params, self._shapes)
+        with self._lock:
+            self._params = {**self._params, **checked}
+
+    def reset_params(self) -> None:
+        """Return to the bundle's initial parameters."""
+        self.set_params(self.manifest.initial_params)
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """Validate a batch against the manifest's input spec; return it as contiguous float32."""
+        arr = np.asarray(x)
+        expected = self.manifest.input.shape[1:]
+        if arr.ndim != len(expected) + 1 or tuple(arr.shape[1:]) != expected:
+            raise InputError(f"input has shape {arr.shape}, expected (N, {', '.join(map(str, expected))})")
+        if arr.shape[0] == 0:
+            raise InputError("input batch is empty")
+        if arr.dtype.kind not in "fiu":
+            raise InputError(f"input has non-numeric dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.all(np.isfinite(arr)):
+            raise InputError("input contains NaN or infinite values")
+        return arr
+
+    def forward(
+        self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
+    ) -> ForwardResult:
+        """One pass with α-mixed normalisation; ``params`` overrides some current parameters for this call."""
+        if not 0.0 <= alpha <= 1.0:
+            raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        m = self.manifest
+        feeds: dict[str, np.ndarray] = self.params
+        if params:
+            feeds.update(validate_params(params, self._shapes))
+        feeds[m.input.name] = self.check_input(x)
+        feeds[m.alpha_input] = np.asarray(alpha, dtype=np.float32)
+        out = self.bundle.session.run(feeds)
+        stats = {layer.name: (out[layer.batch_mean], out[layer.batch_var]) for layer in m.layers}
+        return ForwardResult(out[m.logits_output], out[m.features_output], stats)
