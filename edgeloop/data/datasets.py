@@ -63,9 +63,7 @@ class Dataset:
         if self.x.ndim != 4 or self.x.dtype != np.float32:
             raise ValueError(f"Dataset.x must be float32 (N, C, H, W), got {self.x.dtype} {self.x.shape}")
         if self.y.ndim != 1 or self.y.dtype != np.int64 or len(self.y) != len(self.x):
-            raise ValueError(
-                f"Dataset.y must be int64 of shape ({len(self.x)},), got {self.y.dtype} {self.y.shape}"
-            )
+            raise ValueError(f"Dataset.y must be int64 of shape ({len(self.x)},), got {self.y.dtype} {self.y.shape}")
         if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.labels)):
             raise ValueError(
                 f"Dataset.y values must lie in [0, {len(self.labels)}), got [{self.y.min()}, {self.y.max()}]"
@@ -95,9 +93,7 @@ def default_data_dir() -> Path:
     return (repo_root / ".." / "shared" / "data").resolve()
 
 
-def load_dataset(
-    name: str, split: str, data_dir: Path | str | None = None, limit: int | None = None
-) -> Dataset:
+def load_dataset(name: str, split: str, data_dir: Path | str | None = None, limit: int | None = None) -> Dataset:
     """Load a dataset split as float32 NCHW images in [0, 1] with int64 labels.
 
     Args:
@@ -163,8 +159,7 @@ def _stratified_subset(y: np.ndarray, limit: int | None, seed: int = SUBSET_SEED
     quota[remainder_order[: limit - int(quota.sum())]] += 1
     rng = np.random.default_rng(seed)
     picked = [
-        rng.choice(np.flatnonzero(y == c), size=int(q), replace=False)
-        for c, q in zip(classes, quota, strict=True)
+        rng.choice(np.flatnonzero(y == c), size=int(q), replace=False) for c, q in zip(classes, quota, strict=True)
     ]
     return np.sort(np.concatenate(picked))
 
