@@ -1,0 +1,248 @@
+"""A durable, bounded queue of samples waiting to be uploaded, in one SQLite file.
+
+Each row is one sample keyed by ``sample_id`` (the server's idempotency key). Arrays are stored as ``.npy``
+bytes; their total length is the row's ``nbytes``, which the byte bound counts. The database runs in WAL mode
+with ``synchronous=FULL`` and every write commits before returning, so a sample acknowledged by :meth:`put`
+survives a crash. When the pending bytes exceed ``max_bytes`` the oldest samples are dropped (eviction
+policy: drop-oldest by insertion order) and the persisted ``dropped`` counter grows.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS samples (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    sample_id TEXT NOT NULL UNIQUE,
+    bundle_id TEXT NOT NULL,
+    input_npy BLOB,
+    features_npy BLOB,
+    entropy REAL NOT NULL,
+    prediction INTEGER NOT NULL,
+    stream_position INTEGER NOT NULL,
+    captured_ms INTEGER NOT NULL,
+    nbytes INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS samples_due ON samples (next_attempt_ms, seq);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('dropped', 0);
+"""
+_COLUMNS = (
+    "sample_id, bundle_id, input_npy, features_npy, entropy, prediction, stream_position, captured_ms, "
+    "created_ms, attempts, next_attempt_ms"
+)
+
+
+@dataclass(frozen=True)
+class OutboxSample:
+    """One sample to upload. ``input``/``features`` may be None (features-only or input-only mode).
+
+    ``attempts`` and ``next_attempt_ms`` are filled in by the outbox when read back.
+    """
+
+    sample_id: str
+    bundle_id: str
+    input: np.ndarray | None
+    features: np.ndarray | None
+    entropy: float
+    prediction: int
+    stream_position: int
+    captured_ms: int
+    attempts: int = 0
+    next_attempt_ms: int = 0
+
+
+@dataclass(frozen=True)
+class BackoffPolicy:
+    """Retry delay after the k-th failed attempt: ``min(max_ms, base_ms · 2^(k-1)) · (1 + jitter · u)``,
+    u ~ U[0, 1) from the outbox's random generator."""
+
+    base_ms: int = 1_000
+    max_ms: int = 300_000
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.base_ms <= 0 or self.max_ms < self.base_ms:
+            raise ValueError(f"need 0 < base_ms <= max_ms, got base_ms={self.base_ms}, max_ms={self.max_ms}")
+        if not (math.isfinite(self.jitter) and self.jitter >= 0):
+            raise ValueError(f"jitter must be finite and >= 0, got {self.jitter}")
+
+    def delay_ms(self, attempts: int, u: float) -> int:
+        """Delay before the next try of a sample that has failed ``attempts`` (>= 1) times."""
+        base = min(float(self.max_ms), self.base_ms * 2.0 ** min(attempts - 1, 62))
+        return int(base * (1.0 + self.jitter * u))
+
+
+def _to_npy(array: np.ndarray | None) -> bytes | None:
+    if array is None:
+        return None
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _from_npy(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.load(io.BytesIO(blob), allow_pickle=False)
+
+
+class SqliteOutbox:
+    """Durable sample queue bounded by ``max_bytes`` of stored array bytes. Thread-safe."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        max_bytes: int,
+        *,
+        backoff: BackoffPolicy | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        self.path = Path(path)
+        self.max_bytes = int(max_bytes)
+        self.backoff = backoff or BackoffPolicy()
+        self._rng = rng or random.Random()
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> SqliteOutbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def put(self, samples: Iterable[OutboxSample], now_ms: int | None = None) -> int:
+        """Store samples (ids already present are ignored), evict the oldest past ``max_bytes``, commit.
+
+        ``now_ms`` (default: wall clock) becomes the samples' ``created_ms`` and first due time.
+        Returns how many samples were newly stored. A single sample larger than ``max_bytes`` raises
+        ``ValueError`` before anything is written.
+        """
+        now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
+        rows = []
+        for s in samples:
+            inp, feat = _to_npy(s.input), _to_npy(s.features)
+            nbytes = len(inp or b"") + len(feat or b"")
+            if nbytes > self.max_bytes:
+                raise ValueError(f"sample {s.sample_id!r} takes {nbytes} bytes, above max_bytes {self.max_bytes}")
+            rows.append((s.sample_id, s.bundle_id, inp, feat, float(s.entropy), int(s.prediction),
+                         int(s.stream_position), int(s.captured_ms), nbytes, int(now_ms), int(now_ms)))
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            before = self._conn.total_changes
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
+                "prediction, stream_position, captured_ms, nbytes, created_ms, next_attempt_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            inserted = self._conn.total_changes - before
+            self._evict()
+        return inserted
+
+    def _evict(self) -> None:
+        total = self._conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM samples").fetchone()[0]
+        if total <= self.max_bytes:
+            return
+        doomed: list[int] = []
+        for seq, nbytes in self._conn.execute("SELECT seq, nbytes FROM samples ORDER BY seq"):
+            if total <= self.max_bytes:
+                break
+            doomed.append(seq)
+            total -= nbytes
+        self._conn.executemany("DELETE FROM samples WHERE seq = ?", [(s,) for s in doomed])
+        self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (len(doomed),))
+        logger.warning("outbox %s over %d bytes: dropped the %d oldest samples", self.path, self.max_bytes,
+                       len(doomed))
+
+    def peek_batch(self, n: int, now_ms: int) -> list[OutboxSample]:
+        """Up to ``n`` samples due at ``now_ms`` (next_attempt_ms <= now_ms), oldest first; not removed."""
+        if n <= 0:
+            raise ValueError(f"n must be > 0, got {n}")
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM samples WHERE next_attempt_ms <= ? ORDER BY seq LIMIT ?",
+                (int(now_ms), int(n)),
+            ).fetchall()
+        return [
+            OutboxSample(
+                sample_id=r[0], bundle_id=r[1], input=_from_npy(r[2]), features=_from_npy(r[3]), entropy=r[4],
+                prediction=r[5], stream_position=r[6], captured_ms=r[7], attempts=r[9], next_attempt_ms=r[10],
+            )
+            for r in rows
+        ]
+
+    def ack(self, ids: Sequence[str]) -> int:
+        """Delete delivered samples; returns how many were present."""
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            before = self._conn.total_changes
+            self._conn.executemany("DELETE FROM samples WHERE sample_id = ?", [(i,) for i in ids])
+            return self._conn.total_changes - before
+
+    def nack(self, ids: Sequence[str], now_ms: int) -> int:
+        """Record a failed attempt for each id and schedule its retry with :class:`BackoffPolicy`.
+
+        Returns how many were present.
+        """
+        with self._lock, self._conn:
+            self._conn.execute("BEGIN IMMEDIATE")
+            changed = 0
+            for sample_id in ids:
+                row = self._conn.execute(
+                    "SELECT attempts FROM samples WHERE sample_id = ?", (sample_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                attempts = row[0] + 1
+                due = int(now_ms) + self.backoff.delay_ms(attempts, self._rng.random())
+                self._conn.execute(
+                    "UPDATE samples SET attempts = ?, next_attempt_ms = ? WHERE sample_id = ?",
+                    (attempts, due, sample_id),
+                )
+                changed += 1
+            return changed
+
+    def _scalar(self, sql: str) -> int:
+        with self._lock:
+            return int(self._conn.execute(sql).fetchone()[0])
+
+    @property
+    def pending_count(self) -> int:
+        """Samples stored and not yet acknowledged."""
+        return self._scalar("SELECT COUNT(*) FROM samples")
+
+    @property
+    def pending_bytes(self) -> int:
+        """Array bytes of the pending samples (what ``max_bytes`` bounds)."""
+        return self._scalar("SELECT COALESCE(SUM(nbytes), 0) FROM samples")
+
+    @property
+    def dropped(self) -> int:
+        """Samples evicted by the byte bound since the database was created (persisted)."""
+        return self._scalar("SELECT value FROM meta WHERE key = 'dropped'")

@@ -1,0 +1,167 @@
+"""Selective upload: keep samples whose prediction entropy is informative yet reliable, within a byte budget.
+
+The idea follows CEMA (Chen et al. 2024, "Towards Robust and Efficient Cloud-Edge Elastic Model Adaptation
+via Selective Entropy Distillation", Sec. 3.2): a sample with very high entropy is unreliable (its prediction
+is noise and distilling on it hurts), one with very low entropy is uninformative (the edge model already
+handles it), so only samples in between are worth the uplink.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SelectorConfig:
+    """Settings of :class:`EntropyBandSelector`; entropies are normalised (entropy / ln K, in [0, 1]).
+
+    ``high`` is the initial (and largest) upper bound; ``low`` the fixed lower bound; the dynamic upper
+    bound never goes below ``low + min_band``. ``high_scale`` and ``mean_momentum`` drive the dynamic rule
+    (see :class:`EntropyBandSelector`). ``bytes_per_window`` = None disables the byte budget.
+    """
+
+    low: float = 0.02
+    high: float = 0.4
+    min_band: float = 0.05
+    high_scale: float = 2.0
+    mean_momentum: float = 0.9
+    bytes_per_window: int | None = 1 << 20
+    window_seconds: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low < self.high <= 1.0:
+            raise ValueError(f"need 0 <= low < high <= 1, got low={self.low}, high={self.high}")
+        if not 0.0 <= self.min_band <= self.high - self.low:
+            raise ValueError(f"min_band must be in [0, high - low], got {self.min_band}")
+        if not (math.isfinite(self.high_scale) and self.high_scale > 0):
+            raise ValueError(f"high_scale must be finite and > 0, got {self.high_scale}")
+        if not 0.0 <= self.mean_momentum < 1.0:
+            raise ValueError(f"mean_momentum must be in [0, 1), got {self.mean_momentum}")
+        if self.bytes_per_window is not None and self.bytes_per_window <= 0:
+            raise ValueError(f"bytes_per_window must be > 0 or None, got {self.bytes_per_window}")
+        if not (math.isfinite(self.window_seconds) and self.window_seconds > 0):
+            raise ValueError(f"window_seconds must be finite and > 0, got {self.window_seconds}")
+
+
+@dataclass(frozen=True)
+class SelectionCounters:
+    """Totals since construction: each considered sample lands in exactly one of the other four counts."""
+
+    considered: int
+    selected: int
+    too_uncertain: int
+    too_confident: int
+    over_budget: int
+    bytes_selected: int
+
+
+class EntropyBandSelector:
+    """Select sample indices whose normalised entropy lies in ``[low, high_t]``, within a byte budget.
+
+    Dynamic upper bound: with ``m_t`` an exponential moving average of the per-batch mean normalised entropy
+    (``m_t = β·m_{t-1} + (1-β)·mean(e_batch)``, started at the first batch's mean, β = ``mean_momentum``),
+
+        high_t = clip(high_scale · m_{t-1}, low + min_band, high)
+
+    so as the adapted model grows more confident the band tightens and fewer unreliable samples pass; after a
+    shift the mean entropy rises and the bound relaxes back towards ``high``. A batch is judged with the bound
+    in force before it is folded into ``m``.
+
+    Byte budget: a token bucket holding at most ``bytes_per_window`` bytes, refilled at
+    ``bytes_per_window / window_seconds`` bytes per second of ``clock()``. In-band samples are taken in index
+    order while their size fits the tokens left; the rest are counted as ``over_budget``.
+    """
+
+    def __init__(self, config: SelectorConfig | None = None, clock: Callable[[], float] = time.monotonic):
+        self.config = config or SelectorConfig()
+        self._clock = clock
+        self._mean: float | None = None
+        self._tokens = float(self.config.bytes_per_window or 0)
+        self._last_refill = clock()
+        self._counts = dict.fromkeys(
+            ("considered", "selected", "too_uncertain", "too_confident", "over_budget", "bytes_selected"), 0
+        )
+
+    @property
+    def high(self) -> float:
+        """The upper entropy bound the next batch will be judged with."""
+        cfg = self.config
+        if self._mean is None:
+            return cfg.high
+        return float(min(cfg.high, max(cfg.low + cfg.min_band, cfg.high_scale * self._mean)))
+
+    @property
+    def low(self) -> float:
+        """The lower entropy bound (fixed)."""
+        return self.config.low
+
+    @property
+    def running_mean_entropy(self) -> float | None:
+        """The moving average ``m`` of batch-mean normalised entropy, None before the first batch."""
+        return self._mean
+
+    @property
+    def tokens(self) -> float:
+        """Bytes that may still be selected now (refills the bucket first); inf without a budget."""
+        self._refill()
+        return self._tokens if self.config.bytes_per_window is not None else math.inf
+
+    @property
+    def counters(self) -> SelectionCounters:
+        """A snapshot of the counters."""
+        return SelectionCounters(**self._counts)
+
+    def _refill(self) -> None:
+        capacity = self.config.bytes_per_window
+        now = self._clock()
+        if capacity is not None:
+            rate = capacity / self.config.window_seconds
+            self._tokens = min(float(capacity), self._tokens + max(0.0, now - self._last_refill) * rate)
+        self._last_refill = now
+
+    def select(self, entropies: np.ndarray, sizes: int | np.ndarray) -> np.ndarray:
+        """Return the int64 indices of the samples to upload.
+
+        ``entropies``: normalised entropies, shape (N,); ``sizes``: bytes each sample would take on the
+        wire, one int for all or shape (N,).
+        """
+        ent = np.asarray(entropies, dtype=np.float64).reshape(-1)
+        if not np.all(np.isfinite(ent)):
+            raise ValueError(f"entropies must be finite, got {ent[~np.isfinite(ent)][:5]}")
+        size_arr = np.broadcast_to(np.asarray(sizes, dtype=np.int64), ent.shape)
+        if np.any(size_arr < 0):
+            raise ValueError(f"sizes must be >= 0, got min {int(size_arr.min())}")
+        high, low = self.high, self.low
+        too_uncertain = ent > high
+        too_confident = ent < low
+        self._counts["considered"] += int(ent.size)
+        self._counts["too_uncertain"] += int(too_uncertain.sum())
+        self._counts["too_confident"] += int(too_confident.sum())
+        chosen = self._spend(np.flatnonzero(~too_uncertain & ~too_confident), size_arr)
+        if ent.size:
+            batch_mean = float(ent.mean())
+            beta = self.config.mean_momentum
+            self._mean = batch_mean if self._mean is None else beta * self._mean + (1 - beta) * batch_mean
+        return chosen
+
+    def _spend(self, candidates: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        if self.config.bytes_per_window is None:
+            chosen = candidates
+        else:
+            self._refill()
+            kept: list[int] = []
+            for i in candidates:
+                size = int(sizes[i])
+                if size <= self._tokens:
+                    self._tokens -= size
+                    kept.append(int(i))
+            chosen = np.asarray(kept, dtype=np.int64)
+        self._counts["over_budget"] += int(candidates.size - chosen.size)
+        self._counts["selected"] += int(chosen.size)
+        self._counts["bytes_selected"] += int(sizes[chosen].sum()) if chosen.size else 0
+        return chosen.astype(np.int64)

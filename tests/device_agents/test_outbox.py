@@ -1,0 +1,145 @@
+"""SqliteOutbox on a real SQLite file: durability, idempotency, backoff, eviction."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agents.outbox import BackoffPolicy, OutboxSample, SqliteOutbox
+
+
+def _sample(i: int, size: int = 64, features: bool = True) -> OutboxSample:
+    rng = np.random.default_rng(i)
+    return OutboxSample(
+        sample_id=f"dev-{i}",
+        bundle_id="b" * 64,
+        input=rng.random((1, 8, 8), dtype=np.float32)[:, :, : size // 32],
+        features=rng.random(4, dtype=np.float32) if features else None,
+        entropy=0.1 * (i % 10),
+        prediction=i % 10,
+        stream_position=i,
+        captured_ms=1_000 + i,
+    )
+
+
+def test_put_survives_reopen_and_round_trips_fields(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    originals = [_sample(i) for i in range(5)]
+    with SqliteOutbox(path, max_bytes=1 << 20) as box:
+        assert box.put(originals, now_ms=10) == 5
+    with SqliteOutbox(path, max_bytes=1 << 20) as box:
+        assert box.pending_count == 5
+        got = box.peek_batch(10, now_ms=10)
+    assert [s.sample_id for s in got] == [s.sample_id for s in originals]
+    for a, b in zip(got, originals, strict=True):
+        np.testing.assert_array_equal(a.input, b.input)
+        np.testing.assert_array_equal(a.features, b.features)
+        assert a.input.dtype == np.float32
+        assert (a.entropy, a.prediction, a.stream_position, a.captured_ms) == pytest.approx(
+            (b.entropy, b.prediction, b.stream_position, b.captured_ms)
+        )
+
+
+def test_wal_and_full_sync_are_on(tmp_path: Path) -> None:
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1000) as box:
+        assert box._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert box._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_put_is_visible_to_another_connection_immediately(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with SqliteOutbox(path, max_bytes=1 << 20) as box:
+        box.put([_sample(1)], now_ms=0)
+        other = sqlite3.connect(path)
+        assert other.execute("SELECT sample_id FROM samples").fetchall() == [("dev-1",)]
+        other.close()
+
+
+def test_ids_are_idempotent(tmp_path: Path) -> None:
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
+        assert box.put([_sample(1), _sample(2)], now_ms=0) == 2
+        assert box.put([_sample(2), _sample(3)], now_ms=0) == 1
+        assert box.pending_count == 3
+        assert box.ack(["dev-1", "dev-1", "nope"]) == 1
+        assert box.pending_count == 2
+
+
+def test_features_only_samples(tmp_path: Path) -> None:
+    s = OutboxSample("x", "b", None, np.ones(3, np.float32), 0.2, 1, 0, 0)
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
+        box.put([s], now_ms=0)
+        (got,) = box.peek_batch(1, now_ms=0)
+    assert got.input is None and got.features.tolist() == [1.0, 1.0, 1.0]
+
+
+def test_nack_backoff_schedule_is_exponential_capped_and_jittered(tmp_path: Path) -> None:
+    policy = BackoffPolicy(base_ms=100, max_ms=1000, jitter=0.5)
+    box = SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20, backoff=policy, rng=random.Random(3))
+    box.put([_sample(1)], now_ms=0)
+    expected_rng = random.Random(3)
+    now = 0
+    for attempt in range(1, 8):
+        assert box.nack(["dev-1"], now_ms=now) == 1
+        base = min(1000, 100 * 2 ** (attempt - 1))
+        due = now + int(base * (1 + 0.5 * expected_rng.random()))
+        assert box.peek_batch(5, now_ms=due - 1) == []
+        (s,) = box.peek_batch(5, now_ms=due)
+        assert s.attempts == attempt and s.next_attempt_ms == due
+        assert base <= due - now <= 1.5 * base
+        now = due
+    box.close()
+
+
+def test_backoff_delay_without_jitter() -> None:
+    policy = BackoffPolicy(base_ms=1000, max_ms=8000, jitter=0.0)
+    assert [policy.delay_ms(k, 0.9) for k in range(1, 7)] == [1000, 2000, 4000, 8000, 8000, 8000]
+
+
+def test_peek_returns_only_due_oldest_first(tmp_path: Path) -> None:
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20, rng=random.Random(0)) as box:
+        box.put([_sample(i) for i in range(6)], now_ms=0)
+        box.nack(["dev-0", "dev-2"], now_ms=0)
+        assert [s.sample_id for s in box.peek_batch(3, now_ms=0)] == ["dev-1", "dev-3", "dev-4"]
+        assert len(box.peek_batch(10, now_ms=10**9)) == 6
+
+
+def test_eviction_drops_oldest_and_persists_count(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    one = _sample(0)
+    with SqliteOutbox(path, max_bytes=1 << 20) as probe:
+        probe.put([one], now_ms=0)
+        size = probe.pending_bytes
+    path.unlink()
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    with SqliteOutbox(path, max_bytes=3 * size) as box:
+        box.put([_sample(i) for i in range(5)], now_ms=0)
+        assert box.pending_count == 3 and box.dropped == 2
+        assert box.pending_bytes <= 3 * size
+        box.put([_sample(i) for i in range(5, 7)], now_ms=1)
+        assert box.dropped == 4
+    with SqliteOutbox(path, max_bytes=3 * size) as box:
+        assert box.dropped == 4
+        assert [s.sample_id for s in box.peek_batch(10, now_ms=5)] == ["dev-4", "dev-5", "dev-6"]
+
+
+def test_oversized_sample_is_rejected(tmp_path: Path) -> None:
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=100) as box, pytest.raises(ValueError, match="dev-1"):
+        box.put([_sample(1)], now_ms=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"base_ms": 0}, {"base_ms": 10, "max_ms": 5}, {"jitter": -0.1}])
+def test_invalid_backoff_raises(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        BackoffPolicy(**kwargs)
+
+
+def test_invalid_arguments_raise(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        SqliteOutbox(tmp_path / "o.db", max_bytes=0)
+    with SqliteOutbox(tmp_path / "p.db", max_bytes=10) as box, pytest.raises(ValueError, match="n must"):
+        box.peek_batch(0, now_ms=0)
