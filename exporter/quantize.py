@@ -1,0 +1,222 @@
+"""Static int8 post-training quantization of the adaptable ONNX graph with onnxruntime (QDQ, per channel).
+
+Only ``Conv``, ``MatMul`` and ``Gemm`` are quantized; the α-mixed BatchNorm math stays float because it
+consumes the fed parameters. By default the classifier head (the node producing ``logits``) is left float
+too, so neither ``logits`` nor ``features`` (the head's input) are rounded to 8 bits: entropy- and
+feature-based adaptation and drift detection on the device read them. Activations default to QUInt8, which
+onnxruntime's CPU provider fuses into ``QLinearConv``; QInt8 activations were left unfused (float-emulated)
+and ran slower than fp32 in our measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from exporter.onnx_export import make_feeds, ort_session
+from exporter.train import check_images
+
+logger = logging.getLogger(__name__)
+
+QUANT_METHOD = "onnxruntime_static_qdq"
+OP_TYPES = ("Conv", "MatMul", "Gemm")
+_CALIBRATIONS = {
+    "minmax": CalibrationMethod.MinMax,
+    "entropy": CalibrationMethod.Entropy,
+    "percentile": CalibrationMethod.Percentile,
+}
+_ACTIVATIONS = {"quint8": QuantType.QUInt8, "qint8": QuantType.QInt8}
+
+
+class QuantizationError(RuntimeError):
+    """Quantization failed or produced an unusable model."""
+
+
+class Int8AgreementError(QuantizationError):
+    """The int8 model's top-1 predictions agree with fp32 less often than required."""
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """Options of :func:`quantize_int8`.
+
+    ``calibration``: minmax | entropy | percentile; ``activation_type``: quint8 | qint8 (weights are always
+    QInt8); ``max_samples`` caps the calibration samples (the first ones are used); ``min_agreement`` is the
+    required int8-vs-fp32 top-1 agreement; ``keep_head_float`` leaves the logits-producing node in float.
+    """
+
+    calibration: str = "minmax"
+    activation_type: str = "quint8"
+    per_channel: bool = True
+    reduce_range: bool = False
+    max_samples: int = 512
+    batch_size: int = 64
+    min_agreement: float = 0.9
+    preprocess: bool = True
+    keep_head_float: bool = True
+
+    def __post_init__(self) -> None:
+        if self.calibration not in _CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {sorted(_CALIBRATIONS)}, got {self.calibration!r}")
+        if self.activation_type not in _ACTIVATIONS:
+            raise ValueError(f"activation_type must be one of {sorted(_ACTIVATIONS)}, got {self.activation_type!r}")
+        if self.max_samples < 1 or self.batch_size < 1:
+            raise ValueError(f"max_samples and batch_size must be positive, got {self.max_samples}, {self.batch_size}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"min_agreement must lie in [0, 1], got {self.min_agreement}")
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What :func:`quantize_int8` did: calibration method, sample count, agreement with fp32, pre-processing."""
+
+    calibration: str
+    samples: int
+    per_channel: bool
+    activation_type: str
+    top1_agreement: float
+    eval_samples: int
+    preprocessed: bool
+
+    def manifest_block(self) -> dict[str, Any]:
+        """The ``quantization`` block of a bundle manifest's model entry (CONTRACT.md)."""
+        return {
+            "method": QUANT_METHOD,
+            "per_channel": self.per_channel,
+            "calibration": self.calibration,
+            "samples": self.samples,
+        }
+
+
+class CalibrationReader(CalibrationDataReader):
+    """Feeds real samples in batches, with the source parameters and α = 0, to onnxruntime's calibrator."""
+
+    def __init__(self, x: np.ndarray, params: Mapping[str, np.ndarray], batch_size: int = 64) -> None:
+        """``x``: (N, C, H, W) float32 samples in [0, 1]; ``params``: every ``bnK.*`` graph input."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.x = check_images(x, "calibration samples")
+        self.params = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
+        self.batch_size = batch_size
+        self._start = 0
+
+    def __len__(self) -> int:
+        """Number of samples (not batches)."""
+        return len(self.x)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next feed dict, or None when every sample was fed."""
+        if self._start >= len(self.x):
+            return None
+        batch = self.x[self._start : self._start + self.batch_size]
+        self._start += self.batch_size
+        return make_feeds(batch, self.params, 0.0)
+
+    def rewind(self) -> None:
+        """Start again from the first sample."""
+        self._start = 0
+
+
+def _preprocess(src: Path, dst: Path) -> bool:
+    """Run ``quant_pre_process``; on failure log a warning and copy the model unchanged."""
+    try:
+        quant_pre_process(str(src), str(dst))
+        onnx.checker.check_model(str(dst))
+        return True
+    except Exception as exc:  # any failure of the optional pre-processing step
+        logger.warning("quant_pre_process failed on %s (%s); quantizing without pre-processing", src.name, exc)
+        dst.write_bytes(src.read_bytes())
+        return False
+
+
+def _head_nodes(model_path: Path) -> list[str]:
+    proto = onnx.load(str(model_path))
+    return [node.name for node in proto.graph.node if "logits" in node.output]
+
+
+def _quantize(src: Path, dst: Path, reader: CalibrationReader, config: Int8Config) -> None:
+    quantize_static(
+        str(src),
+        str(dst),
+        reader,
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(OP_TYPES),
+        per_channel=config.per_channel,
+        reduce_range=config.reduce_range,
+        activation_type=_ACTIVATIONS[config.activation_type],
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=_head_nodes(src) if config.keep_head_float else None,
+        calibrate_method=_CALIBRATIONS[config.calibration],
+    )
+
+
+def top1_agreement(
+    fp32_path: Path | str, int8_path: Path | str, x: np.ndarray, params: Mapping[str, np.ndarray], alpha: float = 0.0
+) -> float:
+    """Fraction of samples of ``x`` whose int8 and fp32 top-1 predictions agree (batches of 256)."""
+    sessions = [ort_session(fp32_path), ort_session(int8_path)]
+    agree = 0
+    for i in range(0, len(x), 256):
+        feeds = make_feeds(x[i : i + 256], params, alpha)
+        ref, got = (s.run(["logits"], feeds)[0].argmax(1) for s in sessions)
+        agree += int((ref == got).sum())
+    return agree / len(x)
+
+
+def quantize_int8(
+    fp32_path: Path | str,
+    int8_path: Path | str,
+    calibration_x: np.ndarray,
+    params: Mapping[str, np.ndarray],
+    config: Int8Config | None = None,
+    eval_x: np.ndarray | None = None,
+) -> QuantizationReport:
+    """Quantize the adaptable graph at ``fp32_path`` into ``int8_path`` and verify it.
+
+    Calibrates on (at most ``config.max_samples`` of) ``calibration_x`` fed with ``params`` and α = 0, then
+    checks top-1 agreement with fp32 on the calibration samples plus ``eval_x``; raises
+    :class:`Int8AgreementError` below ``config.min_agreement``.
+    """
+    config = config or Int8Config()
+    fp32_path, int8_path = Path(fp32_path), Path(int8_path)
+    calib = check_images(calibration_x, "calibration_x")[: config.max_samples]
+    reader = CalibrationReader(calib, params, config.batch_size)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-quant-") as tmp:
+        pre = Path(tmp) / "preprocessed.onnx"
+        preprocessed = config.preprocess and _preprocess(fp32_path, pre)
+        src = pre if preprocessed else fp32_path
+        chatter = io.StringIO()  # the histogram calibrators print progress to stdout
+        with contextlib.redirect_stdout(chatter):
+            _quantize(src, int8_path, reader, config)
+        logger.debug("quantize_static output: %s", chatter.getvalue().strip())
+    onnx.checker.check_model(str(int8_path))
+    check = calib if eval_x is None else np.concatenate([calib, check_images(eval_x, "eval_x")])
+    agreement = top1_agreement(fp32_path, int8_path, check, params)
+    if agreement < config.min_agreement:
+        raise Int8AgreementError(
+            f"{int8_path.name}: int8/fp32 top-1 agreement {agreement:.4f} on {len(check)} samples is below "
+            f"{config.min_agreement}"
+        )
+    logger.info("quantized %s: %s calibration on %d samples, agreement %.4f", int8_path.name,
+                config.calibration, len(calib), agreement)
+    return QuantizationReport(
+        config.calibration, len(calib), config.per_channel, config.activation_type, agreement, len(check),
+        preprocessed,
+    )
