@@ -9,7 +9,7 @@ Noise, contrast and brightness use ImageNet-C's parameter tables directly (they 
 intensities, so they do not depend on image size). Spatial parameters (blur radii, motion length,
 elastic displacement) are given in pixels for a 32x32 image and scaled by ``(min(H, W) / 32) ** (1/3)``, so an
 8x8 digit is blurred by about half as many pixels as a CIFAR image: hurt, but recognisable at severity 3.
-Pixelation sizes are fractions of the image side, forced to shrink strictly with severity.
+Pixelation cells are 1/0.85..1/0.4 px wide at any size, as in ImageNet-C.
 
 Every function in :data:`CORRUPTIONS` takes ``(images, severity, rng)`` and returns an array of the same
 shape; :func:`corrupt` validates its arguments, seeds the generator and clips to [0, 1] as float32.
@@ -41,7 +41,7 @@ IMPULSE_NOISE_AMOUNT = (0.03, 0.06, 0.09, 0.17, 0.27)
 CONTRAST_FACTOR = (0.4, 0.3, 0.2, 0.1, 0.05)
 BRIGHTNESS_SHIFT = (0.1, 0.2, 0.3, 0.4, 0.5)
 JPEG_QUALITY = (25, 18, 15, 10, 7)
-# Spatial tables, in pixels of a 32x32 image (scaled by (size / 32) ** (1/3)); sides as fractions of the size.
+# Spatial tables, in pixels of a 32x32 image (scaled by (size / 32) ** (1/3)); pixelate: kept side fraction.
 DEFOCUS_RADIUS_ALIAS = ((1.0, 0.3), (1.3, 0.4), (1.6, 0.4), (2.0, 0.5), (2.5, 0.5))
 MOTION_LENGTH = (2.0, 3.0, 4.0, 5.5, 7.0)
 MOTION_MAX_ANGLE_DEG = 45.0
@@ -169,33 +169,31 @@ def brightness(images: np.ndarray, severity: int, rng: np.random.Generator) -> n
     return np.where(value > 0, images * ratio, new_value).astype(np.float32)
 
 
-def _box_matrix(src: int, dst: int) -> np.ndarray:
-    """(dst, src) area-averaging resampling matrix, as Pillow's BOX filter does."""
-    edges = np.arange(dst + 1) * (src / dst)
-    lo, hi = edges[:-1, None], edges[1:, None]
-    pix = np.arange(src)[None, :]
+def _cell_matrices(size: int, cell: float, phases: np.ndarray) -> np.ndarray:
+    """(N, size, size) matrices replacing each pixel by the area average of its grid cell.
+
+    The grid has cells ``cell`` pixels wide, shifted by ``phases`` (N,) in [0, cell); cells are clipped
+    to the image. Output pixel ``i`` takes the cell holding its centre ``i + 0.5``.
+    """
+    centres = np.arange(size) + 0.5
+    cell_index = np.floor((centres[None, :] + phases[:, None]) / cell)
+    lo = np.clip(cell_index * cell - phases[:, None], 0.0, size)[..., None]  # (N, size, 1)
+    hi = np.clip((cell_index + 1) * cell - phases[:, None], 0.0, size)[..., None]
+    pix = np.arange(size)[None, None, :]
     overlap = np.clip(np.minimum(hi, pix + 1) - np.maximum(lo, pix), 0.0, None)
-    return overlap / overlap.sum(axis=1, keepdims=True)
-
-
-def _pixelate_sides(side: int) -> list[int]:
-    """Down-sampled side length per severity: ``round(side * fraction)``, strictly shrinking, at least 1."""
-    sides, previous = [], side
-    for fraction in PIXELATE_FRACTION:
-        previous = max(1, min(round(side * fraction), previous - 1))
-        sides.append(previous)
-    return sides
+    return (overlap / overlap.sum(axis=2, keepdims=True)).astype(np.float32)
 
 
 def pixelate(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
-    """Pixelation: box down-sampling to 0.85..0.4 of the side (strictly shrinking per severity) and box
-    up-sampling back (ImageNet-C, Hendrycks & Dietterich 2019)."""
-    _check_severity(severity)
-    h, w = images.shape[-2:]
-    small_h, small_w = _pixelate_sides(h)[severity - 1], _pixelate_sides(w)[severity - 1]
-    rows = _box_matrix(small_h, h) @ _box_matrix(h, small_h)
-    cols = _box_matrix(small_w, w) @ _box_matrix(w, small_w)
-    return rows.astype(np.float32) @ images @ cols.T.astype(np.float32)
+    """Pixelation: each image is replaced by flat cells of 1/0.85..1/0.4 = 1.2..2.5 px, i.e. down-sampled
+    to 0.85..0.4 of its side by area averaging and blown back up (ImageNet-C's fractions, Hendrycks &
+    Dietterich 2019). The cell grid gets a random per-image offset so that the damage grows smoothly
+    with severity instead of depending on how the side divides into cells."""
+    cell = 1.0 / _param(PIXELATE_FRACTION, severity)
+    n, _, h, w = images.shape
+    rows = _cell_matrices(h, cell, rng.uniform(0.0, cell, size=n))
+    cols = _cell_matrices(w, cell, rng.uniform(0.0, cell, size=n))
+    return rows[:, None] @ images @ cols.transpose(0, 2, 1)[:, None]
 
 
 def jpeg_compression(images: np.ndarray, severity: int, rng: np.random.Generator) -> np.ndarray:
