@@ -1,0 +1,394 @@
+"""The device agent: predict with forward-only TTA, watch entropy for drift, queue chosen samples, sync.
+
+One :meth:`Agent.process_batch` runs TTA prediction → per-sample normalised entropies → the drift detector
+on each entropy (drift events are reported to the server and trigger ``tta.on_drift()`` under the ``"reset"``
+policy) → the entropy-band selector → the durable outbox. :meth:`Agent.sync` drains the outbox and applies
+newer parameter updates; a background watcher thread can apply updates as they are published instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from device_agents.drift import PageHinkley
+from device_agents.errors import StaleUpdateError, TransportError, UpdateIntegrityError, UpdateRejectedError
+from device_agents.messages import ParameterUpdate, UploadResult
+from device_agents.outbox import OutboxSample, SqliteOutbox
+from device_agents.selection import EntropyBandSelector
+from device_agents.tta import TTAMethod, TTAOutput, normalized_entropy
+from runtime.errors import InputError
+from runtime.params import params_digest
+
+if TYPE_CHECKING:
+    from device_agents.client import DeviceClient, UpdateStream
+    from runtime.model import AdaptableModel
+
+logger = logging.getLogger(__name__)
+
+DRIFT_POLICIES = ("reset", "none")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Settings of :class:`Agent`.
+
+    ``drift_policy``: ``"reset"`` calls ``tta.on_drift()`` after a batch in which drift fired; ``"none"`` only
+    records it. ``upload_input``/``upload_features`` choose what a queued sample carries. ``sync_wait_seconds``
+    is how long :meth:`Agent.sync` waits for updates; ``watch_wait_seconds`` bounds each watcher RPC (and so
+    how long a stop can take at worst); ``watch_retry_seconds`` is the pause after a failed watch.
+    """
+
+    device_id: str
+    bundle_id: str
+    drift_policy: str = "reset"
+    report_drift: bool = True
+    detector_name: str = "page_hinkley"
+    upload_input: bool = True
+    upload_features: bool = True
+    upload_batch: int = 64
+    sync_wait_seconds: float = 0.05
+    watch_wait_seconds: float = 2.0
+    watch_retry_seconds: float = 1.0
+    join_timeout_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not self.device_id:
+            raise ValueError("device_id must be non-empty")
+        if self.drift_policy not in DRIFT_POLICIES:
+            raise ValueError(f"drift_policy must be one of {DRIFT_POLICIES}, got {self.drift_policy!r}")
+        if not (self.upload_input or self.upload_features):
+            raise ValueError("at least one of upload_input and upload_features must be true")
+        if self.upload_batch < 1:
+            raise ValueError(f"upload_batch must be >= 1, got {self.upload_batch}")
+        for name in ("sync_wait_seconds", "watch_wait_seconds", "watch_retry_seconds", "join_timeout_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Outcome of one batch: predictions, normalised entropies (entropy / ln K), probabilities, drift."""
+
+    pred: np.ndarray
+    entropy: np.ndarray
+    probs: np.ndarray
+    drift: bool
+    drift_positions: tuple[int, ...]
+    selected: int
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """Outcome of :meth:`Agent.sync`: the upload (None when skipped or failed), versions applied, errors."""
+
+    upload: UploadResult | None
+    applied_versions: tuple[int, ...]
+    errors: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    """Counters since the agent started; ``accuracy`` is None until a labelled batch was seen."""
+
+    samples_seen: int
+    labelled_seen: int
+    correct: int
+    drift_positions: tuple[int, ...]
+    selected: int
+    uploaded_samples: int
+    uploaded_bytes: int
+    downloaded_bytes: int
+    update_versions: tuple[int, ...]
+    rejected_updates: int
+    sync_failures: int
+
+    @property
+    def accuracy(self) -> float | None:
+        """Share of labelled samples predicted correctly."""
+        return self.correct / self.labelled_seen if self.labelled_seen else None
+
+
+@dataclass
+class _Counters:
+    seen: int = 0
+    labelled: int = 0
+    correct: int = 0
+    selected: int = 0
+    uploaded: int = 0
+    uploaded_bytes: int = 0
+    rejected: int = 0
+    sync_failures: int = 0
+    drifts: list[int] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)
+
+
+class Agent:
+    """Runs one model on one device. ``selector``/``outbox``/``client`` may be None (no upload / offline)."""
+
+    def __init__(
+        self,
+        model: AdaptableModel,
+        tta: TTAMethod,
+        detector: PageHinkley,
+        selector: EntropyBandSelector | None,
+        outbox: SqliteOutbox | None,
+        client: DeviceClient | None,
+        config: AgentConfig,
+        *,
+        version: int = 0,
+    ) -> None:
+        self.model = model
+        self.tta = tta
+        self.detector = detector
+        self.selector = selector
+        self.outbox = outbox
+        self.client = client
+        self.config = config
+        self._lock = threading.RLock()
+        self._counters = _Counters()
+        self._version = int(version)
+        self._active_version = int(version)
+        self._previous: tuple[dict[str, np.ndarray], int] | None = None
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._stream: UpdateStream | None = None
+
+    @property
+    def version(self) -> int:
+        """The newest update version accepted (updates at or below it are refused as stale)."""
+        return self._version
+
+    @property
+    def active_version(self) -> int:
+        """The version whose parameters the model holds (differs from :attr:`version` after a rollback)."""
+        return self._active_version
+
+    def process_batch(self, x: np.ndarray, y: np.ndarray | None = None, position: int | None = None) -> BatchResult:
+        """Predict, detect drift, select and queue samples for one batch.
+
+        ``position`` is the stream position of ``x[0]`` (default: samples seen so far); positions name the
+        samples (``<device>:<bundle[:12]>:<position>``), so a replayed position is stored once.
+        """
+        with self._lock:
+            start = self._counters.seen if position is None else int(position)
+            out = self.tta.predict(self.model, x)
+            pred = out.probs.argmax(axis=1)
+            ent = normalized_entropy(out.probs)
+            events = self._detect(ent, start)
+            selected = self._enqueue(np.asarray(x), out, ent, pred, start)
+            if events and self.config.drift_policy == "reset":
+                self.tta.on_drift()
+            self._count(pred, y, selected, [p for p, _ in events])
+        for pos, statistic in events:
+            self._report_drift(pos, statistic)
+        return BatchResult(pred, ent, out.probs, bool(events), tuple(p for p, _ in events), selected)
+
+    def _detect(self, entropies: np.ndarray, start: int) -> list[tuple[int, float]]:
+        events = []
+        for i, value in enumerate(entropies):
+            if self.detector.update(float(value)).drift_detected:
+                events.append((start + i, self.detector.statistic))
+                logger.info("drift at stream position %d (statistic %.3f)", start + i, self.detector.statistic)
+        return events
+
+    def _enqueue(self, x: np.ndarray, out: TTAOutput, ent: np.ndarray, pred: np.ndarray, start: int) -> int:
+        if self.selector is None or self.outbox is None:
+            return 0
+        cfg = self.config
+        size = (x[0].astype(np.float32).nbytes if cfg.upload_input else 0) + (
+            out.features[0].astype(np.float32).nbytes if cfg.upload_features else 0
+        )
+        chosen = self.selector.select(ent, size)
+        if chosen.size == 0:
+            return 0
+        now = int(time.time() * 1000)
+        samples = [
+            OutboxSample(
+                sample_id=f"{cfg.device_id}:{cfg.bundle_id[:12]}:{start + int(i)}",
+                bundle_id=cfg.bundle_id,
+                input=np.asarray(x[i], dtype=np.float32) if cfg.upload_input else None,
+                features=np.asarray(out.features[i], dtype=np.float32) if cfg.upload_features else None,
+                entropy=float(ent[i]),
+                prediction=int(pred[i]),
+                stream_position=start + int(i),
+                captured_ms=now,
+            )
+            for i in chosen
+        ]
+        self.outbox.put(samples, now_ms=now)
+        return int(chosen.size)
+
+    def _count(self, pred: np.ndarray, y: np.ndarray | None, selected: int, drifts: list[int]) -> None:
+        c = self._counters
+        c.seen += int(pred.shape[0])
+        c.selected += selected
+        c.drifts.extend(drifts)
+        if y is not None:
+            labels = np.asarray(y).reshape(-1)
+            if labels.shape != pred.shape:
+                raise InputError(f"labels have shape {labels.shape}, predictions {pred.shape}")
+            c.labelled += int(labels.size)
+            c.correct += int((labels == pred).sum())
+
+    def _report_drift(self, position: int, statistic: float) -> None:
+        if self.client is None or not self.config.report_drift:
+            return
+        try:
+            self.client.report_drift(
+                self.config.detector_name, "entropy", statistic, self.detector.threshold, position
+            )
+        except TransportError as exc:
+            logger.warning("could not report drift at position %d: %s", position, exc)
+
+    def apply_update(self, update: ParameterUpdate) -> None:
+        """Verify and install a parameter update, keeping the previous parameters for :meth:`rollback`.
+
+        Raises :class:`UpdateIntegrityError` (wrong bundle or digest), :class:`StaleUpdateError` (version not
+        newer than :attr:`version`) or :class:`UpdateRejectedError` (names/shapes/values refused by
+        ``model.set_params``).
+        """
+        with self._lock:
+            if update.bundle_id != self.config.bundle_id:
+                raise UpdateIntegrityError(
+                    f"update v{update.version} is for bundle {update.bundle_id[:12]!r}, "
+                    f"this agent runs {self.config.bundle_id[:12]!r}"
+                )
+            if update.version <= self._version:
+                raise StaleUpdateError(f"update v{update.version} is not newer than v{self._version}")
+            digest = params_digest(update.params)
+            if digest != update.sha256:
+                raise UpdateIntegrityError(
+                    f"update v{update.version}: parameters hash to {digest[:16]!r}, header {update.sha256[:16]!r}"
+                )
+            previous = self.model.params
+            try:
+                self.model.set_params(update.params)
+            except InputError as exc:
+                raise UpdateRejectedError(f"update v{update.version} refused by the model: {exc}") from exc
+            self._previous = (previous, self._active_version)
+            self._version = self._active_version = int(update.version)
+            self._counters.versions.append(int(update.version))
+            self.tta.on_params_changed()
+        logger.info("applied %s update v%d", update.kind, update.version)
+
+    def rollback(self) -> bool:
+        """Restore the parameters held before the last update; False when there is nothing to restore.
+
+        :attr:`version` is kept, so the rolled-back update is not fetched and applied again.
+        """
+        with self._lock:
+            if self._previous is None:
+                return False
+            params, version = self._previous
+            self.model.set_params(params)
+            self._active_version = version
+            self._previous = None
+            self.tta.on_params_changed()
+        logger.warning("rolled back to parameters of v%d", version)
+        return True
+
+    def _apply_from_stream(self, stream: UpdateStream) -> list[int]:
+        applied = []
+        for update in stream:
+            if self._stop.is_set() and threading.current_thread() is self._watcher:
+                break
+            try:
+                self.apply_update(update)
+                applied.append(update.version)
+            except StaleUpdateError as exc:
+                logger.debug("ignoring %s", exc)
+        return applied
+
+    def sync(self, wait_seconds: float | None = None) -> SyncResult:
+        """Upload the outbox, then apply updates newer than :attr:`version` (waiting up to ``wait_seconds``,
+        default ``config.sync_wait_seconds``). Transport failures and refused updates are logged, counted
+        and returned in ``errors``; they do not raise."""
+        wait = self.config.sync_wait_seconds if wait_seconds is None else wait_seconds
+        if not wait > 0:
+            raise ValueError(f"wait_seconds must be > 0 (0 would wait forever), got {wait}")
+        if self.client is None:
+            return SyncResult(None, (), ("no client: offline",))
+        errors: list[str] = []
+        upload = None
+        if self.outbox is not None:
+            try:
+                upload = self.client.upload(self.outbox, self.config.upload_batch)
+                with self._lock:
+                    self._counters.uploaded += upload.sent
+                    self._counters.uploaded_bytes += upload.bytes_sent
+            except TransportError as exc:
+                errors.append(str(exc))
+        applied: list[int] = []
+        try:
+            applied = self._apply_from_stream(self.client.watch_updates(self.config.bundle_id, self._version, wait))
+        except (TransportError, UpdateRejectedError) as exc:
+            errors.append(str(exc))
+            with self._lock:
+                self._counters.rejected += isinstance(exc, UpdateRejectedError)
+        if errors:
+            with self._lock:
+                self._counters.sync_failures += 1
+            logger.warning("sync problems: %s", "; ".join(errors))
+        return SyncResult(upload, tuple(applied), tuple(errors))
+
+    def start_watcher(self) -> None:
+        """Start a daemon thread that applies updates as the server publishes them."""
+        if self.client is None:
+            raise RuntimeError("start_watcher needs a client; this agent is offline")
+        if self._watcher is not None and self._watcher.is_alive():
+            return
+        self._stop.clear()
+        self._watcher = threading.Thread(
+            target=self._watch_loop, args=(self.client,), name=f"edgeloop-watch-{self.config.device_id}", daemon=True
+        )
+        self._watcher.start()
+
+    def _watch_loop(self, client: DeviceClient) -> None:
+        while not self._stop.is_set():
+            stream = client.watch_updates(self.config.bundle_id, self._version, self.config.watch_wait_seconds)
+            self._stream = stream
+            if self._stop.is_set():
+                stream.cancel()
+            try:
+                self._apply_from_stream(stream)
+            except (TransportError, UpdateRejectedError) as exc:
+                logger.warning("update watcher: %s", exc)
+                with self._lock:
+                    self._counters.rejected += isinstance(exc, UpdateRejectedError)
+                self._stop.wait(self.config.watch_retry_seconds)
+            finally:
+                self._stream = None
+
+    def stop_watcher(self) -> None:
+        """Stop the watcher thread (cancelling its RPC) and join it."""
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        if self._watcher is not None:
+            self._watcher.join(self.config.join_timeout_seconds)
+            if self._watcher.is_alive():
+                logger.error("update watcher did not stop within %.1f s", self.config.join_timeout_seconds)
+            self._watcher = None
+
+    def close(self) -> None:
+        """Stop the watcher; the model, outbox and client belong to the caller and stay open."""
+        self.stop_watcher()
+
+    @property
+    def stats(self) -> AgentStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            c = self._counters
+            return AgentStats(
+                samples_seen=c.seen, labelled_seen=c.labelled, correct=c.correct, drift_positions=tuple(c.drifts),
+                selected=c.selected, uploaded_samples=c.uploaded, uploaded_bytes=c.uploaded_bytes,
+                downloaded_bytes=self.client.bytes_down if self.client is not None else 0,
+                update_versions=tuple(c.versions), rejected_updates=c.rejected, sync_failures=c.sync_failures,
+            )

@@ -1,0 +1,381 @@
+"""The device transport: a gRPC client of ``edgeloop.v1.DeviceService``.
+
+This is the only agent module that imports generated protobuf code; everything it returns is a numpy or
+domain object from :mod:`device_agents.messages`. Byte counters add up ``ByteSize()`` of every message sent
+(``bytes_up``) and received (``bytes_down``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import IO, TypeVar
+
+import grpc
+import numpy as np
+
+from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
+from device_agents.messages import ParameterUpdate, RegisterInfo, UploadResult
+from device_agents.outbox import OutboxSample, SqliteOutbox
+from proto.convert import TensorDecodeError, tensor_to_proto, tensors_from_proto, tensors_to_proto
+from proto.edgeloop.v1 import common_pb2, device_pb2, device_pb2_grpc
+from runtime.bundle import load_bundle
+from runtime.errors import BundleError
+from runtime.params import params_digest
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_END_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _safe_relative(path: str) -> str:
+    """Reject absolute paths and ``..`` so a server cannot write outside the bundle directory."""
+    p = PurePosixPath(path)
+    if not path or p.is_absolute() or "\\" in path or any(part in ("..", "") for part in path.split("/")):
+        raise BundleDownloadError(f"bundle chunk has an unsafe path {path!r}")
+    return str(p)
+
+
+class _FileSink:
+    """One file being written from contiguous chunks, hashed as it goes."""
+
+    def __init__(self, path: Path, size: int, sha256: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.fh: IO[bytes] = open(path, "wb")  # noqa: SIM115 - closed in finish()
+        self.hasher = hashlib.sha256()
+        self.written = 0
+        self.size = size
+        self.sha256 = sha256
+
+    def write(self, offset: int, data: bytes, rel: str) -> None:
+        if offset != self.written:
+            self.fh.close()
+            raise BundleDownloadError(f"bundle file {rel!r}: chunk at offset {offset}, expected {self.written}")
+        self.fh.write(data)
+        self.hasher.update(data)
+        self.written += len(data)
+
+    def finish(self) -> bool:
+        """Close the file; True when its size and sha256 match the chunk headers."""
+        self.fh.close()
+        return self.written == self.size and self.hasher.hexdigest() == self.sha256
+
+
+class UpdateStream:
+    """An iterator of verified :class:`ParameterUpdate` objects from one ``WatchUpdates`` call.
+
+    Ends when the server closes the stream, ``max_wait`` passes, or :meth:`cancel` is called (from any
+    thread). A server error raises :class:`TransportError`; a bad update raises :class:`UpdateIntegrityError`.
+    """
+
+    def __init__(self, call: grpc.Call, bundle_id: str, on_bytes: Callable[[int], None]) -> None:
+        self._call = call
+        self._bundle_id = bundle_id
+        self._on_bytes = on_bytes
+
+    def cancel(self) -> None:
+        """Cancel the underlying RPC; iteration then ends quietly."""
+        self._call.cancel()
+
+    def __iter__(self) -> Iterator[ParameterUpdate]:
+        try:
+            for msg in self._call:  # type: ignore[attr-defined]
+                self._on_bytes(msg.ByteSize())
+                yield decode_update(msg, self._bundle_id)
+        except grpc.RpcError as exc:
+            if exc.code() in _END_CODES:  # type: ignore[attr-defined]
+                return
+            raise TransportError("WatchUpdates", exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+        finally:
+            self._call.cancel()
+
+
+def decode_update(msg: common_pb2.ParameterUpdate, bundle_id: str) -> ParameterUpdate:
+    """Convert a ``ParameterUpdate`` message, checking its bundle and that its digest matches its tensors."""
+    if bundle_id and msg.bundle_id != bundle_id:
+        raise UpdateIntegrityError(
+            f"update v{msg.version} is for bundle {msg.bundle_id[:12]!r}, expected {bundle_id[:12]!r}"
+        )
+    try:
+        params = tensors_from_proto(msg.tensors)
+    except TensorDecodeError as exc:
+        raise UpdateIntegrityError(f"update v{msg.version} has a malformed tensor: {exc}") from exc
+    digest = params_digest(params)
+    if digest != msg.sha256:
+        raise UpdateIntegrityError(
+            f"update v{msg.version} fails its digest check: header says {msg.sha256[:16]!r}, "
+            f"tensors hash to {digest[:16]!r}"
+        )
+    return ParameterUpdate(
+        version=int(msg.version), bundle_id=msg.bundle_id, kind=msg.kind, params=params, sha256=msg.sha256,
+        created_ms=int(msg.created_unix_ms), round_id=int(msg.round_id),
+    )
+
+
+class DeviceClient:
+    """Blocking client of the device service over an insecure channel (TLS is a deployment concern).
+
+    ``timeout`` bounds unary calls; ``transfer_timeout`` bounds bundle downloads and sample uploads.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        device_id: str,
+        timeout: float = 10.0,
+        *,
+        transfer_timeout: float = 300.0,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        if not device_id:
+            raise ValueError("device_id must be a non-empty string")
+        if timeout <= 0 or transfer_timeout <= 0:
+            raise ValueError(f"timeouts must be > 0, got {timeout}, {transfer_timeout}")
+        self.target = target
+        self.device_id = device_id
+        self.timeout = float(timeout)
+        self.transfer_timeout = float(transfer_timeout)
+        options = [
+            ("grpc.max_send_message_length", int(max_message_bytes)),
+            ("grpc.max_receive_message_length", int(max_message_bytes)),
+        ]
+        self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
+        self._lock = threading.Lock()
+        self._bytes_up = 0
+        self._bytes_down = 0
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> DeviceClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def bytes_up(self) -> int:
+        """Serialized bytes of every message sent."""
+        with self._lock:
+            return self._bytes_up
+
+    @property
+    def bytes_down(self) -> int:
+        """Serialized bytes of every message received."""
+        with self._lock:
+            return self._bytes_down
+
+    def _count(self, up: int = 0, down: int = 0) -> None:
+        with self._lock:
+            self._bytes_up += up
+            self._bytes_down += down
+
+    def _count_down(self, n: int) -> None:
+        self._count(down=n)
+
+    def _unary(self, method: str, request: object, rpc: Callable[..., _T]) -> _T:
+        self._count(up=request.ByteSize())  # type: ignore[attr-defined]
+        try:
+            response = rpc(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise TransportError(method, exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+        self._count(down=response.ByteSize())  # type: ignore[attr-defined]
+        return response
+
+    def register(self, labels: Mapping[str, str] | None = None, runtime_backend: str = "onnx") -> RegisterInfo:
+        """Announce this device; returns the bundle it should run and the newest update version."""
+        request = device_pb2.RegisterRequest(
+            device_id=self.device_id, labels=dict(labels or {}), runtime_backend=runtime_backend
+        )
+        resp = self._unary("Register", request, self._stub.Register)
+        return RegisterInfo(
+            device_id=resp.device_id, bundle_id=resp.bundle_id,
+            latest_update_version=int(resp.latest_update_version), bundle_files=tuple(resp.bundle_files),
+        )
+
+    def fetch_bundle(self, bundle_id: str, dest_dir: str | Path) -> Path:
+        """Download bundle ``bundle_id`` into ``dest_dir/<bundle_id>`` and return that directory.
+
+        Files are streamed into a temporary directory beside the destination; each file's size and sha256
+        are checked against its chunk headers and a failing file is fetched once more. The whole bundle is
+        then verified with :func:`runtime.load_bundle` (every manifest sha256 and the golden outputs) and its
+        manifest must hash to ``bundle_id`` before it is renamed into place. An existing directory that
+        verifies is reused without a download.
+        """
+        if len(bundle_id) != 64 or not all(c in "0123456789abcdef" for c in bundle_id):
+            raise ValueError(f"bundle_id must be a sha256 hex string, got {bundle_id!r}")
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        final = dest / bundle_id
+        if final.is_dir() and self._installed(final, bundle_id):
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_id[:12]}-", dir=dest))
+        try:
+            self._download_verified(bundle_id, tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("bundle %s installed at %s", bundle_id[:12], final)
+        return final
+
+    @staticmethod
+    def _installed(path: Path, bundle_id: str) -> bool:
+        try:
+            return load_bundle(path, verify=True).bundle_id == bundle_id
+        except BundleError as exc:
+            logger.warning("installed bundle %s fails verification, downloading again: %s", path, exc)
+            return False
+
+    def _download_verified(self, bundle_id: str, root: Path) -> None:
+        bad = self._download(bundle_id, root, ())
+        if bad:
+            logger.warning("bundle %s: refetching %s after a sha256 mismatch", bundle_id[:12], sorted(bad))
+            still_bad = self._download(bundle_id, root, sorted(bad))
+            if still_bad:
+                raise BundleDownloadError(f"bundle {bundle_id[:12]}: {sorted(still_bad)} failed sha256 twice")
+        manifest = root / "manifest.json"
+        if not manifest.is_file():
+            raise BundleDownloadError(f"bundle {bundle_id[:12]}: the server sent no manifest.json")
+        actual = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        if actual != bundle_id:
+            raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
+        load_bundle(root, verify=True)
+
+    def _download(self, bundle_id: str, root: Path, paths: Sequence[str]) -> set[str]:
+        """Stream the requested files (all when empty) into ``root``; return the paths that failed."""
+        request = device_pb2.FetchBundleRequest(device_id=self.device_id, bundle_id=bundle_id, paths=paths)
+        self._count(up=request.ByteSize())
+        sinks: dict[str, _FileSink] = {}
+        bad: set[str] = set()
+        try:
+            for chunk in self._stub.FetchBundle(request, timeout=self.transfer_timeout):
+                self._count(down=chunk.ByteSize())
+                self._write_chunk(bundle_id, root, chunk, sinks, bad)
+        except grpc.RpcError as exc:
+            raise TransportError("FetchBundle", exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+        finally:
+            for rel, sink in sinks.items():
+                if not sink.finish():
+                    bad.add(rel)
+        if not sinks:
+            raise BundleDownloadError(f"bundle {bundle_id[:12]}: the server sent no files for {list(paths)}")
+        return bad
+
+    @staticmethod
+    def _write_chunk(
+        bundle_id: str, root: Path, chunk: common_pb2.BundleChunk, sinks: dict[str, _FileSink], bad: set[str]
+    ) -> None:
+        if chunk.bundle_id != bundle_id:
+            raise BundleDownloadError(f"chunk of bundle {chunk.bundle_id[:12]!r} in a fetch of {bundle_id[:12]!r}")
+        rel = _safe_relative(chunk.path)
+        sink = sinks.get(rel)
+        if sink is None:
+            sink = sinks[rel] = _FileSink(root / rel, int(chunk.file_size), chunk.file_sha256)
+        elif (sink.size, sink.sha256) != (int(chunk.file_size), chunk.file_sha256):
+            bad.add(rel)
+        sink.write(int(chunk.offset), chunk.data, rel)
+
+    def upload(self, outbox: SqliteOutbox, max_batch: int = 64, now_ms: int | None = None) -> UploadResult:
+        """Drain the samples due in ``outbox``, ``max_batch`` per ``UploadSamples`` stream.
+
+        Ids the server acknowledges (stored or duplicate) are acked in the outbox; ids it leaves out are
+        nacked (retried later with backoff). On an RPC error the whole batch is nacked and
+        :class:`TransportError` is raised.
+        """
+        now = _now_ms() if now_ms is None else int(now_ms)
+        totals = dict.fromkeys(("batches", "sent", "stored", "duplicates", "retried", "bytes_sent"), 0)
+        while batch := outbox.peek_batch(max_batch, now):
+            ids = [s.sample_id for s in batch]
+            messages = [self._sample_message(s) for s in batch]
+            size = sum(m.ByteSize() for m in messages)
+            self._count(up=size)
+            try:
+                ack = self._stub.UploadSamples(iter(messages), timeout=self.transfer_timeout)
+            except grpc.RpcError as exc:
+                outbox.nack(ids, now)
+                raise TransportError("UploadSamples", exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
+            self._count(down=ack.ByteSize())
+            acked = (set(ack.stored_ids) | set(ack.duplicate_ids)) & set(ids)
+            outbox.ack(sorted(acked))
+            missing = [i for i in ids if i not in acked]
+            if missing:
+                outbox.nack(missing, now)
+            totals["batches"] += 1
+            totals["sent"] += len(ids)
+            totals["stored"] += len(set(ack.stored_ids) & set(ids))
+            totals["duplicates"] += len(set(ack.duplicate_ids) & set(ids))
+            totals["retried"] += len(missing)
+            totals["bytes_sent"] += size
+        return UploadResult(**totals)
+
+    def _sample_message(self, s: OutboxSample) -> device_pb2.Sample:
+        msg = device_pb2.Sample(
+            device_id=self.device_id, sample_id=s.sample_id, bundle_id=s.bundle_id, entropy=float(s.entropy),
+            prediction=int(s.prediction), stream_position=int(s.stream_position),
+            captured_unix_ms=int(s.captured_ms),
+        )
+        if s.input is not None:
+            msg.input.CopyFrom(tensor_to_proto("input", s.input))
+        if s.features is not None:
+            msg.features.CopyFrom(tensor_to_proto("features", s.features))
+        return msg
+
+    def report_drift(
+        self,
+        detector: str,
+        signal: str,
+        statistic: float,
+        threshold: float,
+        stream_position: int,
+        detected_ms: int | None = None,
+    ) -> int:
+        """Report a drift event; returns the server's event id."""
+        request = device_pb2.DriftReport(
+            device_id=self.device_id, detector=detector, signal=signal, statistic=float(statistic),
+            threshold=float(threshold), stream_position=int(stream_position),
+            detected_unix_ms=_now_ms() if detected_ms is None else int(detected_ms),
+        )
+        return int(self._unary("ReportDrift", request, self._stub.ReportDrift).event_id)
+
+    def watch_updates(self, bundle_id: str, since_version: int, max_wait: float = 0.0) -> UpdateStream:
+        """Stream verified updates of ``bundle_id`` newer than ``since_version``.
+
+        ``max_wait`` seconds (0: until the server stops or :meth:`UpdateStream.cancel`) is passed to the
+        server; the client's deadline is ``max_wait + timeout``.
+        """
+        if max_wait < 0:
+            raise ValueError(f"max_wait must be >= 0, got {max_wait}")
+        request = device_pb2.WatchRequest(
+            device_id=self.device_id, bundle_id=bundle_id, since_version=int(since_version),
+            max_wait_seconds=float(max_wait),
+        )
+        self._count(up=request.ByteSize())
+        deadline = max_wait + self.timeout if max_wait > 0 else None
+        call = self._stub.WatchUpdates(request, timeout=deadline)
+        return UpdateStream(call, bundle_id, self._count_down)
+
+    def submit_update(
+        self, bundle_id: str, base_version: int, num_samples: int, params: Mapping[str, np.ndarray]
+    ) -> int:
+        """Contribute adapted parameters to federated aggregation; returns the submission id."""
+        request = device_pb2.FederatedUpdate(
+            device_id=self.device_id, bundle_id=bundle_id, base_version=int(base_version),
+            num_samples=int(num_samples), tensors=tensors_to_proto(params),
+        )
+        return int(self._unary("SubmitUpdate", request, self._stub.SubmitUpdate).submission_id)

@@ -1,0 +1,33 @@
+"""Exceptions raised by the device agent; each message names the offending id, file, version or value."""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class of every device-agent error."""
+
+
+class TransportError(AgentError):
+    """An RPC to the server failed; ``code`` is the gRPC status code name (e.g. ``"UNAVAILABLE"``)."""
+
+    def __init__(self, method: str, code: str, details: str) -> None:
+        super().__init__(f"{method} failed with {code}: {details}")
+        self.method = method
+        self.code = code
+        self.details = details
+
+
+class BundleDownloadError(AgentError):
+    """A downloaded bundle is malformed: bad chunk stream, unsafe path, or a file that fails its sha256."""
+
+
+class UpdateRejectedError(AgentError):
+    """A parameter update cannot be applied."""
+
+
+class UpdateIntegrityError(UpdateRejectedError):
+    """An update's parameters do not match its sha256, or it belongs to another bundle."""
+
+
+class StaleUpdateError(UpdateRejectedError):
+    """An update's version is not newer than the version already applied."""

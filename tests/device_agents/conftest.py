@@ -1,0 +1,78 @@
+"""Fixtures of the device-agent tests: a tiny numpy model with the adaptable graph's exact BN math."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pytest
+
+from runtime.errors import InputError
+from runtime.model import ForwardResult
+from runtime.params import validate_params
+
+
+class TinyAdaptableModel:
+    """x (N,1,8,8) → per-channel affine (4 ch) → α-mixed BN "bn1" → ReLU → GAP → linear (3 classes).
+
+    Implements the same ``params``/``set_params``/``forward`` surface as ``runtime.AdaptableModel`` so
+    TTA and agent logic can be tested in milliseconds; the real bundle is exercised separately.
+    """
+
+    channels = 4
+    num_classes = 3
+
+    def __init__(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.w_in = rng.normal(1.0, 0.5, self.channels).astype(np.float32)
+        self.b_in = rng.normal(0.0, 0.5, self.channels).astype(np.float32)
+        self.head = rng.normal(0.0, 1.0, (self.channels, self.num_classes)).astype(np.float32)
+        self._shapes = {f"bn1.{k}": (self.channels,) for k in ("weight", "bias", "mean", "var")}
+        self._params = {
+            "bn1.weight": np.ones(self.channels, np.float32),
+            "bn1.bias": np.zeros(self.channels, np.float32),
+            "bn1.mean": (self.w_in * 0.5 + self.b_in).astype(np.float32),
+            "bn1.var": (self.w_in**2 / 12).astype(np.float32),
+        }
+        self.calls: list[tuple[int, float]] = []
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._params.items()}
+
+    def set_params(self, params: Mapping[str, np.ndarray]) -> None:
+        self._params = {**self._params, **validate_params(params, self._shapes)}
+
+    def forward(
+        self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
+    ) -> ForwardResult:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 4 or x.shape[1:] != (1, 8, 8):
+            raise InputError(f"input has shape {x.shape}, expected (N, 1, 8, 8)")
+        p = self.params
+        if params:
+            p.update(validate_params(params, self._shapes))
+        self.calls.append((x.shape[0], float(alpha)))
+        z = x * self.w_in.reshape(1, -1, 1, 1) + self.b_in.reshape(1, -1, 1, 1)
+        mu_b = z.mean(axis=(0, 2, 3))
+        var_b = ((z - mu_b.reshape(1, -1, 1, 1)) ** 2).mean(axis=(0, 2, 3))
+        mu = (1 - alpha) * p["bn1.mean"] + alpha * mu_b
+        var = (1 - alpha) * p["bn1.var"] + alpha * var_b
+        scale = p["bn1.weight"] / np.sqrt(var + 1e-5)
+        y = np.maximum(z * scale.reshape(1, -1, 1, 1) + (p["bn1.bias"] - mu * scale).reshape(1, -1, 1, 1), 0)
+        features = y.mean(axis=(2, 3)).astype(np.float32)
+        logits = (features @ self.head).astype(np.float32)
+        return ForwardResult(logits, features, {"bn1": (mu_b.astype(np.float32), var_b.astype(np.float32))})
+
+
+@pytest.fixture
+def tiny_model() -> TinyAdaptableModel:
+    """A fresh tiny model."""
+    return TinyAdaptableModel()
+
+
+@pytest.fixture
+def tiny_batch() -> np.ndarray:
+    """A seeded batch of 32 inputs in [0, 1] shifted away from the source statistics."""
+    rng = np.random.default_rng(1)
+    return np.clip(rng.random((32, 1, 8, 8), dtype=np.float32) * 0.5 + 0.4, 0, 1).astype(np.float32)
