@@ -1,0 +1,71 @@
+"""Domain errors raised by the server's handlers and storage; servicers map them to gRPC status codes."""
+
+from __future__ import annotations
+
+
+class ServerError(Exception):
+    """Base class of every server domain error."""
+
+
+class InvalidRequestError(ServerError, ValueError):
+    """A request is malformed: a missing id, a negative count, an unknown round kind …"""
+
+
+class InvalidTensorError(InvalidRequestError):
+    """A tensor has the wrong dtype, shape, name or holds NaN/inf."""
+
+
+class InvalidBundleError(InvalidRequestError):
+    """A published bundle is inconsistent: bad manifest, missing/extra file, sha256 mismatch."""
+
+
+class PayloadTooLargeError(ServerError):
+    """A request exceeds a configured size limit (bytes or item count)."""
+
+
+class UnknownDeviceError(ServerError):
+    """The device has not registered."""
+
+
+class UnknownBundleError(ServerError):
+    """No bundle with this id was ever published."""
+
+
+class NoBundlePublishedError(ServerError):
+    """The operation needs a current bundle and none is published yet."""
+
+
+class NothingToAggregateError(ServerError):
+    """A round found no unused submissions (fedavg) or no unused samples (distill)."""
+
+
+class DistillerUnavailableError(ServerError):
+    """A distillation round was asked for but no distiller is configured."""
+
+
+class UnknownRoundError(ServerError):
+    """No round with this id exists."""
+
+
+class StorageError(ServerError):
+    """The registry or blob store is unusable (schema from the future, unreadable file …)."""
+
+
+class BlobNotFoundError(StorageError, KeyError):
+    """No blob with this digest is stored."""
+
+    def __str__(self) -> str:
+        """The message itself (``KeyError`` would quote it)."""
+        return str(self.args[0]) if self.args else ""
+
+
+class BlobCorruptError(StorageError):
+    """A stored blob's bytes no longer hash to its digest."""
+
+
+class UnknownBundleFileError(UnknownBundleError):
+    """The bundle exists but has no file at the requested path."""
+
+
+class ServerShuttingDownError(ServerError):
+    """The server is stopping and accepts no new work."""

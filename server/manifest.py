@@ -1,0 +1,150 @@
+"""What the server needs from a bundle's manifest.json (schema_version 1, see docs/CONTRACT.md), validated.
+
+The server checks a published bundle's file list and sha256s, and uses the manifest's input shape, feature
+width and initial adaptable parameters to validate what devices upload.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from server.errors import InvalidBundleError, InvalidTensorError
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class BundleSpec:
+    """The validated parts of a manifest: file sha256s, input shape, feature width, initial parameters."""
+
+    files: dict[str, str]
+    input_shape: tuple[int, ...]
+    feature_dim: int
+    initial: dict[str, np.ndarray]
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every adaptable parameter."""
+        return {name: tuple(arr.shape) for name, arr in self.initial.items()}
+
+    def check_input(self, array: np.ndarray, what: str) -> np.ndarray:
+        """Validate one model input (batch dim 1 or absent); return it without the batch dim, float32."""
+        sample_shape = self.input_shape[1:]
+        _check_float32_finite(array, what)
+        shape = tuple(array.shape)
+        if len(shape) == len(self.input_shape) and shape[0] == 1:
+            shape = shape[1:]
+        if len(shape) != len(sample_shape) or any(e >= 0 and s != e for s, e in zip(shape, sample_shape, strict=True)):
+            raise InvalidTensorError(
+                f"{what}: shape {tuple(array.shape)} does not match the bundle input shape "
+                f"{list(self.input_shape)} (batch dim 1 or absent)"
+            )
+        return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
+
+    def check_features(self, array: np.ndarray, what: str) -> np.ndarray:
+        """Validate penultimate features of shape (D,) (or (1, D)); return them as (D,) float32."""
+        _check_float32_finite(array, what)
+        shape = tuple(array.shape)
+        if shape not in ((self.feature_dim,), (1, self.feature_dim)):
+            raise InvalidTensorError(f"{what}: shape {shape}, expected ({self.feature_dim},)")
+        return np.ascontiguousarray(array.reshape(self.feature_dim), dtype=np.float32)
+
+
+def _check_float32_finite(array: np.ndarray, what: str) -> None:
+    if array.dtype != np.float32:
+        raise InvalidTensorError(f"{what}: dtype {array.dtype}, expected float32")
+    if not np.all(np.isfinite(array)):
+        raise InvalidTensorError(f"{what}: contains NaN or infinite values")
+
+
+def _get(obj: Any, *keys: str) -> Any:
+    cur = obj
+    for i, key in enumerate(keys):
+        if not isinstance(cur, Mapping) or key not in cur:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: missing field {'.'.join(keys[: i + 1])!r}")
+        cur = cur[key]
+    return cur
+
+
+def check_bundle_path(path: str) -> str:
+    """Reject absolute, empty, backslashed or ``..`` paths; return the path unchanged."""
+    parts = path.split("/")
+    if not path or "\\" in path or "\0" in path or path.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise InvalidBundleError(f"invalid bundle file path {path!r}: must be a relative POSIX path")
+    return path
+
+
+def _files(manifest: Mapping[str, Any]) -> dict[str, str]:
+    files = _get(manifest, "files")
+    if not isinstance(files, Mapping) or not files:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: 'files' must be a non-empty object of path -> sha256")
+    out: dict[str, str] = {}
+    for path, digest in files.items():
+        check_bundle_path(str(path))
+        if path == MANIFEST_FILE:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: 'files' must not list {MANIFEST_FILE} itself")
+        if not isinstance(digest, str) or not _SHA256.match(digest):
+            raise InvalidBundleError(f"{MANIFEST_FILE}: files[{path!r}] = {digest!r} is not a sha256 hex digest")
+        out[str(path)] = digest
+    return out
+
+
+def _input_shape(manifest: Mapping[str, Any]) -> tuple[int, ...]:
+    shape = _get(manifest, "input", "shape")
+    ok = isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) for d in shape)
+    if not ok or any(d == 0 or d < -1 for d in shape):
+        raise InvalidBundleError(f"{MANIFEST_FILE}: input.shape {shape!r} must be a list of positive ints or -1")
+    return tuple(shape)
+
+
+def _initial(manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    initial = _get(manifest, "adaptable", "initial")
+    if not isinstance(initial, Mapping) or not initial:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial must be a non-empty object")
+    out: dict[str, np.ndarray] = {}
+    for name, values in initial.items():
+        try:
+            arr = np.asarray(values, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial[{name!r}] is not numeric: {exc}") from exc
+        if arr.ndim != 1 or not np.all(np.isfinite(arr)):
+            raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial[{name!r}] must be a finite 1-D list")
+        out[str(name)] = arr
+    return out
+
+
+def parse_manifest(raw: bytes) -> tuple[dict[str, Any], BundleSpec]:
+    """Parse manifest.json bytes; return the JSON object and its :class:`BundleSpec`.
+
+    Raises :class:`InvalidBundleError` naming the missing or malformed field.
+    """
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidBundleError(f"{MANIFEST_FILE} is not valid UTF-8 JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise InvalidBundleError(f"{MANIFEST_FILE} must hold a JSON object, got {type(manifest).__name__}")
+    return manifest, bundle_spec(manifest)
+
+
+def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
+    """Validate an already-parsed manifest and extract its :class:`BundleSpec`."""
+    version = _get(manifest, "schema_version")
+    if version != SCHEMA_VERSION:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: schema_version {version!r} is not supported "
+                                 f"(expected {SCHEMA_VERSION})")
+    feature_mean = _get(manifest, "source_statistics", "features", "mean")
+    if not isinstance(feature_mean, list) or not feature_mean:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.mean must be a non-empty list")
+    return BundleSpec(
+        files=_files(manifest), input_shape=_input_shape(manifest), feature_dim=len(feature_mean),
+        initial=_initial(manifest),
+    )

@@ -1,0 +1,223 @@
+"""Plain records the storage layer reads and writes, and the :class:`Storage` protocol; no SQL, no protobuf."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+ROUND_STATES = ("queued", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a bundle: its sha256 (also its blob digest) and size in bytes."""
+
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    """A registered device with counts of what it sent."""
+
+    device_id: str
+    labels: dict[str, str]
+    backend: str
+    registered_ms: int
+    last_seen_ms: int
+    acked_update_version: int = 0
+    samples_stored: int = 0
+    drift_events: int = 0
+
+
+@dataclass(frozen=True)
+class BundleRecord:
+    """A published bundle: parsed manifest, its files (including manifest.json) and whether it is current."""
+
+    bundle_id: str
+    manifest: dict[str, Any]
+    files: dict[str, FileEntry]
+    created_ms: int
+    is_current: bool = False
+
+
+@dataclass(frozen=True)
+class SampleRecord:
+    """An uploaded sample; tensors live in the blob store under ``input_blob`` / ``features_blob``."""
+
+    sample_id: str
+    device_id: str
+    bundle_id: str
+    input_blob: str | None
+    features_blob: str | None
+    entropy: float
+    prediction: int
+    stream_position: int
+    captured_ms: int
+    received_ms: int
+    used_in_round: int | None = None
+
+
+@dataclass(frozen=True)
+class DriftRecord:
+    """A drift event reported by a device; ``id`` is assigned on insert."""
+
+    device_id: str
+    detector: str
+    signal: str
+    statistic: float
+    threshold: float
+    stream_position: int
+    detected_ms: int
+    received_ms: int
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """A published parameter update; ``blob`` is the digest of the encoded tensors in the blob store."""
+
+    version: int
+    bundle_id: str
+    kind: str
+    round_id: int | None
+    blob: str
+    sha256: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class SubmissionRecord:
+    """A device's adapted parameters for federated aggregation; ``id`` is assigned on insert."""
+
+    device_id: str
+    bundle_id: str
+    base_version: int
+    num_samples: int
+    blob: str
+    received_ms: int
+    used_in_round: int | None = None
+    id: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """A distillation or aggregation round and its outcome."""
+
+    round_id: int
+    kind: str
+    state: str
+    created_ms: int
+    update_version: int | None = None
+    samples_used: int = 0
+    error: str = ""
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """Metadata persistence used by the handlers. Every method is atomic and safe to call from any thread."""
+
+    def upsert_device(self, device_id: str, labels: dict[str, str], backend: str, now_ms: int) -> DeviceRecord:
+        """Create the device or refresh its labels, backend and last-seen time; return it."""
+        ...
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        """The device with counts, or None."""
+        ...
+
+    def touch_device(self, device_id: str, now_ms: int) -> None:
+        """Record that the device was seen at ``now_ms``."""
+        ...
+
+    def set_acked_version(self, device_id: str, version: int) -> None:
+        """Raise the device's acknowledged update version to ``version`` (never lowers it)."""
+        ...
+
+    def list_devices(self) -> list[DeviceRecord]:
+        """Every device with counts, ordered by id."""
+        ...
+
+    def put_bundle(self, bundle: BundleRecord, make_current: bool) -> BundleRecord:
+        """Insert the bundle (or keep the stored one with the same id) and optionally make it current."""
+        ...
+
+    def get_bundle(self, bundle_id: str) -> BundleRecord | None:
+        """The bundle, or None."""
+        ...
+
+    def current_bundle(self) -> BundleRecord | None:
+        """The current bundle, or None when nothing is published."""
+        ...
+
+    def insert_samples(self, samples: Sequence[SampleRecord]) -> list[bool]:
+        """Insert in one transaction, ignoring existing ids; per sample, True when newly stored."""
+        ...
+
+    def get_sample(self, sample_id: str) -> SampleRecord | None:
+        """The sample, or None."""
+        ...
+
+    def unused_samples(self, bundle_id: str, limit: int | None, with_input: bool) -> list[SampleRecord]:
+        """Samples of the bundle not yet used by a round, oldest first."""
+        ...
+
+    def mark_samples_used(self, sample_ids: Sequence[str], round_id: int) -> None:
+        """Record that a round used these samples."""
+        ...
+
+    def insert_drift(self, event: DriftRecord) -> int:
+        """Store a drift event; return its id."""
+        ...
+
+    def list_drift(self, device_id: str | None) -> list[DriftRecord]:
+        """Drift events, optionally of one device, oldest first."""
+        ...
+
+    def insert_submission(self, submission: SubmissionRecord) -> int:
+        """Store a federated submission; return its id."""
+        ...
+
+    def unused_submissions(self, bundle_id: str) -> list[SubmissionRecord]:
+        """Submissions for the bundle not yet used by a round, oldest first."""
+        ...
+
+    def mark_submissions_used(self, ids: Sequence[int], round_id: int) -> None:
+        """Record that a round used these submissions."""
+        ...
+
+    def insert_update(
+        self, bundle_id: str, kind: str, round_id: int | None, blob: str, sha256: str, created_ms: int
+    ) -> UpdateRecord:
+        """Store an update under the next version (max + 1 over all bundles); return it."""
+        ...
+
+    def updates_since(self, bundle_id: str, since_version: int) -> list[UpdateRecord]:
+        """Updates of the bundle with version > ``since_version``, ascending."""
+        ...
+
+    def latest_update(self, bundle_id: str) -> UpdateRecord | None:
+        """The bundle's newest update, or None."""
+        ...
+
+    def latest_version(self) -> int:
+        """The newest update version over all bundles (0 when none)."""
+        ...
+
+    def create_round(self, kind: str, created_ms: int) -> RoundRecord:
+        """Insert a queued round; return it with its id."""
+        ...
+
+    def save_round(self, record: RoundRecord) -> None:
+        """Overwrite a round's state, results and timing."""
+        ...
+
+    def get_round(self, round_id: int) -> RoundRecord | None:
+        """The round, or None."""
+        ...
+
+    def close(self) -> None:
+        """Release the backend's resources."""
+        ...

@@ -1,0 +1,74 @@
+"""Shared state and look-ups for the handlers: storage, blob store, broker, limits, clock; id checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from server.blobstore import BlobStore
+from server.broker import UpdateBroker
+from server.errors import InvalidRequestError, NoBundlePublishedError, UnknownBundleError, UnknownDeviceError
+from server.manifest import BundleSpec, bundle_spec
+from server.records import BundleRecord, DeviceRecord, Storage
+
+MAX_ID_LENGTH = 128
+
+
+def now_ms() -> int:
+    """Wall-clock time in Unix milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits enforced by the handlers."""
+
+    max_upload_bytes: int = 64 << 20
+    max_samples_per_upload: int = 4096
+    max_bundle_bytes: int = 512 << 20
+
+
+@dataclass
+class ServerState:
+    """Everything the handlers work on: metadata storage, blob store, update broker, limits and a clock."""
+
+    storage: Storage
+    blobs: BlobStore
+    broker: UpdateBroker
+    limits: Limits
+    clock: Callable[[], int] = now_ms
+
+
+def check_id(value: str, what: str) -> str:
+    """Require a non-empty printable id of at most :data:`MAX_ID_LENGTH` characters."""
+    if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise InvalidRequestError(f"{what} {value!r} must be 1-{MAX_ID_LENGTH} printable characters")
+    return value
+
+
+def require_device(state: ServerState, device_id: str) -> DeviceRecord:
+    """The registered device ``device_id`` (touching its last-seen time), or :class:`UnknownDeviceError`."""
+    device = state.storage.get_device(device_id)
+    if device is None:
+        raise UnknownDeviceError(f"device {device_id!r} is not registered; call Register first")
+    state.storage.touch_device(device_id, state.clock())
+    return device
+
+
+def resolve_bundle(state: ServerState, bundle_id: str) -> BundleRecord:
+    """The bundle ``bundle_id``, or the current bundle when ``bundle_id`` is empty."""
+    if not bundle_id:
+        bundle = state.storage.current_bundle()
+        if bundle is None:
+            raise NoBundlePublishedError("no bundle has been published yet")
+        return bundle
+    bundle = state.storage.get_bundle(bundle_id)
+    if bundle is None:
+        raise UnknownBundleError(f"unknown bundle {bundle_id!r}")
+    return bundle
+
+
+def spec_of(bundle: BundleRecord) -> BundleSpec:
+    """The validated :class:`BundleSpec` of a stored bundle."""
+    return bundle_spec(bundle.manifest)

@@ -1,0 +1,364 @@
+"""Persistence: the content-addressed :class:`BlobStore` and the metadata :class:`Storage` interface,
+implemented over SQLite by :class:`Registry`.
+
+Handlers depend on the :class:`Storage` protocol only, so a PostgreSQL backend can implement it later.
+The SQLite registry runs in WAL mode with ``synchronous=FULL``: a committed transaction survives a crash,
+which is what lets the server acknowledge a sample only after its row is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from server.blobstore import BlobStore, sha256_hex
+from server.errors import StorageError
+from server.records import (
+    BundleRecord,
+    DeviceRecord,
+    DriftRecord,
+    FileEntry,
+    RoundRecord,
+    SampleRecord,
+    Storage,
+    SubmissionRecord,
+    UpdateRecord,
+)
+
+__all__ = ["SCHEMA_VERSION", "BlobStore", "Registry", "Storage", "sha256_hex"]
+
+logger = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+  device_id TEXT PRIMARY KEY, labels TEXT NOT NULL, backend TEXT NOT NULL,
+  registered_ms INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
+  acked_update_version INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS bundles (
+  bundle_id TEXT PRIMARY KEY, manifest TEXT NOT NULL, files TEXT NOT NULL,
+  created_ms INTEGER NOT NULL, is_current INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS samples (
+  sample_id TEXT PRIMARY KEY, device_id TEXT NOT NULL REFERENCES devices(device_id),
+  bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id), input_blob TEXT, features_blob TEXT,
+  entropy REAL NOT NULL, prediction INTEGER NOT NULL, stream_position INTEGER NOT NULL,
+  captured_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, used_in_round INTEGER);
+CREATE INDEX IF NOT EXISTS samples_by_bundle ON samples(bundle_id, used_in_round);
+CREATE INDEX IF NOT EXISTS samples_by_device ON samples(device_id);
+CREATE TABLE IF NOT EXISTS drift_events (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(device_id),
+  detector TEXT NOT NULL, signal TEXT NOT NULL, statistic REAL NOT NULL, threshold REAL NOT NULL,
+  stream_position INTEGER NOT NULL, detected_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS drift_by_device ON drift_events(device_id);
+CREATE TABLE IF NOT EXISTS updates (
+  version INTEGER PRIMARY KEY, bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id),
+  kind TEXT NOT NULL, round_id INTEGER, blob TEXT NOT NULL, sha256 TEXT NOT NULL,
+  created_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_by_bundle ON updates(bundle_id, version);
+CREATE TABLE IF NOT EXISTS submissions (
+  id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(device_id),
+  bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id), base_version INTEGER NOT NULL,
+  num_samples INTEGER NOT NULL, blob TEXT NOT NULL, received_ms INTEGER NOT NULL, used_in_round INTEGER);
+CREATE INDEX IF NOT EXISTS submissions_by_bundle ON submissions(bundle_id, used_in_round);
+CREATE TABLE IF NOT EXISTS rounds (
+  round_id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, state TEXT NOT NULL,
+  update_version INTEGER, samples_used INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
+  seconds REAL NOT NULL DEFAULT 0, metrics TEXT NOT NULL DEFAULT '{}', created_ms INTEGER NOT NULL);
+"""
+
+
+class Registry:
+    """:class:`Storage` over one SQLite file (WAL, ``synchronous=FULL``), one connection behind a lock."""
+
+    def __init__(self, db_path: Path) -> None:
+        """Open or create the database at ``db_path`` and its schema."""
+        self.db_path = Path(db_path)
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn.row_factory = sqlite3.Row
+        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(f"{self.db_path}: could not enable WAL journal mode (got {mode!r})")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._init_schema()
+
+    def _init_schema(self) -> None:
+        with self._lock:
+            self._conn.executescript(_SCHEMA)  # idempotent: every statement is IF NOT EXISTS
+        with self._tx() as c:
+            row = c.execute("SELECT MAX(version) FROM schema_version").fetchone()
+            if row[0] is None:
+                c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) > SCHEMA_VERSION:
+                raise StorageError(
+                    f"{self.db_path}: schema version {row[0]} is newer than this server's {SCHEMA_VERSION}"
+                )
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(args)).fetchall()
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = self._all(sql, args)
+        return rows[0] if rows else None
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        row = self._one("SELECT MAX(version) AS v FROM schema_version")
+        return int(row["v"]) if row else 0
+
+    # -- devices ---------------------------------------------------------------------------------------
+    _DEVICE_SQL = (
+        "SELECT d.*, (SELECT COUNT(*) FROM samples s WHERE s.device_id = d.device_id) AS n_samples, "
+        "(SELECT COUNT(*) FROM drift_events e WHERE e.device_id = d.device_id) AS n_drift FROM devices d"
+    )
+
+    @staticmethod
+    def _device(row: sqlite3.Row) -> DeviceRecord:
+        return DeviceRecord(
+            device_id=row["device_id"], labels=json.loads(row["labels"]), backend=row["backend"],
+            registered_ms=row["registered_ms"], last_seen_ms=row["last_seen_ms"],
+            acked_update_version=row["acked_update_version"], samples_stored=row["n_samples"],
+            drift_events=row["n_drift"],
+        )
+
+    def upsert_device(self, device_id: str, labels: dict[str, str], backend: str, now_ms: int) -> DeviceRecord:
+        """See :meth:`Storage.upsert_device`."""
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO devices (device_id, labels, backend, registered_ms, last_seen_ms) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET labels = excluded.labels, "
+                "backend = excluded.backend, last_seen_ms = excluded.last_seen_ms",
+                (device_id, json.dumps(labels, sort_keys=True), backend, now_ms, now_ms),
+            )
+        record = self.get_device(device_id)
+        if record is None:
+            raise StorageError(f"device {device_id!r} vanished right after upsert")
+        return record
+
+    def get_device(self, device_id: str) -> DeviceRecord | None:
+        """See :meth:`Storage.get_device`."""
+        row = self._one(self._DEVICE_SQL + " WHERE d.device_id = ?", (device_id,))
+        return self._device(row) if row else None
+
+    def touch_device(self, device_id: str, now_ms: int) -> None:
+        """See :meth:`Storage.touch_device`."""
+        with self._tx() as c:
+            c.execute("UPDATE devices SET last_seen_ms = MAX(last_seen_ms, ?) WHERE device_id = ?",
+                      (now_ms, device_id))
+
+    def set_acked_version(self, device_id: str, version: int) -> None:
+        """See :meth:`Storage.set_acked_version`."""
+        with self._tx() as c:
+            c.execute(
+                "UPDATE devices SET acked_update_version = MAX(acked_update_version, ?) WHERE device_id = ?",
+                (version, device_id),
+            )
+
+    def list_devices(self) -> list[DeviceRecord]:
+        """See :meth:`Storage.list_devices`."""
+        return [self._device(r) for r in self._all(self._DEVICE_SQL + " ORDER BY d.device_id")]
+
+    # -- bundles ---------------------------------------------------------------------------------------
+    @staticmethod
+    def _bundle(row: sqlite3.Row) -> BundleRecord:
+        files = {p: FileEntry(e["sha256"], e["size"]) for p, e in json.loads(row["files"]).items()}
+        return BundleRecord(row["bundle_id"], json.loads(row["manifest"]), files, row["created_ms"],
+                            bool(row["is_current"]))
+
+    def put_bundle(self, bundle: BundleRecord, make_current: bool) -> BundleRecord:
+        """See :meth:`Storage.put_bundle`."""
+        files = {p: {"sha256": e.sha256, "size": e.size} for p, e in sorted(bundle.files.items())}
+        with self._tx() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO bundles (bundle_id, manifest, files, created_ms) VALUES (?, ?, ?, ?)",
+                (bundle.bundle_id, json.dumps(bundle.manifest, sort_keys=True), json.dumps(files),
+                 bundle.created_ms),
+            )
+            if make_current:
+                c.execute("UPDATE bundles SET is_current = (bundle_id = ?)", (bundle.bundle_id,))
+        stored = self.get_bundle(bundle.bundle_id)
+        if stored is None:
+            raise StorageError(f"bundle {bundle.bundle_id} vanished right after insert")
+        return stored
+
+    def get_bundle(self, bundle_id: str) -> BundleRecord | None:
+        """See :meth:`Storage.get_bundle`."""
+        row = self._one("SELECT * FROM bundles WHERE bundle_id = ?", (bundle_id,))
+        return self._bundle(row) if row else None
+
+    def current_bundle(self) -> BundleRecord | None:
+        """See :meth:`Storage.current_bundle`."""
+        row = self._one("SELECT * FROM bundles WHERE is_current = 1")
+        return self._bundle(row) if row else None
+
+    # -- samples ---------------------------------------------------------------------------------------
+    _SAMPLE_COLS = ("sample_id", "device_id", "bundle_id", "input_blob", "features_blob", "entropy",
+                    "prediction", "stream_position", "captured_ms", "received_ms", "used_in_round")
+
+    def _sample(self, row: sqlite3.Row) -> SampleRecord:
+        return SampleRecord(**{k: row[k] for k in self._SAMPLE_COLS})
+
+    def insert_samples(self, samples: Sequence[SampleRecord]) -> list[bool]:
+        """See :meth:`Storage.insert_samples`."""
+        sql = (f"INSERT OR IGNORE INTO samples ({', '.join(self._SAMPLE_COLS)}) "
+               f"VALUES ({', '.join('?' * len(self._SAMPLE_COLS))})")
+        out: list[bool] = []
+        with self._tx() as c:
+            for s in samples:
+                cur = c.execute(sql, tuple(getattr(s, k) for k in self._SAMPLE_COLS))
+                out.append(cur.rowcount == 1)
+        return out
+
+    def get_sample(self, sample_id: str) -> SampleRecord | None:
+        """See :meth:`Storage.get_sample`."""
+        row = self._one("SELECT * FROM samples WHERE sample_id = ?", (sample_id,))
+        return self._sample(row) if row else None
+
+    def unused_samples(self, bundle_id: str, limit: int | None, with_input: bool) -> list[SampleRecord]:
+        """See :meth:`Storage.unused_samples`."""
+        sql = "SELECT * FROM samples WHERE bundle_id = ? AND used_in_round IS NULL"
+        if with_input:
+            sql += " AND input_blob IS NOT NULL"
+        sql += " ORDER BY rowid"
+        args: list[Any] = [bundle_id]
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return [self._sample(r) for r in self._all(sql, args)]
+
+    def mark_samples_used(self, sample_ids: Sequence[str], round_id: int) -> None:
+        """See :meth:`Storage.mark_samples_used`."""
+        with self._tx() as c:
+            c.executemany("UPDATE samples SET used_in_round = ? WHERE sample_id = ?",
+                          [(round_id, s) for s in sample_ids])
+
+    # -- drift -----------------------------------------------------------------------------------------
+    def insert_drift(self, event: DriftRecord) -> int:
+        """See :meth:`Storage.insert_drift`."""
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO drift_events (device_id, detector, signal, statistic, threshold, "
+                "stream_position, detected_ms, received_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (event.device_id, event.detector, event.signal, event.statistic, event.threshold,
+                 event.stream_position, event.detected_ms, event.received_ms),
+            )
+            return int(cur.lastrowid or 0)
+
+    def list_drift(self, device_id: str | None) -> list[DriftRecord]:
+        """See :meth:`Storage.list_drift`."""
+        sql, args = "SELECT * FROM drift_events", ()
+        if device_id is not None:
+            sql, args = sql + " WHERE device_id = ?", (device_id,)
+        return [DriftRecord(**dict(r)) for r in self._all(sql + " ORDER BY id", args)]
+
+    # -- submissions -----------------------------------------------------------------------------------
+    def insert_submission(self, submission: SubmissionRecord) -> int:
+        """See :meth:`Storage.insert_submission`."""
+        s = submission
+        with self._tx() as c:
+            cur = c.execute(
+                "INSERT INTO submissions (device_id, bundle_id, base_version, num_samples, blob, received_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (s.device_id, s.bundle_id, s.base_version, s.num_samples, s.blob, s.received_ms),
+            )
+            return int(cur.lastrowid or 0)
+
+    def unused_submissions(self, bundle_id: str) -> list[SubmissionRecord]:
+        """See :meth:`Storage.unused_submissions`."""
+        rows = self._all(
+            "SELECT * FROM submissions WHERE bundle_id = ? AND used_in_round IS NULL ORDER BY id", (bundle_id,)
+        )
+        return [SubmissionRecord(**dict(r)) for r in rows]
+
+    def mark_submissions_used(self, ids: Sequence[int], round_id: int) -> None:
+        """See :meth:`Storage.mark_submissions_used`."""
+        with self._tx() as c:
+            c.executemany("UPDATE submissions SET used_in_round = ? WHERE id = ?", [(round_id, i) for i in ids])
+
+    # -- updates ---------------------------------------------------------------------------------------
+    def insert_update(
+        self, bundle_id: str, kind: str, round_id: int | None, blob: str, sha256: str, created_ms: int
+    ) -> UpdateRecord:
+        """See :meth:`Storage.insert_update`."""
+        with self._tx() as c:
+            version = int(c.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM updates").fetchone()[0])
+            c.execute(
+                "INSERT INTO updates (version, bundle_id, kind, round_id, blob, sha256, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (version, bundle_id, kind, round_id, blob, sha256, created_ms),
+            )
+        return UpdateRecord(version, bundle_id, kind, round_id, blob, sha256, created_ms)
+
+    def updates_since(self, bundle_id: str, since_version: int) -> list[UpdateRecord]:
+        """See :meth:`Storage.updates_since`."""
+        rows = self._all(
+            "SELECT * FROM updates WHERE bundle_id = ? AND version > ? ORDER BY version", (bundle_id, since_version)
+        )
+        return [UpdateRecord(**dict(r)) for r in rows]
+
+    def latest_update(self, bundle_id: str) -> UpdateRecord | None:
+        """See :meth:`Storage.latest_update`."""
+        row = self._one("SELECT * FROM updates WHERE bundle_id = ? ORDER BY version DESC LIMIT 1", (bundle_id,))
+        return UpdateRecord(**dict(row)) if row else None
+
+    def latest_version(self) -> int:
+        """See :meth:`Storage.latest_version`."""
+        row = self._one("SELECT COALESCE(MAX(version), 0) AS v FROM updates")
+        return int(row["v"]) if row else 0
+
+    # -- rounds ----------------------------------------------------------------------------------------
+    @staticmethod
+    def _round(row: sqlite3.Row) -> RoundRecord:
+        d = dict(row)
+        d["metrics"] = json.loads(d["metrics"])
+        return RoundRecord(**d)
+
+    def create_round(self, kind: str, created_ms: int) -> RoundRecord:
+        """See :meth:`Storage.create_round`."""
+        with self._tx() as c:
+            cur = c.execute("INSERT INTO rounds (kind, state, created_ms) VALUES (?, 'queued', ?)",
+                            (kind, created_ms))
+            round_id = int(cur.lastrowid or 0)
+        return RoundRecord(round_id=round_id, kind=kind, state="queued", created_ms=created_ms)
+
+    def save_round(self, record: RoundRecord) -> None:
+        """See :meth:`Storage.save_round`."""
+        r = record
+        with self._tx() as c:
+            c.execute(
+                "UPDATE rounds SET state = ?, update_version = ?, samples_used = ?, error = ?, seconds = ?, "
+                "metrics = ? WHERE round_id = ?",
+                (r.state, r.update_version, r.samples_used, r.error, r.seconds,
+                 json.dumps(r.metrics, sort_keys=True), r.round_id),
+            )
+
+    def get_round(self, round_id: int) -> RoundRecord | None:
+        """See :meth:`Storage.get_round`."""
+        row = self._one("SELECT * FROM rounds WHERE round_id = ?", (round_id,))
+        return self._round(row) if row else None
+
+    def close(self) -> None:
+        """Close the connection (checkpointing the WAL)."""
+        with self._lock:
+            self._conn.close()
