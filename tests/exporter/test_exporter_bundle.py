@@ -1,0 +1,176 @@
+"""The bundle writer: manifest schema (CONTRACT.md), file hashes, golden vectors, atomic writes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from exporter import bundle as bundle_mod
+from exporter.adaptable import source_params
+from exporter.bundle import bundle_id, export_bundle
+from exporter.checkpoint import load_checkpoint
+
+TOP_KEYS = [
+    "schema_version", "name", "arch", "created_unix_ms", "source_checkpoint_sha256", "input", "labels",
+    "outputs", "adaptable", "source_statistics", "models", "default_model", "files", "golden",
+]
+LAYER_KEYS = {"name", "channels", "weight", "bias", "mean", "var", "batch_mean", "batch_var"}
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+
+
+def _initial(manifest: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in manifest["adaptable"]["initial"].items()}
+
+
+def test_manifest_has_every_contract_field(digits_bundle: Path, digits_checkpoint: tuple[Path, str]) -> None:
+    m = _manifest(digits_bundle)
+    assert list(m) == TOP_KEYS
+    assert m["schema_version"] == 1 and m["arch"] == "small_cnn" and m["name"] == "digits-small_cnn"
+    assert isinstance(m["created_unix_ms"], int) and m["created_unix_ms"] > 1_600_000_000_000
+    assert m["source_checkpoint_sha256"] == digits_checkpoint[1]
+    inp = m["input"]
+    assert inp["name"] == "input" and inp["shape"] == [-1, 1, 8, 8] and inp["dtype"] == "float32"
+    assert inp["layout"] == "NCHW" and inp["value_range"] == [0.0, 1.0]
+    assert set(inp["normalization"]) == {"mean", "std", "in_graph"} and inp["normalization"]["in_graph"] is True
+    assert len(inp["normalization"]["mean"]) == 1 and inp["normalization"]["std"][0] > 0
+    assert m["labels"] == [str(i) for i in range(10)]
+    assert m["outputs"] == {"logits": "logits", "features": "features"}
+    assert m["default_model"] == "fp32"
+
+
+def test_adaptable_block_matches_checkpoint(digits_bundle: Path, digits_checkpoint: tuple[Path, str]) -> None:
+    m = _manifest(digits_bundle)
+    ad = m["adaptable"]
+    assert set(ad) == {"alpha_input", "eps", "layers", "initial"} and ad["alpha_input"] == "alpha"
+    assert ad["eps"] == pytest.approx(1e-5)
+    assert [layer["name"] for layer in ad["layers"]] == ["bn1", "bn2", "bn3"]
+    assert [layer["channels"] for layer in ad["layers"]] == [16, 32, 64]
+    for layer in ad["layers"]:
+        assert set(layer) == LAYER_KEYS
+        assert layer["batch_var"] == f"{layer['name']}.batch_var"
+    model, _ = load_checkpoint(digits_checkpoint[0])
+    expected = source_params(model)
+    initial = _initial(m)
+    assert list(initial) == list(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(initial[name], value.numpy())
+
+
+def test_source_statistics(digits_bundle: Path) -> None:
+    m = _manifest(digits_bundle)
+    stats = m["source_statistics"]
+    assert set(stats) == {"layers", "features", "entropy", "accuracy"}
+    initial = m["adaptable"]["initial"]
+    for name in ("bn1", "bn2", "bn3"):
+        assert stats["layers"][name]["mean"] == initial[f"{name}.mean"]
+        assert stats["layers"][name]["var"] == initial[f"{name}.var"]
+    assert len(stats["features"]["mean"]) == len(stats["features"]["var"]) == 64
+    assert min(stats["features"]["var"]) >= 0
+    assert 0 < stats["entropy"]["mean"] < np.log(10) and stats["entropy"]["std"] > 0
+    assert stats["accuracy"] > 0.95
+
+
+def test_models_and_quantization_block(digits_bundle: Path) -> None:
+    m = _manifest(digits_bundle)
+    fp32, int8 = m["models"]
+    assert fp32 == {"name": "fp32", "file": "model_fp32.onnx", "format": "onnx", "precision": "fp32",
+                    "graph": "adaptable"}
+    assert {k: v for k, v in int8.items() if k != "quantization"} == {
+        "name": "int8", "file": "model_int8.onnx", "format": "onnx", "precision": "int8", "graph": "adaptable"}
+    assert int8["quantization"] == {"method": "onnxruntime_static_qdq", "per_channel": True,
+                                    "calibration": "minmax", "samples": 256}
+
+
+def test_every_sha256_matches(digits_bundle: Path) -> None:
+    m = _manifest(digits_bundle)
+    on_disk = {p.name for p in digits_bundle.iterdir()} - {"manifest.json"}
+    assert set(m["files"]) == on_disk == {"model_fp32.onnx", "model_int8.onnx", "golden.npz"}
+    for name, digest in m["files"].items():
+        assert hashlib.sha256((digits_bundle / name).read_bytes()).hexdigest() == digest
+    assert bundle_id(digits_bundle) == hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
+    assert bundle_id(digits_bundle / "manifest.json") == bundle_id(digits_bundle)
+
+
+def test_golden_reproduces_with_onnxruntime(digits_bundle: Path) -> None:
+    m = _manifest(digits_bundle)
+    golden = m["golden"]
+    assert golden["file"] == "golden.npz" and golden["alpha"] == 0.5
+    assert golden["models"]["fp32"] == {"atol": 1e-4, "rtol": 1e-3}
+    assert 1e-2 <= golden["models"]["int8"]["atol"] <= 0.2
+    data = np.load(digits_bundle / "golden.npz")
+    x = data["input"]
+    assert x.shape == (8, 1, 8, 8) and x.dtype == np.float32
+    feeds = {"input": x, "alpha": np.array(golden["alpha"], dtype=np.float32), **_initial(m)}
+    for entry in m["models"]:
+        sess = ort.InferenceSession(str(digits_bundle / entry["file"]), providers=["CPUExecutionProvider"])
+        names = [o.name for o in sess.get_outputs()]
+        assert {f"{entry['name']}/{n}" for n in names} <= set(data.files)
+        tol = golden["models"][entry["name"]]
+        for name, value in zip(names, sess.run(names, feeds), strict=True):
+            np.testing.assert_allclose(value, data[f"{entry['name']}/{name}"], atol=tol["atol"], rtol=tol["rtol"])
+    assert len(data.files) == 1 + 2 * 8
+
+
+def _small_export(digits_model: tuple, digits_arrays: tuple, out: Path, **kwargs: Any) -> Path:
+    model, spec, _ = digits_model
+    x_train, _, x_test, _ = digits_arrays
+    return export_bundle(
+        (model, "small_cnn", spec, "0" * 64), out, labels=[str(i) for i in range(10)],
+        calibration_x=x_train[:64], golden_x=x_test[:4], source_x=x_train[:128], **kwargs,
+    )
+
+
+def test_fp32_only_bundle_from_model_and_overwrite(digits_model: tuple, digits_arrays: tuple, tmp_path: Path) -> None:
+    out = _small_export(digits_model, digits_arrays, tmp_path / "b", int8=False, name="fp32-only")
+    m = _manifest(out)
+    assert [e["name"] for e in m["models"]] == ["fp32"] and set(m["files"]) == {"model_fp32.onnx", "golden.npz"}
+    assert m["source_statistics"]["accuracy"] is None and m["name"] == "fp32-only"
+    with pytest.raises(FileExistsError, match="not empty"):
+        _small_export(digits_model, digits_arrays, out, int8=False)
+    first = bundle_id(out)
+    _small_export(digits_model, digits_arrays, out, int8=False, overwrite=True, golden_alpha=0.0)
+    assert bundle_id(out) != first and _manifest(out)["golden"]["alpha"] == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp directories left behind
+
+
+def test_failed_export_leaves_nothing(
+    digits_model: tuple, digits_arrays: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def boom(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("quantizer exploded")
+
+    monkeypatch.setattr(bundle_mod, "quantize_int8", boom)
+    with pytest.raises(RuntimeError, match="exploded"):
+        _small_export(digits_model, digits_arrays, tmp_path / "b")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"labels": ["a", "b"]}, "labels"),
+        ({"golden_x": np.full((2, 1, 8, 8), 2.0, dtype=np.float32)}, r"\[0, 1\]"),
+        ({"source_x": np.zeros((2, 1, 7, 7), dtype=np.float32)}, "sample shape"),
+        ({"golden_alpha": 1.5}, "golden_alpha"),
+    ],
+)
+def test_bad_arguments_are_rejected(
+    digits_model: tuple, digits_arrays: tuple, tmp_path: Path, kwargs: dict[str, Any], match: str
+) -> None:
+    model, spec, _ = digits_model
+    x_train, _, x_test, _ = digits_arrays
+    args: dict[str, Any] = {"labels": [str(i) for i in range(10)], "calibration_x": x_train[:8],
+                            "golden_x": x_test[:2], "source_x": x_train[:8]}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        export_bundle((model, "small_cnn", spec, "0" * 64), tmp_path / "b", **args)
+    assert not (tmp_path / "b").exists()
