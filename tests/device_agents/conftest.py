@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -76,3 +80,74 @@ def tiny_batch() -> np.ndarray:
     """A seeded batch of 32 inputs in [0, 1] shifted away from the source statistics."""
     rng = np.random.default_rng(1)
     return np.clip(rng.random((32, 1, 8, 8), dtype=np.float32) * 0.5 + 0.4, 0, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(request: pytest.FixtureRequest) -> Path:
+    """The exporter's real digits bundle (``digits_bundle``); the test skips when that fixture is missing."""
+    try:
+        return Path(request.getfixturevalue("digits_bundle"))
+    except pytest.FixtureLookupError:
+        pytest.skip("the digits_bundle fixture (exporter) is not available")
+
+
+@pytest.fixture(scope="session")
+def digits_test(request: pytest.FixtureRequest) -> tuple[np.ndarray, np.ndarray]:
+    """``(x_test, y_test)`` of the split the bundle was trained against; skips without the fixture."""
+    try:
+        _, _, x_test, y_test = request.getfixturevalue("digits_arrays")
+    except pytest.FixtureLookupError:
+        pytest.skip("the digits_arrays fixture is not available")
+    return x_test, y_test
+
+
+def _chunks(root: Path, chunk_size: int = 4096) -> Iterator[object]:
+    from proto.edgeloop.v1 import common_pb2
+
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        rel = path.relative_to(root).as_posix()
+        for off in range(0, max(len(data), 1), chunk_size):
+            yield common_pb2.BundleChunk(path=rel, offset=off, data=data[off : off + chunk_size],
+                                         file_size=len(data), file_sha256=digest)
+
+
+@dataclass
+class RunningServer:
+    """A started edgeloop server on 127.0.0.1 with the digits bundle published."""
+
+    server: Any
+    target: str
+    bundle_id: str
+
+    def publish_update(self, params: Mapping[str, np.ndarray], kind: str = "distill") -> int:
+        """Publish a full parameter set through the server's handler; return its version."""
+        from server.updates import publish_update
+
+        return int(publish_update(self.server.state, self.bundle_id, kind, params).version)
+
+    def samples_stored(self, device_id: str) -> int:
+        """How many samples the server holds from ``device_id``."""
+        record = self.server.state.storage.get_device(device_id)
+        return 0 if record is None else int(record.samples_stored)
+
+
+@pytest.fixture
+def edge_server(tmp_path: Path, bundle_dir: Path) -> Iterator[RunningServer]:
+    """A real server on 127.0.0.1:0 (data in tmp_path) with the digits bundle published over AdminService."""
+    app = pytest.importorskip("server.app")
+    import grpc
+
+    from proto.edgeloop.v1 import admin_pb2_grpc
+
+    srv = app.create_server(app.ServerConfig(data_dir=tmp_path / "server", port=0, max_workers=8,
+                                             grace_seconds=1.0))
+    port = srv.start()
+    target = f"127.0.0.1:{port}"
+    try:
+        with grpc.insecure_channel(target) as channel:
+            resp = admin_pb2_grpc.AdminServiceStub(channel).PublishBundle(_chunks(bundle_dir), timeout=30)
+        yield RunningServer(srv, target, resp.bundle_id)
+    finally:
+        srv.stop(grace=1.0)

@@ -1,0 +1,203 @@
+"""DeviceClient against a real edgeloop server on 127.0.0.1:0, and against a faulty test servicer."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from device_agents.client import DeviceClient, decode_update
+from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
+from device_agents.outbox import OutboxSample, SqliteOutbox
+from proto.convert import tensors_to_proto
+from proto.edgeloop.v1 import common_pb2, device_pb2_grpc
+from runtime import AdaptableModel, load_bundle
+from runtime.params import params_digest
+
+
+def _samples(bundle_id: str, n: int, start: int = 0) -> list[OutboxSample]:
+    rng = np.random.default_rng(start)
+    return [
+        OutboxSample(f"dev-1:{i}", bundle_id, rng.random((1, 8, 8), dtype=np.float32), None, 0.3, 1, i, 1000 + i)
+        for i in range(start, start + n)
+    ]
+
+
+@pytest.fixture
+def client(edge_server) -> Iterator[DeviceClient]:
+    with DeviceClient(edge_server.target, "dev-1", timeout=10.0) as c:
+        yield c
+
+
+def test_register_fetch_and_reuse(edge_server, client: DeviceClient, tmp_path: Path, bundle_dir: Path) -> None:
+    info = client.register({"cohort": "test"})
+    assert info.bundle_id == edge_server.bundle_id and info.latest_update_version == 0
+    assert "manifest.json" in info.bundle_files
+    path = client.fetch_bundle(info.bundle_id, tmp_path / "bundles")
+    assert path == tmp_path / "bundles" / info.bundle_id
+    assert load_bundle(path).bundle_id == info.bundle_id
+    size = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
+    assert size < client.bytes_down < size * 1.1
+    assert [p.name for p in (tmp_path / "bundles").iterdir()] == [info.bundle_id]  # no temp dir left
+    before = client.bytes_down
+    assert client.fetch_bundle(info.bundle_id, tmp_path / "bundles") == path
+    assert client.bytes_down == before  # already installed and verified: no download
+
+
+def test_fetch_replaces_a_corrupted_installed_copy(client: DeviceClient, edge_server, tmp_path: Path) -> None:
+    client.register()
+    path = client.fetch_bundle(edge_server.bundle_id, tmp_path)
+    (path / "golden.npz").write_bytes(b"tampered")
+    assert client.fetch_bundle(edge_server.bundle_id, tmp_path) == path
+    assert load_bundle(path).bundle_id == edge_server.bundle_id
+
+
+def test_upload_drains_outbox_and_duplicates_are_not_double_stored(
+    edge_server, client: DeviceClient, tmp_path: Path
+) -> None:
+    client.register()
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
+        box.put(_samples(edge_server.bundle_id, 10))
+        result = client.upload(box, max_batch=4)
+        assert (result.batches, result.sent, result.stored, result.duplicates) == (3, 10, 10, 0)
+        assert result.bytes_sent > 10 * 256
+        assert box.pending_count == 0
+        assert edge_server.samples_stored("dev-1") == 10
+        box.put(_samples(edge_server.bundle_id, 6, start=6))  # 4 retried ids + 2 new
+        again = client.upload(box)
+        assert (again.stored, again.duplicates) == (2, 4)
+        assert box.pending_count == 0
+    assert edge_server.samples_stored("dev-1") == 12
+    assert client.bytes_up >= result.bytes_sent + again.bytes_sent
+
+
+def test_upload_failure_nacks_and_raises(edge_server, tmp_path: Path) -> None:
+    with DeviceClient(edge_server.target, "never-registered") as c, \
+            SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
+        box.put(_samples(edge_server.bundle_id, 3), now_ms=0)
+        with pytest.raises(TransportError) as err:
+            c.upload(box, now_ms=0)
+        assert err.value.method == "UploadSamples"
+        assert box.pending_count == 3
+        assert box.peek_batch(10, now_ms=0) == []
+        assert all(s.attempts == 1 for s in box.peek_batch(10, now_ms=10**12))
+
+
+def test_watch_updates_yields_verified_updates(edge_server, client: DeviceClient, bundle_dir: Path) -> None:
+    client.register()
+    params = AdaptableModel(load_bundle(bundle_dir)).params
+    params["bn1.bias"] = params["bn1.bias"] + 0.25
+    v1 = edge_server.publish_update(params)
+    params["bn1.bias"] = params["bn1.bias"] + 0.25
+    v2 = edge_server.publish_update(params)
+    got = list(client.watch_updates(edge_server.bundle_id, since_version=0, max_wait=0.3))
+    assert [u.version for u in got] == [v1, v2]
+    assert got[1].kind == "distill" and got[1].sha256 == params_digest(params)
+    np.testing.assert_array_equal(got[1].params["bn1.bias"], params["bn1.bias"])
+    assert list(client.watch_updates(edge_server.bundle_id, since_version=v2, max_wait=0.2)) == []
+
+
+def test_drift_report_and_federated_submission(edge_server, client: DeviceClient, bundle_dir: Path) -> None:
+    client.register()
+    assert client.report_drift("page_hinkley", "entropy", 7.5, 5.0, 1234) >= 1
+    params = AdaptableModel(load_bundle(bundle_dir)).params
+    assert client.submit_update(edge_server.bundle_id, 0, 64, params) >= 1
+
+
+def test_unreachable_server_raises_transport_error() -> None:
+    with DeviceClient("127.0.0.1:1", "dev-x", timeout=0.5) as c, pytest.raises(TransportError) as err:
+        c.register()
+    assert err.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def _update_msg(params: dict[str, np.ndarray], bundle_id: str = "b" * 64) -> common_pb2.ParameterUpdate:
+    return common_pb2.ParameterUpdate(version=3, bundle_id=bundle_id, kind="fedavg",
+                                      tensors=tensors_to_proto(params), sha256=params_digest(params))
+
+
+def test_decode_update_rejects_tampered_or_foreign_updates() -> None:
+    params = {"bn1.weight": np.ones(4, np.float32)}
+    assert decode_update(_update_msg(params), "b" * 64).version == 3
+    tampered = _update_msg(params)
+    tampered.tensors[0].data = np.full(4, 2.0, np.float32).tobytes()
+    with pytest.raises(UpdateIntegrityError, match="digest"):
+        decode_update(tampered, "b" * 64)
+    with pytest.raises(UpdateIntegrityError, match="bundle"):
+        decode_update(_update_msg(params), "c" * 64)
+
+
+class FaultyDeviceService(device_pb2_grpc.DeviceServiceServicer):
+    """Serves a bundle directory, corrupting the first ``corrupt_times`` sends of ``corrupt_path``."""
+
+    def __init__(self, root: Path, bundle_id: str, corrupt_path: str, corrupt_times: int,
+                 unsafe: bool = False) -> None:
+        self.root, self.bundle_id = root, bundle_id
+        self.corrupt_path, self.corrupt_left, self.unsafe = corrupt_path, corrupt_times, unsafe
+        self.requests: list[list[str]] = []
+
+    def FetchBundle(self, request, context):  # noqa: N802 - gRPC method name
+        self.requests.append(list(request.paths))
+        files = list(request.paths) or sorted(p.name for p in self.root.iterdir())
+        for rel in files:
+            data = (self.root / rel).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            if rel == self.corrupt_path and self.corrupt_left > 0:
+                self.corrupt_left -= 1
+                data = data[:-1] + bytes([data[-1] ^ 0xFF])
+            path = "../evil" if self.unsafe else rel
+            for off in range(0, len(data), 1000):
+                yield common_pb2.BundleChunk(bundle_id=self.bundle_id, path=path, offset=off,
+                                             data=data[off : off + 1000], file_size=len(data), file_sha256=digest)
+
+
+@pytest.fixture
+def faulty(bundle_dir: Path) -> Iterator[tuple[FaultyDeviceService, str]]:
+    bundle_id = hashlib.sha256((bundle_dir / "manifest.json").read_bytes()).hexdigest()
+    service = FaultyDeviceService(bundle_dir, bundle_id, "model_fp32.onnx", 1)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    device_pb2_grpc.add_DeviceServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield service, f"127.0.0.1:{port}"
+    server.stop(0)
+
+
+def test_fetch_refetches_a_corrupted_file_once(faulty, tmp_path: Path) -> None:
+    service, target = faulty
+    with DeviceClient(target, "dev-1") as c:
+        path = c.fetch_bundle(service.bundle_id, tmp_path)
+    assert service.requests == [[], ["model_fp32.onnx"]]
+    assert load_bundle(path).bundle_id == service.bundle_id
+
+
+def test_fetch_gives_up_after_second_mismatch_and_leaves_nothing(faulty, tmp_path: Path) -> None:
+    service, target = faulty
+    service.corrupt_left = 2
+    with DeviceClient(target, "dev-1") as c, pytest.raises(BundleDownloadError, match=r"model_fp32\.onnx"):
+        c.fetch_bundle(service.bundle_id, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fetch_rejects_unsafe_paths(faulty, tmp_path: Path) -> None:
+    service, target = faulty
+    service.unsafe = True
+    with DeviceClient(target, "dev-1") as c, pytest.raises(BundleDownloadError, match="unsafe path"):
+        c.fetch_bundle(service.bundle_id, tmp_path / "dest")
+    assert list((tmp_path / "dest").iterdir()) == []
+    assert not (tmp_path / "evil").exists()
+
+
+def test_fetch_rejects_a_bundle_whose_manifest_does_not_match_its_id(faulty, tmp_path: Path) -> None:
+    service, target = faulty
+    service.corrupt_left = 0
+    wrong = "0" * 64
+    service.bundle_id = wrong
+    with DeviceClient(target, "dev-1") as c, pytest.raises(BundleDownloadError, match="hashes to"):
+        c.fetch_bundle(wrong, tmp_path)
+    shutil.rmtree(tmp_path, ignore_errors=True)
