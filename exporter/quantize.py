@@ -58,8 +58,10 @@ class Int8Config:
     """Options of :func:`quantize_int8`.
 
     ``calibration``: minmax | entropy | percentile; ``activation_type``: quint8 | qint8 (weights are always
-    QInt8); ``max_samples`` caps the calibration samples (the first ones are used); ``min_agreement`` is the
-    required int8-vs-fp32 top-1 agreement; ``keep_head_float`` leaves the logits-producing node in float.
+    QInt8); ``max_samples`` caps the calibration samples (the first ones are used; entropy and percentile
+    use a multiple of ``batch_size`` of them, as onnxruntime's histogram collectors need equal batches);
+    ``min_agreement`` is the required int8-vs-fp32 top-1 agreement; ``keep_head_float`` leaves the
+    logits-producing node in float.
     """
 
     calibration: str = "minmax"
@@ -197,6 +199,9 @@ def quantize_int8(
     config = config or Int8Config()
     fp32_path, int8_path = Path(fp32_path), Path(int8_path)
     calib = check_images(calibration_x, "calibration_x")[: config.max_samples]
+    if config.calibration != "minmax" and len(calib) > config.batch_size:
+        # onnxruntime's histogram collectors stack every batch of a tensor: batches must be the same size
+        calib = calib[: len(calib) // config.batch_size * config.batch_size]
     reader = CalibrationReader(calib, params, config.batch_size)
     with tempfile.TemporaryDirectory(prefix="edgeloop-quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
