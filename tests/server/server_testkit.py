@@ -31,11 +31,15 @@ def initial_params() -> dict[str, np.ndarray]:
     return out
 
 
-def make_bundle_files(name: str = "tiny") -> dict[str, bytes]:
-    """A bundle as path → bytes: a schema-1 manifest (docs/CONTRACT.md) and small stand-in model files."""
+def make_bundle_files(name: str = "tiny", initial: dict[str, np.ndarray] | None = None) -> dict[str, bytes]:
+    """A bundle as path → bytes: a schema-1 manifest (docs/CONTRACT.md) and small stand-in model files.
+
+    ``initial`` replaces the adaptable parameters (default :func:`initial_params`); layers follow its names.
+    """
     models = {"model_fp32.onnx": b"fake-onnx-fp32-" + name.encode() * 50, "model_int8.onnx": bytes(range(256)) * 3,
               "golden.npz": b"fake-golden"}
-    init = initial_params()
+    init = initial_params() if initial is None else initial
+    layers = {k.rsplit(".", 1)[0]: int(v.shape[0]) for k, v in init.items() if k.endswith(".weight")}
     manifest = {
         "schema_version": 1, "name": name, "arch": "small_cnn", "created_unix_ms": 1,
         "source_checkpoint_sha256": "0" * 64,
@@ -46,7 +50,7 @@ def make_bundle_files(name: str = "tiny") -> dict[str, bytes]:
         "adaptable": {
             "alpha_input": "alpha", "eps": 1e-5,
             "layers": [{"name": n, "channels": c, **{k: f"{n}.{k}" for k in ("weight", "bias", "mean", "var")},
-                        "batch_mean": f"{n}.batch_mean", "batch_var": f"{n}.batch_var"} for n, c in LAYERS.items()],
+                        "batch_mean": f"{n}.batch_mean", "batch_var": f"{n}.batch_var"} for n, c in layers.items()],
             "initial": {k: v.tolist() for k, v in init.items()},
         },
         "source_statistics": {"layers": {}, "features": {"mean": [0.0] * FEATURE_DIM, "var": [1.0] * FEATURE_DIM},
