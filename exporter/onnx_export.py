@@ -63,9 +63,15 @@ def make_feeds(
     return feeds
 
 
-def ort_session(path: Path | str, optimize: bool = True) -> ort.InferenceSession:
-    """A CPU onnxruntime session on ``path`` (graph optimisations off when ``optimize`` is False)."""
+def ort_session(path: Path | str, optimize: bool = True, threads: int | None = 1) -> ort.InferenceSession:
+    """A CPU onnxruntime session on ``path`` (graph optimisations off when ``optimize`` is False).
+
+    ``threads`` sets the intra-op thread count (None: onnxruntime's default); one thread is the default
+    because the exporter runs small checks on shared CPUs, where spinning thread pools hurt.
+    """
     opts = ort.SessionOptions()
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])

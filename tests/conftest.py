@@ -45,7 +45,7 @@ def digits_model(digits_arrays: tuple[np.ndarray, ...]) -> tuple[Any, Any, dict[
     from exporter.train import TrainConfig, train_model
 
     x_train, y_train, _, _ = digits_arrays
-    config = TrainConfig(arch="small_cnn", epochs=10, batch_size=64, lr=3e-3, seed=0)
+    config = TrainConfig(arch="small_cnn", epochs=10, batch_size=64, lr=3e-3, seed=0, threads=1)
     return train_model("small_cnn", x_train, y_train, config)
 
 
