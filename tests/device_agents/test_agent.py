@@ -1,0 +1,212 @@
+"""Agent: offline loop on the tiny model, update handling, and end to end against a real server + bundle."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device_agents.agent import Agent, AgentConfig
+from device_agents.client import DeviceClient
+from device_agents.drift import PageHinkley
+from device_agents.errors import StaleUpdateError, UpdateIntegrityError, UpdateRejectedError
+from device_agents.messages import ParameterUpdate
+from device_agents.outbox import SqliteOutbox
+from device_agents.selection import EntropyBandSelector, SelectorConfig
+from device_agents.tta import AlphaBN, AlphaBNConfig, SourceModel
+from runtime import AdaptableModel, load_bundle
+from runtime.params import params_digest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLE = "a" * 64
+
+
+class CountingAlphaBN(AlphaBN):
+    """α-BN that counts drift resets."""
+
+    def __init__(self, config: AlphaBNConfig | None = None) -> None:
+        super().__init__(config)
+        self.drift_calls = 0
+
+    def on_drift(self) -> None:
+        self.drift_calls += 1
+        super().on_drift()
+
+
+def _update(version: int, params: dict[str, np.ndarray], bundle_id: str = BUNDLE) -> ParameterUpdate:
+    return ParameterUpdate(version, bundle_id, "distill", params, params_digest(params))
+
+
+def _offline(model, tmp_path: Path, **cfg) -> Agent:
+    selector = EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=None))
+    return Agent(model, CountingAlphaBN(), PageHinkley(threshold=2.0, mode="both", min_instances=20), selector,
+                 SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20), None,
+                 AgentConfig(device_id="dev-1", bundle_id=BUNDLE, **cfg))
+
+
+def test_process_batch_predicts_counts_and_queues(tiny_model, tiny_batch, tmp_path: Path) -> None:
+    agent = _offline(tiny_model, tmp_path)
+    y = tiny_model.forward(tiny_batch, alpha=0.6).logits.argmax(1)
+    result = agent.process_batch(tiny_batch, y)
+    assert result.pred.shape == (32,) and result.probs.shape == (32, 3)
+    assert np.all((result.entropy >= 0) & (result.entropy <= 1))
+    assert result.selected == 32 and agent.outbox.pending_count == 32
+    (first, *_) = agent.outbox.peek_batch(1, now_ms=10**13)
+    assert first.sample_id == f"dev-1:{BUNDLE[:12]}:0" and first.input.shape == (1, 8, 8)
+    assert first.features.shape == (4,)
+    agent.process_batch(tiny_batch, position=0)  # a replayed position is stored once
+    assert agent.outbox.pending_count == 32
+    stats = agent.stats
+    assert stats.samples_seen == 64 and stats.labelled_seen == 32 and stats.accuracy == 1.0
+
+
+def test_drift_is_detected_recorded_and_resets_tta(tiny_model, tmp_path: Path) -> None:
+    agent = _offline(tiny_model, tmp_path)
+    rng = np.random.default_rng(0)
+    calm = (rng.random((256, 1, 8, 8)) * 0.05 + 0.5).astype(np.float32)
+    positions = []
+    for i in range(0, 256, 8):
+        positions += agent.process_batch(calm[i : i + 8]).drift_positions
+    shifted = (rng.random((256, 1, 8, 8)) * 1.0).astype(np.float32)
+    for i in range(0, 256, 8):
+        positions += agent.process_batch(shifted[i : i + 8]).drift_positions
+    assert positions and all(p >= 256 for p in positions)
+    assert agent.stats.drift_positions == tuple(positions)
+    assert agent.tta.drift_calls == len({p // 8 for p in positions})
+
+
+def test_drift_policy_none_keeps_tta_state(tiny_model, tmp_path: Path) -> None:
+    agent = _offline(tiny_model, tmp_path, drift_policy="none")
+    agent.detector = PageHinkley(threshold=0.01, min_instances=1, mode="both")
+    agent.process_batch(np.full((4, 1, 8, 8), 0.1, np.float32))
+    agent.process_batch(np.full((4, 1, 8, 8), 0.9, np.float32))
+    assert agent.stats.drift_positions and agent.tta.drift_calls == 0
+
+
+def test_apply_update_versions_integrity_and_rollback(tiny_model, tmp_path: Path) -> None:
+    agent = _offline(tiny_model, tmp_path)
+    original = tiny_model.params
+    new = {k: v + 1.0 for k, v in original.items() if k.endswith(".bias")}
+    agent.apply_update(_update(3, new))
+    assert agent.version == agent.active_version == 3
+    np.testing.assert_array_equal(tiny_model.params["bn1.bias"], original["bn1.bias"] + 1.0)
+    with pytest.raises(StaleUpdateError, match="v3"):
+        agent.apply_update(_update(3, new))
+    with pytest.raises(UpdateIntegrityError, match="bundle"):
+        agent.apply_update(_update(4, new, bundle_id="b" * 64))
+    bad = ParameterUpdate(4, BUNDLE, "distill", new, "0" * 64)
+    with pytest.raises(UpdateIntegrityError, match="hash"):
+        agent.apply_update(bad)
+    with pytest.raises(UpdateRejectedError, match="unknown"):
+        agent.apply_update(_update(4, {"fc.weight": np.ones(3, np.float32)}))
+    with pytest.raises(UpdateRejectedError, match="NaN"):
+        agent.apply_update(_update(4, {"bn1.bias": np.full(4, np.nan, np.float32)}))
+    assert agent.version == 3
+    assert agent.rollback() is True
+    np.testing.assert_array_equal(tiny_model.params["bn1.bias"], original["bn1.bias"])
+    assert (agent.version, agent.active_version) == (3, 0)
+    assert agent.rollback() is False
+    assert agent.stats.update_versions == (3,)
+
+
+def test_offline_sync_and_watcher(tiny_model, tmp_path: Path) -> None:
+    agent = _offline(tiny_model, tmp_path)
+    assert agent.sync().errors == ("no client: offline",)
+    with pytest.raises(RuntimeError, match="client"):
+        agent.start_watcher()
+    with pytest.raises(ValueError, match="wait_seconds"):
+        agent.sync(wait_seconds=0)
+
+
+@pytest.mark.parametrize("kwargs", [{"device_id": ""}, {"drift_policy": "panic"}, {"upload_batch": 0},
+                                    {"upload_input": False, "upload_features": False},
+                                    {"watch_wait_seconds": 0.0}])
+def test_agent_config_validation(kwargs: dict) -> None:
+    base = {"device_id": "d", "bundle_id": BUNDLE}
+    with pytest.raises(ValueError):
+        AgentConfig(**{**base, **kwargs})
+
+
+def _connected_agent(edge_server, tmp_path: Path, **cfg) -> tuple[Agent, DeviceClient]:
+    client = DeviceClient(edge_server.target, "dev-e2e", timeout=5.0)
+    info = client.register({"site": "lab"})
+    path = client.fetch_bundle(info.bundle_id, tmp_path / "bundles")
+    model = AdaptableModel(load_bundle(path, threads=1))
+    # ~20 samples' worth of budget: the server fsyncs every stored tensor, so keep uploads small
+    selector = EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=10_000,
+                                                  window_seconds=3600.0))
+    agent = Agent(model, SourceModel(), PageHinkley(threshold=1.0, mode="up"), selector,
+                  SqliteOutbox(tmp_path / "outbox.db", max_bytes=8 << 20), client,
+                  AgentConfig(device_id="dev-e2e", bundle_id=info.bundle_id, **cfg),
+                  version=info.latest_update_version)
+    return agent, client
+
+
+def test_end_to_end_with_server(edge_server, tmp_path: Path, digits_test) -> None:
+    from edgeloop.data import corrupt
+
+    agent, client = _connected_agent(edge_server, tmp_path, watch_wait_seconds=0.5)
+    x, y = digits_test
+    stream = np.concatenate([x[:192], corrupt(x[192:384], "contrast", 5, seed=0)])
+    labels = y[:384]
+    for i in range(0, 384, 32):
+        agent.process_batch(stream[i : i + 32], labels[i : i + 32])
+    stats = agent.stats
+    assert stats.samples_seen == 384 and 0.5 < stats.accuracy < 1.0
+    assert any(p >= 192 for p in stats.drift_positions)
+    assert edge_server.server.state.storage.list_drift("dev-e2e")
+    queued = agent.outbox.pending_count
+    assert queued == stats.selected > 0
+    params = agent.model.params
+    params["bn1.bias"] = params["bn1.bias"] + 0.1
+    version = edge_server.publish_update(params)
+    result = agent.sync()
+    assert result.errors == () and result.applied_versions == (version,)
+    assert result.upload is not None and result.upload.stored == queued
+    assert edge_server.samples_stored("dev-e2e") == queued and agent.outbox.pending_count == 0
+    np.testing.assert_array_equal(agent.model.params["bn1.bias"], params["bn1.bias"])
+    stats = agent.stats
+    assert stats.uploaded_samples == queued and stats.uploaded_bytes > 0
+    assert stats.downloaded_bytes > 10_000 and stats.update_versions == (version,)
+    client.close()
+
+
+def test_background_watcher_applies_updates_and_stops(edge_server, tmp_path: Path) -> None:
+    agent, client = _connected_agent(edge_server, tmp_path, watch_wait_seconds=0.5)
+    agent.start_watcher()
+    params = agent.model.params
+    params["bn1.weight"] = params["bn1.weight"] * 1.5
+    version = edge_server.publish_update(params)
+    deadline = time.monotonic() + 5.0
+    while agent.version != version and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert agent.version == version
+    np.testing.assert_array_equal(agent.model.params["bn1.weight"], params["bn1.weight"])
+    started = time.monotonic()
+    agent.close()
+    assert time.monotonic() - started < 2.0
+    assert not any(t.name.startswith("edgeloop-watch") for t in threading.enumerate())
+    client.close()
+
+
+def test_sync_survives_server_loss(edge_server, tmp_path: Path, tiny_batch) -> None:
+    agent, client = _connected_agent(edge_server, tmp_path)
+    agent.process_batch(tiny_batch[:16])
+    edge_server.server.stop(grace=0.1)
+    result = agent.sync()
+    assert result.errors and result.applied_versions == ()
+    assert agent.outbox.pending_count == agent.stats.selected
+    assert agent.stats.sync_failures == 1
+    client.close()
+
+
+def test_device_side_does_not_import_torch() -> None:
+    code = ("import device_agents.agent, device_agents.client, device_agents.tta, device_agents.outbox, runtime; "
+            "import sys; assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
