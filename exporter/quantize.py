@@ -182,6 +182,17 @@ def top1_agreement(
     return agree / len(x)
 
 
+def _verify_agreement(
+    fp32_path: Path, int8_path: Path, x: np.ndarray, params: Mapping[str, np.ndarray], minimum: float
+) -> float:
+    agreement = top1_agreement(fp32_path, int8_path, x, params)
+    if agreement < minimum:
+        raise Int8AgreementError(
+            f"{int8_path.name}: int8/fp32 top-1 agreement {agreement:.4f} on {len(x)} samples is below {minimum}"
+        )
+    return agreement
+
+
 def quantize_int8(
     fp32_path: Path | str,
     int8_path: Path | str,
@@ -213,12 +224,7 @@ def quantize_int8(
         logger.debug("quantize_static output: %s", chatter.getvalue().strip())
     onnx.checker.check_model(str(int8_path))
     check = calib if eval_x is None else np.concatenate([calib, check_images(eval_x, "eval_x")])
-    agreement = top1_agreement(fp32_path, int8_path, check, params)
-    if agreement < config.min_agreement:
-        raise Int8AgreementError(
-            f"{int8_path.name}: int8/fp32 top-1 agreement {agreement:.4f} on {len(check)} samples is below "
-            f"{config.min_agreement}"
-        )
+    agreement = _verify_agreement(fp32_path, int8_path, check, params, config.min_agreement)
     logger.info("quantized %s: %s calibration on %d samples, agreement %.4f", int8_path.name,
                 config.calibration, len(calib), agreement)
     return QuantizationReport(
