@@ -20,12 +20,19 @@ class UpdateBroker:
         self._cond = threading.Condition()
         self._latest = int(latest_version)
         self._closed = False
+        self._waiting = 0
 
     @property
     def latest(self) -> int:
         """The newest published version."""
         with self._cond:
             return self._latest
+
+    @property
+    def waiting(self) -> int:
+        """How many threads are blocked in :meth:`wait_for` right now."""
+        with self._cond:
+            return self._waiting
 
     @property
     def closed(self) -> bool:
@@ -66,5 +73,9 @@ class UpdateBroker:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     break
-                self._cond.wait(remaining)
+                self._waiting += 1
+                try:
+                    self._cond.wait(remaining)
+                finally:
+                    self._waiting -= 1
             return self._latest > since_version

@@ -114,6 +114,8 @@ class RoundRunner:
             raise InvalidRequestError(f"round kind {kind!r} is not one of {ROUND_KINDS}")
         if max_samples < 0 or steps < 0:
             raise InvalidRequestError(f"max_samples {max_samples} and steps {steps} must be >= 0")
+        if self._closed:
+            raise ServerShuttingDownError("the server is shutting down; no new rounds")
         bundle_id = resolve_bundle(self.state, "").bundle_id
         self._check_ready(kind, bundle_id)
         limit = min(max_samples or self.max_samples, self.max_samples)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -341,6 +342,10 @@ def test_graceful_stop_ends_watchers_and_health(running: EdgeloopServer, device:
         done.set()
 
     threading.Thread(target=consume, daemon=True).start()
+    deadline = time.monotonic() + 5.0
+    while running.state.broker.waiting == 0 and time.monotonic() < deadline:  # the watcher is blocked
+        time.sleep(0.01)
+    assert running.state.broker.waiting == 1
     health = health_pb2_grpc.HealthStub(channel)
     stopper = threading.Thread(target=running.stop, kwargs={"grace": 3.0})
     stopper.start()
@@ -352,3 +357,19 @@ def test_graceful_stop_ends_watchers_and_health(running: EdgeloopServer, device:
         health_pb2.HealthCheckResponse.NOT_SERVING)
     with pytest.raises(grpc.RpcError):
         health.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+
+
+def test_client_cancel_releases_the_server_watcher(running: EdgeloopServer, device: Stub,
+                                                   published: Callable[..., str]) -> None:
+    published()
+    stream = device.WatchUpdates(device_pb2.WatchRequest(device_id="dev-1", max_wait_seconds=0), timeout=10.0)
+    broker = running.state.broker
+    deadline = time.monotonic() + 5.0
+    while broker.waiting == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broker.waiting == 1
+    stream.cancel()
+    deadline = time.monotonic() + 5.0
+    while broker.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broker.waiting == 0  # woken by the RPC's termination callback, not by a timeout

@@ -1,0 +1,174 @@
+"""BlobStore atomicity and integrity, the SQLite registry (WAL, idempotent samples, versions), the codec."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.codec import CodecError, decode_array, decode_arrays, encode_array, encode_arrays
+from server.errors import BlobCorruptError, BlobNotFoundError, InvalidRequestError, StorageError
+from server.records import BundleRecord, FileEntry, SampleRecord, Storage
+from server.storage import SCHEMA_VERSION, BlobStore, Registry
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_blob_put_get_is_content_addressed(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"hello")
+    assert digest == hashlib.sha256(b"hello").hexdigest()
+    assert store.path(digest) == tmp_path / "blobs" / digest[:2] / digest
+    assert store.exists(digest) and store.get(digest) == b"hello"
+    assert store.put(b"hello") == digest
+    assert _files(tmp_path / "blobs") == [f"{digest[:2]}/{digest}"]  # one file, no temporaries
+
+
+def test_blob_write_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobStore(tmp_path / "blobs")
+
+    def failing_replace(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        store.put(b"payload")
+    digest = hashlib.sha256(b"payload").hexdigest()
+    assert not store.exists(digest)
+    assert _files(tmp_path / "blobs") == []  # the temporary file was removed too
+
+
+def test_blob_fsync_failure_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = BlobStore(tmp_path / "blobs")
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError("I/O error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="I/O error"):
+        store.put(b"payload")
+    assert _files(tmp_path / "blobs") == []
+
+
+def test_blob_corruption_is_detected_and_repaired(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    digest = store.put(b"original bytes")
+    store.path(digest).write_bytes(b"bit rot")
+    with pytest.raises(BlobCorruptError, match=digest):
+        store.get(digest)
+    assert store.put(b"original bytes") == digest  # re-put rewrites the damaged file
+    assert store.get(digest) == b"original bytes"
+
+
+def test_blob_missing_and_malformed_digest(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    with pytest.raises(BlobNotFoundError, match="a" * 64):
+        store.get("a" * 64)
+    with pytest.raises(InvalidRequestError, match="malformed"):
+        store.path("../../etc/passwd")
+
+
+def _sample(sid: str, device: str = "d1", bundle: str = "b" * 64) -> SampleRecord:
+    return SampleRecord(sid, device, bundle, None, None, 0.5, 1, 0, 10, 20)
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    reg = Registry(tmp_path / "reg.sqlite3")
+    reg.upsert_device("d1", {"site": "lab"}, "onnx", 100)
+    reg.put_bundle(BundleRecord("b" * 64, {"schema_version": 1}, {"m.onnx": FileEntry("c" * 64, 3)}, 1), True)
+    return reg
+
+
+def test_registry_is_wal_full_sync_and_versioned(registry: Registry, tmp_path: Path) -> None:
+    assert isinstance(registry, Storage)
+    assert registry.schema_version() == SCHEMA_VERSION
+    conn = registry._conn  # the live connection: synchronous is a per-connection setting
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    registry.close()
+    with sqlite3.connect(tmp_path / "reg.sqlite3") as raw:
+        raw.execute("UPDATE schema_version SET version = 99")
+    with pytest.raises(StorageError, match="99"):
+        Registry(tmp_path / "reg.sqlite3")
+
+
+def test_sample_insert_is_idempotent_and_survives_reopen(registry: Registry, tmp_path: Path) -> None:
+    assert registry.insert_samples([_sample("a"), _sample("b")]) == [True, True]
+    assert registry.insert_samples([_sample("b"), _sample("c"), _sample("c")]) == [False, True, False]
+    registry.close()
+    reopened = Registry(tmp_path / "reg.sqlite3")
+    assert [s.sample_id for s in reopened.unused_samples("b" * 64, None, with_input=False)] == ["a", "b", "c"]
+    assert reopened.get_device("d1").samples_stored == 3  # type: ignore[union-attr]
+    assert reopened.current_bundle().files == {"m.onnx": FileEntry("c" * 64, 3)}  # type: ignore[union-attr]
+    reopened.mark_samples_used(["a", "c"], round_id=7)
+    assert [s.sample_id for s in reopened.unused_samples("b" * 64, None, with_input=False)] == ["b"]
+    assert reopened.get_sample("a").used_in_round == 7  # type: ignore[union-attr]
+
+
+def test_concurrent_writers_are_serialised(registry: Registry) -> None:
+    results: list[list[bool]] = []
+
+    def writer(t: int) -> None:
+        for i in range(20):
+            results.append(registry.insert_samples([_sample(f"{t}-{i}"), _sample("shared")]))
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(10)
+    assert len(registry.unused_samples("b" * 64, None, with_input=False)) == 81
+    assert sum(r[1] for r in results) == 1  # "shared" was new exactly once
+
+
+def test_update_versions_are_global_and_monotonic(registry: Registry) -> None:
+    registry.put_bundle(BundleRecord("e" * 64, {}, {}, 2), make_current=False)
+    v1 = registry.insert_update("b" * 64, "fedavg", None, "1" * 64, "s1", 1)
+    v2 = registry.insert_update("e" * 64, "distill", 3, "2" * 64, "s2", 2)
+    v3 = registry.insert_update("b" * 64, "distill", 4, "3" * 64, "s3", 3)
+    assert (v1.version, v2.version, v3.version) == (1, 2, 3)
+    assert [u.version for u in registry.updates_since("b" * 64, 0)] == [1, 3]
+    assert [u.version for u in registry.updates_since("b" * 64, 1)] == [3]
+    assert registry.latest_update("e" * 64) == v2 and registry.latest_version() == 3
+    assert registry.current_bundle().bundle_id == "b" * 64  # type: ignore[union-attr]
+    registry.set_acked_version("d1", 3)
+    registry.set_acked_version("d1", 1)  # never lowers
+    assert registry.get_device("d1").acked_update_version == 3  # type: ignore[union-attr]
+
+
+def test_round_records_round_trip(registry: Registry) -> None:
+    from dataclasses import replace
+
+    r = registry.create_round("fedavg", 5)
+    assert (r.round_id, r.state) == (1, "queued")
+    registry.save_round(replace(r, state="done", update_version=2, samples_used=9, seconds=0.5,
+                                metrics={"kl": 0.25}))
+    assert registry.get_round(1) == replace(r, state="done", update_version=2, samples_used=9, seconds=0.5,
+                                            metrics={"kl": 0.25})
+    assert registry.get_round(2) is None
+
+
+def test_codec_round_trip_is_canonical() -> None:
+    arrays = {"b": np.arange(6, dtype=np.float32).reshape(2, 3), "a": np.array([1, -2], dtype=np.int64),
+              "s": np.float32(3.5) * np.ones((), np.float32)}
+    blob = encode_arrays(arrays)
+    assert blob == encode_arrays(dict(reversed(list(arrays.items()))))
+    out = decode_arrays(blob)
+    assert sorted(out) == ["a", "b", "s"]
+    for k, v in arrays.items():
+        assert out[k].dtype == v.dtype and out[k].shape == v.shape
+        np.testing.assert_array_equal(out[k], v)
+    x = np.random.default_rng(0).random((1, 8, 8), dtype=np.float32)
+    np.testing.assert_array_equal(decode_array(encode_array(x)), x)
+    with pytest.raises(CodecError):
+        decode_arrays(blob[:-4])
+    with pytest.raises(CodecError):
+        decode_arrays(b"nonsense")
