@@ -59,6 +59,7 @@ class _FileSink:
         self.sha256 = sha256
 
     def write(self, offset: int, data: bytes, rel: str) -> None:
+        """Append ``data``, which must start where the file currently ends."""
         if offset != self.written:
             self.fh.close()
             raise BundleDownloadError(f"bundle file {rel!r}: chunk at offset {offset}, expected {self.written}")
@@ -83,12 +84,19 @@ class UpdateStream:
         self._call = call
         self._bundle_id = bundle_id
         self._on_bytes = on_bytes
+        self._updates = self._generate()
 
     def cancel(self) -> None:
         """Cancel the underlying RPC; iteration then ends quietly."""
         self._call.cancel()
 
-    def __iter__(self) -> Iterator[ParameterUpdate]:
+    def __iter__(self) -> UpdateStream:
+        return self
+
+    def __next__(self) -> ParameterUpdate:
+        return next(self._updates)
+
+    def _generate(self) -> Iterator[ParameterUpdate]:
         try:
             for msg in self._call:  # type: ignore[attr-defined]
                 self._on_bytes(msg.ByteSize())

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -200,3 +202,14 @@ def test_fetch_rejects_a_bundle_whose_manifest_does_not_match_its_id(faulty, tmp
     with DeviceClient(target, "dev-1") as c, pytest.raises(BundleDownloadError, match="hashes to"):
         c.fetch_bundle(wrong, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_watch_without_limit_is_cancelled_from_another_thread(edge_server, client: DeviceClient) -> None:
+    client.register()
+    stream = client.watch_updates(edge_server.bundle_id, since_version=0, max_wait=0.0)
+    timer = threading.Timer(0.2, stream.cancel)
+    started = time.monotonic()
+    timer.start()
+    with pytest.raises(StopIteration):
+        next(stream)
+    assert 0.15 < time.monotonic() - started < 3.0
