@@ -1,0 +1,213 @@
+"""The ``edgeloop`` command line: train, export, eval, serve, agent, demo.
+
+Each subcommand imports only what it needs, so ``edgeloop agent`` and ``edgeloop eval`` run on a device
+install without torch. Progress bars and tables (rich) live here and in :mod:`edgeloop.demo` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import EdgeloopRuntimeError
+
+DATASETS = ("digits", "mnist", "cifar10")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a built-in architecture (source student or teacher)")
+    p.add_argument("--arch", default="small_cnn", help="registered architecture: small_cnn (student), wide_cnn "
+                   "(teacher); default small_cnn")
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="training data; default digits "
+                   "(embedded); mnist and cifar10 read ../shared/data or $EDGELOOP_DATA_DIR")
+    p.add_argument("--epochs", type=int, default=15, help="passes over the training split; default 15")
+    p.add_argument("--batch-size", type=int, default=64, help="mini-batch size; default 64")
+    p.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate (cosine schedule); default 3e-3")
+    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation; default 0")
+    p.add_argument("--augment", action="store_true", help="corruption augmentation on half of the batches "
+                   "(for teachers that must be robust to shift)")
+    p.add_argument("--limit", type=int, default=None, help="use a stratified subset of this many training images")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint file to write (.pt)")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to a verified bundle (adaptable ONNX fp32 + int8)")
+    p.add_argument("model", type=Path, help="torch checkpoint written by `edgeloop train`")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="data for calibration, golden vectors and "
+                   "source statistics; default: the checkpoint's training dataset")
+    p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
+    p.add_argument("--no-int8", action="store_true", help="skip the int8 (QDQ static, per-channel) model")
+    p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
+    p.add_argument("--name", default=None, help="bundle name in the manifest; default <arch>-<dataset>")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    p.set_defaults(func=_cmd_export)
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="accuracy of a bundle on clean or corrupted data, with or without adaptation")
+    p.add_argument("bundle", type=Path, help="bundle directory (verified before use)")
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="evaluation data (test split); default digits")
+    p.add_argument("--corruption", default="clean", help="corruption name, or clean (default); see --list-corruptions")
+    p.add_argument("--severity", type=int, default=3, help="corruption severity 1-5; default 3")
+    p.add_argument("--tta", default="source", help="test-time adaptation method: source (none) or alpha_bn; "
+                   "default source")
+    p.add_argument("--model", default=None, help="bundle model to run (fp32, int8); default: the manifest's default")
+    p.add_argument("--backend", choices=("onnx",), default="onnx", help="inference backend; default onnx")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass; default 64")
+    p.add_argument("--limit", type=int, default=None, help="evaluate on a stratified subset of this many images")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads; default: the backend's choice")
+    p.add_argument("--seed", type=int, default=0, help="corruption and ordering seed; default 0")
+    p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
+    p.add_argument("--list-corruptions", action="store_true", help="print the corruption names and exit")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC cloud server until SIGINT/SIGTERM")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; default 127.0.0.1")
+    p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port); default 50051")
+    p.add_argument("--data-dir", type=Path, required=True, help="registry (SQLite) and blob store directory")
+    p.add_argument("--bundle", type=Path, default=None, help="publish this bundle directory at start-up")
+    p.add_argument("--teacher", type=Path, default=None, help="teacher checkpoint for distillation rounds")
+    p.add_argument("--student", type=Path, default=None, help="student checkpoint the bundle was exported from")
+    p.add_argument("--alpha", type=float, default=0.5, help="the devices' α for BN statistics mixing, "
+                   "used when distilling; default 0.5")
+    p.add_argument("--distill-steps", type=int, default=100, help="optimizer steps per distillation round")
+    p.add_argument("--device", default="auto", help="torch device for distillation: auto, cpu, cuda")
+    p.set_defaults(func=_cmd_serve)
+
+
+def _add_agent(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("agent", help="run a device agent on a simulated camera stream against a server")
+    p.add_argument("--server", required=True, help="server address host:port")
+    p.add_argument("--device-id", required=True, help="this device's id")
+    p.add_argument("--work-dir", type=Path, required=True, help="where the bundle and the outbox live")
+    p.add_argument("--dataset", choices=DATASETS, default="digits", help="stream source (test split); default digits")
+    p.add_argument("--domains", default="clean:0,gaussian_noise:4,defocus_blur:3",
+                   help="comma-separated corruption:severity domains the stream passes through")
+    p.add_argument("--samples-per-domain", type=int, default=200, help="stream images per domain; default 200")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default 16")
+    p.add_argument("--tta", default="alpha_bn", help="adaptation method: source or alpha_bn; default alpha_bn")
+    p.add_argument("--seed", type=int, default=0, help="stream seed; default 0")
+    p.add_argument("--json", type=Path, default=None, help="write the agent's statistics as JSON to this file")
+    p.set_defaults(func=_cmd_agent)
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the whole loop on embedded digits: train, export, serve, 4 agents, report")
+    p.add_argument("--out", type=Path, default=Path("demo_out"), help="output directory; default demo_out")
+    p.add_argument("--devices", type=int, default=4, help="number of device agents; default 4")
+    p.add_argument("--seed", type=int, default=0, help="seed for training and streams; default 0")
+    p.set_defaults(func=_cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every subcommand."""
+    parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_export, _add_eval, _add_serve, _add_agent, _add_demo):
+        add(sub)
+    return parser
+
+
+def _write_json(path: Path | None, payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from edgeloop import pipeline
+
+    metrics = pipeline.train_checkpoint(
+        arch=args.arch, dataset=args.dataset, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, augment=args.augment, limit=args.limit,
+    )
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from edgeloop import pipeline
+
+    path = pipeline.export_checkpoint(
+        args.model, out=args.out, dataset=args.dataset, int8=not args.no_int8,
+        calibration_samples=args.calibration_samples, name=args.name, overwrite=args.overwrite,
+    )
+    print(f"bundle written to {path}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from edgeloop import pipeline
+
+    if args.list_corruptions:
+        from edgeloop.data import CORRUPTIONS
+
+        print("\n".join(["clean", *sorted(CORRUPTIONS)]))
+        return 0
+    result = pipeline.evaluate_bundle(
+        args.bundle, dataset=args.dataset, corruption=args.corruption, severity=args.severity, tta=args.tta,
+        model=args.model, backend=args.backend, batch_size=args.batch_size, limit=args.limit,
+        threads=args.threads, seed=args.seed,
+    )
+    print(json.dumps(result, indent=2, sort_keys=True))
+    _write_json(args.json, result)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from edgeloop import pipeline
+
+    pipeline.serve(
+        host=args.host, port=args.port, data_dir=args.data_dir, bundle=args.bundle, teacher=args.teacher,
+        student=args.student, alpha=args.alpha, distill_steps=args.distill_steps, device=args.device,
+    )
+    return 0
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    from edgeloop import pipeline
+
+    stats = pipeline.run_agent(
+        server=args.server, device_id=args.device_id, work_dir=args.work_dir, dataset=args.dataset,
+        domains=args.domains, samples_per_domain=args.samples_per_domain, batch_size=args.batch_size,
+        tta=args.tta, seed=args.seed,
+    )
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    _write_json(args.json, stats)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from edgeloop.demo import run_demo
+
+    run_demo(out=args.out, devices=args.devices, seed=args.seed)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgeloop`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, EdgeloopRuntimeError) as exc:
+        print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The jobs behind the CLI, as plain functions: train, export, evaluate, serve, run an agent.
+
+Torch is imported only inside the functions that need it (train, export, serve's distiller).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+AUGMENT_CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "motion_blur",
+    "contrast", "brightness", "pixelate", "jpeg_compression", "elastic_transform",
+)
+
+
+def corruption_augmenter(
+    names: Sequence[str] = AUGMENT_CORRUPTIONS, severities: Sequence[int] = (1, 2, 3, 4, 5)
+) -> Callable[[np.ndarray, np.random.Generator], np.ndarray]:
+    """An augmentation hook for training: one random corruption at a random severity per batch."""
+    from edgeloop.data import corrupt
+
+    def augment(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        name = str(rng.choice(list(names)))
+        severity = int(rng.choice(list(severities)))
+        return corrupt(batch, name, severity, seed=int(rng.integers(0, 2**31 - 1)))
+
+    return augment
+
+
+def train_checkpoint(
+    *, arch: str, dataset: str, out: Path, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3,
+    seed: int = 0, augment: bool = False, limit: int | None = None,
+) -> dict[str, Any]:
+    """Train ``arch`` on ``dataset``'s train split, save a checkpoint at ``out``; return metrics."""
+    from edgeloop.data import load_dataset
+    from exporter.checkpoint import save_checkpoint
+    from exporter.train import TrainConfig, evaluate, train_model
+
+    train = load_dataset(dataset, "train", limit=limit)
+    test = load_dataset(dataset, "test")
+    config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment)
+    augment_fn = corruption_augmenter() if augment else None
+    model, spec, metrics = train_model(arch, train.x, train.y, config, augment_fn=augment_fn)
+    metrics = {**metrics, "test_accuracy": evaluate(model, test.x, test.y)}
+    meta = {"dataset": dataset, "labels": list(train.labels), "augment": augment, "seed": seed, "epochs": epochs}
+    metrics["sha256"] = save_checkpoint(model, arch, spec, out, {**meta, "metrics": metrics})
+    metrics.update(arch=arch, dataset=dataset, out=str(out))
+    log.info("trained %s on %s: test accuracy %.4f", arch, dataset, metrics["test_accuracy"])
+    return metrics
+
+
+def export_checkpoint(
+    checkpoint: Path, *, out: Path, dataset: str | None = None, int8: bool = True,
+    calibration_samples: int = 256, name: str | None = None, overwrite: bool = False, seed: int = 0,
+) -> Path:
+    """Export a checkpoint to a bundle, with calibration, golden and source-statistics data from ``dataset``."""
+    from edgeloop.data import load_dataset
+    from exporter.bundle import export_bundle
+    from exporter.checkpoint import load_checkpoint
+
+    model, info = load_checkpoint(checkpoint)
+    dataset = dataset or info["meta"].get("dataset")
+    if not dataset:
+        raise ValueError(f"{checkpoint} records no dataset; pass --dataset")
+    if calibration_samples < 8:
+        raise ValueError(f"calibration_samples must be >= 8, got {calibration_samples}")
+    train = load_dataset(dataset, "train")
+    test = load_dataset(dataset, "test")
+    rng = np.random.default_rng(seed)
+    calib = train.x[rng.choice(len(train), size=min(calibration_samples, len(train)), replace=False)]
+    golden = test.x[rng.choice(len(test), size=8, replace=False)]
+    source_idx = rng.choice(len(test), size=min(2048, len(test)), replace=False)
+    return export_bundle(
+        (model, info["arch"], info["spec"], info["sha256"]), out, labels=train.labels, calibration_x=calib,
+        golden_x=golden, source_x=test.x[source_idx], source_y=test.y[source_idx], int8=int8,
+        name=name or f"{info['arch']}-{dataset}", overwrite=overwrite,
+    )
+
+
+def evaluate_bundle(
+    bundle: Path, *, dataset: str = "digits", corruption: str = "clean", severity: int = 3, tta: str = "source",
+    model: str | None = None, backend: str = "onnx", batch_size: int = 64, limit: int | None = None,
+    threads: int | None = None, seed: int = 0,
+) -> dict[str, Any]:
+    """Accuracy of a verified bundle on ``dataset``'s test split, clean or corrupted, with a TTA method."""
+    from device_agents.tta import create_tta_method
+    from edgeloop.data import corrupt, load_dataset
+    from runtime import AdaptableModel, load_bundle
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    loaded = load_bundle(bundle, model=model, backend=backend, threads=threads)
+    adaptable = AdaptableModel(loaded)
+    method = create_tta_method(tta)
+    data = load_dataset(dataset, "test", limit=limit)
+    x = data.x if corruption == "clean" else corrupt(data.x, corruption, severity, seed=seed)
+    order = np.random.default_rng(seed).permutation(len(data))
+    x, y = x[order], data.y[order]
+    correct, started = 0, time.perf_counter()
+    for start in range(0, len(y), batch_size):
+        out = method.adapt_and_predict(adaptable, x[start : start + batch_size])
+        correct += int((out.logits.argmax(axis=1) == y[start : start + batch_size]).sum())
+    seconds = time.perf_counter() - started
+    return {
+        "bundle": str(bundle), "bundle_id": loaded.bundle_id, "model": loaded.model.name, "backend": backend,
+        "dataset": dataset, "corruption": corruption, "severity": severity if corruption != "clean" else 0,
+        "tta": tta, "samples": len(y), "accuracy": correct / len(y), "batch_size": batch_size,
+        "seconds": seconds,
+    }
+
+
+def serve(
+    *, host: str, port: int, data_dir: Path, bundle: Path | None = None, teacher: Path | None = None,
+    student: Path | None = None, alpha: float = 0.5, distill_steps: int = 100, device: str = "auto",
+) -> None:
+    """Run the server until SIGINT/SIGTERM, publishing ``bundle`` first when given."""
+    from server.app import EdgeloopServer, ServerConfig
+    from server.app import serve as serve_forever
+
+    config = ServerConfig(
+        data_dir=data_dir, host=host, port=port, teacher_ckpt=teacher, student_ckpt=student,
+        distill_alpha=alpha, distill_steps=distill_steps, device=device,
+    )
+
+    def on_started(srv: EdgeloopServer) -> None:
+        if bundle is not None:
+            from edgeloop.admin import AdminClient
+
+            with AdminClient(f"{host}:{srv.port}") as admin:
+                print(f"published bundle {admin.publish_bundle(bundle)}", flush=True)
+        print(f"edgeloop server listening on {host}:{srv.port} (data in {data_dir})", flush=True)
+
+    serve_forever(config, on_started=on_started)
+
+
+def parse_domains(spec: str) -> list[Any]:
+    """Parse ``"clean:0,gaussian_noise:4"`` into stream domains."""
+    from edgeloop.data import Domain
+
+    domains = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, sev = part.partition(":")
+        try:
+            severity = int(sev) if sev else (0 if name == "clean" else 3)
+        except ValueError as exc:
+            raise ValueError(f"domain {part!r}: severity {sev!r} is not an integer") from exc
+        domains.append(Domain(name, severity))
+    if not domains:
+        raise ValueError(f"no domains in {spec!r}")
+    return domains
+
+
+def connect_agent(
+    server: str, device_id: str, work_dir: Path, *, tta: str = "alpha_bn", labels: dict[str, str] | None = None,
+    outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
+) -> Any:
+    """Register with ``server``, download and verify its bundle, and build a ready :class:`Agent`."""
+    from device_agents.agent import Agent, AgentConfig
+    from device_agents.client import DeviceClient
+    from device_agents.drift import PageHinkley
+    from device_agents.outbox import SqliteOutbox
+    from device_agents.selection import EntropyBandSelector, SelectorConfig
+    from device_agents.tta import create_tta_method
+    from runtime import AdaptableModel, load_bundle
+
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    client = DeviceClient(server, device_id)
+    try:
+        info = client.register(labels or {})
+        if not info.bundle_id:
+            raise RuntimeError(f"server {server} has no bundle published yet")
+        path = client.fetch_bundle(info.bundle_id, work_dir / "bundles")
+        model = AdaptableModel(load_bundle(path))
+    except BaseException:
+        client.close()
+        raise
+    selector = EntropyBandSelector(SelectorConfig(bytes_per_window=selector_bytes_per_window))
+    outbox = SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes)
+    detector = PageHinkley(min_instances=30, delta=0.02, threshold=drift_threshold, mode="both")
+    config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id)
+    return Agent(model, create_tta_method(tta), detector, selector, outbox, client, config)
+
+
+def run_agent(
+    *, server: str, device_id: str, work_dir: Path, dataset: str = "digits", domains: str = "clean:0",
+    samples_per_domain: int = 200, batch_size: int = 16, tta: str = "alpha_bn", seed: int = 0,
+    sync_every: int = 4,
+) -> dict[str, Any]:
+    """Run an agent over a corrupted stream of ``dataset``, syncing with the server every few batches."""
+    from edgeloop.data import build_stream, iter_batches, load_dataset
+
+    stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
+    agent = connect_agent(server, device_id, work_dir, tta=tta)
+    try:
+        agent.sync()
+        for i, (start, x, y) in enumerate(iter_batches(stream, batch_size)):
+            agent.process_batch(x, y, position=start)
+            if (i + 1) % sync_every == 0:
+                agent.sync()
+        agent.sync(wait_seconds=0.5)
+        stats = agent.stats
+    finally:
+        close_agent(agent)
+    return {
+        "device_id": device_id, "samples": stats.samples_seen, "accuracy": stats.accuracy,
+        "drift_points": list(stream.drift_points), "drift_detected": list(stats.drift_positions),
+        "uploaded_samples": stats.uploaded_samples, "bytes_up": stats.uploaded_bytes,
+        "bytes_down": stats.downloaded_bytes, "update_versions": list(stats.update_versions),
+    }
+
+
+def close_agent(agent: Any) -> None:
+    """Stop an agent built by :func:`connect_agent` and close its outbox and client."""
+    agent.close()
+    if agent.outbox is not None:
+        agent.outbox.close()
+    if agent.client is not None:
+        agent.client.close()
