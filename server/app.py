@@ -32,12 +32,18 @@ _MESSAGE_OVERHEAD = 4096  # room for a chunk's other fields within max_message_b
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Everything the server is configured with; validated at construction."""
+    """Everything the server is configured with; validated at construction.
+
+    Each open ``WatchUpdates`` stream holds one of the ``max_workers`` RPC threads, so at most
+    ``max_watchers`` (0: three quarters of ``max_workers``) may be open; more are refused with
+    RESOURCE_EXHAUSTED. Sizes are bytes; ``device`` is where distillation runs ("auto": CUDA if present).
+    """
 
     data_dir: Path = Path("edgeloop_data")
     host: str = "127.0.0.1"
     port: int = 50051
     max_workers: int = 32
+    max_watchers: int = 0
     max_message_bytes: int = 16 << 20
     chunk_size: int = 64 << 10
     max_upload_bytes: int = 64 << 20
@@ -57,6 +63,11 @@ class ServerConfig:
         for name in ("teacher_ckpt", "student_ckpt"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        if self.max_watchers == 0:  # default: leave a quarter of the RPC threads for non-watch calls
+            object.__setattr__(self, "max_watchers", max(1, self.max_workers * 3 // 4))
+        if not 0 < self.max_watchers < self.max_workers:
+            raise ValueError(f"max_watchers {self.max_watchers} must be in 1..max_workers-1 ({self.max_workers - 1})"
+                             " so that watchers cannot take every RPC thread")
         if not self.host:
             raise ValueError("host must not be empty")
         if not 0 <= self.port <= 65535:
@@ -87,7 +98,7 @@ class EdgeloopServer:
         self.registry = Registry(config.data_dir / "registry.sqlite3")
         self.blobs = BlobStore(config.data_dir / "blobs")
         limits = Limits(config.max_upload_bytes, config.max_samples_per_upload, config.max_bundle_bytes)
-        broker = UpdateBroker(self.registry.latest_version())
+        broker = UpdateBroker(self.registry.latest_version(), max_watchers=config.max_watchers)
         self.state = ServerState(self.registry, self.blobs, broker, limits)
         factory = self._load_torch_distiller if config.teacher_ckpt is not None else None
         self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,

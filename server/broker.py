@@ -15,12 +15,35 @@ class UpdateBroker:
     after a :meth:`wake`. There is no polling: waits end only on notifications or timeouts.
     """
 
-    def __init__(self, latest_version: int = 0) -> None:
-        """Start from ``latest_version``, the newest version already stored."""
+    def __init__(self, latest_version: int = 0, max_watchers: int | None = None) -> None:
+        """Start from ``latest_version``, the newest version already stored; allow ``max_watchers`` watches."""
+        if max_watchers is not None and max_watchers < 1:
+            raise ValueError(f"max_watchers must be positive, got {max_watchers}")
         self._cond = threading.Condition()
         self._latest = int(latest_version)
         self._closed = False
         self._waiting = 0
+        self._watchers = 0
+        self._max_watchers = max_watchers
+
+    def try_open_watch(self) -> bool:
+        """Take a watch slot; False when ``max_watchers`` are already open. Pair with :meth:`close_watch`."""
+        with self._cond:
+            if self._max_watchers is not None and self._watchers >= self._max_watchers:
+                return False
+            self._watchers += 1
+            return True
+
+    def close_watch(self) -> None:
+        """Give back a slot taken by :meth:`try_open_watch`."""
+        with self._cond:
+            self._watchers = max(0, self._watchers - 1)
+
+    @property
+    def watchers(self) -> int:
+        """How many watch slots are taken."""
+        with self._cond:
+            return self._watchers
 
     @property
     def latest(self) -> int:

@@ -23,6 +23,10 @@ class PayloadTooLargeError(ServerError):
     """A request exceeds a configured size limit (bytes or item count)."""
 
 
+class TooManyWatchersError(ServerError):
+    """Every update-watch slot is taken; the device should retry later."""
+
+
 class UnknownDeviceError(ServerError):
     """The device has not registered."""
 

@@ -29,6 +29,7 @@ from server.records import BundleRecord, DeviceRecord, DriftRecord, FileEntry, S
 from server.state import Limits, ServerState, check_id, require_device, resolve_bundle, spec_of
 
 logger = logging.getLogger(__name__)
+MAX_LABELS = 64
 
 
 # -- devices ----------------------------------------------------------------------------------------------
@@ -47,6 +48,9 @@ def register_device(state: ServerState, device_id: str, labels: Mapping[str, str
     check_id(device_id, "device_id")
     if len(backend) > 32:
         raise InvalidRequestError(f"runtime_backend {backend[:40]!r}… is longer than 32 characters")
+    if len(labels) > MAX_LABELS or any(len(k) > 256 or len(v) > 256 or not k for k, v in labels.items()):
+        raise InvalidRequestError(f"labels must be at most {MAX_LABELS} non-empty keys, keys and values "
+                                  f"at most 256 characters; got {len(labels)} labels")
     state.storage.upsert_device(device_id, dict(labels), backend, state.clock())
     bundle = state.storage.current_bundle()
     if bundle is None:

@@ -28,6 +28,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TensorDecodeError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.TooManyWatchersError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UnknownBundleError, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownRoundError, grpc.StatusCode.NOT_FOUND),
     (errors.UnknownDeviceError, grpc.StatusCode.FAILED_PRECONDITION),

@@ -16,7 +16,7 @@ import numpy as np
 from runtime.errors import InputError
 from runtime.params import params_digest, validate_params
 from server.codec import decode_arrays, encode_arrays
-from server.errors import BlobCorruptError, InvalidRequestError, InvalidTensorError
+from server.errors import BlobCorruptError, InvalidRequestError, InvalidTensorError, TooManyWatchersError
 from server.manifest import BundleSpec
 from server.records import SubmissionRecord, UpdateRecord
 from server.state import ServerState, require_device, resolve_bundle, spec_of
@@ -122,14 +122,20 @@ def _watch(
     state: ServerState, device_id: str, bundle_id: str, last: int, deadline: float | None,
     is_active: Callable[[], bool],
 ) -> Iterator[ParameterUpdate]:
-    while is_active() and not state.broker.closed:
-        seen = state.broker.latest
-        for record in state.storage.updates_since(bundle_id, last):
-            update = load_update(state, record)
-            state.storage.set_acked_version(device_id, record.version)  # recorded as it is sent
-            last = record.version
-            yield update
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is not None and remaining <= 0:
-            return
-        state.broker.wait_for(seen, remaining, cancelled=lambda: not is_active())
+    broker = state.broker
+    if not broker.try_open_watch():  # taken on first iteration, so a never-started stream holds no slot
+        raise TooManyWatchersError(f"all {broker.watchers} update-watch slots are taken; retry later")
+    try:
+        while is_active() and not broker.closed:
+            seen = broker.latest
+            for record in state.storage.updates_since(bundle_id, last):
+                update = load_update(state, record)
+                state.storage.set_acked_version(device_id, record.version)  # recorded as it is sent
+                last = record.version
+                yield update
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return
+            broker.wait_for(seen, remaining, cancelled=lambda: not is_active())
+    finally:
+        broker.close_watch()
