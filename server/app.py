@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,8 +178,14 @@ def create_server(config: ServerConfig, distiller: Distiller | None = None) -> E
     return EdgeloopServer(config, distiller)
 
 
-def serve(config: ServerConfig, distiller: Distiller | None = None) -> None:
-    """Run a server until SIGINT or SIGTERM, then stop it gracefully. Call from the main thread."""
+def serve(
+    config: ServerConfig, distiller: Distiller | None = None,
+    on_started: Callable[[EdgeloopServer], None] | None = None,
+) -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully. Call from the main thread.
+
+    ``on_started`` is called with the running server (e.g. to publish a bundle or print the port).
+    """
     server = create_server(config, distiller)
     stop_requested = threading.Event()
 
@@ -189,6 +196,8 @@ def serve(config: ServerConfig, distiller: Distiller | None = None) -> None:
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start()
+        if on_started is not None:
+            on_started(server)
         stop_requested.wait()
     finally:
         server.stop(config.grace_seconds)

@@ -65,7 +65,8 @@ def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
         "import logging, sys; from pathlib import Path; "
         "logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True); "
         "from server.app import ServerConfig, serve; "
-        f"serve(ServerConfig(data_dir=Path({str(tmp_path)!r}), port=0, max_workers=4, grace_seconds=1))"
+        f"serve(ServerConfig(data_dir=Path({str(tmp_path)!r}), port=0, max_workers=4, grace_seconds=1), "
+        "on_started=lambda srv: print('started hook', srv.port, flush=True))"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -73,11 +74,11 @@ def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
     try:
         port = None
         for line in proc.stdout:  # type: ignore[union-attr]
-            found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+            found = re.search(r"started hook (\d+)", line)
             if found:
                 port = int(found.group(1))
                 break
-        assert port, "server did not report its port"
+        assert port, "on_started was not called with the running server"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
