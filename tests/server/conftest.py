@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # the project is not pip-installed in the venv
-    sys.path.insert(0, str(ROOT))
-
-from server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files  # noqa: E402
-
-from proto.edgeloop.v1 import admin_pb2_grpc, device_pb2, device_pb2_grpc  # noqa: E402
-from server.app import EdgeloopServer, ServerConfig, create_server  # noqa: E402
+from proto.edgeloop.v1 import admin_pb2_grpc, device_pb2, device_pb2_grpc
+from server.app import EdgeloopServer, ServerConfig, create_server
+from tests.server.server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files
 
 
 @pytest.fixture

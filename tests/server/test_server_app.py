@@ -13,10 +13,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files
 
 from proto.edgeloop.v1 import admin_pb2_grpc, device_pb2, device_pb2_grpc
 from server.app import ServerConfig, create_server
+from tests.server.server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -15,7 +15,6 @@ pytest.importorskip("exporter.checkpoint")
 
 import grpc
 import torch
-from server_testkit import RPC_TIMEOUT, sample_msg, wait_round
 
 from exporter.adaptable import source_params
 from exporter.checkpoint import save_checkpoint
@@ -24,6 +23,7 @@ from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_
 from server.app import ServerConfig, create_server
 from server.distill import TorchDistiller
 from server.errors import InvalidTensorError
+from tests.server.server_testkit import RPC_TIMEOUT, sample_msg, wait_round
 
 SPEC = ModelSpec(in_channels=1, num_classes=10, image_size=8, mean=(0.5,), std=(0.25,))
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +97,7 @@ def test_server_import_does_not_import_torch() -> None:
 def test_distill_round_over_grpc_with_torch_distiller(
     tmp_path: Path, ckpts: tuple[Path, Path, dict[str, np.ndarray]]
 ) -> None:
-    from server_testkit import bundle_chunks, make_bundle_files
+    from tests.server.server_testkit import bundle_chunks, make_bundle_files
 
     teacher, student, _ = ckpts
     cfg = ServerConfig(data_dir=tmp_path / "data", port=0, teacher_ckpt=teacher, student_ckpt=student,

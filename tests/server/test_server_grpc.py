@@ -11,7 +11,13 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_testkit import (
+
+from proto.convert import tensor_from_proto, tensor_to_proto, tensors_to_proto
+from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
+from runtime.params import params_digest
+from server.app import ADMIN_SERVICE, DEVICE_SERVICE, EdgeloopServer
+from server.storage import Registry
+from tests.server.server_testkit import (
     FEATURE_DIM,
     RPC_TIMEOUT,
     bundle_chunks,
@@ -20,12 +26,6 @@ from server_testkit import (
     sample_msg,
     wait_round,
 )
-
-from proto.convert import tensor_from_proto, tensor_to_proto, tensors_to_proto
-from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
-from runtime.params import params_digest
-from server.app import ADMIN_SERVICE, DEVICE_SERVICE, EdgeloopServer
-from server.storage import Registry
 
 Stub = device_pb2_grpc.DeviceServiceStub
 Admin = admin_pb2_grpc.AdminServiceStub

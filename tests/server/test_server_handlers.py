@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from server_testkit import INPUT_SHAPE, FakeDistiller, initial_params, make_bundle_files
 
 from server import handlers, updates
 from server.broker import UpdateBroker
@@ -26,6 +25,7 @@ from server.records import SubmissionRecord
 from server.rounds import DistillResult, RoundRunner, fedavg, latest_per_device
 from server.state import Limits, ServerState
 from server.storage import BlobStore, Registry
+from tests.server.server_testkit import INPUT_SHAPE, FakeDistiller, initial_params, make_bundle_files
 
 
 @pytest.fixture
