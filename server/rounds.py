@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
@@ -146,12 +147,14 @@ class RoundRunner:
         return record
 
     def wait(self, round_id: int, timeout: float | None = None) -> RoundRecord:
-        """Block until a round started by this runner finishes (or ``timeout`` passes); return its record."""
+        """Block until a round started by this runner finishes or ``timeout`` passes; return its record then."""
         with self._lock:
             future = self._futures.get(round_id)
-        if future is None:
-            return self.get(round_id)
-        future.exception(timeout=timeout)
+        if future is not None:
+            try:
+                future.exception(timeout=timeout)
+            except FuturesTimeoutError:
+                logger.debug("round %d still running after %.1fs", round_id, timeout or 0.0)
         return self.get(round_id)
 
     def shutdown(self, wait: bool = True) -> None:

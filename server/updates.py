@@ -43,8 +43,9 @@ def submit_update(
     bundle = resolve_bundle(state, bundle_id)
     if num_samples <= 0:
         raise InvalidRequestError(f"num_samples must be positive, got {num_samples}")
-    if base_version < 0:
-        raise InvalidRequestError(f"base_version must be >= 0, got {base_version}")
+    latest = state.storage.latest_version()
+    if not 0 <= base_version <= latest:
+        raise InvalidRequestError(f"base_version {base_version} is not a published version (0..{latest})")
     checked = _checked_params(spec_of(bundle), params, partial=True)
     blob = state.blobs.put(encode_arrays(checked))
     record = SubmissionRecord(device_id, bundle.bundle_id, base_version, num_samples, blob, state.clock())

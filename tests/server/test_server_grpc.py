@@ -291,6 +291,10 @@ def test_submit_rejects_unknown_param_and_bad_shape(device: Stub, published: Cal
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bn9.weight" in msg
     code, msg = _code(lambda: _submit(device, "d", bundle_id, {"bn1.weight": np.ones(5, np.float32)}, 1))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bn1.weight" in msg
+    code, msg = _code(lambda: device.SubmitUpdate(device_pb2.FederatedUpdate(
+        device_id="d", bundle_id=bundle_id, base_version=3, num_samples=1,
+        tensors=tensors_to_proto({"bn1.weight": np.ones(4, np.float32)})), timeout=RPC_TIMEOUT))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "base_version 3" in msg
 
 
 def test_distill_round_with_fake_distiller(device: Stub, admin: Admin, published: Callable[..., str],

@@ -167,6 +167,7 @@ def test_rounds_run_one_at_a_time_and_record_failures(state: ServerState, bundle
     updates.submit_update(state, "dev-1", bundle_id, 0, 10, {"bn1.weight": np.ones(4, np.float32)})
     first = runner.start("distill")
     assert distiller.entered.wait(5.0)
+    assert runner.wait(first.round_id, timeout=0.01).state == "running"  # a timeout returns the live record
     assert runner.get(first.round_id).state == "running"
     agg = runner.start("fedavg")
     starved = runner.start("fedavg")  # its check passes now; the first fedavg will consume the submission
