@@ -92,10 +92,10 @@ def _drift_score(truth: list[int], detected: list[int]) -> dict[str, Any]:
 
 def _train_and_export(out: Path, seed: int, progress: Progress) -> tuple[Path, Path, Path, dict[str, Any]]:
     task = progress.add_task("train student", total=3)
-    student = pipeline.train_checkpoint(arch="small_cnn", dataset="digits", out=out / "student.pt", epochs=30,
+    student = pipeline.train_checkpoint(arch="small_cnn", dataset="digits", out=out / "student.pt", epochs=20,
                                         seed=seed)
     progress.update(task, advance=1, description="train teacher (corruption-augmented)")
-    teacher = pipeline.train_checkpoint(arch="wide_cnn", dataset="digits", out=out / "teacher.pt", epochs=30,
+    teacher = pipeline.train_checkpoint(arch="wide_cnn", dataset="digits", out=out / "teacher.pt", epochs=15,
                                         seed=seed, augment=True)
     progress.update(task, advance=1, description="export bundle (fp32 + int8)")
     bundle = pipeline.export_checkpoint(out / "student.pt", out=out / "bundle", overwrite=True, seed=seed)
@@ -116,16 +116,16 @@ def _live_run(address: str, out: Path, runs: list[DeviceRun], progress: Progress
             for phase, (lo, hi) in enumerate(bounds):
                 list(pool.map(_run_segment, agents, runs, [lo] * len(runs), [hi] * len(runs)))
                 progress.update(task, completed=hi)
-                for agent in agents:
-                    agent.sync()
+                list(pool.map(lambda agent: agent.sync(wait_seconds=0.1), agents))
                 if phase == len(bounds) - 1:
                     break
                 progress.update(task, description=f"cloud distillation round {phase + 1}")
                 info = admin.wait_round(admin.start_round("distill"), timeout=120)
                 rounds.append({"round_id": info.round_id, "update_version": info.update_version,
                                "samples_used": info.samples_used, "seconds": info.seconds, **info.metrics})
-                for agent, run in zip(agents, runs, strict=True):
-                    if agent.sync(wait_seconds=5.0).applied_versions:
+                synced = list(pool.map(lambda agent: agent.sync(wait_seconds=0.5), agents))
+                for result, run in zip(synced, runs, strict=True):
+                    if result.applied_versions:
                         run.update_positions.append(hi)
                 progress.update(task, description="devices streaming")
         stats = [agent.stats for agent in agents]
@@ -206,11 +206,14 @@ def _table(devices: list[dict[str, Any]]) -> Table:
 
 def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None = None) -> dict[str, Any]:
     """Run the whole loop; write ``out/report.json`` and ``out/accuracy.png``; return the report."""
+    from device_agents.tta import AlphaBNConfig
     from server.app import ServerConfig, create_server
 
     if not 1 <= devices <= len(DEVICE_DOMAINS):
         raise ValueError(f"devices must be between 1 and {len(DEVICE_DOMAINS)}, got {devices}")
     console = console or Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 132)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -225,7 +228,7 @@ def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None
             for i in range(devices)
         ]
         config = ServerConfig(data_dir=out / "server", port=0, teacher_ckpt=teacher, student_ckpt=student,
-                              distill_alpha=0.7, distill_steps=100)
+                              distill_alpha=AlphaBNConfig().alpha, distill_steps=100)
         with create_server(config) as srv:
             from edgeloop.admin import AdminClient
 

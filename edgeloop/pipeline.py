@@ -37,7 +37,7 @@ def corruption_augmenter(
 
 def train_checkpoint(
     *, arch: str, dataset: str, out: Path, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3,
-    seed: int = 0, augment: bool = False, limit: int | None = None,
+    seed: int = 0, augment: bool = False, limit: int | None = None, threads: int | None = 1,
 ) -> dict[str, Any]:
     """Train ``arch`` on ``dataset``'s train split, save a checkpoint at ``out``; return metrics."""
     from edgeloop.data import load_dataset
@@ -46,7 +46,9 @@ def train_checkpoint(
 
     train = load_dataset(dataset, "train", limit=limit)
     test = load_dataset(dataset, "test")
-    config = TrainConfig(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment)
+    config = TrainConfig(
+        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, threads=threads
+    )
     augment_fn = corruption_augmenter() if augment else None
     model, spec, metrics = train_model(arch, train.x, train.y, config, augment_fn=augment_fn)
     metrics = {**metrics, "test_accuracy": evaluate(model, test.x, test.y)}
