@@ -217,7 +217,7 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np
     was_training = model.training
     model.eval()
     try:
-        out = [model(torch.from_numpy(arr[i : i + batch_size])) for i in range(0, len(arr), batch_size)]
+        out = [model(torch.tensor(arr[i : i + batch_size])) for i in range(0, len(arr), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(out).numpy()
