@@ -238,7 +238,7 @@ def register_tta_method(name: str, cls: type[TTAMethod]) -> type[TTAMethod]:
 def create_tta_method(name: str, config: TTAConfig | None = None) -> TTAMethod:
     """Instantiate the registered method ``name`` with ``config`` (its default config when None)."""
     if name not in TTA_METHODS:
-        raise KeyError(f"unknown TTA method {name!r}; registered: {sorted(TTA_METHODS)}")
+        raise ValueError(f"unknown TTA method {name!r}; registered: {sorted(TTA_METHODS)}")
     return TTA_METHODS[name](config)
 
 

@@ -37,7 +37,7 @@ def test_registry_rejects_duplicates_bad_names_and_non_methods() -> None:
     with pytest.raises(TypeError, match="TTAMethod subclass"):
         register_tta_method("not_a_method", dict)  # type: ignore[arg-type]
     assert "not_a_method" not in TTA_METHODS
-    with pytest.raises(KeyError, match="unknown TTA method 'nope'"):
+    with pytest.raises(ValueError, match="unknown TTA method 'nope'"):
         create_tta_method("nope")
 
 

@@ -1,0 +1,71 @@
+"""The edgeloop command line, run as a real subprocess and in-process: every subcommand and its --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgeloop.cli import build_parser, main
+from edgeloop.pipeline import parse_domains
+
+COMMANDS = ("train", "export", "eval", "serve", "agent", "demo")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_explains_every_option(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    sub = build_parser()._subparsers._group_actions[0].choices[command]  # type: ignore[union-attr]
+    for action in sub._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help"
+            assert action.option_strings[-1] in text
+
+
+def test_train_export_eval_round_trip(tmp_path: Path) -> None:
+    ckpt = tmp_path / "student.pt"
+    assert main(["train", "--arch", "small_cnn", "--dataset", "digits", "--epochs", "3", "--out", str(ckpt)]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["export", str(ckpt), "--out", str(bundle), "--calibration-samples", "64"]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {m["name"] for m in manifest["models"]} == {"fp32", "int8"}
+    clean, noisy = tmp_path / "clean.json", tmp_path / "noisy.json"
+    assert main(["eval", str(bundle), "--dataset", "digits", "--json", str(clean)]) == 0
+    args = ["eval", str(bundle), "--corruption", "contrast", "--severity", "4", "--tta", "alpha_bn", "--model",
+            "int8", "--json", str(noisy)]
+    assert main(args) == 0
+    clean_result, noisy_result = json.loads(clean.read_text()), json.loads(noisy.read_text())
+    assert clean_result["accuracy"] > 0.8 and clean_result["samples"] == 540
+    assert noisy_result["model"] == "int8" and noisy_result["tta"] == "alpha_bn"
+    assert 0.0 <= noisy_result["accuracy"] <= 1.0
+
+
+def test_console_script_reports_errors_cleanly(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    proc = subprocess.run([sys.executable, "-m", "edgeloop.cli", "eval", str(missing)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "bundle directory not found" in proc.stderr and str(missing) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_rejects_unknown_tta_and_corruption(digits_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(digits_bundle), "--tta", "nonsense"]) == 2
+    assert "nonsense" in capsys.readouterr().err
+    assert main(["eval", str(digits_bundle), "--corruption", "fog"]) == 2
+    assert "fog" in capsys.readouterr().err
+
+
+def test_parse_domains() -> None:
+    domains = parse_domains("clean:0, gaussian_noise:4,contrast")
+    assert [d.label for d in domains] == ["clean", "gaussian_noise@4", "contrast@3"]
+    with pytest.raises(ValueError, match="severity"):
+        parse_domains("contrast:x")
+    with pytest.raises(ValueError):
+        parse_domains("contrast:9")
