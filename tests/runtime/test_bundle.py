@@ -1,0 +1,138 @@
+"""Bundle loading and the adaptable model on a real exported digits bundle, and every refusal path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import (
+    AdaptableModel,
+    BundleIntegrityError,
+    GoldenMismatchError,
+    InputError,
+    ManifestError,
+    load_bundle,
+)
+from runtime.params import params_digest
+
+
+@pytest.fixture
+def bundle_copy(digits_bundle: Path, tmp_path: Path) -> Path:
+    """A private copy of the shared bundle that a test may damage."""
+    return Path(shutil.copytree(digits_bundle, tmp_path / "bundle"))
+
+
+def _edit_manifest(root: Path, edit: object) -> None:
+    path = root / "manifest.json"
+    raw = json.loads(path.read_text())
+    edit(raw)  # type: ignore[operator]
+    path.write_text(json.dumps(raw))
+
+
+def _rehash(root: Path, name: str) -> None:
+    digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
+    _edit_manifest(root, lambda raw: raw["files"].__setitem__(name, digest))
+
+
+@pytest.mark.parametrize("model", ["fp32", "int8"])
+def test_loads_and_reproduces_golden(digits_bundle: Path, model: str) -> None:
+    bundle = load_bundle(digits_bundle, model=model, threads=1)
+    assert bundle.model.name == model
+    assert bundle.bundle_id == hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
+    golden = np.load(digits_bundle / "golden.npz")
+    out = AdaptableModel(bundle).forward(golden["input"], alpha=bundle.manifest.golden_alpha)
+    np.testing.assert_allclose(out.logits, golden[f"{model}/logits"], atol=0.05)
+
+
+def test_missing_file_is_named(bundle_copy: Path) -> None:
+    (bundle_copy / "golden.npz").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"golden\.npz.*missing"):
+        load_bundle(bundle_copy)
+
+
+def test_golden_mismatch_is_named(bundle_copy: Path) -> None:
+    golden = dict(np.load(bundle_copy / "golden.npz"))
+    golden["fp32/logits"] = golden["fp32/logits"] + 1.0
+    np.savez(bundle_copy / "golden.npz", **golden)
+    _rehash(bundle_copy, "golden.npz")
+    with pytest.raises(GoldenMismatchError, match=r"'fp32'.*'logits'"):
+        load_bundle(bundle_copy, model="fp32")
+
+
+def test_changed_initial_params_fail_golden(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda raw: raw["adaptable"]["initial"].__setitem__(
+        "bn1.weight", [v * 2 for v in raw["adaptable"]["initial"]["bn1.weight"]]))
+    with pytest.raises(GoldenMismatchError):
+        load_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda raw: raw.__setitem__("schema_version", 99), "schema_version"),
+        (lambda raw: raw.pop("labels"), r"labels is missing"),
+        (lambda raw: raw["input"].__setitem__("shape", [8, 1, 8, 8]), r"input\.shape"),
+        (lambda raw: raw["files"].__setitem__("../escape.txt", "0" * 64), "escapes"),
+        (lambda raw: raw["adaptable"]["initial"].__setitem__("bn1.var", [1.0]), r"bn1\.var"),
+        (lambda raw: raw.__setitem__("default_model", "fp64"), "fp64"),
+    ],
+)
+def test_bad_manifest_is_refused(bundle_copy: Path, edit: object, message: str) -> None:
+    _edit_manifest(bundle_copy, edit)
+    with pytest.raises((ManifestError, BundleIntegrityError), match=message):
+        load_bundle(bundle_copy)
+
+
+def test_unparseable_manifest(bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.json").write_text("{not json")
+    with pytest.raises(ManifestError, match="not valid JSON"):
+        load_bundle(bundle_copy)
+
+
+def test_input_validation(digits_bundle: Path) -> None:
+    model = AdaptableModel(load_bundle(digits_bundle))
+    good = np.zeros((4, 1, 8, 8), np.float32)
+    for bad, message in [
+        (np.zeros((4, 1, 9, 8), np.float32), "expected"),
+        (np.zeros((0, 1, 8, 8), np.float32), "empty"),
+        (np.full((2, 1, 8, 8), np.nan, np.float32), "NaN"),
+        (np.array([["a"]]), "shape"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            model.forward(bad)
+    with pytest.raises(InputError, match="alpha"):
+        model.forward(good, alpha=1.5)
+    assert model.forward(good.astype(np.float64)).logits.shape == (4, 10)
+
+
+def test_params_are_validated_and_swapped_atomically(digits_bundle: Path) -> None:
+    model = AdaptableModel(load_bundle(digits_bundle))
+    before = params_digest(model.params)
+    with pytest.raises(InputError, match="unknown"):
+        model.set_params({"bn1.weight": np.ones(16), "bn9.weight": np.ones(3)})
+    with pytest.raises(InputError, match="NaN"):
+        model.set_params({"bn1.weight": np.full(16, np.nan)})
+    with pytest.raises(InputError, match="shape"):
+        model.set_params({"bn1.weight": np.ones(15)})
+    assert params_digest(model.params) == before
+    x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    base = model.forward(x).logits
+    model.set_params({"bn1.weight": model.params["bn1.weight"] * 0.5})
+    assert np.abs(model.forward(x).logits - base).max() > 1e-3
+    model.reset_params()
+    np.testing.assert_array_equal(model.forward(x).logits, base)
+
+
+def test_alpha_one_uses_batch_statistics(digits_bundle: Path) -> None:
+    model = AdaptableModel(load_bundle(digits_bundle))
+    x = np.random.default_rng(1).random((32, 1, 8, 8), dtype=np.float32)
+    out = model.forward(x, alpha=1.0)
+    shifted = {k: v + 3.0 for k, v in model.params.items() if k.endswith(".mean")}
+    # with α = 1 the reference statistics do not matter
+    np.testing.assert_allclose(model.forward(x, alpha=1.0, params=shifted).logits, out.logits, atol=1e-5)
+    assert set(out.batch_stats) == {layer.name for layer in model.manifest.layers}
