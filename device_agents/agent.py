@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -158,6 +159,9 @@ class Agent:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._stream: UpdateStream | None = None
+        # Sample ids are <device>:<session>:<stream position>: a retried upload reuses the id stored in the
+        # outbox (stored once), while a restarted agent replaying positions from 0 gets fresh ids.
+        self.session_id = uuid.uuid4().hex[:12]
 
     @property
     def version(self) -> int:
@@ -210,7 +214,7 @@ class Agent:
         now = int(time.time() * 1000)
         samples = [
             OutboxSample(
-                sample_id=f"{cfg.device_id}:{cfg.bundle_id[:12]}:{start + int(i)}",
+                sample_id=f"{cfg.device_id}:{self.session_id}:{start + int(i)}",
                 bundle_id=cfg.bundle_id,
                 input=np.asarray(x[i], dtype=np.float32) if cfg.upload_input else None,
                 features=np.asarray(out.features[i], dtype=np.float32) if cfg.upload_features else None,

@@ -53,7 +53,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy of a bundle on clean or corrupted data, with or without adaptation")
-    p.add_argument("bundle", type=Path, help="bundle directory (verified before use)")
+    p.add_argument("bundle", type=Path, nargs="?", help="bundle directory (verified before use)")
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="evaluation data (test split); default digits")
     p.add_argument("--corruption", default="clean", help="corruption name, or clean (default); see --list-corruptions")
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1-5; default 3")
@@ -155,6 +155,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         print("\n".join(["clean", *sorted(CORRUPTIONS)]))
         return 0
+    if args.bundle is None:
+        raise ValueError("a bundle directory is required (or --list-corruptions)")
     result = pipeline.evaluate_bundle(
         args.bundle, dataset=args.dataset, corruption=args.corruption, severity=args.severity, tta=args.tta,
         model=args.model, backend=args.backend, batch_size=args.batch_size, limit=args.limit,
@@ -206,6 +208,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
     except (ValueError, FileNotFoundError, RuntimeError, EdgeloopRuntimeError) as exc:
         print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
         return 2
