@@ -57,7 +57,7 @@ def test_process_batch_predicts_counts_and_queues(tiny_model, tiny_batch, tmp_pa
     assert np.all((result.entropy >= 0) & (result.entropy <= 1))
     assert result.selected == 32 and agent.outbox.pending_count == 32
     (first, *_) = agent.outbox.peek_batch(1, now_ms=10**13)
-    assert first.sample_id == f"dev-1:{BUNDLE[:12]}:0" and first.input.shape == (1, 8, 8)
+    assert first.sample_id == f"dev-1:{agent.session_id}:0" and first.input.shape == (1, 8, 8)
     assert first.features.shape == (4,)
     agent.process_batch(tiny_batch, position=0)  # a replayed position is stored once
     assert agent.outbox.pending_count == 32
