@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from runtime.model import entropy, softmax
+
 if TYPE_CHECKING:
     from runtime.model import AdaptableModel, ForwardResult
 
@@ -30,20 +32,13 @@ class TTAOutput:
     probs: np.ndarray
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax computed in float64."""
-    z = np.asarray(logits, dtype=np.float64)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     """Shannon entropy of each row divided by ln K, so values lie in [0, 1]."""
     p = np.asarray(probs, dtype=np.float64)
     k = p.shape[1]
     if k < 2:
         raise ValueError(f"need at least 2 classes for a normalised entropy, got {k}")
-    return -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=1) / math.log(k)
+    return entropy(p) / math.log(k)
 
 
 def _output(result: ForwardResult) -> TTAOutput:

@@ -27,6 +27,7 @@ from exporter.models import ModelSpec
 from exporter.onnx_export import ExportError, export_adaptable_onnx, make_feeds, ort_session, params_numpy
 from exporter.quantize import Int8Config, quantize_int8
 from exporter.train import check_images, check_labels
+from runtime.model import entropy, softmax
 
 logger = logging.getLogger(__name__)
 
@@ -124,13 +125,6 @@ def _kernel_variance(path: Path, x: np.ndarray, params: dict[str, np.ndarray], a
     return max(float(np.abs(fast[k] - ref[k]).max()) for k in fast)
 
 
-def _entropy(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=1)
-
-
 def source_statistics(
     fp32_path: Path, model: nn.Module, source_x: np.ndarray, source_y: np.ndarray | None
 ) -> dict[str, Any]:
@@ -146,7 +140,7 @@ def source_statistics(
         logits.append(out["logits"])
         features.append(out["features"])
     lg, ft = np.concatenate(logits), np.concatenate(features).astype(np.float64)
-    ent = _entropy(lg)
+    ent = entropy(softmax(lg))
     layers = {
         layer.name: {"mean": params[layer.param("mean")].tolist(), "var": params[layer.param("var")].tolist()}
         for layer in norm_layers(model)

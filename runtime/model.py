@@ -24,7 +24,8 @@ class ForwardResult:
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 for stable entropies."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
