@@ -210,6 +210,8 @@ class RoundRunner:
         samples = self.state.storage.unused_samples(bundle_id, limit=limit, with_input=True)
         if not samples:
             raise NothingToAggregateError(f"no unused samples with inputs for bundle {bundle_id}")
+        # Arrival order interleaves devices at random; a fixed order makes the round reproducible.
+        samples.sort(key=lambda s: (s.device_id, s.stream_position, s.sample_id))
         x = np.stack([decode_array(self.state.blobs.get(s.input_blob)) for s in samples if s.input_blob])
         base, _ = current_params(self.state, bundle_id)
         result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, steps)
