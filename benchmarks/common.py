@@ -206,7 +206,8 @@ def student_artifacts() -> StudentArtifacts:
     started = time.perf_counter()
     metrics = pipeline.train_checkpoint(arch="small_cnn", dataset="digits", out=root / "student.pt", epochs=15,
                                         seed=0, threads=1)
-    bundle = pipeline.export_checkpoint(root / "student.pt", out=root / "bundle", seed=0)
+    bundle = pipeline.export_checkpoint(root / "student.pt", out=root / "bundle", seed=0,
+                                        key_path=root / "signing_key.pem")
     log.info("student trained and exported in %.1f s", time.perf_counter() - started)
     return StudentArtifacts(root / "student.pt", bundle, metrics)
 

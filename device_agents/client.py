@@ -145,6 +145,7 @@ class DeviceClient:
         *,
         transfer_timeout: float = 300.0,
         max_message_bytes: int = 64 << 20,
+        trusted_keys: Sequence[bytes] | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must be a non-empty string")
@@ -152,6 +153,7 @@ class DeviceClient:
             raise ValueError(f"timeouts must be > 0, got {timeout}, {transfer_timeout}")
         self.target = target
         self.device_id = device_id
+        self.trusted_keys = None if trusted_keys is None else tuple(trusted_keys)
         self.timeout = float(timeout)
         self.transfer_timeout = float(transfer_timeout)
         options = [
@@ -242,10 +244,9 @@ class DeviceClient:
         logger.info("bundle %s installed at %s", bundle_id[:12], final)
         return final
 
-    @staticmethod
-    def _installed(path: Path, bundle_id: str) -> bool:
+    def _installed(self, path: Path, bundle_id: str) -> bool:
         try:
-            return load_bundle(path, verify=True).bundle_id == bundle_id
+            return load_bundle(path, verify=True, trusted_keys=self.trusted_keys).bundle_id == bundle_id
         except BundleError as exc:
             logger.warning("installed bundle %s fails verification, downloading again: %s", path, exc)
             return False
@@ -263,7 +264,7 @@ class DeviceClient:
         actual = hashlib.sha256(manifest.read_bytes()).hexdigest()
         if actual != bundle_id:
             raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
-        load_bundle(root, verify=True)
+        load_bundle(root, verify=True, trusted_keys=self.trusted_keys)
 
     def _download(self, bundle_id: str, root: Path, paths: Sequence[str]) -> set[str]:
         """Stream the requested files (all when empty) into ``root``; return the paths that failed."""

@@ -48,6 +48,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
     p.add_argument("--name", default=None, help="bundle name in the manifest; default <arch>-<dataset>")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
+    p.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key (PEM) that signs the "
+                   "bundle; default $EDGELOOP_SIGNING_KEY or ~/.config/edgeloop/signing_key.pem, created if absent")
     p.set_defaults(func=_cmd_export)
 
 
@@ -67,6 +69,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="corruption and ordering seed; default 0")
     p.add_argument("--json", type=Path, default=None, help="also write the result as JSON to this file")
     p.add_argument("--list-corruptions", action="store_true", help="print the corruption names and exit")
+    p.add_argument("--trusted-key", type=Path, action="append", default=None, help="public key (PEM) the bundle "
+                   "must be signed by; repeatable; default: any valid signature")
     p.set_defaults(func=_cmd_eval)
 
 
@@ -82,6 +86,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "used when distilling; default 0.5")
     p.add_argument("--distill-steps", type=int, default=100, help="optimizer steps per distillation round")
     p.add_argument("--device", default="auto", help="torch device for distillation: auto, cpu, cuda")
+    p.add_argument("--trusted-publisher-key", type=Path, action="append", default=[], help="public key (PEM) "
+                   "allowed to sign published bundles; repeatable; default: any valid signature")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -98,6 +104,8 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", default="alpha_bn", help="adaptation method: source or alpha_bn; default alpha_bn")
     p.add_argument("--seed", type=int, default=0, help="stream seed; default 0")
     p.add_argument("--json", type=Path, default=None, help="write the agent's statistics as JSON to this file")
+    p.add_argument("--trusted-key", type=Path, action="append", default=None, help="public key (PEM) the bundle "
+                   "must be signed by; repeatable; default: any valid signature")
     p.set_defaults(func=_cmd_agent)
 
 
@@ -109,12 +117,28 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_demo)
 
 
+def _add_keygen(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("keygen", help="create an Ed25519 signing key pair for bundles")
+    p.add_argument("--out", type=Path, required=True, help="private key file to create (PEM, mode 0600); the "
+                   "public key is written beside it as OUT.pub")
+    p.set_defaults(func=_cmd_keygen)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from exporter.signing import generate_key, public_key_raw, public_path
+    from runtime.signing import key_id
+
+    key = generate_key(args.out)
+    print(f"private key {args.out}, public key {public_path(args.out)} (key id {key_id(public_key_raw(key))})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_export, _add_eval, _add_serve, _add_agent, _add_demo):
+    for add in (_add_train, _add_export, _add_eval, _add_serve, _add_agent, _add_demo, _add_keygen):
         add(sub)
     return parser
 
@@ -142,6 +166,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     path = pipeline.export_checkpoint(
         args.model, out=args.out, dataset=args.dataset, int8=not args.no_int8,
         calibration_samples=args.calibration_samples, name=args.name, overwrite=args.overwrite,
+        key_path=args.signing_key,
     )
     print(f"bundle written to {path}")
     return 0
@@ -160,7 +185,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = pipeline.evaluate_bundle(
         args.bundle, dataset=args.dataset, corruption=args.corruption, severity=args.severity, tta=args.tta,
         model=args.model, backend=args.backend, batch_size=args.batch_size, limit=args.limit,
-        threads=args.threads, seed=args.seed,
+        threads=args.threads, seed=args.seed, trusted=args.trusted_key,
     )
     print(json.dumps(result, indent=2, sort_keys=True))
     _write_json(args.json, result)
@@ -173,6 +198,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     pipeline.serve(
         host=args.host, port=args.port, data_dir=args.data_dir, bundle=args.bundle, teacher=args.teacher,
         student=args.student, alpha=args.alpha, distill_steps=args.distill_steps, device=args.device,
+        trusted_publishers=args.trusted_publisher_key,
     )
     return 0
 
@@ -183,7 +209,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     stats = pipeline.run_agent(
         server=args.server, device_id=args.device_id, work_dir=args.work_dir, dataset=args.dataset,
         domains=args.domains, samples_per_domain=args.samples_per_domain, batch_size=args.batch_size,
-        tta=args.tta, seed=args.seed,
+        tta=args.tta, seed=args.seed, trusted=args.trusted_key,
     )
     print(json.dumps(stats, indent=2, sort_keys=True))
     _write_json(args.json, stats)
@@ -211,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except (ValueError, FileNotFoundError, RuntimeError, EdgeloopRuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, EdgeloopRuntimeError) as exc:
         print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

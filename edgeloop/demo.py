@@ -98,7 +98,8 @@ def _train_and_export(out: Path, seed: int, progress: Progress) -> tuple[Path, P
     teacher = pipeline.train_checkpoint(arch="wide_cnn", dataset="digits", out=out / "teacher.pt", epochs=15,
                                         seed=seed, augment=True)
     progress.update(task, advance=1, description="export bundle (fp32 + int8)")
-    bundle = pipeline.export_checkpoint(out / "student.pt", out=out / "bundle", overwrite=True, seed=seed)
+    bundle = pipeline.export_checkpoint(out / "student.pt", out=out / "bundle", overwrite=True, seed=seed,
+                                        key_path=out / "signing_key.pem")
     progress.update(task, advance=1, description="models ready")
     models = {"student_test_accuracy": student["test_accuracy"], "teacher_test_accuracy": teacher["test_accuracy"]}
     return out / "student.pt", out / "teacher.pt", bundle, models
@@ -106,8 +107,11 @@ def _train_and_export(out: Path, seed: int, progress: Progress) -> tuple[Path, P
 
 def _live_run(address: str, out: Path, runs: list[DeviceRun], progress: Progress) -> tuple[list[Any], list[dict]]:
     from edgeloop.admin import AdminClient
+    from exporter.signing import public_path
 
-    agents = [pipeline.connect_agent(address, r.device_id, out / "devices" / r.device_id) for r in runs]
+    trusted = pipeline.trusted_keys([public_path(out / "signing_key.pem")])
+    agents = [pipeline.connect_agent(address, r.device_id, out / "devices" / r.device_id, trusted_keys=trusted)
+              for r in runs]
     rounds: list[dict[str, Any]] = []
     bounds = _phase_bounds(len(runs[0].stream.y), ROUNDS)
     task = progress.add_task("devices streaming", total=len(runs[0].stream.y))
@@ -207,6 +211,7 @@ def _table(devices: list[dict[str, Any]]) -> Table:
 def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None = None) -> dict[str, Any]:
     """Run the whole loop; write ``out/report.json`` and ``out/accuracy.png``; return the report."""
     from device_agents.tta import AlphaBNConfig
+    from exporter.signing import public_path
     from server.app import ServerConfig, create_server
 
     if not 1 <= devices <= len(DEVICE_DOMAINS):
@@ -228,6 +233,7 @@ def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None
             for i in range(devices)
         ]
         config = ServerConfig(data_dir=out / "server", port=0, teacher_ckpt=teacher, student_ckpt=student,
+                              trusted_publisher_keys=(public_path(out / "signing_key.pem"),),
                               distill_alpha=AlphaBNConfig().alpha, distill_steps=100)
         with create_server(config) as srv:
             from edgeloop.admin import AdminClient

@@ -6,6 +6,7 @@ Torch is imported only inside the functions that need it (train, export, serve's
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -59,9 +60,36 @@ def train_checkpoint(
     return metrics
 
 
+def default_signing_key_path() -> Path:
+    """``$EDGELOOP_SIGNING_KEY``, else ``~/.config/edgeloop/signing_key.pem``."""
+    env = os.environ.get("EDGELOOP_SIGNING_KEY")
+    return Path(env) if env else Path.home() / ".config" / "edgeloop" / "signing_key.pem"
+
+
+def signing_key(path: Path | None = None, create: bool = True) -> Any:
+    """Load the Ed25519 signing key at ``path`` (default :func:`default_signing_key_path`), creating it if absent."""
+    from exporter.signing import generate_key, load_private_key, public_path
+
+    path = Path(path) if path is not None else default_signing_key_path()
+    if not path.exists() and create:
+        key = generate_key(path)
+        log.warning("created signing key %s (public key %s): give the public key to devices", path,
+                    public_path(path))
+        return key
+    return load_private_key(path)
+
+
+def trusted_keys(paths: Sequence[Path] | None) -> list[bytes] | None:
+    """Raw public keys from PEM/raw files, or None when no paths are given (any valid signature)."""
+    from runtime.signing import load_public_key
+
+    return [load_public_key(Path(p)) for p in paths] if paths else None
+
+
 def export_checkpoint(
     checkpoint: Path, *, out: Path, dataset: str | None = None, int8: bool = True,
     calibration_samples: int = 256, name: str | None = None, overwrite: bool = False, seed: int = 0,
+    key_path: Path | None = None,
 ) -> Path:
     """Export a checkpoint to a bundle, with calibration, golden and source-statistics data from ``dataset``."""
     from edgeloop.data import load_dataset
@@ -83,14 +111,14 @@ def export_checkpoint(
     return export_bundle(
         (model, info["arch"], info["spec"], info["sha256"]), out, labels=train.labels, calibration_x=calib,
         golden_x=golden, source_x=test.x[source_idx], source_y=test.y[source_idx], int8=int8,
-        name=name or f"{info['arch']}-{dataset}", overwrite=overwrite,
+        name=name or f"{info['arch']}-{dataset}", overwrite=overwrite, signing_key=signing_key(key_path),
     )
 
 
 def evaluate_bundle(
     bundle: Path, *, dataset: str = "digits", corruption: str = "clean", severity: int = 3, tta: str = "source",
     model: str | None = None, backend: str = "onnx", batch_size: int = 64, limit: int | None = None,
-    threads: int | None = None, seed: int = 0,
+    threads: int | None = None, seed: int = 0, trusted: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """Accuracy of a verified bundle on ``dataset``'s test split, clean or corrupted, with a TTA method."""
     from device_agents.tta import create_tta_method
@@ -99,7 +127,7 @@ def evaluate_bundle(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    loaded = load_bundle(bundle, model=model, backend=backend, threads=threads)
+    loaded = load_bundle(bundle, model=model, backend=backend, threads=threads, trusted_keys=trusted_keys(trusted))
     adaptable = AdaptableModel(loaded)
     method = create_tta_method(tta)
     data = load_dataset(dataset, "test", limit=limit)
@@ -122,6 +150,7 @@ def evaluate_bundle(
 def serve(
     *, host: str, port: int, data_dir: Path, bundle: Path | None = None, teacher: Path | None = None,
     student: Path | None = None, alpha: float = 0.5, distill_steps: int = 100, device: str = "auto",
+    trusted_publishers: Sequence[Path] = (),
 ) -> None:
     """Run the server until SIGINT/SIGTERM, publishing ``bundle`` first when given."""
     from server.app import EdgeloopServer, ServerConfig
@@ -130,6 +159,7 @@ def serve(
     config = ServerConfig(
         data_dir=data_dir, host=host, port=port, teacher_ckpt=teacher, student_ckpt=student,
         distill_alpha=alpha, distill_steps=distill_steps, device=device,
+        trusted_publisher_keys=tuple(trusted_publishers),
     )
 
     def on_started(srv: EdgeloopServer) -> None:
@@ -163,8 +193,10 @@ def parse_domains(spec: str) -> list[Any]:
 def connect_agent(
     server: str, device_id: str, work_dir: Path, *, tta: str = "alpha_bn", labels: dict[str, str] | None = None,
     outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
+    trusted_keys: Sequence[bytes] | None = None,
 ) -> Any:
-    """Register with ``server``, download and verify its bundle, and build a ready :class:`Agent`."""
+    """Register with ``server``, download and verify its bundle (signed by one of ``trusted_keys`` when
+    given), and build a ready :class:`Agent`."""
     from device_agents.agent import Agent, AgentConfig
     from device_agents.client import DeviceClient
     from device_agents.drift import PageHinkley
@@ -175,13 +207,13 @@ def connect_agent(
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    client = DeviceClient(server, device_id)
+    client = DeviceClient(server, device_id, trusted_keys=trusted_keys)
     try:
         info = client.register(labels or {})
         if not info.bundle_id:
             raise RuntimeError(f"server {server} has no bundle published yet")
         path = client.fetch_bundle(info.bundle_id, work_dir / "bundles")
-        model = AdaptableModel(load_bundle(path))
+        model = AdaptableModel(load_bundle(path, trusted_keys=trusted_keys))
     except BaseException:
         client.close()
         raise
@@ -195,13 +227,13 @@ def connect_agent(
 def run_agent(
     *, server: str, device_id: str, work_dir: Path, dataset: str = "digits", domains: str = "clean:0",
     samples_per_domain: int = 200, batch_size: int = 16, tta: str = "alpha_bn", seed: int = 0,
-    sync_every: int = 4,
+    sync_every: int = 4, trusted: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
     """Run an agent over a corrupted stream of ``dataset``, syncing with the server every few batches."""
     from edgeloop.data import build_stream, iter_batches, load_dataset
 
     stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
-    agent = connect_agent(server, device_id, work_dir, tta=tta)
+    agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted))
     try:
         agent.sync()
         for i, (start, x, y) in enumerate(iter_batches(stream, batch_size)):

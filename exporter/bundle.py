@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, norm_layers
@@ -26,8 +27,10 @@ from exporter.checkpoint import load_checkpoint
 from exporter.models import ModelSpec
 from exporter.onnx_export import ExportError, export_adaptable_onnx, make_feeds, ort_session, params_numpy
 from exporter.quantize import Int8Config, quantize_int8
+from exporter.signing import sign_bundle
 from exporter.train import check_images, check_labels
 from runtime.model import entropy, softmax
+from runtime.signing import SIGNATURE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +244,7 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
         "source_statistics": source_statistics(fp32, model, data["source_x"], opts["source_y"]),
         "models": _model_entries(int8_block),
         "default_model": "fp32",
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name != MANIFEST},
+        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name not in (MANIFEST, SIGNATURE_NAME)},
         "golden": {"file": GOLDEN, "alpha": float(opts["golden_alpha"]), "models": tolerances},
     }
 
@@ -260,13 +263,16 @@ def export_bundle(
     golden_alpha: float = 0.5,
     int8_config: Int8Config | None = None,
     overwrite: bool = False,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> Path:
-    """Write a bundle for ``source`` (a checkpoint path or ``(model, arch, spec, ckpt_sha256)``) to ``out_dir``.
+    """Write a signed bundle for ``source`` (a checkpoint path or ``(model, arch, spec, ckpt_sha256)``) to ``out_dir``.
 
     ``calibration_x`` calibrates int8; ``golden_x`` (a few held-out samples, e.g. 8) are the golden inputs and
     the export parity inputs; ``source_x``/``source_y`` give the source statistics and accuracy. The bundle is
     built beside ``out_dir`` and renamed into place; an existing non-empty ``out_dir`` is refused unless
-    ``overwrite``. Returns the bundle path.
+    ``overwrite``. ``manifest.sig`` is an Ed25519 signature over manifest.json by ``signing_key``; without one
+    a throwaway key is used (integrity only: devices that trust specific keys will refuse the bundle).
+    Returns the bundle path.
     """
     out_dir = Path(out_dir)
     if not 0.0 <= golden_alpha <= 1.0:
@@ -280,6 +286,9 @@ def export_bundle(
         manifest = _manifest(name or out_dir.name, arch, spec, ckpt_sha, labels, model)
         manifest.update(_build(tmp, model, data, opts))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if signing_key is None:
+            logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
+        sign_bundle(tmp, signing_key or Ed25519PrivateKey.generate())
         _install(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

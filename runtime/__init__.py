@@ -9,6 +9,7 @@ from runtime.errors import (
     GoldenMismatchError,
     InputError,
     ManifestError,
+    SignatureError,
 )
 from runtime.manifest import Manifest, read_manifest
 from runtime.model import AdaptableModel, ForwardResult, entropy, softmax
@@ -27,6 +28,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "Session",
+    "SignatureError",
     "entropy",
     "load_bundle",
     "open_session",

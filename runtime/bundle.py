@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 from runtime.errors import BundleIntegrityError, GoldenMismatchError, ManifestError
 from runtime.manifest import Manifest, ModelEntry, read_manifest
 from runtime.session import Session, open_session
+from runtime.signing import SignatureInfo, verify_bundle_signature
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ class Bundle:
     manifest: Manifest
     model: ModelEntry
     session: Session
+    signer: SignatureInfo | None
 
 
 def verify_files(root: Path, manifest: Manifest) -> None:
@@ -102,15 +105,20 @@ def load_bundle(
     backend: str = "onnx",
     threads: int | None = None,
     verify: bool = True,
+    trusted_keys: Sequence[bytes] | None = None,
 ) -> Bundle:
-    """Open a bundle directory: validate the manifest, verify sha256s and golden outputs, open a session.
+    """Open a bundle directory: check its Ed25519 signature, the manifest, every sha256 and the golden
+    outputs, then open a session.
 
-    Raises a :class:`runtime.errors.BundleError` subclass naming the file, model or output that failed.
+    ``trusted_keys`` (raw 32-byte Ed25519 public keys) restricts who may have signed it; without them the
+    signature still proves integrity. ``verify=False`` skips every check (for tools that inspect broken
+    bundles). Raises a :class:`runtime.errors.BundleError` subclass naming what failed.
     """
     root = Path(path)
     if not root.is_dir():
         raise ManifestError(f"bundle directory not found: {root}")
     manifest, raw = read_manifest(root)
+    signer = verify_bundle_signature(root, raw, trusted_keys) if verify else None
     entry = manifest.model(model)
     if verify:
         verify_files(root, manifest)
@@ -119,4 +127,4 @@ def load_bundle(
         verify_golden(root, manifest, entry, session)
     bundle_id = hashlib.sha256(raw).hexdigest()
     log.info("loaded bundle %s (%s, model %s, backend %s)", bundle_id[:12], manifest.name, entry.name, backend)
-    return Bundle(root=root, bundle_id=bundle_id, manifest=manifest, model=entry, session=session)
+    return Bundle(root=root, bundle_id=bundle_id, manifest=manifest, model=entry, session=session, signer=signer)

@@ -29,3 +29,7 @@ class InputError(EdgeloopRuntimeError, ValueError):
 
 class BackendUnavailableError(EdgeloopRuntimeError):
     """The requested inference backend is not installed or cannot load the model."""
+
+
+class SignatureError(BundleError):
+    """manifest.sig is missing or malformed, does not verify, or the signer is not trusted."""

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
+from runtime.signing import load_public_key
 from server.broker import UpdateBroker
 from server.rounds import Distiller, RoundRunner
 from server.servicers import AdminServicer, DeviceServicer
@@ -57,10 +58,12 @@ class ServerConfig:
     distill_alpha: float = 0.5
     device: str = "auto"
     grace_seconds: float = 5.0
+    trusted_publisher_keys: tuple[Path, ...] = ()
 
     def __post_init__(self) -> None:
         """Coerce paths and reject out-of-range values, naming the field."""
         object.__setattr__(self, "data_dir", Path(self.data_dir))
+        object.__setattr__(self, "trusted_publisher_keys", tuple(Path(p) for p in self.trusted_publisher_keys))
         for name in ("teacher_ckpt", "student_ckpt"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
@@ -100,7 +103,8 @@ class EdgeloopServer:
         self.blobs = BlobStore(config.data_dir / "blobs")
         limits = Limits(config.max_upload_bytes, config.max_samples_per_upload, config.max_bundle_bytes)
         broker = UpdateBroker(self.registry.latest_version(), max_watchers=config.max_watchers)
-        self.state = ServerState(self.registry, self.blobs, broker, limits)
+        trusted = tuple(load_public_key(p) for p in config.trusted_publisher_keys) or None
+        self.state = ServerState(self.registry, self.blobs, broker, limits, trusted_publishers=trusted)
         factory = self._load_torch_distiller if config.teacher_ckpt is not None else None
         self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,
                                   default_steps=config.distill_steps, max_samples=config.round_max_samples)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from runtime.errors import SignatureError
+from runtime.signing import SIGNATURE_NAME, verify_signature
 from server.blobstore import sha256_hex
 from server.codec import encode_array
 from server.errors import (
@@ -124,7 +126,13 @@ def publish_bundle(state: ServerState, files: Mapping[str, bytes], claimed_id: s
     missing = sorted(set(spec.files) - set(files))
     if missing:
         raise InvalidBundleError(f"file(s) listed in {MANIFEST_FILE} are missing: {missing}")
-    extra = sorted(set(files) - set(spec.files) - {MANIFEST_FILE})
+    if SIGNATURE_NAME not in files:
+        raise InvalidBundleError(f"bundle is unsigned: {SIGNATURE_NAME} is missing")
+    try:
+        verify_signature(files[MANIFEST_FILE], files[SIGNATURE_NAME], state.trusted_publishers)
+    except SignatureError as exc:
+        raise InvalidBundleError(str(exc)) from exc
+    extra = sorted(set(files) - set(spec.files) - {MANIFEST_FILE, SIGNATURE_NAME})
     if extra:
         raise InvalidBundleError(f"file(s) not listed in {MANIFEST_FILE}: {extra}")
     for path, expected in sorted(spec.files.items()):

@@ -31,13 +31,18 @@ class Limits:
 
 @dataclass
 class ServerState:
-    """Everything the handlers work on: metadata storage, blob store, update broker, limits and a clock."""
+    """Everything the handlers work on: metadata storage, blob store, update broker, limits and a clock.
+
+    ``trusted_publishers``: raw Ed25519 public keys whose bundle signatures are accepted (None: any valid
+    signature, which proves integrity but not origin).
+    """
 
     storage: Storage
     blobs: BlobStore
     broker: UpdateBroker
     limits: Limits
     clock: Callable[[], int] = now_ms
+    trusted_publishers: tuple[bytes, ...] | None = None
 
 
 def check_id(value: str, what: str) -> str:

@@ -63,10 +63,19 @@ def digits_checkpoint(
 
 
 @pytest.fixture(scope="session")
+def signing_key() -> Any:
+    """The Ed25519 private key that signs :func:`digits_bundle` (re-sign a bundle a test edits with it)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.generate()
+
+
+@pytest.fixture(scope="session")
 def digits_bundle(
     digits_arrays: tuple[np.ndarray, ...],
     digits_checkpoint: tuple[Path, str],
     tmp_path_factory: pytest.TempPathFactory,
+    signing_key: Any,
 ) -> Path:
     """A bundle (fp32 + int8, golden α 0.5) exported from :func:`digits_checkpoint`; read-only, shared.
 
@@ -88,4 +97,5 @@ def digits_bundle(
         int8=True,
         name="digits-small_cnn",
         golden_alpha=0.5,
+        signing_key=signing_key,
     )

@@ -12,7 +12,7 @@ import pytest
 from edgeloop.cli import build_parser, main
 from edgeloop.pipeline import parse_domains
 
-COMMANDS = ("train", "export", "eval", "serve", "agent", "demo")
+COMMANDS = ("train", "export", "eval", "serve", "agent", "demo", "keygen")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -28,13 +28,19 @@ def test_help_explains_every_option(command: str, capsys: pytest.CaptureFixture[
             assert action.option_strings[-1] in text
 
 
-def test_train_export_eval_round_trip(tmp_path: Path) -> None:
+def test_train_export_eval_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGELOOP_SIGNING_KEY", str(tmp_path / "default_key.pem"))
     ckpt = tmp_path / "student.pt"
     assert main(["train", "--arch", "small_cnn", "--dataset", "digits", "--epochs", "3", "--out", str(ckpt)]) == 0
     bundle = tmp_path / "bundle"
     assert main(["export", str(ckpt), "--out", str(bundle), "--calibration-samples", "64"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {m["name"] for m in manifest["models"]} == {"fp32", "int8"}
+    assert (tmp_path / "default_key.pem").exists() and (bundle / "manifest.sig").exists()
+    # a device that trusts only another key refuses the bundle, naming the signer
+    assert main(["keygen", "--out", str(tmp_path / "other.pem")]) == 0
+    assert main(["eval", str(bundle), "--trusted-key", str(tmp_path / "other.pem.pub")]) == 2
+    assert main(["eval", str(bundle), "--trusted-key", str(tmp_path / "default_key.pem.pub"), "--limit", "50"]) == 0
     clean, noisy = tmp_path / "clean.json", tmp_path / "noisy.json"
     assert main(["eval", str(bundle), "--dataset", "digits", "--json", str(clean)]) == 0
     args = ["eval", str(bundle), "--corruption", "contrast", "--severity", "4", "--tta", "alpha_bn", "--model",

@@ -6,19 +6,23 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
+from exporter.signing import sign_bundle
 from runtime import (
     AdaptableModel,
     BundleIntegrityError,
     GoldenMismatchError,
     InputError,
     ManifestError,
+    SignatureError,
     load_bundle,
 )
 from runtime.params import params_digest
+from runtime.signing import load_public_key
 
 
 @pytest.fixture
@@ -27,16 +31,19 @@ def bundle_copy(digits_bundle: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(digits_bundle, tmp_path / "bundle"))
 
 
-def _edit_manifest(root: Path, edit: object) -> None:
+def _edit_manifest(root: Path, edit: object, key: Any | None) -> None:
+    """Edit manifest.json and re-sign it with ``key`` (None: leave the old signature)."""
     path = root / "manifest.json"
     raw = json.loads(path.read_text())
     edit(raw)  # type: ignore[operator]
     path.write_text(json.dumps(raw))
+    if key is not None:
+        sign_bundle(root, key)
 
 
-def _rehash(root: Path, name: str) -> None:
+def _rehash(root: Path, name: str, key: Any) -> None:
     digest = hashlib.sha256((root / name).read_bytes()).hexdigest()
-    _edit_manifest(root, lambda raw: raw["files"].__setitem__(name, digest))
+    _edit_manifest(root, lambda raw: raw["files"].__setitem__(name, digest), key)
 
 
 @pytest.mark.parametrize("model", ["fp32", "int8"])
@@ -55,18 +62,18 @@ def test_missing_file_is_named(bundle_copy: Path) -> None:
         load_bundle(bundle_copy)
 
 
-def test_golden_mismatch_is_named(bundle_copy: Path) -> None:
+def test_golden_mismatch_is_named(bundle_copy: Path, signing_key: Any) -> None:
     golden = dict(np.load(bundle_copy / "golden.npz"))
     golden["fp32/logits"] = golden["fp32/logits"] + 1.0
     np.savez(bundle_copy / "golden.npz", **golden)
-    _rehash(bundle_copy, "golden.npz")
+    _rehash(bundle_copy, "golden.npz", signing_key)
     with pytest.raises(GoldenMismatchError, match=r"'fp32'.*'logits'"):
         load_bundle(bundle_copy, model="fp32")
 
 
-def test_changed_initial_params_fail_golden(bundle_copy: Path) -> None:
+def test_changed_initial_params_fail_golden(bundle_copy: Path, signing_key: Any) -> None:
     _edit_manifest(bundle_copy, lambda raw: raw["adaptable"]["initial"].__setitem__(
-        "bn1.weight", [v * 2 for v in raw["adaptable"]["initial"]["bn1.weight"]]))
+        "bn1.weight", [v * 2 for v in raw["adaptable"]["initial"]["bn1.weight"]]), signing_key)
     with pytest.raises(GoldenMismatchError):
         load_bundle(bundle_copy)
 
@@ -82,8 +89,8 @@ def test_changed_initial_params_fail_golden(bundle_copy: Path) -> None:
         (lambda raw: raw.__setitem__("default_model", "fp64"), "fp64"),
     ],
 )
-def test_bad_manifest_is_refused(bundle_copy: Path, edit: object, message: str) -> None:
-    _edit_manifest(bundle_copy, edit)
+def test_bad_manifest_is_refused(bundle_copy: Path, edit: object, message: str, signing_key: Any) -> None:
+    _edit_manifest(bundle_copy, edit, signing_key)
     with pytest.raises((ManifestError, BundleIntegrityError), match=message):
         load_bundle(bundle_copy)
 
@@ -136,3 +143,29 @@ def test_alpha_one_uses_batch_statistics(digits_bundle: Path) -> None:
     # with α = 1 the reference statistics do not matter
     np.testing.assert_allclose(model.forward(x, alpha=1.0, params=shifted).logits, out.logits, atol=1e-5)
     assert set(out.batch_stats) == {layer.name for layer in model.manifest.layers}
+
+
+def test_unsigned_or_forged_bundle_is_refused(bundle_copy: Path) -> None:
+    (bundle_copy / "manifest.sig").unlink()
+    with pytest.raises(SignatureError, match="unsigned"):
+        load_bundle(bundle_copy)
+
+
+def test_edit_without_resigning_breaks_the_signature(bundle_copy: Path) -> None:
+    _edit_manifest(bundle_copy, lambda raw: raw.__setitem__("name", "evil"), None)
+    with pytest.raises(SignatureError, match="does not match"):
+        load_bundle(bundle_copy)
+
+
+def test_trusted_keys_restrict_the_signer(digits_bundle: Path, tmp_path: Path, signing_key: Any) -> None:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from exporter.signing import generate_key, public_key_raw, public_path
+
+    ours = public_key_raw(signing_key)
+    assert load_bundle(digits_bundle, trusted_keys=[ours]).signer.trusted  # type: ignore[union-attr]
+    stranger = public_key_raw(Ed25519PrivateKey.generate())
+    with pytest.raises(SignatureError, match="not among the 1 trusted keys"):
+        load_bundle(digits_bundle, trusted_keys=[stranger])
+    generate_key(tmp_path / "k.pem")
+    assert len(load_public_key(public_path(tmp_path / "k.pem"))) == 32

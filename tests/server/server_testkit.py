@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from exporter.signing import signature_document
 from proto.convert import tensor_to_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2
 from server.rounds import DistillResult
@@ -29,6 +31,9 @@ def initial_params() -> dict[str, np.ndarray]:
         out[f"{name}.mean"] = (0.1 * rng.standard_normal(c)).astype(np.float32)
         out[f"{name}.var"] = (1.0 + 0.1 * rng.random(c)).astype(np.float32)
     return out
+
+
+TEST_SIGNING_KEY = Ed25519PrivateKey.generate()
 
 
 def make_bundle_files(name: str = "tiny", initial: dict[str, np.ndarray] | None = None) -> dict[str, bytes]:
@@ -61,7 +66,9 @@ def make_bundle_files(name: str = "tiny", initial: dict[str, np.ndarray] | None 
         "files": {p: hashlib.sha256(b).hexdigest() for p, b in models.items()},
         "golden": {"file": "golden.npz", "alpha": 0.5, "models": {"fp32": {"atol": 1e-4, "rtol": 1e-3}}},
     }
-    return {"manifest.json": json.dumps(manifest, indent=1).encode(), **models}
+    manifest_bytes = json.dumps(manifest, indent=1).encode()
+    signature = signature_document(manifest_bytes, TEST_SIGNING_KEY)
+    return {"manifest.json": manifest_bytes, "manifest.sig": signature, **models}
 
 
 def bundle_chunks(files: dict[str, bytes], chunk_size: int = 100) -> Iterator[common_pb2.BundleChunk]:

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from proto.convert import tensor_from_proto, tensor_to_proto, tensors_to_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from runtime.params import params_digest
-from server.app import ADMIN_SERVICE, DEVICE_SERVICE, EdgeloopServer
+from server.app import ADMIN_SERVICE, DEVICE_SERVICE, EdgeloopServer, ServerConfig, create_server
 from server.storage import Registry
 from tests.server.server_testkit import (
     FEATURE_DIM,
@@ -93,8 +93,10 @@ def test_fetch_unknown_bundle_or_file_is_not_found(device: Stub, published: Call
         (lambda f: f.update({"stray.bin": b"x"}), "stray.bin"),
         (lambda f: f.update({"manifest.json": b"{not json"}), "manifest.json"),
         (lambda f: f.pop("manifest.json"), "manifest.json"),
+        (lambda f: f.pop("manifest.sig"), "unsigned"),
+        (lambda f: f.update({"manifest.json": f["manifest.json"].replace(b'"tiny"', b'"evil"')}), "signature"),
     ],
-    ids=["wrong-sha", "missing-file", "extra-file", "bad-json", "no-manifest"],
+    ids=["wrong-sha", "missing-file", "extra-file", "bad-json", "no-manifest", "unsigned", "forged"],
 )
 def test_publish_rejects_inconsistent_bundle_naming_the_file(
     admin: Admin, device: Stub, mutate: Callable[[dict[str, bytes]], object], needle: str
@@ -377,3 +379,15 @@ def test_client_cancel_releases_the_server_watcher(running: EdgeloopServer, devi
     while broker.waiting and time.monotonic() < deadline:
         time.sleep(0.01)
     assert broker.waiting == 0  # woken by the RPC's termination callback, not by a timeout
+
+
+def test_trusted_publisher_keys_restrict_who_may_publish(tmp_path, fake_distiller) -> None:  # type: ignore[no-untyped-def]
+    from exporter.signing import generate_key, public_path
+
+    generate_key(tmp_path / "ops.pem")
+    cfg = ServerConfig(data_dir=tmp_path / "data", port=0, trusted_publisher_keys=(public_path(tmp_path / "ops.pem"),))
+    with create_server(cfg, distiller=fake_distiller) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        stub = admin_pb2_grpc.AdminServiceStub(ch)
+        code, msg = _code(lambda: stub.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "not among the 1 trusted keys" in msg
+        assert srv.registry.current_bundle() is None

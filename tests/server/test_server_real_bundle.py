@@ -43,7 +43,7 @@ def test_real_bundle_publish_fetch_and_distill(
         bundle_id = admin.PublishBundle(_chunks(digits_bundle), timeout=RPC_TIMEOUT).bundle_id
         assert bundle_id == hashlib.sha256(manifest_bytes).hexdigest()
         reg = device.Register(device_pb2.RegisterRequest(device_id="cam"), timeout=RPC_TIMEOUT)
-        assert sorted(reg.bundle_files) == sorted(["manifest.json", *manifest["files"]])
+        assert sorted(reg.bundle_files) == sorted(["manifest.json", "manifest.sig", *manifest["files"]])
         got: dict[str, bytearray] = {}
         for c in device.FetchBundle(device_pb2.FetchBundleRequest(device_id="cam"), timeout=RPC_TIMEOUT):
             got.setdefault(c.path, bytearray()).extend(c.data)
