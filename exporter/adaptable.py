@@ -39,7 +39,7 @@ class NormLayer:
 
 
 def norm_layers(model: nn.Module) -> list[NormLayer]:
-    """The model's ``BatchNorm2d`` layers in execution order, named ``bn1``, ``bn2``, …"""
+    """The model's ``BatchNorm2d`` layers in registration order, named ``bn1``, ``bn2``, …"""
     found = [(path, m) for path, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     if not found:
         raise ValueError(f"{type(model).__name__} has no BatchNorm2d layer to adapt")
@@ -75,7 +75,8 @@ def _mixed_norm(
 
 @contextmanager
 def _patched_norms(
-    model: nn.Module, params: Mapping[str, torch.Tensor], alpha: torch.Tensor, stats: list[torch.Tensor]
+    model: nn.Module, params: Mapping[str, torch.Tensor], alpha: torch.Tensor,
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
 ) -> Iterator[None]:
     modules = dict(model.named_modules())
     layers = norm_layers(model)
@@ -88,7 +89,9 @@ def _patched_norms(
 
         def forward(self: nn.Module, z: torch.Tensor, _layer: NormLayer = layer) -> torch.Tensor:
             y, bm, bv = _mixed_norm(z, params, _layer, alpha)
-            stats.extend((bm, bv))
+            if _layer.name in stats:
+                raise RuntimeError(f"normalisation layer {_layer.module_path} ran twice in one forward pass")
+            stats[_layer.name] = (bm, bv)
             return y
 
         bn.forward = types.MethodType(forward, bn)  # type: ignore[method-assign]
@@ -109,11 +112,15 @@ def functional_forward(
     Not thread-safe for one model object: the BN modules are patched for the duration of the call.
     """
     a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha), dtype=x.dtype)
-    stats: list[torch.Tensor] = []
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with _patched_norms(model, params, a, stats):
         features = model.forward_features(x)  # type: ignore[operator]
         logits = model.classifier(features)  # type: ignore[operator]
-    return logits, features, stats
+    missing = [layer.module_path for layer in norm_layers(model) if layer.name not in stats]
+    if missing:
+        raise RuntimeError(f"normalisation layers {missing} did not run in forward_features")
+    ordered = [t for layer in norm_layers(model) for t in stats[layer.name]]
+    return logits, features, ordered
 
 
 class AdaptableGraph(nn.Module):

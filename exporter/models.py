@@ -76,6 +76,84 @@ def wide_cnn(spec: ModelSpec) -> ConvNet:
     return ConvNet(spec, [(64, 1), (64, 1), (128, 2), (128, 1), (256, 2)])
 
 
+class _Normalize(nn.Module):
+    """Input normalisation by per-channel mean/std buffers (part of the graph)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - mean) / std``."""
+        return (x - self.mean) / self.std
+
+
+class SmallCNN(nn.Module):
+    """The benchmark SmallCNN: conv 16 3×3–BN–ReLU–maxpool, conv 32 3×3–BN–ReLU–maxpool, linear 64–ReLU
+    (the penultimate features), linear K. For 28×28 MNIST the flattened map is 32·7·7 = 1568."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.normalize = _Normalize(spec)
+        self.features = nn.Sequential(
+            nn.Conv2d(spec.in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = spec.image_size // 4
+        self.embed = nn.Sequential(nn.Flatten(), nn.Linear(32 * side * side, 64), nn.ReLU())
+        self.feature_dim = 64
+        self.classifier = nn.Linear(64, spec.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, 64)."""
+        return self.embed(self.features(self.normalize(x)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K)."""
+        return self.classifier(self.forward_features(x))
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+
+
+class ResNet8(nn.Module):
+    """A ResNet-8 in the style of the MLPerf Tiny image-classification model: a 16-channel stem and three
+    residual stages of 16, 32 and 64 channels (strides 1, 2, 2), global average pooling, linear K."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.normalize = _Normalize(spec)
+        self.stem = nn.Sequential(nn.Conv2d(spec.in_channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        self.stages = nn.Sequential(_ResidualBlock(16, 16, 1), _ResidualBlock(16, 32, 2), _ResidualBlock(32, 64, 2))
+        self.feature_dim = 64
+        self.classifier = nn.Linear(64, spec.num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Penultimate features (N, 64)."""
+        return self.stages(self.stem(self.normalize(x))).mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, K)."""
+        return self.classifier(self.forward_features(x))
+
+
 ARCHITECTURES: dict[str, Callable[[ModelSpec], nn.Module]] = {}
 
 
@@ -90,6 +168,8 @@ def register_architecture(name: str, factory: Callable[[ModelSpec], nn.Module]) 
 
 register_architecture("small_cnn", small_cnn)
 register_architecture("wide_cnn", wide_cnn)
+register_architecture("smallcnn", SmallCNN)
+register_architecture("resnet8", ResNet8)
 
 
 def build_model(arch: str, spec: ModelSpec) -> nn.Module:
