@@ -58,10 +58,12 @@ def verify_files(root: Path, manifest: Manifest) -> None:
             )
 
 
-def golden_feeds(manifest: Manifest, x: np.ndarray) -> dict[str, np.ndarray]:
-    """Graph feeds for the golden check: ``x``, the golden α and the initial parameters."""
-    feeds = {manifest.input.name: x, manifest.alpha_input: np.asarray(manifest.golden_alpha, np.float32)}
-    feeds.update(manifest.initial_params)
+def golden_feeds(manifest: Manifest, model: ModelEntry, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Graph feeds for the golden check: ``x``, plus the golden α and initial parameters for an adaptable graph."""
+    feeds = {manifest.input.name: x}
+    if model.graph == "adaptable":
+        feeds[manifest.alpha_input] = np.asarray(manifest.golden_alpha, np.float32)
+        feeds.update(manifest.initial_params)
     return feeds
 
 
@@ -78,7 +80,7 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
     if model.name not in manifest.golden_tolerance:
         raise ManifestError(f"golden.models has no tolerance for model {model.name!r}")
     atol, rtol = manifest.golden_tolerance[model.name]
-    outputs = session.run(golden_feeds(manifest, recorded["input"].astype(np.float32)))
+    outputs = session.run(golden_feeds(manifest, model, recorded["input"].astype(manifest.input.dtype)))
     prefix = f"{model.name}/"
     checked = 0
     for key, expected in recorded.items():

@@ -13,6 +13,9 @@ from runtime.errors import ManifestError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+GRAPH_KINDS = ("adaptable", "folded")
+OUTPUT_KINDS = ("logits", "probabilities")
+INPUT_DTYPES = ("float32", "uint8", "int8")
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Manifest:
     input: InputSpec
     labels: tuple[str, ...]
     logits_output: str
-    features_output: str
+    features_output: str | None
+    output_kind: str
     alpha_input: str
     layers: tuple[NormLayerSpec, ...]
     initial_params: dict[str, np.ndarray]
@@ -77,6 +81,11 @@ class Manifest:
             if entry.name == wanted:
                 return entry
         raise ManifestError(f"model {wanted!r} not in bundle; available: {[m.name for m in self.models]}")
+
+    @property
+    def is_adaptable(self) -> bool:
+        """Whether the bundle has an adaptable block (a foreign model wrapped as is has none)."""
+        return bool(self.layers)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of every adaptable parameter input."""
@@ -105,7 +114,10 @@ def _input_spec(raw: dict[str, Any]) -> InputSpec:
     if len(shape) < 2 or shape[0] != -1 or any(d <= 0 for d in shape[1:]):
         raise ManifestError(f"manifest field input.shape {list(shape)} must be [-1, positive dims…]")
     lo, hi = (float(v) for v in spec.get("value_range", [0.0, 1.0]))
-    return InputSpec(_get(spec, "name", str, "input"), shape, _get(spec, "dtype", str, "input"), (lo, hi))
+    dtype = _get(spec, "dtype", str, "input")
+    if dtype not in INPUT_DTYPES:
+        raise ManifestError(f"manifest field input.dtype is {dtype!r}; expected one of {INPUT_DTYPES}")
+    return InputSpec(_get(spec, "name", str, "input"), shape, dtype, (lo, hi))
 
 
 def _layers(adaptable: dict[str, Any]) -> tuple[NormLayerSpec, ...]:
@@ -146,10 +158,18 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
         raise ManifestError(f"manifest schema_version is {version!r}; this runtime reads {SCHEMA_VERSION}")
-    adaptable = _get(raw, "adaptable", dict, "manifest")
+    adaptable = raw.get("adaptable")
+    if adaptable is not None and not isinstance(adaptable, dict):
+        raise ManifestError("manifest field manifest.adaptable must be an object or absent")
     outputs = _get(raw, "outputs", dict, "manifest")
     golden = _get(raw, "golden", dict, "manifest")
-    layers = _layers(adaptable)
+    layers = _layers(adaptable) if adaptable else ()
+    features = outputs.get("features")
+    if features is not None and not isinstance(features, str):
+        raise ManifestError("manifest field outputs.features must be a string or null")
+    kind = outputs.get("kind", "logits")
+    if kind not in OUTPUT_KINDS:
+        raise ManifestError(f"manifest field outputs.kind is {kind!r}; expected one of {OUTPUT_KINDS}")
     tolerance = {
         name: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0)))
         for name, t in _get(golden, "models", dict, "golden").items()
@@ -161,10 +181,11 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         input=_input_spec(raw),
         labels=tuple(str(x) for x in _get(raw, "labels", list, "manifest")),
         logits_output=_get(outputs, "logits", str, "outputs"),
-        features_output=_get(outputs, "features", str, "outputs"),
-        alpha_input=_get(adaptable, "alpha_input", str, "adaptable"),
+        features_output=features,
+        output_kind=kind,
+        alpha_input=_get(adaptable, "alpha_input", str, "adaptable") if adaptable else "",
         layers=layers,
-        initial_params=_initial(adaptable, layers),
+        initial_params=_initial(adaptable, layers) if adaptable else {},
         models=models,
         default_model=str(raw.get("default_model", models[0].name)),
         files=files,
@@ -177,6 +198,10 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     for entry in models:
         if entry.file not in files:
             raise ManifestError(f"model file {entry.file!r} has no sha256 in manifest.files")
+        if entry.graph not in GRAPH_KINDS:
+            raise ManifestError(f"model {entry.name!r} has graph {entry.graph!r}; expected one of {GRAPH_KINDS}")
+        if entry.graph == "adaptable" and not layers:
+            raise ManifestError(f"model {entry.name!r} is adaptable but the manifest has no adaptable block")
     if manifest.golden_file not in files:
         raise ManifestError(f"golden file {manifest.golden_file!r} has no sha256 in manifest.files")
     return manifest

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.bundle import Bundle
-from runtime.errors import InputError
+from runtime.errors import BundleError, InputError
 from runtime.params import validate_params
 
 
@@ -39,6 +39,11 @@ class AdaptableModel:
     """A bundle's adaptable graph with its current parameters (thread-safe parameter swaps)."""
 
     def __init__(self, bundle: Bundle) -> None:
+        if bundle.model.graph != "adaptable":
+            raise BundleError(
+                f"model {bundle.model.name!r} of bundle {bundle.manifest.name!r} has a {bundle.model.graph} graph; "
+                "adaptation needs an adaptable one"
+            )
         self.bundle = bundle
         self.manifest = bundle.manifest
         self._shapes = self.manifest.param_shapes()
