@@ -148,16 +148,35 @@ def source_statistics(
         layer.name: {"mean": params[layer.param("mean")].tolist(), "var": params[layer.param("var")].tolist()}
         for layer in norm_layers(model)
     }
-    accuracy = None
-    if source_y is not None:
-        y = check_labels(source_y, len(lg), lg.shape[1])
-        accuracy = float((lg.argmax(1) == y).mean())
-    return {
+    stats: dict[str, Any] = {
         "layers": layers,
         "features": {"mean": ft.mean(0).tolist(), "var": ft.var(0).tolist()},
         "entropy": {"mean": float(ent.mean()), "std": float(ent.std())},
-        "accuracy": accuracy,
+        "accuracy": None,
     }
+    if source_y is not None:
+        y = check_labels(source_y, len(lg), lg.shape[1])
+        stats["accuracy"] = float((lg.argmax(1) == y).mean())
+        stats["class_conditional"] = class_gaussians(ft, y, lg.shape[1])
+    return stats
+
+
+def class_gaussians(features: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float = 1e-3) -> dict[str, Any]:
+    """Class-conditional feature means and one shared (pooled within-class) covariance, for Mahalanobis
+    drift scores (Lee et al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples").
+
+    The covariance is shrunk towards its mean diagonal by ``shrinkage`` so that it is invertible on a device.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    counts = np.bincount(y, minlength=num_classes)
+    means = np.zeros((num_classes, f.shape[1]))
+    for c in np.flatnonzero(counts):
+        means[c] = f[y == c].mean(axis=0)
+    centred = f - means[y]
+    cov = centred.T @ centred / max(len(f) - int((counts > 0).sum()), 1)
+    cov += shrinkage * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0])
+    return {"means": means.tolist(), "counts": counts.tolist(), "shared_covariance": cov.tolist(),
+            "shrinkage": shrinkage}
 
 
 def _adaptable_block(model: nn.Module) -> dict[str, Any]:

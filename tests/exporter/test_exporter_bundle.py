@@ -68,7 +68,7 @@ def test_adaptable_block_matches_checkpoint(digits_bundle: Path, digits_checkpoi
 def test_source_statistics(digits_bundle: Path) -> None:
     m = _manifest(digits_bundle)
     stats = m["source_statistics"]
-    assert set(stats) == {"layers", "features", "entropy", "accuracy"}
+    assert set(stats) == {"layers", "features", "entropy", "accuracy", "class_conditional"}
     initial = m["adaptable"]["initial"]
     for name in ("bn1", "bn2", "bn3"):
         assert stats["layers"][name]["mean"] == initial[f"{name}.mean"]
@@ -174,3 +174,25 @@ def test_bad_arguments_are_rejected(
     with pytest.raises(ValueError, match=match):
         export_bundle((model, "small_cnn", spec, "0" * 64), tmp_path / "b", **args)
     assert not (tmp_path / "b").exists()
+
+
+def test_class_conditional_gaussians(digits_bundle: Path) -> None:
+    stats = _manifest(digits_bundle)["source_statistics"]["class_conditional"]
+    means, cov = np.asarray(stats["means"]), np.asarray(stats["shared_covariance"])
+    dim = len(_manifest(digits_bundle)["source_statistics"]["features"]["mean"])
+    assert means.shape == (10, dim) and cov.shape == (dim, dim) and sum(stats["counts"]) > 0
+    np.testing.assert_allclose(cov, cov.T)
+    assert np.linalg.eigvalsh(cov).min() > 0  # invertible on the device
+
+
+def test_class_gaussians_recover_known_parameters() -> None:
+    from exporter.bundle import class_gaussians
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 20000)
+    centres = np.array([[0.0, 0.0], [5.0, 1.0], [-3.0, 4.0]])
+    cov = np.array([[2.0, 0.5], [0.5, 1.0]])
+    f = centres[y] + rng.multivariate_normal([0, 0], cov, size=len(y))
+    g = class_gaussians(f, y, 3, shrinkage=0.0)
+    np.testing.assert_allclose(g["means"], centres, atol=0.05)
+    np.testing.assert_allclose(g["shared_covariance"], cov, atol=0.05)
