@@ -85,6 +85,11 @@ class _Layer:
     vh: torch.Tensor
     rank: int = 0
 
+    def __post_init__(self) -> None:
+        e = (self.s.double() ** 2).numpy()
+        total = float(e.sum())
+        self.cumulative = np.cumsum(e) / total if total > 0 else np.ones_like(e)
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.u.shape[0], self.vh.shape[1]
@@ -107,11 +112,7 @@ class _Layer:
 
     def energy(self, rank: int) -> float:
         """Fraction of ``Σσ²`` kept at ``rank`` (1 when the layer stays dense)."""
-        if not self.factored(rank):
-            return 1.0
-        e = self.s.double() ** 2
-        total = float(e.sum())
-        return float(e[:rank].sum()) / total if total > 0 else 1.0
+        return float(self.cumulative[rank - 1]) if self.factored(rank) else 1.0
 
 
 def _matrix(module: nn.Module) -> torch.Tensor:

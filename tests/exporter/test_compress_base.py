@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -27,8 +28,16 @@ from exporter.compress import (
 )
 from exporter.compress.base import is_excluded
 from exporter.models import ModelSpec, build_model
+from exporter.train import torch_threads
 
 SPEC = ModelSpec(1, 10, 8, (0.3,), (0.4,))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """Single-threaded torch: on the shared 2-core CPUs this is far faster for these small models."""
+    with torch_threads(1):
+        yield
 
 
 class WithConv1d(nn.Module):
