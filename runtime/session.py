@@ -1,9 +1,9 @@
-"""One inference-session interface over the device backends (onnxruntime now; LiteRT joins it later)."""
+"""One inference-session interface over the device backends: onnxruntime (``onnx``) and LiteRT (``tflite``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -61,11 +61,43 @@ class OrtSession:
         return dict(zip(self.output_names, outs, strict=True))
 
 
-BACKENDS = {"onnx": OrtSession}
+def _litert_session(path: Path, threads: int | None = None, io_names: Mapping | None = None) -> Session:
+    from runtime.litert import LiteRTSession  # lazy: ai-edge-litert is the optional `litert` extra
+
+    return LiteRTSession(path, threads, io_names)
 
 
-def open_session(path: Path, backend: str = "onnx", threads: int | None = None) -> Session:
-    """Open ``path`` with the named backend."""
+BACKENDS: dict[str, Callable[..., Session]] = {"onnx": OrtSession, "tflite": _litert_session}
+AUTO = "auto"
+EXTENSIONS = {".onnx": "onnx", ".tflite": "tflite"}
+
+
+def backend_for(path: Path | str) -> str:
+    """The backend that runs ``path``, from its extension (``.onnx`` → onnx, ``.tflite`` → tflite)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise BackendUnavailableError(f"cannot tell the backend of {path}: known extensions {sorted(EXTENSIONS)}")
+    return EXTENSIONS[suffix]
+
+
+def open_session(
+    path: Path, backend: str = "onnx", threads: int | None = None, *, io_names: Mapping | None = None
+) -> Session:
+    """Open ``path`` with the named backend (``"auto"``: chosen by :func:`backend_for` from the extension).
+
+    ``io_names`` (``{"inputs": {logical: tflite_name}, "outputs": {...}}``, a manifest model entry's field)
+    maps logical tensor names for the tflite backend; without it the model's own metadata is used. The
+    onnx backend uses ONNX names as they are: it accepts only an identity mapping.
+    """
+    if backend == AUTO:
+        backend = backend_for(path)
     if backend not in BACKENDS:
-        raise BackendUnavailableError(f"unknown backend {backend!r}; available: {sorted(BACKENDS)}")
+        raise BackendUnavailableError(f"unknown backend {backend!r}; available: {sorted(BACKENDS)} or {AUTO!r}")
+    if backend == "onnx" and Path(path).suffix.lower() == ".tflite":
+        raise BackendUnavailableError(f"{path} is a TFLite model: open it with backend 'tflite' or 'auto'")
+    if backend == "tflite":
+        return BACKENDS[backend](path, threads, io_names)
+    renamed = {k: v for side in (io_names or {}).values() for k, v in dict(side).items() if k != v}
+    if renamed:
+        raise BackendUnavailableError(f"backend {backend!r} cannot rename tensors, got io_names {renamed}")
     return BACKENDS[backend](path, threads)

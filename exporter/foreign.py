@@ -1,0 +1,440 @@
+"""Foreign models (ONNX or TFLite files nobody here wrote) wrapped into signed bundles the runtime serves.
+
+The bundle follows ``docs/CONTRACT.md`` without an ``adaptable`` block: one ``graph: "folded"`` model, the
+input spec (what a caller feeds: name, shape, dtype, layout, value range), ``outputs.kind`` (logits or
+probabilities), ``outputs.features: null``, golden vectors computed by the device runtime itself, every
+file's sha256 and an Ed25519 signature. The model is inspected first; a spec that does not match it is a
+:class:`ForeignModelError` naming both sides.
+
+Batches: a model with a static batch of 1 is still served for any batch. ONNX: the wrapped copy gets a
+symbolic batch dimension when the graph allows it (checked: a batch run must equal per-sample runs);
+otherwise it keeps its static batch and the entry says ``"batch_resizable": false`` (the
+:class:`runtime.predictor.Predictor` then runs it in chunks). TFLite: the file is copied unchanged and
+the LiteRT session resizes its input, with the same check.
+
+No torch here: this module needs numpy, onnx, onnxruntime, ai-edge-litert (TFLite) and cryptography.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from exporter.signing import sign_bundle
+from runtime.bundle import load_bundle
+from runtime.manifest import INPUT_DTYPES, OUTPUT_KINDS
+from runtime.session import Session, open_session
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("NCHW", "NHWC")
+GOLDEN = "golden.npz"
+FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
+INT8_ATOL_STEPS = 3.0  # int8 outputs: at least this many output quantization steps …
+INT8_ATOL_FLOOR = 1e-2  # … or this, or INT8_MARGIN x the kernel variance on the golden inputs, whichever is larger
+INT8_MARGIN = 1.5
+PROBABILITY_SUM_TOL = 0.05
+_ONNX_INT8_OPS = {"QLinearConv", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear", "ConvInteger",
+                  "MatMulInteger", "DynamicQuantizeLinear"}
+
+
+class ForeignModelError(ValueError):
+    """The foreign model cannot be wrapped: unsupported, or it does not match the given spec."""
+
+
+@dataclass(frozen=True)
+class ForeignInputSpec:
+    """What a caller feeds the model.
+
+    ``shape``: batch first, ``-1`` or the model's static batch; ``dtype``: float32 | uint8 | int8 (uint8 or
+    float32 into a quantized TFLite input is quantized by the runtime with the input's own parameters);
+    ``layout``: NCHW | NHWC; ``value_range``: the range of the values fed (e.g. ``(0, 255)`` for raw pixels).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    layout: str = "NCHW"
+    value_range: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(d) for d in self.shape)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
+        if self.dtype not in INPUT_DTYPES:
+            raise ForeignModelError(f"input dtype {self.dtype!r} is not one of {INPUT_DTYPES}")
+        if self.layout not in LAYOUTS:
+            raise ForeignModelError(f"input layout {self.layout!r} is not one of {LAYOUTS}")
+        if len(shape) != 4 or shape[0] == 0 or shape[0] < -1 or any(d <= 0 for d in shape[1:]):
+            raise ForeignModelError(f"input shape {list(shape)} must be [batch (-1 or static), 3 positive dims]")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ForeignModelError(f"input value_range {list(self.value_range)} must be increasing")
+
+    @classmethod
+    def parse(cls, spec: ForeignInputSpec | Mapping[str, Any]) -> ForeignInputSpec:
+        """A spec from itself or a mapping with the field names (e.g. parsed JSON from the CLI)."""
+        if isinstance(spec, ForeignInputSpec):
+            return spec
+        unknown = set(spec) - {"name", "shape", "dtype", "layout", "value_range"}
+        if unknown:
+            raise ForeignModelError(f"unknown input spec fields {sorted(unknown)}")
+        return cls(**spec)
+
+    def manifest_block(self) -> dict[str, Any]:
+        """The manifest's ``input`` block (batch as -1; normalisation, if any, is the model's business)."""
+        return {"name": self.name, "shape": [-1, *self.shape[1:]], "dtype": self.dtype, "layout": self.layout,
+                "value_range": list(self.value_range)}
+
+
+@dataclass(frozen=True)
+class _Wrapped:
+    """A model file prepared for the bundle and what inspection learnt about it."""
+
+    data: bytes
+    suffix: str
+    fmt: str
+    precision: str
+    output: str
+    batch_resizable: bool
+    static_batch: int | None
+    extra: dict[str, Any]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_output_name(outputs: Sequence[str], output_name: str | None, where: str) -> str:
+    if output_name is not None:
+        if output_name not in outputs:
+            raise ForeignModelError(f"{where} has no output {output_name!r}; outputs are {list(outputs)}")
+        return output_name
+    if len(outputs) != 1:
+        raise ForeignModelError(f"{where} has outputs {list(outputs)}; name the class scores with output_name")
+    return outputs[0]
+
+
+def _check_dims(model_shape: Sequence[int | None], spec: ForeignInputSpec, where: str) -> int | None:
+    """Compare the model's input dims (None = symbolic) with the spec; return the static batch or None."""
+    if len(model_shape) != len(spec.shape):
+        raise ForeignModelError(f"{where} input has rank {len(model_shape)}, the spec says {list(spec.shape)}")
+    for axis, (m, s) in enumerate(zip(model_shape[1:], spec.shape[1:], strict=True), start=1):
+        if m is not None and m != s:
+            raise ForeignModelError(f"{where} input dim {axis} is {m}, the spec says {s} (shape {list(spec.shape)})")
+    batch = model_shape[0]
+    if spec.shape[0] != -1 and spec.shape[0] != batch:
+        raise ForeignModelError(f"{where} input batch is {batch}, the spec says {spec.shape[0]}")
+    return batch
+
+
+def _onnx_dims(value: Any) -> list[int | None]:
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def _onnx_batch_free(proto: Any, input_name: str) -> Any:
+    """A copy of ``proto`` whose input and outputs have a symbolic first dimension ``batch``."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    for value in [*(v for v in copy.graph.input if v.name == input_name), *copy.graph.output]:
+        dim = value.type.tensor_type.shape.dim[0]
+        dim.Clear()
+        dim.dim_param = "batch"
+    del copy.graph.value_info[:]
+    return copy
+
+
+def _inspect_onnx(path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None) -> _Wrapped:
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    inits = {i.name for i in proto.graph.initializer}
+    inputs = [v for v in proto.graph.input if v.name not in inits]
+    where = f"ONNX model {path.name}"
+    if [v.name for v in inputs] != [spec.name]:
+        raise ForeignModelError(f"{where} has inputs {[v.name for v in inputs]}; the spec names {spec.name!r}")
+    elem = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type)
+    if np.dtype(elem) != np.dtype(spec.dtype):
+        raise ForeignModelError(f"{where} input {spec.name!r} is {np.dtype(elem)}, the spec says {spec.dtype}")
+    batch = _check_dims(_onnx_dims(inputs[0]), spec, where)
+    output = _check_output_name([o.name for o in proto.graph.output], output_name, where)
+    precision = "int8" if any(n.op_type in _ONNX_INT8_OPS for n in proto.graph.node) else "fp32"
+    data, resizable = proto.SerializeToString(), batch is None
+    if batch is not None:
+        candidate = _onnx_batch_free(proto, spec.name).SerializeToString()
+        resizable = _batch_consistent(candidate, data, ".onnx", spec.name, golden_x, batch)
+        data = candidate if resizable else data
+    extra = {"opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)}
+    return _Wrapped(data, ".onnx", "onnx", precision, output, resizable, None if resizable else batch, extra)
+
+
+def _tflite_io(path: Path) -> tuple[Any, dict[str, Any]]:
+    from runtime.litert import LiteRTSession
+
+    session = LiteRTSession(path, threads=1)
+    return session, {n: session.input_info(n) for n in session.input_names}
+
+
+def _check_tflite_dtype(info: Any, spec: ForeignInputSpec, where: str) -> None:
+    """The spec's dtype must be the tensor's, or real values the runtime quantizes with the tensor's params."""
+    if np.dtype(spec.dtype) == info.dtype:
+        return
+    if not info.quantized:
+        raise ForeignModelError(f"{where} input {spec.name!r} is {info.dtype}, the spec says {spec.dtype}")
+    limits = np.iinfo(info.dtype)
+    lo, hi = ((limits.min - info.zero_point) * info.scale, (limits.max - info.zero_point) * info.scale)
+    want = spec.value_range
+    if spec.dtype != "float32":
+        if info.scale != 1.0:
+            raise ForeignModelError(f"{where}: {spec.dtype} values map to {info.dtype} only with scale 1, "
+                                    f"the input has scale {info.scale}; declare float32 real values")
+        want = (float(np.iinfo(spec.dtype).min), float(np.iinfo(spec.dtype).max))
+    if want[0] < lo - info.scale / 2 or want[1] > hi + info.scale / 2:
+        raise ForeignModelError(f"{where}: input values {list(want)} do not fit the {info.dtype} input's "
+                                f"representable range [{lo:g}, {hi:g}] (scale {info.scale:g}, zero point "
+                                f"{info.zero_point})")
+
+
+def _inspect_tflite(path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None) -> _Wrapped:
+    session, infos = _tflite_io(path)
+    where = f"TFLite model {path.name}"
+    if list(infos) != [spec.name]:
+        raise ForeignModelError(f"{where} has inputs {list(infos)}; the spec names {spec.name!r}")
+    info = infos[spec.name]
+    _check_tflite_dtype(info, spec, where)
+    signature_batch = None if info.shape_signature[0] == -1 else info.shape[0]
+    batch = _check_dims([signature_batch, *info.shape[1:]], spec, where)
+    output = _check_output_name(session.output_names, output_name, where)
+    out_info = session.output_info(output)
+    quantized = info.quantized or out_info.quantized
+    data = path.read_bytes()
+    resizable = _batch_consistent(data, data, ".tflite", spec.name, golden_x, info.shape[0])
+    extra: dict[str, Any] = {}
+    if info.quantized:
+        extra["input_quantization"] = {"dtype": str(info.dtype), "scale": info.scale, "zero_point": info.zero_point}
+    if out_info.quantized:
+        extra["output_quantization"] = {"dtype": str(out_info.dtype), "scale": out_info.scale,
+                                        "zero_point": out_info.zero_point}
+    static = None if resizable else (batch or info.shape[0])
+    return _Wrapped(data, ".tflite", "tflite", "int8" if quantized else "fp32", output, resizable, static, extra)
+
+
+def _open(data: bytes, suffix: str, tmp: Path, name: str = "probe") -> Session:
+    path = tmp / f"{name}{suffix}"
+    path.write_bytes(data)
+    return open_session(path, backend="auto", threads=1)
+
+
+def _batch_consistent(
+    data: bytes, original: bytes, suffix: str, input_name: str, golden_x: np.ndarray, static_batch: int
+) -> bool:
+    """Whether ``data`` run on a batch of ``max(2, len(golden_x))`` equals ``original`` run per sample."""
+    x = np.concatenate([golden_x, golden_x])[: max(2, len(golden_x))] if len(golden_x) < 2 else golden_x
+    if static_batch != 1:
+        return False
+    with tempfile.TemporaryDirectory(prefix="edgeloop-foreign-") as tmp:
+        try:
+            batched = _open(data, suffix, Path(tmp), "candidate").run({input_name: x})
+        except Exception as exc:  # any failure of the candidate means "not resizable"
+            logger.info("model does not run at batch %d (%s): keeping its static batch", len(x), exc)
+            return False
+        single = _open(original, suffix, Path(tmp), "original")
+        rows = [single.run({input_name: x[i : i + 1]}) for i in range(len(x))]
+    for name, value in batched.items():
+        expected = np.concatenate([r[name] for r in rows])
+        if value.shape != expected.shape or not np.allclose(value, expected, atol=1e-5, rtol=1e-4):
+            logger.info("batch run of output %r differs from per-sample runs: keeping the static batch", name)
+            return False
+    return True
+
+
+def _check_golden_x(golden_x: np.ndarray, spec: ForeignInputSpec) -> np.ndarray:
+    x = np.asarray(golden_x)
+    if x.ndim != 4 or x.shape[1:] != spec.shape[1:] or len(x) == 0:
+        want = ", ".join(map(str, spec.shape[1:]))
+        raise ForeignModelError(f"golden_x has shape {x.shape}, the spec wants (N, {want})")
+    if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype != np.dtype(spec.dtype):
+        raise ForeignModelError(f"golden_x is {x.dtype}, the spec says {spec.dtype}")
+    x = x.astype(spec.dtype)
+    lo, hi = spec.value_range
+    if not np.all(np.isfinite(x)) or x.min() < lo or x.max() > hi:
+        raise ForeignModelError(f"golden_x values [{x.min()}, {x.max()}] leave the spec's value range [{lo}, {hi}]")
+    return np.ascontiguousarray(x)
+
+
+def _kernel_variance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> float:
+    """Largest output difference on ``x`` between the default kernels and the other kernel families."""
+    feeds = {spec.name: x}
+    if wrapped.fmt == "tflite":
+        from runtime.litert import LiteRTSession
+
+        runs = [LiteRTSession(path, 1, kernels=k).run(feeds) for k in ("default", "builtin", "reference")]
+    else:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        plain = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = [o.name for o in plain.get_outputs()]
+        runs = [open_session(path, "onnx", 1).run(feeds), dict(zip(names, plain.run(names, feeds), strict=True))]
+    return max(float(np.abs(run[k].astype(np.float64) - runs[0][k]).max()) for run in runs[1:] for k in runs[0])
+
+
+def _tolerance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> dict[str, float]:
+    """Golden tolerance: fp32 fixed; int8 from the kernel variance measured on the golden inputs themselves.
+
+    int8 results depend on the kernels (measured on the MLPerf Tiny ResNet-8 int8: XNNPACK vs LiteRT's
+    built-in kernels up to 42 output steps, 0.16 in probability), so the bound is the larger of a floor,
+    a few output quantization steps and :data:`INT8_MARGIN` × the variance measured on exactly these inputs.
+    """
+    if wrapped.precision == "fp32":
+        return dict(FP32_TOLERANCE)
+    measured = _kernel_variance(wrapped, path, spec, x)
+    step = wrapped.extra.get("output_quantization", {}).get("scale", 0.0)
+    atol = max(INT8_ATOL_FLOOR, INT8_ATOL_STEPS * step, INT8_MARGIN * measured)
+    logger.info("%s: kernel variance on the golden inputs %.3g -> golden atol %.3g", path.name, measured, atol)
+    return {"atol": atol, "rtol": 1e-3}
+
+
+def _check_scores(scores: np.ndarray, kind: str, labels: Sequence[str], output: str) -> None:
+    if scores.ndim != 2 or scores.shape[1] != len(labels):
+        raise ForeignModelError(f"output {output!r} has shape {scores.shape}, expected (N, {len(labels)}) for "
+                                f"{len(labels)} labels")
+    if kind == "probabilities":
+        sums = scores.sum(axis=1)
+        if scores.min() < -1e-6 or np.abs(sums - 1.0).max() > PROBABILITY_SUM_TOL:
+            raise ForeignModelError(f"output {output!r} is not probabilities: values [{scores.min():.3g}, "
+                                    f"{scores.max():.3g}], row sums [{sums.min():.3g}, {sums.max():.3g}]; "
+                                    "declare output_kind='logits'")
+
+
+def _wrap(
+    source: Path, out_dir: Path, inspect: Any, *, labels: Sequence[str], input_spec: Any, output_kind: str,
+    golden_x: np.ndarray, signing_key: Ed25519PrivateKey | None, name: str | None, output_name: str | None,
+    overwrite: bool,
+) -> Path:
+    spec = ForeignInputSpec.parse(input_spec)
+    if output_kind not in OUTPUT_KINDS:
+        raise ForeignModelError(f"output_kind {output_kind!r} is not one of {OUTPUT_KINDS}")
+    if not labels or len(set(labels)) != len(labels) or not all(isinstance(v, str) for v in labels):
+        raise ForeignModelError(f"labels must be unique strings, got {list(labels)!r}")
+    if not source.is_file():
+        raise FileNotFoundError(f"foreign model not found: {source}")
+    x = _check_golden_x(golden_x, spec)
+    wrapped = inspect(source, spec, x, output_name)
+    if wrapped.static_batch is not None:
+        if len(x) < wrapped.static_batch:
+            raise ForeignModelError(f"the model's static batch is {wrapped.static_batch}: give that many golden_x")
+        x = x[: wrapped.static_batch]  # the golden check runs the whole golden batch at once
+    _prepare_out_dir(out_dir, overwrite)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        manifest = _write_files(tmp, source, wrapped, spec, x, labels, output_kind, name or out_dir.name)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if signing_key is None:
+            logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
+        sign_bundle(tmp, signing_key or Ed25519PrivateKey.generate())
+        load_bundle(tmp, backend="auto", threads=1)  # the bundle must prove itself before it is installed
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrapped %s into %s (%s %s, batch resizable: %s)", source.name, out_dir, wrapped.fmt,
+                wrapped.precision, wrapped.batch_resizable)
+    return out_dir
+
+
+def _write_files(
+    tmp: Path, source: Path, wrapped: _Wrapped, spec: ForeignInputSpec, x: np.ndarray, labels: Sequence[str],
+    output_kind: str, name: str,
+) -> dict[str, Any]:
+    model_file = tmp / f"model_{wrapped.precision}{wrapped.suffix}"
+    model_file.write_bytes(wrapped.data)
+    outputs = open_session(model_file, backend="auto", threads=1).run({spec.name: x})
+    _check_scores(outputs[wrapped.output], output_kind, labels, wrapped.output)
+    np.savez(tmp / GOLDEN, input=x, **{f"{wrapped.precision}/{k}": v for k, v in outputs.items()})
+    entry = {
+        "name": wrapped.precision, "file": model_file.name, "format": wrapped.fmt, "precision": wrapped.precision,
+        "graph": "folded", "io_names": {"inputs": {spec.name: spec.name}, "outputs": {k: k for k in outputs}},
+        "batch_resizable": wrapped.batch_resizable, "static_batch": wrapped.static_batch, **wrapped.extra,
+    }
+    source_sha = _sha256(source.read_bytes())
+    return {
+        "schema_version": 1, "name": name, "arch": "foreign", "created_unix_ms": int(time.time() * 1000),
+        "source_checkpoint_sha256": source_sha, "input": spec.manifest_block(), "labels": list(labels),
+        "outputs": {"logits": wrapped.output, "features": None, "kind": output_kind},
+        "models": [entry], "default_model": wrapped.precision,
+        "files": {p.name: _sha256(p.read_bytes()) for p in sorted(tmp.iterdir())},
+        "golden": {"file": GOLDEN, "alpha": 0.0,
+                   "models": {wrapped.precision: _tolerance(wrapped, model_file, spec, x)}},
+        "foreign": {"source_file": source.name, "source_sha256": source_sha, "format": wrapped.fmt},
+    }
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir} exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _install(tmp: Path, out_dir: Path) -> None:
+    """Move the finished bundle into place (replacing an old one, which the caller allowed)."""
+    tmp.chmod(0o755)
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.{time.time_ns()}.old")
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+
+
+def wrap_onnx(
+    path: Path | str, out_dir: Path | str, *, labels: Sequence[str],
+    input_spec: ForeignInputSpec | Mapping[str, Any], output_kind: str, golden_x: np.ndarray,
+    signing_key: Ed25519PrivateKey | None = None, name: str | None = None, output_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Wrap the ONNX file ``path`` into a signed bundle at ``out_dir``; return ``out_dir``.
+
+    ``input_spec`` must match the model's single graph input (name, dtype, non-batch dims; batch -1 or the
+    static one); ``output_name`` picks the score output when there are several; ``golden_x`` (a few
+    samples, in the spec's dtype and value range) become the golden vectors. A static batch of 1 is made
+    symbolic in the wrapped copy when a batch run equals per-sample runs. Raises :class:`ForeignModelError`.
+    """
+    return _wrap(Path(path), Path(out_dir), _inspect_onnx, labels=labels, input_spec=input_spec,
+                 output_kind=output_kind, golden_x=golden_x, signing_key=signing_key, name=name,
+                 output_name=output_name, overwrite=overwrite)
+
+
+def wrap_tflite(
+    path: Path | str, out_dir: Path | str, *, labels: Sequence[str],
+    input_spec: ForeignInputSpec | Mapping[str, Any], output_kind: str, golden_x: np.ndarray,
+    signing_key: Ed25519PrivateKey | None = None, name: str | None = None, output_name: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Wrap the TFLite file ``path`` into a signed bundle at ``out_dir``; return ``out_dir``.
+
+    As :func:`wrap_onnx`; names are signature keys, or tensor names when the model has no signature. A
+    quantized input may be declared as real values (float32, or uint8 when its scale is 1) that the runtime
+    quantizes with the input's parameters; quantized outputs are dequantized. The file is copied unchanged.
+    """
+    return _wrap(Path(path), Path(out_dir), _inspect_tflite, labels=labels, input_spec=input_spec,
+                 output_kind=output_kind, golden_x=golden_x, signing_key=signing_key, name=name,
+                 output_name=output_name, overwrite=overwrite)
