@@ -15,6 +15,7 @@ from exporter.compress.base import (
 from exporter.compress.finetune import FineTuneConfig, fine_tune
 from exporter.compress.lowrank import LowRank, LowRankConfig
 from exporter.compress.nm import check_nm, parse_pattern
+from exporter.compress.onnx_nm import NMPatternError, OnnxNMReport, check_onnx_nm, require_onnx_nm
 from exporter.compress.pipeline import Int8AtExport, compose
 from exporter.compress.sparsity import NMSparsity, NMSparsityConfig
 
@@ -26,13 +27,17 @@ __all__ = [
     "Int8AtExport",
     "LowRank",
     "LowRankConfig",
+    "NMPatternError",
     "NMSparsity",
     "NMSparsityConfig",
+    "OnnxNMReport",
     "UnsupportedLayerError",
     "check_nm",
+    "check_onnx_nm",
     "compose",
     "create_pass",
     "fine_tune",
     "parse_pattern",
     "register_pass",
+    "require_onnx_nm",
 ]

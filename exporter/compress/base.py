@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from torch import nn
+from torch.nn.utils import parametrize
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
@@ -96,6 +97,11 @@ def select_layers(
     excluded: list[str] = []
     unsupported: list[tuple[str, nn.Module]] = []
     for path, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            raise CompressionError(f"{pass_name}: layer {path!r} is parametrized (a pass is still prepared on it); "
+                                   "finalize that pass first")
+        if ".parametrizations." in f".{path}.":
+            continue
         pattern = is_excluded(path, exclude)
         if pattern is not None:
             used.add(pattern)

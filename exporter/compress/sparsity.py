@@ -161,9 +161,7 @@ class NMSparsity(CompressionPass):
     def _prepare(self, model: nn.Module) -> nn.Module:
         selection = select_layers(model, self.name, (nn.Linear, nn.Conv2d), self.config.exclude)
         self._check_divisible(selection.targets)
-        for path, module in selection.targets.items():
-            if parametrize.is_parametrized(module):
-                raise CompressionError(f"{self.name}: layer {path!r} is already parametrized")
+        for module in selection.targets.values():
             parametrize.register_parametrization(module, "weight", NMMask(_mask_of(module.weight, *self._nm)))
         self.layers, self.excluded = dict(selection.targets), selection.excluded
         self._set_flow(0.0)

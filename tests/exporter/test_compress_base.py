@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Iterator
 
 import numpy as np
@@ -190,6 +191,7 @@ def test_compose_low_rank_then_sparsity_then_int8_marker() -> None:
               NMSparsity(NMSparsityConfig(exclude=("features.0",))), Int8AtExport()]
     out, reports = compose(copy.deepcopy(model), passes, (x, y), FineTuneConfig(epochs=1, batch_size=16))
     assert [r["pass"] for r in reports] == ["low_rank", "nm_sparsity", "int8"]
+    assert json.loads(json.dumps(reports)) == reports  # manifest-ready
     assert norm_layers(out) == layers and not out.training
     sparse = reports[1]["layers"]
     factored = [p for p in reports[0]["layers"]]
@@ -207,3 +209,10 @@ def test_low_rank_factor_width_must_be_divisible_for_nm() -> None:
     assert model[0][1].in_features == 3
     with pytest.raises(UnsupportedLayerError, match=r"'0.1' \(Linear\).*in_features = 3.*rank_multiple=4"):
         NMSparsity().prepare(model)
+
+
+def test_second_pass_while_first_is_prepared_is_refused() -> None:
+    model = build_model("small_cnn", SPEC)
+    NMSparsity(NMSparsityConfig(exclude=("features.0",))).prepare(model)
+    with pytest.raises(CompressionError, match=r"'features\.3' is parametrized"):
+        LowRank().prepare(model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import lzma
+import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,3 +89,18 @@ def test_dense_model_packs_nothing(digits_bundle: Path, tmp_path: Path) -> None:
     report = pack_onnx(src, tmp_path / "dense.nmpack")
     assert report.tensors_packed == () and report.bytes_after > report.bytes_before
     assert unpack_onnx((tmp_path / "dense.nmpack").read_bytes()) == src.read_bytes()
+
+
+def test_bn_folded_graph_with_negative_zeros_packs_losslessly(digits_model: tuple, tmp_path: Path) -> None:
+    """Folding a negative BN γ into a sparse conv turns its zeros into -0.0: they are packed, and restored."""
+    model, _ = compose(copy.deepcopy(digits_model[0]), [NMSparsity(NMSparsityConfig(exclude=("features.0",)))])
+    with torch.no_grad():
+        model.features[4].weight[::2] *= -1
+    src = tmp_path / "folded.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.rand(2, 1, 8, 8),), str(src), dynamo=False, opset_version=17)
+    report = pack_onnx(src, tmp_path / "folded.nmpack")
+    records = read_pack((tmp_path / "folded.nmpack").read_bytes())[2]
+    assert len(report.tensors_packed) == 3 and any(r.negzero for r in records)
+    assert unpack_onnx((tmp_path / "folded.nmpack").read_bytes()) == src.read_bytes()
