@@ -118,13 +118,17 @@ def select_layers(
     if unused:
         raise ValueError(f"{pass_name}: exclude patterns {unused} match no module of {type(model).__name__}")
     if unsupported:
-        path, module = unsupported[0]
-        names = ", ".join(t.__name__ for t in targets)
-        raise UnsupportedLayerError(
-            pass_name, path, type(module).__name__, f"the pass compresses only {names}",
-            [p or "<root>" for p, _ in unsupported[1:]],
-        )
+        _raise_unsupported(pass_name, unsupported, targets)
     return LayerSelection(found, tuple(excluded))
+
+
+def _raise_unsupported(
+    pass_name: str, unsupported: list[tuple[str, nn.Module]], targets: tuple[type[nn.Module], ...]
+) -> None:
+    path, module = unsupported[0]
+    names = ", ".join(t.__name__ for t in targets)
+    raise UnsupportedLayerError(pass_name, path, type(module).__name__, f"the pass compresses only {names}",
+                                [p or "<root>" for p, _ in unsupported[1:]])
 
 
 def parent_and_name(model: nn.Module, path: str) -> tuple[nn.Module, str]:
