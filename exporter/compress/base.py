@@ -154,13 +154,15 @@ def finite_fraction(value: float, name: str, low: float = 0.0, high: float = 1.0
 class CompressionPass(ABC):
     """One compression pass with the ``prepare`` → ``step``/``calibrate`` → ``finalize`` → ``report`` lifecycle.
 
-    Subclasses set :attr:`name` (registry key) and :attr:`order` (position in the pipeline: low-rank 0,
-    sparsity 1; int8 quantization, order 2, is applied by the exporter after export), and implement
+    Subclasses set :attr:`name` (registry key), :attr:`order` (position in the pipeline: low-rank 0,
+    sparsity 1; int8 quantization, order 2, is applied by the exporter after export) and :attr:`config_type`
+    (a frozen dataclass with at least an ``exclude`` field), and implement
     :meth:`_prepare`, :meth:`_finalize` and :meth:`_report`. One instance compresses one model once.
     """
 
     name: ClassVar[str]
     order: ClassVar[int]
+    config_type: ClassVar[type]
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -231,6 +233,8 @@ def register_pass(cls: type[CompressionPass]) -> type[CompressionPass]:
         raise ValueError(f"compression pass {name!r} is already registered ({PASSES[name].__name__})")
     if not issubclass(cls, CompressionPass):
         raise TypeError(f"{cls.__name__} is not a CompressionPass")
+    if "exclude" not in getattr(getattr(cls, "config_type", None), "__dataclass_fields__", {}):
+        raise TypeError(f"{cls.__name__}.config_type must be a dataclass with an 'exclude' field")
     PASSES[name] = cls
     return cls
 

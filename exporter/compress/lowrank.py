@@ -197,6 +197,7 @@ class LowRank(CompressionPass):
 
     name = "low_rank"
     order = 0
+    config_type = LowRankConfig
 
     def __init__(self, config: LowRankConfig | None = None) -> None:
         super().__init__(config or LowRankConfig())

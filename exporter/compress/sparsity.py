@@ -135,6 +135,7 @@ class NMSparsity(CompressionPass):
 
     name = "nm_sparsity"
     order = 1
+    config_type = NMSparsityConfig
 
     def __init__(self, config: NMSparsityConfig | None = None) -> None:
         super().__init__(config or NMSparsityConfig())

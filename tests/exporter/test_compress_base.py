@@ -15,7 +15,6 @@ from exporter.adaptable import norm_layers
 from exporter.compress import (
     PASSES,
     CompressionError,
-    CompressionPass,
     FineTuneConfig,
     Int8AtExport,
     LowRank,
@@ -39,44 +38,6 @@ def _one_torch_thread() -> Iterator[None]:
     """Single-threaded torch: on the shared 2-core CPUs this is far faster for these small models."""
     with torch_threads(1):
         yield
-
-
-class WithConv1d(nn.Module):
-    """A model with a layer no pass handles (Conv1d) next to supported ones."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.odd = nn.Conv1d(8, 8, 1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.body(x).mean(dim=3)
-        return self.head(self.odd(z).mean(dim=2))
-
-
-ALL_PASSES = [(LowRank, LowRankConfig()), (NMSparsity, NMSparsityConfig())]
-
-
-@pytest.mark.parametrize(("cls", "config"), ALL_PASSES)
-def test_unsupported_layer_is_named_with_path_type_and_pass(cls: type[CompressionPass], config: object) -> None:
-    with pytest.raises(UnsupportedLayerError) as err:
-        cls(config).prepare(WithConv1d())
-    assert err.value.path == "odd" and err.value.layer_type == "Conv1d" and err.value.pass_name == cls.name
-    message = str(err.value)
-    assert "'odd'" in message and "Conv1d" in message and cls.name in message and "exclude=('odd',)" in message
-
-
-@pytest.mark.parametrize(("cls", "config"), ALL_PASSES)
-def test_exclude_glob_leaves_layer_untouched(cls: type[CompressionPass], config: object) -> None:
-    model = WithConv1d()
-    before = model.odd.weight.detach().clone()
-    p = cls(type(config)(exclude=("od*",)))
-    p.prepare(model)
-    model = p.finalize(model)
-    assert torch.equal(model.odd.weight, before) and type(model.odd) is nn.Conv1d
-    assert p.report()["excluded"] == ["odd"]
-    assert model(torch.rand(2, 4, 8, 8)).shape == (2, 4)
 
 
 def test_exclude_pattern_matching_nothing_is_an_error() -> None:
@@ -150,23 +111,6 @@ def test_registry_is_explicit_and_rejects_duplicates() -> None:
     with pytest.raises(ValueError, match="unknown compression pass 'prune'"):
         create_pass("prune")
     assert isinstance(create_pass("nm_sparsity", NMSparsityConfig(n=1, m=4)), NMSparsity)
-
-
-def test_lifecycle_order_is_enforced() -> None:
-    p = NMSparsity(NMSparsityConfig(exclude=("features.0",)))
-    model = build_model("small_cnn", SPEC)
-    with pytest.raises(CompressionError, match="cannot finalize in state 'new'"):
-        p.finalize(model)
-    with pytest.raises(CompressionError, match="cannot report"):
-        p.report()
-    p.prepare(model)
-    with pytest.raises(CompressionError, match="cannot prepare in state 'prepared'"):
-        p.prepare(model)
-    with pytest.raises(ValueError, match="progress"):
-        p.step(1.5)
-    p.finalize(model)
-    with pytest.raises(CompressionError, match="cannot step"):
-        p.step(0.5)
 
 
 def test_compose_enforces_pipeline_order() -> None:
