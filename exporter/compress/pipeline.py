@@ -18,7 +18,8 @@ import numpy as np
 from torch import nn
 
 from exporter.compress.base import CompressionPass
-from exporter.compress.finetune import FineTuneConfig, fine_tune
+from exporter.compress.finetune import FineTuneConfig
+from exporter.compress.finetune import fine_tune as run_fine_tune
 
 if TYPE_CHECKING:
     from exporter.quantize import Int8Config
@@ -58,25 +59,25 @@ def compose(
     model: nn.Module,
     passes: Sequence[CompressionPass | Int8AtExport],
     train_data: tuple[np.ndarray, np.ndarray] | None = None,
-    fine_tune_config: FineTuneConfig | None = None,
+    fine_tune: FineTuneConfig | None = None,
 ) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Apply ``passes`` to ``model`` (in place) in pipeline order; return ``(model, reports)``.
 
-    Each torch pass is prepared, fine-tuned on ``train_data = (x, y)`` when ``fine_tune_config`` is given
+    Each torch pass is prepared, fine-tuned on ``train_data = (x, y)`` when ``fine_tune`` is given
     (both or neither), finalized and reported; an :class:`Int8AtExport` marker is only recorded. The model
     is returned in eval mode.
     """
     check_order(passes)
-    if (train_data is None) != (fine_tune_config is None):
-        raise ValueError("fine-tuning needs both train_data and fine_tune_config (or neither)")
+    if (train_data is None) != (fine_tune is None):
+        raise ValueError("fine-tuning needs both train_data and a fine_tune config (or neither)")
     reports: list[dict[str, Any]] = []
     for p in passes:
         if isinstance(p, Int8AtExport):
             reports.append(p.report())
             continue
         model = p.prepare(model)
-        if train_data is not None and fine_tune_config is not None:
-            fine_tune(model, p, train_data[0], train_data[1], fine_tune_config)
+        if train_data is not None and fine_tune is not None:
+            run_fine_tune(model, p, train_data[0], train_data[1], fine_tune)
         model = p.finalize(model).eval()
         reports.append(p.report())
         logger.info("compression pass %s done", p.name)

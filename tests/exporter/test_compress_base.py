@@ -121,8 +121,8 @@ def test_compose_enforces_pipeline_order() -> None:
         compose(model, [Int8AtExport(), LowRank()])
     with pytest.raises(ValueError, match="once"):
         compose(model, [LowRank(), LowRank()])
-    with pytest.raises(ValueError, match="both train_data and fine_tune_config"):
-        compose(model, [LowRank()], fine_tune_config=FineTuneConfig())
+    with pytest.raises(ValueError, match="both train_data and a fine_tune config"):
+        compose(model, [LowRank()], fine_tune=FineTuneConfig())
 
 
 def test_compose_low_rank_then_sparsity_then_int8_marker() -> None:
