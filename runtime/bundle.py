@@ -104,7 +104,7 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
 def load_bundle(
     path: Path,
     model: str | None = None,
-    backend: str = "onnx",
+    backend: str = "auto",
     threads: int | None = None,
     verify: bool = True,
     trusted_keys: Sequence[bytes] | None = None,
@@ -121,12 +121,14 @@ def load_bundle(
         raise ManifestError(f"bundle directory not found: {root}")
     manifest, raw = read_manifest(root)
     signer = verify_bundle_signature(root, raw, trusted_keys) if verify else None
-    entry = manifest.model(model)
+    entry = manifest.model(model, backend)
+    if backend not in ("auto", entry.backend):
+        raise ManifestError(f"model {entry.name!r} is a {entry.format} model; backend {backend!r} cannot run it")
     if verify:
         verify_files(root, manifest)
-    session = open_session(root / entry.file, backend=backend, threads=threads)
+    session = open_session(root / entry.file, backend=entry.backend, threads=threads, io_names=entry.io_names)
     if verify:
         verify_golden(root, manifest, entry, session)
     bundle_id = hashlib.sha256(raw).hexdigest()
-    log.info("loaded bundle %s (%s, model %s, backend %s)", bundle_id[:12], manifest.name, entry.name, backend)
+    log.info("loaded bundle %s (%s, model %s, %s)", bundle_id[:12], manifest.name, entry.name, entry.backend)
     return Bundle(root=root, bundle_id=bundle_id, manifest=manifest, model=entry, session=session, signer=signer)

@@ -51,6 +51,13 @@ class ModelEntry:
     format: str
     precision: str
     graph: str
+    io_names: dict[str, dict[str, str]] | None = None
+    packed: dict[str, Any] | None = None
+
+    @property
+    def backend(self) -> str:
+        """The runtime backend that runs this model's format."""
+        return {"onnx": "onnx", "tflite": "tflite"}.get(self.format, self.format)
 
 
 @dataclass(frozen=True)
@@ -74,8 +81,14 @@ class Manifest:
     golden_tolerance: dict[str, tuple[float, float]]
     raw: dict[str, Any]
 
-    def model(self, name: str | None) -> ModelEntry:
-        """The model entry called ``name`` (the default model when None)."""
+    def model(self, name: str | None, backend: str = "auto") -> ModelEntry:
+        """The model entry called ``name``; without a name the default model, or — when ``backend`` names a
+        format the default model is not in — the first model of that backend (adaptable preferred)."""
+        if name is None and backend not in ("auto", self.model(self.default_model).backend):
+            ranked = sorted((m for m in self.models if m.backend == backend), key=lambda m: m.graph != "adaptable")
+            if not ranked:
+                raise ManifestError(f"bundle has no {backend} model; available: {[m.name for m in self.models]}")
+            return ranked[0]
         wanted = name or self.default_model
         for entry in self.models:
             if entry.name == wanted:
@@ -147,7 +160,12 @@ def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
     for i, m in enumerate(_get(raw, "models", list, "manifest")):
         where = f"models[{i}]"
         keys = ("name", "file", "format", "precision", "graph")
-        entries.append(ModelEntry(**{k: _get(m, k, str, where) for k in keys}))
+        io_names, packed = m.get("io_names"), m.get("packed")
+        if io_names is not None and not isinstance(io_names, dict):
+            raise ManifestError(f"manifest field {where}.io_names must be an object")
+        if packed is not None and not (isinstance(packed, dict) and isinstance(packed.get("file"), str)):
+            raise ManifestError(f"manifest field {where}.packed must be an object with a 'file'")
+        entries.append(ModelEntry(**{k: _get(m, k, str, where) for k in keys}, io_names=io_names, packed=packed))
     if not entries:
         raise ManifestError("manifest lists no models")
     return tuple(entries)

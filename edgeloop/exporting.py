@@ -1,0 +1,130 @@
+"""The export job behind ``edgeloop export``: load a model, compress it, export every format, write a bundle.
+
+A model is a checkpoint of a registered architecture (``student.pt``) or a Python import path
+(``package.module:factory`` — an ``nn.Module`` instance, or a callable returning one). Compression runs in
+the fixed order low-rank → N:M sparsity (each with a short fine-tune on the dataset's training split) →
+int8 at export time. Torch is imported only inside these functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tflite")
+TFLITE_INT8 = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Everything ``edgeloop export`` was asked to do; validated at construction."""
+
+    model: str
+    out: Path
+    dataset: str | None = None
+    int8: bool = True
+    sparsity: str | None = None
+    low_rank: str | None = None
+    exclude: tuple[str, ...] = ()
+    fine_tune_epochs: int = 3
+    formats: tuple[str, ...] = ("onnx",)
+    folded: bool = True
+    tflite_int8: str = "static"
+    pack: bool = True
+    calibration_samples: int = 256
+    name: str | None = None
+    overwrite: bool = False
+    seed: int = 0
+    key_path: Path | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ValueError(f"formats must be a non-empty subset of {FORMATS}, got {list(self.formats)}")
+        if self.tflite_int8 not in TFLITE_INT8:
+            raise ValueError(f"tflite_int8 must be one of {TFLITE_INT8}, got {self.tflite_int8!r}")
+        if self.fine_tune_epochs < 0:
+            raise ValueError(f"fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
+        if self.calibration_samples < 8:
+            raise ValueError(f"calibration_samples must be >= 8, got {self.calibration_samples}")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A torch model with what the bundle needs to know about it."""
+
+    model: Any
+    arch: str
+    spec: Any
+    sha256: str
+    dataset: str | None
+
+
+def load_model(source: str, dataset: str | None) -> LoadedModel:
+    """Load a checkpoint path or a ``module:attr`` import path (then ``dataset`` gives the input spec)."""
+    from exporter.checkpoint import load_checkpoint
+
+    path = Path(source)
+    if path.is_file():
+        model, info = load_checkpoint(path)
+        return LoadedModel(model, info["arch"], info["spec"], info["sha256"], info["meta"].get("dataset"))
+    if ":" not in source:
+        raise FileNotFoundError(f"model {source!r} is neither a checkpoint file nor an import path 'module:attr'")
+    return _import_model(source, dataset)
+
+
+def _import_model(source: str, dataset: str | None) -> LoadedModel:
+    from torch import nn
+
+    from edgeloop.data import load_dataset
+    from exporter.models import ModelSpec
+
+    module_name, _, attr = source.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"cannot import model {source!r}: {exc}") from exc
+    model = obj if isinstance(obj, nn.Module) else obj()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{source!r} gave a {type(model).__name__}, not a torch nn.Module")
+    if dataset is None:
+        raise ValueError(f"an imported model ({source}) needs --dataset to define its input")
+    train = load_dataset(dataset, "train", limit=16)
+    c, h = int(train.x.shape[1]), int(train.x.shape[2])
+    spec = ModelSpec(c, len(train.labels), h, (0.0,) * c, (1.0,) * c)
+    digest = hashlib.sha256(repr(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())).encode())
+    return LoadedModel(model.eval(), f"import:{source}", spec, digest.hexdigest(), dataset)
+
+
+def compress(
+    loaded: LoadedModel, request: ExportRequest, train_x: np.ndarray, train_y: np.ndarray
+) -> list[dict[str, Any]]:
+    """Apply the requested low-rank and N:M passes in order (in place), fine-tuning each; return reports."""
+    from exporter.compress import FineTuneConfig, LowRank, LowRankConfig, NMSparsity, NMSparsityConfig, compose
+    from exporter.compress.nm import parse_pattern
+
+    passes: list[Any] = []
+    if request.low_rank:
+        multiple = parse_pattern(request.sparsity)[1] if request.sparsity else 1
+        passes.append(LowRank(LowRankConfig.from_string(request.low_rank, rank_multiple=multiple,
+                                                        exclude=request.exclude)))
+    if request.sparsity:
+        passes.append(NMSparsity(NMSparsityConfig.from_string(request.sparsity, exclude=request.exclude)))
+    if not passes:
+        return []
+    tune = FineTuneConfig(epochs=request.fine_tune_epochs, seed=request.seed) if request.fine_tune_epochs else None
+    data = (train_x, train_y) if tune else None
+    _, reports = compose(loaded.model, passes, train_data=data, fine_tune=tune)
+    return reports
