@@ -14,7 +14,7 @@ server's distillation, so both compute exactly what the device computes.
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -73,10 +73,16 @@ def _mixed_norm(
     return z * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1), batch_mean, batch_var
 
 
+NormFn = Callable[
+    [torch.Tensor, Mapping[str, torch.Tensor], NormLayer, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
+"""``(z, params, layer, alpha) -> (y, batch_mean, batch_var)``: one α-mixed normalisation layer."""
+
+
 @contextmanager
 def _patched_norms(
     model: nn.Module, params: Mapping[str, torch.Tensor], alpha: torch.Tensor,
-    stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]], norm: NormFn = _mixed_norm,
 ) -> Iterator[None]:
     modules = dict(model.named_modules())
     layers = norm_layers(model)
@@ -88,7 +94,7 @@ def _patched_norms(
         bn = modules[layer.module_path]
 
         def forward(self: nn.Module, z: torch.Tensor, _layer: NormLayer = layer) -> torch.Tensor:
-            y, bm, bv = _mixed_norm(z, params, _layer, alpha)
+            y, bm, bv = norm(z, params, _layer, alpha)
             if _layer.name in stats:
                 raise RuntimeError(f"normalisation layer {_layer.module_path} ran twice in one forward pass")
             stats[_layer.name] = (bm, bv)
@@ -111,9 +117,20 @@ def functional_forward(
     ``params`` maps ``bnK.weight|bias|mean|var`` to tensors; gradients flow to any that require them.
     Not thread-safe for one model object: the BN modules are patched for the duration of the call.
     """
+    return forward_with_norm(model, x, params, alpha, _mixed_norm)
+
+
+def forward_with_norm(
+    model: nn.Module, x: torch.Tensor, params: Mapping[str, torch.Tensor], alpha: torch.Tensor | float, norm: NormFn
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`functional_forward` with every ``BatchNorm2d`` computed by ``norm`` instead of the α-mix in torch.
+
+    The ONNX exporter passes a marker function here (see :mod:`exporter.onnx_graph`); ``norm`` must compute the
+    same values as the α-mix for the traced shapes to be right.
+    """
     a = alpha if isinstance(alpha, torch.Tensor) else torch.tensor(float(alpha), dtype=x.dtype)
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with _patched_norms(model, params, a, stats):
+    with _patched_norms(model, params, a, stats, norm):
         features = model.forward_features(x)  # type: ignore[operator]
         logits = model.classifier(features)  # type: ignore[operator]
     missing = [layer.module_path for layer in norm_layers(model) if layer.name not in stats]

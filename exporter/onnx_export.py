@@ -2,8 +2,12 @@
 
 The exported graph takes ``input``, ``alpha`` and every ``bnK.weight|bias|mean|var`` as inputs and returns
 ``logits``, ``features`` and every ``bnK.batch_mean|batch_var`` (see :class:`exporter.adaptable.AdaptableGraph`).
-After export the file is checked with ``onnx.checker`` and compared with the torch
-:func:`exporter.adaptable.functional_forward` on held-out inputs; a mismatch raises :class:`ExportParityError`.
+It is built lean by default (:mod:`exporter.onnx_graph`: one marker per BatchNorm, expanded into a few
+onnxruntime-friendly nodes); a model the lean builder cannot handle falls back to tracing
+:class:`~exporter.adaptable.AdaptableGraph` as is. After export the file is checked with ``onnx.checker`` and
+compared with the torch :func:`exporter.adaptable.functional_forward` on held-out inputs at α = 0, 0.5 and 1;
+a mismatch raises :class:`ExportParityError`. The folded (eval-mode, BatchNorm folded) form is
+:func:`exporter.onnx_fold.export_folded_onnx`.
 """
 
 from __future__ import annotations
@@ -21,13 +25,13 @@ import torch
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, functional_forward, source_params
+from exporter.onnx_graph import OPSET, GraphBuildError, LeanOptions, build_lean_adaptable
 
 logger = logging.getLogger(__name__)
 
-OPSET = 17
 PARITY_ATOL = 1e-4
 PARITY_RTOL = 1e-4
-PARITY_ALPHAS = (0.0, 0.5)
+PARITY_ALPHAS = (0.0, 0.5, 1.0)
 BATCHED_OUTPUTS = ("logits", "features")
 
 
@@ -77,7 +81,8 @@ def ort_session(path: Path | str, optimize: bool = True, threads: int | None = 1
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
-def _export(graph: AdaptableGraph, path: Path, example: torch.Tensor) -> None:
+def _export_traced(graph: AdaptableGraph, path: Path, example: torch.Tensor) -> None:
+    """The fallback: trace :class:`AdaptableGraph` itself (the α-mix as torch computes it, ~25 nodes per layer)."""
     params = [p.float() for p in source_params(graph.model).values()]
     args = (example.float(), torch.tensor(0.0), *params)
     dynamic = {name: {0: "batch"} for name in ("input", *BATCHED_OUTPUTS)}
@@ -113,6 +118,20 @@ def _check_graph(path: Path, graph: AdaptableGraph) -> None:
             raise ExportError(f"{path}: {value.name!r} has a static batch dimension ({dim0.dim_value})")
 
 
+def _build(graph: AdaptableGraph, path: Path, example: torch.Tensor, lean: bool | LeanOptions) -> str:
+    """Write the adaptable graph to ``path``; return how it was built (``lean`` or ``traced``)."""
+    if lean is not False:
+        options = lean if isinstance(lean, LeanOptions) else LeanOptions()
+        try:
+            build_lean_adaptable(graph.model, path, example, options)
+            return "lean"
+        except GraphBuildError as exc:
+            logger.warning("lean adaptable graph not possible for %s (%s); tracing the α-mix as is",
+                           type(graph.model).__name__, exc)
+    _export_traced(graph, path, example)
+    return "traced"
+
+
 def export_adaptable_onnx(
     model: nn.Module,
     path: Path | str,
@@ -121,26 +140,30 @@ def export_adaptable_onnx(
     parity_x: np.ndarray | torch.Tensor | None = None,
     atol: float | None = None,
     rtol: float | None = None,
+    lean: bool | LeanOptions = True,
 ) -> list[str]:
     """Export ``model``'s adaptable graph to ``path`` and verify it; return the graph's output names.
 
     ``example`` is a (N, C, H, W) batch used for tracing (the batch dimension is dynamic); ``parity_x``
-    (default: ``example``) are held-out inputs for the parity check at α = 0 and 0.5, with tolerances
-    ``atol``/``rtol`` (defaults :data:`PARITY_ATOL` / :data:`PARITY_RTOL`). Raises :class:`ExportParityError`.
+    (default: ``example``) are held-out inputs for the parity check at α = 0, 0.5 and 1, with tolerances
+    ``atol``/``rtol`` (defaults :data:`PARITY_ATOL` / :data:`PARITY_RTOL`). ``lean`` selects the builder:
+    True (default) or :class:`~exporter.onnx_graph.LeanOptions` for the lean graph (with the traced graph as
+    fallback), False for the traced graph. Raises :class:`ExportParityError`.
     """
     path = Path(path)
     if example.ndim != 4:
         raise ValueError(f"example must be a (N, C, H, W) tensor, got shape {tuple(example.shape)}")
     path.parent.mkdir(parents=True, exist_ok=True)
     graph = AdaptableGraph(model)
-    _export(graph, path, example)
+    how = _build(graph, path, example, lean)
     _check_graph(path, graph)
     x = example if parity_x is None else parity_x
     x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     report = check_parity(model, path, x_np, params_numpy(model), PARITY_ALPHAS, atol=atol, rtol=rtol)
     logger.info(
-        "exported %s: max |diff| %s, top-1 agreement %.4f",
+        "exported %s (%s graph): max |diff| %s, top-1 agreement %.4f",
         path.name,
+        how,
         {k: f"{v:.2e}" for k, v in report.max_abs_diff.items()},
         report.top1_agreement,
     )
