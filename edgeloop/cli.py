@@ -39,14 +39,40 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a checkpoint to a verified bundle (adaptable ONNX fp32 + int8)")
-    p.add_argument("model", type=Path, help="torch checkpoint written by `edgeloop train`")
-    p.add_argument("--dataset", choices=DATASETS, default=None, help="data for calibration, golden vectors and "
-                   "source statistics; default: the checkpoint's training dataset")
+    p = sub.add_parser("export", help="compress and export a model to a signed, verified bundle (ONNX, TFLite)")
+    p.add_argument("model", nargs="?", default=None, help="torch checkpoint written by `edgeloop train`, or a "
+                   "Python import path module:attr giving an nn.Module (needs --dataset)")
+    p.add_argument("--from-onnx", type=Path, default=None, help="wrap a foreign ONNX classifier instead")
+    p.add_argument("--from-tflite", type=Path, default=None, help="wrap a foreign TFLite classifier instead")
+    p.add_argument("--dataset", choices=DATASETS, default=None, help="data for fine-tuning, calibration, golden "
+                   "vectors and source statistics; default: the checkpoint's training dataset")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    p.add_argument("--no-int8", action="store_true", help="skip the int8 (QDQ static, per-channel) model")
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="add int8 models: "
+                   "onnxruntime static QDQ per-channel (ONNX), PT2E static or dynamic-range (TFLite); default on")
+    p.add_argument("--sparsity", default=None, metavar="N:M", help="N:M structured sparsity (e.g. 2:4) with a "
+                   "masked fine-tune whose gradient flow to pruned weights decays; packed in the bundle")
+    p.add_argument("--low-rank", default=None, metavar="SPEC", help="SVD factorization of Linear/Conv layers: "
+                   "energy=0.95 (rank per layer by kept energy) or budget=0.5 (fraction of parameters kept)")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="module path (glob) the "
+                   "compression passes leave alone, e.g. features.0; repeatable")
+    p.add_argument("--fine-tune-epochs", type=int, default=3, help="epochs of fine-tuning after each "
+                   "compression pass (0: none); default 3")
+    p.add_argument("--formats", default="onnx", help="comma-separated: onnx, tflite; default onnx")
+    p.add_argument("--folded", action=argparse.BooleanOptionalAction, default=True, help="also export the "
+                   "folded (fastest, not adaptable) graph of each format; default on")
+    p.add_argument("--tflite-int8", choices=("static", "dynamic"), default="static", help="TFLite int8 mode: "
+                   "PT2E static (calibrated) or dynamic-range; default static")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="ship N:M-sparse ONNX "
+                   "models in the packed transport encoding (decoded on load); default on with --sparsity")
     p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
+    p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW", help="foreign model input layout")
+    p.add_argument("--value-range", default="0,1", help="foreign model input value range lo,hi; default 0,1")
+    p.add_argument("--input-dtype", choices=("float32", "uint8", "int8"), default=None, help="foreign model "
+                   "input dtype as fed by devices; default: the model's own (float for float models)")
+    p.add_argument("--output-kind", choices=("logits", "probabilities"), default="logits", help="what a "
+                   "foreign model outputs; default logits")
     p.add_argument("--name", default=None, help="bundle name in the manifest; default <arch>-<dataset>")
+    p.add_argument("--seed", type=int, default=0, help="seed for fine-tuning and data selection; default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key (PEM) that signs the "
                    "bundle; default $EDGELOOP_SIGNING_KEY or ~/.config/edgeloop/signing_key.pem, created if absent")
@@ -62,7 +88,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", default="source", help="test-time adaptation method: source (none) or alpha_bn; "
                    "default source")
     p.add_argument("--model", default=None, help="bundle model to run (fp32, int8); default: the manifest's default")
-    p.add_argument("--backend", choices=("onnx",), default="onnx", help="inference backend; default onnx")
+    p.add_argument("--backend", choices=("auto", "onnx", "tflite"), default="auto", help="inference backend: "
+                   "onnx (onnxruntime), tflite (LiteRT), auto (the chosen model's format); default auto")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass; default 64")
     p.add_argument("--limit", type=int, default=None, help="evaluate on a stratified subset of this many images")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads; default: the backend's choice")
@@ -161,13 +188,29 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from edgeloop import pipeline
+    from edgeloop import exporting
 
-    path = pipeline.export_checkpoint(
-        args.model, out=args.out, dataset=args.dataset, int8=not args.no_int8,
-        calibration_samples=args.calibration_samples, name=args.name, overwrite=args.overwrite,
-        key_path=args.signing_key,
-    )
+    foreign = [(fmt, path) for fmt, path in (("onnx", args.from_onnx), ("tflite", args.from_tflite)) if path]
+    if len(foreign) + (args.model is not None) != 1:
+        raise ValueError("give exactly one of MODEL, --from-onnx FILE, --from-tflite FILE")
+    if foreign:
+        if args.dataset is None:
+            raise ValueError("wrapping a foreign model needs --dataset for its golden vectors")
+        lo, _, hi = args.value_range.partition(",")
+        path = exporting.wrap_foreign(
+            foreign[0][1], foreign[0][0], out=args.out, dataset=args.dataset, layout=args.layout,
+            value_range=(float(lo), float(hi)), dtype=args.input_dtype, output_kind=args.output_kind,
+            name=args.name, overwrite=args.overwrite, key_path=args.signing_key,
+        )
+    else:
+        request = exporting.ExportRequest(
+            model=args.model, out=args.out, dataset=args.dataset, int8=args.int8, sparsity=args.sparsity,
+            low_rank=args.low_rank, exclude=tuple(args.exclude), fine_tune_epochs=args.fine_tune_epochs,
+            formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), folded=args.folded,
+            tflite_int8=args.tflite_int8, pack=args.pack, calibration_samples=args.calibration_samples,
+            name=args.name, overwrite=args.overwrite, seed=args.seed, key_path=args.signing_key,
+        )
+        path = exporting.run_export(request)
     print(f"bundle written to {path}")
     return 0
 

@@ -128,3 +128,61 @@ def compress(
     data = (train_x, train_y) if tune else None
     _, reports = compose(loaded.model, passes, train_data=data, fine_tune=tune)
     return reports
+
+
+def _model_input(path: Path, fmt: str) -> tuple[str, list[int], str]:
+    """Name, shape (batch as given by the model) and dtype of a foreign model's single input."""
+    if fmt == "onnx":
+        import onnx
+
+        graph = onnx.load(str(path)).graph
+        inits = {i.name for i in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in inits]
+        if len(inputs) != 1:
+            raise ValueError(f"{path} has {len(inputs)} graph inputs; a foreign model must have exactly one")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in inputs[0].type.tensor_type.shape.dim]
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(inputs[0].type.tensor_type.elem_type).name
+        return inputs[0].name, dims, dtype
+    from runtime.litert import LiteRTSession
+
+    session = LiteRTSession(path)
+    if len(session.input_names) != 1:
+        raise ValueError(f"{path} has {len(session.input_names)} inputs; a foreign model must have exactly one")
+    info = session.input_info(session.input_names[0])
+    return session.input_names[0], [int(d) for d in info.shape], np.dtype(info.dtype).name
+
+
+def to_model_input(x: np.ndarray, layout: str, value_range: tuple[float, float], dtype: str) -> np.ndarray:
+    """Convert [0, 1] NCHW images to a foreign model's layout, value range and dtype."""
+    lo, hi = value_range
+    out = x.transpose(0, 2, 3, 1) if layout == "NHWC" else x
+    out = lo + out * (hi - lo)
+    return np.round(out).astype(dtype) if dtype in ("uint8", "int8") else out.astype(np.float32)
+
+
+def wrap_foreign(
+    path: Path, fmt: str, *, out: Path, dataset: str, layout: str = "NCHW",
+    value_range: tuple[float, float] = (0.0, 1.0), dtype: str | None = None, output_kind: str = "logits",
+    name: str | None = None, overwrite: bool = False, key_path: Path | None = None,
+) -> Path:
+    """Wrap a foreign ONNX or TFLite classifier into a signed bundle, with golden vectors from ``dataset``."""
+    from edgeloop.data import load_dataset
+    from edgeloop.pipeline import signing_key
+    from exporter.foreign import ForeignInputSpec, wrap_onnx, wrap_tflite
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"foreign model not found: {path}")
+    input_name, dims, model_dtype = _model_input(path, fmt)
+    dtype = dtype or ("float32" if model_dtype.startswith("float") else model_dtype)
+    test = load_dataset(dataset, "test", limit=64)
+    golden = to_model_input(test.x[:8], layout, value_range, dtype)
+    shape = [-1, *golden.shape[1:]]
+    if len(dims) != len(shape):
+        raise ValueError(f"{path}: model input {input_name!r} has rank {len(dims)}, {dataset} gives {len(shape)}")
+    spec = ForeignInputSpec(name=input_name, shape=shape, dtype=dtype, layout=layout, value_range=value_range)
+    wrap = wrap_onnx if fmt == "onnx" else wrap_tflite
+    return wrap(path, out, labels=test.labels, input_spec=spec, output_kind=output_kind, golden_x=golden,
+                signing_key=signing_key(key_path), name=name or path.stem, overwrite=overwrite)

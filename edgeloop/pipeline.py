@@ -117,34 +117,53 @@ def export_checkpoint(
 
 def evaluate_bundle(
     bundle: Path, *, dataset: str = "digits", corruption: str = "clean", severity: int = 3, tta: str = "source",
-    model: str | None = None, backend: str = "onnx", batch_size: int = 64, limit: int | None = None,
+    model: str | None = None, backend: str = "auto", batch_size: int = 64, limit: int | None = None,
     threads: int | None = None, seed: int = 0, trusted: Sequence[Path] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a verified bundle on ``dataset``'s test split, clean or corrupted, with a TTA method."""
-    from device_agents.tta import create_tta_method
+    """Accuracy of a verified bundle on ``dataset``'s test split, clean or corrupted, with a TTA method.
+
+    Adaptable models run through the TTA method; folded and foreign models (no adaptable graph) run as
+    they are (``tta`` must be ``source``), fed in their own layout, value range and dtype.
+    """
     from edgeloop.data import corrupt, load_dataset
-    from runtime import AdaptableModel, load_bundle
+    from runtime import load_bundle
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     loaded = load_bundle(bundle, model=model, backend=backend, threads=threads, trusted_keys=trusted_keys(trusted))
-    adaptable = AdaptableModel(loaded)
-    method = create_tta_method(tta)
+    predict = _batch_predictor(loaded, tta)
     data = load_dataset(dataset, "test", limit=limit)
     x = data.x if corruption == "clean" else corrupt(data.x, corruption, severity, seed=seed)
     order = np.random.default_rng(seed).permutation(len(data))
     x, y = x[order], data.y[order]
     correct, started = 0, time.perf_counter()
     for start in range(0, len(y), batch_size):
-        out = method.adapt_and_predict(adaptable, x[start : start + batch_size])
-        correct += int((out.logits.argmax(axis=1) == y[start : start + batch_size]).sum())
+        correct += int((predict(x[start : start + batch_size]) == y[start : start + batch_size]).sum())
     seconds = time.perf_counter() - started
     return {
-        "bundle": str(bundle), "bundle_id": loaded.bundle_id, "model": loaded.model.name, "backend": backend,
+        "bundle": str(bundle), "bundle_id": loaded.bundle_id, "model": loaded.model.name,
+        "backend": loaded.model.backend,
         "dataset": dataset, "corruption": corruption, "severity": severity if corruption != "clean" else 0,
         "tta": tta, "samples": len(y), "accuracy": correct / len(y), "batch_size": batch_size,
         "seconds": seconds,
     }
+
+
+def _batch_predictor(loaded: Any, tta: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from [0, 1] NCHW batches to predicted class indices for the bundle's model."""
+    from device_agents.tta import create_tta_method
+    from edgeloop.exporting import to_model_input
+    from runtime import AdaptableModel
+    from runtime.predictor import Predictor
+
+    if loaded.model.graph == "adaptable":
+        adaptable, method = AdaptableModel(loaded), create_tta_method(tta)
+        return lambda x: method.adapt_and_predict(adaptable, x).logits.argmax(axis=1)
+    if tta != "source":
+        raise ValueError(f"model {loaded.model.name!r} has a {loaded.model.graph} graph: only tta 'source' runs on it")
+    spec = loaded.manifest.input
+    predictor = Predictor(loaded)
+    return lambda x: predictor.predict(to_model_input(x, spec.layout, spec.value_range, spec.dtype)).probs.argmax(1)
 
 
 def serve(

@@ -26,6 +26,7 @@ class InputSpec:
     shape: tuple[int, ...]
     dtype: str
     value_range: tuple[float, float]
+    layout: str = "NCHW"
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,10 @@ def _input_spec(raw: dict[str, Any]) -> InputSpec:
     dtype = _get(spec, "dtype", str, "input")
     if dtype not in INPUT_DTYPES:
         raise ManifestError(f"manifest field input.dtype is {dtype!r}; expected one of {INPUT_DTYPES}")
-    return InputSpec(_get(spec, "name", str, "input"), shape, dtype, (lo, hi))
+    layout = str(spec.get("layout", "NCHW"))
+    if layout not in ("NCHW", "NHWC"):
+        raise ManifestError(f"manifest field input.layout is {layout!r}; expected NCHW or NHWC")
+    return InputSpec(_get(spec, "name", str, "input"), shape, dtype, (lo, hi), layout)
 
 
 def _layers(adaptable: dict[str, Any]) -> tuple[NormLayerSpec, ...]:
