@@ -186,3 +186,32 @@ def wrap_foreign(
     wrap = wrap_onnx if fmt == "onnx" else wrap_tflite
     return wrap(path, out, labels=test.labels, input_spec=spec, output_kind=output_kind, golden_x=golden,
                 signing_key=signing_key(key_path), name=name or path.stem, overwrite=overwrite)
+
+
+def run_export(request: ExportRequest) -> Path:
+    """Load, compress, export and sign: the whole ``edgeloop export`` job. Returns the bundle path."""
+    from edgeloop.data import load_dataset
+    from edgeloop.pipeline import signing_key
+    from exporter.bundle import export_bundle
+    from exporter.compress.nm import parse_pattern
+
+    loaded = load_model(request.model, request.dataset)
+    dataset = request.dataset or loaded.dataset
+    if not dataset:
+        raise ValueError(f"{request.model} records no dataset; pass --dataset")
+    train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    rng = np.random.default_rng(request.seed)
+    reports = compress(loaded, request, train.x, train.y)
+    calib = train.x[rng.choice(len(train), size=min(request.calibration_samples, len(train)), replace=False)]
+    held_out = rng.permutation(len(test))
+    golden, parity = test.x[held_out[:8]], test.x[held_out[8:264]]
+    source = held_out[264 : 264 + 2048] if len(test) > 600 else held_out
+    compression = {"passes": reports} if reports else None
+    return export_bundle(
+        (loaded.model, loaded.arch, loaded.spec, loaded.sha256), request.out, labels=train.labels,
+        calibration_x=calib, golden_x=golden, source_x=test.x[source], source_y=test.y[source], int8=request.int8,
+        name=request.name or f"{loaded.arch}-{dataset}", overwrite=request.overwrite,
+        signing_key=signing_key(request.key_path), formats=request.formats, folded=request.folded,
+        tflite_int8=request.tflite_int8, parity_x=parity, compression=compression,
+        nm=parse_pattern(request.sparsity) if request.sparsity else None, pack=request.pack,
+    )

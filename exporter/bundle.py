@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, norm_layers
+from exporter.bundle_models import BuildOptions, BuiltModel, build_models, feeds_for, session_for
 from exporter.checkpoint import load_checkpoint
+from exporter.compress.onnx_nm import require_onnx_nm
 from exporter.models import ModelSpec
-from exporter.onnx_export import ExportError, export_adaptable_onnx, make_feeds, ort_session, params_numpy
-from exporter.quantize import Int8Config, quantize_int8
+from exporter.onnx_export import ExportError, make_feeds, ort_session, params_numpy
+from exporter.quantize import Int8Config
 from exporter.signing import sign_bundle
 from exporter.train import check_images, check_labels
 from runtime.model import entropy, softmax
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 GOLDEN = "golden.npz"
+STATISTICS = "source_statistics.npz"
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 # int8 kernels differ between CPUs (VNNI or not, x86 or ARM, fused QLinearConv or float-emulated QDQ):
 # a value landing on a rounding boundary moves by one quantization step. On the digits model the fused and
@@ -175,8 +177,21 @@ def class_gaussians(features: np.ndarray, y: np.ndarray, num_classes: int, shrin
     centred = f - means[y]
     cov = centred.T @ centred / max(len(f) - int((counts > 0).sum()), 1)
     cov += shrinkage * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0])
-    return {"means": means.tolist(), "counts": counts.tolist(), "shared_covariance": cov.tolist(),
-            "shrinkage": shrinkage}
+    return {"means": means, "counts": counts, "shared_covariance": cov, "shrinkage": shrinkage}
+
+
+def write_statistics(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
+    """Move the class-conditional arrays of ``stats`` into ``source_statistics.npz`` (float32) and leave a
+    reference with their shapes in the manifest: the covariance alone would be tens of kilobytes of JSON."""
+    gauss = stats.get("class_conditional")
+    if gauss is None:
+        return stats
+    arrays = {k: np.asarray(gauss[k], dtype=np.float32 if k != "counts" else np.int64)
+              for k in ("means", "shared_covariance", "counts")}
+    np.savez(tmp / STATISTICS, **arrays)  # type: ignore[arg-type]
+    ref = {"file": STATISTICS, "arrays": {k: list(v.shape) for k, v in arrays.items()},
+           "shrinkage": gauss["shrinkage"]}
+    return {**stats, "class_conditional": ref}
 
 
 def _adaptable_block(model: nn.Module) -> dict[str, Any]:
@@ -195,33 +210,49 @@ def _adaptable_block(model: nn.Module) -> dict[str, Any]:
     return {"alpha_input": "alpha", "eps": eps.pop(), "layers": entries, "initial": initial}
 
 
-def _write_golden(
-    tmp: Path, models: dict[str, Path], golden_x: np.ndarray, params: dict[str, np.ndarray], alpha: float
-) -> dict[str, dict[str, float]]:
-    """Write golden.npz from onnxruntime runs of each model file; return per-model tolerances."""
+def _golden_outputs(built: BuiltModel, x: np.ndarray, params: dict[str, np.ndarray], alpha: float,
+                    **kwargs: Any) -> dict[str, np.ndarray]:
+    return session_for(built.entry, built.path, **kwargs).run(feeds_for(built.entry, x, params, alpha))
+
+
+def _tolerance(built: BuiltModel, x: np.ndarray, params: dict[str, np.ndarray], alpha: float,
+               outputs: dict[str, np.ndarray]) -> dict[str, float]:
+    """fp32: fixed; int8: a floor or 4x the gap between two kernel choices of the same runtime, measured here.
+
+    The second execution is onnxruntime without graph optimisations, or LiteRT's built-in kernels instead
+    of XNNPACK: the two ends of what devices run.
+    """
+    if built.entry["precision"] == "fp32" and built.entry["format"] == "onnx":
+        return dict(FP32_TOLERANCE)
+    if built.entry["format"] == "onnx":
+        other = _run_unoptimized(built, x, params, alpha)
+    else:
+        other = _golden_outputs(built, x, params, alpha, kernels="builtin")
+    gap = max(float(np.abs(outputs[k].astype(np.float64) - other[k]).max()) for k in outputs)
+    floor = INT8_ATOL_FLOOR if built.entry["precision"] != "fp32" else FP32_TOLERANCE["atol"]
+    rtol = INT8_RTOL if built.entry["precision"] != "fp32" else FP32_TOLERANCE["rtol"]
+    logger.info("%s: kernel variance on golden inputs %.2e", built.entry["name"], gap)
+    return {"atol": max(floor, INT8_MARGIN * gap), "rtol": rtol}
+
+
+def _run_unoptimized(built: BuiltModel, x: np.ndarray, params: dict[str, np.ndarray], alpha: float
+                     ) -> dict[str, np.ndarray]:
+    sess = ort_session(built.path, optimize=False)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds_for(built.entry, x, params, alpha)), strict=True))
+
+
+def _write_golden(tmp: Path, built: list[BuiltModel], golden_x: np.ndarray, params: dict[str, np.ndarray],
+                  alpha: float) -> dict[str, dict[str, float]]:
+    """Write golden.npz from each model's own runtime; return per-model tolerances."""
     arrays: dict[str, np.ndarray] = {"input": golden_x}
     tolerances: dict[str, dict[str, float]] = {}
-    for name, path in models.items():
-        for out_name, value in _run(path, golden_x, params, alpha).items():
-            arrays[f"{name}/{out_name}"] = value
-        if name == "int8":
-            measured = _kernel_variance(path, golden_x, params, alpha)
-            tolerances[name] = {"atol": max(INT8_ATOL_FLOOR, INT8_MARGIN * measured), "rtol": INT8_RTOL}
-            logger.info("int8 kernel variance on golden inputs %.2e -> atol %g", measured, tolerances[name]["atol"])
-        else:
-            tolerances[name] = dict(FP32_TOLERANCE)
+    for b in built:
+        outputs = _golden_outputs(b, golden_x, params, alpha)
+        arrays.update({f"{b.entry['name']}/{k}": v for k, v in outputs.items()})
+        tolerances[b.entry["name"]] = _tolerance(b, golden_x, params, alpha, outputs)
     np.savez(tmp / GOLDEN, **arrays)  # type: ignore[arg-type]
     return tolerances
-
-
-def _model_entries(int8_block: dict[str, Any] | None) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = [
-        {"name": "fp32", "file": "model_fp32.onnx", "format": "onnx", "precision": "fp32", "graph": "adaptable"}
-    ]
-    if int8_block is not None:
-        entries.append({"name": "int8", "file": "model_int8.onnx", "format": "onnx", "precision": "int8",
-                        "graph": "adaptable", "quantization": int8_block})
-    return entries
 
 
 def _manifest(
@@ -246,26 +277,51 @@ def _manifest(
     }
 
 
+def _pack(built: list[BuiltModel], nm: tuple[int, int]) -> None:
+    """Replace each N:M-sparse ONNX file by its packed transport encoding when that is smaller."""
+    from exporter.packing import pack_onnx
+
+    for b in built:
+        if b.entry["format"] != "onnx":
+            continue
+        dst = b.path.with_name(b.path.name + ".nmpack")
+        report = pack_onnx(b.path, dst, nm[0], nm[1], compression="lzma")
+        if report.tensors_packed == 0 or report.bytes_after >= report.bytes_before:
+            dst.unlink()
+            continue
+        b.entry["packed"] = {"file": dst.name, "encoding": "nm", "n": nm[0], "m": nm[1], "compression": "lzma",
+                             "sha256_unpacked": sha256_file(b.path), "bytes": report.bytes_after,
+                             "unpacked_bytes": report.bytes_before, "tensors_packed": report.tensors_packed}
+        b.path.unlink()
+        logger.info("%s packed: %d -> %d bytes", b.entry["file"], report.bytes_before, report.bytes_after)
+
+
 def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[str, Any]) -> dict[str, Any]:
     """Write the model files and golden.npz into ``tmp``; return the manifest's remaining blocks."""
-    golden_x, params = data["golden_x"], params_numpy(model)
-    fp32 = tmp / "model_fp32.onnx"
-    export_adaptable_onnx(model, fp32, torch.from_numpy(golden_x), parity_x=golden_x)
-    files = {"fp32": fp32}
-    int8_block = None
-    if opts["int8"]:
-        report = quantize_int8(fp32, tmp / "model_int8.onnx", data["calibration_x"], params,
-                               opts["int8_config"], eval_x=golden_x)
-        files["int8"] = tmp / "model_int8.onnx"
-        int8_block = report.manifest_block()
-    tolerances = _write_golden(tmp, files, golden_x, params, opts["golden_alpha"])
-    return {
-        "source_statistics": source_statistics(fp32, model, data["source_x"], opts["source_y"]),
-        "models": _model_entries(int8_block),
+    params = params_numpy(model)
+    built = build_models(model, tmp, data, opts["build"])
+    tolerances = _write_golden(tmp, built, data["golden_x"], params, opts["golden_alpha"])
+    fp32 = next(b.path for b in built if b.entry["name"] == "fp32")
+    blocks: dict[str, Any] = {
+        "source_statistics": write_statistics(tmp, source_statistics(fp32, model, data["source_x"], opts["source_y"])),
+        "models": [b.entry for b in built],
         "default_model": "fp32",
-        "files": {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name not in (MANIFEST, SIGNATURE_NAME)},
         "golden": {"file": GOLDEN, "alpha": float(opts["golden_alpha"]), "models": tolerances},
     }
+    if opts["compression"] is not None:
+        blocks["compression"] = dict(opts["compression"])
+    if opts["nm"] is not None:
+        sparsified = [layer for rep in (opts["compression"] or {}).get("passes", []) if rep.get("pass") == "nm_sparsity"
+                      for layer in rep.get("layers", [])]
+        expected = [f"model.{layer}.weight" for layer in sparsified]
+        check = require_onnx_nm(fp32, *opts["nm"], expected=expected).manifest_block()
+        blocks.setdefault("compression", {})["nm_check"] = {**check, "all_sparsified_layers_hold": True}
+        if opts["pack"]:
+            _pack(built, opts["nm"])
+    skip = (MANIFEST, SIGNATURE_NAME)
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name not in skip}
+    golden = blocks.pop("golden")
+    return {**blocks, "files": files, "golden": golden}
 
 
 def export_bundle(
@@ -283,13 +339,24 @@ def export_bundle(
     int8_config: Int8Config | None = None,
     overwrite: bool = False,
     signing_key: Ed25519PrivateKey | None = None,
+    formats: Sequence[str] = ("onnx",),
+    folded: bool = False,
+    tflite_int8: str = "static",
+    parity_x: np.ndarray | None = None,
+    compression: dict[str, Any] | None = None,
+    nm: tuple[int, int] | None = None,
+    pack: bool = True,
 ) -> Path:
     """Write a signed bundle for ``source`` (a checkpoint path or ``(model, arch, spec, ckpt_sha256)``) to ``out_dir``.
 
     ``calibration_x`` calibrates int8; ``golden_x`` (a few held-out samples, e.g. 8) are the golden inputs and
     the export parity inputs; ``source_x``/``source_y`` give the source statistics and accuracy. The bundle is
     built beside ``out_dir`` and renamed into place; an existing non-empty ``out_dir`` is refused unless
-    ``overwrite``. ``manifest.sig`` is an Ed25519 signature over manifest.json by ``signing_key``; without one
+    ``overwrite``. ``formats`` (onnx always, tflite optionally) and ``folded`` choose the model files (see
+    :mod:`exporter.bundle_models`); ``parity_x`` (default ``golden_x``) are the held-out inputs of the parity
+    checks. ``compression`` (the passes' reports) is recorded; with ``nm`` the exported weights must hold the
+    N:M pattern exactly (checked and recorded) and, with ``pack``, ONNX files ship in the packed N:M encoding.
+    ``manifest.sig`` is an Ed25519 signature over manifest.json by ``signing_key``; without one
     a throwaway key is used (integrity only: devices that trust specific keys will refuse the bundle).
     Returns the bundle path.
     """
@@ -297,14 +364,18 @@ def export_bundle(
     if not 0.0 <= golden_alpha <= 1.0:
         raise ValueError(f"golden_alpha must lie in [0, 1], got {golden_alpha}")
     model, arch, spec, ckpt_sha = _resolve_source(source)
-    data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x)
+    data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x,
+                         parity_x=golden_x if parity_x is None else parity_x)
     _prepare_out_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        opts = {"int8": int8, "int8_config": int8_config, "golden_alpha": golden_alpha, "source_y": source_y}
+        build = BuildOptions(formats=tuple(formats), folded=folded, int8=int8, int8_config=int8_config,
+                             tflite_int8=tflite_int8)
+        opts = {"build": build, "golden_alpha": golden_alpha, "source_y": source_y, "compression": compression,
+                "nm": nm, "pack": pack}
         manifest = _manifest(name or out_dir.name, arch, spec, ckpt_sha, labels, model)
         manifest.update(_build(tmp, model, data, opts))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, separators=(",", ":")) + "\n", encoding="utf-8")
         if signing_key is None:
             logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
         sign_bundle(tmp, signing_key or Ed25519PrivateKey.generate())

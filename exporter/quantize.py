@@ -107,6 +107,13 @@ class QuantizationReport:
         }
 
 
+def graph_feeds(x: np.ndarray, params: Mapping[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
+    """Feeds for an adaptable graph (``params`` given) or a folded one (no parameters: only ``input``)."""
+    if not params:
+        return {"input": np.ascontiguousarray(x, dtype=np.float32)}
+    return make_feeds(x, params, alpha)
+
+
 class CalibrationReader(CalibrationDataReader):
     """Feeds real samples in batches, with the source parameters and α = 0, to onnxruntime's calibrator."""
 
@@ -129,7 +136,7 @@ class CalibrationReader(CalibrationDataReader):
             return None
         batch = self.x[self._start : self._start + self.batch_size]
         self._start += self.batch_size
-        return make_feeds(batch, self.params, 0.0)
+        return graph_feeds(batch, self.params, 0.0)
 
     def rewind(self) -> None:
         """Start again from the first sample."""
@@ -176,7 +183,7 @@ def top1_agreement(
     sessions = [ort_session(fp32_path), ort_session(int8_path)]
     agree = 0
     for i in range(0, len(x), 256):
-        feeds = make_feeds(x[i : i + 256], params, alpha)
+        feeds = graph_feeds(x[i : i + 256], params, alpha)
         ref, got = (s.run(["logits"], feeds)[0].argmax(1) for s in sessions)
         agree += int((ref == got).sum())
     return agree / len(x)

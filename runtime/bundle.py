@@ -13,7 +13,8 @@ import numpy as np
 
 from runtime.errors import BundleIntegrityError, GoldenMismatchError, ManifestError
 from runtime.manifest import Manifest, ModelEntry, read_manifest
-from runtime.session import Session, open_session
+from runtime.packing import unpack_onnx
+from runtime.session import OrtSession, Session, open_session
 from runtime.signing import SignatureInfo, verify_bundle_signature
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,21 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
         raise GoldenMismatchError(f"golden vectors hold no outputs for model {model.name!r}")
 
 
+def unpack_model(root: Path, entry: ModelEntry) -> bytes:
+    """Decode a model shipped in the packed N:M encoding and check it against its recorded sha256."""
+    packed = entry.packed or {}
+    if entry.format != "onnx" or packed.get("encoding") != "nm":
+        raise ManifestError(f"model {entry.name!r}: only N:M-packed ONNX models can be decoded, got {packed}")
+    data = unpack_onnx((root / packed["file"]).read_bytes())
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != packed.get("sha256_unpacked"):
+        raise BundleIntegrityError(
+            f"model {entry.name!r}: {packed['file']} decodes to sha256 {actual[:16]}…, "
+            f"manifest says {str(packed.get('sha256_unpacked'))[:16]}…"
+        )
+    return data
+
+
 def load_bundle(
     path: Path,
     model: str | None = None,
@@ -126,7 +142,10 @@ def load_bundle(
         raise ManifestError(f"model {entry.name!r} is a {entry.format} model; backend {backend!r} cannot run it")
     if verify:
         verify_files(root, manifest)
-    session = open_session(root / entry.file, backend=entry.backend, threads=threads, io_names=entry.io_names)
+    if entry.packed is not None:
+        session: Session = OrtSession(unpack_model(root, entry), threads)
+    else:
+        session = open_session(root / entry.file, backend=entry.backend, threads=threads, io_names=entry.io_names)
     if verify:
         verify_golden(root, manifest, entry, session)
     bundle_id = hashlib.sha256(raw).hexdigest()

@@ -218,8 +218,9 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     )
     manifest.model(None)
     for entry in models:
-        if entry.file not in files:
-            raise ManifestError(f"model file {entry.file!r} has no sha256 in manifest.files")
+        shipped = entry.packed["file"] if entry.packed else entry.file
+        if shipped not in files:
+            raise ManifestError(f"model file {shipped!r} has no sha256 in manifest.files")
         if entry.graph not in GRAPH_KINDS:
             raise ManifestError(f"model {entry.name!r} has graph {entry.graph!r}; expected one of {GRAPH_KINDS}")
         if entry.graph == "adaptable" and not layers:

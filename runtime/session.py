@@ -29,7 +29,8 @@ class Session(Protocol):
 class OrtSession:
     """An onnxruntime CPU session with an explicit thread count and checked feeds."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path | bytes, threads: int | None = None) -> None:
+        """Open an ONNX file, or a model given as bytes (e.g. decoded from a packed bundle file)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a base dependency
@@ -41,9 +42,11 @@ class OrtSession:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         try:
-            self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            model = path if isinstance(path, bytes) else str(path)
+            self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise BackendUnavailableError(f"onnxruntime cannot load {path}: {exc}") from exc
+            what = f"a {len(path)}-byte model" if isinstance(path, bytes) else path
+            raise BackendUnavailableError(f"onnxruntime cannot load {what}: {exc}") from exc
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self._ranks = {i.name: len(i.shape) for i in self._sess.get_inputs()}

@@ -35,7 +35,7 @@ def test_train_export_eval_round_trip(tmp_path: Path, monkeypatch: pytest.Monkey
     bundle = tmp_path / "bundle"
     assert main(["export", str(ckpt), "--out", str(bundle), "--calibration-samples", "64"]) == 0
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert {m["name"] for m in manifest["models"]} == {"fp32", "int8"}
+    assert {m["name"] for m in manifest["models"]} == {"fp32", "int8", "folded_fp32", "folded_int8"}
     assert (tmp_path / "default_key.pem").exists() and (bundle / "manifest.sig").exists()
     # a device that trusts only another key refuses the bundle, naming the signer
     assert main(["keygen", "--out", str(tmp_path / "other.pem")]) == 0

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from exporter import bundle as bundle_mod
+from exporter import bundle_models as bundle_models_mod
 from exporter.adaptable import source_params
 from exporter.bundle import bundle_id, export_bundle
 from exporter.checkpoint import load_checkpoint
@@ -82,10 +82,13 @@ def test_source_statistics(digits_bundle: Path) -> None:
 def test_models_and_quantization_block(digits_bundle: Path) -> None:
     m = _manifest(digits_bundle)
     fp32, int8 = m["models"]
-    assert fp32 == {"name": "fp32", "file": "model_fp32.onnx", "format": "onnx", "precision": "fp32",
-                    "graph": "adaptable"}
-    assert {k: v for k, v in int8.items() if k != "quantization"} == {
+    assert {k: v for k, v in fp32.items() if k != "parity"} == {
+        "name": "fp32", "file": "model_fp32.onnx", "format": "onnx", "precision": "fp32", "graph": "adaptable"}
+    assert {k: v for k, v in int8.items() if k not in ("quantization", "parity")} == {
         "name": "int8", "file": "model_int8.onnx", "format": "onnx", "precision": "int8", "graph": "adaptable"}
+    # parity against torch, measured by the runtime on held-out inputs
+    assert fp32["parity"]["max_abs_diff"] < 1e-4 and fp32["parity"]["top1_agreement"] == 1.0
+    assert int8["parity"]["top1_agreement"] >= 0.875 and int8["parity"]["samples"] == 8
     assert int8["quantization"] == {"method": "onnxruntime_static_qdq", "per_channel": True,
                                     "calibration": "minmax", "samples": 256}
 
@@ -93,7 +96,7 @@ def test_models_and_quantization_block(digits_bundle: Path) -> None:
 def test_every_sha256_matches(digits_bundle: Path) -> None:
     m = _manifest(digits_bundle)
     on_disk = {p.name for p in digits_bundle.iterdir()} - {"manifest.json", "manifest.sig"}
-    assert set(m["files"]) == on_disk == {"model_fp32.onnx", "model_int8.onnx", "golden.npz"}
+    assert set(m["files"]) == on_disk == {"model_fp32.onnx", "model_int8.onnx", "golden.npz", "source_statistics.npz"}
     for name, digest in m["files"].items():
         assert hashlib.sha256((digits_bundle / name).read_bytes()).hexdigest() == digest
     assert bundle_id(digits_bundle) == hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
@@ -148,7 +151,7 @@ def test_failed_export_leaves_nothing(
     def boom(*args: Any, **kwargs: Any) -> None:
         raise RuntimeError("quantizer exploded")
 
-    monkeypatch.setattr(bundle_mod, "quantize_int8", boom)
+    monkeypatch.setattr(bundle_models_mod, "quantize_int8", boom)
     with pytest.raises(RuntimeError, match="exploded"):
         _small_export(digits_model, digits_arrays, tmp_path / "b")
     assert list(tmp_path.iterdir()) == []
@@ -177,10 +180,12 @@ def test_bad_arguments_are_rejected(
 
 
 def test_class_conditional_gaussians(digits_bundle: Path) -> None:
-    stats = _manifest(digits_bundle)["source_statistics"]["class_conditional"]
-    means, cov = np.asarray(stats["means"]), np.asarray(stats["shared_covariance"])
+    ref = _manifest(digits_bundle)["source_statistics"]["class_conditional"]
+    stats = np.load(digits_bundle / ref["file"])
+    means, cov = stats["means"], stats["shared_covariance"]
     dim = len(_manifest(digits_bundle)["source_statistics"]["features"]["mean"])
-    assert means.shape == (10, dim) and cov.shape == (dim, dim) and sum(stats["counts"]) > 0
+    assert means.shape == (10, dim) and cov.shape == (dim, dim) and stats["counts"].sum() > 0
+    assert ref["arrays"] == {"means": [10, dim], "shared_covariance": [dim, dim], "counts": [10]}
     np.testing.assert_allclose(cov, cov.T)
     assert np.linalg.eigvalsh(cov).min() > 0  # invertible on the device
 

@@ -1,0 +1,113 @@
+"""`edgeloop export` with compression, both formats, packing and foreign models, end to end through the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeloop.cli import main
+from runtime import AdaptableModel, load_bundle
+from runtime.predictor import Predictor
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir(), reason=f"{SHARED} is absent")
+
+
+@pytest.fixture(scope="module")
+def compressed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """small_cnn on digits, low-rank + 2:4 + int8, ONNX and TFLite, packed."""
+    root = tmp_path_factory.mktemp("export_job")
+    ckpt = root / "s.pt"
+    assert main(["train", "--arch", "small_cnn", "--epochs", "8", "--out", str(ckpt)]) == 0
+    args = ["export", str(ckpt), "--out", str(root / "b"), "--sparsity", "2:4", "--low-rank", "energy=0.95",
+            "--exclude", "features.0", "--formats", "onnx,tflite", "--signing-key", str(root / "k.pem")]
+    assert main(args) == 0
+    return root / "b"
+
+
+def test_every_model_loads_verifies_and_agrees(compressed_bundle: Path) -> None:
+    manifest = json.loads((compressed_bundle / "manifest.json").read_text())
+    names = {m["name"] for m in manifest["models"]}
+    assert names == {"fp32", "int8", "folded_fp32", "folded_int8", "tflite_fp32", "tflite_folded_fp32",
+                     "tflite_folded_int8"}
+    x = np.random.default_rng(0).random((16, 1, 8, 8), dtype=np.float32)
+    reference = Predictor(load_bundle(compressed_bundle, model="folded_fp32")).predict(x).probs.argmax(1)
+    for entry in manifest["models"]:
+        bundle = load_bundle(compressed_bundle, model=entry["name"])  # signature, sha256s, golden vectors
+        assert entry["parity"]["top1_agreement"] >= 0.95, entry
+        if entry["precision"] == "fp32":
+            assert entry["parity"]["max_abs_diff"] < 1e-3, entry
+        pred = Predictor(bundle).predict(x).probs.argmax(1)
+        assert (pred == reference).mean() >= 0.75, entry["name"]
+    assert AdaptableModel(load_bundle(compressed_bundle, model="tflite_fp32")).forward(x, alpha=0.5).logits.shape
+
+
+def test_nm_pattern_recorded_and_onnx_models_packed(compressed_bundle: Path) -> None:
+    manifest = json.loads((compressed_bundle / "manifest.json").read_text())
+    compression = manifest["compression"]
+    assert [p["pass"] for p in compression["passes"]] == ["low_rank", "nm_sparsity"]
+    sparsified = compression["passes"][1]["layers"]
+    assert compression["nm_check"]["all_sparsified_layers_hold"] is True
+    assert set(compression["nm_check"]["verified_tensors"]) == {f"model.{layer}.weight" for layer in sparsified}
+    assert all(t["sparsity"] >= 0.5 for t in compression["nm_check"]["verified_tensors"].values())
+    assert compression["nm_check"]["dense_tensors"] == ["model.features.0.weight"]  # excluded on purpose
+    onnx_models = [m for m in manifest["models"] if m["format"] == "onnx"]
+    assert all(m["packed"]["bytes"] < m["packed"]["unpacked_bytes"] for m in onnx_models)
+    assert not list(compressed_bundle.glob("*.onnx"))  # only the packed encoding ships
+    int8 = next(m for m in onnx_models if m["name"] == "int8")
+    assert int8["packed"]["bytes"] / int8["packed"]["unpacked_bytes"] < 0.9
+
+
+def test_packed_model_tampering_is_caught(compressed_bundle: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from runtime import BundleIntegrityError
+
+    copy = Path(shutil.copytree(compressed_bundle, tmp_path / "b"))
+    pack = copy / "model_int8.onnx.nmpack"
+    data = bytearray(pack.read_bytes())
+    data[-10] ^= 0x01
+    pack.write_bytes(bytes(data))
+    with pytest.raises(BundleIntegrityError, match=r"model_int8\.onnx\.nmpack"):
+        load_bundle(copy, model="int8")
+
+
+def test_unsupported_layer_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = tmp_path / "s.pt"
+    assert main(["train", "--arch", "small_cnn", "--epochs", "1", "--out", str(ckpt)]) == 0
+    code = main(["export", str(ckpt), "--out", str(tmp_path / "b"), "--sparsity", "2:4",
+                 "--signing-key", str(tmp_path / "k.pem")])
+    err = capsys.readouterr().err
+    assert code == 2 and "features.0" in err and "Conv2d" in err and "exclude" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_model_argument_is_required_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "--out", str(tmp_path / "b")]) == 2
+    assert "exactly one of MODEL" in capsys.readouterr().err
+
+
+@needs_shared
+def test_foreign_onnx_zoo_mnist_keeps_its_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "zoo"
+    args = ["export", "--from-onnx", str(SHARED / "models" / "onnx_zoo_mnist8.onnx"), "--dataset", "mnist",
+            "--value-range", "0,255", "--out", str(out), "--signing-key", str(tmp_path / "k.pem")]
+    assert main(args) == 0
+    assert main(["eval", str(out), "--dataset", "mnist", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"] >= 0.989
+
+
+@needs_shared
+@pytest.mark.parametrize(("name", "dtype", "floor"), [("mlperf_tiny_resnet8_cifar10", "float32", 0.754),
+                                                       ("mlperf_tiny_resnet8_cifar10_int8", "uint8", 0.753)])
+def test_foreign_tflite_resnet8_keeps_its_accuracy(tmp_path: Path, name: str, dtype: str, floor: float) -> None:
+    out = tmp_path / name
+    args = ["export", "--from-tflite", str(SHARED / "models" / f"{name}.tflite"), "--dataset", "cifar10",
+            "--layout", "NHWC", "--value-range", "0,255", "--input-dtype", dtype, "--output-kind",
+            "probabilities", "--out", str(out), "--signing-key", str(tmp_path / "k.pem")]
+    assert main(args) == 0
+    assert main(["eval", str(out), "--dataset", "cifar10", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["accuracy"] >= floor
