@@ -407,6 +407,25 @@ def _expand(ed: _Editor, mk: _Marker, source_mean: np.ndarray | None, options: L
 
 
 # -- the whole graph ------------------------------------------------------------------------------------------
+def _names_read(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by a node of ``graph`` or of its subgraphs, or returned by ``graph``."""
+    names = {o.name for o in graph.output}
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                names |= _names_read(attr.g)
+    return names
+
+
+def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Remove initializers nothing reads any more (e.g. a convolution bias the shift replaced)."""
+    used = _names_read(graph)
+    kept = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+
+
 def expand_alpha_norms(
     proto: onnx.ModelProto, source_means: Mapping[str, np.ndarray], options: LeanOptions | None = None
 ) -> onnx.ModelProto:
@@ -432,6 +451,7 @@ def expand_alpha_norms(
         raise GraphBuildError("the traced graph holds no normalisation marker")
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
+    _drop_unused_initializers(proto.graph)
     del proto.graph.value_info[:]
     if not options.statistics:
         outputs = [o for o in proto.graph.output if not o.name.endswith((".batch_mean", ".batch_var"))]
