@@ -14,54 +14,46 @@ CPU kernels (same math and the same graph interface as :class:`exporter.adaptabl
 * the mix and the normalisation as one ``BatchNormalization`` node fed the mixed mean and variance;
 * ``BN → ReLU → MaxPool`` becomes ``MaxPool → BN → ReLU`` (4× fewer elements normalised) when every γ of the
   layer is ≥ 0, which an ``If`` on the fed γ checks at run time (a per-channel affine map with a
-  non-negative scale commutes with max pooling; the other branch computes the original order).
+  non-negative scale commutes with max pooling; the other branch re-runs the convolution and computes the
+  original order, so the blocked convolution output is never converted for it).
+
+What stays, and why the graph is not as fast as the folded one (measured in ``benchmarks/adaptable_overhead.py``):
+onnxruntime runs a convolution in its fast blocked layout only when its weights and bias are constant, and no
+per-channel operation with run-time parameters runs in that layout. The fed normalisation therefore costs a
+conversion out of the blocked layout, the normalisation, the ReLU (no longer fused into the convolution) and
+a conversion back; the exact batch statistics cost one more read of z and one write and read of z². Folding
+the fed scale into the convolution weights instead makes the weights run-time values: measured 1.3–2× slower
+convolutions, more than the normalisation it saves. The rewrite is in :mod:`exporter.onnx_rewrite`.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 
-import numpy as np
 import onnx
 import torch
-from onnx import helper, numpy_helper
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, NormLayer, forward_with_norm, source_params
+from exporter.onnx_rewrite import MARKER_DOMAIN, MARKER_OP, GraphBuildError, LeanOptions, expand_alpha_norms
+
+__all__ = [
+    "MARKER_DOMAIN",
+    "MARKER_OP",
+    "OPSET",
+    "GraphBuildError",
+    "LeanOptions",
+    "build_lean_adaptable",
+    "expand_alpha_norms",
+    "trace_marked",
+]
 
 logger = logging.getLogger(__name__)
 
-MARKER_DOMAIN = "edgeloop"
-MARKER_OP = "AlphaNorm"
 OPSET = 17  # exporter.onnx_export re-exports this
-
-
-class GraphBuildError(RuntimeError):
-    """The traced graph does not have the shape the lean rewrite expects (the caller may fall back)."""
-
-
-@dataclass(frozen=True)
-class LeanOptions:
-    """Which rewrites :func:`expand_alpha_norms` applies (all on by default; for measurements and tests).
-
-    ``shift``: subtract the source running mean through the producing convolution's bias; ``pool_first``:
-    normalise after max pooling when γ ≥ 0 (guarded by an ``If``); ``gap_stats``: moments by
-    ``GlobalAveragePool`` (else ``ReduceMean`` over (N, H, W)); ``mean_through_conv``: E[z] from the
-    convolution of the batch-mean input where that input is at most half z's size. ``statistics=False``
-    builds the reduced α = 0 graph: no batch statistics, no ``bnK.batch_*`` outputs, normalisation by the
-    fed ``bnK.mean``/``bnK.var`` whatever α is (for measurements and a stats-free fast path).
-    """
-
-    shift: bool = True
-    pool_first: bool = True
-    gap_stats: bool = True
-    mean_through_conv: bool = False
-    statistics: bool = True
 
 
 # -- tracing with markers -------------------------------------------------------------------------------------
@@ -128,341 +120,6 @@ def trace_marked(model: nn.Module, path: Path, example: torch.Tensor) -> Adaptab
     return graph
 
 
-# -- graph editing --------------------------------------------------------------------------------------------
-class _Editor:
-    """Producer/consumer maps, fresh names and new initializers over one ONNX graph."""
-
-    def __init__(self, proto: onnx.ModelProto) -> None:
-        self.graph = proto.graph
-        self.inits = {i.name: i for i in self.graph.initializer}
-        self.producer = {out: n for n in self.graph.node for out in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in self.graph.node:
-            for name in n.input:
-                self.consumers.setdefault(name, []).append(n)
-        self.outputs = {o.name for o in self.graph.output}
-        inferred = onnx.shape_inference.infer_shapes(proto).graph
-        self.types = {v.name: v.type for v in [*inferred.value_info, *inferred.input, *inferred.output]}
-        self._ids = itertools.count()
-        self.drop: set[str] = set()  # first outputs of nodes an expansion replaced
-        self._zero: str | None = None
-        self._flat: str | None = None
-        self._int_zero: str | None = None
-
-    def sample_size(self, tensor: str) -> int | None:
-        """Elements of one sample of ``tensor`` (the product of its static non-batch dims), or None."""
-        t = self.types.get(tensor)
-        if t is None or not t.tensor_type.HasField("shape"):
-            return None
-        dims = t.tensor_type.shape.dim[1:]
-        if not dims or any(not d.HasField("dim_value") for d in dims):
-            return None
-        return int(np.prod([d.dim_value for d in dims]))
-
-    def flat_shape(self) -> str:
-        """The name of a shared int64 ``[-1]`` initializer (a Reshape target that flattens)."""
-        if self._flat is None:
-            self._flat = self.name("flat_shape")
-            tensor = numpy_helper.from_array(np.array([-1], dtype=np.int64), self._flat)
-            self.graph.initializer.append(tensor)
-            self.inits[self._flat] = tensor
-        return self._flat
-
-    def int_zero(self) -> str:
-        """The name of a shared int64 scalar 0 initializer."""
-        if self._int_zero is None:
-            self._int_zero = self.name("int_zero")
-            tensor = numpy_helper.from_array(np.array(0, dtype=np.int64), self._int_zero)
-            self.graph.initializer.append(tensor)
-            self.inits[self._int_zero] = tensor
-        return self._int_zero
-
-    def zero(self) -> str:
-        """The name of a shared float32 scalar 0 initializer."""
-        if self._zero is None:
-            self._zero = self.constant("zero", np.array(0.0, dtype=np.float32))
-        return self._zero
-
-    def name(self, hint: str) -> str:
-        """A new unique tensor name."""
-        return f"{hint}__{next(self._ids)}"
-
-    def constant(self, hint: str, value: np.ndarray) -> str:
-        """A new float32 initializer; returns its name."""
-        name = self.name(hint)
-        tensor = numpy_helper.from_array(np.asarray(value, dtype=np.float32), name)
-        self.graph.initializer.append(tensor)
-        self.inits[name] = tensor
-        return name
-
-    def only_consumer(self, tensor: str) -> onnx.NodeProto | None:
-        """The single node reading ``tensor`` when it is not also a graph output, else None."""
-        readers = self.consumers.get(tensor, [])
-        return readers[0] if len(readers) == 1 and tensor not in self.outputs else None
-
-    def value_info(self, name: str, tensor: str) -> onnx.ValueInfoProto:
-        """A value info called ``name`` with the inferred type of ``tensor``."""
-        if tensor not in self.types:
-            raise GraphBuildError(f"no inferred type for {tensor!r}")
-        info = onnx.ValueInfoProto()
-        info.name = name
-        info.type.CopyFrom(self.types[tensor])
-        return info
-
-
-class _Emitter:
-    """Collects the nodes of one marker's expansion; ``op`` returns the new node's output names."""
-
-    def __init__(self, editor: _Editor, prefix: str) -> None:
-        self.ed = editor
-        self.prefix = prefix
-        self.nodes: list[onnx.NodeProto] = []
-
-    def op(self, op_type: str, inputs: Sequence[str], out: str | None = None, **attrs: object) -> str:
-        """Add one single-output node; its output is ``out`` or a fresh name."""
-        output = out or self.ed.name(f"{self.prefix}/{op_type}")
-        self.nodes.append(helper.make_node(op_type, list(inputs), [output], name=self.ed.name(self.prefix), **attrs))
-        return output
-
-
-# -- one marker -----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class _Marker:
-    """A marker node's tensors: input z, the fed γ, β, μ_ref, σ²_ref and α, outputs y, μ_b, σ²_b."""
-
-    node: onnx.NodeProto
-    layer: str
-    eps: float
-
-    @classmethod
-    def parse(cls, node: onnx.NodeProto) -> _Marker:
-        """Check arity and output names (``<layer>.batch_mean``/``.batch_var``)."""
-        if len(node.input) != 6 or len(node.output) != 3:
-            raise GraphBuildError(f"marker {node.name!r} has {len(node.input)} inputs, {len(node.output)} outputs")
-        layer = node.output[1].removesuffix(".batch_mean")
-        if node.output[1] == layer or node.output[2] != f"{layer}.batch_var":
-            raise GraphBuildError(f"marker {node.name!r} outputs {list(node.output)} are not graph statistics")
-        eps = next((a.f for a in node.attribute if a.name == "eps"), None)
-        if eps is None:
-            raise GraphBuildError(f"marker {node.name!r} has no eps attribute")
-        return cls(node, layer, float(eps))
-
-    def __getattr__(self, item: str) -> str:
-        inputs = ("z", "weight", "bias", "mean", "var", "alpha")
-        if item in inputs:
-            return str(self.node.input[inputs.index(item)])
-        outputs = ("y", "batch_mean", "batch_var")
-        if item in outputs:
-            return str(self.node.output[outputs.index(item)])
-        raise AttributeError(item)
-
-
-def _shift_conv(ed: _Editor, mk: _Marker, shift: np.ndarray | None) -> np.ndarray | None:
-    """Subtract ``shift`` from z through its producing Conv's bias; the shift applied, or None if none was."""
-    conv = ed.producer.get(mk.z)
-    if shift is None or conv is None or conv.op_type != "Conv" or conv.input[1] not in ed.inits:
-        return None
-    if ed.consumers.get(mk.z, []) != [mk.node] or mk.z in ed.outputs:
-        return None
-    old = numpy_helper.to_array(ed.inits[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] else 0.0
-    if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in ed.inits:
-        return None
-    bias = ed.constant(f"{mk.layer}/conv_bias", np.asarray(old, dtype=np.float32) - shift.astype(np.float32))
-    if len(conv.input) > 2:
-        conv.input[2] = bias
-    else:
-        conv.input.append(bias)
-    return shift.astype(np.float32)
-
-
-def _channel_mean(em: _Emitter, pooled: str) -> str:
-    """(N, C, 1, 1) → (C,), the mean over N (a flat ``ReduceMean`` over axis 0 is onnxruntime's fast case)."""
-    return em.op("ReduceMean", [em.op("Flatten", [pooled])], axes=[0], keepdims=0)
-
-
-def _mean_through_conv(ed: _Editor, em: _Emitter, z: str) -> str | None:
-    """E[z] as the convolution of the batch-mean input, when z = Conv(x) and x has at most half z's elements.
-
-    A convolution is affine in its input, so the mean of its outputs over (N, H, W) is the spatial mean of
-    the convolution of the mean input image (zero padding is the same for every sample): one read of x
-    and a one-image convolution instead of a read of z.
-    """
-    conv = ed.producer.get(z)
-    if conv is None or conv.op_type != "Conv":
-        return None
-    x_size, z_size = ed.sample_size(conv.input[0]), ed.sample_size(z)
-    if x_size is None or z_size is None or 2 * x_size > z_size:
-        return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-    image = em.op("ReduceMean", [conv.input[0]], axes=[0], keepdims=1)
-    mapped = em.op("Conv", [image, *conv.input[1:]], **attrs)
-    return em.op("Reshape", [em.op("GlobalAveragePool", [mapped]), ed.flat_shape()])
-
-
-def _moments(ed: _Editor, em: _Emitter, z: str, options: LeanOptions) -> tuple[str, str]:
-    """E[z] and E[z²] over (N, H, W), each of shape (C,)."""
-    if not options.gap_stats:
-        mean = em.op("ReduceMean", [z], axes=[0, 2, 3], keepdims=0)
-        return mean, em.op("ReduceMean", [em.op("Mul", [z, z])], axes=[0, 2, 3], keepdims=0)
-    mean = _mean_through_conv(ed, em, z) if options.mean_through_conv else None
-    if mean is None:
-        mean = _channel_mean(em, em.op("GlobalAveragePool", [z]))
-    square = em.op("Mul", [z, z])  # z's last reader: onnxruntime may write the squares over z
-    return mean, _channel_mean(em, em.op("GlobalAveragePool", [square]))
-
-
-def _statistics(ed: _Editor, em: _Emitter, mk: _Marker, shift: str | None, options: LeanOptions) -> str:
-    """Emit μ_b and σ²_b under the marker's output names; return the mean of the (shifted) z."""
-    mean, second = _moments(ed, em, mk.z, options)
-    em.op("Relu", [em.op("Sub", [second, em.op("Mul", [mean, mean])])], out=mk.batch_var)
-    if shift is None:
-        em.op("Identity", [mean], out=mk.batch_mean)
-    else:
-        em.op("Add", [mean, shift], out=mk.batch_mean)
-    return mean
-
-
-def _mixed(em: _Emitter, mk: _Marker, shifted_mean: str, shift: str | None) -> tuple[str, str]:
-    """The α-mixed mean (of the shifted z) and variance: ref + α·(batch − ref)."""
-    ref_mean = mk.mean if shift is None else em.op("Sub", [mk.mean, shift])
-    mean = em.op("Add", [ref_mean, em.op("Mul", [mk.alpha, em.op("Sub", [shifted_mean, ref_mean])])])
-    var = em.op("Add", [mk.var, em.op("Mul", [mk.alpha, em.op("Sub", [mk.batch_var, mk.var])])])
-    return mean, var
-
-
-def _pool_chain(ed: _Editor, mk: _Marker) -> tuple[onnx.NodeProto, onnx.NodeProto] | None:
-    """The ``Relu`` and ``MaxPool`` nodes when y feeds only a Relu that feeds only a plain MaxPool."""
-    relu = ed.only_consumer(mk.y)
-    if relu is None or relu.op_type != "Relu":
-        return None
-    pool = ed.only_consumer(relu.output[0])
-    if pool is None or pool.op_type != "MaxPool" or len(pool.output) != 1:
-        return None
-    return relu, pool
-
-
-def _normalize(em: _Emitter, mk: _Marker, x: str, mean: str, var: str, out: str | None = None) -> str:
-    return em.op("BatchNormalization", [x, mk.weight, mk.bias, mean, var], out=out, epsilon=mk.eps)
-
-
-def _recompute(ed: _Editor, em: _Emitter, z: str) -> str:
-    """z again inside a branch: its producing Conv re-run there when it reads only outer names, else z itself.
-
-    Reading z from a branch makes onnxruntime convert the convolution's blocked (NCHWc) output for the ``If``
-    on every run, taken branch or not; re-running the Conv in the rarely taken branch costs nothing otherwise.
-    """
-    conv = ed.producer.get(z)
-    if conv is None or conv.op_type != "Conv":
-        return z
-    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-    return em.op("Conv", list(conv.input), **attrs)
-
-
-def _pool_first(ed: _Editor, em: _Emitter, mk: _Marker, z: str, pooled: str, stats: tuple[str, str],
-                chain: tuple[onnx.NodeProto, onnx.NodeProto]) -> None:
-    """``MaxPool → BN → ReLU`` when min(γ) ≥ 0, else the original ``BN → ReLU → MaxPool``, via an ``If``.
-
-    With γ ≥ 0 the normalisation is a non-decreasing map per channel, so it commutes with max pooling (and
-    ReLU does too). The pooled BN runs before the ``If`` and its shape feeds the condition: tools that sort
-    nodes by their explicit inputs only (onnxruntime's quantizer does) then keep the ``If`` after every
-    value its branches read.
-    """
-    relu, pool = chain
-    attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
-    normalized = _normalize(em, mk, pooled, *stats)
-    nonneg = em.op("Not", [em.op("Less", [em.op("ReduceMin", [mk.weight], keepdims=0), ed.zero()])])
-    rows = em.op("Greater", [em.op("Shape", [normalized], start=0, end=1), ed.int_zero()])
-    cond = em.op("And", [nonneg, rows])
-    fast, slow = _Emitter(ed, f"{mk.layer}/pool_first"), _Emitter(ed, f"{mk.layer}/pool_last")
-    fast_out = fast.op("Relu", [normalized])
-    slow_out = slow.op("MaxPool", [slow.op("Relu", [_normalize(slow, mk, _recompute(ed, slow, z), *stats)])],
-                       **attrs)
-    branches = []
-    for emitter, result in ((fast, fast_out), (slow, slow_out)):
-        out = ed.value_info(result, pool.output[0])
-        branches.append(helper.make_graph(emitter.nodes, ed.name(emitter.prefix), [], [out]))
-    em.nodes.append(helper.make_node("If", [cond], [pool.output[0]], name=ed.name(f"{mk.layer}/If"),
-                                     then_branch=branches[0], else_branch=branches[1]))
-    ed.drop.update({relu.output[0], pool.output[0]})
-
-
-def _expand(ed: _Editor, mk: _Marker, source_mean: np.ndarray | None, options: LeanOptions) -> list[onnx.NodeProto]:
-    """The nodes replacing one marker (and, with pool-first, the Relu and MaxPool after it)."""
-    em = _Emitter(ed, mk.layer)
-    applied = _shift_conv(ed, mk, source_mean if options.shift and options.statistics else None)
-    shift = None if applied is None else ed.constant(f"{mk.layer}/shift", applied)
-    z = mk.z
-    chain = _pool_chain(ed, mk) if options.pool_first else None
-    pooled = None
-    if chain is not None:  # pool before the squares, so z's buffer is free for them (in-place Mul)
-        pooled = em.op("MaxPool", [z], **{a.name: helper.get_attribute_value(a) for a in chain[1].attribute})
-    stats = (mk.mean, mk.var)  # without statistics: the fed reference, whatever α is
-    if options.statistics:
-        stats = _mixed(em, mk, _statistics(ed, em, mk, shift, options), shift)
-    if chain is None or pooled is None:
-        _normalize(em, mk, z, *stats, out=mk.y)
-    else:
-        _pool_first(ed, em, mk, z, pooled, stats, chain)
-    return em.nodes
-
-
-# -- the whole graph ------------------------------------------------------------------------------------------
-def _names_read(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by a node of ``graph`` or of its subgraphs, or returned by ``graph``."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                names |= _names_read(attr.g)
-    return names
-
-
-def _drop_unused_initializers(graph: onnx.GraphProto) -> None:
-    """Remove initializers nothing reads any more (e.g. a convolution bias the shift replaced)."""
-    used = _names_read(graph)
-    kept = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-
-
-def expand_alpha_norms(
-    proto: onnx.ModelProto, source_means: Mapping[str, np.ndarray], options: LeanOptions | None = None
-) -> onnx.ModelProto:
-    """Replace every marker of a :func:`trace_marked` graph in place; returns ``proto``.
-
-    ``source_means`` maps layer names (``bn1``…) to the constant each layer's activations are shifted by.
-    Raises :class:`GraphBuildError` when a marker is malformed or none is found.
-    """
-    options = options or LeanOptions()
-    ed = _Editor(proto)
-    nodes: list[onnx.NodeProto] = []
-    markers = 0
-    for node in list(proto.graph.node):
-        if node.output and node.output[0] in ed.drop:
-            continue
-        if node.domain == MARKER_DOMAIN and node.op_type == MARKER_OP:
-            mk = _Marker.parse(node)
-            nodes.extend(_expand(ed, mk, source_means.get(mk.layer), options))
-            markers += 1
-        else:
-            nodes.append(node)
-    if markers == 0:
-        raise GraphBuildError("the traced graph holds no normalisation marker")
-    del proto.graph.node[:]
-    proto.graph.node.extend(nodes)
-    _drop_unused_initializers(proto.graph)
-    del proto.graph.value_info[:]
-    if not options.statistics:
-        outputs = [o for o in proto.graph.output if not o.name.endswith((".batch_mean", ".batch_var"))]
-        del proto.graph.output[:]
-        proto.graph.output.extend(outputs)
-    kept = [o for o in proto.opset_import if o.domain != MARKER_DOMAIN]
-    del proto.opset_import[:]
-    proto.opset_import.extend(kept)
-    return proto
-
-
 def build_lean_adaptable(
     model: nn.Module, path: Path | str, example: torch.Tensor, options: LeanOptions | None = None
 ) -> AdaptableGraph:
@@ -470,9 +127,10 @@ def build_lean_adaptable(
     path = Path(path)
     graph = trace_marked(model, path, example)
     proto = onnx.load(str(path))
-    means = {layer.name: v.numpy() for layer in graph.layers
-             for k, v in source_params(model).items() if k == layer.param("mean")}
+    source = source_params(model)
+    means = {layer.name: source[layer.param("mean")].numpy() for layer in graph.layers}
     expand_alpha_norms(proto, means, options)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
+    logger.debug("lean adaptable graph %s: %d layers, %d nodes", path.name, len(graph.layers), len(proto.graph.node))
     return graph
