@@ -14,7 +14,8 @@ one intra-op thread, then onnxruntime's default thread count):
 * ``lean``: the adaptable graph :func:`exporter.onnx_export.export_adaptable_onnx` builds now (statistics on);
 * at batch 64, ablations of the lean graph (one rewrite off at a time) and ``lean_nostats``: the α = 0 graph
   without statistics outputs (fed reference statistics, the normalisation still a graph input);
-* int8 (static QDQ, :func:`exporter.quantize.quantize_int8`) of ``traced`` and ``lean``.
+* int8 (static QDQ, :func:`exporter.quantize.quantize_int8`) of ``traced`` and ``lean``, and of ``lean`` with
+  the convolutions on fewer than 8 input channels left float (``lean_int8_float_stem``).
 
 Each adaptable graph is fed α = 0.5 (one-pass α-mix; α does not change the work done).
 """
@@ -122,8 +123,35 @@ def export_all(arch: str, out: Path, int8: bool = True) -> Exported:
         for name in ("traced", "lean"):
             files[f"{name}_int8"] = out / f"{name}_int8.onnx"
             quantize_int8(files[name], files[f"{name}_int8"], x, params, config)
+        files["lean_int8_float_stem"] = out / "lean_int8_float_stem.onnx"
+        _quantize_float_stem(files["lean"], files["lean_int8_float_stem"], x, params)
     nodes = {k: len(onnx.load(str(p)).graph.node) for k, p in files.items()}
     return Exported(arch, files, nodes, params, (a["channels"], a["size"], a["size"]))
+
+
+def _quantize_float_stem(src: Path, dst: Path, x: np.ndarray, params: Mapping[str, np.ndarray]) -> None:
+    """Like :func:`exporter.quantize.quantize_int8`, but convolutions with < 8 input channels stay float.
+
+    onnxruntime's ``QLinearConv`` on one to three input channels measured several times slower than the
+    float convolution it replaces; this variant shows what excluding them would buy.
+    """
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from exporter.quantize import CalibrationReader
+
+    pre = dst.with_suffix(".pre.onnx")
+    quant_pre_process(str(src), str(pre))
+    proto = onnx.load(str(pre))
+    inits = {i.name: i for i in proto.graph.initializer}
+    stem = [n.name for n in proto.graph.node if n.op_type == "Conv" and n.input[1] in inits
+            and inits[n.input[1]].dims[1] < 8]
+    head = [n.name for n in proto.graph.node if "logits" in n.output]
+    quantize_static(str(pre), str(dst), CalibrationReader(x, params), quant_format=QuantFormat.QDQ,
+                    op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=stem + head,
+                    calibrate_method=CalibrationMethod.MinMax)
 
 
 def _session(path: Path, threads: int | None) -> Any:
@@ -149,7 +177,8 @@ def _callables(exp: Exported, names: list[str], x: np.ndarray, threads: int | No
     return out
 
 
-def time_arch(exp: Exported, threads: int | None, rounds: int) -> dict[str, dict[str, dict[str, float]]]:
+def time_arch(exp: Exported, threads: int | None, rounds: int, block_s: float = 0.005, ablations: bool = True
+              ) -> dict[str, dict[str, dict[str, float]]]:
     """Per batch size and variant: median ms per call and the median over rounds of the ratio to ``folded``.
 
     Every round runs every variant back to back (shuffled), so the per-round ratio cancels the slow phases
@@ -159,13 +188,16 @@ def time_arch(exp: Exported, threads: int | None, rounds: int) -> dict[str, dict
     result: dict[str, dict[str, dict[str, float]]] = {}
     for batch in BATCHES:
         x = rng.random((batch, *exp.shape), dtype=np.float32)
-        names = ["folded", "traced", "lean", *(n for n in exp.files if n.endswith("_int8"))]
-        if batch == RATIO_BATCH:
-            names += [n for n in exp.files if n.startswith("lean_") and not n.endswith("_int8")]
-        samples = interleaved(_callables(exp, names, x, threads), rounds=rounds, seed=batch)
+        names = ["folded", "traced", "lean", *(n for n in exp.files if "_int8" in n)]
+        if batch == RATIO_BATCH and ablations:
+            names += [n for n in exp.files if n.startswith("lean_") and "_int8" not in n]
+        samples = interleaved(_callables(exp, names, x, threads), rounds=rounds, target_block_s=block_s, seed=batch)
         base = np.asarray(samples["folded"])
-        result[str(batch)] = {k: {"ms": summarize(v).median * 1e3, "ratio": float(np.median(np.asarray(v) / base))}
-                              for k, v in samples.items()}
+        result[str(batch)] = {}
+        for k, v in samples.items():
+            r25, r50, r75 = np.percentile(np.asarray(v) / base, [25, 50, 75])
+            result[str(batch)][k] = {"ms": summarize(v).median * 1e3, "ratio": float(r50), "ratio_p25": float(r25),
+                                     "ratio_p75": float(r75)}
     return result
 
 
@@ -176,11 +208,12 @@ def _ratio_table(timings: Mapping[str, Mapping[str, Mapping[str, Mapping[str, fl
             def r(name: str, t: Mapping[str, Mapping[str, float]] = t) -> str:
                 return f"{t[name]['ratio']:.2f}×" if name in t else "—"
 
-            rows.append([arch, batch, f"{t['folded']['ms']:.3f}", f"{t['lean']['ms']:.3f}", r("traced"), r("lean"),
-                         r("lean_nostats"), r("traced_int8"), r("lean_int8")])
+            lean = f"{t['lean']['ratio']:.2f}× ({t['lean']['ratio_p25']:.2f}–{t['lean']['ratio_p75']:.2f})"
+            rows.append([arch, batch, f"{t['folded']['ms']:.3f}", f"{t['lean']['ms']:.3f}", r("traced"), lean,
+                         r("lean_nostats"), r("traced_int8"), r("lean_int8"), r("lean_int8_float_stem")])
     return (f"threads: {threads} (ratios: median over rounds of variant / folded in the same round)\n" + md_table(
-        ["model", "batch", "folded ms", "lean ms", "traced", "lean (stats on)", "lean, stats off", "traced int8",
-         "lean int8"], rows))
+        ["model", "batch", "folded ms", "lean ms", "traced", "lean, stats on (p25–p75)", "lean, stats off",
+         "traced int8", "lean int8", "lean int8, float stem"], rows))
 
 
 def _ablation_table(timings: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
@@ -192,13 +225,16 @@ def _ablation_table(timings: Mapping[str, Mapping[str, Mapping[str, Mapping[str,
     return md_table(["model", "lean", *names], rows)
 
 
-def run_latency(archs: list[str], thread_settings: list[int | None], rounds: int, int8: bool) -> dict[str, Any]:
+def run_latency(archs: list[str], thread_settings: list[int | None], rounds: int, int8: bool, block_s: float,
+                ablations: bool) -> dict[str, Any]:
     """Export and time every architecture under every thread setting."""
     exported = {arch: export_all(arch, scratch_dir(arch), int8) for arch in archs}
-    out: dict[str, Any] = {"nodes": {a: e.nodes for a, e in exported.items()}, "timings_ms": {}}
+    out: dict[str, Any] = {"nodes": {a: e.nodes for a, e in exported.items()}, "timings_ms": {}, "rounds": rounds,
+                           "block_s": block_s}
     for threads in thread_settings:
         key = "default" if threads is None else str(threads)
-        out["timings_ms"][key] = {arch: time_arch(e, threads, rounds) for arch, e in exported.items()}
+        out["timings_ms"][key] = {arch: time_arch(e, threads, rounds, block_s, ablations)
+                                  for arch, e in exported.items()}
     return out
 
 
@@ -301,7 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print markdown tables (and write JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 rounds, batch-64 ratios only worth a glance")
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=61)
+    parser.add_argument("--block-ms", type=float, default=5.0, help="calls per variant and round last about this")
+    parser.add_argument("--no-ablations", action="store_true")
     parser.add_argument("--archs", default=",".join(ARCHS))
     parser.add_argument("--threads", default="1,default", help="comma list of 1 | 2 | default")
     parser.add_argument("--no-int8", action="store_true")
@@ -313,11 +351,12 @@ def main(argv: list[str] | None = None) -> int:
     threads = [None if t == "default" else int(t) for t in args.threads.split(",")]
     report: dict[str, Any] = {"machine": machine_info()}
     report["latency"] = run_latency(args.archs.split(","), threads, 5 if args.quick else args.rounds,
-                                    not args.no_int8)
+                                    not args.no_int8, args.block_ms / 1e3, not args.no_ablations)
     for key, timings in report["latency"]["timings_ms"].items():
         print(_ratio_table(timings, key), "\n")
-        print(f"batch-{RATIO_BATCH} ablations, threads {key} (each / folded; above lean's means the idea helps):")
-        print(_ablation_table(timings), "\n")
+        if not args.no_ablations:
+            print(f"batch-{RATIO_BATCH} ablations, threads {key} (each / folded; above lean's means the idea helps):")
+            print(_ablation_table(timings), "\n")
     print("nodes per file:", json.dumps(report["latency"]["nodes"]), "\n")
     if args.accuracy:
         report["accuracy"] = run_accuracy(64, 128 if args.quick else 512, (1, 4, 8))

@@ -179,9 +179,10 @@ def _shift_conv(ed: _Editor, mk: _Marker, shift: np.ndarray | None) -> np.ndarra
         return None
     if ed.consumers.get(mk.z, []) != [mk.node] or mk.z in ed.outputs:
         return None
-    old = numpy_helper.to_array(ed.inits[conv.input[2]]) if len(conv.input) > 2 and conv.input[2] else 0.0
-    if len(conv.input) > 2 and conv.input[2] and conv.input[2] not in ed.inits:
-        return None
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    if has_bias and conv.input[2] not in ed.inits:
+        return None  # a computed bias: leave the convolution alone
+    old = numpy_helper.to_array(ed.inits[conv.input[2]]) if has_bias else 0.0
     bias = ed.constant(f"{mk.layer}/conv_bias", np.asarray(old, dtype=np.float32) - shift.astype(np.float32))
     if len(conv.input) > 2:
         conv.input[2] = bias
@@ -222,7 +223,7 @@ def _moments(ed: _Editor, em: _Emitter, z: str, options: LeanOptions) -> tuple[s
     mean = _mean_through_conv(ed, em, z) if options.mean_through_conv else None
     if mean is None:
         mean = _channel_mean(em, em.op("GlobalAveragePool", [z]))
-    square = em.op("Mul", [z, z])  # z's last reader: onnxruntime may write the squares over z
+    square = em.op("Mul", [z, z])  # with pool-first, z's last reader: the squares may reuse z's buffer
     return mean, _channel_mean(em, em.op("GlobalAveragePool", [square]))
 
 
