@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import bench_demo, bench_distill, bench_inference, bench_upload
+from benchmarks import bench_compression, bench_demo, bench_distill, bench_inference, bench_upload
 from benchmarks.common import REPO_ROOT, describe_machine, machine_info, now_iso
 
 log = logging.getLogger("benchmarks")
@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_inference.NAME: bench_inference,
     bench_upload.NAME: bench_upload,
     bench_distill.NAME: bench_distill,
+    bench_compression.NAME: bench_compression,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
