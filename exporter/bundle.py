@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-GOLDEN = "golden.npz"
 STATISTICS = "source_statistics.npz"
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 # int8 kernels differ between CPUs (VNNI or not, x86 or ARM, fused QLinearConv or float-emulated QDQ):
@@ -243,16 +242,27 @@ def _run_unoptimized(built: BuiltModel, x: np.ndarray, params: dict[str, np.ndar
     return dict(zip(names, sess.run(names, feeds_for(built.entry, x, params, alpha)), strict=True))
 
 
+def quantize_golden(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Golden inputs snapped to k/255: stored as uint8 (4x smaller), restored exactly as float32 on a device."""
+    q = np.clip(np.round(x * 255.0), 0, 255).astype(np.uint8)
+    return q, q.astype(np.float32) / np.float32(255.0)
+
+
 def _write_golden(tmp: Path, built: list[BuiltModel], golden_x: np.ndarray, params: dict[str, np.ndarray],
-                  alpha: float) -> dict[str, dict[str, float]]:
-    """Write golden.npz from each model's own runtime; return per-model tolerances."""
-    arrays: dict[str, np.ndarray] = {"input": golden_x}
-    tolerances: dict[str, dict[str, float]] = {}
+                  alpha: float) -> dict[str, dict[str, Any]]:
+    """Write one compressed golden file per model (a device fetches only its model's), from the model's own
+    runtime; return per-model ``{file, atol, rtol}``. ``golden_x`` must already be on the k/255 grid."""
+    q, x = quantize_golden(golden_x)
+    if not np.array_equal(x, golden_x):
+        raise ExportError("golden inputs must be snapped to k/255 first (quantize_golden)")
+    tolerances: dict[str, dict[str, Any]] = {}
     for b in built:
-        outputs = _golden_outputs(b, golden_x, params, alpha)
-        arrays.update({f"{b.entry['name']}/{k}": v for k, v in outputs.items()})
-        tolerances[b.entry["name"]] = _tolerance(b, golden_x, params, alpha, outputs)
-    np.savez(tmp / GOLDEN, **arrays)  # type: ignore[arg-type]
+        name = b.entry["name"]
+        outputs = _golden_outputs(b, x, params, alpha)
+        arrays = {"input_u8": q, "input_denominator": np.float32(255.0)}
+        arrays.update({f"{name}/{k}": v for k, v in outputs.items()})
+        np.savez_compressed(tmp / f"golden_{name}.npz", **arrays)  # type: ignore[arg-type]
+        tolerances[name] = {"file": f"golden_{name}.npz", **_tolerance(b, x, params, alpha, outputs)}
     return tolerances
 
 
@@ -307,7 +317,7 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
         "source_statistics": write_statistics(tmp, source_statistics(fp32, model, data["source_x"], opts["source_y"])),
         "models": [b.entry for b in built],
         "default_model": "fp32",
-        "golden": {"file": GOLDEN, "alpha": float(opts["golden_alpha"]), "models": tolerances},
+        "golden": {"alpha": float(opts["golden_alpha"]), "models": tolerances},
     }
     if opts["compression"] is not None:
         blocks["compression"] = dict(opts["compression"])
@@ -370,6 +380,7 @@ def export_bundle(
     model, arch, spec, ckpt_sha = _resolve_source(source)
     data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x,
                          parity_x=golden_x if parity_x is None else parity_x)
+    data["golden_x"] = quantize_golden(data["golden_x"])[1]
     _prepare_out_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:

@@ -68,20 +68,28 @@ def golden_feeds(manifest: Manifest, model: ModelEntry, x: np.ndarray) -> dict[s
     return feeds
 
 
+def golden_input(recorded: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """The golden input batch: ``input`` as stored, or ``input_u8 / input_denominator`` (float32, exact)."""
+    if "input" in recorded:
+        return recorded["input"]
+    if "input_u8" in recorded and "input_denominator" in recorded:
+        return recorded["input_u8"].astype(np.float32) / np.float32(recorded["input_denominator"])
+    raise BundleIntegrityError(f"golden file {name!r} has no 'input' (or 'input_u8') array")
+
+
 def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Session) -> None:
     """Run the golden inputs and compare every recorded output of ``model`` within its tolerance."""
-    path = root / manifest.golden_file
+    name = manifest.golden_file_of(model.name)
     try:
-        golden = np.load(path, allow_pickle=False)
-        recorded = {k: golden[k] for k in golden.files}
+        with np.load(root / name, allow_pickle=False) as golden:
+            recorded = {k: golden[k] for k in golden.files}
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise BundleIntegrityError(f"golden file {manifest.golden_file!r} is unreadable: {exc}") from exc
-    if "input" not in recorded:
-        raise BundleIntegrityError(f"golden file {manifest.golden_file!r} has no 'input' array")
+        raise BundleIntegrityError(f"golden file {name!r} is unreadable: {exc}") from exc
+    x = golden_input(recorded, name)
     if model.name not in manifest.golden_tolerance:
         raise ManifestError(f"golden.models has no tolerance for model {model.name!r}")
     atol, rtol = manifest.golden_tolerance[model.name]
-    outputs = session.run(golden_feeds(manifest, model, recorded["input"].astype(manifest.input.dtype)))
+    outputs = session.run(golden_feeds(manifest, model, x.astype(manifest.input.dtype)))
     prefix = f"{model.name}/"
     checked = 0
     for key, expected in recorded.items():

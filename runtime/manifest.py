@@ -78,6 +78,7 @@ class Manifest:
     default_model: str
     files: dict[str, str]
     golden_file: str
+    golden_files: dict[str, str]
     golden_alpha: float
     golden_tolerance: dict[str, tuple[float, float]]
     raw: dict[str, Any]
@@ -95,6 +96,10 @@ class Manifest:
             if entry.name == wanted:
                 return entry
         raise ManifestError(f"model {wanted!r} not in bundle; available: {[m.name for m in self.models]}")
+
+    def golden_file_of(self, model: str) -> str:
+        """The golden-vector file of ``model``: its own (``golden.models[model].file``) or the shared one."""
+        return self.golden_files.get(model, self.golden_file)
 
     @property
     def is_adaptable(self) -> bool:
@@ -211,7 +216,8 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         models=models,
         default_model=str(raw.get("default_model", models[0].name)),
         files=files,
-        golden_file=_get(golden, "file", str, "golden"),
+        golden_file=str(golden.get("file", "")),
+        golden_files={n: str(t["file"]) for n, t in golden["models"].items() if isinstance(t.get("file"), str)},
         golden_alpha=float(golden.get("alpha", 0.0)),
         golden_tolerance=tolerance,
         raw=raw,
@@ -225,8 +231,10 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
             raise ManifestError(f"model {entry.name!r} has graph {entry.graph!r}; expected one of {GRAPH_KINDS}")
         if entry.graph == "adaptable" and not layers:
             raise ManifestError(f"model {entry.name!r} is adaptable but the manifest has no adaptable block")
-    if manifest.golden_file not in files:
-        raise ManifestError(f"golden file {manifest.golden_file!r} has no sha256 in manifest.files")
+    for entry in models:
+        golden_file = manifest.golden_file_of(entry.name)
+        if golden_file not in files:
+            raise ManifestError(f"golden file {golden_file!r} of model {entry.name!r} has no sha256 in manifest.files")
     return manifest
 
 

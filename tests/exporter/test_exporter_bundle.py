@@ -96,7 +96,8 @@ def test_models_and_quantization_block(digits_bundle: Path) -> None:
 def test_every_sha256_matches(digits_bundle: Path) -> None:
     m = _manifest(digits_bundle)
     on_disk = {p.name for p in digits_bundle.iterdir()} - {"manifest.json", "manifest.sig"}
-    assert set(m["files"]) == on_disk == {"model_fp32.onnx", "model_int8.onnx", "golden.npz", "source_statistics.npz"}
+    assert set(m["files"]) == on_disk == {"model_fp32.onnx", "model_int8.onnx", "golden_fp32.npz", "golden_int8.npz",
+                                          "source_statistics.npz"}
     for name, digest in m["files"].items():
         assert hashlib.sha256((digits_bundle / name).read_bytes()).hexdigest() == digest
     assert bundle_id(digits_bundle) == hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
@@ -106,21 +107,21 @@ def test_every_sha256_matches(digits_bundle: Path) -> None:
 def test_golden_reproduces_with_onnxruntime(digits_bundle: Path) -> None:
     m = _manifest(digits_bundle)
     golden = m["golden"]
-    assert golden["file"] == "golden.npz" and golden["alpha"] == 0.5
-    assert golden["models"]["fp32"] == {"atol": 1e-4, "rtol": 1e-3}
+    assert "file" not in golden and golden["alpha"] == 0.5
+    assert golden["models"]["fp32"] == {"file": "golden_fp32.npz", "atol": 1e-4, "rtol": 1e-3}
     assert 1e-2 <= golden["models"]["int8"]["atol"] <= 0.2
-    data = np.load(digits_bundle / "golden.npz")
-    x = data["input"]
-    assert x.shape == (8, 1, 8, 8) and x.dtype == np.float32
-    feeds = {"input": x, "alpha": np.array(golden["alpha"], dtype=np.float32), **_initial(m)}
     for entry in m["models"]:
+        tol = golden["models"][entry["name"]]
+        data = np.load(digits_bundle / tol["file"])
+        # inputs on the k/255 grid, stored as uint8 and restored exactly
+        x = data["input_u8"].astype(np.float32) / np.float32(data["input_denominator"])
+        assert x.shape == (8, 1, 8, 8) and data["input_u8"].dtype == np.uint8
+        feeds = {"input": x, "alpha": np.array(golden["alpha"], dtype=np.float32), **_initial(m)}
         sess = ort.InferenceSession(str(digits_bundle / entry["file"]), providers=["CPUExecutionProvider"])
         names = [o.name for o in sess.get_outputs()]
-        assert {f"{entry['name']}/{n}" for n in names} <= set(data.files)
-        tol = golden["models"][entry["name"]]
+        assert {f"{entry['name']}/{n}" for n in names} | {"input_u8", "input_denominator"} == set(data.files)
         for name, value in zip(names, sess.run(names, feeds), strict=True):
             np.testing.assert_allclose(value, data[f"{entry['name']}/{name}"], atol=tol["atol"], rtol=tol["rtol"])
-    assert len(data.files) == 1 + 2 * 8
 
 
 def _small_export(digits_model: tuple, digits_arrays: tuple, out: Path, **kwargs: Any) -> Path:
@@ -135,7 +136,7 @@ def _small_export(digits_model: tuple, digits_arrays: tuple, out: Path, **kwargs
 def test_fp32_only_bundle_from_model_and_overwrite(digits_model: tuple, digits_arrays: tuple, tmp_path: Path) -> None:
     out = _small_export(digits_model, digits_arrays, tmp_path / "b", int8=False, name="fp32-only")
     m = _manifest(out)
-    assert [e["name"] for e in m["models"]] == ["fp32"] and set(m["files"]) == {"model_fp32.onnx", "golden.npz"}
+    assert [e["name"] for e in m["models"]] == ["fp32"] and set(m["files"]) == {"model_fp32.onnx", "golden_fp32.npz"}
     assert m["source_statistics"]["accuracy"] is None and m["name"] == "fp32-only"
     with pytest.raises(FileExistsError, match="not empty"):
         _small_export(digits_model, digits_arrays, out, int8=False)

@@ -51,22 +51,23 @@ def test_loads_and_reproduces_golden(digits_bundle: Path, model: str) -> None:
     bundle = load_bundle(digits_bundle, model=model, threads=1)
     assert bundle.model.name == model
     assert bundle.bundle_id == hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
-    golden = np.load(digits_bundle / "golden.npz")
-    out = AdaptableModel(bundle).forward(golden["input"], alpha=bundle.manifest.golden_alpha)
+    golden = np.load(digits_bundle / f"golden_{model}.npz")
+    x = golden["input_u8"].astype(np.float32) / np.float32(golden["input_denominator"])
+    out = AdaptableModel(bundle).forward(x, alpha=bundle.manifest.golden_alpha)
     np.testing.assert_allclose(out.logits, golden[f"{model}/logits"], atol=0.05)
 
 
 def test_missing_file_is_named(bundle_copy: Path) -> None:
-    (bundle_copy / "golden.npz").unlink()
-    with pytest.raises(BundleIntegrityError, match=r"golden\.npz.*missing"):
+    (bundle_copy / "golden_fp32.npz").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"golden_fp32\.npz.*missing"):
         load_bundle(bundle_copy)
 
 
 def test_golden_mismatch_is_named(bundle_copy: Path, signing_key: Any) -> None:
-    golden = dict(np.load(bundle_copy / "golden.npz"))
+    golden = dict(np.load(bundle_copy / "golden_fp32.npz"))
     golden["fp32/logits"] = golden["fp32/logits"] + 1.0
-    np.savez(bundle_copy / "golden.npz", **golden)
-    _rehash(bundle_copy, "golden.npz", signing_key)
+    np.savez(bundle_copy / "golden_fp32.npz", **golden)
+    _rehash(bundle_copy, "golden_fp32.npz", signing_key)
     with pytest.raises(GoldenMismatchError, match=r"'fp32'.*'logits'"):
         load_bundle(bundle_copy, model="fp32")
 
