@@ -110,6 +110,24 @@ class Manifest:
         """Shape of every adaptable parameter input."""
         return {k: tuple(v.shape) for k, v in self.initial_params.items()}
 
+    def class_gaussians(self, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Class-conditional feature means (K, D), shared covariance (D, D) and class counts (K,), from the
+        statistics file of the bundle at ``root``; None when the bundle records none."""
+        ref = self.raw.get("source_statistics", {}).get("class_conditional")
+        if not ref:
+            return None
+        if ref.get("file") not in self.files:
+            raise ManifestError(f"class-conditional statistics {ref.get('file')!r} has no sha256 in manifest.files")
+        with np.load(Path(root) / ref["file"], allow_pickle=False) as data:
+            means, counts = data["means"].astype(np.float32), data["counts"]
+            upper = data["shared_covariance_upper"].astype(np.float32)
+        dim = means.shape[1]
+        if upper.shape != (dim * (dim + 1) // 2,):
+            raise ManifestError(f"{ref['file']}: covariance has {upper.size} values, expected {dim * (dim + 1) // 2}")
+        cov = np.zeros((dim, dim), np.float32)
+        cov[np.triu_indices(dim)] = upper
+        return means, cov + np.triu(cov, 1).T, counts
+
     def source_feature_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Source penultimate-feature mean and variance, when recorded."""
         feats = self.raw.get("source_statistics", {}).get("features")

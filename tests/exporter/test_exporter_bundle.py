@@ -181,11 +181,14 @@ def test_bad_arguments_are_rejected(
 
 
 def test_class_conditional_gaussians(digits_bundle: Path) -> None:
+    from runtime.manifest import read_manifest
+
     ref = _manifest(digits_bundle)["source_statistics"]["class_conditional"]
-    stats = np.load(digits_bundle / ref["file"])
-    means, cov = stats["means"], stats["shared_covariance"]
+    gaussians = read_manifest(digits_bundle)[0].class_gaussians(digits_bundle)
+    assert gaussians is not None
+    means, cov, counts = gaussians
     dim = len(_manifest(digits_bundle)["source_statistics"]["features"]["mean"])
-    assert means.shape == (10, dim) and cov.shape == (dim, dim) and stats["counts"].sum() > 0
+    assert means.shape == (10, dim) and cov.shape == (dim, dim) and counts.sum() > 0
     assert ref["arrays"] == {"means": [10, dim], "shared_covariance": [dim, dim], "counts": [10]}
     np.testing.assert_allclose(cov, cov.T)
     assert np.linalg.eigvalsh(cov).min() > 0  # invertible on the device
