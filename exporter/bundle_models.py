@@ -10,6 +10,7 @@ held-out inputs, measured by the runtime that will run the file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from runtime.session import Session, open_session
 logger = logging.getLogger(__name__)
 
 PARITY_ALPHA = 0.0
+ADAPTABLE_FLOAT_STEM = 8
 
 
 @dataclass(frozen=True)
@@ -98,8 +100,12 @@ def _onnx_models(model: nn.Module, tmp: Path, data: Mapping[str, np.ndarray], op
         for src in list(built):
             name = src.entry["name"].replace("fp32", "int8")
             dst = tmp / src.path.name.replace("fp32", "int8")
-            src_params = params if src.entry["graph"] == "adaptable" else {}
-            report = quantize_int8(src.path, dst, data["calibration_x"], src_params, opts.int8_config,
+            adaptable = src.entry["graph"] == "adaptable"
+            config = opts.int8_config or Int8Config()
+            if adaptable and config.float_convs_below_channels == 0:
+                # conv outputs return to float for the normalisation anyway: a float stem costs nothing there
+                config = dataclasses.replace(config, float_convs_below_channels=ADAPTABLE_FLOAT_STEM)
+            report = quantize_int8(src.path, dst, data["calibration_x"], params if adaptable else {}, config,
                                    eval_x=golden_x)
             built.append(BuiltModel({**src.entry, "name": name, "file": dst.name, "precision": "int8",
                                      "quantization": report.manifest_block()}, dst))

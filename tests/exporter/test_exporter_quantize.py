@@ -32,12 +32,18 @@ def test_int8_model_is_per_channel_qdq(digits_bundle: Path) -> None:
     assert ops["QuantizeLinear"] >= 4 and ops["DequantizeLinear"] >= 7 and ops["Conv"] == 3
     producers = {out: n for n in proto.graph.node for out in n.output}
     inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    float_convs = 0
     for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        if conv.input[1] in inits:  # a stem conv on < 8 input channels stays float (see Int8Config)
+            assert inits[conv.input[1]].shape[1] < 8 and inits[conv.input[1]].dtype == np.float32
+            float_convs += 1
+            continue
         dq = producers[conv.input[1]]
         assert dq.op_type == "DequantizeLinear"
         weight, scale = inits[dq.input[0]], inits[dq.input[1]]
         assert weight.dtype == np.int8 and scale.shape == (weight.shape[0],) and weight.shape[0] > 1
         assert {a.name: a.i for a in dq.attribute}.get("axis", 1) == 0
+    assert float_convs == 1  # digits: the 1-channel stem only
     # The BN mixing stays float and consumes the fed parameters; the head stays float (logits from Gemm).
     assert producers["logits"].op_type == "Gemm" and producers["features"].op_type == "ReduceMean"
     fp32 = onnx.load(str(digits_bundle / "model_fp32.onnx"))
@@ -66,7 +72,8 @@ def test_entropy_calibration_and_report(digits_bundle: Path, digits_arrays: tupl
     assert report.samples == 96 and report.eval_samples == 146 and report.preprocessed
     assert report.top1_agreement >= 0.9
     assert report.manifest_block() == {"method": "onnxruntime_static_qdq", "per_channel": True,
-                                       "calibration": "entropy", "samples": 96}
+                                       "calibration": "entropy", "samples": 96,
+                                       "float_convs_below_channels": 0}
 
 
 def test_low_agreement_raises(digits_bundle: Path, digits_arrays: tuple, digits_model: tuple, tmp_path: Path,
