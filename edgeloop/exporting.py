@@ -86,10 +86,11 @@ def load_model(source: str, dataset: str | None) -> LoadedModel:
 
 
 def _import_model(source: str, dataset: str | None) -> LoadedModel:
+    import torch
     from torch import nn
 
     from edgeloop.data import load_dataset
-    from exporter.models import ModelSpec
+    from exporter.models import ModelSpec, with_feature_split
 
     module_name, _, attr = source.partition(":")
     try:
@@ -104,6 +105,7 @@ def _import_model(source: str, dataset: str | None) -> LoadedModel:
     train = load_dataset(dataset, "train", limit=16)
     c, h = int(train.x.shape[1]), int(train.x.shape[2])
     spec = ModelSpec(c, len(train.labels), h, (0.0,) * c, (1.0,) * c)
+    model = with_feature_split(model.eval(), torch.from_numpy(np.array(train.x[:4])))
     digest = hashlib.sha256(repr(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())).encode())
     return LoadedModel(model.eval(), f"import:{source}", spec, digest.hexdigest(), dataset)
 

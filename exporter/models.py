@@ -177,3 +177,50 @@ def build_model(arch: str, spec: ModelSpec) -> nn.Module:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; registered: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[arch](spec)
+
+
+class FeatureSplit(nn.Module):
+    """Give any classifier that ends in an ``nn.Linear`` the ``forward_features``/``classifier`` interface the
+    adaptable graph needs: the features are the input of that last Linear, captured by a pre-forward hook."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; define forward_features and "
+                             "classifier on it instead")
+        self.model = model
+        self.classifier = linears[-1]
+        self._captured: list[torch.Tensor] = []
+        self.classifier.register_forward_pre_hook(self._capture)
+
+    def _capture(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._captured.append(args[0])
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The input of the last Linear layer when the wrapped model runs on ``x``."""
+        self._captured.clear()
+        self.model(x)
+        if len(self._captured) != 1:
+            raise ValueError(f"the last nn.Linear ran {len(self._captured)} times in one forward pass; define "
+                             "forward_features and classifier on the model instead")
+        return self._captured.pop()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of the wrapped model."""
+        return self.model(x)
+
+
+def with_feature_split(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``model`` itself when it has ``forward_features``/``classifier``, else a :class:`FeatureSplit` that is
+    checked on ``example``: the last Linear applied to the captured features must give the model's logits."""
+    if callable(getattr(model, "forward_features", None)) and isinstance(getattr(model, "classifier", None), nn.Module):
+        return model
+    split = FeatureSplit(model).eval()
+    with torch.no_grad():
+        logits = split(example)
+        again = split.classifier(split.forward_features(example))
+    if logits.shape != again.shape or not torch.allclose(logits, again, atol=1e-5):
+        raise ValueError(f"{type(model).__name__}: its output is not the last nn.Linear applied to that layer's "
+                         "input; define forward_features and classifier on the model")
+    return split

@@ -111,3 +111,23 @@ def test_foreign_tflite_resnet8_keeps_its_accuracy(tmp_path: Path, name: str, dt
     assert main(args) == 0
     assert main(["eval", str(out), "--dataset", "cifar10", "--json", str(tmp_path / "r.json")]) == 0
     assert json.loads((tmp_path / "r.json").read_text())["accuracy"] >= floor
+
+
+def test_import_path_model_exports_and_adapts(tmp_path: Path) -> None:
+    out = tmp_path / "b"
+    args = ["export", "tests.edgeloop.importable_models:build_net", "--dataset", "digits", "--out", str(out),
+            "--no-folded", "--calibration-samples", "64", "--signing-key", str(tmp_path / "k.pem")]
+    assert main(args) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["arch"] == "import:tests.edgeloop.importable_models:build_net"
+    assert [layer["name"] for layer in manifest["adaptable"]["layers"]] == ["bn1", "bn2"]
+    model = AdaptableModel(load_bundle(out))
+    result = model.forward(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32), alpha=0.5)
+    assert result.features.shape == (4, 16) and result.logits.shape == (4, 10)
+
+
+def test_import_path_model_without_linear_head_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["export", "tests.edgeloop.importable_models:build_headless", "--dataset", "digits", "--out",
+            str(tmp_path / "b"), "--signing-key", str(tmp_path / "k.pem")]
+    assert main(args) == 2
+    assert "nn.Linear" in capsys.readouterr().err
