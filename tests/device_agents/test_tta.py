@@ -1,23 +1,103 @@
-"""TTA methods on a tiny numpy model: registry, conformance battery over every method, α-BN specifics."""
+"""TTA methods on tiny numpy models: registry, configs, and the conformance battery over every registered method.
+
+The battery runs each method on a tiny adaptable model (the adaptable graph's exact BN math, with source
+feature statistics so FOA's fitness has a target) and, for the methods that only read outputs, on a tiny
+predictor: output validity, snapshot/restore round trip, reset and on_drift, episodic mode, bad input leaving the
+state unchanged, roll-back of a batch that fails half-way, determinism under a seed.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pytest
 
 from device_agents.tta import (
+    FOA,
+    LAME,
+    T3A,
     TTA_METHODS,
     AlphaBN,
     AlphaBNConfig,
+    FOAConfig,
+    LAMEConfig,
+    ModelCapabilityError,
     SourceModel,
+    T3AConfig,
     TTAConfig,
     TTAMethod,
     create_tta_method,
     normalized_entropy,
     register_tta_method,
 )
+from runtime.errors import InputError
+from runtime.model import ForwardResult, softmax
+from runtime.predictor import PredictResult
+from tests.device_agents.conftest import TinyAdaptableModel
 
 METHODS = sorted(TTA_METHODS)
+OUTPUT_METHODS = sorted(name for name, cls in TTA_METHODS.items() if not cls.requires_adaptable)
+
+
+class _Manifest:
+    """The manifest fields the TTA methods read: source feature statistics (no adaptable layer list)."""
+
+    def __init__(self, mean: np.ndarray, var: np.ndarray, features_output: str | None = "features") -> None:
+        self.name, self.layers, self.features_output = "tiny", None, features_output
+        self.raw = {"source_statistics": {"features": {"mean": mean.tolist(), "var": var.tolist()}}}
+
+    def source_feature_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        feats = self.raw["source_statistics"]["features"]
+        return np.asarray(feats["mean"], np.float32), np.asarray(feats["var"], np.float32)
+
+
+class TinyModel(TinyAdaptableModel):
+    """The conftest's tiny adaptable model plus a manifest with source feature statistics (uniform inputs)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__(seed)
+        source = np.random.default_rng(100).random((512, 1, 8, 8), dtype=np.float32)
+        f = super().forward(source).features.astype(np.float64)
+        self.calls.clear()
+        self.manifest = _Manifest(f.mean(0), f.var(0))
+
+
+class TinyPredictor:
+    """A folded-model stand-in: ``predict`` and ``check_input`` like ``runtime.predictor.Predictor``."""
+
+    def __init__(self, features: bool = True) -> None:
+        self._model = TinyModel()
+        self.manifest = _Manifest(*self._model.manifest.source_feature_stats(), "features" if features else None)
+
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        arr = np.asarray(x)
+        if arr.ndim != 4 or arr.shape[1:] != (1, 8, 8) or arr.shape[0] == 0 or arr.dtype.kind != "f":
+            raise InputError(f"input {arr.dtype} {arr.shape} is not a (N >= 1, 1, 8, 8) float batch")
+        if not np.all(np.isfinite(arr)):
+            raise InputError("input holds NaN or inf")
+        return arr.astype(np.float32)
+
+    def predict(self, x: np.ndarray) -> PredictResult:
+        out = self._model.forward(self.check_input(x))
+        features = out.features if self.manifest.features_output else None
+        return PredictResult(out.logits, softmax(out.logits), features, "logits")
+
+
+class FailingModel(TinyModel):
+    """Raises on the ``fail_at``-th forward call (counted from 1), after earlier calls succeeded."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at, self.count = fail_at, 0
+
+    def forward(self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
+                ) -> ForwardResult:
+        self.count += 1
+        if self.count == self.fail_at:
+            raise RuntimeError("session failed")
+        return super().forward(x, alpha, params)
 
 
 def _batches(seed: int, n: int = 4, size: int = 32) -> list[np.ndarray]:
@@ -25,13 +105,41 @@ def _batches(seed: int, n: int = 4, size: int = 32) -> list[np.ndarray]:
     return [(rng.random((size, 1, 8, 8)) * 0.5 + 0.4).astype(np.float32) for _ in range(n)]
 
 
+def _same_state(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def tiny() -> TinyModel:
+    return TinyModel()
+
+
+@pytest.fixture(params=["adaptable", "predictor"])
+def any_model(request: pytest.FixtureRequest) -> Any:
+    return TinyModel() if request.param == "adaptable" else TinyPredictor()
+
+
+def _pairs() -> list[tuple[str, str]]:
+    return [(name, kind) for name in METHODS for kind in ("adaptable", "predictor")
+            if kind == "adaptable" or name in OUTPUT_METHODS]
+
+
+def _model(kind: str) -> Any:
+    return TinyModel() if kind == "adaptable" else TinyPredictor()
+
+
+# -- registry and configs ------------------------------------------------------------------------------------
+
+
 def test_registry_holds_the_builtin_methods() -> None:
-    assert TTA_METHODS["source"] is SourceModel and TTA_METHODS["alpha_bn"] is AlphaBN
+    expected = {"source": SourceModel, "alpha_bn": AlphaBN, "foa": FOA, "lame": LAME, "t3a": T3A}
+    assert expected == TTA_METHODS
 
 
 def test_registry_rejects_duplicates_bad_names_and_non_methods() -> None:
-    with pytest.raises(ValueError, match="already registered"):
-        register_tta_method("source", SourceModel)
+    for name, cls in TTA_METHODS.items():
+        with pytest.raises(ValueError, match="already registered"):
+            register_tta_method(name, cls)
     with pytest.raises(ValueError, match="must match"):
         register_tta_method("Bad Name", SourceModel)
     with pytest.raises(TypeError, match="TTAMethod subclass"):
@@ -44,123 +152,23 @@ def test_registry_rejects_duplicates_bad_names_and_non_methods() -> None:
 def test_config_type_is_checked() -> None:
     with pytest.raises(TypeError, match="AlphaBNConfig"):
         AlphaBN(TTAConfig())
+    with pytest.raises(TypeError, match="AlphaBNConfig"):
+        AlphaBN(FOAConfig())  # same statistics fields, still a different method's config
 
 
-@pytest.mark.parametrize("kwargs", [{"alpha": -0.1}, {"alpha": 1.5}, {"alpha": float("nan")},
-                                    {"min_batch_for_batch_stats": 0}, {"ema_momentum": 1.0}])
-def test_alpha_bn_config_validation(kwargs: dict) -> None:
+@pytest.mark.parametrize(("cls", "kwargs"), [
+    (AlphaBNConfig, {"alpha": -0.1}), (AlphaBNConfig, {"alpha": float("nan")}), (AlphaBNConfig, {"ema_momentum": 1.0}),
+    (AlphaBNConfig, {"ema_momentum": 0.0}), (AlphaBNConfig, {"batch_weight": 1.5}),
+    (AlphaBNConfig, {"min_batch_for_batch_stats": 0}), (FOAConfig, {"population": 1}), (FOAConfig, {"generations": 0}),
+    (FOAConfig, {"sigma0": 0.0}), (FOAConfig, {"fitness_lambda": -1.0}), (FOAConfig, {"layers": 0}),
+    (FOAConfig, {"layers": ()}), (FOAConfig, {"variance_floor": float("inf")}),
+    (FOAConfig, {"min_batch_for_search": 1}),
+    (LAMEConfig, {"knn": 0}), (LAMEConfig, {"laplacian_weight": -1.0}), (LAMEConfig, {"max_steps": 0}),
+    (T3AConfig, {"filter_k": 0}),
+])
+def test_config_validation(cls: type, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        AlphaBNConfig(**kwargs)
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_output_shapes_and_probabilities(name: str, tiny_model, tiny_batch) -> None:
-    out = create_tta_method(name).predict(tiny_model, tiny_batch)
-    assert out.logits.shape == (32, 3) and out.features.shape == (32, 4) and out.probs.shape == (32, 3)
-    np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, atol=1e-9)
-    ent = normalized_entropy(out.probs)
-    assert np.all((ent >= 0) & (ent <= 1 + 1e-9))
-
-
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("batch_size", [1, 32])
-def test_snapshot_restore_round_trip(name: str, batch_size: int, tiny_model) -> None:
-    method = create_tta_method(name)
-    first, second = _batches(2, size=batch_size), _batches(3, size=batch_size)
-    for b in first:
-        method.predict(tiny_model, b)
-    state = method.snapshot()
-    after = [method.predict(tiny_model, b).logits for b in second]
-    method.restore(state)
-    again = [method.predict(tiny_model, b).logits for b in second]
-    for a, b in zip(after, again, strict=True):
-        np.testing.assert_array_equal(a, b)
-    for key, value in state.items():  # the snapshot is a copy, untouched by later batches
-        assert isinstance(value, np.ndarray), key
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_reset_and_on_drift_return_to_fresh_behaviour(name: str, tiny_model) -> None:
-    fresh = create_tta_method(name)
-    probe = _batches(9, n=1, size=1)[0]
-    expected = fresh.predict(tiny_model, probe).logits
-    used = create_tta_method(name)
-    for b in _batches(4, size=1):
-        used.predict(tiny_model, b)
-    used.on_drift()
-    np.testing.assert_array_equal(used.predict(tiny_model, probe).logits, expected)
-    used.reset()
-    assert used.snapshot() == {}
-
-
-@pytest.mark.parametrize("name", METHODS)
-def test_episodic_ignores_history(name: str, tiny_model) -> None:
-    cfg = TTA_METHODS[name].config_class(episodic=True)
-    method = create_tta_method(name, cfg)
-    probe = _batches(9, n=1, size=2)[0]
-    expected = create_tta_method(name, cfg).predict(tiny_model, probe).logits
-    for b in _batches(5, size=2):
-        method.predict(tiny_model, b)
-    assert method.episodic
-    np.testing.assert_array_equal(method.predict(tiny_model, probe).logits, expected)
-
-
-def test_restore_rejects_non_arrays() -> None:
-    with pytest.raises(TypeError, match="numpy array"):
-        AlphaBN().restore({"bn1.ema_mean": [1.0]})  # type: ignore[dict-item]
-
-
-def test_source_uses_alpha_zero_and_current_params(tiny_model, tiny_batch) -> None:
-    before = SourceModel().predict(tiny_model, tiny_batch).logits
-    assert tiny_model.calls[-1] == (32, 0.0)
-    tiny_model.set_params({"bn1.bias": np.full(4, 0.5, np.float32)})
-    after = SourceModel().predict(tiny_model, tiny_batch).logits
-    assert not np.allclose(before, after)
-
-
-def test_alpha_bn_large_batch_feeds_alpha_in_one_pass(tiny_model, tiny_batch) -> None:
-    method = AlphaBN(AlphaBNConfig(alpha=0.3, min_batch_for_batch_stats=16))
-    out = method.predict(tiny_model, tiny_batch)
-    assert tiny_model.calls == [(32, 0.3)]
-    np.testing.assert_array_equal(out.logits, tiny_model.forward(tiny_batch, alpha=0.3).logits)
-
-
-def test_alpha_bn_zero_equals_source(tiny_model, tiny_batch) -> None:
-    for size in (1, 32):
-        method = AlphaBN(AlphaBNConfig(alpha=0.0))
-        got = [method.predict(tiny_model, tiny_batch[i : i + size]).logits for i in range(0, 32, size)]
-        want = [SourceModel().predict(tiny_model, tiny_batch[i : i + size]).logits for i in range(0, 32, size)]
-        np.testing.assert_allclose(np.concatenate(got), np.concatenate(want), rtol=1e-6)
-
-
-def test_alpha_bn_small_batches_estimate_pooled_target_statistics(tiny_model) -> None:
-    rng = np.random.default_rng(0)
-    stream = (rng.random((400, 1, 8, 8)) * 0.5 + 0.4).astype(np.float32)
-    stream += rng.normal(0, 0.1, (400, 1, 1, 1)).astype(np.float32)  # per-sample offsets: between-sample variance
-    method = AlphaBN(AlphaBNConfig(alpha=1.0, min_batch_for_batch_stats=16, ema_momentum=0.99))
-    for i in range(400):
-        method.predict(tiny_model, stream[i : i + 1])
-    assert all(n == 1 and a == 0.0 for n, a in tiny_model.calls)
-    _, (mu_all, var_all) = next(iter(tiny_model.forward(stream, alpha=1.0).batch_stats.items()))
-    state = method.snapshot()
-    est_var = state["bn1.ema_sq"] - state["bn1.ema_mean"] ** 2
-    np.testing.assert_allclose(state["bn1.ema_mean"], mu_all, rtol=0.05, atol=0.02)
-    np.testing.assert_allclose(est_var, var_all, rtol=0.25)
-    one_sample_var = tiny_model.forward(stream[:1], alpha=1.0).batch_stats["bn1"][1]
-    assert np.all(est_var > one_sample_var)  # pooled, not the spatial variance of one sample
-    full = tiny_model.forward(stream[-50:], alpha=1.0).logits
-    small = np.concatenate([method.predict(tiny_model, stream[i : i + 1]).logits for i in range(350, 400)])
-    assert np.mean(full.argmax(1) == small.argmax(1)) >= 0.9
-
-
-def test_alpha_bn_follows_cloud_params(tiny_model, tiny_batch) -> None:
-    method = AlphaBN(AlphaBNConfig(alpha=0.5, min_batch_for_batch_stats=4))
-    before = method.predict(tiny_model, tiny_batch).logits
-    tiny_model.set_params({"bn1.weight": np.full(4, 2.0, np.float32)})
-    method.on_params_changed()
-    after = method.predict(tiny_model, tiny_batch).logits
-    np.testing.assert_array_equal(after, tiny_model.forward(tiny_batch, alpha=0.5).logits)
-    assert not np.allclose(before, after)
+        cls(**kwargs)
 
 
 def test_base_class_is_abstract() -> None:
@@ -173,3 +181,135 @@ def test_normalized_entropy_bounds() -> None:
     np.testing.assert_allclose(normalized_entropy(probs), [0.0, 1.0], atol=1e-9)
     with pytest.raises(ValueError, match="2 classes"):
         normalized_entropy(np.ones((2, 1)))
+
+
+# -- the conformance battery -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "kind"), _pairs())
+def test_output_shapes_and_probabilities(name: str, kind: str) -> None:
+    out = create_tta_method(name).predict(_model(kind), _batches(1, n=1)[0])
+    assert out.logits.shape == (32, 3) and out.features is not None and out.features.shape == (32, 4)
+    np.testing.assert_allclose(out.probs.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(out.probs, softmax(out.logits), atol=1e-6)
+    ent = normalized_entropy(out.probs)
+    assert np.all((ent >= -1e-9) & (ent <= 1 + 1e-9))
+
+
+@pytest.mark.parametrize(("name", "kind"), _pairs())
+@pytest.mark.parametrize("batch_size", [1, 32])
+def test_snapshot_restore_round_trip(name: str, kind: str, batch_size: int) -> None:
+    model, method = _model(kind), create_tta_method(name)
+    for b in _batches(2, size=batch_size):
+        method.predict(model, b)
+    state = method.snapshot()
+    after = [method.predict(model, b).logits for b in _batches(3, size=batch_size)]
+    method.restore(state)
+    again = [method.predict(model, b).logits for b in _batches(3, size=batch_size)]
+    for a, b in zip(after, again, strict=True):
+        np.testing.assert_array_equal(a, b)
+    twin = create_tta_method(name)
+    twin.restore(state)  # a snapshot moves to another instance
+    np.testing.assert_array_equal(twin.predict(model, _batches(3, size=batch_size)[0]).logits, again[0])
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+
+
+@pytest.mark.parametrize(("name", "kind"), _pairs())
+def test_reset_and_on_drift_return_to_fresh_behaviour(name: str, kind: str) -> None:
+    model = _model(kind)
+    probe = _batches(9, n=1, size=16)[0]
+    expected = create_tta_method(name).predict(model, probe).logits
+    used = create_tta_method(name)
+    for b in _batches(4, size=16):
+        used.predict(model, b)
+    used.on_drift()
+    np.testing.assert_array_equal(used.predict(model, probe).logits, expected)
+    used.reset()
+    assert used.snapshot() == {}
+
+
+@pytest.mark.parametrize(("name", "kind"), _pairs())
+def test_episodic_ignores_history(name: str, kind: str) -> None:
+    model = _model(kind)
+    cfg = TTA_METHODS[name].config_class(episodic=True)
+    method = create_tta_method(name, cfg)
+    probe = _batches(9, n=1, size=16)[0]
+    expected = create_tta_method(name, cfg).predict(model, probe).logits
+    for b in _batches(5, size=16):
+        method.predict(model, b)
+    assert method.episodic
+    np.testing.assert_array_equal(method.predict(model, probe).logits, expected)
+
+
+def _bad_inputs() -> dict[str, Any]:
+    good = _batches(0, n=1, size=8)[0]
+    nan, inf = good.copy(), good.copy()
+    nan[3, 0, 2, 2], inf[1, 0, 0, 0] = np.nan, np.inf
+    return {"wrong_shape": good[:, :, :7], "wrong_rank": good.reshape(8, 64), "strings": np.full((8, 1, 8, 8), "a"),
+            "complex": good.astype(np.complex64), "nan": nan, "inf": inf, "empty": good[:0]}
+
+
+@pytest.mark.parametrize(("name", "kind"), _pairs())
+@pytest.mark.parametrize("episodic", [False, True])
+def test_bad_input_raises_and_leaves_the_state_unchanged(name: str, kind: str, episodic: bool) -> None:
+    model = _model(kind)
+    method = create_tta_method(name, TTA_METHODS[name].config_class(episodic=episodic))
+    for b in _batches(5, n=3, size=16):
+        method.predict(model, b)
+    before = method.snapshot()
+    for label, bad in _bad_inputs().items():
+        with pytest.raises(InputError):
+            method.predict(model, bad)
+        assert _same_state(method.snapshot(), before), label
+    probe = _batches(6, n=1, size=16)[0]
+    twin = create_tta_method(name, method.config)
+    twin.restore(before)
+    np.testing.assert_array_equal(method.predict(model, probe).logits, twin.predict(model, probe).logits)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in TTA_METHODS.items() if c.requires_adaptable))
+def test_a_batch_failing_half_way_is_rolled_back(name: str) -> None:
+    clean, failing = TinyModel(), FailingModel(fail_at=0)
+    method, reference = create_tta_method(name), create_tta_method(name)
+    for b in _batches(7, n=2):
+        method.predict(failing, b)
+        reference.predict(clean, b)
+    before = method.snapshot()
+    reference.snapshot()  # snapshots re-anchor the search state: keep both sides alike
+    failing.fail_at = failing.count + (3 if name == "foa" else 1)  # FOA: fail at the third candidate
+    with pytest.raises(RuntimeError, match="session failed"):
+        method.predict(failing, _batches(8, n=1)[0])
+    assert _same_state(method.snapshot(), before)
+    for b in _batches(9, n=2):
+        np.testing.assert_array_equal(method.predict(failing, b).logits, reference.predict(clean, b).logits)
+
+
+@pytest.mark.parametrize(("name", "kind"), _pairs())
+def test_deterministic_under_seed(name: str, kind: str) -> None:
+    runs = []
+    for _ in range(2):
+        model, method = _model(kind), create_tta_method(name)
+        runs.append([method.predict(model, b).logits for b in _batches(11, n=4)])
+    for a, b in zip(*runs, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_restore_rejects_non_arrays() -> None:
+    with pytest.raises(TypeError, match="numpy array"):
+        AlphaBN().restore({"bn1.ema_mean": [1.0]})  # type: ignore[dict-item]
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in TTA_METHODS.items() if c.requires_adaptable))
+def test_adaptable_methods_refuse_a_predictor(name: str) -> None:
+    method = create_tta_method(name)
+    with pytest.raises(ModelCapabilityError, match=f"{name}.*needs an adaptable graph.*TinyPredictor"):
+        method.predict(TinyPredictor(), _batches(0, n=1)[0])
+    assert method.snapshot() == {}
+
+
+@pytest.mark.parametrize("name", ["lame", "t3a"])
+def test_feature_methods_refuse_a_model_without_features(name: str) -> None:
+    with pytest.raises(ModelCapabilityError, match=r"needs penultimate features.*outputs\.features is null"):
+        create_tta_method(name).predict(TinyPredictor(features=False), _batches(0, n=1)[0])
+    source = SourceModel().predict(TinyPredictor(features=False), _batches(0, n=1)[0])
+    assert source.features is None and source.probs.shape == (32, 3)

@@ -1,0 +1,123 @@
+"""What TTA methods need from a model, for both kinds the runtime serves (numpy only, no torch).
+
+* an **adaptable graph** (``runtime.AdaptableModel`` or anything with its ``params`` / ``forward(x, alpha,
+  params) -> ForwardResult`` surface): normalisation parameters and statistics are graph inputs, per-layer batch
+  statistics and the penultimate features are outputs;
+* a **predictor** (``runtime.predictor.Predictor``) on a folded or foreign bundle: ``predict(x) ->
+  PredictResult(scores, probs, features | None, kind)``; features only when the manifest names them.
+
+Source statistics come from the bundle's manifest (``source_statistics``) when the model has one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from runtime.errors import InputError
+from runtime.model import softmax
+
+
+class ModelCapabilityError(ValueError):
+    """The model cannot serve a TTA method (e.g. it has no adaptable graph or no features output)."""
+
+
+def is_adaptable(model: Any) -> bool:
+    """Whether ``model`` exposes the adaptable-graph surface (``params`` and ``forward``)."""
+    return callable(getattr(model, "forward", None)) and hasattr(model, "params")
+
+
+def has_features(model: Any) -> bool:
+    """Whether ``model`` returns penultimate features (always true for an adaptable graph)."""
+    if is_adaptable(model):
+        return True
+    manifest = getattr(model, "manifest", None)
+    return bool(getattr(manifest, "features_output", None))
+
+
+def describe_model(model: Any) -> str:
+    """A short name for error messages: model entry, graph kind and bundle, when known."""
+    bundle = getattr(model, "bundle", None)
+    entry, manifest = getattr(bundle, "model", None), getattr(bundle, "manifest", None)
+    if entry is not None and manifest is not None:
+        return f"model {entry.name!r} ({entry.graph} graph, {entry.format}) of bundle {manifest.name!r}"
+    return f"model {type(model).__name__}"
+
+
+def check_batch(model: Any, x: np.ndarray) -> np.ndarray:
+    """Validate ``x`` with the model's own ``check_input`` (shape, dtype, range, NaN/inf, empty batch), or —
+    for a model without one — a generic check; return the validated array. Raises ``runtime.InputError``."""
+    check = getattr(model, "check_input", None)
+    if callable(check):
+        return np.asarray(check(x))
+    arr = np.asarray(x)
+    if arr.ndim < 2:
+        raise InputError(f"input has shape {arr.shape}; expected a batch (N, ...)")
+    if arr.shape[0] == 0:
+        raise InputError("input batch is empty")
+    if arr.dtype.kind not in "fiu":
+        raise InputError(f"input has non-numeric dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise InputError("input contains NaN or infinite values")
+    return arr
+
+
+def source_pass(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(logits, probs, features)`` of the unadapted model: α = 0 on an adaptable graph (its current
+    parameters), ``predict`` on a predictor. A model that outputs probabilities gets log-probabilities as
+    ``logits``."""
+    if is_adaptable(model):
+        result = model.forward(x, alpha=0.0)
+        return result.logits, softmax(result.logits), result.features
+    result = model.predict(x)
+    probs = np.asarray(result.probs, dtype=np.float64)
+    logits = result.scores if result.kind == "logits" else np.log(np.clip(probs, 1e-12, None)).astype(np.float32)
+    features = None if result.features is None else np.asarray(result.features, dtype=np.float32)
+    return np.asarray(logits, dtype=np.float32), probs, features
+
+
+def source_feature_stats(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Source penultimate-feature mean and variance from the manifest, or None."""
+    manifest = getattr(model, "manifest", None)
+    stats = getattr(manifest, "source_feature_stats", None)
+    return stats() if callable(stats) else None
+
+
+def source_layer_stats(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per-layer source running mean and variance from the manifest's ``source_statistics.layers``; layers the
+    manifest does not list fall back to the model's current reference statistics (``params``)."""
+    raw = getattr(getattr(model, "manifest", None), "raw", None) or {}
+    recorded = raw.get("source_statistics", {}).get("layers", {}) if isinstance(raw, dict) else {}
+    params = model.params
+    stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name in params:
+        if not name.endswith(".mean"):
+            continue
+        layer = name[: -len(".mean")]
+        entry = recorded.get(layer)
+        if entry:
+            stats[layer] = (np.asarray(entry["mean"], np.float64), np.asarray(entry["var"], np.float64))
+        else:
+            stats[layer] = (params[name].astype(np.float64), params[f"{layer}.var"].astype(np.float64))
+    return stats
+
+
+def source_class_means(model: Any) -> np.ndarray | None:
+    """Class-conditional source feature means (K, D) from the bundle's statistics file, or None."""
+    bundle = getattr(model, "bundle", None)
+    loader = getattr(getattr(bundle, "manifest", None), "class_gaussians", None)
+    if bundle is None or not callable(loader):
+        return None
+    gaussians = loader(bundle.root)
+    return None if gaussians is None else np.asarray(gaussians[0], dtype=np.float32)
+
+
+def graph_layer_order(model: Any) -> list[str]:
+    """Normalisation layer names in graph order (the manifest's ``adaptable.layers``), or sorted by name for
+    a model without a manifest."""
+    layers = getattr(getattr(model, "manifest", None), "layers", None)
+    if layers:
+        return [layer.name for layer in layers]
+    return sorted(name[: -len(".mean")] for name in model.params if name.endswith(".mean"))

@@ -1,0 +1,130 @@
+"""Normalisation statistics for batch-statistics methods: a running estimate of the target statistics that
+withstands temporally correlated streams, fed to the adaptable graph in one pass.
+
+The graph normalises layer ``L`` with ``(1 - a) · L.mean + a · μ_batch`` (likewise the variance), where ``a``
+is the graph's α input and ``L.mean``/``L.var`` are inputs. :class:`StatisticsMix` chooses both so that the
+layer is normalised with
+
+    μ = (1 - α) · μ_ref + α · T,        T = (1 - w) · M + w · μ_batch,
+
+``μ_ref`` the model's current reference (source or cloud-updated) statistics, ``M`` a running estimate of the
+target statistics from earlier batches (first and second moments, per-sample momentum ``m``) and ``w`` the
+weight of the current batch. By default ``w = 1 - m^n`` — the running estimate's own weight of an n-sample
+batch, i.e. the batch is normalised with the running estimate *after* folding the batch in — so a stream of
+single-class batches (classes arriving in runs, as a camera sees them) cannot pull the statistics to one
+class: the estimate spans about 1/(1 - m) samples. ``w = 1`` is the classic one-pass α-BN of Schneider et al.
+(2020); batches smaller than ``min_batch`` use ``w = 0`` (their own statistics are too noisy).
+
+Why no detector of class imbalance: on the corrupted digits, MNIST and CIFAR-10 streams measured for this
+module, a detector on the batch statistics (deep-layer mean shift beyond sampling noise) and one on the batch's
+predicted-label diversity both separated shuffled from class-sorted batches for the small digits CNN but not
+for a ResNet-8 on CIFAR-10 at severity 5 (26 % source accuracy: predictions follow the corruption, and batch
+normalisation at every layer hides the class composition in the channel means); gating on them collapsed
+class-sorted accuracy to 19 % there. The running estimate needs no detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from device_agents.tta.base import TTAConfig
+
+
+@dataclass(frozen=True)
+class BatchStatisticsConfig(TTAConfig):
+    """Statistics settings shared by :class:`~device_agents.tta.alpha_bn.AlphaBN` and
+    :class:`~device_agents.tta.foa.FOA`.
+
+    ``alpha``: weight of the target statistics T against the reference (0 = source, 1 = target only).
+    ``ema_momentum``: per-sample momentum m of the running estimate (a batch of n weighs 1 - m^n).
+    ``batch_weight``: weight w of the current batch in T; None (default) = 1 - m^n; 1.0 = classic α-BN.
+    ``min_batch_for_batch_stats``: smaller batches use w = 0 (the running estimate only).
+    """
+
+    alpha: float = 1.0
+    ema_momentum: float = 0.995
+    batch_weight: float | None = None
+    min_batch_for_batch_stats: int = 16
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.alpha) and 0.0 <= self.alpha <= 1.0):
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 0.0 < self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in (0, 1), got {self.ema_momentum}")
+        if self.batch_weight is not None and not (
+            math.isfinite(self.batch_weight) and 0.0 <= self.batch_weight <= 1.0
+        ):
+            raise ValueError(f"batch_weight must be None or in [0, 1], got {self.batch_weight}")
+        if self.min_batch_for_batch_stats < 1:
+            raise ValueError(f"min_batch_for_batch_stats must be >= 1, got {self.min_batch_for_batch_stats}")
+
+
+def layer_names(params: Mapping[str, np.ndarray]) -> list[str]:
+    """Names ``L`` of the layers whose ``L.mean`` is among ``params`` (sorted)."""
+    return sorted(name[: -len(".mean")] for name in params if name.endswith(".mean"))
+
+
+class StatisticsMix:
+    """The running estimate (kept in a method's state dict under ``prefix``) and the graph feeds it implies."""
+
+    def __init__(self, config: BatchStatisticsConfig, prefix: str = "") -> None:
+        self.config = config
+        self.prefix = prefix
+
+    def initial_state(self, reference: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The running estimate anchored at the reference statistics (first and second moments, float64)."""
+        state: dict[str, np.ndarray] = {}
+        for layer in layer_names(reference):
+            mean = np.asarray(reference[f"{layer}.mean"], dtype=np.float64)
+            state[f"{self.prefix}{layer}.ema_mean"] = mean.copy()
+            state[f"{self.prefix}{layer}.ema_sq"] = np.asarray(reference[f"{layer}.var"], np.float64) + mean**2
+        if not state:
+            raise ValueError(f"model parameters {sorted(reference)} hold no '<layer>.mean' statistics to adapt")
+        return state
+
+    def batch_weight(self, n: int) -> float:
+        """Weight w of an n-sample batch in the target statistics."""
+        cfg = self.config
+        if n < cfg.min_batch_for_batch_stats:
+            return 0.0
+        return 1.0 - cfg.ema_momentum**n if cfg.batch_weight is None else cfg.batch_weight
+
+    def feeds(
+        self, state: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], n: int
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """``(a, {L.mean, L.var})``: the graph's α input and statistics inputs for an n-sample batch."""
+        alpha, w = self.config.alpha, self.batch_weight(n)
+        a = alpha * w
+        keep = alpha * (1.0 - w)
+        scale = 1.0 / (1.0 - a) if a < 1.0 else 0.0
+        feeds: dict[str, np.ndarray] = {}
+        for layer in layer_names(reference):
+            ref_mean, ref_var = reference[f"{layer}.mean"], reference[f"{layer}.var"]
+            if w >= 1.0:  # classic α-BN: the graph mixes the reference with the batch by α itself
+                feeds[f"{layer}.mean"], feeds[f"{layer}.var"] = ref_mean, ref_var
+                continue
+            mean = state[f"{self.prefix}{layer}.ema_mean"]
+            var = np.maximum(state[f"{self.prefix}{layer}.ema_sq"] - mean**2, 0.0)
+            feeds[f"{layer}.mean"] = (((1 - alpha) * ref_mean + keep * mean) * scale).astype(np.float32)
+            feeds[f"{layer}.var"] = (((1 - alpha) * ref_var + keep * var) * scale).astype(np.float32)
+        return a, feeds
+
+    def fold(
+        self, state: Mapping[str, np.ndarray], batch_stats: Mapping[str, tuple[np.ndarray, np.ndarray]], n: int
+    ) -> dict[str, np.ndarray]:
+        """The running-estimate entries of ``state`` after folding in a batch's ``(μ, σ²)`` per layer."""
+        keep = self.config.ema_momentum**n
+        out: dict[str, np.ndarray] = {}
+        for layer, (mean, var) in batch_stats.items():
+            key_mean, key_sq = f"{self.prefix}{layer}.ema_mean", f"{self.prefix}{layer}.ema_sq"
+            if key_mean not in state:
+                raise KeyError(f"graph returned statistics of layer {layer!r} with no reference statistics")
+            mean = np.asarray(mean, dtype=np.float64)
+            sq = np.asarray(var, dtype=np.float64) + mean**2
+            out[key_mean] = keep * state[key_mean] + (1 - keep) * mean
+            out[key_sq] = keep * state[key_sq] + (1 - keep) * sq
+        return out
