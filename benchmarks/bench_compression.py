@@ -17,9 +17,9 @@ variants are the folded model of each bundle at fp32 or int8: onnxruntime runs `
 ``tflite_folded_fp32``/``tflite_folded_int8``. For each variant × runtime:
 
 * **bytes**: the model's shipped file, and the **device download** = ``manifest.json`` + ``manifest.sig`` +
-  ``golden.npz`` + ``source_statistics.npz`` + that one shipped model file (what a device fetches to run that
-  model; the other model files of the bundle are not downloaded), with its ratio to the fp32 variant's
-  download in the same runtime;
+  that model's ``golden_<model>.npz`` + ``source_statistics.npz`` + that one shipped model file (what a
+  device fetches to run that model; the other model files of the bundle are not downloaded), with its ratio
+  to the fp32 variant's download in the same runtime;
 * **top-1** on the full test set (10,000 images; ``--quick``: a stratified subset) through
   :class:`runtime.predictor.Predictor` on the loaded (signature-, hash- and golden-checked) bundle, batch 256;
 * **latency** at batch 1 and 64 of the runtime session's ``run`` against torch eager fp32 of the uncompressed
@@ -65,7 +65,7 @@ BATCHES = (1, 64)
 EVAL_BATCH = 256
 TORCH_THREADS = 1
 RUNTIME_THREADS = 1
-OVERHEAD_FILES = ("manifest.json", "manifest.sig", "golden.npz", "source_statistics.npz")
+OVERHEAD_FILES = ("manifest.json", "manifest.sig", "source_statistics.npz")  # + the model's own golden file
 LOW_RANK_ENERGY = "energy=0.95"
 LOW_RANK_FALLBACK = "budget=0.5"
 LOW_RANK_MIN_SAVING = 0.05  # energy=0.95 "saves nothing" when it keeps more than 95 % of the targeted weights
@@ -216,6 +216,7 @@ def sizes(bundle: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
     packed = entry.get("packed")
     shipped = packed["file"] if packed else entry["file"]
     overhead = {f: (bundle / f).stat().st_size for f in OVERHEAD_FILES}
+    overhead["golden"] = (bundle / manifest["golden"]["models"][name]["file"]).stat().st_size
     file_bytes = (bundle / shipped).stat().st_size
     return {"file": shipped, "file_bytes": file_bytes, "packed": bool(packed),
             "unpacked_bytes": packed["unpacked_bytes"] if packed else file_bytes,
@@ -618,8 +619,7 @@ def _interpretation(c: dict[str, Any]) -> list[str]:
         over = sum(p["overhead_bytes"].values())
         lines.append(f"Of the 2:4 + int8 download ({p['download_bytes']:,} B), the fixed files (manifest, signature, "
                      f"golden vectors, source statistics) are {over:,} B ({over / p['download_bytes']:.0%}); "
-                     f"golden.npz alone is {p['overhead_bytes']['golden.npz']:,} B (inputs and the outputs of all "
-                     "seven models).")
+                     f"the model's golden vectors are {p['overhead_bytes']['golden']:,} B.")
     return lines
 
 
@@ -668,8 +668,8 @@ def render(r: dict[str, Any]) -> str:
     """The BENCHMARKS.md section body: setup, then per model the table, latency, targets, interpretation."""
     intro = (
         f"Each variant is a folded model in a bundle built by `run_export` (ONNX + TFLite, adaptable and folded, "
-        f"fp32 and int8 in every bundle). **Device download** = manifest.json + manifest.sig + golden.npz + "
-        f"source_statistics.npz + the one model file the device runs (packed `*.onnx.nmpack` when the bundle "
+        f"fp32 and int8 in every bundle). **Device download** = manifest.json + manifest.sig + the model's golden "
+        f"file + source_statistics.npz + the one model file the device runs (packed `*.onnx.nmpack` when the bundle "
         f"ships it packed); `× fp32 download` compares it with the fp32 variant in the same runtime. Top-1 is "
         f"measured through `Predictor` on the loaded bundle (batch {EVAL_BATCH}). Latency: the runtime session's "
         f"`run` against torch eager fp32 of the uncompressed checkpoint, all interleaved in one run; torch with "
