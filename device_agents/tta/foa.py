@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,6 +134,7 @@ class FOA(TTAMethod):
         super().__init__(config)
         self._mix = StatisticsMix(self.config, prefix=STATS_PREFIX)
         self._search = CMASearch(self.config.population, self.config.sigma0, self.config.seed)
+        self._planned: tuple[weakref.ref[Any], _Plan] | None = None
 
     def _state_replaced(self) -> None:
         """The live CMA-ES strategy is rebuilt from the state arrays on the next batch."""
@@ -172,6 +174,14 @@ class FOA(TTAMethod):
         return best
 
     def _plan(self, model: Any) -> _Plan:
+        """The search plan for ``model`` (cached per model object: layers and source statistics are fixed)."""
+        if self._planned is not None and self._planned[0]() is model:
+            return self._planned[1]
+        plan = self._make_plan(model)
+        self._planned = (weakref.ref(model), plan)
+        return plan
+
+    def _make_plan(self, model: Any) -> _Plan:
         order = graph_layer_order(model)
         layers = self.config.layers
         adapted = tuple(order[-layers:]) if isinstance(layers, int) else layers
