@@ -63,11 +63,10 @@ def _run_segment(agent: Any, run: DeviceRun, lo: int, hi: int) -> None:
 
 def _offline_accuracy(bundle: Path, tta: str, stream: Stream) -> np.ndarray:
     """Per-sample correctness of a fresh model (initial parameters, no cloud) on the same batches."""
-    from device_agents.tta import create_tta_method
     from runtime import AdaptableModel, load_bundle
 
     model = AdaptableModel(load_bundle(bundle))
-    method = create_tta_method(tta)
+    method = pipeline.agent_tta(tta)
     correct = np.zeros(len(stream.y), dtype=bool)
     for start in range(0, len(stream.y), BATCH_SIZE):
         out = method.adapt_and_predict(model, stream.x[start : start + BATCH_SIZE])
@@ -210,7 +209,6 @@ def _table(devices: list[dict[str, Any]]) -> Table:
 
 def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None = None) -> dict[str, Any]:
     """Run the whole loop; write ``out/report.json`` and ``out/accuracy.png``; return the report."""
-    from device_agents.tta import AlphaBNConfig
     from exporter.signing import public_path
     from server.app import ServerConfig, create_server
 
@@ -234,7 +232,7 @@ def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None
         ]
         config = ServerConfig(data_dir=out / "server", port=0, teacher_ckpt=teacher, student_ckpt=student,
                               trusted_publisher_keys=(public_path(out / "signing_key.pem"),),
-                              distill_alpha=AlphaBNConfig().alpha, distill_steps=100)
+                              distill_alpha=pipeline.LOOP_ALPHA, distill_steps=100)
         with create_server(config) as srv:
             from edgeloop.admin import AdminClient
 

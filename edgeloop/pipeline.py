@@ -209,6 +209,22 @@ def parse_domains(spec: str) -> list[Any]:
     return domains
 
 
+# A device in the cloud loop runs classic one-pass α-BN (the current batch's statistics mixed with the
+# reference by α): exactly the normalisation the server's distiller reproduces (ServerConfig.distill_alpha),
+# so distilled parameters land where they were fitted. The library default (a running estimate of the test
+# statistics, robust on class-sorted streams) normalises differently and would not match the distiller.
+LOOP_ALPHA = 0.6
+
+
+def agent_tta(name: str) -> Any:
+    """The TTA method an agent in the cloud loop runs: ``alpha_bn`` as classic one-pass α-BN at LOOP_ALPHA."""
+    from device_agents.tta import AlphaBNConfig, create_tta_method
+
+    if name == "alpha_bn":
+        return create_tta_method(name, AlphaBNConfig(alpha=LOOP_ALPHA, batch_weight=1.0))
+    return create_tta_method(name)
+
+
 def connect_agent(
     server: str, device_id: str, work_dir: Path, *, tta: str = "alpha_bn", labels: dict[str, str] | None = None,
     outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
@@ -221,7 +237,6 @@ def connect_agent(
     from device_agents.drift import PageHinkley
     from device_agents.outbox import SqliteOutbox
     from device_agents.selection import EntropyBandSelector, SelectorConfig
-    from device_agents.tta import create_tta_method
     from runtime import AdaptableModel, load_bundle
 
     work_dir = Path(work_dir)
@@ -240,7 +255,7 @@ def connect_agent(
     outbox = SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes)
     detector = PageHinkley(min_instances=30, delta=0.02, threshold=drift_threshold, mode="both")
     config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id)
-    return Agent(model, create_tta_method(tta), detector, selector, outbox, client, config)
+    return Agent(model, agent_tta(tta), detector, selector, outbox, client, config)
 
 
 def run_agent(

@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 
-from device_agents.tta import AlphaBNConfig, create_tta_method
+from device_agents.tta import create_tta_method
 from edgeloop import pipeline
 from edgeloop.admin import AdminClient
 from edgeloop.data import Domain, build_stream, load_dataset
@@ -39,7 +39,7 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(tmp_path: Path, digits_checkpoint: tuple[Path, str], teacher_checkpoint: Path) -> Iterator[EdgeloopServer]:
     """A started server with the torch distiller, data in ``tmp_path``."""
     config = ServerConfig(data_dir=tmp_path / "server", port=0, teacher_ckpt=teacher_checkpoint,
-                          student_ckpt=digits_checkpoint[0], distill_alpha=AlphaBNConfig().alpha, distill_steps=40,
+                          student_ckpt=digits_checkpoint[0], distill_alpha=pipeline.LOOP_ALPHA, distill_steps=40,
                           grace_seconds=2.0)
     srv = create_server(config)
     srv.start()
