@@ -85,8 +85,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="evaluation data (test split); default digits")
     p.add_argument("--corruption", default="clean", help="corruption name, or clean (default); see --list-corruptions")
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1-5; default 3")
-    p.add_argument("--tta", default="source", help="test-time adaptation method: source (none) or alpha_bn; "
-                   "default source")
+    p.add_argument("--tta", default="source", help="test-time adaptation: source (none), alpha_bn, foa, lame, "
+                   "t3a (folded/foreign models: source, lame, t3a); default source")
     p.add_argument("--model", default=None, help="bundle model to run (fp32, int8); default: the manifest's default")
     p.add_argument("--backend", choices=("auto", "onnx", "tflite"), default="auto", help="inference backend: "
                    "onnx (onnxruntime), tflite (LiteRT), auto (the chosen model's format); default auto")
@@ -128,7 +128,8 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated corruption:severity domains the stream passes through")
     p.add_argument("--samples-per-domain", type=int, default=200, help="stream images per domain; default 200")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default 16")
-    p.add_argument("--tta", default="alpha_bn", help="adaptation method: source or alpha_bn; default alpha_bn")
+    p.add_argument("--tta", default="alpha_bn", help="adaptation method: source, alpha_bn, foa, lame, t3a; "
+                   "default alpha_bn")
     p.add_argument("--seed", type=int, default=0, help="stream seed; default 0")
     p.add_argument("--json", type=Path, default=None, help="write the agent's statistics as JSON to this file")
     p.add_argument("--trusted-key", type=Path, action="append", default=None, help="public key (PEM) the bundle "

@@ -150,20 +150,24 @@ def evaluate_bundle(
 
 
 def _batch_predictor(loaded: Any, tta: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from [0, 1] NCHW batches to predicted class indices for the bundle's model."""
+    """A function from [0, 1] NCHW batches to predicted class indices for the bundle's model.
+
+    Adaptable models run any TTA method; folded and foreign models run through a :class:`Predictor` in
+    their own layout, range and dtype, with the output-only methods (``source``, ``lame``, ``t3a``).
+    """
     from device_agents.tta import create_tta_method
     from edgeloop.exporting import to_model_input
     from runtime import AdaptableModel
     from runtime.predictor import Predictor
 
+    method = create_tta_method(tta)
     if loaded.model.graph == "adaptable":
-        adaptable, method = AdaptableModel(loaded), create_tta_method(tta)
+        adaptable = AdaptableModel(loaded)
         return lambda x: method.adapt_and_predict(adaptable, x).logits.argmax(axis=1)
-    if tta != "source":
-        raise ValueError(f"model {loaded.model.name!r} has a {loaded.model.graph} graph: only tta 'source' runs on it")
-    spec = loaded.manifest.input
-    predictor = Predictor(loaded)
-    return lambda x: predictor.predict(to_model_input(x, spec.layout, spec.value_range, spec.dtype)).probs.argmax(1)
+    spec, predictor = loaded.manifest.input, Predictor(loaded)
+    method.check_model(predictor)
+    return lambda x: method.adapt_and_predict(
+        predictor, to_model_input(x, spec.layout, spec.value_range, spec.dtype)).logits.argmax(axis=1)
 
 
 def serve(

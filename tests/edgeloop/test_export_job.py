@@ -131,3 +131,12 @@ def test_import_path_model_without_linear_head_is_refused(tmp_path: Path, capsys
             str(tmp_path / "b"), "--signing-key", str(tmp_path / "k.pem")]
     assert main(args) == 2
     assert "nn.Linear" in capsys.readouterr().err
+
+
+def test_eval_output_methods_on_a_folded_model(compressed_bundle: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["eval", str(compressed_bundle), "--model", "folded_fp32", "--corruption", "contrast", "--limit", "200"]
+    assert main([*args, "--tta", "t3a", "--json", str(tmp_path / "t3a.json")]) == 0
+    assert 0.0 < json.loads((tmp_path / "t3a.json").read_text())["accuracy"] <= 1.0
+    assert main([*args, "--tta", "alpha_bn"]) == 2
+    assert "needs an adaptable graph" in capsys.readouterr().err
