@@ -22,6 +22,26 @@ class ForwardResult:
     batch_stats: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
+def check_batch(x: np.ndarray, sample_shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Validate a non-empty, numeric, finite batch (of ``sample_shape`` samples when given); return float32.
+
+    Raises :class:`InputError` naming the problem.
+    """
+    arr = np.asarray(x)
+    if sample_shape is not None and (arr.ndim != len(sample_shape) + 1 or tuple(arr.shape[1:]) != sample_shape):
+        raise InputError(f"input has shape {arr.shape}, expected (N, {', '.join(map(str, sample_shape))})")
+    if arr.ndim < 2:
+        raise InputError(f"input has shape {arr.shape}; expected a batch (N, ...)")
+    if arr.shape[0] == 0:
+        raise InputError("input batch is empty")
+    if arr.dtype.kind not in "fiu":
+        raise InputError(f"input has non-numeric dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.all(np.isfinite(arr)):
+        raise InputError("input contains NaN or infinite values")
+    return arr
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 for stable entropies."""
     z = np.asarray(logits, dtype=np.float64)
@@ -73,18 +93,7 @@ class AdaptableModel:
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
         """Validate a batch against the manifest's input spec; return it as contiguous float32."""
-        arr = np.asarray(x)
-        expected = self.manifest.input.shape[1:]
-        if arr.ndim != len(expected) + 1 or tuple(arr.shape[1:]) != expected:
-            raise InputError(f"input has shape {arr.shape}, expected (N, {', '.join(map(str, expected))})")
-        if arr.shape[0] == 0:
-            raise InputError("input batch is empty")
-        if arr.dtype.kind not in "fiu":
-            raise InputError(f"input has non-numeric dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not np.all(np.isfinite(arr)):
-            raise InputError("input contains NaN or infinite values")
-        return arr
+        return check_batch(x, self.manifest.input.shape[1:])
 
     def forward(
         self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import InputError
+from runtime.model import check_batch as check_array
 from runtime.model import softmax
 
 
@@ -51,17 +51,7 @@ def check_batch(model: Any, x: np.ndarray) -> np.ndarray:
     check = getattr(model, "check_input", None)
     if callable(check):
         return np.asarray(check(x))
-    arr = np.asarray(x)
-    if arr.ndim < 2:
-        raise InputError(f"input has shape {arr.shape}; expected a batch (N, ...)")
-    if arr.shape[0] == 0:
-        raise InputError("input batch is empty")
-    if arr.dtype.kind not in "fiu":
-        raise InputError(f"input has non-numeric dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if not np.all(np.isfinite(arr)):
-        raise InputError("input contains NaN or infinite values")
-    return arr
+    return check_array(x)
 
 
 def source_pass(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
