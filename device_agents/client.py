@@ -26,8 +26,10 @@ from device_agents.outbox import OutboxSample, SqliteOutbox
 from proto.convert import TensorDecodeError, tensor_to_proto, tensors_from_proto, tensors_to_proto
 from proto.edgeloop.v1 import common_pb2, device_pb2, device_pb2_grpc
 from runtime.bundle import load_bundle
-from runtime.errors import BundleError
+from runtime.errors import BundleError, ManifestError
+from runtime.manifest import MANIFEST_NAME, read_manifest
 from runtime.params import params_digest
+from runtime.signing import SIGNATURE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +218,11 @@ class DeviceClient:
             latest_update_version=int(resp.latest_update_version), bundle_files=tuple(resp.bundle_files),
         )
 
-    def fetch_bundle(self, bundle_id: str, dest_dir: str | Path) -> Path:
+    def fetch_bundle(self, bundle_id: str, dest_dir: str | Path, model: str | None = None) -> Path:
         """Download bundle ``bundle_id`` into ``dest_dir/<bundle_id>`` and return that directory.
+
+        Only what ``model`` (default: the manifest's default model) needs is fetched: the signed manifest
+        first, then that model's file, its golden vectors and the source statistics.
 
         Files are streamed into a temporary directory beside the destination; each file's size and sha256
         are checked against its chunk headers and a failing file is fetched once more. The whole bundle is
@@ -230,11 +235,11 @@ class DeviceClient:
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         final = dest / bundle_id
-        if final.is_dir() and self._installed(final, bundle_id):
+        if final.is_dir() and self._installed(final, bundle_id, model):
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_id[:12]}-", dir=dest))
         try:
-            self._download_verified(bundle_id, tmp)
+            self._download_verified(bundle_id, tmp, model)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -244,15 +249,21 @@ class DeviceClient:
         logger.info("bundle %s installed at %s", bundle_id[:12], final)
         return final
 
-    def _installed(self, path: Path, bundle_id: str) -> bool:
+    def _installed(self, path: Path, bundle_id: str, model: str | None) -> bool:
         try:
-            return load_bundle(path, verify=True, trusted_keys=self.trusted_keys).bundle_id == bundle_id
+            return load_bundle(path, model=model, trusted_keys=self.trusted_keys).bundle_id == bundle_id
         except BundleError as exc:
             logger.warning("installed bundle %s fails verification, downloading again: %s", path, exc)
             return False
 
-    def _download_verified(self, bundle_id: str, root: Path) -> None:
-        bad = self._download(bundle_id, root, ())
+    def _download_verified(self, bundle_id: str, root: Path, model: str | None) -> None:
+        bad = self._download(bundle_id, root, [MANIFEST_NAME, SIGNATURE_NAME])
+        if not bad and (root / MANIFEST_NAME).is_file():
+            try:
+                manifest, _ = read_manifest(root)
+                bad = self._download(bundle_id, root, manifest.files_for(manifest.model(model).name))
+            except ManifestError as exc:
+                raise BundleDownloadError(f"bundle {bundle_id[:12]}: {exc}") from exc
         if bad:
             logger.warning("bundle %s: refetching %s after a sha256 mismatch", bundle_id[:12], sorted(bad))
             still_bad = self._download(bundle_id, root, sorted(bad))
@@ -264,7 +275,7 @@ class DeviceClient:
         actual = hashlib.sha256(manifest.read_bytes()).hexdigest()
         if actual != bundle_id:
             raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
-        load_bundle(root, verify=True, trusted_keys=self.trusted_keys)
+        load_bundle(root, model=model, trusted_keys=self.trusted_keys)
 
     def _download(self, bundle_id: str, root: Path, paths: Sequence[str]) -> set[str]:
         """Stream the requested files (all when empty) into ``root``; return the paths that failed."""

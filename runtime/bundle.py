@@ -43,14 +43,21 @@ class Bundle:
     signer: SignatureInfo | None
 
 
-def verify_files(root: Path, manifest: Manifest) -> None:
-    """Check that every file the manifest lists exists inside ``root`` and matches its sha256."""
+def verify_files(root: Path, manifest: Manifest, required: Sequence[str] | None = None) -> None:
+    """Check the files the manifest lists inside ``root`` against their sha256.
+
+    ``required`` (default: every listed file) must be present; any other listed file may be absent (a device
+    fetches only what its model needs), but if it is present it must match too.
+    """
     base = root.resolve()
+    needed = set(manifest.files if required is None else required)
     for rel, expected in sorted(manifest.files.items()):
         path = (root / rel).resolve()
         if base not in path.parents:
             raise BundleIntegrityError(f"manifest file path {rel!r} escapes the bundle directory")
         if not path.is_file():
+            if rel not in needed:
+                continue
             raise BundleIntegrityError(f"bundle file {rel!r} is missing from {root}")
         actual = file_sha256(path)
         if actual != expected:
@@ -149,7 +156,7 @@ def load_bundle(
     if backend not in ("auto", entry.backend):
         raise ManifestError(f"model {entry.name!r} is a {entry.format} model; backend {backend!r} cannot run it")
     if verify:
-        verify_files(root, manifest)
+        verify_files(root, manifest, manifest.files_for(entry.name))
     if entry.packed is not None:
         session: Session = OrtSession(unpack_model(root, entry), threads)
     else:

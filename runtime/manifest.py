@@ -97,6 +97,13 @@ class Manifest:
                 return entry
         raise ManifestError(f"model {wanted!r} not in bundle; available: {[m.name for m in self.models]}")
 
+    def files_for(self, model: str) -> list[str]:
+        """The files a device needs to run ``model``: its shipped file, its golden vectors, the statistics."""
+        entry = self.model(model)
+        files = [entry.packed["file"] if entry.packed else entry.file, self.golden_file_of(entry.name)]
+        stats = self.raw.get("source_statistics", {}).get("class_conditional") or {}
+        return files + ([stats["file"]] if isinstance(stats.get("file"), str) else [])
+
     def golden_file_of(self, model: str) -> str:
         """The golden-vector file of ``model``: its own (``golden.models[model].file``) or the shared one."""
         return self.golden_files.get(model, self.golden_file)

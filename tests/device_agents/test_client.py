@@ -19,6 +19,7 @@ from device_agents.outbox import OutboxSample, SqliteOutbox
 from proto.convert import tensors_to_proto
 from proto.edgeloop.v1 import common_pb2, device_pb2_grpc
 from runtime import AdaptableModel, load_bundle
+from runtime.manifest import read_manifest
 from runtime.params import params_digest
 
 
@@ -43,8 +44,12 @@ def test_register_fetch_and_reuse(edge_server, client: DeviceClient, tmp_path: P
     path = client.fetch_bundle(info.bundle_id, tmp_path / "bundles")
     assert path == tmp_path / "bundles" / info.bundle_id
     assert load_bundle(path).bundle_id == info.bundle_id
-    size = sum(p.stat().st_size for p in bundle_dir.rglob("*") if p.is_file())
-    assert size < client.bytes_down < size * 1.1
+    manifest = read_manifest(bundle_dir)[0]
+    needed = ["manifest.json", "manifest.sig", *manifest.files_for(manifest.default_model)]
+    size = sum((bundle_dir / name).stat().st_size for name in needed)
+    assert size < client.bytes_down < size * 1.1  # only the default model's files were fetched
+    assert sorted(p.name for p in path.iterdir()) == sorted(needed)
+    assert not (path / "model_int8.onnx").exists()
     assert [p.name for p in (tmp_path / "bundles").iterdir()] == [info.bundle_id]  # no temp dir left
     before = client.bytes_down
     assert client.fetch_bundle(info.bundle_id, tmp_path / "bundles") == path
@@ -54,7 +59,7 @@ def test_register_fetch_and_reuse(edge_server, client: DeviceClient, tmp_path: P
 def test_fetch_replaces_a_corrupted_installed_copy(client: DeviceClient, edge_server, tmp_path: Path) -> None:
     client.register()
     path = client.fetch_bundle(edge_server.bundle_id, tmp_path)
-    (path / "golden.npz").write_bytes(b"tampered")
+    (path / "golden_fp32.npz").write_bytes(b"tampered")
     assert client.fetch_bundle(edge_server.bundle_id, tmp_path) == path
     assert load_bundle(path).bundle_id == edge_server.bundle_id
 
@@ -173,7 +178,9 @@ def test_fetch_refetches_a_corrupted_file_once(faulty, tmp_path: Path) -> None:
     service, target = faulty
     with DeviceClient(target, "dev-1") as c:
         path = c.fetch_bundle(service.bundle_id, tmp_path)
-    assert service.requests == [[], ["model_fp32.onnx"]]
+    manifest = read_manifest(service.root)[0]
+    # the signed manifest first, then only the default model's files, then the corrupted file once more
+    assert service.requests == [["manifest.json", "manifest.sig"], manifest.files_for("fp32"), ["model_fp32.onnx"]]
     assert load_bundle(path).bundle_id == service.bundle_id
 
 
