@@ -132,6 +132,21 @@ def _build(graph: AdaptableGraph, path: Path, example: torch.Tensor, lean: bool 
     return "traced"
 
 
+def prepare_export(path: Path | str, example: torch.Tensor) -> Path:
+    """Check that ``example`` is an (N, C, H, W) batch and create ``path``'s directory; return the path."""
+    path = Path(path)
+    if example.ndim != 4:
+        raise ValueError(f"example must be a (N, C, H, W) tensor, got shape {tuple(example.shape)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def parity_inputs(example: torch.Tensor, parity_x: np.ndarray | torch.Tensor | None) -> np.ndarray:
+    """The held-out parity inputs as numpy: ``parity_x``, or the tracing ``example`` when none are given."""
+    x = example if parity_x is None else parity_x
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
 def export_adaptable_onnx(
     model: nn.Module,
     path: Path | str,
@@ -150,16 +165,12 @@ def export_adaptable_onnx(
     True (default) or :class:`~exporter.onnx_graph.LeanOptions` for the lean graph (with the traced graph as
     fallback), False for the traced graph. Raises :class:`ExportParityError`.
     """
-    path = Path(path)
-    if example.ndim != 4:
-        raise ValueError(f"example must be a (N, C, H, W) tensor, got shape {tuple(example.shape)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = prepare_export(path, example)
     graph = AdaptableGraph(model)
     how = _build(graph, path, example, lean)
     _check_graph(path, graph)
-    x = example if parity_x is None else parity_x
-    x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    report = check_parity(model, path, x_np, params_numpy(model), PARITY_ALPHAS, atol=atol, rtol=rtol)
+    report = check_parity(model, path, parity_inputs(example, parity_x), params_numpy(model), PARITY_ALPHAS,
+                          atol=atol, rtol=rtol)
     logger.info(
         "exported %s (%s graph): max |diff| %s, top-1 agreement %.4f",
         path.name,

@@ -20,7 +20,16 @@ import onnx
 import torch
 from torch import nn
 
-from exporter.onnx_export import OPSET, PARITY_ATOL, PARITY_RTOL, ExportError, ExportParityError, ort_session
+from exporter.onnx_export import (
+    OPSET,
+    PARITY_ATOL,
+    PARITY_RTOL,
+    ExportError,
+    ExportParityError,
+    ort_session,
+    parity_inputs,
+    prepare_export,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +127,7 @@ def export_folded_onnx(
     ``example``) are held-out inputs compared with torch eval mode. Raises :class:`ExportError` when a
     ``BatchNormalization`` node survives and :class:`ExportParityError` when the outputs differ.
     """
-    path = Path(path)
-    if example.ndim != 4:
-        raise ValueError(f"example must be a (N, C, H, W) tensor, got shape {tuple(example.shape)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = prepare_export(path, example)
     with _eval_mode(model), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
@@ -132,9 +138,7 @@ def export_folded_onnx(
             dynamic_axes={name: {0: "batch"} for name in ("input", *FOLDED_OUTPUTS)},
         )
     _check_folded(path)
-    x = example if parity_x is None else parity_x
-    x_np = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
-    report = check_folded_parity(model, path, x_np, atol=atol, rtol=rtol)
+    report = check_folded_parity(model, path, parity_inputs(example, parity_x), atol=atol, rtol=rtol)
     logger.info("exported folded %s: max |diff| %s, top-1 agreement %.4f", path.name,
                 {k: f"{v:.2e}" for k, v in report.max_abs_diff.items()}, report.top1_agreement)
     return list(FOLDED_OUTPUTS)

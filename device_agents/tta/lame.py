@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.tta.base import TTAConfig, TTAMethod, TTAOutput
-from device_agents.tta.models import ModelCapabilityError, describe_model, source_pass
+from device_agents.tta.models import source_features
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,7 @@ class LAME(TTAMethod):
 
     def forward_and_adapt(self, model: Any, x: np.ndarray) -> TTAOutput:
         """Source pass, kNN affinity of the batch, bound iterations to convergence."""
-        _, probs, features = source_pass(model, x)
-        if features is None:
-            raise ModelCapabilityError(f"{describe_model(model)} returned no features")
+        probs, features = source_features(model, x)
         cfg = self.config
         z = laplacian_adjusted(probs, knn_affinity(features, cfg.knn), cfg.laplacian_weight, cfg.max_steps,
                                cfg.tolerance)

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.tta.base import TTAConfig, TTAMethod, TTAOutput
-from device_agents.tta.models import ModelCapabilityError, describe_model, source_class_means, source_pass
+from device_agents.tta.models import ModelCapabilityError, describe_model, source_class_means, source_features
 from runtime.model import entropy, softmax
 
 EMPTY_CLASS_MARGIN = 30.0  # a class with no support scores this far below the batch row's lowest score
@@ -65,9 +65,7 @@ class T3A(TTAMethod):
 
     def forward_and_adapt(self, model: Any, x: np.ndarray) -> TTAOutput:
         """Source pass, add the batch to the supports (entropy-filtered), predict with the templates."""
-        _, probs, features = source_pass(model, x)
-        if features is None:
-            raise ModelCapabilityError(f"{describe_model(model)} returned no features")
+        probs, features = source_features(model, x)
         state = self._state or self._initial_state(model, probs.shape[1], features.shape[1])
         supports, ent = state["supports"], state["support_entropy"]
         if supports.shape[::2] != (probs.shape[1], features.shape[1]):
