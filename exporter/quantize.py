@@ -1,7 +1,9 @@
 """Static int8 post-training quantization of the adaptable ONNX graph with onnxruntime (QDQ, per channel).
 
-Only ``Conv``, ``MatMul`` and ``Gemm`` are quantized; the α-mixed BatchNorm math stays float because it
-consumes the fed parameters. By default the classifier head (the node producing ``logits``) is left float
+By default only ``Conv``, ``MatMul`` and ``Gemm`` are quantized; the α-mixed BatchNorm math stays float because
+it consumes the fed parameters. A folded graph also quantizes ``Relu`` and ``MaxPool``
+(:data:`FOLDED_OP_TYPES`), which lets onnxruntime fuse the activation into ``QLinearConv`` and pool in uint8
+NHWC between integer convolutions. By default the classifier head (the node producing ``logits``) is left float
 too, so neither ``logits`` nor ``features`` (the head's input) are rounded to 8 bits: entropy- and
 feature-based adaptation and drift detection on the device read them. Activations default to QUInt8, which
 onnxruntime's CPU provider fuses into ``QLinearConv``; QInt8 activations were left unfused (float-emulated)
@@ -37,6 +39,13 @@ logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "onnxruntime_static_qdq"
 OP_TYPES = ("Conv", "MatMul", "Gemm")
+FOLDED_OP_TYPES = (*OP_TYPES, "Relu", "MaxPool")
+SUPPORTED_OP_TYPES = frozenset({*FOLDED_OP_TYPES, "Add", "AveragePool", "GlobalAveragePool", "Mul"})
+# element-wise and pooling nodes that follow a float stem stay float with it (see _float_nodes)
+_STEM_FOLLOWERS = frozenset({"Relu", "Clip", "MaxPool", "AveragePool"})
+# onnxruntime's QDQ propagation moves the QuantizeLinear after a float pool up before it, and then pools uint8
+# in NCHW with its generic kernel: measured 20x slower than the float pool on a 28x28 MNIST stem
+_PROPAGATION = "QDQPropagationTransformer"
 _CALIBRATIONS = {
     "minmax": CalibrationMethod.MinMax,
     "entropy": CalibrationMethod.Entropy,
@@ -62,8 +71,9 @@ class Int8Config:
     use a multiple of ``batch_size`` of them, as onnxruntime's histogram collectors need equal batches);
     ``min_agreement`` is the required int8-vs-fp32 top-1 agreement; ``keep_head_float`` leaves the
     logits-producing node in float; ``float_convs_below_channels`` leaves convolutions with fewer input
-    channels in float (onnxruntime's ``QLinearConv`` on a 1–3-channel stem measured 8× slower than the float
-    convolution; worth it where the conv output returns to float anyway, as in the adaptable graph).
+    channels in float, with the activation and pooling nodes right after them (onnxruntime's ``QLinearConv``
+    on a 1–3-channel stem measured 8× slower than the float convolution); ``op_types`` are the operator types
+    quantized (:data:`OP_TYPES`, or :data:`FOLDED_OP_TYPES` for a folded graph).
     """
 
     calibration: str = "minmax"
@@ -76,8 +86,15 @@ class Int8Config:
     preprocess: bool = True
     keep_head_float: bool = True
     float_convs_below_channels: int = 0
+    op_types: tuple[str, ...] = OP_TYPES
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "op_types", tuple(self.op_types))
+        unknown = sorted(set(self.op_types) - SUPPORTED_OP_TYPES)
+        if unknown or not self.op_types:
+            raise ValueError(f"op_types must be a non-empty subset of {sorted(SUPPORTED_OP_TYPES)}, got {unknown}")
+        if self.float_convs_below_channels < 0:
+            raise ValueError(f"float_convs_below_channels must be >= 0, got {self.float_convs_below_channels}")
         if self.calibration not in _CALIBRATIONS:
             raise ValueError(f"calibration must be one of {sorted(_CALIBRATIONS)}, got {self.calibration!r}")
         if self.activation_type not in _ACTIVATIONS:
@@ -100,6 +117,8 @@ class QuantizationReport:
     eval_samples: int
     preprocessed: bool
     float_convs_below_channels: int = 0
+    op_types: tuple[str, ...] = OP_TYPES
+    disabled_optimizers: tuple[str, ...] = ()
 
     def manifest_block(self) -> dict[str, Any]:
         """The ``quantization`` block of a bundle manifest's model entry (CONTRACT.md)."""
@@ -109,7 +128,12 @@ class QuantizationReport:
             "calibration": self.calibration,
             "samples": self.samples,
             "float_convs_below_channels": self.float_convs_below_channels,
+            "op_types": list(self.op_types),
         }
+
+    def session_options(self) -> dict[str, Any] | None:
+        """The model entry's ``session_options`` (onnxruntime settings the runtime applies), if any."""
+        return {"disabled_optimizers": list(self.disabled_optimizers)} if self.disabled_optimizers else None
 
 
 def graph_feeds(x: np.ndarray, params: Mapping[str, np.ndarray], alpha: float) -> dict[str, np.ndarray]:
@@ -160,28 +184,36 @@ def _preprocess(src: Path, dst: Path) -> bool:
         return False
 
 
-def _float_nodes(model_path: Path, config: Int8Config) -> list[str]:
-    """Nodes left in float: the logits head (optional) and convolutions on few input channels."""
-    proto = onnx.load(str(model_path))
-    inits = {i.name: i for i in proto.graph.initializer}
-    keep = [node.name for node in proto.graph.node if config.keep_head_float and "logits" in node.output]
-    keep += [node.name for node in proto.graph.node if node.op_type == "Conv" and node.input[1] in inits
-             and inits[node.input[1]].dims[1] < config.float_convs_below_channels]
-    return keep
+def _float_nodes(model_path: Path, config: Int8Config) -> tuple[list[str], bool]:
+    """Nodes left in float: the logits head (optional), convolutions on few input channels and the chain of
+    activation/pooling nodes right after such a convolution. Also whether that chain holds a pool (then
+    onnxruntime's QDQ propagation must be off: see ``_PROPAGATION``)."""
+    graph = onnx.load(str(model_path)).graph
+    inits = {i.name: i for i in graph.initializer}
+    stem = {node.name for node in graph.node if node.op_type == "Conv" and node.input[1] in inits
+            and inits[node.input[1]].dims[1] < config.float_convs_below_channels}
+    producer = {out: node.name for node in graph.node for out in node.output}
+    pooled = False
+    for node in graph.node:  # graph.node is topologically sorted: one pass follows whole chains
+        if node.op_type in _STEM_FOLLOWERS and producer.get(node.input[0]) in stem:
+            stem.add(node.name)
+            pooled |= node.op_type.endswith("Pool")
+    head = [node.name for node in graph.node if config.keep_head_float and "logits" in node.output]
+    return head + [node.name for node in graph.node if node.name in stem], pooled
 
 
-def _quantize(src: Path, dst: Path, reader: CalibrationReader, config: Int8Config) -> None:
+def _quantize(src: Path, dst: Path, reader: CalibrationReader, config: Int8Config, exclude: list[str]) -> None:
     quantize_static(
         str(src),
         str(dst),
         reader,
         quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(OP_TYPES),
+        op_types_to_quantize=list(config.op_types),
         per_channel=config.per_channel,
         reduce_range=config.reduce_range,
         activation_type=_ACTIVATIONS[config.activation_type],
         weight_type=QuantType.QInt8,
-        nodes_to_exclude=_float_nodes(src, config) or None,
+        nodes_to_exclude=exclude or None,
         calibrate_method=_CALIBRATIONS[config.calibration],
     )
 
@@ -236,8 +268,9 @@ def quantize_int8(
         preprocessed = config.preprocess and _preprocess(fp32_path, pre)
         src = pre if preprocessed else fp32_path
         chatter = io.StringIO()  # the histogram calibrators print progress to stdout
+        exclude, pooled = _float_nodes(src, config)
         with contextlib.redirect_stdout(chatter):
-            _quantize(src, int8_path, reader, config)
+            _quantize(src, int8_path, reader, config, exclude)
         logger.debug("quantize_static output: %s", chatter.getvalue().strip())
     onnx.checker.check_model(str(int8_path))
     check = calib if eval_x is None else np.concatenate([calib, check_images(eval_x, "eval_x")])
@@ -246,5 +279,5 @@ def quantize_int8(
                 config.calibration, len(calib), agreement)
     return QuantizationReport(
         config.calibration, len(calib), config.per_channel, config.activation_type, agreement, len(check),
-        preprocessed, config.float_convs_below_channels,
+        preprocessed, config.float_convs_below_channels, config.op_types, (_PROPAGATION,) if pooled else (),
     )

@@ -158,9 +158,10 @@ def load_bundle(
     if verify:
         verify_files(root, manifest, manifest.files_for(entry.name))
     if entry.packed is not None:
-        session: Session = OrtSession(unpack_model(root, entry), threads)
+        session: Session = OrtSession(unpack_model(root, entry), threads, entry.disabled_optimizers)
     else:
-        session = open_session(root / entry.file, backend=entry.backend, threads=threads, io_names=entry.io_names)
+        session = open_session(root / entry.file, backend=entry.backend, threads=threads, io_names=entry.io_names,
+                               disabled_optimizers=entry.disabled_optimizers)
     if verify:
         verify_golden(root, manifest, entry, session)
     bundle_id = hashlib.sha256(raw).hexdigest()

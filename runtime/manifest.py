@@ -54,6 +54,12 @@ class ModelEntry:
     graph: str
     io_names: dict[str, dict[str, str]] | None = None
     packed: dict[str, Any] | None = None
+    session_options: dict[str, Any] | None = None
+
+    @property
+    def disabled_optimizers(self) -> tuple[str, ...]:
+        """onnxruntime graph optimizers the exporter measured as harmful for this model (``session_options``)."""
+        return tuple((self.session_options or {}).get("disabled_optimizers", ()))
 
     @property
     def backend(self) -> str:
@@ -189,6 +195,22 @@ def _initial(adaptable: dict[str, Any], layers: tuple[NormLayerSpec, ...]) -> di
     return out
 
 
+SESSION_OPTIONS = frozenset({"disabled_optimizers"})
+
+
+def _session_options(opts: Any, where: str) -> dict[str, Any] | None:
+    """A model entry's ``session_options``: only known keys; ``disabled_optimizers`` a list of names."""
+    if opts is None:
+        return None
+    if not isinstance(opts, dict) or set(opts) - SESSION_OPTIONS:
+        raise ManifestError(f"manifest field {where}.session_options must be an object with keys among "
+                            f"{sorted(SESSION_OPTIONS)}, got {opts!r}")
+    names = opts.get("disabled_optimizers", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ManifestError(f"manifest field {where}.session_options.disabled_optimizers must be a list of names")
+    return {"disabled_optimizers": list(names)}
+
+
 def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
     entries = []
     for i, m in enumerate(_get(raw, "models", list, "manifest")):
@@ -199,7 +221,8 @@ def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
             raise ManifestError(f"manifest field {where}.io_names must be an object")
         if packed is not None and not (isinstance(packed, dict) and isinstance(packed.get("file"), str)):
             raise ManifestError(f"manifest field {where}.packed must be an object with a 'file'")
-        entries.append(ModelEntry(**{k: _get(m, k, str, where) for k in keys}, io_names=io_names, packed=packed))
+        entries.append(ModelEntry(**{k: _get(m, k, str, where) for k in keys}, io_names=io_names, packed=packed,
+                                  session_options=_session_options(m.get("session_options"), where)))
     if not entries:
         raise ManifestError("manifest lists no models")
     return tuple(entries)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -29,8 +29,14 @@ class Session(Protocol):
 class OrtSession:
     """An onnxruntime CPU session with an explicit thread count and checked feeds."""
 
-    def __init__(self, path: Path | bytes, threads: int | None = None) -> None:
-        """Open an ONNX file, or a model given as bytes (e.g. decoded from a packed bundle file)."""
+    def __init__(
+        self, path: Path | bytes, threads: int | None = None, disabled_optimizers: Sequence[str] = ()
+    ) -> None:
+        """Open an ONNX file, or a model given as bytes (e.g. decoded from a packed bundle file).
+
+        ``disabled_optimizers`` names onnxruntime graph transformers to skip (a bundle model entry's
+        ``session_options``: the exporter records the ones it measured as harmful for that model).
+        """
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - onnxruntime is a base dependency
@@ -43,7 +49,8 @@ class OrtSession:
             opts.inter_op_num_threads = 1
         try:
             model = path if isinstance(path, bytes) else str(path)
-            self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            self._sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"],
+                                              disabled_optimizers=list(disabled_optimizers) or None)
         except Exception as exc:
             what = f"a {len(path)}-byte model" if isinstance(path, bytes) else path
             raise BackendUnavailableError(f"onnxruntime cannot load {what}: {exc}") from exc
@@ -84,13 +91,15 @@ def backend_for(path: Path | str) -> str:
 
 
 def open_session(
-    path: Path, backend: str = "onnx", threads: int | None = None, *, io_names: Mapping | None = None
+    path: Path, backend: str = "onnx", threads: int | None = None, *, io_names: Mapping | None = None,
+    disabled_optimizers: Sequence[str] = (),
 ) -> Session:
     """Open ``path`` with the named backend (``"auto"``: chosen by :func:`backend_for` from the extension).
 
     ``io_names`` (``{"inputs": {logical: tflite_name}, "outputs": {...}}``, a manifest model entry's field)
     maps logical tensor names for the tflite backend; without it the model's own metadata is used. The
-    onnx backend uses ONNX names as they are: it accepts only an identity mapping.
+    onnx backend uses ONNX names as they are: it accepts only an identity mapping. ``disabled_optimizers``
+    applies to the onnx backend only (see :class:`OrtSession`).
     """
     if backend == AUTO:
         backend = backend_for(path)
@@ -103,4 +112,4 @@ def open_session(
     renamed = {k: v for side in (io_names or {}).values() for k, v in dict(side).items() if k != v}
     if renamed:
         raise BackendUnavailableError(f"backend {backend!r} cannot rename tensors, got io_names {renamed}")
-    return BACKENDS[backend](path, threads)
+    return BACKENDS[backend](path, threads, disabled_optimizers)

@@ -23,7 +23,7 @@ def smallcnn_bundle(digits_arrays: tuple, tmp_path_factory: pytest.TempPathFacto
     out = tmp_path_factory.mktemp("smallcnn_bundle") / "bundle"
     path = export_bundle((model, "smallcnn", spec, "0" * 64), out, labels=[str(i) for i in range(10)],
                          calibration_x=x_train[:256], golden_x=x_test[:8], source_x=x_train, source_y=y_train,
-                         int8=True, name="digits-smallcnn")
+                         int8=True, folded=True, name="digits-smallcnn")
     return model, path
 
 
@@ -67,3 +67,39 @@ def test_alpha_bn_and_int8_run_on_the_lean_graph(smallcnn_bundle: tuple, digits_
             assert out.logits.shape == (batch, 10) and np.isfinite(out.logits).all()
         accuracy = (model.forward(x_test, alpha=0.0).logits.argmax(1) == y_test).mean()
         assert accuracy > 0.85, (name, accuracy)
+
+
+def test_folded_int8_keeps_the_pooled_stem_float_and_records_its_session_options(
+    smallcnn_bundle: tuple, digits_arrays: tuple
+) -> None:
+    """The folded int8 graph leaves conv 1→16, its ReLU and its max-pool float, quantizes the rest down to the
+    pools, and tells the runtime to turn off onnxruntime's QDQ propagation (which would drag the quantization
+    above the float pool into a slow uint8 NCHW pool)."""
+    import json
+
+    from runtime.bundle import load_bundle
+
+    _, path = smallcnn_bundle
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    entry = next(m for m in manifest["models"] if m["name"] == "folded_int8")
+    assert entry["session_options"] == {"disabled_optimizers": ["QDQPropagationTransformer"]}
+    assert entry["quantization"]["op_types"] == ["Conv", "MatMul", "Gemm", "Relu", "MaxPool"]
+    adaptable = next(m for m in manifest["models"] if m["name"] == "int8")
+    assert adaptable["quantization"]["op_types"] == ["Conv", "MatMul", "Gemm"]
+    graph = onnx.load(str(Path(path) / "model_folded_int8.onnx")).graph
+    producer = {out: n for n in graph.node for out in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    stem = convs[0]
+    assert stem.input[1] in {i.name for i in graph.initializer}  # float weights, no DequantizeLinear
+    assert all(producer[c.input[1]].op_type == "DequantizeLinear" for c in convs[1:])
+    consumers = {i: n for n in graph.node for i in n.input}
+    relu = consumers[stem.output[0]]
+    pool = consumers[relu.output[0]]
+    assert (relu.op_type, pool.op_type) == ("Relu", "MaxPool")
+    assert consumers[pool.output[0]].op_type == "QuantizeLinear"  # quantization starts after the pool
+    _, _, x_test, y_test = digits_arrays
+    int8 = load_bundle(path, model="folded_int8")
+    fp32 = load_bundle(path, model="folded_fp32")
+    assert int8.model.disabled_optimizers == ("QDQPropagationTransformer",)
+    got, ref = (b.session.run({"input": x_test})["logits"].argmax(1) for b in (int8, fp32))
+    assert (got == ref).mean() >= 0.95 and (got == y_test).mean() >= (ref == y_test).mean() - 0.03

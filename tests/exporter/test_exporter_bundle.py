@@ -90,7 +90,8 @@ def test_models_and_quantization_block(digits_bundle: Path) -> None:
     assert fp32["parity"]["max_abs_diff"] < 1e-4 and fp32["parity"]["top1_agreement"] == 1.0
     assert int8["parity"]["top1_agreement"] >= 0.875 and int8["parity"]["samples"] == 8
     assert int8["quantization"] == {"method": "onnxruntime_static_qdq", "per_channel": True,
-                                    "calibration": "minmax", "samples": 256, "float_convs_below_channels": 8}
+                                    "calibration": "minmax", "samples": 256, "float_convs_below_channels": 8,
+                                    "op_types": ["Conv", "MatMul", "Gemm"]}
 
 
 def test_every_sha256_matches(digits_bundle: Path) -> None:

@@ -73,7 +73,7 @@ def test_entropy_calibration_and_report(digits_bundle: Path, digits_arrays: tupl
     assert report.top1_agreement >= 0.9
     assert report.manifest_block() == {"method": "onnxruntime_static_qdq", "per_channel": True,
                                        "calibration": "entropy", "samples": 96,
-                                       "float_convs_below_channels": 0}
+                                       "float_convs_below_channels": 0, "op_types": ["Conv", "MatMul", "Gemm"]}
 
 
 def test_low_agreement_raises(digits_bundle: Path, digits_arrays: tuple, digits_model: tuple, tmp_path: Path,

@@ -88,6 +88,9 @@ def test_changed_initial_params_fail_golden(bundle_copy: Path, signing_key: Any)
         (lambda raw: raw["files"].__setitem__("../escape.txt", "0" * 64), "escapes"),
         (lambda raw: raw["adaptable"]["initial"].__setitem__("bn1.var", [1.0]), r"bn1\.var"),
         (lambda raw: raw.__setitem__("default_model", "fp64"), "fp64"),
+        (lambda raw: raw["models"][0].__setitem__("session_options", {"graph_level": 1}), r"session_options"),
+        (lambda raw: raw["models"][0].__setitem__("session_options", {"disabled_optimizers": "QDQ"}),
+         r"disabled_optimizers must be a list"),
     ],
 )
 def test_bad_manifest_is_refused(bundle_copy: Path, edit: object, message: str, signing_key: Any) -> None:

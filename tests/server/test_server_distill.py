@@ -1,4 +1,9 @@
-"""TorchDistiller on tiny real checkpoints, and a distillation round through the gRPC server."""
+"""TorchDistiller on tiny real checkpoints, and a distillation round through the gRPC server.
+
+The gRPC pieces are imported inside the test that needs them, so the distiller tests also run on a machine
+with torch (and CUDA) but without the server's other dependencies:
+``pytest --noconftest tests/server/test_server_distill.py -k "not grpc and not import"``.
+"""
 
 from __future__ import annotations
 
@@ -13,17 +18,13 @@ pytest.importorskip("torch")
 pytest.importorskip("exporter.adaptable")
 pytest.importorskip("exporter.checkpoint")
 
-import grpc
 import torch
 
 from exporter.adaptable import source_params
 from exporter.checkpoint import save_checkpoint
 from exporter.models import ModelSpec, build_model
-from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
-from server.app import ServerConfig, create_server
-from server.distill import TorchDistiller
+from server.distill import TorchDistiller, use_channels_last
 from server.errors import InvalidTensorError
-from tests.server.server_testkit import RPC_TIMEOUT, sample_msg, wait_round
 
 SPEC = ModelSpec(in_channels=1, num_classes=10, image_size=8, mean=(0.5,), std=(0.25,))
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +89,73 @@ def test_distill_is_deterministic_and_validates(ckpts: tuple[Path, Path, dict[st
         TorchDistiller(teacher, student, alpha=1.5, device="cpu")
 
 
+def test_distill_restores_the_global_rng(ckpts: tuple[Path, Path, dict[str, np.ndarray]]) -> None:
+    teacher, student, params = ckpts
+    distiller = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=8, seed=3)
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    distiller.distill(_inputs(16), params, steps=2)
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+
+
+def test_use_channels_last_only_for_conv_models_on_cuda() -> None:
+    conv = build_model("small_cnn", SPEC)
+    assert use_channels_last(conv, torch.device("cuda"))
+    assert use_channels_last(conv, torch.device("cuda:0"))
+    assert not use_channels_last(conv, torch.device("cpu"))
+    assert not use_channels_last(torch.nn.Sequential(torch.nn.Linear(4, 2)), torch.device("cuda"))
+
+
+def test_cpu_defaults_and_explicit_gpu_style_options(ckpts: tuple[Path, Path, dict[str, np.ndarray]]) -> None:
+    """On CPU both options default off; channels-last alone changes nothing beyond rounding; bf16 autocast
+    (the CUDA path's arithmetic, here on the CPU) still distils."""
+    teacher, student, params = ckpts
+    plain = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16)
+    assert not plain.channels_last and not plain._amp
+    nhwc = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16, channels_last=True)
+    assert nhwc.channels_last
+    assert nhwc.student.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = plain.distill(_inputs(), params, steps=10), nhwc.distill(_inputs(), params, steps=10)
+    for k in params:
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-4, atol=1e-4)
+    bf16 = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16, autocast=True,
+                          channels_last=True).distill(_inputs(), params, steps=25)
+    assert all(np.all(np.isfinite(v)) for v in bf16.params.values())
+    assert bf16.metrics["kl_after"] < 0.8 * bf16.metrics["kl_before"]
+    np.testing.assert_allclose(bf16.metrics["kl_before"], a.metrics["kl_before"], rtol=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_distill_on_cuda_bf16_channels_last(ckpts: tuple[Path, Path, dict[str, np.ndarray]]) -> None:
+    """The CUDA path (bf16 autocast, channels-last, fused Adam): same contract as on CPU, close to the CPU
+    numbers, reproducible and leaving the global RNGs as they were."""
+    teacher, student, params = ckpts
+    gpu = TorchDistiller(teacher, student, alpha=0.5, device="cuda", batch_size=16)
+    assert gpu.device.type == "cuda" and gpu._amp and gpu.channels_last
+    assert gpu.student.features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    cpu = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16).distill(_inputs(), params, 25)
+    torch.cuda.manual_seed(7)
+    expected = torch.rand(4, device="cuda")
+    torch.cuda.manual_seed(7)
+    a = gpu.distill(_inputs(), params, steps=25)
+    torch.testing.assert_close(torch.rand(4, device="cuda"), expected, rtol=0, atol=0)
+    b = gpu.distill(_inputs(), params, steps=25)
+    assert sorted(a.params) == sorted(params)
+    for k, v in params.items():
+        assert a.params[k].dtype == np.float32 and a.params[k].shape == v.shape
+        assert np.all(np.isfinite(a.params[k])), k
+        np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)  # reproducible
+        if k.endswith((".mean", ".var")):
+            np.testing.assert_array_equal(a.params[k], v)
+    m = a.metrics
+    assert m["kl_after"] < 0.8 * m["kl_before"]
+    assert m["teacher_entropy_after"] <= m["teacher_entropy_before"] + 1e-3
+    for key in ("kl_before", "teacher_entropy_before", "teacher_entropy_after"):
+        np.testing.assert_allclose(m[key], cpu.metrics[key], rtol=0.05, err_msg=key)
+    assert m["samples_per_s"] > 0 and m["seconds"] > 0
+
+
 def test_server_import_does_not_import_torch() -> None:
     code = "import sys, server.app, server.servicers, server.rounds; sys.exit('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -97,7 +165,11 @@ def test_server_import_does_not_import_torch() -> None:
 def test_distill_round_over_grpc_with_torch_distiller(
     tmp_path: Path, ckpts: tuple[Path, Path, dict[str, np.ndarray]]
 ) -> None:
-    from tests.server.server_testkit import bundle_chunks, make_bundle_files
+    import grpc
+
+    from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, device_pb2, device_pb2_grpc
+    from server.app import ServerConfig, create_server
+    from tests.server.server_testkit import RPC_TIMEOUT, bundle_chunks, make_bundle_files, sample_msg, wait_round
 
     teacher, student, _ = ckpts
     cfg = ServerConfig(data_dir=tmp_path / "data", port=0, teacher_ckpt=teacher, student_ckpt=student,
