@@ -19,7 +19,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import bench_compression, bench_demo, bench_distill, bench_inference, bench_upload
+from benchmarks import bench_compression, bench_demo, bench_distill, bench_inference, bench_tta, bench_upload
 from benchmarks.common import REPO_ROOT, describe_machine, machine_info, now_iso
 
 log = logging.getLogger("benchmarks")
@@ -30,6 +30,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_upload.NAME: bench_upload,
     bench_distill.NAME: bench_distill,
     bench_compression.NAME: bench_compression,
+    bench_tta.NAME: bench_tta,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
