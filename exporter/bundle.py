@@ -304,15 +304,13 @@ def _manifest(
 
 
 def _pack(built: list[BuiltModel], nm: tuple[int, int]) -> None:
-    """Replace each N:M-sparse ONNX file by its packed transport encoding when that is smaller."""
-    from exporter.packing import pack_onnx
+    """Replace each N:M-sparse ONNX or TFLite file by its packed transport encoding when that is smaller."""
+    from exporter.packing import pack_model
 
     for b in built:
-        if b.entry["format"] != "onnx":
-            continue
         dst = b.path.with_name(b.path.name + ".nmpack")
-        report = pack_onnx(b.path, dst, nm[0], nm[1], compression="lzma")
-        if report.tensors_packed == 0 or report.bytes_after >= report.bytes_before:
+        report = pack_model(b.path, dst, nm[0], nm[1], compression="lzma")
+        if not report.tensors_packed or report.bytes_after >= report.bytes_before:
             dst.unlink()
             continue
         b.entry["packed"] = {"file": dst.name, "encoding": "nm", "n": nm[0], "m": nm[1], "compression": "lzma",

@@ -1,12 +1,19 @@
-"""Encoder of the packed N:M transport encoding: an ONNX file → one ``.nmpack`` (format: :mod:`runtime.packing`).
+"""Encoder of the packed N:M transport encoding: an ONNX or TFLite file → one ``.nmpack`` (format:
+:mod:`runtime.packing`).
 
-Every weight initializer (see :func:`exporter.compress.onnx_nm.weight_initializers`; fp32, int8 or any other
+ONNX: every weight initializer (see :func:`exporter.compress.onnx_nm.weight_initializers`; fp32, int8 or any other
 fixed-size type) whose values are N:M sparse along its input dimension is stored as its N kept values per group
 plus ``ceil(log2 M)``-bit positions; the rest of the file is kept byte for byte. The encoder finds each
 initializer's ``raw_data`` bytes in the serialized ``ModelProto`` with a small protobuf wire-format walk, cuts
 them out and records the offsets, so the device decodes by splicing, without ONNX or protobuf, into a
 byte-identical file. Zeros are tested bitwise (a float ``-0.0`` in a pruned position is kept in a bitmap), so
-the encoding is lossless for any content; :func:`pack_onnx` decodes its own output and compares before writing.
+the encoding is lossless for any content; :func:`pack_model` decodes its own output and compares before writing.
+
+TFLite: every constant buffer of two or more dimensions (fp32, fp16 or int8) is tried, in the flatbuffer's own
+layout: 4-D OHWI convolution filters along torch's input flattening (C_in, kh, kw) — the order the sparsity pass
+pruned in — (axis 2), and any tensor along its innermost dimension (axis 1: fully connected ``[out, in]``,
+1×1 filters). A buffer's byte range comes from the flatbuffer (``ai_edge_litert``'s generated schema, an
+exporter-side dependency); the device decodes by splicing as for ONNX.
 """
 
 from __future__ import annotations
@@ -31,13 +38,13 @@ from runtime.packing import (
     FLAG_NEGZERO,
     HEADER,
     MAGIC,
-    RECORD_HEAD,
-    VERSION,
+    RECORD_HEADS,
     TensorRecord,
+    grouped_view,
     index_bits,
     pack_bits,
     sign_mask,
-    unpack_onnx,
+    unpack,
 )
 
 logger = logging.getLogger(__name__)
@@ -131,16 +138,17 @@ def raw_data_spans(data: bytes) -> dict[str, tuple[int, int]]:
 
 def encode_tensor(
     name: str, offset: int, raw: bytes, itemsize: int, is_float: bool, shape: tuple[int, int], axis: int,
-    n: int, m: int,
+    n: int, m: int, spatial: int = 1,
 ) -> TensorRecord | None:
     """The pack record of one tensor's raw bytes, or None when it is not ``n:m`` along ``axis`` (bitwise zeros;
-    for floats ``±0.0``) or packing would not make it smaller."""
+    for floats ``±0.0``; axis 2: channels-last rows of ``spatial`` positions, see :mod:`runtime.packing`) or
+    packing would not make it smaller."""
     rows, cols = shape
-    if (cols if axis == 1 else rows) % m or len(raw) != rows * cols * itemsize:
+    if (rows if axis == 0 else cols) % m or len(raw) != rows * cols * itemsize or cols % spatial:
         return None
     dtype = np.dtype(f"<u{itemsize}")
     view = np.frombuffer(raw, dtype=dtype).reshape(rows, cols)
-    groups = np.ascontiguousarray(view if axis == 1 else view.T).reshape(-1, m)
+    groups = grouped_view(view, axis, spatial, m)
     magnitude = groups & dtype.type(sign_mask(itemsize) - 1) if is_float else groups
     nonzero = magnitude != 0
     if np.any(nonzero.sum(axis=1) > n):
@@ -154,8 +162,8 @@ def encode_tensor(
     negative = groups[pruned] != 0  # only -0.0 can remain in a pruned position
     negzero = np.packbits(negative).tobytes() if negative.any() else b""
     record = TensorRecord(name, offset, rows, cols, itemsize, n, m, axis, values.tobytes(),
-                          pack_bits(index.ravel(), index_bits(m)), negzero)
-    overhead = 2 + len(name.encode()) + RECORD_HEAD.size
+                          pack_bits(index.ravel(), index_bits(m)), negzero, spatial if axis == 2 else 1)
+    overhead = 2 + len(name.encode()) + RECORD_HEADS[2].size
     if len(record.values) + len(record.index) + len(negzero) + overhead >= len(raw):
         return None
     return record
@@ -188,33 +196,98 @@ def _serialize(data: bytes, records: list[TensorRecord], compression: str) -> by
         cursor = r.offset + r.raw_length
     stripped.append(data[cursor:])
     body = b"".join(stripped)
+    version = 2 if any(r.axis == 2 for r in records) else 1  # version 1 readers stay able to read the rest
     parts = [struct.pack("<IQ", len(records), len(body)), body]
     for r in records:
         name = r.name.encode("utf-8")
         flags = FLAG_NEGZERO if r.negzero else 0
-        parts += [struct.pack("<H", len(name)), name,
-                  RECORD_HEAD.pack(r.offset, r.rows, r.cols, r.itemsize, r.n, r.m, r.axis, flags,
-                                   len(r.values), len(r.index), len(r.negzero)),
-                  r.values, r.index, r.negzero]
+        head = (r.offset, r.rows, r.cols, r.itemsize, r.n, r.m, r.axis, flags, len(r.values), len(r.index),
+                len(r.negzero), *((r.spatial,) if version == 2 else ()))
+        parts += [struct.pack("<H", len(name)), name, RECORD_HEADS[version].pack(*head), r.values, r.index, r.negzero]
     payload = b"".join(parts)
     if compression == "zlib":
         payload = zlib.compress(payload, 9)
     elif compression == "lzma":
         payload = lzma.compress(payload, format=lzma.FORMAT_XZ, preset=9)
-    header = HEADER.pack(MAGIC, VERSION, COMPRESSIONS[compression], 0, len(data), hashlib.sha256(data).digest(),
+    header = HEADER.pack(MAGIC, version, COMPRESSIONS[compression], 0, len(data), hashlib.sha256(data).digest(),
                          len(payload))
     return header + payload
 
 
-def pack_onnx_bytes(data: bytes, n: int = 2, m: int = 4, compression: str = "none") -> tuple[bytes, PackReport]:
-    """Pack a serialized ONNX model; return ``(pack bytes, report)``. The pack is decoded and compared with
-    ``data`` before it is returned (:class:`PackError` on any difference)."""
+# TFLite TensorType → (itemsize, is IEEE float): FLOAT32, FLOAT16, INT8
+TFLITE_DTYPES: dict[int, tuple[int, bool]] = {0: (4, True), 1: (2, True), 9: (1, False)}
+
+
+def _tflite_buffer_span(model: object, buffer: object, data: bytes) -> tuple[int, int] | None:
+    """``(start, end)`` of a TFLite buffer's bytes in ``data``: inline flatbuffer vector or appended data."""
+    if buffer.Offset() > 1:  # type: ignore[attr-defined]  # large models keep buffers after the flatbuffer
+        start = int(buffer.Offset())  # type: ignore[attr-defined]
+        return start, start + int(buffer.Size())  # type: ignore[attr-defined]
+    length = int(buffer.DataLength())  # type: ignore[attr-defined]
+    field = buffer._tab.Offset(4)  # type: ignore[attr-defined]  # Buffer.data is field 0 (vtable slot 4)
+    if not length or not field:
+        return None
+    start = int(buffer._tab.Vector(field))  # type: ignore[attr-defined]
+    return start, start + length
+
+
+def tflite_tensor_label(name: str) -> str:
+    """A short label for a litert-torch tensor name: its module path as torch spells it.
+
+    ``FoldedGraph/…Sequential_stages/…_ResidualBlock_2/…Conv2d_conv1;`` → ``stages.2.conv1``; names of
+    another shape are kept (cut to 64 characters).
+    """
+    parts = name.split(";")[0].split("/")[1:]
+    return ".".join(part.rsplit("_", 1)[-1] for part in parts) if parts else name[:64]
+
+
+def _tflite_records(data: bytes, n: int, m: int) -> list[TensorRecord]:
+    try:
+        from ai_edge_litert import schema_py_generated as tfl
+    except ImportError as exc:  # pragma: no cover - litert-torch (export extra) brings ai-edge-litert
+        raise PackError("packing TFLite files needs ai-edge-litert (the litert extra)") from exc
+    try:
+        model = tfl.Model.GetRootAsModel(data, 0)
+        tensors = [sg.Tensors(i) for sg in (model.Subgraphs(j) for j in range(model.SubgraphsLength()))
+                   for i in range(sg.TensorsLength())]
+    except Exception as exc:
+        raise PackError(f"not a readable TFLite flatbuffer: {exc}") from exc
+    records, seen = [], set()
+    for tensor in tensors:
+        index, dims = tensor.Buffer(), [int(d) for d in tensor.ShapeAsNumpy()] if tensor.ShapeLength() else []
+        if index == 0 or index in seen or len(dims) < 2 or tensor.Type() not in TFLITE_DTYPES:
+            continue
+        seen.add(index)
+        span = _tflite_buffer_span(model, model.Buffers(index), data)
+        itemsize, is_float = TFLITE_DTYPES[tensor.Type()]
+        if span is None or span[1] - span[0] != math.prod(dims) * itemsize:
+            continue
+        name, raw = tflite_tensor_label(tensor.Name().decode("utf-8", "replace")), data[span[0] : span[1]]
+        shape = (dims[0], math.prod(dims[1:]))
+        tries = [(2, dims[1] * dims[2])] if len(dims) == 4 and dims[1] * dims[2] > 1 else []
+        for axis, spatial in [*tries, (1, 1)]:
+            record = encode_tensor(name, span[0], raw, itemsize, is_float, shape, axis, n, m, spatial)
+            if record is not None:
+                records.append(record)
+                break
+    return sorted(records, key=lambda r: r.offset)
+
+
+RECORD_FINDERS = {"onnx": _records, "tflite": _tflite_records}
+
+
+def pack_bytes(data: bytes, n: int = 2, m: int = 4, compression: str = "none", model_format: str = "onnx"
+               ) -> tuple[bytes, PackReport]:
+    """Pack a serialized ONNX or TFLite model (``model_format``); return ``(pack bytes, report)``. The pack is
+    decoded and compared with ``data`` before it is returned (:class:`PackError` on any difference)."""
     check_pattern(n, m)
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
-    records = _records(data, n, m)
+    if model_format not in RECORD_FINDERS:
+        raise ValueError(f"model_format must be one of {sorted(RECORD_FINDERS)}, got {model_format!r}")
+    records = RECORD_FINDERS[model_format](data, n, m)
     pack = _serialize(data, records, compression)
-    if unpack_onnx(pack) != data:
+    if unpack(pack) != data:
         raise PackError("the pack does not decode to the original model")
     tensor_before = sum(r.raw_length for r in records)
     tensor_after = sum(len(r.values) + len(r.index) + len(r.negzero) for r in records)
@@ -222,12 +295,16 @@ def pack_onnx_bytes(data: bytes, n: int = 2, m: int = 4, compression: str = "non
     return pack, report
 
 
-def pack_onnx(
+def pack_model(
     src_path: Path | str, dst_path: Path | str, n: int = 2, m: int = 4, compression: str = "none"
 ) -> PackReport:
-    """Pack the ONNX file ``src_path`` into ``dst_path`` (``.nmpack``); ``compression``: none | zlib | lzma
-    applied to the payload. Tensors that are not ``n:m`` stay in the stripped model unchanged."""
-    pack, report = pack_onnx_bytes(Path(src_path).read_bytes(), n, m, compression)
+    """Pack the ONNX or TFLite file ``src_path`` (told apart by its suffix) into ``dst_path`` (``.nmpack``);
+    ``compression``: none | zlib | lzma applied to the payload. Tensors that are not ``n:m`` stay in the
+    stripped model unchanged."""
+    suffix = Path(src_path).suffix.lower()
+    if suffix not in (".onnx", ".tflite"):
+        raise PackError(f"cannot pack {src_path}: only .onnx and .tflite files")
+    pack, report = pack_bytes(Path(src_path).read_bytes(), n, m, compression, suffix[1:])
     Path(dst_path).write_bytes(pack)
     logger.info("packed %s: %d → %d bytes (%d tensors %d:%d, %s)", Path(src_path).name, report.bytes_before,
                 report.bytes_after, len(report.tensors_packed), n, m, compression)

@@ -13,8 +13,8 @@ import numpy as np
 
 from runtime.errors import BundleIntegrityError, GoldenMismatchError, ManifestError
 from runtime.manifest import Manifest, ModelEntry, read_manifest
-from runtime.packing import unpack_onnx
-from runtime.session import OrtSession, Session, open_session
+from runtime.packing import unpack
+from runtime.session import Session, open_session
 from runtime.signing import SignatureInfo, verify_bundle_signature
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,12 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
 
 
 def unpack_model(root: Path, entry: ModelEntry) -> bytes:
-    """Decode a model shipped in the packed N:M encoding and check it against its recorded sha256."""
+    """Decode a model (ONNX or TFLite) shipped in the packed N:M encoding and check it against its recorded
+    sha256."""
     packed = entry.packed or {}
-    if entry.format != "onnx" or packed.get("encoding") != "nm":
-        raise ManifestError(f"model {entry.name!r}: only N:M-packed ONNX models can be decoded, got {packed}")
-    data = unpack_onnx((root / packed["file"]).read_bytes())
+    if packed.get("encoding") != "nm":
+        raise ManifestError(f"model {entry.name!r}: only the N:M packed encoding can be decoded, got {packed}")
+    data = unpack((root / packed["file"]).read_bytes())
     actual = hashlib.sha256(data).hexdigest()
     if actual != packed.get("sha256_unpacked"):
         raise BundleIntegrityError(
@@ -157,11 +158,9 @@ def load_bundle(
         raise ManifestError(f"model {entry.name!r} is a {entry.format} model; backend {backend!r} cannot run it")
     if verify:
         verify_files(root, manifest, manifest.files_for(entry.name))
-    if entry.packed is not None:
-        session: Session = OrtSession(unpack_model(root, entry), threads, entry.disabled_optimizers)
-    else:
-        session = open_session(root / entry.file, backend=entry.backend, threads=threads, io_names=entry.io_names,
-                               disabled_optimizers=entry.disabled_optimizers)
+    source = unpack_model(root, entry) if entry.packed is not None else root / entry.file
+    session = open_session(source, backend=entry.backend, threads=threads, io_names=entry.io_names,
+                           disabled_optimizers=entry.disabled_optimizers)
     if verify:
         verify_golden(root, manifest, entry, session)
     bundle_id = hashlib.sha256(raw).hexdigest()

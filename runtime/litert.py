@@ -146,7 +146,8 @@ def dequantize(q: np.ndarray, info: TensorInfo) -> np.ndarray:
 class LiteRTSession:
     """A LiteRT interpreter behind the :class:`runtime.session.Session` interface (numpy by logical name).
 
-    ``path``: a ``.tflite`` file; ``threads``: interpreter threads (None: LiteRT's default); ``io_names``:
+    ``path``: a ``.tflite`` file, or the model's bytes (e.g. decoded from a packed bundle file); ``threads``:
+    interpreter threads (None: LiteRT's default); ``io_names``:
     logical-name mapping (default: the model's metadata, else the TFLite names themselves);
     ``signature``: which signature to use when the model has several; ``kernels``: ``"default"`` (LiteRT's
     default, XNNPACK on CPU), ``"builtin"`` (built-in kernels, no delegate) or ``"reference"`` (reference
@@ -155,7 +156,7 @@ class LiteRTSession:
 
     def __init__(
         self,
-        path: Path | str,
+        path: Path | str | bytes,
         threads: int | None = None,
         io_names: IoNames | None = None,
         *,
@@ -168,11 +169,14 @@ class LiteRTSession:
             raise ValueError(f"threads must be >= 1, got {threads}")
         if max_cached_batches < 1:
             raise ValueError(f"max_cached_batches must be >= 1, got {max_cached_batches}")
-        self.path = Path(path)
-        try:
-            self._model = self.path.read_bytes()
-        except OSError as exc:
-            raise BackendUnavailableError(f"LiteRT cannot read {self.path}: {exc}") from exc
+        if isinstance(path, bytes):
+            self.path, self._model = Path(f"<{len(path)}-byte TFLite model>"), path
+        else:
+            self.path = Path(path)
+            try:
+                self._model = self.path.read_bytes()
+            except OSError as exc:
+                raise BackendUnavailableError(f"LiteRT cannot read {self.path}: {exc}") from exc
         self._cls = _interpreter_class()
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {sorted(KERNELS)}, got {kernels!r}")

@@ -1,21 +1,24 @@
-"""Decoder of the packed N:M transport encoding (``.nmpack``): numpy and the standard library only.
+"""Decoder of the packed N:M transport encoding (``.nmpack``) of ONNX and TFLite files: numpy and the standard
+library only.
 
 An N:M-sparse weight keeps at most N non-zero values in every group of M consecutive values along its input
 dimension (Mishra et al. 2021, "Accelerating Sparse Deep Neural Networks", the 2:4 pattern of sparse tensor
 cores; Zhou et al. 2021, "Learning N:M Fine-grained Structured Sparse Neural Networks From Scratch"). Neither
 CPU runtime executes it faster, but it halves what has to travel: a pack stores, per packed tensor, only the N
-kept values of every group plus their positions, and everything else of the ONNX file byte for byte.
+kept values of every group plus their positions, and everything else of the model file byte for byte.
 
-Decoding needs no ONNX or protobuf library. The encoder (:mod:`exporter.packing`) cut each packed tensor's
-``raw_data`` bytes out of the serialized ``ModelProto`` and recorded where they were, so decoding is byte
-splicing plus a numpy scatter; the result is **byte-identical** to the original file, which the decoder proves
-against the SHA-256 stored in the header (and a bundle manifest's digest of the model can be checked after it).
+Decoding needs no ONNX, protobuf or flatbuffers library. The encoder (:mod:`exporter.packing`) cut each packed
+tensor's bytes out of the serialized model (an ONNX ``raw_data``, a TFLite buffer) and recorded where they were,
+so decoding is byte splicing plus a numpy scatter; the result is **byte-identical** to the original file, which
+the decoder proves against the SHA-256 stored in the header (and a bundle manifest's digest of the model can be
+checked after it).
 
-Format, version 1 (all integers little-endian)::
+Format, versions 1 and 2 (all integers little-endian; version 2 only adds ``spatial`` to each record, and the
+encoder writes it only when some record needs axis 2)::
 
     header (56 bytes)
       0   4  magic  b"NMPK"
-      4   2  u16    format version (1)
+      4   2  u16    format version (1 or 2)
       6   1  u8     payload compression: 0 none, 1 zlib, 2 lzma
       7   1  u8     reserved, 0
       8   8  u64    length of the original ONNX file
@@ -26,13 +29,17 @@ Format, version 1 (all integers little-endian)::
       u64 length S, then S bytes: the original file with every packed tensor's raw_data bytes removed
       R records, in increasing ``offset`` order:
         u16 name length, name (UTF-8)
-        u64 offset      where the tensor's raw_data starts in the original file
+        u64 offset      where the tensor's bytes start in the original file
         u32 rows, u32 cols   the tensor viewed as 2-D: (dims[0], product of the other dims)
         u8 itemsize (1, 2, 4 or 8 bytes), u8 n, u8 m,
         u8 axis         1: groups of m run along each row (Conv/Gemm-transB weights: the input dimension
-                        flattened as (C_in, kh, kw)); 0: groups run down each column (MatMul weights (K, N))
+                        flattened as (C_in, kh, kw)); 0: groups run down each column (MatMul weights (K, N));
+                        2: each row is stored channels-last as (spatial, channels) and the groups run along its
+                        channels-first flattening (channels, spatial) (TFLite OHWI conv weights of a model pruned
+                        in torch's OIHW order)
         u8 flags        bit 0: a negative-zero bitmap follows (floats: pruned -0.0 values, e.g. after BN folding)
         u64 values length, u64 index length, u64 negative-zero bitmap length
+        u32 spatial     version 2 only: the spatial size of an axis-2 row (kh·kw), else 1
         values          n kept elements per group (groups in row-major order of the grouped view), raw bytes
         index           each kept element's position in its group, ceil(log2 m) bits (MSB first), bit-packed;
                         strictly increasing within a group (for 2:4: 2 bits, 4 positions per byte)
@@ -55,9 +62,12 @@ import numpy as np
 from runtime.errors import BundleError
 
 MAGIC = b"NMPK"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)
 HEADER = struct.Struct("<4sHBBQ32sQ")
 RECORD_HEAD = struct.Struct("<QIIBBBBBQQQ")
+RECORD_HEADS = {1: RECORD_HEAD, 2: struct.Struct("<QIIBBBBBQQQI")}
+AXES = (0, 1, 2)
 COMPRESSIONS = {"none": 0, "zlib": 1, "lzma": 2}
 FLAG_NEGZERO = 1
 ITEMSIZES = (1, 2, 4, 8)
@@ -93,6 +103,7 @@ class TensorRecord:
     values: bytes
     index: bytes
     negzero: bytes
+    spatial: int = 1
 
     @property
     def raw_length(self) -> int:
@@ -130,10 +141,26 @@ def encoded_lengths(rows: int, cols: int, itemsize: int, n: int, m: int) -> tupl
     return kept * itemsize, math.ceil(kept * index_bits(m) / 8)
 
 
+def grouped_view(view: np.ndarray, axis: int, spatial: int, m: int) -> np.ndarray:
+    """The ``(groups, m)`` view of a 2-D tensor ``view`` (``rows × cols``) for ``axis`` (see the format)."""
+    if axis == 2:
+        rows, cols = view.shape
+        view = view.reshape(rows, spatial, cols // spatial).transpose(0, 2, 1)
+    return np.ascontiguousarray(view.T if axis == 0 else view).reshape(-1, m)
+
+
+def ungrouped_view(grouped: np.ndarray, rows: int, cols: int, axis: int, spatial: int) -> np.ndarray:
+    """Inverse of :func:`grouped_view`: the ``rows × cols`` tensor in its stored order."""
+    if axis == 0:
+        return grouped.reshape(cols, rows).T
+    if axis == 2:
+        return grouped.reshape(rows, cols // spatial, spatial).transpose(0, 2, 1).reshape(rows, cols)
+    return grouped.reshape(rows, cols)
+
+
 def decode_tensor(record: TensorRecord) -> bytes:
-    """The raw_data bytes of one packed tensor (raises :class:`PackFormatError` on inconsistent records)."""
+    """The stored bytes of one packed tensor (raises :class:`PackFormatError` on inconsistent records)."""
     _check_record(record)
-    along = record.cols if record.axis == 1 else record.rows
     groups = record.rows * record.cols // record.m
     dtype = np.dtype(f"<u{record.itemsize}")
     values = np.frombuffer(record.values, dtype=dtype).reshape(groups, record.n)
@@ -147,8 +174,7 @@ def decode_tensor(record: TensorRecord) -> bytes:
         np.put_along_axis(pruned, index.astype(np.intp), False, axis=1)
         bits = np.unpackbits(np.frombuffer(record.negzero, dtype=np.uint8), count=groups * (record.m - record.n))
         grouped[pruned] = np.where(bits.astype(bool), dtype.type(sign_mask(record.itemsize)), dtype.type(0))
-    view = grouped.reshape(-1, along)
-    out = view if record.axis == 1 else view.T
+    out = ungrouped_view(grouped, record.rows, record.cols, record.axis, record.spatial)
     return np.ascontiguousarray(out).tobytes()
 
 
@@ -157,9 +183,13 @@ def _check_record(r: TensorRecord) -> None:
         raise PackFormatError(f"tensor {r.name!r}: itemsize {r.itemsize} not in {ITEMSIZES}")
     if not 1 <= r.n < r.m:
         raise PackFormatError(f"tensor {r.name!r}: invalid pattern {r.n}:{r.m}")
-    if r.axis not in (0, 1):
-        raise PackFormatError(f"tensor {r.name!r}: axis {r.axis} is not 0 or 1")
-    along = r.cols if r.axis == 1 else r.rows
+    if r.axis not in AXES:
+        raise PackFormatError(f"tensor {r.name!r}: axis {r.axis} is not one of {AXES}")
+    if r.spatial < 1 or r.cols % r.spatial or (r.axis != 2 and r.spatial != 1):
+        raise PackFormatError(
+            f"tensor {r.name!r}: spatial size {r.spatial} does not fit axis {r.axis} with {r.cols} columns"
+        )
+    along = r.rows if r.axis == 0 else r.cols
     if r.rows < 1 or r.cols < 1 or along % r.m:
         raise PackFormatError(f"tensor {r.name!r}: shape ({r.rows}, {r.cols}) axis {r.axis} not divisible by {r.m}")
     values_len, index_len = encoded_lengths(r.rows, r.cols, r.itemsize, r.n, r.m)
@@ -178,8 +208,8 @@ def read_header(data: bytes) -> PackHeader:
     magic, version, compression, _reserved, original_length, digest, payload_length = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise PackFormatError(f"bad magic {magic!r}: not an N:M pack (expected {MAGIC!r})")
-    if version != VERSION:
-        raise PackFormatError(f"unsupported pack format version {version} (this runtime reads version {VERSION})")
+    if version not in VERSIONS:
+        raise PackFormatError(f"unsupported pack format version {version} (this runtime reads versions {VERSIONS})")
     names = {code: name for name, code in COMPRESSIONS.items()}
     if compression not in names:
         raise PackFormatError(f"unknown payload compression code {compression}")
@@ -219,20 +249,21 @@ class _Reader:
         return fmt.unpack(self.take(fmt.size, what))
 
 
-def _read_record(reader: _Reader, i: int) -> TensorRecord:
+def _read_record(reader: _Reader, i: int, version: int) -> TensorRecord:
     (name_len,) = reader.unpack(struct.Struct("<H"), f"record {i} name length")
     try:
         name = reader.take(name_len, f"record {i} name").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise PackFormatError(f"record {i}: name is not UTF-8") from exc
-    head = reader.unpack(RECORD_HEAD, f"record {i} ({name!r}) header")
-    offset, rows, cols, itemsize, n, m, axis, flags, values_len, index_len, negzero_len = head
+    head = reader.unpack(RECORD_HEADS[version], f"record {i} ({name!r}) header")
+    offset, rows, cols, itemsize, n, m, axis, flags, values_len, index_len, negzero_len = head[:11]
+    spatial = head[11] if version >= 2 else 1
     if bool(flags & FLAG_NEGZERO) != (negzero_len > 0) or flags & ~FLAG_NEGZERO:
         raise PackFormatError(f"tensor {name!r}: flags {flags} inconsistent with a {negzero_len}-byte bitmap")
     values = reader.take(values_len, f"tensor {name!r} values")
     index = reader.take(index_len, f"tensor {name!r} positions")
     negzero = reader.take(negzero_len, f"tensor {name!r} negative-zero bitmap")
-    return TensorRecord(name, offset, rows, cols, itemsize, n, m, axis, values, index, negzero)
+    return TensorRecord(name, offset, rows, cols, itemsize, n, m, axis, values, index, negzero, spatial)
 
 
 def read_pack(data: bytes) -> tuple[PackHeader, bytes, list[TensorRecord]]:
@@ -242,14 +273,15 @@ def read_pack(data: bytes) -> tuple[PackHeader, bytes, list[TensorRecord]]:
     (count,) = reader.unpack(struct.Struct("<I"), "record count")
     (stripped_len,) = reader.unpack(struct.Struct("<Q"), "stripped model length")
     stripped = reader.take(stripped_len, "stripped model")
-    records = [_read_record(reader, i) for i in range(count)]
+    records = [_read_record(reader, i, header.version) for i in range(count)]
     if reader.pos != len(reader.data):
         raise PackFormatError(f"{len(reader.data) - reader.pos} unexpected trailing bytes after the last record")
     return header, stripped, records
 
 
-def unpack_onnx(pack: bytes) -> bytes:
-    """Decode a ``.nmpack`` into the original ONNX file's bytes, verified against the header's SHA-256.
+def unpack(pack: bytes) -> bytes:
+    """Decode a ``.nmpack`` into the original model file's bytes (ONNX or TFLite), verified against the header's
+    SHA-256.
 
     Raises :class:`PackFormatError` naming what is wrong: magic, version, compression, truncation, a
     record's lengths or positions, the reconstructed length or digest.

@@ -71,7 +71,7 @@ class OrtSession:
         return dict(zip(self.output_names, outs, strict=True))
 
 
-def _litert_session(path: Path, threads: int | None = None, io_names: Mapping | None = None) -> Session:
+def _litert_session(path: Path | bytes, threads: int | None = None, io_names: Mapping | None = None) -> Session:
     from runtime.litert import LiteRTSession  # lazy: ai-edge-litert is the optional `litert` extra
 
     return LiteRTSession(path, threads, io_names)
@@ -91,10 +91,11 @@ def backend_for(path: Path | str) -> str:
 
 
 def open_session(
-    path: Path, backend: str = "onnx", threads: int | None = None, *, io_names: Mapping | None = None,
+    path: Path | bytes, backend: str = "onnx", threads: int | None = None, *, io_names: Mapping | None = None,
     disabled_optimizers: Sequence[str] = (),
 ) -> Session:
-    """Open ``path`` with the named backend (``"auto"``: chosen by :func:`backend_for` from the extension).
+    """Open ``path`` (a file, or a model's bytes with an explicit backend) with the named backend (``"auto"``:
+    chosen by :func:`backend_for` from the extension).
 
     ``io_names`` (``{"inputs": {logical: tflite_name}, "outputs": {...}}``, a manifest model entry's field)
     maps logical tensor names for the tflite backend; without it the model's own metadata is used. The
@@ -102,10 +103,12 @@ def open_session(
     applies to the onnx backend only (see :class:`OrtSession`).
     """
     if backend == AUTO:
+        if isinstance(path, bytes):
+            raise BackendUnavailableError("a model given as bytes needs an explicit backend, not 'auto'")
         backend = backend_for(path)
     if backend not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {backend!r}; available: {sorted(BACKENDS)} or {AUTO!r}")
-    if backend == "onnx" and Path(path).suffix.lower() == ".tflite":
+    if backend == "onnx" and not isinstance(path, bytes) and Path(path).suffix.lower() == ".tflite":
         raise BackendUnavailableError(f"{path} is a TFLite model: open it with backend 'tflite' or 'auto'")
     if backend == "tflite":
         return BACKENDS[backend](path, threads, io_names)

@@ -17,10 +17,10 @@ import torch
 from exporter.compress import FineTuneConfig, NMSparsity, NMSparsityConfig, compose
 from exporter.compress.onnx_nm import check_onnx_nm
 from exporter.onnx_export import export_adaptable_onnx, make_feeds, ort_session, params_numpy
-from exporter.packing import pack_onnx
+from exporter.packing import pack_model
 from exporter.quantize import quantize_int8
 from exporter.train import torch_threads
-from runtime.packing import HEADER, RECORD_HEAD, read_pack, unpack_onnx
+from runtime.packing import HEADER, RECORD_HEAD, read_pack, unpack
 
 # bytes after / before of a 2:4 tensor: per group of 4, two kept values and two 2-bit positions
 RATIO_2_4 = {4: (2 * 4 + 2 * 2 / 8) / (4 * 4), 1: (2 * 1 + 2 * 2 / 8) / (4 * 1)}  # by itemsize: fp32 53 %, int8 62.5 %
@@ -50,9 +50,9 @@ def sparse_models(digits_model: tuple, digits_arrays: tuple, tmp_path_factory: p
 def test_pack_is_byte_identical_and_saves_bytes(sparse_models: dict, precision: str) -> None:
     src = sparse_models["dir"] / f"{precision}.onnx"
     dst = src.with_suffix(".nmpack")
-    report = pack_onnx(src, dst, 2, 4)
+    report = pack_model(src, dst, 2, 4)
     original = src.read_bytes()
-    decoded = unpack_onnx(dst.read_bytes())
+    decoded = unpack(dst.read_bytes())
     assert decoded == original and hashlib.sha256(decoded).hexdigest() == hashlib.sha256(original).hexdigest()
     # every 2:4 weight (not the excluded first conv) is packed, int8 ones as int8
     verified = check_onnx_nm(src, 2, 4).satisfied
@@ -75,9 +75,9 @@ def test_pack_is_byte_identical_and_saves_bytes(sparse_models: dict, precision: 
 def test_general_compression_on_top_of_packing(sparse_models: dict, precision: str) -> None:
     """zlib/lzma shrink a pack further, and packing still beats compressing the plain file."""
     src = sparse_models["dir"] / f"{precision}.onnx"
-    sizes = {c: pack_onnx(src, src.with_suffix(f".{c}.nmpack"), 2, 4, c).bytes_after for c in ("none", "zlib", "lzma")}
+    sizes = {c: pack_model(src, src.with_suffix(f".{c}.nmpack"), 2, 4, c).bytes_after for c in ("none", "zlib", "lzma")}
     original = src.read_bytes()
-    assert unpack_onnx(src.with_suffix(".lzma.nmpack").read_bytes()) == original
+    assert unpack(src.with_suffix(".lzma.nmpack").read_bytes()) == original
     plain = {"zlib": len(zlib.compress(original, 9)), "lzma": len(lzma.compress(original, preset=9))}
     print(f"{precision}: file {len(original)} packed {sizes} plain-compressed {plain}")
     assert sizes["zlib"] < sizes["none"] and sizes["lzma"] < sizes["none"]
@@ -86,9 +86,9 @@ def test_general_compression_on_top_of_packing(sparse_models: dict, precision: s
 
 def test_dense_model_packs_nothing(digits_bundle: Path, tmp_path: Path) -> None:
     src = digits_bundle / "model_fp32.onnx"
-    report = pack_onnx(src, tmp_path / "dense.nmpack")
+    report = pack_model(src, tmp_path / "dense.nmpack")
     assert report.tensors_packed == () and report.bytes_after > report.bytes_before
-    assert unpack_onnx((tmp_path / "dense.nmpack").read_bytes()) == src.read_bytes()
+    assert unpack((tmp_path / "dense.nmpack").read_bytes()) == src.read_bytes()
 
 
 def test_bn_folded_graph_with_negative_zeros_packs_losslessly(digits_model: tuple, tmp_path: Path) -> None:
@@ -100,7 +100,7 @@ def test_bn_folded_graph_with_negative_zeros_packs_losslessly(digits_model: tupl
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model.eval(), (torch.rand(2, 1, 8, 8),), str(src), dynamo=False, opset_version=17)
-    report = pack_onnx(src, tmp_path / "folded.nmpack")
+    report = pack_model(src, tmp_path / "folded.nmpack")
     records = read_pack((tmp_path / "folded.nmpack").read_bytes())[2]
     assert len(report.tensors_packed) == 3 and any(r.negzero for r in records)
-    assert unpack_onnx((tmp_path / "folded.nmpack").read_bytes()) == src.read_bytes()
+    assert unpack((tmp_path / "folded.nmpack").read_bytes()) == src.read_bytes()

@@ -19,7 +19,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.compress.nm import check_nm
-from exporter.packing import pack_onnx, pack_onnx_bytes
+from exporter.packing import pack_bytes, pack_model
 from runtime.packing import (
     HEADER,
     PackFormatError,
@@ -27,8 +27,8 @@ from runtime.packing import (
     pack_bits,
     read_header,
     read_pack,
+    unpack,
     unpack_bits,
-    unpack_onnx,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,15 +99,17 @@ def test_bit_packing_round_trips(bits: int) -> None:
 def test_micro_model_round_trips_byte_identically(compression: str) -> None:
     model, weights = micro_model()
     data = model.SerializeToString()
-    pack, report = pack_onnx_bytes(data, 2, 4, compression)
+    pack, report = pack_bytes(data, 2, 4, compression)
     assert set(report.tensors_packed) == {"conv.w", "q.w", "gemm.w", "matmul.w"}  # not the dense one
-    assert unpack_onnx(pack) == data
+    assert unpack(pack) == data
     records = {r.name: r for r in read_pack(pack)[2]}
     assert records["conv.w"].negzero and not records["gemm.w"].negzero  # pruned -0.0 kept in a bitmap
     assert (records["matmul.w"].axis, records["q.w"].itemsize) == (0, 1)
-    assert read_header(pack).original_sha256 == hashlib.sha256(data).hexdigest()
+    header = read_header(pack)
+    assert header.original_sha256 == hashlib.sha256(data).hexdigest()
+    assert header.version == 1  # no channels-last record: version 1 readers can still decode ONNX packs
     x = np.random.default_rng(0).random((2, 4, 4, 4), dtype=np.float32)
-    assert np.array_equal(run(unpack_onnx(pack), x), run(data, x))
+    assert np.array_equal(run(unpack(pack), x), run(data, x))
     assert all(check_nm(w, 2, 4, axis=0 if k == "matmul.w" else 1) for k, w in weights.items())
 
 
@@ -119,18 +121,36 @@ def test_general_n_m_uses_ceil_log2_m_bits(n: int, m: int) -> None:
                               [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, 4])],
                               [numpy_helper.from_array(w, "w")])
     data = helper.make_model(graph).SerializeToString()
-    pack, report = pack_onnx_bytes(data, n, m)
-    assert unpack_onnx(pack) == data and report.tensors_packed == ("w",)
+    pack, report = pack_bytes(data, n, m)
+    assert unpack(pack) == data and report.tensors_packed == ("w",)
     kept = w.size // m * n
     assert report.tensor_bytes_after == kept * 4 + -(-kept * index_bits(m) // 8)
     assert index_bits(m) == max(1, int(np.ceil(np.log2(m))))
 
 
+@pytest.mark.parametrize(("itemsize", "dtype"), [(4, np.float32), (1, np.int8), (2, np.float16)])
+def test_channels_last_filters_pack_along_torch_input_order(itemsize: int, dtype: type) -> None:
+    """A TFLite OHWI filter pruned 2:4 along torch's (C_in, kh, kw) flattening packs with axis 2 and decodes
+    to the same bytes; read as plain rows it is not 2:4."""
+    from exporter.packing import encode_tensor
+    from runtime.packing import decode_tensor
+
+    out_c, in_c, kh, kw = 8, 4, 3, 3
+    torch_order = nm_sparse((out_c, in_c * kh * kw), 2, 4, seed=3).reshape(out_c, in_c, kh, kw)
+    ohwi = np.ascontiguousarray(torch_order.transpose(0, 2, 3, 1)).astype(dtype)
+    raw, shape = ohwi.tobytes(), (out_c, kh * kw * in_c)
+    assert encode_tensor("w", 0, raw, itemsize, dtype != np.int8, shape, 1, 2, 4) is None
+    record = encode_tensor("w", 0, raw, itemsize, dtype != np.int8, shape, 2, 2, 4, spatial=kh * kw)
+    assert record is not None and record.spatial == kh * kw
+    assert decode_tensor(record) == raw
+    assert len(record.values) == ohwi.size // 2 * itemsize
+
+
 def test_tensors_that_are_not_n_m_stay_as_they_are() -> None:
     model, _ = micro_model(2, 4)
     data = model.SerializeToString()
-    pack, report = pack_onnx_bytes(data, 1, 4)  # the 2:4 weights are not 1:4
-    assert report.tensors_packed == () and unpack_onnx(pack) == data
+    pack, report = pack_bytes(data, 1, 4)  # the 2:4 weights are not 1:4
+    assert report.tensors_packed == () and unpack(pack) == data
     assert report.bytes_after == len(data) + HEADER.size + 12
 
 
@@ -139,7 +159,7 @@ def micro_pack(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     model, _ = micro_model()
     src = tmp_path_factory.mktemp("pack") / "micro.onnx"
     onnx.save(model, str(src))
-    pack_onnx(src, src.with_suffix(".nmpack"))
+    pack_model(src, src.with_suffix(".nmpack"))
     return src.read_bytes(), src.with_suffix(".nmpack").read_bytes()
 
 
@@ -165,14 +185,14 @@ def test_corrupted_pack_is_refused_with_a_named_reason(micro_pack: tuple[bytes, 
                                                        message: str) -> None:
     _, pack = micro_pack
     with pytest.raises(PackFormatError, match=message):
-        unpack_onnx(corrupt(pack))  # type: ignore[operator]
+        unpack(corrupt(pack))  # type: ignore[operator]
 
 
 def test_corrupted_compressed_payload_is_named() -> None:
-    pack, _ = pack_onnx_bytes(micro_model()[0].SerializeToString(), compression="zlib")
+    pack, _ = pack_bytes(micro_model()[0].SerializeToString(), compression="zlib")
     broken = pack[: HEADER.size + 10] + bytes(len(pack) - HEADER.size - 10)
     with pytest.raises(PackFormatError, match="zlib payload does not decompress"):
-        unpack_onnx(broken)
+        unpack(broken)
 
 
 def test_pack_error_is_a_bundle_error() -> None:
@@ -185,8 +205,8 @@ DEVICE_SCRIPT = """
 import hashlib, sys
 sys.modules["torch"] = None  # any import of torch or onnx now raises ImportError
 sys.modules["onnx"] = None
-from runtime.packing import unpack_onnx
-model = unpack_onnx(open(sys.argv[1], "rb").read())
+from runtime.packing import unpack
+model = unpack(open(sys.argv[1], "rb").read())
 loaded = [m for m in sys.modules if sys.modules[m] is not None]
 assert not [m for m in loaded if m.split(".")[0] in ("torch", "onnx", "exporter")], loaded
 print(hashlib.sha256(model).hexdigest())
