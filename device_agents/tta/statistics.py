@@ -64,6 +64,10 @@ class BatchStatisticsConfig(TTAConfig):
             raise ValueError(f"min_batch_for_batch_stats must be >= 1, got {self.min_batch_for_batch_stats}")
 
 
+DEFAULT_STATISTICS = BatchStatisticsConfig()
+"""The statistics settings the output-level methods build on by default (those of α-BN)."""
+
+
 def layer_names(params: Mapping[str, np.ndarray]) -> list[str]:
     """Names ``L`` of the layers whose ``L.mean`` is among ``params`` (sorted)."""
     return sorted(name[: -len(".mean")] for name in params if name.endswith(".mean"))
@@ -129,3 +133,41 @@ class StatisticsMix:
             out[key_mean] = keep * state[key_mean] + (1 - keep) * mean
             out[key_sq] = keep * state[key_sq] + (1 - keep) * sq
         return out
+
+
+class NormalisedPass:
+    """The one forward pass that the output-level methods (:class:`~device_agents.tta.lame.LAME`,
+    :class:`~device_agents.tta.t3a.T3A`) build on.
+
+    On an adaptable graph with a statistics config, the pass normalises with the α-BN statistics of
+    :class:`StatisticsMix` (reference mixed with the running target estimate and the batch) and folds the
+    batch into the running estimate kept in the method's state under ``prefix``; otherwise (a folded or
+    foreign predictor, or ``config=None``) it is the unadapted source pass. Output-level corrections compose
+    with normalisation adaptation — LAME and T3A are model-agnostic and take "the model" as given (Boudiaf et
+    al. 2022 §5 run LAME on top of other adapted models; Iwasawa & Matsuo 2021 combine T3A with Tent) — and
+    the running estimate withstands class-sorted streams, so the corrections start from a model that is no
+    worse than the source model on either order, at the cost of one pass, as before.
+    """
+
+    def __init__(self, config: BatchStatisticsConfig | None, prefix: str = "stats.") -> None:
+        self.config = config
+        self.prefix = prefix
+        self._mix = None if config is None else StatisticsMix(config, prefix)
+
+    def run(
+        self, model: object, x: np.ndarray, state: Mapping[str, np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
+        """``(logits, probs, features, statistics state)`` of one pass over the validated batch ``x``."""
+        from device_agents.tta.models import is_adaptable, source_pass
+        from runtime.model import softmax
+
+        if self._mix is None or not is_adaptable(model):
+            logits, probs, features = source_pass(model, x)
+            return logits, probs, features, {}
+        n = int(x.shape[0])
+        reference = model.params  # type: ignore[attr-defined]
+        stats = {k: v for k, v in state.items() if k.startswith(self.prefix)} or self._mix.initial_state(reference)
+        alpha, feeds = self._mix.feeds(stats, reference, n)
+        result = model.forward(x, alpha=alpha, params=feeds)  # type: ignore[attr-defined]
+        stats = {**stats, **self._mix.fold(stats, result.batch_stats, n)}
+        return result.logits, softmax(result.logits), result.features, stats

@@ -14,6 +14,7 @@ from device_agents.tta import (
     AlphaBN,
     AlphaBNConfig,
     FOAConfig,
+    LAMEConfig,
     ModelCapabilityError,
     SourceModel,
     T3AConfig,
@@ -216,11 +217,79 @@ def test_lame_pulls_neighbours_to_a_shared_class_and_lowers_its_energy() -> None
     assert energy(z) < energy(probs)
 
 
+def test_lame_corrects_the_alpha_bn_pass_and_keeps_its_running_statistics() -> None:
+    model = TinyModel()
+    lame, abn = LAME(LAMEConfig(laplacian_weight=0.0)), AlphaBN()
+    for seed in range(3):
+        x = _batch(seed)
+        np.testing.assert_allclose(lame.predict(model, x).probs, abn.predict(model, x).probs, rtol=1e-6)
+    state = lame.snapshot()
+    assert state.keys() == {f"stats.{k}" for k in abn.snapshot()}
+    for key, value in abn.snapshot().items():
+        np.testing.assert_allclose(state[f"stats.{key}"], value)
+    lame.reset()
+    assert lame.snapshot() == {}
+
+
+def test_lame_source_pass_option_is_the_papers_lame() -> None:
+    model, x = TinyModel(), _batch(0)
+    out = LAME(LAMEConfig(statistics=None, center_features=False, symmetric=False)).predict(model, x)
+    source = SourceModel().predict(model, x)
+    want = laplacian_adjusted(source.probs, knn_affinity(source.features, 5))
+    np.testing.assert_allclose(out.probs, want, rtol=1e-6)
+
+
+def test_knn_affinity_centres_and_symmetrises() -> None:
+    features = np.array([[2.0, 1.0], [2.1, 1.0], [1.0, 2.0], [1.0, 2.2]])
+    assert knn_affinity(features, 1).sum() == 4
+    centred = knn_affinity(features, 1, center=np.array([1.5, 1.5]), symmetric=True)
+    np.testing.assert_array_equal(centred, centred.T)
+    assert centred[0, 1] == centred[2, 3] == 1.0 and centred[0, 2] == 0.0
+
+
+def test_lame_config_checks_statistics() -> None:
+    with pytest.raises(ValueError, match="statistics"):
+        LAMEConfig(statistics=0.5)  # type: ignore[arg-type]
+
+
 # -- T3A -------------------------------------------------------------------------------------------------------
 
 
+def test_t3a_combines_templates_with_the_models_prediction() -> None:
+    model, x = TinyModel(), _batch(3)
+    base = AlphaBN().predict(model, x)
+    out = T3A(T3AConfig(template_scale=0.0)).predict(model, x)  # templates off: the α-BN prediction
+    np.testing.assert_allclose(out.probs, base.probs, rtol=1e-5)
+    paper = T3A(T3AConfig(model_weight=0.0, template_scale=1.0)).predict(model, x)
+    both = T3A().predict(model, x)
+    want = np.log(np.clip(base.probs, 1e-12, None)) + 5.0 * paper.logits
+    np.testing.assert_allclose(both.logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="both be 0"):
+        T3AConfig(template_scale=0.0, model_weight=0.0)
+    with pytest.raises(ValueError, match="template_scale"):
+        T3AConfig(template_scale=-1.0)
+
+
+def test_t3a_is_not_below_source_on_a_shifted_fixture() -> None:
+    """Shifted inputs (brightness offset): the prototype classifier on the α-BN pass keeps at least the
+    accuracy of the source model's labels on the shifted stream (labels: the clean model's predictions)."""
+    model = TinyModel()
+    rng = np.random.default_rng(7)
+    clean = rng.random((256, 1, 8, 8), dtype=np.float32)
+    labels = SourceModel().predict(model, clean).probs.argmax(1)
+    shifted = (clean * 0.6 + 0.35).astype(np.float32)
+    t3a, hits_t3a, hits_src = T3A(), 0, 0
+    for i in range(0, 256, 32):
+        x, y = shifted[i : i + 32], labels[i : i + 32]
+        hits_t3a += int((t3a.predict(model, x).probs.argmax(1) == y).sum())
+        hits_src += int((SourceModel().predict(model, x).probs.argmax(1) == y).sum())
+    assert hits_t3a >= hits_src
+
+
+
+
 def test_t3a_keeps_a_bounded_entropy_filtered_support() -> None:
-    model, method = TinyModel(), T3A(T3AConfig(filter_k=3))
+    model, method = TinyModel(), T3A(T3AConfig(filter_k=3, statistics=None))
     for seed in range(5):
         method.predict(model, _batch(seed))
     state = method.snapshot()
@@ -239,7 +308,7 @@ def test_t3a_keeps_a_bounded_entropy_filtered_support() -> None:
 
 def test_t3a_classes_without_support_score_lowest() -> None:
     model, x = TinyModel(), _batch(2)
-    out = T3A().predict(model, x)
+    out = T3A(T3AConfig(statistics=None, model_weight=0.0, template_scale=1.0)).predict(model, x)  # paper's T3A
     predicted = set(np.unique(SourceModel().predict(model, x).probs.argmax(1)).tolist())
     empty = sorted(set(range(3)) - predicted)
     assert empty, "the tiny model should leave a class unpredicted on this batch"
