@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,17 @@ def to_model_input(x: np.ndarray, layout: str, value_range: tuple[float, float],
     return np.round(out).astype(dtype) if dtype in ("uint8", "int8") else out.astype(np.float32)
 
 
+# golden vectors travel with every device download: at most this many bytes of uint8 inputs (k/255), and
+# between GOLDEN_MIN and GOLDEN_MAX samples (8 digits or MNIST images, 2 CIFAR images)
+GOLDEN_INPUT_BUDGET = 8192
+GOLDEN_MIN, GOLDEN_MAX = 2, 8
+
+
+def golden_count(sample_shape: tuple[int, ...]) -> int:
+    """How many golden samples of ``sample_shape`` a bundle carries (see ``GOLDEN_INPUT_BUDGET``)."""
+    return int(np.clip(GOLDEN_INPUT_BUDGET // max(1, math.prod(sample_shape)), GOLDEN_MIN, GOLDEN_MAX))
+
+
 def wrap_foreign(
     path: Path, fmt: str, *, out: Path, dataset: str, layout: str = "NCHW",
     value_range: tuple[float, float] = (0.0, 1.0), dtype: str | None = None, output_kind: str = "logits",
@@ -180,7 +192,7 @@ def wrap_foreign(
     input_name, dims, model_dtype = _model_input(path, fmt)
     dtype = dtype or ("float32" if model_dtype.startswith("float") else model_dtype)
     test = load_dataset(dataset, "test", limit=64)
-    golden = to_model_input(test.x[:8], layout, value_range, dtype)
+    golden = to_model_input(test.x[: golden_count(test.x.shape[1:])], layout, value_range, dtype)
     shape = [-1, *golden.shape[1:]]
     if len(dims) != len(shape):
         raise ValueError(f"{path}: model input {input_name!r} has rank {len(dims)}, {dataset} gives {len(shape)}")
@@ -206,7 +218,8 @@ def run_export(request: ExportRequest) -> Path:
     reports = compress(loaded, request, train.x, train.y)
     calib = train.x[rng.choice(len(train), size=min(request.calibration_samples, len(train)), replace=False)]
     held_out = rng.permutation(len(test))
-    golden, parity = test.x[held_out[:8]], test.x[held_out[8:264]]
+    k = golden_count(test.x.shape[1:])
+    golden, parity = test.x[held_out[:k]], test.x[held_out[8:264]]
     source = held_out[264 : 264 + 2048] if len(test) > 600 else held_out
     compression = {"passes": reports} if reports else None
     return export_bundle(

@@ -144,3 +144,12 @@ def test_eval_output_methods_on_a_folded_model(compressed_bundle: Path, tmp_path
     assert 0.0 < json.loads((tmp_path / "t3a.json").read_text())["accuracy"] <= 1.0
     assert main([*args, "--tta", "alpha_bn"]) == 2
     assert "needs an adaptable graph" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("shape", "count"), [((1, 8, 8), 8), ((1, 28, 28), 8), ((3, 32, 32), 2), ((3, 224, 224), 2)])
+def test_golden_vectors_fit_a_byte_budget(shape: tuple[int, ...], count: int) -> None:
+    """Every device downloads its model's golden vectors: large inputs carry fewer (at least 2)."""
+    from edgeloop.exporting import GOLDEN_INPUT_BUDGET, golden_count
+
+    assert golden_count(shape) == count
+    assert count * int(np.prod(shape)) <= GOLDEN_INPUT_BUDGET or count == 2
