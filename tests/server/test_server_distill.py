@@ -112,7 +112,9 @@ def test_cpu_defaults_and_explicit_gpu_style_options(ckpts: tuple[Path, Path, di
     (the CUDA path's arithmetic, here on the CPU) still distils."""
     teacher, student, params = ckpts
     plain = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16)
-    assert not plain.channels_last and not plain._amp
+    assert not plain.channels_last and not plain._amp and not plain.cuda_graph
+    with pytest.raises(ValueError, match="cuda_graph"):
+        TorchDistiller(teacher, student, alpha=0.5, device="cpu", cuda_graph=True)
     nhwc = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16, channels_last=True)
     assert nhwc.channels_last
     assert nhwc.student.features[0].weight.is_contiguous(memory_format=torch.channels_last)
@@ -128,11 +130,11 @@ def test_cpu_defaults_and_explicit_gpu_style_options(ckpts: tuple[Path, Path, di
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_distill_on_cuda_bf16_channels_last(ckpts: tuple[Path, Path, dict[str, np.ndarray]]) -> None:
-    """The CUDA path (bf16 autocast, channels-last, fused Adam): same contract as on CPU, close to the CPU
-    numbers, reproducible and leaving the global RNGs as they were."""
+    """The CUDA path (bf16 autocast, channels-last, fused Adam, CUDA graph): same contract as on CPU, close to
+    the CPU numbers and to eager steps, reproducible and leaving the global RNGs as they were."""
     teacher, student, params = ckpts
     gpu = TorchDistiller(teacher, student, alpha=0.5, device="cuda", batch_size=16)
-    assert gpu.device.type == "cuda" and gpu._amp and gpu.channels_last
+    assert gpu.device.type == "cuda" and gpu._amp and gpu.channels_last and gpu.cuda_graph
     assert gpu.student.features[0].weight.is_contiguous(memory_format=torch.channels_last)
     cpu = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16).distill(_inputs(), params, 25)
     torch.cuda.manual_seed(7)
@@ -141,11 +143,15 @@ def test_distill_on_cuda_bf16_channels_last(ckpts: tuple[Path, Path, dict[str, n
     a = gpu.distill(_inputs(), params, steps=25)
     torch.testing.assert_close(torch.rand(4, device="cuda"), expected, rtol=0, atol=0)
     b = gpu.distill(_inputs(), params, steps=25)
+    assert gpu.cuda_graph, "the CUDA graph capture failed and fell back to eager steps"
+    eager = TorchDistiller(teacher, student, alpha=0.5, device="cuda", batch_size=16, cuda_graph=False)
+    c = eager.distill(_inputs(), params, steps=25)
     assert sorted(a.params) == sorted(params)
     for k, v in params.items():
         assert a.params[k].dtype == np.float32 and a.params[k].shape == v.shape
         assert np.all(np.isfinite(a.params[k])), k
         np.testing.assert_allclose(b.params[k], a.params[k], rtol=1e-5, atol=1e-6)  # reproducible
+        np.testing.assert_allclose(c.params[k], a.params[k], rtol=1e-3, atol=1e-4)  # graph replay = eager steps
         if k.endswith((".mean", ".var")):
             np.testing.assert_array_equal(a.params[k], v)
     m = a.metrics
