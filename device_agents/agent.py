@@ -1,9 +1,13 @@
 """The device agent: predict with forward-only TTA, watch entropy for drift, queue chosen samples, sync.
 
 One :meth:`Agent.process_batch` runs TTA prediction → per-sample normalised entropies → the drift detector
-on each entropy (drift events are reported to the server and trigger ``tta.on_drift()`` under the ``"reset"``
-policy) → the entropy-band selector → the durable outbox. :meth:`Agent.sync` drains the outbox and applies
-newer parameter updates; a background watcher thread can apply updates as they are published instead.
+on each entropy → the entropy-band selector → the durable outbox. A drift event drives three things: the
+TTA state is re-anchored (``tta.on_drift()``, under the ``"reset"`` policy), the selector's byte budget is
+boosted for a while (:meth:`EntropyBandSelector.on_drift`), and a ``ReportDrift`` with the evidence
+(detector, signal, statistic, threshold, stream position) goes to the server — kept and retried at the next
+:meth:`Agent.sync` when the server cannot be reached. :meth:`Agent.sync` drains the outbox, reports its
+counts (what its byte bound dropped) and applies newer parameter updates; a background watcher thread can
+apply updates as they are published instead.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from device_agents.drift import PageHinkley
 from device_agents.errors import StaleUpdateError, TransportError, UpdateIntegrityError, UpdateRejectedError
 from device_agents.messages import ParameterUpdate, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
-from device_agents.selection import EntropyBandSelector
+from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
 from device_agents.tta import TTAMethod, TTAOutput, normalized_entropy
 from runtime.errors import InputError
 from runtime.params import params_digest
@@ -40,7 +44,11 @@ class AgentConfig:
     """Settings of :class:`Agent`.
 
     ``drift_policy``: ``"reset"`` calls ``tta.on_drift()`` after a batch in which drift fired; ``"none"`` only
-    records it. ``upload_input``/``upload_features`` choose what a queued sample carries. ``sync_wait_seconds``
+    records it. ``upload_mode`` (:data:`~device_agents.selection.UPLOAD_MODES`) chooses what a queued sample
+    carries: ``"input"``, ``"features"`` (privacy: inputs never leave the device) or ``"both"``.
+    ``max_pending_drift_reports`` bounds the drift reports kept for a retry while the server is unreachable
+    (the oldest go first). ``report_outbox``: send the outbox's counts (``ReportOutbox``) after a sync's
+    upload when its drops or backlog changed since the last report (and at the first sync). ``sync_wait_seconds``
     is how long :meth:`Agent.sync` waits for updates; ``watch_wait_seconds`` bounds each watcher RPC (and so
     how long a stop can take at worst); ``watch_retry_seconds`` is the pause after a failed watch.
     """
@@ -50,9 +58,10 @@ class AgentConfig:
     drift_policy: str = "reset"
     report_drift: bool = True
     detector_name: str = "page_hinkley"
-    upload_input: bool = True
-    upload_features: bool = True
+    upload_mode: str = "both"
     upload_batch: int = 64
+    report_outbox: bool = True
+    max_pending_drift_reports: int = 256
     sync_wait_seconds: float = 0.05
     watch_wait_seconds: float = 2.0
     watch_retry_seconds: float = 1.0
@@ -63,18 +72,33 @@ class AgentConfig:
             raise ValueError("device_id must be non-empty")
         if self.drift_policy not in DRIFT_POLICIES:
             raise ValueError(f"drift_policy must be one of {DRIFT_POLICIES}, got {self.drift_policy!r}")
-        if not (self.upload_input or self.upload_features):
-            raise ValueError("at least one of upload_input and upload_features must be true")
+        if self.upload_mode not in UPLOAD_MODES:
+            raise ValueError(f"upload_mode must be one of {UPLOAD_MODES}, got {self.upload_mode!r}")
         if self.upload_batch < 1:
             raise ValueError(f"upload_batch must be >= 1, got {self.upload_batch}")
+        if self.max_pending_drift_reports < 0:
+            raise ValueError(f"max_pending_drift_reports must be >= 0, got {self.max_pending_drift_reports}")
         for name in ("sync_wait_seconds", "watch_wait_seconds", "watch_retry_seconds", "join_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
+    @property
+    def upload_input(self) -> bool:
+        """Whether queued samples carry the model input."""
+        return self.upload_mode in ("input", "both")
+
+    @property
+    def upload_features(self) -> bool:
+        """Whether queued samples carry the penultimate features."""
+        return self.upload_mode in ("features", "both")
+
 
 @dataclass(frozen=True)
 class BatchResult:
-    """Outcome of one batch: predictions, normalised entropies (entropy / ln K), probabilities, drift."""
+    """Outcome of one batch: predictions, normalised entropies (entropy / ln K), probabilities, drift.
+
+    ``queued_ids`` are the sample ids the outbox stored durably for this batch (acknowledged locally).
+    """
 
     pred: np.ndarray
     entropy: np.ndarray
@@ -82,6 +106,7 @@ class BatchResult:
     drift: bool
     drift_positions: tuple[int, ...]
     selected: int
+    queued_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,6 +133,8 @@ class AgentStats:
     update_versions: tuple[int, ...]
     rejected_updates: int
     sync_failures: int
+    drift_reports_pending: int = 0
+    drift_reports_dropped: int = 0
 
     @property
     def accuracy(self) -> float | None:
@@ -125,6 +152,7 @@ class _Counters:
     uploaded_bytes: int = 0
     rejected: int = 0
     sync_failures: int = 0
+    drift_reports_dropped: int = 0
     drifts: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
@@ -159,6 +187,8 @@ class Agent:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._stream: UpdateStream | None = None
+        self._pending_drift: list[tuple[int, float, int]] = []  # (position, statistic, detected_ms)
+        self._reported_outbox: tuple[int, int, int] | None = None  # (dropped, dropped_bytes, pending) last sent
         # Sample ids are <device>:<session>:<stream position>: a retried upload reuses the id stored in the
         # outbox (stored once), while a restarted agent replaying positions from 0 gets fresh ids.
         self.session_id = uuid.uuid4().hex[:12]
@@ -177,7 +207,8 @@ class Agent:
         """Predict, detect drift, select and queue samples for one batch.
 
         ``position`` is the stream position of ``x[0]`` (default: samples seen so far); positions name the
-        samples (``<device>:<bundle[:12]>:<position>``), so a replayed position is stored once.
+        samples (``<device>:<session>:<position>``), so a replayed position is stored once. A drift in the
+        batch boosts the selector's budget before this batch's samples are chosen.
         """
         with self._lock:
             start = self._counters.seen if position is None else int(position)
@@ -185,13 +216,16 @@ class Agent:
             pred = out.probs.argmax(axis=1)
             ent = normalized_entropy(out.probs)
             events = self._detect(ent, start)
-            selected = self._enqueue(np.asarray(x), out, ent, pred, start)
+            if events and self.selector is not None:
+                self.selector.on_drift()
+            queued = self._enqueue(np.asarray(x), out, ent, pred, start)
             if events and self.config.drift_policy == "reset":
                 self.tta.on_drift()
-            self._count(pred, y, selected, [p for p, _ in events])
+            self._count(pred, y, len(queued), [p for p, _ in events])
+        now = int(time.time() * 1000)
         for pos, statistic in events:
-            self._report_drift(pos, statistic)
-        return BatchResult(pred, ent, out.probs, bool(events), tuple(p for p, _ in events), selected)
+            self._report_drift(pos, statistic, now)
+        return BatchResult(pred, ent, out.probs, bool(events), tuple(p for p, _ in events), len(queued), queued)
 
     def _detect(self, entropies: np.ndarray, start: int) -> list[tuple[int, float]]:
         events = []
@@ -201,16 +235,18 @@ class Agent:
                 logger.info("drift at stream position %d (statistic %.3f)", start + i, self.detector.statistic)
         return events
 
-    def _enqueue(self, x: np.ndarray, out: TTAOutput, ent: np.ndarray, pred: np.ndarray, start: int) -> int:
+    def _enqueue(
+        self, x: np.ndarray, out: TTAOutput, ent: np.ndarray, pred: np.ndarray, start: int
+    ) -> tuple[str, ...]:
         if self.selector is None or self.outbox is None:
-            return 0
+            return ()
         cfg = self.config
         size = (x[0].astype(np.float32).nbytes if cfg.upload_input else 0) + (
             out.features[0].astype(np.float32).nbytes if cfg.upload_features else 0
         )
         chosen = self.selector.select(ent, size)
         if chosen.size == 0:
-            return 0
+            return ()
         now = int(time.time() * 1000)
         samples = [
             OutboxSample(
@@ -225,8 +261,7 @@ class Agent:
             )
             for i in chosen
         ]
-        self.outbox.put(samples, now_ms=now)
-        return int(chosen.size)
+        return self.outbox.put(samples, now_ms=now).stored
 
     def _count(self, pred: np.ndarray, y: np.ndarray | None, selected: int, drifts: list[int]) -> None:
         c = self._counters
@@ -240,15 +275,40 @@ class Agent:
             c.labelled += int(labels.size)
             c.correct += int((labels == pred).sum())
 
-    def _report_drift(self, position: int, statistic: float) -> None:
+    def _report_drift(self, position: int, statistic: float, detected_ms: int) -> None:
         if self.client is None or not self.config.report_drift:
             return
         try:
-            self.client.report_drift(
-                self.config.detector_name, "entropy", statistic, self.detector.threshold, position
-            )
+            self.client.report_drift(self.config.detector_name, "entropy", statistic, self.detector.threshold,
+                                     position, detected_ms)
         except TransportError as exc:
-            logger.warning("could not report drift at position %d: %s", position, exc)
+            logger.warning("could not report drift at position %d (kept for a retry): %s", position, exc)
+            with self._lock:
+                self._pending_drift.append((position, statistic, detected_ms))
+                excess = len(self._pending_drift) - self.config.max_pending_drift_reports
+                if excess > 0:
+                    del self._pending_drift[:excess]
+                    self._counters.drift_reports_dropped += excess
+
+    def _flush_drift_reports(self, client: DeviceClient) -> None:
+        """Send the drift reports kept after failures, oldest first; stop at the first failure (raises)."""
+        while True:
+            with self._lock:
+                if not self._pending_drift:
+                    return
+                position, statistic, detected_ms = self._pending_drift[0]
+            client.report_drift(self.config.detector_name, "entropy", statistic, self.detector.threshold,
+                                position, detected_ms)
+            with self._lock:
+                self._pending_drift.pop(0)
+
+    def _report_outbox(self, client: DeviceClient, outbox: SqliteOutbox) -> None:
+        """Send the outbox's counts when its drops or backlog changed since the last acknowledged report."""
+        stats = outbox.stats
+        key = (stats.dropped, stats.dropped_bytes, stats.pending_count)
+        if key != self._reported_outbox:
+            client.report_outbox(stats)
+            self._reported_outbox = key
 
     def apply_update(self, update: ParameterUpdate) -> None:
         """Verify and install a parameter update, keeping the previous parameters for :meth:`rollback`.
@@ -320,12 +380,18 @@ class Agent:
             return SyncResult(None, (), ("no client: offline",))
         errors: list[str] = []
         upload = None
+        try:
+            self._flush_drift_reports(self.client)
+        except TransportError as exc:
+            errors.append(str(exc))
         if self.outbox is not None:
             try:
                 upload = self.client.upload(self.outbox, self.config.upload_batch)
                 with self._lock:
                     self._counters.uploaded += upload.sent
                     self._counters.uploaded_bytes += upload.bytes_sent
+                if self.config.report_outbox:
+                    self._report_outbox(self.client, self.outbox)
             except TransportError as exc:
                 errors.append(str(exc))
         applied: list[int] = []
@@ -395,4 +461,5 @@ class Agent:
                 selected=c.selected, uploaded_samples=c.uploaded, uploaded_bytes=c.uploaded_bytes,
                 downloaded_bytes=self.client.bytes_down if self.client is not None else 0,
                 update_versions=tuple(c.versions), rejected_updates=c.rejected, sync_failures=c.sync_failures,
+                drift_reports_pending=len(self._pending_drift), drift_reports_dropped=c.drift_reports_dropped,
             )

@@ -22,7 +22,7 @@ import numpy as np
 
 from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
 from device_agents.messages import ParameterUpdate, RegisterInfo, UploadResult
-from device_agents.outbox import OutboxSample, SqliteOutbox
+from device_agents.outbox import OutboxSample, OutboxStats, SqliteOutbox
 from proto.convert import TensorDecodeError, tensor_to_proto, tensors_from_proto, tensors_to_proto
 from proto.edgeloop.v1 import common_pb2, device_pb2, device_pb2_grpc
 from runtime.bundle import load_bundle
@@ -137,6 +137,10 @@ class DeviceClient:
     """Blocking client of the device service over an insecure channel (TLS is a deployment concern).
 
     ``timeout`` bounds unary calls; ``transfer_timeout`` bounds bundle downloads and sample uploads.
+    ``reconnect_backoff_ms`` = (initial, max) bounds how long the channel waits between reconnection attempts
+    after the server went away (gRPC's own exponential backoff; its default maximum is two minutes, so a
+    device would notice a returned server late). Per-sample retry timing is the outbox's
+    :class:`~device_agents.outbox.BackoffPolicy`.
     """
 
     def __init__(
@@ -148,11 +152,16 @@ class DeviceClient:
         transfer_timeout: float = 300.0,
         max_message_bytes: int = 64 << 20,
         trusted_keys: Sequence[bytes] | None = None,
+        reconnect_backoff_ms: tuple[int, int] = (1_000, 30_000),
     ) -> None:
         if not device_id:
             raise ValueError("device_id must be a non-empty string")
         if timeout <= 0 or transfer_timeout <= 0:
             raise ValueError(f"timeouts must be > 0, got {timeout}, {transfer_timeout}")
+        initial_ms, max_ms = (int(v) for v in reconnect_backoff_ms)
+        if not 0 < initial_ms <= max_ms:
+            raise ValueError(f"reconnect_backoff_ms must be (initial, max) with 0 < initial <= max, "
+                             f"got {reconnect_backoff_ms}")
         self.target = target
         self.device_id = device_id
         self.trusted_keys = None if trusted_keys is None else tuple(trusted_keys)
@@ -161,6 +170,9 @@ class DeviceClient:
         options = [
             ("grpc.max_send_message_length", int(max_message_bytes)),
             ("grpc.max_receive_message_length", int(max_message_bytes)),
+            ("grpc.initial_reconnect_backoff_ms", initial_ms),
+            ("grpc.min_reconnect_backoff_ms", initial_ms),
+            ("grpc.max_reconnect_backoff_ms", max_ms),
         ]
         self._channel = grpc.insecure_channel(target, options=options)
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
@@ -372,6 +384,16 @@ class DeviceClient:
             detected_unix_ms=_now_ms() if detected_ms is None else int(detected_ms),
         )
         return int(self._unary("ReportDrift", request, self._stub.ReportDrift).event_id)
+
+    def report_outbox(self, stats: OutboxStats, reported_ms: int | None = None) -> int:
+        """Report the outbox's counts (see :class:`~device_agents.outbox.OutboxStats`); returns the dropped-sample
+        count the server now holds for this device."""
+        request = device_pb2.OutboxReport(
+            device_id=self.device_id, dropped_samples=stats.dropped, dropped_bytes=stats.dropped_bytes,
+            pending_samples=stats.pending_count, pending_bytes=stats.pending_bytes, max_bytes=stats.max_bytes,
+            eviction_policy=stats.eviction, reported_unix_ms=_now_ms() if reported_ms is None else int(reported_ms),
+        )
+        return int(self._unary("ReportOutbox", request, self._stub.ReportOutbox).dropped_samples)
 
     def watch_updates(self, bundle_id: str, since_version: int, max_wait: float = 0.0) -> UpdateStream:
         """Stream verified updates of ``bundle_id`` newer than ``since_version``.

@@ -3,8 +3,14 @@
 Each row is one sample keyed by ``sample_id`` (the server's idempotency key). Arrays are stored as ``.npy``
 bytes; their total length is the row's ``nbytes``, which the byte bound counts. The database runs in WAL mode
 with ``synchronous=FULL`` and every write commits before returning, so a sample acknowledged by :meth:`put`
-survives a crash. When the pending bytes exceed ``max_bytes`` the oldest samples are dropped (eviction
-policy: drop-oldest by insertion order) and the persisted ``dropped`` counter grows.
+survives a crash.
+
+The byte bound is enforced by an explicit eviction policy (:data:`EVICTION_POLICIES`): when the pending
+bytes exceed ``max_bytes`` after a :meth:`SqliteOutbox.put`, ``"drop_oldest"`` deletes the oldest samples
+(fresh data wins: after a drift the new domain matters more), ``"drop_newest"`` deletes the newest ones, i.e.
+refuses what did not fit (the backlog wins). Either way the persisted ``dropped`` / ``dropped_bytes`` counters
+grow; the agent reports them to the server (``ReportOutbox``), so a fleet operator sees what was lost.
+A sample is *acknowledged locally* once ``put`` returned it in :attr:`PutResult.stored`.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ CREATE TABLE IF NOT EXISTS samples (
 CREATE INDEX IF NOT EXISTS samples_due ON samples (next_attempt_ms, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('dropped', 0);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('dropped_bytes', 0);
 """
+EVICTION_POLICIES = ("drop_oldest", "drop_newest")
+"""How the byte bound is enforced: delete the oldest pending samples, or the newest (refuse new ones)."""
 _COLUMNS = (
     "sample_id, bundle_id, input_npy, features_npy, entropy, prediction, stream_position, captured_ms, "
     "created_ms, attempts, next_attempt_ms"
@@ -90,6 +99,31 @@ class BackoffPolicy:
         return int(base * (1.0 + self.jitter * u))
 
 
+@dataclass(frozen=True)
+class PutResult:
+    """Outcome of :meth:`SqliteOutbox.put`.
+
+    ``stored``: ids newly stored and still pending after eviction (acknowledged locally, in input order);
+    ``duplicates``: ids already present (ignored); ``evicted``: samples (new or old) dropped by the byte bound.
+    """
+
+    stored: tuple[str, ...]
+    duplicates: int
+    evicted: int
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """A snapshot of the outbox: what is pending and what the byte bound dropped since creation."""
+
+    pending_count: int
+    pending_bytes: int
+    dropped: int
+    dropped_bytes: int
+    max_bytes: int
+    eviction: str
+
+
 def _to_npy(array: np.ndarray | None) -> bytes | None:
     if array is None:
         return None
@@ -103,20 +137,27 @@ def _from_npy(blob: bytes | None) -> np.ndarray | None:
 
 
 class SqliteOutbox:
-    """Durable sample queue bounded by ``max_bytes`` of stored array bytes. Thread-safe."""
+    """Durable sample queue bounded by ``max_bytes`` of stored array bytes under an ``eviction`` policy.
+
+    ``rng`` draws the backoff jitter (seed it for a reproducible retry schedule). Thread-safe.
+    """
 
     def __init__(
         self,
         path: str | Path,
         max_bytes: int,
         *,
+        eviction: str = "drop_oldest",
         backoff: BackoffPolicy | None = None,
         rng: random.Random | None = None,
     ) -> None:
         if max_bytes <= 0:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
+        if eviction not in EVICTION_POLICIES:
+            raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
         self.path = Path(path)
         self.max_bytes = int(max_bytes)
+        self.eviction = eviction
         self.backoff = backoff or BackoffPolicy()
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -136,12 +177,12 @@ class SqliteOutbox:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def put(self, samples: Iterable[OutboxSample], now_ms: int | None = None) -> int:
-        """Store samples (ids already present are ignored), evict the oldest past ``max_bytes``, commit.
+    def put(self, samples: Iterable[OutboxSample], now_ms: int | None = None) -> PutResult:
+        """Store samples (ids already present are ignored), enforce ``max_bytes`` by the eviction policy, commit.
 
-        ``now_ms`` (default: wall clock) becomes the samples' ``created_ms`` and first due time.
-        Returns how many samples were newly stored. A single sample larger than ``max_bytes`` raises
-        ``ValueError`` before anything is written.
+        ``now_ms`` (default: wall clock) becomes the samples' ``created_ms`` and first due time. Returning
+        means the samples in :attr:`PutResult.stored` are durable. A single sample larger than ``max_bytes``
+        raises ``ValueError`` before anything is written.
         """
         now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
         rows = []
@@ -152,33 +193,41 @@ class SqliteOutbox:
                 raise ValueError(f"sample {s.sample_id!r} takes {nbytes} bytes, above max_bytes {self.max_bytes}")
             rows.append((s.sample_id, s.bundle_id, inp, feat, float(s.entropy), int(s.prediction),
                          int(s.stream_position), int(s.captured_ms), nbytes, int(now_ms), int(now_ms)))
+        inserted: list[tuple[int, str]] = []
         with self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
-            before = self._conn.total_changes
-            self._conn.executemany(
-                "INSERT OR IGNORE INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
-                "prediction, stream_position, captured_ms, nbytes, created_ms, next_attempt_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            inserted = self._conn.total_changes - before
-            self._evict()
-        return inserted
+            for row in rows:
+                cur = self._conn.execute(
+                    "INSERT OR IGNORE INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
+                    "prediction, stream_position, captured_ms, nbytes, created_ms, next_attempt_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if cur.rowcount == 1:
+                    inserted.append((int(cur.lastrowid or 0), row[0]))
+            evicted = self._evict()
+        stored = tuple(sample_id for seq, sample_id in inserted if seq not in evicted)
+        return PutResult(stored, len(rows) - len(inserted), len(evicted))
 
-    def _evict(self) -> None:
+    def _evict(self) -> set[int]:
         total = self._conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM samples").fetchone()[0]
         if total <= self.max_bytes:
-            return
+            return set()
+        order = "ASC" if self.eviction == "drop_oldest" else "DESC"
         doomed: list[int] = []
-        for seq, nbytes in self._conn.execute("SELECT seq, nbytes FROM samples ORDER BY seq"):
+        freed = 0
+        for seq, nbytes in self._conn.execute(f"SELECT seq, nbytes FROM samples ORDER BY seq {order}"):
             if total <= self.max_bytes:
                 break
             doomed.append(seq)
             total -= nbytes
+            freed += nbytes
         self._conn.executemany("DELETE FROM samples WHERE seq = ?", [(s,) for s in doomed])
         self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (len(doomed),))
-        logger.warning("outbox %s over %d bytes: dropped the %d oldest samples", self.path, self.max_bytes,
-                       len(doomed))
+        self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_bytes'", (freed,))
+        logger.warning("outbox %s over %d bytes: %s dropped %d samples (%d bytes)", self.path, self.max_bytes,
+                       self.eviction, len(doomed), freed)
+        return set(doomed)
 
     def peek_batch(self, n: int, now_ms: int) -> list[OutboxSample]:
         """Up to ``n`` samples due at ``now_ms`` (next_attempt_ms <= now_ms), oldest first; not removed."""
@@ -246,3 +295,17 @@ class SqliteOutbox:
     def dropped(self) -> int:
         """Samples evicted by the byte bound since the database was created (persisted)."""
         return self._scalar("SELECT value FROM meta WHERE key = 'dropped'")
+
+    @property
+    def dropped_bytes(self) -> int:
+        """Array bytes of the samples evicted by the byte bound since the database was created (persisted)."""
+        return self._scalar("SELECT value FROM meta WHERE key = 'dropped_bytes'")
+
+    @property
+    def stats(self) -> OutboxStats:
+        """A consistent snapshot of the pending and dropped counts."""
+        with self._lock:
+            count, nbytes = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM samples").fetchone()
+            meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+        return OutboxStats(int(count), int(nbytes), int(meta["dropped"]), int(meta["dropped_bytes"]),
+                           self.max_bytes, self.eviction)

@@ -4,6 +4,13 @@ The idea follows CEMA (Chen et al. 2024, "Towards Robust and Efficient Cloud-Edg
 via Selective Entropy Distillation", Sec. 3.2): a sample with very high entropy is unreliable (its prediction
 is noise and distilling on it hurts), one with very low entropy is uninformative (the edge model already
 handles it), so only samples in between are worth the uplink.
+
+What a selected sample carries is the upload mode (:data:`UPLOAD_MODES`): the raw input, the penultimate
+features only (privacy: the input never leaves the device; the server can aggregate or analyse features but
+cannot distil on them), or both.
+
+A drift event (:meth:`EntropyBandSelector.on_drift`) boosts the byte budget for a while, so the first samples
+of a new domain reach the cloud sooner, and re-anchors the dynamic upper bound at ``high``.
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+UPLOAD_MODES = ("input", "features", "both")
+"""What a selected sample carries: the model input, the penultimate features only, or both."""
+
 
 @dataclass(frozen=True)
 class SelectorConfig:
@@ -23,6 +33,8 @@ class SelectorConfig:
     ``high`` is the initial (and largest) upper bound; ``low`` the fixed lower bound; the dynamic upper
     bound never goes below ``low + min_band``. ``high_scale`` and ``mean_momentum`` drive the dynamic rule
     (see :class:`EntropyBandSelector`). ``bytes_per_window`` = None disables the byte budget.
+    ``drift_boost`` multiplies the budget (bucket size and refill rate) for ``drift_boost_seconds`` after a
+    drift event; ``reanchor_on_drift`` resets the dynamic upper bound to ``high`` at a drift event.
     """
 
     low: float = 0.02
@@ -32,6 +44,9 @@ class SelectorConfig:
     mean_momentum: float = 0.9
     bytes_per_window: int | None = 1 << 20
     window_seconds: float = 60.0
+    drift_boost: float = 2.0
+    drift_boost_seconds: float = 60.0
+    reanchor_on_drift: bool = True
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.low < self.high <= 1.0:
@@ -46,6 +61,10 @@ class SelectorConfig:
             raise ValueError(f"bytes_per_window must be > 0 or None, got {self.bytes_per_window}")
         if not (math.isfinite(self.window_seconds) and self.window_seconds > 0):
             raise ValueError(f"window_seconds must be finite and > 0, got {self.window_seconds}")
+        if not (math.isfinite(self.drift_boost) and self.drift_boost >= 1.0):
+            raise ValueError(f"drift_boost must be finite and >= 1, got {self.drift_boost}")
+        if not (math.isfinite(self.drift_boost_seconds) and self.drift_boost_seconds >= 0):
+            raise ValueError(f"drift_boost_seconds must be finite and >= 0, got {self.drift_boost_seconds}")
 
 
 @dataclass(frozen=True)
@@ -58,6 +77,7 @@ class SelectionCounters:
     too_confident: int
     over_budget: int
     bytes_selected: int
+    drift_boosts: int = 0
 
 
 class EntropyBandSelector:
@@ -75,6 +95,12 @@ class EntropyBandSelector:
     Byte budget: a token bucket holding at most ``bytes_per_window`` bytes, refilled at
     ``bytes_per_window / window_seconds`` bytes per second of ``clock()``. In-band samples are taken in index
     order while their size fits the tokens left; the rest are counted as ``over_budget``.
+
+    Drift boost: :meth:`on_drift` adds ``(drift_boost - 1) · bytes_per_window`` tokens at once and, until
+    ``drift_boost_seconds`` have passed, lets the bucket hold and refill ``drift_boost`` times as much; when the
+    boost ends the tokens are clipped back to ``bytes_per_window``. Over a window of length ``W`` the bytes
+    selected are thus at most ``bytes_per_window · (1 + W / window_seconds)``, or ``drift_boost`` times that
+    while boosted.
     """
 
     def __init__(self, config: SelectorConfig | None = None, clock: Callable[[], float] = time.monotonic):
@@ -83,8 +109,10 @@ class EntropyBandSelector:
         self._mean: float | None = None
         self._tokens = float(self.config.bytes_per_window or 0)
         self._last_refill = clock()
+        self._boost_until = -math.inf
         self._counts = dict.fromkeys(
-            ("considered", "selected", "too_uncertain", "too_confident", "over_budget", "bytes_selected"), 0
+            ("considered", "selected", "too_uncertain", "too_confident", "over_budget", "bytes_selected",
+             "drift_boosts"), 0
         )
 
     @property
@@ -112,17 +140,45 @@ class EntropyBandSelector:
         return self._tokens if self.config.bytes_per_window is not None else math.inf
 
     @property
+    def boosted(self) -> bool:
+        """Whether a drift boost of the byte budget is in force now."""
+        return self._clock() < self._boost_until
+
+    @property
     def counters(self) -> SelectionCounters:
         """A snapshot of the counters."""
         return SelectionCounters(**self._counts)
+
+    def on_drift(self) -> None:
+        """A drift was detected: boost the byte budget and (``reanchor_on_drift``) reset the upper bound.
+
+        A drift during a boost extends it and tops the bucket up again, never above the boosted capacity.
+        """
+        cfg = self.config
+        self._refill()
+        self._counts["drift_boosts"] += 1
+        if cfg.reanchor_on_drift:
+            self._mean = None
+        if cfg.bytes_per_window is None or cfg.drift_boost == 1.0 or cfg.drift_boost_seconds == 0:
+            return
+        self._boost_until = self._last_refill + cfg.drift_boost_seconds
+        boosted = cfg.drift_boost * cfg.bytes_per_window
+        self._tokens = min(boosted, self._tokens + (cfg.drift_boost - 1.0) * cfg.bytes_per_window)
 
     def _refill(self) -> None:
         capacity = self.config.bytes_per_window
         now = self._clock()
         if capacity is not None:
             rate = capacity / self.config.window_seconds
-            self._tokens = min(float(capacity), self._tokens + max(0.0, now - self._last_refill) * rate)
-        self._last_refill = now
+            t = self._last_refill
+            if t < self._boost_until:  # the boosted stretch first, then the normal one
+                end = max(t, min(now, self._boost_until))
+                factor = self.config.drift_boost
+                self._tokens = min(factor * capacity, self._tokens + (end - t) * rate * factor)
+                t = end
+            if now >= self._boost_until:
+                self._tokens = min(float(capacity), self._tokens + max(0.0, now - t) * rate)
+        self._last_refill = max(self._last_refill, now)  # a clock that steps back refills nothing
 
     def select(self, entropies: np.ndarray, sizes: int | np.ndarray) -> np.ndarray:
         """Return the int64 indices of the samples to upload.

@@ -27,7 +27,7 @@ from server.errors import (
     UnknownBundleFileError,
 )
 from server.manifest import MANIFEST_FILE, BundleSpec, check_bundle_path, parse_manifest
-from server.records import BundleRecord, DeviceRecord, DriftRecord, FileEntry, SampleRecord
+from server.records import BundleRecord, DeviceRecord, DriftRecord, FileEntry, OutboxRecord, SampleRecord
 from server.state import Limits, ServerState, check_id, require_device, resolve_bundle, spec_of
 
 logger = logging.getLogger(__name__)
@@ -289,3 +289,42 @@ def report_drift(state: ServerState, event: DriftIn) -> int:
     event_id = state.storage.insert_drift(record)
     logger.info("drift event %d from %s: %s on %s", event_id, event.device_id, event.detector, event.signal)
     return event_id
+
+
+# -- outbox reports ---------------------------------------------------------------------------------------
+OUTBOX_EVICTION_POLICIES = ("drop_oldest", "drop_newest")
+
+
+@dataclass(frozen=True)
+class OutboxIn:
+    """A device's report of its upload outbox: cumulative drops by the byte bound and what is pending."""
+
+    device_id: str
+    dropped_samples: int
+    dropped_bytes: int
+    pending_samples: int
+    pending_bytes: int
+    max_bytes: int
+    eviction_policy: str
+    reported_ms: int
+
+
+def report_outbox(state: ServerState, report: OutboxIn) -> OutboxRecord:
+    """Record a registered device's outbox report; return the merged record (dropped counts never go down)."""
+    require_device(state, report.device_id)
+    counts = {k: getattr(report, k) for k in ("dropped_samples", "dropped_bytes", "pending_samples",
+                                              "pending_bytes", "max_bytes")}
+    negative = {k: v for k, v in counts.items() if v < 0}
+    if negative:
+        raise InvalidRequestError(f"outbox report of {report.device_id!r}: negative counts {negative}")
+    if report.eviction_policy not in OUTBOX_EVICTION_POLICIES:
+        raise InvalidRequestError(f"outbox report of {report.device_id!r}: eviction_policy "
+                                  f"{report.eviction_policy[:40]!r} is not one of {OUTBOX_EVICTION_POLICIES}")
+    record = OutboxRecord(report.device_id, **{k: int(v) for k, v in counts.items()},
+                          eviction_policy=report.eviction_policy, reported_ms=int(report.reported_ms),
+                          received_ms=state.clock())
+    merged = state.storage.record_outbox(record)
+    if report.dropped_samples:
+        logger.warning("device %s: outbox dropped %d samples (%d bytes) so far, %s", report.device_id,
+                       merged.dropped_samples, merged.dropped_bytes, merged.eviction_policy)
+    return merged

@@ -29,6 +29,8 @@ class DeviceRecord:
     acked_update_version: int = 0
     samples_stored: int = 0
     drift_events: int = 0
+    outbox_dropped: int = 0
+    outbox_pending: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,21 @@ class DriftRecord:
     detected_ms: int
     received_ms: int
     id: int | None = None
+
+
+@dataclass(frozen=True)
+class OutboxRecord:
+    """The newest report of a device's outbox; dropped counts are cumulative and never lowered."""
+
+    device_id: str
+    dropped_samples: int
+    dropped_bytes: int
+    pending_samples: int
+    pending_bytes: int
+    max_bytes: int
+    eviction_policy: str
+    reported_ms: int
+    received_ms: int
 
 
 @dataclass(frozen=True)
@@ -174,6 +191,15 @@ class Storage(Protocol):
 
     def list_drift(self, device_id: str | None) -> list[DriftRecord]:
         """Drift events, optionally of one device, oldest first."""
+        ...
+
+    def record_outbox(self, report: OutboxRecord) -> OutboxRecord:
+        """Merge a device's outbox report: dropped counts become the maximum of stored and reported, the
+        rest is taken from the report unless a newer one (by ``reported_ms``) is stored; return the result."""
+        ...
+
+    def get_outbox(self, device_id: str) -> OutboxRecord | None:
+        """The device's merged outbox report, or None before its first report."""
         ...
 
     def insert_submission(self, submission: SubmissionRecord) -> int:

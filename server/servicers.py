@@ -158,6 +158,15 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
             for update in stream:
                 yield _update(update)
 
+    def ReportOutbox(  # noqa: N802 (name fixed by the generated base class)
+        self, request: device_pb2.OutboxReport, context: grpc.ServicerContext) -> device_pb2.OutboxAck:
+        """Record the device's outbox counts (what its byte bound dropped, what is pending)."""
+        with _domain_errors(context, "ReportOutbox"):
+            merged = handlers.report_outbox(self.state, handlers.OutboxIn(
+                request.device_id, request.dropped_samples, request.dropped_bytes, request.pending_samples,
+                request.pending_bytes, request.max_bytes, request.eviction_policy, request.reported_unix_ms))
+        return device_pb2.OutboxAck(dropped_samples=merged.dropped_samples)
+
     def SubmitUpdate(  # noqa: N802 (name fixed by the generated base class)
         self, request: device_pb2.FederatedUpdate, context: grpc.ServicerContext
     ) -> device_pb2.SubmitAck:
@@ -197,7 +206,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListDevicesResponse(devices=[
             admin_pb2.DeviceInfo(device_id=d.device_id, labels=d.labels, registered_unix_ms=d.registered_ms,
                                  last_seen_unix_ms=d.last_seen_ms, samples_stored=d.samples_stored,
-                                 drift_events=d.drift_events, acked_update_version=d.acked_update_version)
+                                 drift_events=d.drift_events, acked_update_version=d.acked_update_version,
+                                 outbox_dropped_samples=d.outbox_dropped, outbox_pending_samples=d.outbox_pending)
             for d in devices
         ])
 

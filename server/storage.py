@@ -24,6 +24,7 @@ from server.records import (
     DeviceRecord,
     DriftRecord,
     FileEntry,
+    OutboxRecord,
     RoundRecord,
     SampleRecord,
     Storage,
@@ -57,6 +58,11 @@ CREATE TABLE IF NOT EXISTS drift_events (
   detector TEXT NOT NULL, signal TEXT NOT NULL, statistic REAL NOT NULL, threshold REAL NOT NULL,
   stream_position INTEGER NOT NULL, detected_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS drift_by_device ON drift_events(device_id);
+CREATE TABLE IF NOT EXISTS outbox_reports (
+  device_id TEXT PRIMARY KEY REFERENCES devices(device_id), dropped_samples INTEGER NOT NULL,
+  dropped_bytes INTEGER NOT NULL, pending_samples INTEGER NOT NULL, pending_bytes INTEGER NOT NULL,
+  max_bytes INTEGER NOT NULL, eviction_policy TEXT NOT NULL, reported_ms INTEGER NOT NULL,
+  received_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS updates (
   version INTEGER PRIMARY KEY, bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id),
   kind TEXT NOT NULL, round_id INTEGER, blob TEXT NOT NULL, sha256 TEXT NOT NULL,
@@ -130,7 +136,9 @@ class Registry:
     # -- devices ---------------------------------------------------------------------------------------
     _DEVICE_SQL = (
         "SELECT d.*, (SELECT COUNT(*) FROM samples s WHERE s.device_id = d.device_id) AS n_samples, "
-        "(SELECT COUNT(*) FROM drift_events e WHERE e.device_id = d.device_id) AS n_drift FROM devices d"
+        "(SELECT COUNT(*) FROM drift_events e WHERE e.device_id = d.device_id) AS n_drift, "
+        "o.dropped_samples AS outbox_dropped, o.pending_samples AS outbox_pending "
+        "FROM devices d LEFT JOIN outbox_reports o ON o.device_id = d.device_id"
     )
 
     @staticmethod
@@ -139,7 +147,8 @@ class Registry:
             device_id=row["device_id"], labels=json.loads(row["labels"]), backend=row["backend"],
             registered_ms=row["registered_ms"], last_seen_ms=row["last_seen_ms"],
             acked_update_version=row["acked_update_version"], samples_stored=row["n_samples"],
-            drift_events=row["n_drift"],
+            drift_events=row["n_drift"], outbox_dropped=row["outbox_dropped"] or 0,
+            outbox_pending=row["outbox_pending"] or 0,
         )
 
     def upsert_device(self, device_id: str, labels: dict[str, str], backend: str, now_ms: int) -> DeviceRecord:
@@ -271,6 +280,35 @@ class Registry:
         if device_id is not None:
             sql, args = sql + " WHERE device_id = ?", (device_id,)
         return [DriftRecord(**dict(r)) for r in self._all(sql + " ORDER BY id", args)]
+
+    # -- outbox reports --------------------------------------------------------------------------------
+    def record_outbox(self, report: OutboxRecord) -> OutboxRecord:
+        """See :meth:`Storage.record_outbox`."""
+        r = report
+        newer = "excluded.reported_ms >= outbox_reports.reported_ms"
+        with self._tx() as c:
+            c.execute(
+                "INSERT INTO outbox_reports (device_id, dropped_samples, dropped_bytes, pending_samples, "
+                "pending_bytes, max_bytes, eviction_policy, reported_ms, received_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(device_id) DO UPDATE SET "
+                "dropped_samples = MAX(dropped_samples, excluded.dropped_samples), "
+                "dropped_bytes = MAX(dropped_bytes, excluded.dropped_bytes), "
+                + ", ".join(f"{k} = CASE WHEN {newer} THEN excluded.{k} ELSE outbox_reports.{k} END"
+                            for k in ("pending_samples", "pending_bytes", "max_bytes", "eviction_policy",
+                                      "received_ms"))
+                + ", reported_ms = MAX(reported_ms, excluded.reported_ms)",
+                (r.device_id, r.dropped_samples, r.dropped_bytes, r.pending_samples, r.pending_bytes, r.max_bytes,
+                 r.eviction_policy, r.reported_ms, r.received_ms),
+            )
+        merged = self.get_outbox(r.device_id)
+        if merged is None:
+            raise StorageError(f"outbox report of {r.device_id!r} vanished right after upsert")
+        return merged
+
+    def get_outbox(self, device_id: str) -> OutboxRecord | None:
+        """See :meth:`Storage.get_outbox`."""
+        row = self._one("SELECT * FROM outbox_reports WHERE device_id = ?", (device_id,))
+        return OutboxRecord(**dict(row)) if row else None
 
     # -- submissions -----------------------------------------------------------------------------------
     def insert_submission(self, submission: SubmissionRecord) -> int:

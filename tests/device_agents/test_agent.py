@@ -80,6 +80,33 @@ def test_drift_is_detected_recorded_and_resets_tta(tiny_model, tmp_path: Path) -
     assert agent.tta.drift_calls == len({p // 8 for p in positions})
 
 
+@pytest.mark.parametrize(("mode", "has_input", "has_features"),
+                         [("input", True, False), ("features", False, True), ("both", True, True)])
+def test_upload_modes_choose_what_a_sample_carries(tiny_model, tiny_batch, tmp_path: Path, mode: str,
+                                                   has_input: bool, has_features: bool) -> None:
+    agent = _offline(tiny_model, tmp_path, upload_mode=mode)
+    result = agent.process_batch(tiny_batch[:4])
+    assert result.queued_ids == tuple(f"dev-1:{agent.session_id}:{i}" for i in range(4))
+    for s in agent.outbox.peek_batch(10, now_ms=10**13):
+        assert (s.input is not None, s.features is not None) == (has_input, has_features)
+    per_sample = 4 * 64 * has_input + 4 * 4 * has_features  # float32 1×8×8 input, 4 features
+    assert agent.selector.counters.bytes_selected == 4 * per_sample
+
+
+def test_drift_boosts_the_selector_budget(tiny_model, tmp_path: Path) -> None:
+    selector = EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=8 * 320,
+                                                  window_seconds=3600.0, drift_boost=3.0))
+    agent = Agent(tiny_model, CountingAlphaBN(), PageHinkley(threshold=0.01, min_instances=1, mode="both"),
+                  selector, SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20), None,
+                  AgentConfig(device_id="dev-1", bundle_id=BUNDLE))
+    first = agent.process_batch(np.full((8, 1, 8, 8), 0.1, np.float32))
+    assert first.selected == 8 and not first.drift  # the window's budget: 8 samples of 320 bytes
+    second = agent.process_batch(np.full((8, 1, 8, 8), 0.9, np.float32))
+    assert second.drift and selector.counters.drift_boosts == 1
+    assert second.selected == 8  # only the boost's extra tokens made room
+    assert agent.tta.drift_calls == 1
+
+
 def test_drift_policy_none_keeps_tta_state(tiny_model, tmp_path: Path) -> None:
     agent = _offline(tiny_model, tmp_path, drift_policy="none")
     agent.detector = PageHinkley(threshold=0.01, min_instances=1, mode="both")
@@ -124,7 +151,7 @@ def test_offline_sync_and_watcher(tiny_model, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{"device_id": ""}, {"drift_policy": "panic"}, {"upload_batch": 0},
-                                    {"upload_input": False, "upload_features": False},
+                                    {"upload_mode": "pixels"}, {"max_pending_drift_reports": -1},
                                     {"watch_wait_seconds": 0.0}])
 def test_agent_config_validation(kwargs: dict) -> None:
     base = {"device_id": "d", "bundle_id": BUNDLE}

@@ -1,4 +1,4 @@
-"""SqliteOutbox on a real SQLite file: durability, idempotency, backoff, eviction."""
+"""SqliteOutbox on a real SQLite file: durability, idempotency, backoff, eviction policies and their counts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agents.outbox import BackoffPolicy, OutboxSample, SqliteOutbox
+from device_agents.outbox import BackoffPolicy, OutboxSample, OutboxStats, PutResult, SqliteOutbox
 
 
 def _sample(i: int, size: int = 64, features: bool = True) -> OutboxSample:
@@ -30,7 +30,7 @@ def test_put_survives_reopen_and_round_trips_fields(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     originals = [_sample(i) for i in range(5)]
     with SqliteOutbox(path, max_bytes=1 << 20) as box:
-        assert box.put(originals, now_ms=10) == 5
+        assert box.put(originals, now_ms=10) == PutResult(tuple(s.sample_id for s in originals), 0, 0)
     with SqliteOutbox(path, max_bytes=1 << 20) as box:
         assert box.pending_count == 5
         got = box.peek_batch(10, now_ms=10)
@@ -61,8 +61,8 @@ def test_put_is_visible_to_another_connection_immediately(tmp_path: Path) -> Non
 
 def test_ids_are_idempotent(tmp_path: Path) -> None:
     with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
-        assert box.put([_sample(1), _sample(2)], now_ms=0) == 2
-        assert box.put([_sample(2), _sample(3)], now_ms=0) == 1
+        assert box.put([_sample(1), _sample(2)], now_ms=0).stored == ("dev-1", "dev-2")
+        assert box.put([_sample(2), _sample(3)], now_ms=0) == PutResult(("dev-3",), 1, 0)
         assert box.pending_count == 3
         assert box.ack(["dev-1", "dev-1", "nope"]) == 1
         assert box.pending_count == 2
@@ -107,29 +107,63 @@ def test_peek_returns_only_due_oldest_first(tmp_path: Path) -> None:
         assert len(box.peek_batch(10, now_ms=10**9)) == 6
 
 
+def _sample_bytes(tmp_path: Path) -> int:
+    with SqliteOutbox(tmp_path / "probe.db", max_bytes=1 << 20) as probe:
+        probe.put([_sample(0)], now_ms=0)
+        return probe.pending_bytes
+
+
 def test_eviction_drops_oldest_and_persists_count(tmp_path: Path) -> None:
     path = tmp_path / "o.db"
-    one = _sample(0)
-    with SqliteOutbox(path, max_bytes=1 << 20) as probe:
-        probe.put([one], now_ms=0)
-        size = probe.pending_bytes
-    path.unlink()
-    for suffix in ("-wal", "-shm"):
-        Path(str(path) + suffix).unlink(missing_ok=True)
+    size = _sample_bytes(tmp_path)
     with SqliteOutbox(path, max_bytes=3 * size) as box:
-        box.put([_sample(i) for i in range(5)], now_ms=0)
-        assert box.pending_count == 3 and box.dropped == 2
+        first = box.put([_sample(i) for i in range(5)], now_ms=0)
+        assert first == PutResult(("dev-2", "dev-3", "dev-4"), 0, 2)  # dev-0, dev-1 never acknowledged
+        assert box.pending_count == 3 and box.dropped == 2 and box.dropped_bytes == 2 * size
         assert box.pending_bytes <= 3 * size
-        box.put([_sample(i) for i in range(5, 7)], now_ms=1)
+        assert box.put([_sample(i) for i in range(5, 7)], now_ms=1) == PutResult(("dev-5", "dev-6"), 0, 2)
         assert box.dropped == 4
     with SqliteOutbox(path, max_bytes=3 * size) as box:
-        assert box.dropped == 4
+        assert box.stats == OutboxStats(3, 3 * size, 4, 4 * size, 3 * size, "drop_oldest")
         assert [s.sample_id for s in box.peek_batch(10, now_ms=5)] == ["dev-4", "dev-5", "dev-6"]
+
+
+def test_eviction_drop_newest_keeps_the_backlog(tmp_path: Path) -> None:
+    size = _sample_bytes(tmp_path)
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=3 * size, eviction="drop_newest") as box:
+        assert box.put([_sample(i) for i in range(2)], now_ms=0) == PutResult(("dev-0", "dev-1"), 0, 0)
+        assert box.put([_sample(i) for i in range(2, 5)], now_ms=1) == PutResult(("dev-2",), 0, 2)
+        assert [s.sample_id for s in box.peek_batch(10, now_ms=5)] == ["dev-0", "dev-1", "dev-2"]
+        box.ack(["dev-0"])
+        assert box.put([_sample(9)], now_ms=2).stored == ("dev-9",)  # room again
+        assert box.stats == OutboxStats(3, 3 * size, 2, 2 * size, 3 * size, "drop_newest")
+
+
+def test_every_sample_is_pending_acked_or_counted_as_dropped(tmp_path: Path) -> None:
+    size = _sample_bytes(tmp_path)
+    rng = random.Random(5)
+    offered = acked = 0
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=10 * size) as box:
+        for step in range(30):
+            n = rng.randint(1, 6)
+            offered += n
+            box.put([_sample(100 * step + i) for i in range(n)], now_ms=step)
+            assert box.pending_bytes <= 10 * size
+            acked += box.ack([s.sample_id for s in box.peek_batch(rng.randint(1, 3), now_ms=step)])
+        stats = box.stats
+    assert stats.dropped > 0
+    assert stats.pending_count + stats.dropped + acked == offered
+    assert stats.dropped_bytes == stats.dropped * size
 
 
 def test_oversized_sample_is_rejected(tmp_path: Path) -> None:
     with SqliteOutbox(tmp_path / "o.db", max_bytes=100) as box, pytest.raises(ValueError, match="dev-1"):
         box.put([_sample(1)], now_ms=0)
+
+
+def test_invalid_eviction_policy_raises(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="drop_random"):
+        SqliteOutbox(tmp_path / "o.db", max_bytes=10, eviction="drop_random")
 
 
 @pytest.mark.parametrize("kwargs", [{"base_ms": 0}, {"base_ms": 10, "max_ms": 5}, {"jitter": -0.1}])

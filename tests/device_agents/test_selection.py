@@ -1,4 +1,4 @@
-"""EntropyBandSelector: the entropy band, the dynamic upper bound, the byte budget and the counters."""
+"""EntropyBandSelector: the entropy band, the dynamic upper bound, the byte budget, the drift boost, counters."""
 
 from __future__ import annotations
 
@@ -80,10 +80,70 @@ def test_counters_partition_considered() -> None:
     assert c.over_budget > 0 and c.selected > 0
 
 
+def test_drift_boost_tops_up_raises_capacity_and_expires() -> None:
+    clock = FakeClock()
+    cfg = SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=1000, window_seconds=10.0,
+                         drift_boost=3.0, drift_boost_seconds=5.0)
+    sel = EntropyBandSelector(cfg, clock=clock)
+    ent = np.full(50, 0.3)
+    assert len(sel.select(ent, 100)) == 10 and sel.tokens == 0
+    sel.on_drift()
+    assert sel.boosted and sel.tokens == pytest.approx(2000)  # (3 - 1) windows at once
+    assert len(sel.select(ent, 100)) == 20
+    clock.now = 2.0  # boosted refill: 3 × 100 bytes/s
+    assert sel.tokens == pytest.approx(600)
+    clock.now = 4.0
+    assert len(sel.select(ent, 100)) == 12
+    clock.now = 100.0  # boost over: capacity back to one window
+    assert not sel.boosted and sel.tokens == pytest.approx(1000)
+    c = sel.counters
+    assert c.drift_boosts == 1 and c.selected == 42 and c.bytes_selected == 4200
+
+
+def test_drift_boost_spans_expiry_with_both_rates() -> None:
+    clock = FakeClock()
+    cfg = SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=1000, window_seconds=10.0,
+                         drift_boost=2.0, drift_boost_seconds=4.0)
+    sel = EntropyBandSelector(cfg, clock=clock)
+    sel.select(np.full(10, 0.3), 100)  # empty the bucket
+    sel.on_drift()
+    sel.select(np.full(10, 0.3), 100)  # spend the 1000-byte top-up
+    assert sel.tokens == 0
+    clock.now = 6.0  # 4 s boosted at 200 B/s, then 2 s at 100 B/s
+    assert sel.tokens == pytest.approx(1000)
+    sel.select(np.full(10, 0.3), 100)
+    clock.now = 1.0  # a clock that steps back refills nothing
+    assert sel.tokens == 0
+
+
+def test_drift_reanchors_the_upper_bound() -> None:
+    cfg = SelectorConfig(low=0.02, high=0.4, min_band=0.05, high_scale=2.0, mean_momentum=0.5,
+                         bytes_per_window=None)
+    sel = EntropyBandSelector(cfg)
+    for _ in range(5):
+        sel.select(np.full(8, 0.05), 1)
+    assert sel.high == pytest.approx(0.1)
+    assert sel.select(np.array([0.3]), 1).size == 0  # unreliable for the adapted model
+    sel.on_drift()
+    assert sel.high == 0.4 and sel.running_mean_entropy is None
+    assert sel.select(np.array([0.3]), 1).tolist() == [0]
+    kept = EntropyBandSelector(SelectorConfig(reanchor_on_drift=False, mean_momentum=0.5, bytes_per_window=None))
+    kept.select(np.full(8, 0.05), 1)
+    kept.on_drift()
+    assert kept.high == pytest.approx(0.1)
+
+
+def test_boost_without_budget_only_counts() -> None:
+    sel = EntropyBandSelector(SelectorConfig(bytes_per_window=None))
+    sel.on_drift()
+    assert not sel.boosted and sel.counters.drift_boosts == 1 and sel.tokens == float("inf")
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [{"low": 0.5, "high": 0.4}, {"high": 1.5}, {"min_band": 0.9}, {"high_scale": 0.0},
-     {"mean_momentum": 1.0}, {"bytes_per_window": 0}, {"window_seconds": 0.0}],
+     {"mean_momentum": 1.0}, {"bytes_per_window": 0}, {"window_seconds": 0.0}, {"drift_boost": 0.5},
+     {"drift_boost": float("inf")}, {"drift_boost_seconds": -1.0}],
 )
 def test_invalid_config_raises(kwargs: dict) -> None:
     with pytest.raises(ValueError):

@@ -228,6 +228,32 @@ def test_drift_report_is_stored(device: Stub, published: Callable[..., str], run
     assert [(d.device_id, d.drift_events) for d in info] == [("dev-1", 1)]
 
 
+def test_outbox_report_is_recorded_and_listed(device: Stub, published: Callable[..., str],
+                                              running: EdgeloopServer, admin: Admin) -> None:
+    published()
+
+    def report(dropped: int, pending: int, at_ms: int, policy: str = "drop_oldest") -> device_pb2.OutboxAck:
+        return device.ReportOutbox(device_pb2.OutboxReport(
+            device_id="dev-1", dropped_samples=dropped, dropped_bytes=dropped * 10, pending_samples=pending,
+            pending_bytes=pending * 10, max_bytes=1000, eviction_policy=policy, reported_unix_ms=at_ms),
+            timeout=RPC_TIMEOUT)
+
+    assert report(4, 12, 100).dropped_samples == 4
+    assert report(2, 3, 50).dropped_samples == 4  # an older, retried report never lowers the count
+    assert report(6, 1, 200).dropped_samples == 6
+    info = admin.ListDevices(admin_pb2.ListDevicesRequest(), timeout=RPC_TIMEOUT).devices
+    assert [(d.device_id, d.outbox_dropped_samples, d.outbox_pending_samples) for d in info] == [("dev-1", 6, 1)]
+    stored = running.registry.get_outbox("dev-1")
+    assert stored is not None and (stored.dropped_bytes, stored.max_bytes) == (60, 1000)
+    code, msg = _code(lambda: report(1, 1, 300, policy="drop_random"))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "drop_random" in msg
+    code, msg = _code(lambda: report(-1, 1, 300))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in msg
+    code, _ = _code(lambda: device.ReportOutbox(device_pb2.OutboxReport(device_id="ghost",
+                                                eviction_policy="drop_oldest"), timeout=RPC_TIMEOUT))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+
 def _submit(device: Stub, device_id: str, bundle_id: str, params: dict[str, np.ndarray], n: int) -> int:
     device.Register(device_pb2.RegisterRequest(device_id=device_id), timeout=RPC_TIMEOUT)
     return device.SubmitUpdate(device_pb2.FederatedUpdate(

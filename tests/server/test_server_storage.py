@@ -13,7 +13,7 @@ import pytest
 
 from server.codec import CodecError, decode_array, decode_arrays, encode_array, encode_arrays
 from server.errors import BlobCorruptError, BlobNotFoundError, InvalidRequestError, StorageError
-from server.records import BundleRecord, FileEntry, SampleRecord, Storage
+from server.records import BundleRecord, FileEntry, OutboxRecord, SampleRecord, Storage
 from server.storage import SCHEMA_VERSION, BlobStore, Registry
 
 
@@ -172,3 +172,24 @@ def test_codec_round_trip_is_canonical() -> None:
         decode_arrays(blob[:-4])
     with pytest.raises(CodecError):
         decode_arrays(b"nonsense")
+
+
+def _outbox(dropped: int, pending: int, reported_ms: int, policy: str = "drop_oldest") -> OutboxRecord:
+    return OutboxRecord("d1", dropped, dropped * 100, pending, pending * 100, 10_000, policy, reported_ms, 5)
+
+
+def test_outbox_reports_merge_monotone_drops_and_newest_pending(registry: Registry, tmp_path: Path) -> None:
+    assert registry.get_outbox("d1") is None
+    assert registry.get_device("d1").outbox_dropped == 0  # type: ignore[union-attr]
+    registry.record_outbox(_outbox(dropped=3, pending=7, reported_ms=200))
+    merged = registry.record_outbox(_outbox(dropped=1, pending=2, reported_ms=100))  # older, reordered
+    got = (merged.dropped_samples, merged.dropped_bytes, merged.pending_samples, merged.reported_ms)
+    assert got == (3, 300, 7, 200)
+    merged = registry.record_outbox(_outbox(dropped=2, pending=0, reported_ms=300, policy="drop_newest"))
+    assert (merged.dropped_samples, merged.pending_samples, merged.eviction_policy) == (3, 0, "drop_newest")
+    registry.record_outbox(_outbox(dropped=9, pending=4, reported_ms=400))
+    registry.close()
+    reopened = Registry(tmp_path / "reg.sqlite3")
+    device = reopened.get_device("d1")
+    assert (device.outbox_dropped, device.outbox_pending) == (9, 4)  # type: ignore[union-attr]
+    assert [d.outbox_dropped for d in reopened.list_devices()] == [9]

@@ -20,7 +20,7 @@ class ListDevicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device_id", "labels", "registered_unix_ms", "last_seen_unix_ms", "samples_stored", "drift_events", "acked_update_version")
+    __slots__ = ("device_id", "labels", "registered_unix_ms", "last_seen_unix_ms", "samples_stored", "drift_events", "acked_update_version", "outbox_dropped_samples", "outbox_pending_samples")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,8 @@ class DeviceInfo(_message.Message):
     SAMPLES_STORED_FIELD_NUMBER: _ClassVar[int]
     DRIFT_EVENTS_FIELD_NUMBER: _ClassVar[int]
     ACKED_UPDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_DROPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    OUTBOX_PENDING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     labels: _containers.ScalarMap[str, str]
     registered_unix_ms: int
@@ -42,7 +44,9 @@ class DeviceInfo(_message.Message):
     samples_stored: int
     drift_events: int
     acked_update_version: int
-    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., samples_stored: _Optional[int] = ..., drift_events: _Optional[int] = ..., acked_update_version: _Optional[int] = ...) -> None: ...
+    outbox_dropped_samples: int
+    outbox_pending_samples: int
+    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., samples_stored: _Optional[int] = ..., drift_events: _Optional[int] = ..., acked_update_version: _Optional[int] = ..., outbox_dropped_samples: _Optional[int] = ..., outbox_pending_samples: _Optional[int] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)

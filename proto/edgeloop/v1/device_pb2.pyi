@@ -135,3 +135,29 @@ class SubmitAck(_message.Message):
     SUBMISSION_ID_FIELD_NUMBER: _ClassVar[int]
     submission_id: int
     def __init__(self, submission_id: _Optional[int] = ...) -> None: ...
+
+class OutboxReport(_message.Message):
+    __slots__ = ("device_id", "dropped_samples", "dropped_bytes", "pending_samples", "pending_bytes", "max_bytes", "eviction_policy", "reported_unix_ms")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    PENDING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTION_POLICY_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    dropped_samples: int
+    dropped_bytes: int
+    pending_samples: int
+    pending_bytes: int
+    max_bytes: int
+    eviction_policy: str
+    reported_unix_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., dropped_samples: _Optional[int] = ..., dropped_bytes: _Optional[int] = ..., pending_samples: _Optional[int] = ..., pending_bytes: _Optional[int] = ..., max_bytes: _Optional[int] = ..., eviction_policy: _Optional[str] = ..., reported_unix_ms: _Optional[int] = ...) -> None: ...
+
+class OutboxAck(_message.Message):
+    __slots__ = ("dropped_samples",)
+    DROPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    dropped_samples: int
+    def __init__(self, dropped_samples: _Optional[int] = ...) -> None: ...

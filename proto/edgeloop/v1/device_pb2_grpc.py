@@ -65,6 +65,11 @@ class DeviceServiceStub:
                 request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.FederatedUpdate.SerializeToString,
                 response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.SubmitAck.FromString,
                 _registered_method=True)
+        self.ReportOutbox = channel.unary_unary(
+                '/edgeloop.v1.DeviceService/ReportOutbox',
+                request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
+                response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -112,6 +117,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportOutbox(self, request, context):
+        """Report the state of the device's upload outbox: what its byte bound dropped, what is pending.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -144,6 +156,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.FederatedUpdate.FromString,
                     response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.SubmitAck.SerializeToString,
+            ),
+            'ReportOutbox': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportOutbox,
+                    request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.FromString,
+                    response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +325,33 @@ class DeviceService:
             '/edgeloop.v1.DeviceService/SubmitUpdate',
             proto_dot_edgeloop_dot_v1_dot_device__pb2.FederatedUpdate.SerializeToString,
             proto_dot_edgeloop_dot_v1_dot_device__pb2.SubmitAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportOutbox(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeloop.v1.DeviceService/ReportOutbox',
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.FromString,
             options,
             channel_credentials,
             insecure,
