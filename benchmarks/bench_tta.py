@@ -118,7 +118,7 @@ class Timing:
     block_s: float
 
 
-FULL_TIMING = Timing(rounds=15, block_s=0.3)
+FULL_TIMING = Timing(rounds=21, block_s=0.3)
 QUICK_TIMING = Timing(rounds=3, block_s=0.05)
 
 
@@ -139,6 +139,24 @@ def proc_status_kb(field: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+MEASURED_CODE = ("device_agents/tta", "runtime", "edgeloop/data", "benchmarks/baselines.py")
+
+
+def code_fingerprint() -> str:
+    """sha256 (first 16 hex digits) over the measured code's ``.py`` files as they are on disk now: the TTA
+    methods, the runtime, the data code and the baselines. Compared at the start and end of a run and in every
+    timing process, to catch code edited while the benchmark runs."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for entry in MEASURED_CODE:
+        path = REPO_ROOT / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(REPO_ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 def checkpoint(case: Case) -> Path:
@@ -474,7 +492,7 @@ def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path],
                        "time_vs_source": s.median / source_ms if source_ms else None,
                        "peak_rss_kb": kb, "rss_after_load_kb": ready[v].get("rss_kb"),
                        "ru_maxrss_kb": memory[v].get("ru_maxrss_kb"),
-                       "heavy_modules": memory[v].get("heavy_modules"),
+                       "heavy_modules": memory[v].get("heavy_modules"), "code": ready[v].get("code"),
                        "peak_vs_plain": kb / plain_kb if kb and plain_kb else None}
         out[str(batch)] = rows
     return {"rounds": timing.rounds, "block_s": timing.block_s, "worker_batches": WORKER_BATCHES, "batches": out}
@@ -552,7 +570,7 @@ def worker_main(spec: dict[str, Any]) -> int:
     except Exception as exc:
         answer({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    answer({"ready": True, "once_s": once, "rss_kb": proc_status_kb("VmRSS")})
+    answer({"ready": True, "once_s": once, "rss_kb": proc_status_kb("VmRSS"), "code": code_fingerprint()})
     cursor = 0
     for line in sys.stdin:
         command = json.loads(line)
@@ -684,6 +702,7 @@ def run(quick: bool) -> dict[str, Any]:
     from runtime.predictor import Predictor
 
     torch.set_num_threads(THREADS)
+    code_at_start, git_at_start = code_fingerprint(), git_state()
     root = scratch_dir("tta")
     timing = QUICK_TIMING if quick else FULL_TIMING
     foreign_path = wrap_foreign_resnet8(root)
@@ -729,8 +748,12 @@ def run(quick: bool) -> dict[str, Any]:
         "method_configs": method_configs(), "backprop": list(BACKPROP),
         "backprop_configs": {"tent": repr(TentConfig()), "eata": repr(EATAConfig()),
                              "fisher_samples": FISHER_SAMPLES // (4 if quick else 1)},
-        "foreign": foreign_info, "cases": cases, "git": git_state(),
+        "foreign": foreign_info, "cases": cases, "git": git_at_start,
     }
+    worker_codes = {r.get("code") for c in cases.values() for rows in c["cost"]["batches"].values()
+                    for r in rows.values() if r.get("code")}
+    results["code"] = {"start": code_at_start, "end": code_fingerprint(), "timing_processes": sorted(worker_codes)}
+    results["code"]["changed_during_run"] = bool({results["code"]["end"], *worker_codes} - {code_at_start})
     results["targets"] = targets(results)
     return results
 
@@ -965,6 +988,11 @@ def render(results: dict[str, Any]) -> str:
         else:
             note.append(f"The wrapped bundle declares features output `{foreign['features_output']}`.")
         parts += [" ".join(note), _foreign_table(results)]
+    code = results.get("code", {})
+    if code.get("changed_during_run"):
+        parts.append("**Warning: the measured code (TTA methods, runtime, data, baselines) changed on disk while this "
+                     f"run was going (fingerprint {code['start']} at the start, {code['end']} at the end, timing "
+                     f"processes {', '.join(code['timing_processes'])}): its numbers mix versions.**")
     git = results.get("git", {})
     if git.get("uncommitted"):
         parts.append(f"Measured on commit `{str(git.get('commit'))[:10]}` with uncommitted changes to "
