@@ -161,3 +161,19 @@ class OutboxAck(_message.Message):
     DROPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     dropped_samples: int
     def __init__(self, dropped_samples: _Optional[int] = ...) -> None: ...
+
+class EnrollRequest(_message.Message):
+    __slots__ = ("device_id", "enrollment_secret")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    ENROLLMENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    enrollment_secret: str
+    def __init__(self, device_id: _Optional[str] = ..., enrollment_secret: _Optional[str] = ...) -> None: ...
+
+class EnrollResponse(_message.Message):
+    __slots__ = ("device_id", "device_token")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    device_token: str
+    def __init__(self, device_id: _Optional[str] = ..., device_token: _Optional[str] = ...) -> None: ...

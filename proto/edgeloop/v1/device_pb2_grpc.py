@@ -70,6 +70,11 @@ class DeviceServiceStub:
                 request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
                 response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/edgeloop.v1.DeviceService/Enroll',
+                request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollResponse.FromString,
+                _registered_method=True)
 
 
 class DeviceServiceServicer:
@@ -124,6 +129,15 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Enroll(self, request, context):
+        """Exchange the shared enrollment secret for this device's token. The only device call that needs no
+        token: every other call carries `authorization: Bearer <token>` metadata when the server has an
+        enrollment secret. Enrolling again issues a new token and revokes the previous one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DeviceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -161,6 +175,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReportOutbox,
                     request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.FromString,
                     response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollRequest.FromString,
+                    response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +371,33 @@ class DeviceService:
             '/edgeloop.v1.DeviceService/ReportOutbox',
             proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
             proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeloop.v1.DeviceService/Enroll',
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,
