@@ -1,0 +1,285 @@
+"""Every drift detector: the shared contract battery, update_many ≡ update, and each algorithm's own checks."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from device_agents import drift
+from device_agents.drift import (
+    ADWIN,
+    KSWIN,
+    FeatureDetector,
+    MahalanobisDrift,
+    MMDDrift,
+    PageHinkley,
+    ScalarDetector,
+    create_detector,
+    gumbel_threshold,
+    ks_critical_count,
+    ks_tail_probability,
+)
+
+MODULES = ["base", "page_hinkley", "adwin", "kswin", "windowed", "mmd", "mahalanobis", "signals"]
+
+
+def _reference(seed: int = 0, n: int = 400, dim: int = 4) -> np.ndarray:
+    return np.random.default_rng(seed).normal(0.0, 1.0, (n, dim))
+
+
+def _make(name: str) -> drift.DriftDetector:
+    """A small, fast instance of every registered detector."""
+    if name == "mmd":
+        return MMDDrift(_reference(), window_size=16, ert=5000, n_features=32, n_runs=20, run_length=300)
+    if name == "mahalanobis":
+        return MahalanobisDrift(np.array([[0.0] * 4, [-3.0] * 4]), np.eye(4), window_size=16, ert=5000,
+                                reference_size=300, n_runs=40, run_length=300)
+    return create_detector(name)
+
+
+ALL = sorted({**drift.SCALAR_DETECTORS, **drift.FEATURE_DETECTORS})
+
+
+def _stream(name: str, seed: int, n: int = 1500, shift: float = 2.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    shape = (n // 2,) if name in drift.SCALAR_DETECTORS else (n // 2, 4)
+    return np.concatenate([rng.normal(0.0, 1.0, shape), rng.normal(shift, 1.0, shape)])
+
+
+# -- the contract battery --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ALL)
+def test_contract_detects_shift_and_resets(name: str) -> None:
+    det = _make(name)
+    stream = _stream(name, 1)
+    found = det.update_many(stream)
+    assert found and 750 <= found[0] <= 1000, found
+    assert det.update(stream[-1]) is det
+    assert not det.drift_detected or det.n_seen == 1  # the update after a drift starts afresh
+    with pytest.raises(AttributeError):
+        det.drift_detected = True  # type: ignore[misc]
+    assert math.isfinite(det.statistic) and math.isfinite(det.threshold)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract_pickle_repr_and_reset(name: str) -> None:
+    det = _make(name)
+    det.update_many(_stream(name, 2)[:300])
+    clone = pickle.loads(pickle.dumps(det))
+    assert repr(clone) == repr(det) and clone.n_seen == det.n_seen == 300
+    tail = _stream(name, 2)[300:]
+    assert clone.update_many(tail) == det.update_many(tail)
+    det.reset()
+    assert det.n_seen == 0 and not det.drift_detected
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contract_non_finite_input_raises_and_leaves_state(name: str) -> None:
+    det = _make(name)
+    stream = _stream(name, 3)[:200]
+    det.update_many(stream)
+    before = pickle.dumps(det)
+    bad = stream[:10].copy()
+    bad[4] = np.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        det.update_many(bad)
+    with pytest.raises(ValueError, match="non-finite"):
+        det.update(bad[4])
+    assert pickle.dumps(det) == before
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_update_many_equals_per_sample_updates(name: str) -> None:
+    stream = np.concatenate([_stream(name, 4), _stream(name, 5, shift=-1.5)])
+    single = _make(name)
+    positions = [i for i, x in enumerate(stream) if single.update(x).drift_detected]
+    batched = _make(name)
+    chunked: list[int] = []
+    for start in range(0, len(stream), 257):  # chunks that straddle drifts and checks
+        chunked += [start + i for i in batched.update_many(stream[start : start + 257])]
+    assert len(positions) >= (1 if name == "mahalanobis" else 2)  # a score above the source's: one-sided
+    assert chunked == positions
+    assert batched.statistic == single.statistic and batched.n_seen == single.n_seen
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), clock=st.integers(1, 40), buckets=st.integers(2, 6), cuts=st.lists(
+    st.integers(0, 3000), max_size=4))
+def test_adwin_update_many_is_bit_identical(seed: int, clock: int, buckets: int, cuts: list[int]) -> None:
+    rng = np.random.default_rng(seed)
+    stream = np.concatenate([rng.normal(0, 1, 1000), rng.normal(rng.uniform(-2, 2), rng.uniform(0.1, 3), 2000)])
+    kwargs = {"clock": clock, "max_buckets": buckets, "grace_period": int(rng.integers(0, 40))}
+    a, b = ADWIN(**kwargs), ADWIN(**kwargs)
+    single = [i for i, x in enumerate(stream) if a.update(x).drift_detected]
+    many, prev = [], 0
+    for cut in [*sorted(cuts), len(stream)]:
+        many += [prev + i for i in b.update_many(stream[prev:cut])]
+        prev = max(prev, cut)
+    assert many == single
+    assert a._levels == b._levels and a.statistic == b.statistic
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), window=st.integers(4, 80), alpha=st.floats(1e-6, 0.05), chunk=st.integers(1, 500))
+def test_kswin_and_page_hinkley_update_many_are_identical(seed: int, window: int, alpha: float, chunk: int) -> None:
+    rng = np.random.default_rng(seed)
+    stream = np.concatenate([rng.normal(0, 1, 800), rng.normal(rng.uniform(-2, 2), 1, 800)])
+    for make in (lambda: KSWIN(alpha, window, max(1, window // 3), seed=seed),
+                 lambda: PageHinkley(threshold=float(rng.uniform(1, 20)), alpha=float(rng.uniform(0.99, 1.0)))):
+        a, b = make(), make()
+        if isinstance(a, PageHinkley):
+            b = pickle.loads(pickle.dumps(a))
+        single = [i for i, x in enumerate(stream) if a.update(x).drift_detected]
+        many = [s + i for s in range(0, len(stream), chunk) for i in b.update_many(stream[s : s + chunk])]
+        assert many == single and a.statistic == b.statistic
+
+
+# -- ADWIN -----------------------------------------------------------------------------------------------------
+def test_adwin_histogram_is_logarithmic_and_exact() -> None:
+    det = ADWIN(max_buckets=5)
+    stream = np.random.default_rng(0).normal(0, 1, 20_000)
+    assert det.update_many(stream) == []
+    assert det.width == 20_000
+    assert det.n_buckets <= 5 * (int(math.log2(20_000)) + 1)
+    sizes = [(end, i) for i, level in enumerate(det._levels) for end, _, _ in level]
+    assert sum(2**i for _, i in sizes) == 20_000  # buckets of 2^i cover the window exactly
+    assert all(len(level) <= 5 for level in det._levels)
+    assert det.estimation == pytest.approx(stream.mean(), abs=1e-9)
+
+
+def test_adwin_detects_variance_free_mean_shift_and_fewer_with_small_delta() -> None:
+    stream = np.r_[np.zeros(1000), np.ones(1000)] * 0.5
+    assert 1000 <= ADWIN().update_many(stream)[0] <= 1040
+    noisy = np.random.default_rng(1).normal(0, 1, 50_000)
+    assert len(ADWIN(delta=1e-5).update_many(noisy)) <= len(ADWIN(delta=0.5).update_many(noisy))
+
+
+# -- KSWIN -----------------------------------------------------------------------------------------------------
+def test_ks_tail_probability_matches_exact_values() -> None:
+    # scipy.stats.ks_2samp(..., method="exact") for two samples of 30
+    assert ks_tail_probability(16, 30) == pytest.approx(0.0002933405491362055, rel=1e-12)
+    assert ks_tail_probability(8, 30) == pytest.approx(0.23907300248018645, rel=1e-12)
+    assert ks_tail_probability(0, 30) == 1.0
+    assert ks_critical_count(0.005, 30) == 14
+    assert ks_critical_count(1e-30, 30) == 31  # unreachable: never alarms
+
+
+# -- windowed feature detectors ----------------------------------------------------------------------------------
+def test_gumbel_threshold_recovers_exponential_tail() -> None:
+    rng = np.random.default_rng(0)
+    maxima = rng.exponential(1.0, (4000, 200)).max(axis=1)  # max of 200 Exp(1): Gumbel(ln 200, 1)
+    h = gumbel_threshold(maxima, run_length=200, ert=200 * 1000)
+    assert h == pytest.approx(math.log(200 * 1000), abs=0.15)  # P(Exp(1) > h) = 1/ERT
+
+
+def test_mmd_false_alarms_follow_the_expected_run_time() -> None:
+    ref = _reference(1, 1000, 4)
+    det = MMDDrift(ref, window_size=16, ert=2000, n_features=64, n_runs=60, run_length=1000)
+    alarms = det.update_many(np.random.default_rng(9).normal(0, 1, (40_000, 4)))
+    assert 2 <= len(alarms) <= 60  # ERT 2000 over 40,000 updates: about 20
+    assert MMDDrift(ref, window_size=16, ert=1e7, n_features=64, n_runs=60,
+                    run_length=1000).threshold > det.threshold
+
+
+def test_mmd_learns_reference_from_stream_after_each_reset() -> None:
+    det = MMDDrift(None, dim=4, window_size=16, ert=1e5, reference_size=300, n_features=32, n_runs=20,
+                   run_length=300)
+    assert not det.fitted
+    stream = _stream("mmd", 6, 1400)
+    found = det.update_many(stream)
+    assert found and 700 <= found[0] <= 760
+    det.reset()
+    assert det.update_many(stream[: found[0] + 1]) == found[:1] and det.fitted
+    det.update(np.zeros(4))
+    assert not det.fitted and det.n_seen == 1
+
+
+def test_mahalanobis_from_bundle_statistics(bundle_dir: Path, digits_test: tuple[np.ndarray, np.ndarray]) -> None:
+    from edgeloop.data import corrupt
+    from runtime.bundle import load_bundle
+    from runtime.model import AdaptableModel
+
+    bundle = load_bundle(bundle_dir)
+    det = MahalanobisDrift.from_bundle(bundle, window_size=16, ert=1e5, reference_size=200, n_runs=20,
+                                       run_length=300)
+    x = digits_test[0][:300]
+    model = AdaptableModel(bundle)
+    clean = model.forward(x).features
+    noisy = model.forward(corrupt(x, "gaussian_noise", 5, seed=0)).features
+    assert det.update_many(clean[:250]) == []
+    scores = det.scorer(np.concatenate([clean, noisy]))
+    assert scores[300:].mean() > 1.5 * scores[:300].mean()
+
+
+def test_feature_detectors_reject_wrong_shapes() -> None:
+    det = _make("mmd")
+    assert isinstance(det, FeatureDetector)
+    with pytest.raises(ValueError, match="shape"):
+        det.update(np.zeros(3))
+    with pytest.raises(ValueError, match="shape"):
+        det.update_many(np.zeros((5, 3)))
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "match"),
+    [
+        (ADWIN, {"delta": 0.0}, "delta"), (ADWIN, {"clock": 0}, "clock"), (ADWIN, {"max_buckets": 1}, "max_buckets"),
+        (KSWIN, {"alpha": 1.5}, "alpha"), (KSWIN, {"window_size": 10, "stat_size": 6}, "stat_size"),
+        (KSWIN, {"seed": -1}, "seed"), (PageHinkley, {"threshold": -1.0}, "threshold"),
+    ],
+)
+def test_invalid_hyperparameters_raise(cls: type[ScalarDetector], kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        cls(**kwargs)
+
+
+def test_invalid_feature_detector_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="dim is required"):
+        MMDDrift(None)
+    with pytest.raises(ValueError, match="ert"):
+        MMDDrift(_reference(), window_size=64, ert=10)
+    with pytest.raises(ValueError, match="positive definite"):
+        MahalanobisDrift(np.zeros((2, 2)), np.array([[1.0, 2.0], [2.0, 1.0]]), shrinkage=0.0)
+    with pytest.raises(ValueError, match="shrinkage"):
+        MahalanobisDrift(np.zeros((2, 2)), np.eye(2), shrinkage=2.0)
+    with pytest.raises(ValueError, match="unknown drift detector"):
+        create_detector("cusum")
+
+
+# -- signals ---------------------------------------------------------------------------------------------------
+def test_signals_from_probabilities_and_layers() -> None:
+    probs = np.array([[0.5, 0.5], [1.0, 0.0]])
+    assert drift.prediction_entropy(probs, normalized=True) == pytest.approx([1.0, 0.0], abs=1e-9)
+    assert drift.max_softmax(probs).tolist() == [0.5, 1.0]
+    assert drift.feature_norm(np.array([[3.0, 4.0]])).tolist() == [5.0]
+    same = {"l": (np.zeros(3), np.ones(3))}
+    assert drift.layer_shift(same, same) == {"l": pytest.approx(0.0)}
+    assert drift.layer_shift({"l": (np.ones(3), np.ones(3))}, same)["l"] == pytest.approx(0.5, rel=1e-5)
+    with pytest.raises(ValueError, match="no source statistics"):
+        drift.layer_shift({"x": (np.zeros(1), np.ones(1))}, same)
+
+
+def test_signals_from_forward(bundle_dir: Path, digits_test: tuple[np.ndarray, np.ndarray]) -> None:
+    from runtime.bundle import load_bundle
+    from runtime.model import AdaptableModel
+
+    model = AdaptableModel(load_bundle(bundle_dir))
+    out = model.forward(digits_test[0][:32])
+    sig = drift.signals_from_forward(out, drift.source_layer_stats(model.manifest))
+    assert sig.entropy.shape == sig.confidence.shape == (32,)
+    assert np.all((sig.entropy >= 0) & (sig.entropy <= 1)) and set(sig.layer_shift) == {
+        layer.name for layer in model.manifest.layers}
+
+
+# -- doctests ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", MODULES)
+def test_doctests(module: str) -> None:
+    result = doctest.testmod(importlib.import_module(f"device_agents.drift.{module}"), raise_on_error=False)
+    assert result.failed == 0
