@@ -121,7 +121,9 @@ VARIANTS = (
 )
 HEADLINE = ("fp32", "int8", "nm", "lowrank", "all")  # the five variants; the other rows come for free
 RUNTIMES = {"onnxruntime": ("folded_fp32", "folded_int8"), "litert": ("tflite_folded_fp32", "tflite_folded_int8")}
-ADAPTABLE = (("fp32_a0", "fp32", 0.0), ("fp32_a05", "fp32", 0.5), ("int8_a05", "int8", 0.5))
+# adaptable graphs timed against a folded row of the same runtime and precision: (key, model, α, folded row)
+ADAPTABLE = (("fp32_a0", "fp32", 0.0, "fp32/onnxruntime"), ("fp32_a05", "fp32", 0.5, "fp32/onnxruntime"),
+             ("int8_a05", "int8", 0.5, "int8/onnxruntime"), ("tflite_fp32_a05", "tflite_fp32", 0.5, "fp32/litert"))
 
 
 def model_name(runtime: str, int8: bool) -> str:
@@ -411,7 +413,7 @@ def measure_case(case: Case, quick: bool) -> dict[str, Any]:
     adaptable = {}
     if "path" in built["base"]:
         adaptable = {key: (load_bundle(built["base"]["path"], model=name, threads=RUNTIME_THREADS), alpha)
-                     for key, name, alpha in ADAPTABLE}
+                     for key, name, alpha, _ in ADAPTABLE}
     return {
         "arch": case.arch, "dataset": case.dataset, "checkpoint": ckpt.name,
         "checkpoint_test_accuracy": info["meta"].get("metrics", {}).get("test_accuracy"),
@@ -441,8 +443,7 @@ def derive(c: dict[str, Any]) -> None:
             row[f"b{b}_over_torch"] = ratio(lat[b][key]["median"], lat[b]["torch"]["median"])
     b64 = lat["64"]
     c["adaptable_over_folded"] = {}
-    for key, name, _ in ADAPTABLE:
-        folded = f"{name}/onnxruntime"  # the base bundle's folded model of the same precision
+    for key, _, _, folded in ADAPTABLE:  # the base bundle's folded model of the same runtime and precision
         if f"adaptable/{key}" in b64 and folded in b64:
             c["adaptable_over_folded"][key] = ratio(b64[f"adaptable/{key}"]["median"], b64[folded]["median"])
 
@@ -469,15 +470,17 @@ def targets(c: dict[str, Any]) -> list[dict[str, Any]]:
     out.append(_target(f"int8 onnxruntime batch 64 ≥ {INT8_SPEEDUP_OVER_TORCH_TARGET:g}× faster than torch eager",
                        "—" if speed is None else f"{speed:.2f}× faster",
                        None if speed is None else speed >= INT8_SPEEDUP_OVER_TORCH_TARGET))
-    p = rows.get("nm_int8/onnxruntime", {})
-    s = p.get("download_over_fp32")
-    packed = "packed" if p.get("packed") else "not packed"
-    out.append(_target(f"2:4 + int8 ONNX device download ≤ {PACKED_BYTES_TARGET}× the fp32 one",
-                       "—" if s is None else f"{s:.3f}× ({packed}; model file alone {p['file_over_fp32']:.3f}×)",
-                       None if s is None else s <= PACKED_BYTES_TARGET))
-    a = c.get("adaptable_over_folded", {}).get("fp32_a05")
-    out.append(_target(f"adaptable ONNX fp32 batch 64 ≤ {ADAPTABLE_TARGET}× folded (α = 0.5, statistics on)",
-                       fmt(a, 2, "×"), None if a is None else a <= ADAPTABLE_TARGET))
+    for runtime, label in (("onnxruntime", "ONNX"), ("litert", "TFLite")):
+        p = rows.get(f"nm_int8/{runtime}", {})
+        s = p.get("download_over_fp32")
+        packed = "packed" if p.get("packed") else "not packed"
+        out.append(_target(f"2:4 + int8 {label} device download ≤ {PACKED_BYTES_TARGET}× the fp32 one",
+                           "—" if s is None else f"{s:.3f}× ({packed}; model file alone {p['file_over_fp32']:.3f}×)",
+                           None if s is None else s <= PACKED_BYTES_TARGET))
+    for key, label in (("fp32_a05", "ONNX"), ("tflite_fp32_a05", "TFLite")):
+        a = c.get("adaptable_over_folded", {}).get(key)
+        out.append(_target(f"adaptable {label} fp32 batch 64 ≤ {ADAPTABLE_TARGET}× folded (α = 0.5, statistics on)",
+                           fmt(a, 2, "×"), None if a is None else a <= ADAPTABLE_TARGET))
     return out
 
 
@@ -540,12 +543,12 @@ def _files(c: dict[str, Any]) -> str:
 def _adaptable(c: dict[str, Any]) -> str:
     b64 = c["latency_ms"]["64"]
     rows = []
-    for key, name, alpha in ADAPTABLE:
-        if f"adaptable/{key}" not in b64:
+    for key, name, alpha, folded in ADAPTABLE:
+        if f"adaptable/{key}" not in b64 or folded not in b64:
             continue
-        folded = name
+        variant, runtime = folded.split("/")
         rows.append([f"adaptable `{name}` (α = {alpha:g})", _ms(b64[f"adaptable/{key}"]["median"]),
-                     f"folded `folded_{folded}`", _ms(b64[f"{folded}/onnxruntime"]["median"]),
+                     f"folded `{model_name(runtime, variant == 'int8')}`", _ms(b64[folded]["median"]),
                      fmt(c["adaptable_over_folded"].get(key), 2, "×")])
     return md_table(["graph", "batch 64 ms", "against", "batch 64 ms", "ratio"], rows)
 
@@ -612,8 +615,10 @@ def _interpretation(c: dict[str, Any]) -> list[str]:
                      + f"; its bytes shrink only in the packed transport encoding ({nm['file_bytes']:,} B shipped for "
                      f"{nm['unpacked_bytes']:,} B of ONNX).")
     lt = rows.get("nm/litert", {})
-    if "file_bytes" in lt and not lt["packed"]:
-        lines.append("TFLite files ship unpacked (the bundle packs only ONNX files), so 2:4 saves no LiteRT bytes.")
+    if "file_bytes" in lt:
+        lines.append(f"TFLite: the 2:4 fp32 file ships as {lt['file_bytes']:,} B for {lt['unpacked_bytes']:,} B of "
+                     "TFLite (packed along torch's input order, its OHWI filters included)." if lt["packed"] else
+                     "TFLite files ship unpacked, so 2:4 saves no LiteRT bytes.")
     p = rows.get("nm_int8/onnxruntime", {})
     if "download_bytes" in p:
         over = sum(p["overhead_bytes"].values())
@@ -656,7 +661,8 @@ def _case(c: dict[str, Any]) -> str:
         head, _table(c),
         f"Latency (median over {c['rounds']} interleaved rounds of about {c['target_block_s'] * 1e3:.0f} ms per "
         "callable) and the shipped files:", _files(c),
-        "Adaptable ONNX graph (`base` bundle, statistics outputs on) against the folded ONNX graph:", _adaptable(c),
+        "Adaptable graphs (`base` bundle, statistics outputs on) against the folded graph of the same runtime:",
+        _adaptable(c),
         "Targets:", _targets_table(c),
         "onnxruntime's optimised graphs (operator counts): " + _ops(c) + ".",
         "onnxruntime per-node kernel time at batch 64 (its profiler, ms per run, largest nodes): " + _profile(c) + ".",
