@@ -20,6 +20,7 @@ from typing import IO, TypeVar
 import grpc
 import numpy as np
 
+from device_agents.channel import TlsOptions, open_channel
 from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
 from device_agents.messages import ParameterUpdate, RegisterInfo, UploadResult
 from device_agents.outbox import OutboxSample, OutboxStats, SqliteOutbox
@@ -134,7 +135,8 @@ def decode_update(msg: common_pb2.ParameterUpdate, bundle_id: str) -> ParameterU
 
 
 class DeviceClient:
-    """Blocking client of the device service over an insecure channel (TLS is a deployment concern).
+    """Blocking client of the device service, over plaintext or TLS (``tls``; mutual TLS with a client
+    certificate), sending ``token`` (or the one :meth:`enroll` obtains) as a bearer token on every call.
 
     ``timeout`` bounds unary calls; ``transfer_timeout`` bounds bundle downloads and sample uploads.
     ``reconnect_backoff_ms`` = (initial, max) bounds how long the channel waits between reconnection attempts
@@ -153,6 +155,8 @@ class DeviceClient:
         max_message_bytes: int = 64 << 20,
         trusted_keys: Sequence[bytes] | None = None,
         reconnect_backoff_ms: tuple[int, int] = (1_000, 30_000),
+        token: str | None = None,
+        tls: TlsOptions | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must be a non-empty string")
@@ -174,7 +178,8 @@ class DeviceClient:
             ("grpc.min_reconnect_backoff_ms", initial_ms),
             ("grpc.max_reconnect_backoff_ms", max_ms),
         ]
-        self._channel = grpc.insecure_channel(target, options=options)
+        self.token = token
+        self._channel = open_channel(target, options, tls, lambda: self.token)
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self._lock = threading.Lock()
         self._bytes_up = 0
@@ -218,6 +223,14 @@ class DeviceClient:
             raise TransportError(method, exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
         self._count(down=response.ByteSize())  # type: ignore[attr-defined]
         return response
+
+    def enroll(self, enrollment_secret: str) -> str:
+        """Exchange the fleet's enrollment secret for this device's token; later calls send it. Returns the
+        token (keep it to skip enrolling next time; enrolling again revokes the previous one)."""
+        request = device_pb2.EnrollRequest(device_id=self.device_id, enrollment_secret=enrollment_secret)
+        resp = self._unary("Enroll", request, self._stub.Enroll)
+        self.token = resp.device_token
+        return str(resp.device_token)
 
     def register(self, labels: Mapping[str, str] | None = None, runtime_backend: str = "onnx") -> RegisterInfo:
         """Announce this device; returns the bundle it should run and the newest update version."""

@@ -7,8 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
-
+from device_agents.channel import TlsOptions, open_channel
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 CHUNK_BYTES = 64 * 1024
@@ -43,12 +42,13 @@ def _bundle_chunks(bundle_dir: Path, chunk: int) -> Iterator[common_pb2.BundleCh
 
 
 class AdminClient:
-    """Blocking admin client over an insecure loopback or private-network channel."""
+    """Blocking admin client; ``admin_token`` is sent as a bearer token, ``tls`` turns on (mutual) TLS."""
 
-    def __init__(self, target: str, timeout: float = 30.0) -> None:
+    def __init__(self, target: str, timeout: float = 30.0, *, admin_token: str | None = None,
+                 tls: TlsOptions | None = None) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target)
+        self._channel = open_channel(target, (), tls, (lambda: admin_token) if admin_token else None)
         self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:

@@ -73,3 +73,19 @@ class UnknownBundleFileError(UnknownBundleError):
 
 class ServerShuttingDownError(ServerError):
     """The server is stopping and accepts no new work."""
+
+
+class AuthenticationError(ServerError):
+    """A call carries no credential, or one the server does not know (a bad token or enrollment secret)."""
+
+
+class PermissionDeniedError(ServerError):
+    """A valid credential used for something it does not allow (another device's data, the admin service)."""
+
+
+class RateLimitedError(ServerError):
+    """A device (or an enrolling peer) made more calls than its rate limit allows; retry later."""
+
+
+class EnrollmentDisabledError(ServerError):
+    """``Enroll`` was called but the server has no enrollment secret (insecure development mode)."""

@@ -94,9 +94,12 @@ class RoundRunner:
     def __init__(
         self, state: ServerState, *, distiller: Distiller | None = None,
         distiller_factory: Callable[[], Distiller] | None = None, default_steps: int = 50,
-        max_samples: int = 4096,
+        max_samples: int = 4096, on_change: Callable[[RoundRecord], None] | None = None,
     ) -> None:
-        """``distiller`` is used as is; otherwise ``distiller_factory`` builds one on the first distill round."""
+        """``distiller`` is used as is; otherwise ``distiller_factory`` builds one on the first distill round.
+
+        ``on_change`` (e.g. metrics) is called with each round's record when it is queued, done or failed.
+        """
         if default_steps <= 0 or max_samples <= 0:
             raise ValueError(f"default_steps {default_steps} and max_samples {max_samples} must be positive")
         self.state = state
@@ -108,6 +111,11 @@ class RoundRunner:
         self._futures: dict[int, Future[None]] = {}
         self._lock = threading.Lock()
         self._closed = False
+        self._on_change = on_change
+
+    def _changed(self, record: RoundRecord) -> None:
+        if self._on_change is not None:
+            self._on_change(record)
 
     def start(self, kind: str, max_samples: int = 0, steps: int = 0) -> RoundRecord:
         """Check the round can run now, record it as queued and schedule it; return the queued record."""
@@ -126,6 +134,7 @@ class RoundRunner:
             record = self.state.storage.create_round(kind, self.state.clock())
             future = self._executor.submit(self._run, record, bundle_id, limit, steps or self.default_steps)
             self._futures[record.round_id] = future
+        self._changed(record)
         logger.info("round %d (%s) queued for bundle %s", record.round_id, kind, bundle_id)
         return record
 
@@ -175,12 +184,15 @@ class RoundRunner:
                 outcome = self._distill(record.round_id, bundle_id, limit, steps)
         except Exception as exc:  # recorded on the round and logged, not swallowed
             logger.exception("round %d (%s) failed", record.round_id, record.kind)
-            storage.save_round(replace(running, state="failed", error=f"{type(exc).__name__}: {exc}",
-                                       seconds=time.perf_counter() - t0))
+            failed = replace(running, state="failed", error=f"{type(exc).__name__}: {exc}",
+                             seconds=time.perf_counter() - t0)
+            storage.save_round(failed)
+            self._changed(failed)
             return
-        storage.save_round(replace(running, state="done", update_version=outcome.update_version,
-                                   samples_used=outcome.samples_used, metrics=outcome.metrics,
-                                   seconds=time.perf_counter() - t0))
+        done = replace(running, state="done", update_version=outcome.update_version,
+                       samples_used=outcome.samples_used, metrics=outcome.metrics, seconds=time.perf_counter() - t0)
+        storage.save_round(done)
+        self._changed(done)
         logger.info("round %d (%s) done: update v%d", record.round_id, record.kind, outcome.update_version)
 
     def _fedavg(self, round_id: int, bundle_id: str) -> _Outcome:

@@ -17,6 +17,7 @@ import grpc
 from proto.convert import TensorDecodeError, tensor_from_proto, tensors_from_proto, tensors_to_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from server import errors, handlers, updates
+from server.auth import Authenticator
 from server.records import RoundRecord
 from server.rounds import RoundRunner
 from server.state import ServerState
@@ -27,6 +28,10 @@ logger = logging.getLogger(__name__)
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (TensorDecodeError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.RateLimitedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.EnrollmentDisabledError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.TooManyWatchersError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.UnknownBundleError, grpc.StatusCode.NOT_FOUND),
@@ -92,11 +97,27 @@ def _round(r: RoundRecord) -> admin_pb2.RoundStatus:
 class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     """``edgeloop.v1.DeviceService``: what device agents call."""
 
-    def __init__(self, state: ServerState, chunk_size: int, max_chunk_size: int) -> None:
-        """Serve over ``state``; bundle files go out in ``chunk_size`` pieces (at most ``max_chunk_size``)."""
+    def __init__(self, state: ServerState, chunk_size: int, max_chunk_size: int,
+                 authenticator: Authenticator | None = None) -> None:
+        """Serve over ``state``; bundle files go out in ``chunk_size`` pieces (at most ``max_chunk_size``).
+
+        ``authenticator`` issues device tokens on ``Enroll`` (None: enrollment is off).
+        """
         self.state = state
         self.chunk_size = chunk_size
         self.max_chunk_size = max_chunk_size
+        self.authenticator = authenticator
+
+    def Enroll(  # noqa: N802 (name fixed by the generated base class)
+        self, request: device_pb2.EnrollRequest, context: grpc.ServicerContext
+    ) -> device_pb2.EnrollResponse:
+        """Exchange the shared enrollment secret for a new device token."""
+        with _domain_errors(context, "Enroll"):
+            if self.authenticator is None:
+                raise errors.EnrollmentDisabledError("this server has no enrollment secret: device calls need "
+                                                     "no token")
+            token = self.authenticator.enroll(request.device_id, request.enrollment_secret)
+        return device_pb2.EnrollResponse(device_id=request.device_id, device_token=token)
 
     def Register(  # noqa: N802 (name fixed by the generated base class)
         self, request: device_pb2.RegisterRequest, context: grpc.ServicerContext
