@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any
 
@@ -11,6 +10,8 @@ import numpy as np
 from device_agents.drift.base import ScalarDetector, check_positive_int
 
 _MODES = ("up", "down", "both")
+_BLOCK = 32  # the forgetting recurrence restarts its partial sum every _BLOCK updates (see the class docstring)
+_CHUNK = 4096  # values per vectorized step: a drift wastes at most the rest of one chunk
 
 
 class PageHinkley(ScalarDetector):
@@ -25,9 +26,11 @@ class PageHinkley(ScalarDetector):
     (mode ``"up"``), ``M_t − L_t > λ`` (mode ``"down"``) or either (``"both"``), where ``δ`` is ``delta``,
     ``λ`` is ``threshold`` and ``α`` is the forgetting factor ``alpha``. The defaults are River's.
 
-    :meth:`update_many` computes the running sums with ``cumsum`` (bit-identical to the per-sample sums) and the
-    forgetting recurrence with one tight loop (a plain ``cumsum`` when ``alpha == 1``), so both paths give the
-    same statistic to the last bit.
+    Both paths evaluate ``U_t`` in blocks of 32 updates counted from the reset: ``U_t = α^(k+1)·U_b + P_k`` with
+    ``U_b`` the value at the end of the previous block and ``P_k = α·P_{k−1} + e_k`` the partial sum inside the
+    block (the same recurrence, regrouped). :meth:`update_many` runs the ``P`` recurrence across all blocks at
+    once (32 vector steps) and chains the block starts, so it computes the per-sample path's numbers bit for
+    bit; running sums use ``cumsum``, which adds in the per-sample order.
 
     Parameters
     ----------
@@ -77,6 +80,8 @@ class PageHinkley(ScalarDetector):
         self._threshold = float(threshold)
         self.alpha = float(alpha)
         self.mode = mode
+        self._offsets = np.array([-self.delta, self.delta])
+        self._powers = np.power(self.alpha, np.arange(1, _BLOCK + 1, dtype=np.float64))  # α^(k+1)
         super().__init__()
 
     def _params(self) -> dict[str, Any]:
@@ -86,9 +91,10 @@ class PageHinkley(ScalarDetector):
     def _reset_state(self) -> None:
         self._n = 0
         self._sum = 0.0
-        self._sum_up = 0.0
+        self._block_start = np.zeros(2)  # (U, L) at the end of the previous block of _BLOCK updates
+        self._partial = np.zeros(2)  # Σ α^{k−j}·e_j over the current block so far
+        self._sums = np.zeros(2)  # (U_t, L_t)
         self._min_up = math.inf
-        self._sum_down = 0.0
         self._max_down = -math.inf
 
     @property
@@ -97,32 +103,61 @@ class PageHinkley(ScalarDetector):
         return self._n
 
     def _update_one(self, x: float) -> None:
+        k = self._n % _BLOCK
         self._n += 1
         self._sum += x
         deviation = x - self._sum / self._n
-        self._sum_up = self.alpha * self._sum_up + (deviation - self.delta)
-        self._sum_down = self.alpha * self._sum_down + (deviation + self.delta)
-        self._min_up = min(self._min_up, self._sum_up)
-        self._max_down = max(self._max_down, self._sum_down)
-        up = self._sum_up - self._min_up if self.mode != "down" else 0.0
-        down = self._max_down - self._sum_down if self.mode != "up" else 0.0
-        self._statistic = max(up, down)
+        if k == 0:
+            self._block_start, self._partial = self._sums, np.zeros(2)
+        self._partial = self.alpha * self._partial + (deviation + self._offsets)
+        self._sums = self._powers[k] * self._block_start + self._partial
+        up, down = float(self._sums[0]), float(self._sums[1])
+        self._min_up = min(self._min_up, up)
+        self._max_down = max(self._max_down, down)
+        stat_up = up - self._min_up if self.mode != "down" else 0.0
+        stat_down = self._max_down - down if self.mode != "up" else 0.0
+        self._statistic = max(stat_up, stat_down)
         self._drift_detected = self._n >= self.min_instances and self._statistic > self._threshold
 
-    def _recurrence(self, start: float, steps: np.ndarray) -> np.ndarray:
-        """``u_i = α·u_{i-1} + steps_i`` from ``u_{-1} = start``, in the per-sample path's arithmetic."""
-        if self.alpha == 1.0:
-            return np.cumsum(np.r_[start, steps])[1:]
-        a = self.alpha
-        acc = itertools.accumulate(steps.tolist(), lambda u, s: a * u + s, initial=start)
-        return np.fromiter(acc, np.float64, steps.size + 1)[1:]
-
     def _run(self, x: np.ndarray) -> int | None:
+        for start in range(0, x.size, _CHUNK):
+            hit = self._run_chunk(x[start : start + _CHUNK])
+            if hit is not None:
+                return start + hit
+        return None
+
+    def _cumulative(self, e: np.ndarray) -> np.ndarray:
+        """(U_t, L_t) for steps with offsets ``e`` (m, 2), by the per-sample path's block arithmetic."""
+        first = self._n % _BLOCK
+        rows = (first + e.shape[0] + _BLOCK - 1) // _BLOCK
+        grid = np.zeros((rows * _BLOCK, 2))
+        grid[first : first + e.shape[0]] = e
+        grid = grid.reshape(rows, _BLOCK, 2)
+        partial = np.empty_like(grid)
+        prev = np.zeros((rows, 2))
+        for k in range(_BLOCK):  # one column of every block at a time: the same operations as per sample
+            if k == first and first:
+                prev[0] = self._partial
+            prev = self.alpha * prev + grid[:, k]
+            partial[:, k] = prev
+        up, down = (self._block_start if first else self._sums).tolist()
+        last, ends = float(self._powers[_BLOCK - 1]), partial[:, _BLOCK - 1].tolist()
+        chain = [(up, down)]
+        for end_up, end_down in ends[:-1]:  # Python floats: the same IEEE operations as numpy's, faster here
+            up, down = last * up + end_up, last * down + end_down
+            chain.append((up, down))
+        starts = np.array(chain)
+        sums = self._powers[None, :, None] * starts[:, None, :] + partial
+        self._partial_out = partial.reshape(-1, 2)[first : first + e.shape[0]]
+        self._starts_out = np.repeat(starts, _BLOCK, axis=0)[first : first + e.shape[0]]
+        return sums.reshape(-1, 2)[first : first + e.shape[0]]
+
+    def _run_chunk(self, x: np.ndarray) -> int | None:
         n = self._n + np.arange(1, x.size + 1, dtype=np.int64)
         sums = np.cumsum(np.r_[self._sum, x])[1:]
         deviation = x - sums / n
-        up = self._recurrence(self._sum_up, deviation - self.delta)
-        down = self._recurrence(self._sum_down, deviation + self.delta)
+        both = self._cumulative(deviation[:, None] + self._offsets[None, :])
+        up, down = both[:, 0], both[:, 1]
         min_up = np.minimum.accumulate(np.r_[self._min_up, up])[1:]
         max_down = np.maximum.accumulate(np.r_[self._max_down, down])[1:]
         stat_up = up - min_up if self.mode != "down" else np.zeros_like(up)
@@ -131,7 +166,8 @@ class PageHinkley(ScalarDetector):
         hits = np.flatnonzero((n >= self.min_instances) & (stat > self._threshold))
         end = int(hits[0]) if hits.size else x.size - 1
         self._n, self._sum = int(n[end]), float(sums[end])
-        self._sum_up, self._sum_down = float(up[end]), float(down[end])
+        self._sums = both[end].copy()
+        self._partial, self._block_start = self._partial_out[end].copy(), self._starts_out[end].copy()
         self._min_up, self._max_down = float(min_up[end]), float(max_down[end])
         self._statistic = float(stat[end])
         self._drift_detected = bool(hits.size)
