@@ -102,19 +102,34 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the gRPC cloud server until SIGINT/SIGTERM")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; default 127.0.0.1")
-    p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port); default 50051")
-    p.add_argument("--data-dir", type=Path, required=True, help="registry (SQLite) and blob store directory")
+    p = sub.add_parser("serve", help="run the gRPC cloud server until SIGINT/SIGTERM", description="Run the gRPC "
+                       "cloud server until SIGINT/SIGTERM. Settings come from --config FILE (TOML, keys as in "
+                       "server.config.ServerConfig; see README) and the flags below, which win over the file.")
+    p.add_argument("--config", type=Path, default=None, help="TOML config file (unknown keys are an error)")
+    p.add_argument("--host", default=None, help="address to bind; default 127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port to bind (0: any free port); default 50051")
+    p.add_argument("--data-dir", type=Path, default=None, help="registry (SQLite) and blob store directory "
+                   "(required here or in --config)")
     p.add_argument("--bundle", type=Path, default=None, help="publish this bundle directory at start-up")
     p.add_argument("--teacher", type=Path, default=None, help="teacher checkpoint for distillation rounds")
     p.add_argument("--student", type=Path, default=None, help="student checkpoint the bundle was exported from")
-    p.add_argument("--alpha", type=float, default=0.5, help="the devices' α for BN statistics mixing, "
+    p.add_argument("--alpha", type=float, default=None, help="the devices' α for BN statistics mixing, "
                    "used when distilling; default 0.5")
-    p.add_argument("--distill-steps", type=int, default=100, help="optimizer steps per distillation round")
-    p.add_argument("--device", default="auto", help="torch device for distillation: auto, cpu, cuda")
-    p.add_argument("--trusted-publisher-key", type=Path, action="append", default=[], help="public key (PEM) "
+    p.add_argument("--distill-steps", type=int, default=None, help="optimizer steps per distillation round; "
+                   "default 100")
+    p.add_argument("--device", default=None, help="torch device for distillation: auto, cpu, cuda")
+    p.add_argument("--trusted-publisher-key", type=Path, action="append", default=None, help="public key (PEM) "
                    "allowed to sign published bundles; repeatable; default: any valid signature")
+    p.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM); turns on TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", type=Path, default=None, help="CA (PEM) that client certificates must be "
+                   "signed by; turns on mutual TLS")
+    p.add_argument("--enrollment-secret-file", type=Path, default=None, help="file holding the shared enrollment "
+                   "secret; turns on device tokens (needs --admin-token-file)")
+    p.add_argument("--admin-token-file", type=Path, default=None, help="file holding the admin service's token")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this HTTP port")
+    p.add_argument("--insecure", action="store_const", const=True, default=None, help="allow a non-loopback "
+                   "--host without TLS and tokens (trusted networks only)")
     p.set_defaults(func=_cmd_serve)
 
 
@@ -236,14 +251,34 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 50051, "distill_steps": 100}
+_SERVE_FLAGS = {"host": "host", "port": "port", "data_dir": "data_dir", "teacher": "teacher_ckpt",
+                "student": "student_ckpt", "alpha": "distill_alpha", "distill_steps": "distill_steps",
+                "device": "device", "trusted_publisher_key": "trusted_publisher_keys", "tls_cert": "tls_cert",
+                "tls_key": "tls_key", "tls_client_ca": "tls_client_ca", "metrics_port": "metrics_port",
+                "insecure": "insecure"}
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The :class:`~server.config.ServerConfig` of ``edgeloop serve``: defaults < ``--config`` file < flags."""
+    from server.config import ServerConfig, config_values, load_toml
+
+    values: dict[str, Any] = dict(_SERVE_DEFAULTS)
+    if args.config is not None:
+        values.update(config_values(load_toml(args.config), args.config.parent))
+    values.update({key: getattr(args, flag) for flag, key in _SERVE_FLAGS.items() if getattr(args, flag) is not None})
+    for flag, key in (("enrollment_secret_file", "enrollment_secret"), ("admin_token_file", "admin_token")):
+        if getattr(args, flag) is not None:
+            values[key] = getattr(args, flag).read_text().strip()
+    if "data_dir" not in values:
+        raise ValueError("the data directory is not set: give --data-dir or data_dir in --config")
+    return ServerConfig(**values)
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from edgeloop import pipeline
 
-    pipeline.serve(
-        host=args.host, port=args.port, data_dir=args.data_dir, bundle=args.bundle, teacher=args.teacher,
-        student=args.student, alpha=args.alpha, distill_steps=args.distill_steps, device=args.device,
-        trusted_publishers=args.trusted_publisher_key,
-    )
+    pipeline.serve(serve_config(args), bundle=args.bundle)
     return 0
 
 

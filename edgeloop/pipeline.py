@@ -170,28 +170,21 @@ def _batch_predictor(loaded: Any, tta: str) -> Callable[[np.ndarray], np.ndarray
         predictor, to_model_input(x, spec.layout, spec.value_range, spec.dtype)).logits.argmax(axis=1)
 
 
-def serve(
-    *, host: str, port: int, data_dir: Path, bundle: Path | None = None, teacher: Path | None = None,
-    student: Path | None = None, alpha: float = 0.5, distill_steps: int = 100, device: str = "auto",
-    trusted_publishers: Sequence[Path] = (),
-) -> None:
-    """Run the server until SIGINT/SIGTERM, publishing ``bundle`` first when given."""
-    from server.app import EdgeloopServer, ServerConfig
+def serve(config: Any, bundle: Path | None = None) -> None:
+    """Run the server for ``config`` (a :class:`~server.config.ServerConfig`) until SIGINT/SIGTERM,
+    publishing the ``bundle`` directory first when given (in-process: no admin credential needed)."""
+    from server.app import EdgeloopServer
     from server.app import serve as serve_forever
-
-    config = ServerConfig(
-        data_dir=data_dir, host=host, port=port, teacher_ckpt=teacher, student_ckpt=student,
-        distill_alpha=alpha, distill_steps=distill_steps, device=device,
-        trusted_publisher_keys=tuple(trusted_publishers),
-    )
+    from server.handlers import publish_bundle
 
     def on_started(srv: EdgeloopServer) -> None:
         if bundle is not None:
-            from edgeloop.admin import AdminClient
-
-            with AdminClient(f"{host}:{srv.port}") as admin:
-                print(f"published bundle {admin.publish_bundle(bundle)}", flush=True)
-        print(f"edgeloop server listening on {host}:{srv.port} (data in {data_dir})", flush=True)
+            root = Path(bundle)
+            if not (root / "manifest.json").is_file():
+                raise FileNotFoundError(f"{root} is not a bundle: manifest.json missing")
+            files = {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+            print(f"published bundle {publish_bundle(srv.state, files).bundle_id}", flush=True)
+        print(f"edgeloop server listening on {config.host}:{srv.port} (data in {config.data_dir})", flush=True)
 
     serve_forever(config, on_started=on_started)
 

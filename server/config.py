@@ -220,12 +220,17 @@ def config_values(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
     return out
 
 
+def load_toml(path: Path) -> dict[str, Any]:
+    """The parsed TOML table of ``path`` (``ValueError`` naming the file when it is not valid TOML)."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
+
+
 def load_config(path: Path, **overrides: Any) -> ServerConfig:
     """Read a TOML config file into a :class:`ServerConfig`; ``overrides`` (e.g. from the CLI) win."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ValueError(f"{path}: not valid TOML: {exc}") from exc
-    values = config_values(raw, path.parent)
+    values = config_values(load_toml(path), path.parent)
     return ServerConfig(**{**values, **overrides})
