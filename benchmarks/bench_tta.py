@@ -437,11 +437,20 @@ def start_worker(spec: dict[str, Any]) -> subprocess.Popen[str]:
                             stderr=subprocess.DEVNULL, text=True)
 
 
+def paired_ratio(samples: dict[str, list[float]], variant: str, base: str) -> float | None:
+    """Median over rounds of ``variant``'s time over ``base``'s time in the same round (None without data)."""
+    a, b = samples.get(variant, []), samples.get(base, [])
+    if not a or len(a) != len(b):
+        return None
+    return summarize([x / y for x, y in zip(a, b, strict=True)]).median
+
+
 def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path], fisher: Path,
                  timing: Timing) -> dict[str, Any]:
     """Time per batch and peak memory of every variant, each in its own process, interleaved in rounds."""
     variants = ["plain", *forward_only_methods(), "tent", "eata"]
     out: dict[str, Any] = {}
+    loads: dict[str, list[float]] = {}
     for batch, path in batches.items():
         procs: dict[str, subprocess.Popen[str]] = {}
         ready: dict[str, dict[str, Any]] = {}
@@ -459,11 +468,13 @@ def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path],
             live = [v for v in variants if v in ready]
             calls = {v: max(1, round(timing.block_s / max(ready[v]["once_s"], 1e-9))) for v in live}
             rng = random.Random(SEED)
+            load_before = os.getloadavg()[0]
             for _ in range(timing.rounds):
                 rng.shuffle(live)
                 for v in live:
                     _send(procs[v], {"run": calls[v]})
                     samples[v].append(_receive(procs[v], WORKER_REPLY_TIMEOUT_S)["seconds"])
+            load_after = os.getloadavg()[0]
             memory = {}
             for v in live:
                 _send(procs[v], {"stats": True})
@@ -476,9 +487,8 @@ def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path],
                         proc.wait(timeout=30)
                     except Exception:
                         proc.kill()
-        plain_ms = summarize(samples["plain"]).median * 1e3 if samples["plain"] else None
         plain_kb = memory.get("plain", {}).get("vmhwm_kb")
-        source_ms = summarize(samples["source"]).median * 1e3 if samples.get("source") else None
+
         rows: dict[str, Any] = {}
         for v in variants:
             if v not in ready or not samples[v]:
@@ -486,16 +496,18 @@ def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path],
                 continue
             s = summarize([t * 1e3 for t in samples[v]])
             kb = memory[v].get("vmhwm_kb")
+            vs_plain = paired_ratio(samples, v, "plain")
             rows[v] = {"ms_per_batch": s.as_dict(), "calls_per_block": calls[v],
-                       "time_vs_plain": s.median / plain_ms if plain_ms else None,
-                       "throughput_vs_plain": plain_ms / s.median if plain_ms else None,
-                       "time_vs_source": s.median / source_ms if source_ms else None,
+                       "time_vs_plain": vs_plain, "throughput_vs_plain": 1.0 / vs_plain if vs_plain else None,
+                       "time_vs_source": paired_ratio(samples, v, "source"),
                        "peak_rss_kb": kb, "rss_after_load_kb": ready[v].get("rss_kb"),
                        "ru_maxrss_kb": memory[v].get("ru_maxrss_kb"),
                        "heavy_modules": memory[v].get("heavy_modules"), "code": ready[v].get("code"),
                        "peak_vs_plain": kb / plain_kb if kb and plain_kb else None}
         out[str(batch)] = rows
-    return {"rounds": timing.rounds, "block_s": timing.block_s, "worker_batches": WORKER_BATCHES, "batches": out}
+        loads[str(batch)] = [round(load_before, 2), round(load_after, 2)]
+    return {"rounds": timing.rounds, "block_s": timing.block_s, "worker_batches": WORKER_BATCHES, "batches": out,
+            "load_average_1min": loads}
 
 
 def worker_inputs(case: Case, models: Models, root: Path) -> tuple[dict[int, Path], Path]:
@@ -821,6 +833,15 @@ def _cost_table(results: dict[str, Any], case: dict[str, Any]) -> str:
     return md_table(headers, rows)
 
 
+def _load_note(results: dict[str, Any]) -> str:
+    loads = [v for c in results["cases"].values() for pair in c["cost"].get("load_average_1min", {}).values()
+             for v in pair]
+    if not loads:
+        return ""
+    return (f" The machine was shared: 1-minute load average {min(loads):.1f}–{max(loads):.1f} during the timing "
+            "(on 2 cores), so absolute times are noisy; the paired ratios less so.")
+
+
 def _heavy_imports(results: dict[str, Any]) -> list[str]:
     seen: dict[str, set[str]] = {}
     for case in results["cases"].values():
@@ -960,8 +981,10 @@ def render(results: dict[str, Any]) -> str:
         f"`plain` = the bundle's folded graph through `Predictor` (plain inference); forward-only methods on the "
         f"adaptable graph; `tent`/`eata` in torch. Each process cycles through {cost['worker_batches']} batches of "
         f"the severity-5 shuffled stream, adapting continually; {cost['rounds']} interleaved rounds of about "
-        f"{cost['block_s']} s per variant (shuffled order per round); median ms per batch (p25–p75); peak = VmHWM "
-        "of the process after its rounds (interpreter, numpy, runtime and model included; torch for tent/eata).",
+        f"{cost['block_s']} s per variant (shuffled order per round); median ms per batch (p25–p75); × plain time = "
+        "median over rounds of the variant's time over `plain`'s time in the same round (throughput = its "
+        "inverse); peak = VmHWM of the process after its rounds (interpreter, numpy, runtime and model included; "
+        "torch for tent/eata)." + _load_note(results),
     ]
     for key, case in results["cases"].items():
         parts.append(f"**{key}:**\n\n{_cost_table(results, case)}")
