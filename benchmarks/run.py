@@ -19,7 +19,15 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks import bench_compression, bench_demo, bench_distill, bench_inference, bench_tta, bench_upload
+from benchmarks import (
+    bench_compression,
+    bench_demo,
+    bench_distill,
+    bench_inference,
+    bench_selection,
+    bench_tta,
+    bench_upload,
+)
 from benchmarks.common import REPO_ROOT, describe_machine, machine_info, now_iso
 
 log = logging.getLogger("benchmarks")
@@ -31,6 +39,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_distill.NAME: bench_distill,
     bench_compression.NAME: bench_compression,
     bench_tta.NAME: bench_tta,
+    bench_selection.NAME: bench_selection,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MARKDOWN = REPO_ROOT / "BENCHMARKS.md"
