@@ -23,6 +23,7 @@ from benchmarks import (
     bench_compression,
     bench_demo,
     bench_distill,
+    bench_drift,
     bench_inference,
     bench_selection,
     bench_tta,
@@ -39,6 +40,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_distill.NAME: bench_distill,
     bench_compression.NAME: bench_compression,
     bench_tta.NAME: bench_tta,
+    bench_drift.NAME: bench_drift,
     bench_selection.NAME: bench_selection,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
