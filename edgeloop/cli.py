@@ -149,6 +149,13 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="write the agent's statistics as JSON to this file")
     p.add_argument("--trusted-key", type=Path, action="append", default=None, help="public key (PEM) the bundle "
                    "must be signed by; repeatable; default: any valid signature")
+    p.add_argument("--enrollment-secret-file", type=Path, default=None, help="file holding the fleet's enrollment "
+                   "secret: enroll once, keep the device token in WORK_DIR/device.token")
+    p.add_argument("--tls-ca", type=Path, default=None, help="CA (PEM) of the server's certificate; turns on TLS")
+    p.add_argument("--tls-cert", type=Path, default=None, help="this device's certificate (PEM), for mutual TLS")
+    p.add_argument("--tls-key", type=Path, default=None, help="this device's private key (PEM), for mutual TLS")
+    p.add_argument("--tls-server-name", default=None, help="name in the server's certificate, when it differs "
+                   "from the --server host")
     p.set_defaults(func=_cmd_agent)
 
 
@@ -283,12 +290,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:
+    from device_agents.channel import TlsOptions
     from edgeloop import pipeline
+
+    secret = args.enrollment_secret_file.read_text().strip() if args.enrollment_secret_file else None
+    tls_given = any(v is not None for v in (args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name))
+    tls = TlsOptions(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name) if tls_given else None
 
     stats = pipeline.run_agent(
         server=args.server, device_id=args.device_id, work_dir=args.work_dir, dataset=args.dataset,
         domains=args.domains, samples_per_domain=args.samples_per_domain, batch_size=args.batch_size,
-        tta=args.tta, seed=args.seed, trusted=args.trusted_key,
+        tta=args.tta, seed=args.seed, trusted=args.trusted_key, enrollment_secret=secret, tls=tls,
     )
     print(json.dumps(stats, indent=2, sort_keys=True))
     _write_json(args.json, stats)

@@ -225,10 +225,14 @@ def agent_tta(name: str) -> Any:
 def connect_agent(
     server: str, device_id: str, work_dir: Path, *, tta: str = "alpha_bn", labels: dict[str, str] | None = None,
     outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
-    trusted_keys: Sequence[bytes] | None = None,
+    trusted_keys: Sequence[bytes] | None = None, enrollment_secret: str | None = None, tls: Any = None,
 ) -> Any:
     """Register with ``server``, download and verify its bundle (signed by one of ``trusted_keys`` when
-    given), and build a ready :class:`Agent`."""
+    given), and build a ready :class:`Agent`.
+
+    ``tls`` (:class:`device_agents.channel.TlsOptions`) turns on (mutual) TLS. With ``enrollment_secret`` the
+    device enrolls once and keeps its token in ``work_dir/device.token`` (mode 0600) for later runs.
+    """
     from device_agents.agent import Agent, AgentConfig
     from device_agents.client import DeviceClient
     from device_agents.drift import PageHinkley
@@ -238,8 +242,13 @@ def connect_agent(
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    client = DeviceClient(server, device_id, trusted_keys=trusted_keys)
+    token_file = work_dir / "device.token"
+    token = token_file.read_text().strip() if token_file.is_file() else None
+    client = DeviceClient(server, device_id, trusted_keys=trusted_keys, token=token, tls=tls)
     try:
+        if enrollment_secret is not None and token is None:
+            token_file.touch(mode=0o600)
+            token_file.write_text(client.enroll(enrollment_secret))
         info = client.register(labels or {})
         if not info.bundle_id:
             raise RuntimeError(f"server {server} has no bundle published yet")
@@ -258,13 +267,15 @@ def connect_agent(
 def run_agent(
     *, server: str, device_id: str, work_dir: Path, dataset: str = "digits", domains: str = "clean:0",
     samples_per_domain: int = 200, batch_size: int = 16, tta: str = "alpha_bn", seed: int = 0,
-    sync_every: int = 4, trusted: Sequence[Path] | None = None,
+    sync_every: int = 4, trusted: Sequence[Path] | None = None, enrollment_secret: str | None = None,
+    tls: Any = None,
 ) -> dict[str, Any]:
     """Run an agent over a corrupted stream of ``dataset``, syncing with the server every few batches."""
     from edgeloop.data import build_stream, iter_batches, load_dataset
 
     stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
-    agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted))
+    agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted),
+                          enrollment_secret=enrollment_secret, tls=tls)
     try:
         agent.sync()
         for i, (start, x, y) in enumerate(iter_batches(stream, batch_size)):

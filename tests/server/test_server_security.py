@@ -265,3 +265,22 @@ def test_config_allows_exposure_when_secured_or_explicitly_insecure() -> None:
     cfg = ServerConfig(host="0.0.0.0", tls_cert="s.crt", tls_key="s.key", enrollment_secret=ENROLL,
                        admin_token=ADMIN)
     assert cfg.tls and cfg.auth and ENROLL not in repr(cfg) and ADMIN not in repr(cfg)
+
+
+def test_agent_enrolls_once_over_mutual_tls_and_reuses_its_token(tmp_path: Path, pki: dict[str, object],
+                                                                 digits_bundle: Path) -> None:
+    from edgeloop.pipeline import close_agent, connect_agent
+
+    ca, client = pki["ca"], pki["client"]
+    tls = TlsOptions(root_ca=ca.pem, client_cert=client.cert, client_key=client.key)  # type: ignore[attr-defined]
+    with _tls_server(tmp_path, pki, mutual=True) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with AdminClient(target, admin_token=ADMIN, tls=tls) as admin:
+            admin.publish_bundle(digits_bundle)
+        work = tmp_path / "cam-1"
+        close_agent(connect_agent(target, "cam-1", work, enrollment_secret=ENROLL, tls=tls))
+        token = (work / "device.token").read_text()
+        assert (work / "device.token").stat().st_mode & 0o077 == 0
+        close_agent(connect_agent(target, "cam-1", work, enrollment_secret=ENROLL, tls=tls))
+        assert (work / "device.token").read_text() == token  # enrolled once, the token is reused
+        assert srv.authenticator is not None and srv.authenticator.device_for(token) == "cam-1"
