@@ -220,11 +220,12 @@ def run_export(request: ExportRequest) -> Path:
     held_out = rng.permutation(len(test))
     k = golden_count(test.x.shape[1:])
     golden, parity = test.x[held_out[:k]], test.x[held_out[8:264]]
-    source = held_out[264 : 264 + 2048] if len(test) > 600 else held_out
+    # source statistics describe the training distribution; test images stay for golden/parity and streams
+    source = rng.choice(len(train), size=min(2048, len(train)), replace=False)
     compression = {"passes": reports} if reports else None
     return export_bundle(
         (loaded.model, loaded.arch, loaded.spec, loaded.sha256), request.out, labels=train.labels,
-        calibration_x=calib, golden_x=golden, source_x=test.x[source], source_y=test.y[source], int8=request.int8,
+        calibration_x=calib, golden_x=golden, source_x=train.x[source], source_y=train.y[source], int8=request.int8,
         name=request.name or f"{loaded.arch}-{dataset}", overwrite=request.overwrite,
         signing_key=signing_key(request.key_path), formats=request.formats, folded=request.folded,
         tflite_int8=request.tflite_int8, parity_x=parity, compression=compression,

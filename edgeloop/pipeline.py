@@ -107,10 +107,11 @@ def export_checkpoint(
     rng = np.random.default_rng(seed)
     calib = train.x[rng.choice(len(train), size=min(calibration_samples, len(train)), replace=False)]
     golden = test.x[rng.choice(len(test), size=8, replace=False)]
-    source_idx = rng.choice(len(test), size=min(2048, len(test)), replace=False)
+    # source statistics describe the training distribution (test images feed the evaluation streams)
+    source_idx = rng.choice(len(train), size=min(2048, len(train)), replace=False)
     return export_bundle(
         (model, info["arch"], info["spec"], info["sha256"]), out, labels=train.labels, calibration_x=calib,
-        golden_x=golden, source_x=test.x[source_idx], source_y=test.y[source_idx], int8=int8,
+        golden_x=golden, source_x=train.x[source_idx], source_y=train.y[source_idx], int8=int8,
         name=name or f"{info['arch']}-{dataset}", overwrite=overwrite, signing_key=signing_key(key_path),
     )
 
