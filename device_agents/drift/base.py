@@ -68,6 +68,26 @@ class DriftDetector(ABC):
         """The hyperparameters, for ``repr``."""
         return {}
 
+    def _consume(self, arr: np.ndarray) -> list[int]:
+        """Feed validated observations (values or rows) through :meth:`_run` in order, resetting after each
+        drift as ``update`` would; return the positions where a drift was signalled."""
+        found: list[int] = []
+        start = 0
+        while start < len(arr):
+            if self._drift_detected:
+                self.reset()
+            hit = self._run(arr[start:])
+            if hit is None:
+                break
+            found.append(start + hit)
+            start += hit + 1
+        return found
+
+    @abstractmethod
+    def _run(self, x: np.ndarray) -> int | None:
+        """Vectorized update over ``x`` until the first drift: its index (state left as after that update,
+        drift flag set), or None with every value consumed."""
+
 
 class ScalarDetector(DriftDetector):
     """A detector over a stream of numbers."""
@@ -84,27 +104,11 @@ class ScalarDetector(DriftDetector):
 
     def update_many(self, values: Iterable[float] | np.ndarray) -> list[int]:
         """Feed ``values`` in order; return the positions where a drift was signalled (vectorized)."""
-        arr = scalar_batch(values, type(self).__name__)
-        found: list[int] = []
-        start = 0
-        while start < arr.size:
-            if self._drift_detected:
-                self.reset()
-            hit = self._run(arr[start:])
-            if hit is None:
-                break
-            found.append(start + hit)
-            start += hit + 1
-        return found
+        return self._consume(scalar_batch(values, type(self).__name__))
 
     @abstractmethod
     def _update_one(self, x: float) -> None:
         """Per-sample update (state already reset if needed); sets ``_drift_detected`` and ``_statistic``."""
-
-    @abstractmethod
-    def _run(self, x: np.ndarray) -> int | None:
-        """Vectorized update over ``x`` until the first drift: its index (state left as after that update,
-        drift flag set), or None with every value consumed."""
 
 
 class FeatureDetector(DriftDetector):
@@ -127,21 +131,7 @@ class FeatureDetector(DriftDetector):
             raise ValueError(f"{type(self).__name__}.update_many expects shape (n, {self.dim}), got {arr.shape}")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{type(self).__name__} got non-finite values at rows {_bad_rows(arr)}")
-        found: list[int] = []
-        start = 0
-        while start < arr.shape[0]:
-            if self._drift_detected:
-                self.reset()
-            hit = self._run(arr[start:])
-            if hit is None:
-                break
-            found.append(start + hit)
-            start += hit + 1
-        return found
-
-    @abstractmethod
-    def _run(self, x: np.ndarray) -> int | None:
-        """As :meth:`ScalarDetector._run`, over rows of ``x``."""
+        return self._consume(arr)
 
 
 def scalar_batch(values: Iterable[float] | np.ndarray, who: str) -> np.ndarray:
