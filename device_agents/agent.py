@@ -1,7 +1,8 @@
-"""The device agent: predict with forward-only TTA, watch entropy for drift, queue chosen samples, sync.
+"""The device agent: predict with forward-only TTA, watch for drift, queue chosen samples, sync.
 
 One :meth:`Agent.process_batch` runs TTA prediction → per-sample normalised entropies → the drift detector
-on each entropy → the entropy-band selector → the durable outbox. A drift event drives three things: the
+on each sample (a scalar detector on its entropy, a feature detector such as MMD or Mahalanobis on its
+penultimate features) → the entropy-band selector → the durable outbox. A drift event drives three things: the
 TTA state is re-anchored (``tta.on_drift()``, under the ``"reset"`` policy), the selector's byte budget is
 boosted for a while (:meth:`EntropyBandSelector.on_drift`), and a ``ReportDrift`` with the evidence
 (detector, signal, statistic, threshold, stream position) goes to the server — kept and retried at the next
@@ -21,12 +22,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from device_agents.drift import PageHinkley
+from device_agents.drift import DriftDetector, detector_name, detector_signal
 from device_agents.errors import StaleUpdateError, TransportError, UpdateIntegrityError, UpdateRejectedError
 from device_agents.messages import ParameterUpdate, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
-from device_agents.tta import TTAMethod, TTAOutput, normalized_entropy
+from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
 from runtime.errors import InputError
 from runtime.params import params_digest
 
@@ -46,6 +47,7 @@ class AgentConfig:
     ``drift_policy``: ``"reset"`` calls ``tta.on_drift()`` after a batch in which drift fired; ``"none"`` only
     records it. ``upload_mode`` (:data:`~device_agents.selection.UPLOAD_MODES`) chooses what a queued sample
     carries: ``"input"``, ``"features"`` (privacy: inputs never leave the device) or ``"both"``.
+    ``detector_name``: the name drift reports carry (None: the detector's registry name).
     ``max_pending_drift_reports`` bounds the drift reports kept for a retry while the server is unreachable
     (the oldest go first). ``report_outbox``: send the outbox's counts (``ReportOutbox``) after a sync's
     upload when its drops or backlog changed since the last report (and at the first sync). ``sync_wait_seconds``
@@ -57,7 +59,7 @@ class AgentConfig:
     bundle_id: str
     drift_policy: str = "reset"
     report_drift: bool = True
-    detector_name: str = "page_hinkley"
+    detector_name: str | None = None
     upload_mode: str = "both"
     upload_batch: int = 64
     report_outbox: bool = True
@@ -164,7 +166,7 @@ class Agent:
         self,
         model: AdaptableModel,
         tta: TTAMethod,
-        detector: PageHinkley,
+        detector: DriftDetector,
         selector: EntropyBandSelector | None,
         outbox: SqliteOutbox | None,
         client: DeviceClient | None,
@@ -175,6 +177,8 @@ class Agent:
         self.model = model
         self.tta = tta
         self.detector = detector
+        self.signal = detector_signal(detector)  # scalar detectors watch entropy, feature detectors features
+        self.detector_label = config.detector_name or detector_name(detector)
         self.selector = selector
         self.outbox = outbox
         self.client = client
@@ -215,7 +219,7 @@ class Agent:
             out = self.tta.predict(self.model, x)
             pred = out.probs.argmax(axis=1)
             ent = normalized_entropy(out.probs)
-            events = self._detect(ent, start)
+            events = self._detect(out.features if self.signal == "features" else ent, start)
             if events and self.selector is not None:
                 self.selector.on_drift()
             queued = self._enqueue(np.asarray(x), out, ent, pred, start)
@@ -227,10 +231,15 @@ class Agent:
             self._report_drift(pos, statistic, now)
         return BatchResult(pred, ent, out.probs, bool(events), tuple(p for p, _ in events), len(queued), queued)
 
-    def _detect(self, entropies: np.ndarray, start: int) -> list[tuple[int, float]]:
+    def _detect(self, values: np.ndarray | None, start: int) -> list[tuple[int, float]]:
+        """Feed the batch's signal (entropies, or feature rows for a feature detector) one sample at a time, so
+        each drift has its stream position and statistic."""
+        if values is None:
+            raise ModelCapabilityError(f"the {self.detector_label} drift detector watches features; the model "
+                                       "returns none")
         events = []
-        for i, value in enumerate(entropies):
-            if self.detector.update(float(value)).drift_detected:
+        for i, value in enumerate(values):
+            if self.detector.update(value).drift_detected:
                 events.append((start + i, self.detector.statistic))
                 logger.info("drift at stream position %d (statistic %.3f)", start + i, self.detector.statistic)
         return events
@@ -279,7 +288,7 @@ class Agent:
         if self.client is None or not self.config.report_drift:
             return
         try:
-            self.client.report_drift(self.config.detector_name, "entropy", statistic, self.detector.threshold,
+            self.client.report_drift(self.detector_label, self.signal, statistic, self.detector.threshold,
                                      position, detected_ms)
         except TransportError as exc:
             logger.warning("could not report drift at position %d (kept for a retry): %s", position, exc)
@@ -297,7 +306,7 @@ class Agent:
                 if not self._pending_drift:
                     return
                 position, statistic, detected_ms = self._pending_drift[0]
-            client.report_drift(self.config.detector_name, "entropy", statistic, self.detector.threshold,
+            client.report_drift(self.detector_label, self.signal, statistic, self.detector.threshold,
                                 position, detected_ms)
             with self._lock:
                 self._pending_drift.pop(0)

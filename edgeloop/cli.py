@@ -146,6 +146,11 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tta", default="alpha_bn", help="adaptation method: source, alpha_bn, foa, lame, t3a; "
                    "default alpha_bn")
     p.add_argument("--seed", type=int, default=0, help="stream seed; default 0")
+    from device_agents.drift import DETECTORS
+
+    p.add_argument("--detector", default="page_hinkley", choices=DETECTORS,
+                   help="drift detector: page_hinkley, adwin or kswin on prediction entropy; mmd on feature windows; "
+                   "mahalanobis against the bundle's class-conditional source Gaussians; default page_hinkley")
     p.add_argument("--json", type=Path, default=None, help="write the agent's statistics as JSON to this file")
     p.add_argument("--trusted-key", type=Path, action="append", default=None, help="public key (PEM) the bundle "
                    "must be signed by; repeatable; default: any valid signature")
@@ -301,6 +306,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         server=args.server, device_id=args.device_id, work_dir=args.work_dir, dataset=args.dataset,
         domains=args.domains, samples_per_domain=args.samples_per_domain, batch_size=args.batch_size,
         tta=args.tta, seed=args.seed, trusted=args.trusted_key, enrollment_secret=secret, tls=tls,
+        detector=args.detector,
     )
     print(json.dumps(stats, indent=2, sort_keys=True))
     _write_json(args.json, stats)

@@ -227,6 +227,7 @@ def connect_agent(
     server: str, device_id: str, work_dir: Path, *, tta: str = "alpha_bn", labels: dict[str, str] | None = None,
     outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
     trusted_keys: Sequence[bytes] | None = None, enrollment_secret: str | None = None, tls: Any = None,
+    detector: str = "page_hinkley",
 ) -> Any:
     """Register with ``server``, download and verify its bundle (signed by one of ``trusted_keys`` when
     given), and build a ready :class:`Agent`.
@@ -236,7 +237,6 @@ def connect_agent(
     """
     from device_agents.agent import Agent, AgentConfig
     from device_agents.client import DeviceClient
-    from device_agents.drift import PageHinkley
     from device_agents.outbox import SqliteOutbox
     from device_agents.selection import EntropyBandSelector, SelectorConfig
     from runtime import AdaptableModel, load_bundle
@@ -260,23 +260,41 @@ def connect_agent(
         raise
     selector = EntropyBandSelector(SelectorConfig(bytes_per_window=selector_bytes_per_window))
     outbox = SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes)
-    detector = PageHinkley(min_instances=30, delta=0.02, threshold=drift_threshold, mode="both")
     config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id)
-    return Agent(model, agent_tta(tta), detector, selector, outbox, client, config)
+    return Agent(model, agent_tta(tta), make_detector(detector, model, drift_threshold), selector, outbox, client,
+                 config)
+
+
+def make_detector(name: str, model: Any, drift_threshold: float = 5.0) -> Any:
+    """The agent's drift detector: Page-Hinkley on normalised entropy with the loop's settings (threshold
+    ``drift_threshold``), ADWIN or KSWIN on entropy with their defaults, or a feature detector — MMD on feature
+    windows, Mahalanobis against the bundle's class-conditional source Gaussians."""
+    from device_agents.drift import MahalanobisDrift, PageHinkley, create_detector
+
+    if name == "page_hinkley":
+        return PageHinkley(min_instances=30, delta=0.02, threshold=drift_threshold, mode="both")
+    if name == "mahalanobis":
+        return MahalanobisDrift.from_bundle(model.bundle)
+    if name == "mmd":  # reference: the first windows of features after each reset
+        stats = model.manifest.source_feature_stats()
+        if stats is None:
+            raise ValueError("the mmd detector needs the feature dimension: the bundle records no feature statistics")
+        return create_detector("mmd", reference=None, dim=len(stats[0]))
+    return create_detector(name)  # unknown names: ValueError listing the registered ones
 
 
 def run_agent(
     *, server: str, device_id: str, work_dir: Path, dataset: str = "digits", domains: str = "clean:0",
     samples_per_domain: int = 200, batch_size: int = 16, tta: str = "alpha_bn", seed: int = 0,
     sync_every: int = 4, trusted: Sequence[Path] | None = None, enrollment_secret: str | None = None,
-    tls: Any = None,
+    tls: Any = None, detector: str = "page_hinkley",
 ) -> dict[str, Any]:
     """Run an agent over a corrupted stream of ``dataset``, syncing with the server every few batches."""
     from edgeloop.data import build_stream, iter_batches, load_dataset
 
     stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
     agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted),
-                          enrollment_secret=enrollment_secret, tls=tls)
+                          enrollment_secret=enrollment_secret, tls=tls, detector=detector)
     try:
         agent.sync()
         for i, (start, x, y) in enumerate(iter_batches(stream, batch_size)):

@@ -33,6 +33,7 @@ from device_agents.drift.windowed import WindowedEmbeddingDetector, gumbel_thres
 
 SCALAR_DETECTORS: dict[str, type[ScalarDetector]] = {"page_hinkley": PageHinkley, "adwin": ADWIN, "kswin": KSWIN}
 FEATURE_DETECTORS: dict[str, type[FeatureDetector]] = {"mmd": MMDDrift, "mahalanobis": MahalanobisDrift}
+DETECTORS: tuple[str, ...] = (*SCALAR_DETECTORS, *FEATURE_DETECTORS)
 
 
 def create_detector(name: str, **kwargs: Any) -> DriftDetector:
@@ -43,10 +44,46 @@ def create_detector(name: str, **kwargs: Any) -> DriftDetector:
     return registry[name](**kwargs)
 
 
+def detector_name(detector: DriftDetector) -> str:
+    """The registry name of ``detector``'s class (its class name when it is not registered)."""
+    for name, cls in {**SCALAR_DETECTORS, **FEATURE_DETECTORS}.items():
+        if type(detector) is cls:
+            return name
+    return type(detector).__name__
+
+
+def detector_signal(detector: DriftDetector) -> str:
+    """What an agent feeds ``detector``: ``"features"`` (penultimate feature rows) or ``"entropy"``."""
+    return "features" if isinstance(detector, FeatureDetector) else "entropy"
+
+
 __all__ = [
-    "ADWIN", "FEATURE_DETECTORS", "KSWIN", "SCALAR_DETECTORS", "DriftDetector", "FeatureDetector",
-    "MMDDrift", "MahalanobisDrift", "MahalanobisScorer", "PageHinkley", "ScalarDetector", "Signals",
-    "WindowedEmbeddingDetector", "create_detector", "feature_norm", "feature_shift", "gumbel_threshold",
-    "ks_critical_count", "ks_tail_probability", "layer_shift", "max_softmax", "median_heuristic",
-    "prediction_entropy", "signals_from_forward", "source_layer_stats",
+    "ADWIN",
+    "DETECTORS",
+    "FEATURE_DETECTORS",
+    "KSWIN",
+    "SCALAR_DETECTORS",
+    "DriftDetector",
+    "FeatureDetector",
+    "MMDDrift",
+    "MahalanobisDrift",
+    "MahalanobisScorer",
+    "PageHinkley",
+    "ScalarDetector",
+    "Signals",
+    "WindowedEmbeddingDetector",
+    "create_detector",
+    "detector_name",
+    "detector_signal",
+    "feature_norm",
+    "feature_shift",
+    "gumbel_threshold",
+    "ks_critical_count",
+    "ks_tail_probability",
+    "layer_shift",
+    "max_softmax",
+    "median_heuristic",
+    "prediction_entropy",
+    "signals_from_forward",
+    "source_layer_stats",
 ]

@@ -237,3 +237,57 @@ def test_device_side_does_not_import_torch() -> None:
             "import sys; assert 'torch' not in sys.modules, 'torch was imported'")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_feature_detector_watches_features_and_reports_its_signal(tiny_model, tmp_path: Path) -> None:
+    """A feature detector (Mahalanobis against Gaussians around the calm features) is fed the batch's feature
+    rows; its drift events carry the ``features`` signal and the detector's registry name."""
+    from device_agents.drift import MahalanobisDrift
+
+    rng = np.random.default_rng(0)
+    calm = (rng.random((256, 1, 8, 8)) * 0.05 + 0.5).astype(np.float32)
+    feats = tiny_model.forward(calm).features
+    means = np.repeat(feats.mean(0, keepdims=True), 3, axis=0)
+    detector = MahalanobisDrift(means, np.cov(feats.T) + 1e-3 * np.eye(feats.shape[1]), window_size=8,
+                                ert=100_000, reference=feats, n_runs=50, run_length=400)
+    selector = EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=None))
+    agent = Agent(tiny_model, SourceModel(), detector, selector, SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20),
+                  None, AgentConfig(device_id="dev-1", bundle_id=BUNDLE))
+    assert (agent.signal, agent.detector_label) == ("features", "mahalanobis")
+    positions = []
+    for i in range(0, 128, 8):
+        positions += agent.process_batch(calm[i : i + 8]).drift_positions
+    shifted = (rng.random((128, 1, 8, 8)) * 1.0).astype(np.float32)
+    for i in range(0, 128, 8):
+        positions += agent.process_batch(shifted[i : i + 8]).drift_positions
+    assert positions and min(positions) >= 128
+
+
+def test_agent_derives_the_signal_and_name_from_its_detector(tiny_model, tmp_path: Path) -> None:
+    from device_agents.drift import ADWIN, MMDDrift
+
+    selector = EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=None))
+    outbox = SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20)
+    config = AgentConfig(device_id="dev-1", bundle_id=BUNDLE)
+    adwin = Agent(tiny_model, SourceModel(), ADWIN(), selector, outbox, None, config)
+    assert (adwin.signal, adwin.detector_label) == ("entropy", "adwin")
+    mmd = Agent(tiny_model, SourceModel(), MMDDrift(None, dim=4, window_size=8, reference_size=32), selector,
+                outbox, None, AgentConfig(device_id="dev-1", bundle_id=BUNDLE, detector_name="my-mmd"))
+    assert (mmd.signal, mmd.detector_label) == ("features", "my-mmd")
+    assert mmd.process_batch(np.full((8, 1, 8, 8), 0.5, np.float32)).pred.shape == (8,)
+
+
+@pytest.mark.parametrize("name", ["page_hinkley", "adwin", "kswin", "mahalanobis", "mmd"])
+def test_make_detector_builds_every_registered_detector_for_a_bundle(bundle_dir: Path, name: str) -> None:
+    from device_agents.drift import DETECTORS, detector_name
+    from edgeloop.pipeline import make_detector
+
+    detector = make_detector(name, AdaptableModel(load_bundle(bundle_dir)))
+    assert name in DETECTORS and detector_name(detector) == name
+
+
+def test_make_detector_names_an_unknown_detector(bundle_dir: Path) -> None:
+    from edgeloop.pipeline import make_detector
+
+    with pytest.raises(ValueError, match=r"unknown drift detector 'cusum'.*adwin"):
+        make_detector("cusum", AdaptableModel(load_bundle(bundle_dir)))
