@@ -23,6 +23,7 @@ from server.state import ServerState, require_device, resolve_bundle, spec_of
 
 logger = logging.getLogger(__name__)
 UPDATE_KINDS = ("distill", "fedavg")
+MAX_WAIT_SECONDS = 86_400.0  # a longer max_wait_seconds waits this long (beyond ~292 years, timed waits overflow)
 
 
 def _checked_params(spec: BundleSpec, params: Mapping[str, np.ndarray], partial: bool) -> dict[str, np.ndarray]:
@@ -115,7 +116,7 @@ def watch_updates(
     bundle = resolve_bundle(state, bundle_id)
     if since_version < 0 or not math.isfinite(max_wait_s) or max_wait_s < 0:
         raise InvalidRequestError(f"since_version {since_version} and max_wait_seconds {max_wait_s} must be >= 0")
-    deadline = time.monotonic() + max_wait_s if max_wait_s > 0 else None
+    deadline = time.monotonic() + min(max_wait_s, MAX_WAIT_SECONDS) if max_wait_s > 0 else None
     return _watch(state, device_id, bundle.bundle_id, since_version, deadline, is_active)
 
 
