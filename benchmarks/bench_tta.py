@@ -36,10 +36,10 @@ data and the same numpy, loads the bundle (or checkpoint) it needs and nothing e
 The MLPerf Tiny ResNet-8 (TFLite, float, from ``../shared/data/models``) is wrapped with
 :func:`edgeloop.exporting.wrap_foreign` (what ``edgeloop export --from-tflite`` does) and ``source``, ``lame`` and
 ``t3a`` run on it through its :class:`~runtime.predictor.Predictor` on the CIFAR-10-JPEG streams (NHWC, raw 0–255
-input). When the wrapped bundle declares no features output, LAME and T3A refuse it (recorded), and they are
-measured a second time with the penultimate features read by hand from the LiteRT interpreter (the flatten
-tensor before the final dense layer, ``experimental_preserve_all_tensors``), checked against the bundle's own
-outputs.
+input). The wrapped bundle exposes the penultimate features (the flatten tensor before the final dense layer,
+added as a model output by the wrapper) and carries source statistics from 2048 training images, so LAME
+(centred on the source feature mean) and T3A (seeded with the source class means) run through the normal TTA
+path.
 
 ``--quick``: 64 samples per domain and three short timing rounds (a smoke run).
 """
@@ -214,74 +214,7 @@ def run_stream(stream: Any, batch: int, step: Callable[[np.ndarray], np.ndarray]
     return correct, time.perf_counter() - t0
 
 
-# -- foreign ResNet-8 with features read by hand -------------------------------------------------------------
-class HandFeaturesTFLite:
-    """The predictor surface TTA methods use (``manifest``, ``bundle``, ``check_input``, ``predict``) over a
-    foreign TFLite bundle whose manifest declares no features: the penultimate tensor (the last 2-D tensor
-    before the output that is not class-sized) is read from a LiteRT interpreter that keeps intermediate
-    tensors. Scores are the bundle's own output tensor."""
-
-    def __init__(self, bundle: Any, threads: int = THREADS) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        from runtime.predictor import Predictor
-
-        self.bundle = bundle
-        self.predictor = Predictor(bundle)
-        self.path = bundle.root / bundle.model.file
-        self.threads = threads
-        self._interpreter_class = Interpreter
-        self._by_batch: dict[int, Any] = {}
-        probe = self._interpreter(1)
-        k = len(bundle.manifest.labels)
-        details = sorted(probe.get_tensor_details(), key=lambda d: d["index"])
-        out_index = probe.get_output_details()[0]["index"]
-        candidates = [d for d in details if len(d["shape"]) == 2 and int(d["shape"][1]) != k
-                      and d["index"] < out_index]
-        if not candidates:
-            raise ValueError(f"{self.path}: no 2-D non-class tensor to read features from")
-        self.features_tensor = candidates[-1]["name"]
-        self.features_index = int(candidates[-1]["index"])
-        self.output_index = int(out_index)
-        self.manifest = dataclasses.replace(bundle.manifest, features_output=self.features_tensor)
-
-    def _interpreter(self, n: int) -> Any:
-        it = self._by_batch.get(n)
-        if it is None:
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                it = self._interpreter_class(model_path=str(self.path), num_threads=self.threads,
-                                             experimental_preserve_all_tensors=True)
-            inp = it.get_input_details()[0]["index"]
-            it.resize_tensor_input(inp, [n, *it.get_input_details()[0]["shape"][1:]])
-            it.allocate_tensors()
-            self._by_batch[n] = it
-        return it
-
-    def check_input(self, x: np.ndarray) -> np.ndarray:
-        """The bundle's own input checks."""
-        return self.predictor.check_input(x)
-
-    def predict(self, x: np.ndarray) -> Any:
-        """Scores and probabilities as the bundle's predictor computes them, plus the hand-read features."""
-        from runtime.predictor import PredictResult, probabilities
-
-        arr = self.check_input(x)
-        it = self._interpreter(len(arr))
-        it.set_tensor(it.get_input_details()[0]["index"], arr)
-        it.invoke()
-        scores = np.asarray(it.get_tensor(self.output_index), dtype=np.float32)
-        features = np.asarray(it.get_tensor(self.features_index), dtype=np.float32)
-        kind = self.manifest.output_kind
-        return PredictResult(scores=scores, probs=probabilities(scores, kind), features=features, kind=kind)
-
-    def agreement(self, x: np.ndarray) -> float:
-        """Largest absolute difference between this adapter's probabilities and the bundle predictor's."""
-        return float(np.abs(self.predict(x).probs - self.predictor.predict(x).probs).max())
-
-
+# -- foreign ResNet-8 -----------------------------------------------------------------------------------------
 def wrap_foreign_resnet8(root: Path) -> Path | None:
     """The MLPerf Tiny float ResNet-8 wrapped as ``edgeloop export --from-tflite`` does; None when absent."""
     from edgeloop.data import default_data_dir
@@ -364,17 +297,15 @@ def backprop_accuracy(models: Models, stream: Any, batch: int) -> dict[str, Any]
 
 
 def foreign_accuracy(foreign: dict[str, Any], stream: Any, batch: int) -> dict[str, Any]:
-    """source, lame and t3a on the wrapped MLPerf Tiny ResNet-8: through the bundle's predictor (features as
-    the bundle declares them) and, where that has none, through :class:`HandFeaturesTFLite`."""
+    """source, lame and t3a on the wrapped MLPerf Tiny ResNet-8 through the bundle's predictor (its features
+    output and source statistics)."""
     from device_agents.tta import create_tta_method
     from edgeloop.exporting import to_model_input
 
     x_all = to_model_input(stream.x, "NHWC", (0.0, 255.0), "float32")
     nhwc = dataclasses.replace(stream, x=x_all)
     out: dict[str, Any] = {}
-    for label, model in (("bundle", foreign["predictor"]), ("hand_features", foreign.get("hand"))):
-        if model is None:
-            continue
+    for label, model in (("bundle", foreign["predictor"]),):
         rows: dict[str, Any] = {}
         for name in FOREIGN_METHODS:
             try:
@@ -724,18 +655,8 @@ def run(quick: bool) -> dict[str, Any]:
         fb = load_bundle(foreign_path, threads=THREADS)
         foreign = {"predictor": Predictor(fb)}
         foreign_info["features_output"] = fb.manifest.features_output
-        if not fb.manifest.features_output:
-            try:
-                from edgeloop.data import load_dataset
-                from edgeloop.exporting import to_model_input
-
-                hand = HandFeaturesTFLite(fb)
-                probe = to_model_input(load_dataset("cifar10", "test", limit=64).x, "NHWC", (0.0, 255.0), "float32")
-                foreign_info.update(hand_features_tensor=hand.features_tensor,
-                                    hand_max_prob_diff=hand.agreement(probe))
-                foreign["hand"] = hand
-            except Exception as exc:
-                foreign_info["hand_error"] = f"{type(exc).__name__}: {exc}"
+        foreign_info["features_tensor"] = fb.manifest.raw["foreign"].get("added_outputs", {}).get("features")
+        foreign_info["source_accuracy"] = fb.manifest.raw.get("source_statistics", {}).get("accuracy")
     cases: dict[str, Any] = {}
     for case in CASES:
         t0 = time.perf_counter()
@@ -860,8 +781,8 @@ def _foreign_table(results: dict[str, Any]) -> str:
     headers = ["model / method", *[f"sev {s[1:]} b{b} {'shuf' if o == 'shuffled' else 'sorted'}"
                                    for s, o, b in settings]]
     rows = []
-    labels = {"bundle": "wrapped bundle", "hand_features": "features read by hand"}
-    for label in ("bundle", "hand_features"):
+    labels = {"bundle": "wrapped bundle"}
+    for label in labels:
         for name in FOREIGN_METHODS:
             cells = []
             for s, o, b in settings:
@@ -1001,15 +922,13 @@ def render(results: dict[str, Any]) -> str:
             errs = _foreign_errors(results)
             note.append("The wrapped bundle declares **no features output** (`outputs.features: null`), so LAME and "
                         "T3A refuse it" + (f" (`{'`; `'.join(errs)}`)" if errs else "") + ".")
-            if "hand_features_tensor" in foreign:
-                note.append(f"Measured instead with the penultimate tensor `{foreign['hand_features_tensor']}` read "
-                            "by hand from the LiteRT interpreter (probabilities agree with the bundle's predictor to "
-                            f"{foreign['hand_max_prob_diff']:.1e}); no source statistics, so T3A starts with empty "
-                            "supports.")
-            elif "hand_error" in foreign:
-                note.append(f"Reading features by hand failed too: {foreign['hand_error']}.")
         else:
-            note.append(f"The wrapped bundle declares features output `{foreign['features_output']}`.")
+            acc = foreign.get("source_accuracy")
+            note.append(f"The wrapped bundle declares features output `{foreign['features_output']}` (the source "
+                        f"tensor `{foreign.get('features_tensor')}`, added as a model output; scores bit-identical) "
+                        "and source statistics from 2048 training images"
+                        + (f" (source top-1 {_pct(acc)} %)" if acc is not None else "") + ": LAME centres on the "
+                        "source feature mean, T3A starts from the source class means.")
         parts += [" ".join(note), _foreign_table(results)]
     code = results.get("code", {})
     if code.get("changed_during_run"):

@@ -167,6 +167,7 @@ def to_model_input(x: np.ndarray, layout: str, value_range: tuple[float, float],
 # between GOLDEN_MIN and GOLDEN_MAX samples (8 digits or MNIST images, 2 CIFAR images)
 GOLDEN_INPUT_BUDGET = 8192
 GOLDEN_MIN, GOLDEN_MAX = 2, 8
+SOURCE_SAMPLES = 2048  # training images behind a bundle's source statistics
 
 
 def golden_count(sample_shape: tuple[int, ...]) -> int:
@@ -177,9 +178,13 @@ def golden_count(sample_shape: tuple[int, ...]) -> int:
 def wrap_foreign(
     path: Path, fmt: str, *, out: Path, dataset: str, layout: str = "NCHW",
     value_range: tuple[float, float] = (0.0, 1.0), dtype: str | None = None, output_kind: str = "logits",
-    name: str | None = None, overwrite: bool = False, key_path: Path | None = None,
+    name: str | None = None, overwrite: bool = False, key_path: Path | None = None, features: str | None = "auto",
+    source_samples: int = SOURCE_SAMPLES,
 ) -> Path:
-    """Wrap a foreign ONNX or TFLite classifier into a signed bundle, with golden vectors from ``dataset``."""
+    """Wrap a foreign ONNX or TFLite classifier into a signed bundle, with golden vectors from ``dataset``'s
+    test split and — when it exposes ``features`` (``"auto"``, a tensor name, or None; see
+    :func:`exporter.foreign.wrap_onnx`) — source statistics from up to ``source_samples`` training images
+    (a seeded class-stratified subset), fed as the model takes them (:func:`to_model_input`)."""
     from edgeloop.data import load_dataset
     from edgeloop.pipeline import signing_key
     from exporter.foreign import ForeignInputSpec, wrap_onnx, wrap_tflite
@@ -197,9 +202,14 @@ def wrap_foreign(
     if len(dims) != len(shape):
         raise ValueError(f"{path}: model input {input_name!r} has rank {len(dims)}, {dataset} gives {len(shape)}")
     spec = ForeignInputSpec(name=input_name, shape=shape, dtype=dtype, layout=layout, value_range=value_range)
+    source: dict[str, Any] = {}
+    if features is not None and source_samples > 0:
+        train = load_dataset(dataset, "train", limit=source_samples)  # seeded, class-stratified; decodes only these
+        source = {"source_x": to_model_input(train.x, layout, value_range, dtype), "source_y": np.asarray(train.y)}
     wrap = wrap_onnx if fmt == "onnx" else wrap_tflite
     return wrap(path, out, labels=test.labels, input_spec=spec, output_kind=output_kind, golden_x=golden,
-                signing_key=signing_key(key_path), name=name or path.stem, overwrite=overwrite)
+                signing_key=signing_key(key_path), name=name or path.stem, overwrite=overwrite, features=features,
+                **source)
 
 
 def run_export(request: ExportRequest) -> Path:
@@ -221,7 +231,7 @@ def run_export(request: ExportRequest) -> Path:
     k = golden_count(test.x.shape[1:])
     golden, parity = test.x[held_out[:k]], test.x[held_out[8:264]]
     # source statistics describe the training distribution; test images stay for golden/parity and streams
-    source = rng.choice(len(train), size=min(2048, len(train)), replace=False)
+    source = rng.choice(len(train), size=min(SOURCE_SAMPLES, len(train)), replace=False)
     compression = {"passes": reports} if reports else None
     return export_bundle(
         (loaded.model, loaded.arch, loaded.spec, loaded.sha256), request.out, labels=train.labels,

@@ -30,15 +30,17 @@ from exporter.models import ModelSpec
 from exporter.onnx_export import ExportError, make_feeds, ort_session, params_numpy
 from exporter.quantize import Int8Config
 from exporter.signing import sign_bundle
-from exporter.train import check_images, check_labels
-from runtime.model import entropy, softmax
+from exporter.statistics import STATISTICS as STATISTICS  # re-exported: the file name and the helpers
+from exporter.statistics import class_gaussians as class_gaussians
+from exporter.statistics import output_statistics, write_statistics
+from exporter.train import check_images
+from runtime.model import softmax
 from runtime.signing import SIGNATURE_NAME
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-STATISTICS = "source_statistics.npz"
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 # int8 kernels differ between CPUs (VNNI or not, x86 or ARM, fused QLinearConv or float-emulated QDQ):
 # a value landing on a rounding boundary moves by one quantization step. On the digits model the fused and
@@ -144,56 +146,12 @@ def source_statistics(
         out = _run(fp32_path, source_x[i : i + 256], params, 0.0)
         logits.append(out["logits"])
         features.append(out["features"])
-    lg, ft = np.concatenate(logits), np.concatenate(features).astype(np.float64)
-    ent = entropy(softmax(lg))
     layers = {
         layer.name: {"mean": params[layer.param("mean")].tolist(), "var": params[layer.param("var")].tolist()}
         for layer in norm_layers(model)
     }
-    stats: dict[str, Any] = {
-        "layers": layers,
-        "features": {"mean": ft.mean(0).tolist(), "var": ft.var(0).tolist()},
-        "entropy": {"mean": float(ent.mean()), "std": float(ent.std())},
-        "accuracy": None,
-    }
-    if source_y is not None:
-        y = check_labels(source_y, len(lg), lg.shape[1])
-        stats["accuracy"] = float((lg.argmax(1) == y).mean())
-        stats["class_conditional"] = class_gaussians(ft, y, lg.shape[1])
-    return stats
-
-
-def class_gaussians(features: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float = 1e-3) -> dict[str, Any]:
-    """Class-conditional feature means and one shared (pooled within-class) covariance, for Mahalanobis
-    drift scores (Lee et al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples").
-
-    The covariance is shrunk towards its mean diagonal by ``shrinkage`` so that it is invertible on a device.
-    """
-    f = np.asarray(features, dtype=np.float64)
-    counts = np.bincount(y, minlength=num_classes)
-    means = np.zeros((num_classes, f.shape[1]))
-    for c in np.flatnonzero(counts):
-        means[c] = f[y == c].mean(axis=0)
-    centred = f - means[y]
-    cov = centred.T @ centred / max(len(f) - int((counts > 0).sum()), 1)
-    cov += shrinkage * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0])
-    return {"means": means, "counts": counts, "shared_covariance": cov, "shrinkage": shrinkage}
-
-
-def write_statistics(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
-    """Move the class-conditional arrays of ``stats`` into ``source_statistics.npz`` (float32) and leave a
-    reference with their shapes in the manifest: the covariance alone would be tens of kilobytes of JSON."""
-    gauss = stats.get("class_conditional")
-    if gauss is None:
-        return stats
-    cov = np.asarray(gauss["shared_covariance"], dtype=np.float32)
-    arrays = {"means": np.asarray(gauss["means"], dtype=np.float32), "counts": np.asarray(gauss["counts"], np.int64),
-              "shared_covariance_upper": cov[np.triu_indices(cov.shape[0])]}  # symmetric: half is enough
-    np.savez_compressed(tmp / STATISTICS, **arrays)  # type: ignore[arg-type]
-    ref = {"file": STATISTICS, "arrays": {"means": list(arrays["means"].shape), "counts": list(arrays["counts"].shape),
-                                          "shared_covariance": list(cov.shape)},
-           "covariance_storage": "upper_triangle_row_major", "shrinkage": gauss["shrinkage"]}
-    return {**stats, "class_conditional": ref}
+    probs = softmax(np.concatenate(logits))
+    return {"layers": layers, **output_statistics(probs, np.concatenate(features), source_y)}
 
 
 def _adaptable_block(model: nn.Module) -> dict[str, Any]:

@@ -2,15 +2,18 @@
 
 The bundle follows ``docs/CONTRACT.md`` without an ``adaptable`` block: one ``graph: "folded"`` model, the
 input spec (what a caller feeds: name, shape, dtype, layout, value range), ``outputs.kind`` (logits or
-probabilities), ``outputs.features: null``, golden vectors computed by the device runtime itself, every
-file's sha256 and an Ed25519 signature. The model is inspected first; a spec that does not match it is a
+probabilities), ``outputs.features`` (``"features"``: the penultimate tensor, found automatically or named,
+added as a model output — see :mod:`exporter.foreign_features`; null with ``features=None``), source
+statistics when labelled ``source_x`` are given, golden vectors computed by the device runtime itself,
+every file's sha256 and an Ed25519 signature. The model is inspected first; a spec that does not match it is a
 :class:`ForeignModelError` naming both sides.
 
 Batches: a model with a static batch of 1 is still served for any batch. ONNX: the wrapped copy gets a
 symbolic batch dimension when the graph allows it (checked: a batch run must equal per-sample runs);
 otherwise it keeps its static batch and the entry says ``"batch_resizable": false`` (the
 :class:`runtime.predictor.Predictor` then runs it in chunks). TFLite: the file is copied unchanged and
-the LiteRT session resizes its input, with the same check.
+the LiteRT session resizes its input, with the same check (the file is copied unchanged unless a features
+output is added).
 
 No torch here: this module needs numpy, onnx, onnxruntime, ai-edge-litert (TFLite) and cryptography.
 """
@@ -31,7 +34,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from exporter.foreign_features import AUTO, FEATURES, ForeignModelError, onnx_with_features, tflite_with_features
 from exporter.signing import sign_bundle
+from exporter.statistics import output_statistics, write_statistics
 from runtime.bundle import load_bundle
 from runtime.manifest import INPUT_DTYPES, OUTPUT_KINDS
 from runtime.session import Session, open_session
@@ -45,12 +50,9 @@ INT8_ATOL_STEPS = 3.0  # int8 outputs: at least this many output quantization st
 INT8_ATOL_FLOOR = 1e-2  # … or this, or INT8_MARGIN x the kernel variance on the golden inputs, whichever is larger
 INT8_MARGIN = 1.5
 PROBABILITY_SUM_TOL = 0.05
+STATISTICS_CHUNK = 256
 _ONNX_INT8_OPS = {"QLinearConv", "QLinearMatMul", "QuantizeLinear", "DequantizeLinear", "ConvInteger",
                   "MatMulInteger", "DynamicQuantizeLinear"}
-
-
-class ForeignModelError(ValueError):
-    """The foreign model cannot be wrapped: unsupported, or it does not match the given spec."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class _Wrapped:
     batch_resizable: bool
     static_batch: int | None
     extra: dict[str, Any]
+    io_names: dict[str, dict[str, str]]
+    features: str | None = None  # the source tensor exposed as output FEATURES, or None
 
 
 def _sha256(data: bytes) -> str:
@@ -157,7 +161,9 @@ def _onnx_batch_free(proto: Any, input_name: str) -> Any:
     return copy
 
 
-def _inspect_onnx(path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None) -> _Wrapped:
+def _inspect_onnx(
+    path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None, features: str | None
+) -> _Wrapped:
     import onnx
 
     proto = onnx.load(str(path))
@@ -173,13 +179,22 @@ def _inspect_onnx(path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, outp
     batch = _check_dims(_onnx_dims(inputs[0]), spec, where)
     output = _check_output_name([o.name for o in proto.graph.output], output_name, where)
     precision = "int8" if any(n.op_type in _ONNX_INT8_OPS for n in proto.graph.node) else "fp32"
+    tensor = None
+    if features is not None:
+        original = proto.SerializeToString()
+        proto, tensor = onnx_with_features(proto, output, features, where)
+        _check_scores_unchanged(original, proto.SerializeToString(), ".onnx", spec.name, golden_x, output, batch,
+                                f"{where} with features {tensor!r}")
     data, resizable = proto.SerializeToString(), batch is None
     if batch is not None:
         candidate = _onnx_batch_free(proto, spec.name).SerializeToString()
         resizable = _batch_consistent(candidate, data, ".onnx", spec.name, golden_x, batch)
         data = candidate if resizable else data
     extra = {"opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)}
-    return _Wrapped(data, ".onnx", "onnx", precision, output, resizable, None if resizable else batch, extra)
+    names = [o.name for o in proto.graph.output]
+    io_names = {"inputs": {spec.name: spec.name}, "outputs": {k: k for k in names}}
+    return _Wrapped(data, ".onnx", "onnx", precision, output, resizable, None if resizable else batch, extra,
+                    io_names, tensor)
 
 
 def _tflite_io(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -209,7 +224,13 @@ def _check_tflite_dtype(info: Any, spec: ForeignInputSpec, where: str) -> None:
                                 f"{info.zero_point})")
 
 
-def _inspect_tflite(path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None) -> _Wrapped:
+def _quantization(info: Any) -> dict[str, Any]:
+    return {"dtype": str(info.dtype), "scale": info.scale, "zero_point": info.zero_point}
+
+
+def _inspect_tflite(
+    path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None, features: str | None
+) -> _Wrapped:
     session, infos = _tflite_io(path)
     where = f"TFLite model {path.name}"
     if list(infos) != [spec.name]:
@@ -222,15 +243,56 @@ def _inspect_tflite(path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, ou
     out_info = session.output_info(output)
     quantized = info.quantized or out_info.quantized
     data = path.read_bytes()
+    io_names = {"inputs": {spec.name: info.key},
+                "outputs": {n: session.output_info(n).key for n in session.output_names}}
+    added = None
+    if features is not None:
+        if FEATURES in io_names["outputs"]:
+            raise ForeignModelError(f"{where} already has an output {FEATURES!r}; pass features=None")
+        added = tflite_with_features(data, out_info.key, features, where)
+        _check_scores_unchanged(data, added.data, ".tflite", spec.name, golden_x, output, info.shape[0],
+                                f"{where} with features {added.tensor!r}")
+        data = added.data
+        io_names["outputs"][FEATURES] = added.key
     resizable = _batch_consistent(data, data, ".tflite", spec.name, golden_x, info.shape[0])
     extra: dict[str, Any] = {}
     if info.quantized:
-        extra["input_quantization"] = {"dtype": str(info.dtype), "scale": info.scale, "zero_point": info.zero_point}
+        extra["input_quantization"] = _quantization(info)
     if out_info.quantized:
-        extra["output_quantization"] = {"dtype": str(out_info.dtype), "scale": out_info.scale,
-                                        "zero_point": out_info.zero_point}
+        extra["output_quantization"] = _quantization(out_info)
+    if added is not None:
+        feature_info = _tflite_io_names_session(data, io_names).output_info(FEATURES)
+        if feature_info.quantized:
+            extra["features_quantization"] = _quantization(feature_info)
     static = None if resizable else (batch or info.shape[0])
-    return _Wrapped(data, ".tflite", "tflite", "int8" if quantized else "fp32", output, resizable, static, extra)
+    return _Wrapped(data, ".tflite", "tflite", "int8" if quantized else "fp32", output, resizable, static, extra,
+                    io_names, added.tensor if added else None)
+
+
+def _tflite_io_names_session(data: bytes, io_names: dict[str, dict[str, str]]) -> Any:
+    from runtime.litert import LiteRTSession
+
+    return LiteRTSession(data, threads=1, io_names=io_names)
+
+
+def _check_scores_unchanged(
+    original: bytes, modified: bytes, suffix: str, input_name: str, x: np.ndarray, output: str,
+    static_batch: int | None, where: str,
+) -> None:
+    """The scores of ``modified`` must equal those of ``original`` bit for bit on ``x`` (run in chunks of
+    the model's static batch, or at once)."""
+    step = static_batch or len(x)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-foreign-") as tmp:
+        before = _open(original, suffix, Path(tmp), "original")
+        after = _open(modified, suffix, Path(tmp), "modified")
+        for i in range(0, len(x) - step + 1, step):
+            a = before.run({input_name: x[i : i + step]})[output]
+            b = after.run({input_name: x[i : i + step]})[output]
+            if a.shape != b.shape or not np.array_equal(a, b):
+                diff = float(np.abs(a.astype(np.float64) - b).max()) if a.shape == b.shape else float("nan")
+                raise ForeignModelError(f"{where}: adding the features output changes the scores {output!r} "
+                                        f"(max difference {diff:.3g} on the golden inputs); pass features=None "
+                                        "or name another tensor")
 
 
 def _open(data: bytes, suffix: str, tmp: Path, name: str = "probe") -> Session:
@@ -262,27 +324,28 @@ def _batch_consistent(
     return True
 
 
-def _check_golden_x(golden_x: np.ndarray, spec: ForeignInputSpec) -> np.ndarray:
+def _check_x(golden_x: np.ndarray, spec: ForeignInputSpec, what: str = "golden_x") -> np.ndarray:
     x = np.asarray(golden_x)
     if x.ndim != 4 or x.shape[1:] != spec.shape[1:] or len(x) == 0:
         want = ", ".join(map(str, spec.shape[1:]))
-        raise ForeignModelError(f"golden_x has shape {x.shape}, the spec wants (N, {want})")
+        raise ForeignModelError(f"{what} has shape {x.shape}, the spec wants (N, {want})")
     if np.issubdtype(np.dtype(spec.dtype), np.integer) and x.dtype != np.dtype(spec.dtype):
-        raise ForeignModelError(f"golden_x is {x.dtype}, the spec says {spec.dtype}")
+        raise ForeignModelError(f"{what} is {x.dtype}, the spec says {spec.dtype}")
     x = x.astype(spec.dtype)
     lo, hi = spec.value_range
     if not np.all(np.isfinite(x)) or x.min() < lo or x.max() > hi:
-        raise ForeignModelError(f"golden_x values [{x.min()}, {x.max()}] leave the spec's value range [{lo}, {hi}]")
+        raise ForeignModelError(f"{what} values [{x.min()}, {x.max()}] leave the spec's value range [{lo}, {hi}]")
     return np.ascontiguousarray(x)
 
 
-def _kernel_variance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> float:
-    """Largest output difference on ``x`` between the default kernels and the other kernel families."""
+def _kernel_variance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> dict[str, float]:
+    """Per output, the largest difference on ``x`` between the default kernels and the other kernel families."""
     feeds = {spec.name: x}
     if wrapped.fmt == "tflite":
         from runtime.litert import LiteRTSession
 
-        runs = [LiteRTSession(path, 1, kernels=k).run(feeds) for k in ("default", "builtin", "reference")]
+        runs = [LiteRTSession(path, 1, wrapped.io_names, kernels=k).run(feeds) for k in ("default", "builtin",
+                                                                                        "reference")]
     else:
         import onnxruntime as ort
 
@@ -291,23 +354,32 @@ def _kernel_variance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: n
         plain = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
         names = [o.name for o in plain.get_outputs()]
         runs = [open_session(path, "onnx", 1).run(feeds), dict(zip(names, plain.run(names, feeds), strict=True))]
-    return max(float(np.abs(run[k].astype(np.float64) - runs[0][k]).max()) for run in runs[1:] for k in runs[0])
+    return {k: max(float(np.abs(run[k].astype(np.float64) - runs[0][k]).max()) for run in runs[1:]) for k in runs[0]}
 
 
-def _tolerance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> dict[str, float]:
+def _tolerance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> dict[str, Any]:
     """Golden tolerance: fp32 fixed; int8 from the kernel variance measured on the golden inputs themselves.
 
     int8 results depend on the kernels (measured on the MLPerf Tiny ResNet-8 int8: XNNPACK vs LiteRT's
     built-in kernels up to 42 output steps, 0.16 in probability), so the bound is the larger of a floor,
     a few output quantization steps and :data:`INT8_MARGIN` × the variance measured on exactly these inputs.
+    The features output, quantized more coarsely than the scores (one step of the ResNet-8 int8 flatten
+    tensor is 0.13), gets its own bound (``outputs.features``) so that it does not loosen the scores'.
     """
     if wrapped.precision == "fp32":
         return dict(FP32_TOLERANCE)
     measured = _kernel_variance(wrapped, path, spec, x)
-    step = wrapped.extra.get("output_quantization", {}).get("scale", 0.0)
-    atol = max(INT8_ATOL_FLOOR, INT8_ATOL_STEPS * step, INT8_MARGIN * measured)
-    logger.info("%s: kernel variance on the golden inputs %.3g -> golden atol %.3g", path.name, measured, atol)
-    return {"atol": atol, "rtol": 1e-3}
+    scores = max(v for k, v in measured.items() if k != FEATURES)
+    atol = _int8_atol(scores, wrapped.extra.get("output_quantization", {}).get("scale", 0.0))
+    logger.info("%s: kernel variance on the golden inputs %.3g -> golden atol %.3g", path.name, scores, atol)
+    if FEATURES not in measured:
+        return {"atol": atol, "rtol": 1e-3}
+    features = _int8_atol(measured[FEATURES], wrapped.extra.get("features_quantization", {}).get("scale", 0.0))
+    return {"atol": atol, "rtol": 1e-3, "outputs": {FEATURES: {"atol": features, "rtol": 1e-3}}}
+
+
+def _int8_atol(measured: float, step: float) -> float:
+    return max(INT8_ATOL_FLOOR, INT8_ATOL_STEPS * step, INT8_MARGIN * measured)
 
 
 def _check_scores(scores: np.ndarray, kind: str, labels: Sequence[str], output: str) -> None:
@@ -323,19 +395,24 @@ def _check_scores(scores: np.ndarray, kind: str, labels: Sequence[str], output: 
 
 
 def _wrap(
-    source: Path, out_dir: Path, inspect: Any, *, labels: Sequence[str], input_spec: Any, output_kind: str,
+    source_path: Path, out_dir: Path, inspect: Any, *, labels: Sequence[str], input_spec: Any, output_kind: str,
     golden_x: np.ndarray, signing_key: Ed25519PrivateKey | None, name: str | None, output_name: str | None,
-    overwrite: bool,
+    overwrite: bool, features: str | None, source_x: np.ndarray | None, source_y: np.ndarray | None,
 ) -> Path:
     spec = ForeignInputSpec.parse(input_spec)
+    if source_x is not None and features is None:
+        raise ForeignModelError("source statistics (source_x) describe the features: pass features='auto' or a name")
+    if source_y is not None and source_x is None:
+        raise ForeignModelError("source_y was given without source_x")
     if output_kind not in OUTPUT_KINDS:
         raise ForeignModelError(f"output_kind {output_kind!r} is not one of {OUTPUT_KINDS}")
     if not labels or len(set(labels)) != len(labels) or not all(isinstance(v, str) for v in labels):
         raise ForeignModelError(f"labels must be unique strings, got {list(labels)!r}")
-    if not source.is_file():
-        raise FileNotFoundError(f"foreign model not found: {source}")
-    x = _check_golden_x(golden_x, spec)
-    wrapped = inspect(source, spec, x, output_name)
+    if not source_path.is_file():
+        raise FileNotFoundError(f"foreign model not found: {source_path}")
+    x = _check_x(golden_x, spec)
+    source = _check_x(source_x, spec, "source_x") if source_x is not None else None
+    wrapped = inspect(source_path, spec, x, output_name, features)
     if wrapped.static_batch is not None:
         if len(x) < wrapped.static_batch:
             raise ForeignModelError(f"the model's static batch is {wrapped.static_batch}: give that many golden_x")
@@ -343,7 +420,8 @@ def _wrap(
     _prepare_out_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
-        manifest = _write_files(tmp, source, wrapped, spec, x, labels, output_kind, name or out_dir.name)
+        manifest = _write_files(tmp, source_path, wrapped, spec, x, labels, output_kind, name or out_dir.name,
+                                (source, source_y))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if signing_key is None:
             logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
@@ -353,36 +431,73 @@ def _wrap(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("wrapped %s into %s (%s %s, batch resizable: %s)", source.name, out_dir, wrapped.fmt,
-                wrapped.precision, wrapped.batch_resizable)
+    logger.info("wrapped %s into %s (%s %s, batch resizable: %s, features: %s)", source_path.name, out_dir,
+                wrapped.fmt, wrapped.precision, wrapped.batch_resizable, wrapped.features)
     return out_dir
 
 
 def _write_files(
     tmp: Path, source: Path, wrapped: _Wrapped, spec: ForeignInputSpec, x: np.ndarray, labels: Sequence[str],
-    output_kind: str, name: str,
+    output_kind: str, name: str, statistics_data: tuple[np.ndarray | None, np.ndarray | None],
 ) -> dict[str, Any]:
     model_file = tmp / f"model_{wrapped.precision}{wrapped.suffix}"
     model_file.write_bytes(wrapped.data)
-    outputs = open_session(model_file, backend="auto", threads=1).run({spec.name: x})
+    session = open_session(model_file, backend="auto", threads=1, io_names=wrapped.io_names)
+    outputs = session.run({spec.name: x})
     _check_scores(outputs[wrapped.output], output_kind, labels, wrapped.output)
+    if wrapped.features is not None:
+        _check_features(outputs[FEATURES], len(x), wrapped.features)
     np.savez(tmp / GOLDEN, input=x, **{f"{wrapped.precision}/{k}": v for k, v in outputs.items()})
     entry = {
         "name": wrapped.precision, "file": model_file.name, "format": wrapped.fmt, "precision": wrapped.precision,
-        "graph": "folded", "io_names": {"inputs": {spec.name: spec.name}, "outputs": {k: k for k in outputs}},
+        "graph": "folded", "io_names": wrapped.io_names,
         "batch_resizable": wrapped.batch_resizable, "static_batch": wrapped.static_batch, **wrapped.extra,
     }
+    source_x, source_y = statistics_data
+    blocks: dict[str, Any] = {}
+    if source_x is not None:
+        probs, features = _source_pass(session, wrapped, spec, source_x, output_kind)
+        blocks["source_statistics"] = write_statistics(tmp, output_statistics(probs, features, source_y))
     source_sha = _sha256(source.read_bytes())
+    foreign: dict[str, Any] = {"source_file": source.name, "source_sha256": source_sha, "format": wrapped.fmt}
+    if wrapped.features is not None:
+        foreign["added_outputs"] = {FEATURES: wrapped.features}
+        foreign["scores_bit_identical_to_source"] = True  # checked on the golden inputs before writing
     return {
         "schema_version": 1, "name": name, "arch": "foreign", "created_unix_ms": int(time.time() * 1000),
         "source_checkpoint_sha256": source_sha, "input": spec.manifest_block(), "labels": list(labels),
-        "outputs": {"logits": wrapped.output, "features": None, "kind": output_kind},
-        "models": [entry], "default_model": wrapped.precision,
+        "outputs": {"logits": wrapped.output, "features": FEATURES if wrapped.features else None,
+                    "kind": output_kind},
+        "models": [entry], "default_model": wrapped.precision, **blocks,
         "files": {p.name: _sha256(p.read_bytes()) for p in sorted(tmp.iterdir())},
         "golden": {"file": GOLDEN, "alpha": 0.0,
                    "models": {wrapped.precision: _tolerance(wrapped, model_file, spec, x)}},
-        "foreign": {"source_file": source.name, "source_sha256": source_sha, "format": wrapped.fmt},
+        "foreign": foreign,
     }
+
+
+def _check_features(features: np.ndarray, n: int, tensor: str) -> None:
+    if features.ndim != 2 or len(features) != n:
+        raise ForeignModelError(f"features tensor {tensor!r} has shape {features.shape} for a batch of {n}; it "
+                                "must be (N, D): name a flattened tensor")
+
+
+def _source_pass(
+    session: Session, wrapped: _Wrapped, spec: ForeignInputSpec, x: np.ndarray, output_kind: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and features of ``x``, in chunks (of the static batch, the last one padded)."""
+    from runtime.predictor import probabilities
+
+    step = wrapped.static_batch or STATISTICS_CHUNK
+    scores, features = [], []
+    for i in range(0, len(x), step):
+        chunk = x[i : i + step]
+        if wrapped.static_batch is not None and len(chunk) < step:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], step - len(chunk), axis=0)])
+        out = session.run({spec.name: chunk})
+        scores.append(np.asarray(out[wrapped.output], np.float32)[: len(x) - i])
+        features.append(np.asarray(out[FEATURES], np.float32)[: len(x) - i])
+    return probabilities(np.concatenate(scores), output_kind), np.concatenate(features)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -409,32 +524,43 @@ def wrap_onnx(
     path: Path | str, out_dir: Path | str, *, labels: Sequence[str],
     input_spec: ForeignInputSpec | Mapping[str, Any], output_kind: str, golden_x: np.ndarray,
     signing_key: Ed25519PrivateKey | None = None, name: str | None = None, output_name: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, features: str | None = AUTO, source_x: np.ndarray | None = None,
+    source_y: np.ndarray | None = None,
 ) -> Path:
     """Wrap the ONNX file ``path`` into a signed bundle at ``out_dir``; return ``out_dir``.
 
     ``input_spec`` must match the model's single graph input (name, dtype, non-batch dims; batch -1 or the
     static one); ``output_name`` picks the score output when there are several; ``golden_x`` (a few
     samples, in the spec's dtype and value range) become the golden vectors. A static batch of 1 is made
-    symbolic in the wrapped copy when a batch run equals per-sample runs. Raises :class:`ForeignModelError`.
+    symbolic in the wrapped copy when a batch run equals per-sample runs. ``features``: ``"auto"`` exposes
+    the input of the last Gemm/MatMul before the scores as output ``features``, a tensor name that tensor,
+    None no features (see :mod:`exporter.foreign_features`); the scores must stay bit-identical.
+    ``source_x``/``source_y`` (labelled training samples, as ``golden_x``) give the source statistics:
+    feature mean/var, entropy, accuracy and class-conditional Gaussians (``source_statistics.npz``).
+    Raises :class:`ForeignModelError`.
     """
     return _wrap(Path(path), Path(out_dir), _inspect_onnx, labels=labels, input_spec=input_spec,
                  output_kind=output_kind, golden_x=golden_x, signing_key=signing_key, name=name,
-                 output_name=output_name, overwrite=overwrite)
+                 output_name=output_name, overwrite=overwrite, features=features, source_x=source_x,
+                 source_y=source_y)
 
 
 def wrap_tflite(
     path: Path | str, out_dir: Path | str, *, labels: Sequence[str],
     input_spec: ForeignInputSpec | Mapping[str, Any], output_kind: str, golden_x: np.ndarray,
     signing_key: Ed25519PrivateKey | None = None, name: str | None = None, output_name: str | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, features: str | None = AUTO, source_x: np.ndarray | None = None,
+    source_y: np.ndarray | None = None,
 ) -> Path:
     """Wrap the TFLite file ``path`` into a signed bundle at ``out_dir``; return ``out_dir``.
 
     As :func:`wrap_onnx`; names are signature keys, or tensor names when the model has no signature. A
     quantized input may be declared as real values (float32, or uint8 when its scale is 1) that the runtime
-    quantizes with the input's parameters; quantized outputs are dequantized. The file is copied unchanged.
+    quantizes with the input's parameters; quantized outputs (features included) are dequantized. The file
+    is copied unchanged unless features are added: then the flatbuffer gains that output (and a signature
+    output ``features`` when it has a signature); the manifest's ``foreign`` block records it.
     """
     return _wrap(Path(path), Path(out_dir), _inspect_tflite, labels=labels, input_spec=input_spec,
                  output_kind=output_kind, golden_x=golden_x, signing_key=signing_key, name=name,
-                 output_name=output_name, overwrite=overwrite)
+                 output_name=output_name, overwrite=overwrite, features=features, source_x=source_x,
+                 source_y=source_y)

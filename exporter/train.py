@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from exporter.models import ARCHITECTURES, ModelSpec, build_model
+from exporter.statistics import check_labels
 
 logger = logging.getLogger(__name__)
 
@@ -87,19 +88,6 @@ def check_images(x: np.ndarray, what: str = "images") -> np.ndarray:
     lo, hi = float(arr.min()), float(arr.max())
     if lo < -1e-6 or hi > 1 + 1e-6:
         raise ValueError(f"{what} must lie in [0, 1], got range [{lo}, {hi}]")
-    return arr
-
-
-def check_labels(y: np.ndarray, n: int, num_classes: int | None = None) -> np.ndarray:
-    """Validate ``n`` integer labels (in ``[0, num_classes)`` when given); return them as int64."""
-    arr = np.asarray(y)
-    if arr.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {arr.shape}")
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
-    if arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
     return arr
 
 

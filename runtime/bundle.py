@@ -95,7 +95,6 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
     x = golden_input(recorded, name)
     if model.name not in manifest.golden_tolerance:
         raise ManifestError(f"golden.models has no tolerance for model {model.name!r}")
-    atol, rtol = manifest.golden_tolerance[model.name]
     outputs = session.run(golden_feeds(manifest, model, x.astype(manifest.input.dtype)))
     prefix = f"{model.name}/"
     checked = 0
@@ -106,6 +105,7 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
         if out not in outputs:
             raise GoldenMismatchError(f"model {model.name!r} has no output {out!r} recorded in golden vectors")
         diff = np.abs(outputs[out].astype(np.float64) - expected)
+        atol, rtol = manifest.tolerance_of(model.name, out)
         bound = atol + rtol * np.abs(expected)
         if not np.all(diff <= bound):
             raise GoldenMismatchError(

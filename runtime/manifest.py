@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,7 @@ class Manifest:
     golden_alpha: float
     golden_tolerance: dict[str, tuple[float, float]]
     raw: dict[str, Any]
+    golden_output_tolerance: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
 
     def model(self, name: str | None, backend: str = "auto") -> ModelEntry:
         """The model entry called ``name``; without a name the default model, or — when ``backend`` names a
@@ -109,6 +110,11 @@ class Manifest:
         files = [entry.packed["file"] if entry.packed else entry.file, self.golden_file_of(entry.name)]
         stats = self.raw.get("source_statistics", {}).get("class_conditional") or {}
         return files + ([stats["file"]] if isinstance(stats.get("file"), str) else [])
+
+    def tolerance_of(self, model: str, output: str) -> tuple[float, float]:
+        """``(atol, rtol)`` of ``output`` of ``model``'s golden check: the output's own bound
+        (``golden.models[model].outputs[output]``) or the model's."""
+        return self.golden_output_tolerance.get(model, {}).get(output, self.golden_tolerance[model])
 
     def golden_file_of(self, model: str) -> str:
         """The golden-vector file of ``model``: its own (``golden.models[model].file``) or the shared one."""
@@ -228,6 +234,14 @@ def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
     return tuple(entries)
 
 
+def _output_tolerances(model: str, tolerance: dict[str, Any]) -> dict[str, tuple[float, float]]:
+    """``golden.models[model].outputs``: per-output ``{atol, rtol}`` overriding the model's (optional)."""
+    outputs = tolerance.get("outputs", {})
+    if not isinstance(outputs, dict) or not all(isinstance(t, dict) for t in outputs.values()):
+        raise ManifestError(f"manifest field golden.models.{model}.outputs must map output names to {{atol, rtol}}")
+    return {out: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0))) for out, t in outputs.items()}
+
+
 def parse_manifest(raw: dict[str, Any]) -> Manifest:
     """Validate parsed manifest JSON and build a :class:`Manifest`; raise :class:`ManifestError` naming the field."""
     version = raw.get("schema_version") if isinstance(raw, dict) else None
@@ -249,6 +263,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         name: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0)))
         for name, t in _get(golden, "models", dict, "golden").items()
     }
+    per_output = {name: _output_tolerances(name, t) for name, t in golden["models"].items()}
     models = _models(raw)
     files = {str(k): str(v) for k, v in _get(raw, "files", dict, "manifest").items()}
     manifest = Manifest(
@@ -269,6 +284,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         golden_alpha=float(golden.get("alpha", 0.0)),
         golden_tolerance=tolerance,
         raw=raw,
+        golden_output_tolerance={k: v for k, v in per_output.items() if v},
     )
     manifest.model(None)
     for entry in models:

@@ -48,8 +48,10 @@ def mnist_raw() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def zoo_bundle(mnist_raw: tuple, tmp_path_factory: pytest.TempPathFactory, signing_key: Any) -> Path:
     out = tmp_path_factory.mktemp("zoo") / "bundle"
+    x, y = mnist_raw
     return wrap_onnx(ZOO, out, labels=DIGITS, input_spec=ZOO_SPEC, output_kind="logits",
-                     golden_x=mnist_raw[0][:8], signing_key=signing_key, name="onnx-zoo-mnist")
+                     golden_x=x[:8], signing_key=signing_key, name="onnx-zoo-mnist", source_x=x[-512:],
+                     source_y=y[-512:])
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +69,16 @@ def test_zoo_manifest(zoo_bundle: Path) -> None:
     assert "adaptable" not in manifest and manifest["arch"] == "foreign"
     assert manifest["input"] == {"name": "Input3", "shape": [-1, 1, 28, 28], "dtype": "float32", "layout": "NCHW",
                                  "value_range": [0.0, 255.0]}
-    assert manifest["outputs"] == {"logits": "Plus214_Output_0", "features": None, "kind": "logits"}
+    assert manifest["outputs"] == {"logits": "Plus214_Output_0", "features": "features", "kind": "logits"}
     (entry,) = manifest["models"]
     assert entry["graph"] == "folded" and entry["format"] == "onnx" and entry["precision"] == "fp32"
     assert entry["batch_resizable"] is True and entry["static_batch"] is None
-    assert entry["io_names"] == {"inputs": {"Input3": "Input3"}, "outputs": {"Plus214_Output_0": "Plus214_Output_0"}}
-    assert set(manifest["files"]) == {"model_fp32.onnx", "golden.npz"}
+    assert entry["io_names"] == {"inputs": {"Input3": "Input3"},
+                                 "outputs": {"Plus214_Output_0": "Plus214_Output_0", "features": "features"}}
+    assert set(manifest["files"]) == {"model_fp32.onnx", "golden.npz", "source_statistics.npz"}
+    assert manifest["foreign"]["added_outputs"] == {"features": "Pooling160_Output_0_reshape0"}
+    assert manifest["source_statistics"]["accuracy"] >= 0.97
+    assert len(manifest["source_statistics"]["features"]["mean"]) == 256
     proto = onnx.load(str(zoo_bundle / "model_fp32.onnx"))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
@@ -84,8 +90,16 @@ def test_zoo_keeps_accuracy_on_full_mnist(zoo_bundle: Path, mnist_raw: tuple) ->
     result = predictor.predict(x)
     accuracy = float((result.predictions == y).mean())
     assert accuracy >= 0.989, f"ONNX Model Zoo MNIST top-1 {accuracy:.4f} on 10,000 (README: 98.91 %)"
-    assert result.features is None and result.kind == "logits"
+    assert result.features.shape == (len(x), 256) and result.kind == "logits"
     np.testing.assert_allclose(result.probs.sum(1), 1.0, atol=1e-9)
+    plain = Predictor(load_bundle(_wrap_zoo_without_features(zoo_bundle.parent / "plain"), backend="auto"))
+    np.testing.assert_array_equal(plain.predict(x[:500]).scores, predictor.predict(x[:500]).scores)
+
+
+def _wrap_zoo_without_features(out: Path) -> Path:
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    return wrap_onnx(ZOO, out, labels=DIGITS, input_spec=ZOO_SPEC, output_kind="logits", golden_x=x, features=None,
+                     overwrite=True)
 
 
 @pytest.mark.shared_data
@@ -101,14 +115,23 @@ def test_resnet8_keeps_accuracy_on_full_cifar(
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
     (entry,) = manifest["models"]
     assert entry["format"] == "tflite" and entry["precision"] == ("fp32" if dtype == "float32" else "int8")
+    assert entry["io_names"]["outputs"]["features"] == "model/flatten/Reshape"
+    assert manifest["outputs"]["features"] == "features" and manifest["foreign"]["scores_bit_identical_to_source"]
     if dtype == "uint8":
         assert entry["input_quantization"] == {"dtype": "int8", "scale": 1.0, "zero_point": -128}
+        assert entry["features_quantization"]["dtype"] == "int8"  # dequantized by the runtime
+        assert "features" in manifest["golden"]["models"]["int8"]["outputs"]  # its own bound, apart from the scores
     predictor = Predictor(load_bundle(bundle_dir, backend="auto", threads=1), max_batch=500)
     result = predictor.predict(x.astype(dtype))
     accuracy = float((result.predictions == y).mean())
     assert accuracy >= bound, f"{model.name}: top-1 {accuracy:.4f} on 10,000 (README: 75.48 % / 75.42 %)"
     assert result.kind == "probabilities" and result.scores.dtype == np.float32
+    assert result.features.shape == (len(x), 64) and result.features.dtype == np.float32
     np.testing.assert_allclose(result.probs.sum(1), 1.0, atol=1e-9)
+    from runtime.litert import LiteRTSession
+
+    source = LiteRTSession(model, threads=1).run({name: x[:64].astype(dtype)})
+    np.testing.assert_array_equal(next(iter(source.values())), predictor.predict(x[:64].astype(dtype)).scores)
 
 
 STATIC_SPEC = {"name": "x", "shape": [1, 1, 2, 2], "dtype": "float32", "layout": "NCHW", "value_range": [0, 1]}

@@ -82,7 +82,7 @@ def test_uint8_nhwc_input(tmp_path: Path) -> None:
     result = predictor.predict(x)
     expected = x.reshape(6, 4).astype(np.float32) @ (np.linspace(-1, 1, 12, dtype=np.float32).reshape(4, 3) / 255)
     np.testing.assert_allclose(result.scores, expected, rtol=1e-5, atol=1e-6)
-    assert result.features is None
+    np.testing.assert_array_equal(result.features, x.reshape(6, 4))  # "auto": the MatMul's input, as float
     with pytest.raises(InputError, match="float32; the model takes uint8"):
         predictor.predict(x.astype(np.float32))
     with pytest.raises(InputError, match="shape"):

@@ -1,0 +1,84 @@
+"""Source statistics of a bundle's penultimate features, shared by our own bundles and foreign ones.
+
+``source_statistics`` in the manifest holds the feature mean and variance, the prediction entropy's mean
+and standard deviation and the accuracy; the class-conditional Gaussians (means, counts, shared
+covariance) go into ``source_statistics.npz``, referenced from the manifest. numpy only (no torch): the
+foreign-model wrapper uses it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from runtime.model import entropy
+
+STATISTICS = "source_statistics.npz"
+
+
+def check_labels(y: np.ndarray, n: int, num_classes: int | None = None) -> np.ndarray:
+    """Validate ``n`` integer labels (in ``[0, num_classes)`` when given); return them as int64."""
+    arr = np.asarray(y)
+    if arr.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes):
+        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
+    return arr
+
+
+def output_statistics(probs: np.ndarray, features: np.ndarray, source_y: np.ndarray | None) -> dict[str, Any]:
+    """Feature mean/var, entropy mean/std, accuracy (None without ``source_y``) and — with labels — the
+    class-conditional Gaussians of ``features`` (N, D) given class probabilities ``probs`` (N, K)."""
+    p = np.asarray(probs, dtype=np.float64)
+    ft = np.asarray(features, dtype=np.float64)
+    if p.ndim != 2 or ft.ndim != 2 or len(p) != len(ft) or len(p) == 0:
+        raise ValueError(f"probs {p.shape} and features {ft.shape} must be (N, K) and (N, D) with N >= 1")
+    ent = entropy(p)
+    stats: dict[str, Any] = {
+        "features": {"mean": ft.mean(0).tolist(), "var": ft.var(0).tolist()},
+        "entropy": {"mean": float(ent.mean()), "std": float(ent.std())},
+        "accuracy": None,
+    }
+    if source_y is not None:
+        y = check_labels(source_y, len(p), p.shape[1])
+        stats["accuracy"] = float((p.argmax(1) == y).mean())
+        stats["class_conditional"] = class_gaussians(ft, y, p.shape[1])
+    return stats
+
+
+def class_gaussians(features: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float = 1e-3) -> dict[str, Any]:
+    """Class-conditional feature means and one shared (pooled within-class) covariance, for Mahalanobis
+    drift scores (Lee et al. 2018, "A Simple Unified Framework for Detecting Out-of-Distribution Samples").
+
+    The covariance is shrunk towards its mean diagonal by ``shrinkage`` so that it is invertible on a device.
+    """
+    f = np.asarray(features, dtype=np.float64)
+    counts = np.bincount(y, minlength=num_classes)
+    means = np.zeros((num_classes, f.shape[1]))
+    for c in np.flatnonzero(counts):
+        means[c] = f[y == c].mean(axis=0)
+    centred = f - means[y]
+    cov = centred.T @ centred / max(len(f) - int((counts > 0).sum()), 1)
+    cov += shrinkage * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0])
+    return {"means": means, "counts": counts, "shared_covariance": cov, "shrinkage": shrinkage}
+
+
+def write_statistics(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
+    """Move the class-conditional arrays of ``stats`` into ``source_statistics.npz`` (float32) and leave a
+    reference with their shapes in the manifest: the covariance alone would be tens of kilobytes of JSON."""
+    gauss = stats.get("class_conditional")
+    if gauss is None:
+        return stats
+    cov = np.asarray(gauss["shared_covariance"], dtype=np.float32)
+    arrays = {"means": np.asarray(gauss["means"], dtype=np.float32), "counts": np.asarray(gauss["counts"], np.int64),
+              "shared_covariance_upper": cov[np.triu_indices(cov.shape[0])]}  # symmetric: half is enough
+    np.savez_compressed(tmp / STATISTICS, **arrays)  # type: ignore[arg-type]
+    ref = {"file": STATISTICS, "arrays": {"means": list(arrays["means"].shape), "counts": list(arrays["counts"].shape),
+                                          "shared_covariance": list(cov.shape)},
+           "covariance_storage": "upper_triangle_row_major", "shrinkage": gauss["shrinkage"]}
+    return {**stats, "class_conditional": ref}

@@ -1,0 +1,165 @@
+"""Foreign bundles expose penultimate features and carry source statistics: found automatically in a small
+ONNX and TFLite classifier built here, scores bit-identical to the source model, LAME and T3A (and the
+Mahalanobis class Gaussians) run on the bundle through the product, bad names are refused with the
+available tensors listed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from device_agents.tta import create_tta_method
+from exporter.foreign import ForeignModelError, wrap_onnx, wrap_tflite
+from runtime import load_bundle
+from runtime.predictor import Predictor
+
+LABELS = ["a", "b", "c"]
+SPEC = {"name": "x", "shape": [-1, 1, 4, 4], "dtype": "float32", "layout": "NCHW", "value_range": [0, 1]}
+
+
+def _classifier(path: Path) -> Path:
+    """x (N, 1, 4, 4) → Flatten → Gemm(16→8) → Relu = ``hidden`` → MatMul(8→3) → Add → Softmax."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+             for name, shape in (("w1", (16, 8)), ("b1", (8,)), ("w2", (8, 3)), ("b2", (3,)))]
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("Gemm", ["flat", "w1", "b1"], ["pre"]),
+             helper.make_node("Relu", ["pre"], ["hidden"]), helper.make_node("MatMul", ["hidden", "w2"], ["mm"]),
+             helper.make_node("Add", ["mm", "b2"], ["logits"]), helper.make_node("Softmax", ["logits"], ["probs"])]
+    graph = helper.make_graph(nodes, "clf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 4, 4])],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["n", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def _source(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The unmodified model's probabilities (onnxruntime) and its hidden layer (numpy, from the weights)."""
+    w = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    hidden = np.maximum(x.reshape(len(x), -1) @ w["w1"] + w["b1"], 0.0)
+    probs = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(["probs"], {"x": x})[0]
+    return probs, hidden
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, size=(96, 1, 4, 4)).astype(np.float32)
+    return x, rng.integers(0, 3, size=96)
+
+
+@pytest.fixture(scope="module")
+def onnx_bundle(tmp_path_factory: pytest.TempPathFactory, data: tuple, signing_key: Any) -> Path:
+    root = tmp_path_factory.mktemp("foreign_features")
+    x, y = data
+    return wrap_onnx(_classifier(root / "clf.onnx"), root / "b", labels=LABELS, input_spec=SPEC,
+                     output_kind="probabilities", golden_x=x[:4], source_x=x[32:], source_y=y[32:],
+                     signing_key=signing_key)
+
+
+def test_onnx_features_found_and_scores_unchanged(onnx_bundle: Path, data: tuple) -> None:
+    x, _ = data
+    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
+    assert manifest["outputs"] == {"logits": "probs", "features": "features", "kind": "probabilities"}
+    assert manifest["foreign"]["added_outputs"] == {"features": "hidden"}
+    assert manifest["models"][0]["io_names"]["outputs"] == {"probs": "probs", "features": "features"}
+    bundle = load_bundle(onnx_bundle)
+    result = Predictor(bundle).predict(x[:16])
+    probs, hidden = _source(onnx_bundle.parent / "clf.onnx", x[:16])
+    np.testing.assert_array_equal(result.scores, probs)
+    np.testing.assert_allclose(result.features, hidden, rtol=1e-5, atol=1e-5)
+
+
+def test_source_statistics_are_recorded_and_fetched(onnx_bundle: Path, data: tuple) -> None:
+    x, y = data
+    manifest = json.loads((onnx_bundle / "manifest.json").read_text())
+    stats = manifest["source_statistics"]
+    probs, hidden = _source(onnx_bundle.parent / "clf.onnx", x[32:])
+    np.testing.assert_allclose(stats["features"]["mean"], hidden.mean(0), rtol=1e-5, atol=1e-6)
+    assert stats["accuracy"] == pytest.approx(float((probs.argmax(1) == y[32:]).mean()))
+    assert "layers" not in stats and stats["entropy"]["mean"] > 0
+    bundle = load_bundle(onnx_bundle)
+    assert "source_statistics.npz" in manifest["files"]
+    assert "source_statistics.npz" in bundle.manifest.files_for(bundle.model.name)
+    means, cov, counts = bundle.manifest.class_gaussians(bundle.root)
+    assert means.shape == (3, 8) and cov.shape == (8, 8) and counts.sum() == 64
+    np.testing.assert_allclose(means[0], hidden[y[32:] == 0].mean(0), rtol=1e-4, atol=1e-5)
+    from device_agents.drift.mahalanobis import MahalanobisDrift
+
+    detector = MahalanobisDrift.from_bundle(bundle, window_size=8, reference=hidden, n_runs=20, run_length=200)
+    assert detector.dim == 8
+
+
+@pytest.mark.parametrize("method", ["lame", "t3a"])
+def test_lame_and_t3a_run_on_the_foreign_bundle(onnx_bundle: Path, data: tuple, method: str) -> None:
+    x, _ = data
+    predictor = Predictor(load_bundle(onnx_bundle))
+    tta = create_tta_method(method)
+    for start in (0, 16):
+        out = tta.predict(predictor, x[start : start + 16])
+        assert out.logits.shape == (16, 3) and out.features.shape == (16, 8)
+        np.testing.assert_allclose(out.probs.sum(1), 1.0, atol=1e-6)
+    if method == "t3a":  # seeded with the source class means from source_statistics.npz
+        means = predictor.manifest.class_gaussians(predictor.bundle.root)[0]
+        np.testing.assert_array_equal(tta._state["supports"][:, 0], means)
+
+
+def test_explicit_and_bad_feature_names(tmp_path: Path, data: tuple) -> None:
+    x, _ = data
+    model = _classifier(tmp_path / "clf.onnx")
+    kwargs = {"labels": LABELS, "input_spec": SPEC, "output_kind": "probabilities", "golden_x": x[:4]}
+    out = wrap_onnx(model, tmp_path / "pre", features="pre", **kwargs)
+    assert json.loads((out / "manifest.json").read_text())["foreign"]["added_outputs"] == {"features": "pre"}
+    with pytest.raises(ForeignModelError, match=r"no tensor 'penultimate'.*available tensors: .*'hidden'"):
+        wrap_onnx(model, tmp_path / "bad", features="penultimate", **kwargs)
+    with pytest.raises(ForeignModelError, match=r"no tensor 'x' computed by the graph"):
+        wrap_onnx(model, tmp_path / "bad", features="x", **kwargs)  # the graph input
+    with pytest.raises(ForeignModelError, match="features"):
+        wrap_onnx(model, tmp_path / "bad", features=None, source_x=x, **kwargs)
+    plain = wrap_onnx(model, tmp_path / "plain", features=None, **kwargs)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    assert manifest["outputs"]["features"] is None and "added_outputs" not in manifest["foreign"]
+    assert set(manifest["files"]) == {"model_fp32.onnx", "golden.npz"}
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tflite_features_found_through_its_signature(tmp_path: Path) -> None:
+    """A model converted here (with a SignatureDef): the features join the subgraph and the signature."""
+    pytest.importorskip("litert_torch")
+    import torch
+
+    from exporter.tflite_export import export_tflite
+    from runtime.litert import LiteRTSession
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5)).eval()
+    report = export_tflite(model, tmp_path / "m.tflite", example=torch.rand(1, 3, 8, 8),
+                           parity_x=np.random.default_rng(0).uniform(0, 1, (4, 3, 8, 8)).astype(np.float32))
+    rng = np.random.default_rng(2)
+    x = rng.uniform(0, 1, (40, 3, 8, 8)).astype(np.float32)
+    spec = {"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32", "layout": "NCHW", "value_range": [0, 1]}
+    bundle_dir = wrap_tflite(report.path, tmp_path / "b", labels=list("abcde"), input_spec=spec,
+                             output_kind="logits", golden_x=x[:3], source_x=x[8:], source_y=rng.integers(0, 5, 32))
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    assert manifest["models"][0]["io_names"]["outputs"]["features"] == "features"  # the new signature key
+    bundle = load_bundle(bundle_dir, backend="tflite")
+    result = Predictor(bundle).predict(x[:8])
+    np.testing.assert_array_equal(result.scores, LiteRTSession(report.path).run({"input": x[:8]})["logits"])
+    with torch.no_grad():
+        np.testing.assert_allclose(result.features, model[:-1](torch.from_numpy(x[:8])).numpy(), atol=1e-4)
+    assert bundle.manifest.class_gaussians(bundle.root)[0].shape == (5, 6)
+    out = create_tta_method("lame").predict(Predictor(bundle), x[:8])
+    assert out.logits.shape == (8, 5) and out.features.shape == (8, 6)
+    from ai_edge_litert.interpreter import Interpreter
+
+    details = Interpreter(model_path=str(report.path)).get_tensor_details()
+    conv = next(d["name"] for d in details if len(d["shape"]) == 4 and d["name"].endswith("ReLU_1;"))  # (1, 4, 6, 6)
+    with pytest.raises(ForeignModelError, match=r"must be \(N, D\)"):
+        wrap_tflite(report.path, tmp_path / "bad", labels=list("abcde"), input_spec=spec, output_kind="logits",
+                    golden_x=x[:3], features=conv)
