@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAMethod, TTAOutput
-from device_agents.tta.models import ModelCapabilityError, describe_model, source_feature_stats
-from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, NormalisedPass
+from device_agents.tta.base import TTAConfig, TTAOutput
+from device_agents.tta.models import source_feature_stats
+from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, FeaturePassMethod
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def laplacian_adjusted(
     return z
 
 
-class LAME(TTAMethod):
+class LAME(FeaturePassMethod):
     """LAME (Boudiaf et al. 2022): keep the model as it is and correct only its outputs, encouraging
     neighbouring samples of a batch (kNN on L2-normalised penultimate features) to share a class.
 
@@ -130,17 +130,10 @@ class LAME(TTAMethod):
     name = "lame"
     config_class = LAMEConfig
     config: LAMEConfig
-    requires_features = True
-
-    def __init__(self, config: LAMEConfig | None = None) -> None:
-        super().__init__(config)
-        self._pass = NormalisedPass(self.config.statistics)
 
     def forward_and_adapt(self, model: Any, x: np.ndarray) -> TTAOutput:
         """One (normalised) pass, kNN affinity of the batch, bound iterations to convergence."""
-        _, probs, features, stats = self._pass.run(model, x, self._state)
-        if features is None:
-            raise ModelCapabilityError(f"{describe_model(model)} returned no features")
+        probs, features, stats = self._feature_pass(model, x)
         cfg = self.config
         center = None
         if cfg.center_features:

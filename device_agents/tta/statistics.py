@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig
+from device_agents.tta.base import TTAConfig, TTAMethod
 
 
 @dataclass(frozen=True)
@@ -171,3 +171,24 @@ class NormalisedPass:
         result = model.forward(x, alpha=alpha, params=feeds)  # type: ignore[attr-defined]
         stats = {**stats, **self._mix.fold(stats, result.batch_stats, n)}
         return result.logits, softmax(result.logits), result.features, stats
+
+
+class FeaturePassMethod(TTAMethod):
+    """Base of the output-level methods that read penultimate features from one :class:`NormalisedPass`
+    (:class:`~device_agents.tta.lame.LAME`, :class:`~device_agents.tta.t3a.T3A`); their config has a
+    ``statistics`` field (None: the unadapted source pass)."""
+
+    requires_features = True
+
+    def __init__(self, config: TTAConfig | None = None) -> None:
+        super().__init__(config)
+        self._pass = NormalisedPass(self.config.statistics)  # type: ignore[attr-defined]
+
+    def _feature_pass(self, model: object, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """``(probs, features, statistics state)`` of the pass; a model without features is refused."""
+        from device_agents.tta.models import ModelCapabilityError, describe_model
+
+        _, probs, features, stats = self._pass.run(model, x, self._state)
+        if features is None:
+            raise ModelCapabilityError(f"{describe_model(model)} returned no features")
+        return probs, features, stats

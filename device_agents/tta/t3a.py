@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAMethod, TTAOutput
+from device_agents.tta.base import TTAConfig, TTAOutput
 from device_agents.tta.models import ModelCapabilityError, describe_model, source_class_means
-from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, NormalisedPass
+from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, FeaturePassMethod
 from runtime.model import entropy, softmax
 
 EMPTY_CLASS_MARGIN = 30.0  # a class with no support scores this far below the batch row's lowest score
@@ -63,7 +63,7 @@ class T3AConfig(TTAConfig):
             raise ValueError(f"filter_k must be >= 1, got {self.filter_k}")
 
 
-class T3A(TTAMethod):
+class T3A(FeaturePassMethod):
     """Test-Time Template Adjuster (Iwasawa & Matsuo 2021, "Test-Time Classifier Adjustment Module for
     Model-Agnostic Domain Generalization", NeurIPS).
 
@@ -85,17 +85,10 @@ class T3A(TTAMethod):
     name = "t3a"
     config_class = T3AConfig
     config: T3AConfig
-    requires_features = True
-
-    def __init__(self, config: T3AConfig | None = None) -> None:
-        super().__init__(config)
-        self._pass = NormalisedPass(self.config.statistics)
 
     def forward_and_adapt(self, model: Any, x: np.ndarray) -> TTAOutput:
         """One (normalised) pass, add the batch to the supports (entropy-filtered), predict with the templates."""
-        _, probs, features, stats = self._pass.run(model, x, self._state)
-        if features is None:
-            raise ModelCapabilityError(f"{describe_model(model)} returned no features")
+        probs, features, stats = self._feature_pass(model, x)
         state = self._state
         if "supports" not in state:
             state = self._initial_state(model, probs.shape[1], features.shape[1])
