@@ -23,13 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from device_agents.drift import DriftDetector, detector_name, detector_signal
-from device_agents.errors import StaleUpdateError, TransportError, UpdateIntegrityError, UpdateRejectedError
-from device_agents.messages import ParameterUpdate, UploadResult
+from device_agents.errors import StaleUpdateError, TransportError, UpdateRejectedError
+from device_agents.health import Health, HealthMonitor, HealthPolicy
+from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
+from device_agents.updates import check_order, check_signature, decode_params
 from runtime.errors import InputError
-from runtime.params import params_digest
 
 if TYPE_CHECKING:
     from device_agents.client import DeviceClient, UpdateStream
@@ -53,6 +54,9 @@ class AgentConfig:
     upload when its drops or backlog changed since the last report (and at the first sync). ``sync_wait_seconds``
     is how long :meth:`Agent.sync` waits for updates; ``watch_wait_seconds`` bounds each watcher RPC (and so
     how long a stop can take at worst); ``watch_retry_seconds`` is the pause after a failed watch.
+    ``update_keys``: raw Ed25519 keys server updates must be signed by (None: signatures are not checked);
+    ``cohort``: the cohort updates must be for (None: not checked). ``health`` decides when an applied
+    update is rolled back (:class:`~device_agents.health.HealthPolicy`; None: never automatically).
     """
 
     device_id: str
@@ -68,6 +72,9 @@ class AgentConfig:
     watch_wait_seconds: float = 2.0
     watch_retry_seconds: float = 1.0
     join_timeout_seconds: float = 10.0
+    cohort: str | None = None
+    update_keys: tuple[bytes, ...] | None = None
+    health: HealthPolicy | None = field(default_factory=HealthPolicy)
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -188,6 +195,10 @@ class Agent:
         self._version = int(version)
         self._active_version = int(version)
         self._previous: tuple[dict[str, np.ndarray], int] | None = None
+        self._held = model.params  # the parameters of active_version, the base deltas apply to
+        self._health = HealthMonitor(model, config.health) if config.health is not None else None
+        self._pending_rollbacks: list[RollbackInfo] = []
+        self.rollbacks: list[RollbackInfo] = []
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._stream: UpdateStream | None = None
@@ -217,6 +228,8 @@ class Agent:
         with self._lock:
             start = self._counters.seen if position is None else int(position)
             out = self.tta.predict(self.model, x)
+            if self._health is not None:
+                self._health.observe(x)
             pred = out.probs.argmax(axis=1)
             ent = normalized_entropy(out.probs)
             events = self._detect(out.features if self.signal == "features" else ent, start)
@@ -319,47 +332,88 @@ class Agent:
             client.report_outbox(stats)
             self._reported_outbox = key
 
-    def apply_update(self, update: ParameterUpdate) -> None:
-        """Verify and install a parameter update, keeping the previous parameters for :meth:`rollback`.
+    def apply_update(self, update: ParameterUpdate) -> bool:
+        """Verify, install and health-check a parameter update; return False when it was rolled back.
 
-        Raises :class:`UpdateIntegrityError` (wrong bundle or digest), :class:`StaleUpdateError` (version not
-        newer than :attr:`version`) or :class:`UpdateRejectedError` (names/shapes/values refused by
-        ``model.set_params``).
+        Checks, in order: the signature (with ``config.update_keys``), bundle and cohort, that the version is
+        newer than :attr:`version` (a replayed or older update is refused), and the parameters it yields on
+        the held base against its digest. The swap is one ``set_params``. Then the health signal is compared
+        with the parameters before (:class:`~device_agents.health.HealthPolicy`); when it worsened beyond the
+        thresholds the previous parameters are restored and the rollback is reported to the server.
+
+        Raises :class:`UpdateIntegrityError` (signature, bundle, cohort, digest), :class:`StaleUpdateError`,
+        :class:`~device_agents.errors.BaseMismatchError` (a delta on another base) or
+        :class:`UpdateRejectedError` (names/shapes/values refused by ``model.set_params``).
         """
+        check_signature(update, self.config.update_keys)
         with self._lock:
-            if update.bundle_id != self.config.bundle_id:
-                raise UpdateIntegrityError(
-                    f"update v{update.version} is for bundle {update.bundle_id[:12]!r}, "
-                    f"this agent runs {self.config.bundle_id[:12]!r}"
-                )
-            if update.version <= self._version:
-                raise StaleUpdateError(f"update v{update.version} is not newer than v{self._version}")
-            digest = params_digest(update.params)
-            if digest != update.sha256:
-                raise UpdateIntegrityError(
-                    f"update v{update.version}: parameters hash to {digest[:16]!r}, header {update.sha256[:16]!r}"
-                )
-            previous = self.model.params
+            check_order(update, self.config.bundle_id, self.config.cohort, self._version)
+            params = decode_params(update, self._held, self._active_version)
+            previous, previous_version = self.model.params, self._active_version
+            before = self._health.measure(previous) if self._health is not None else None
             try:
-                self.model.set_params(update.params)
+                self.model.set_params(params)
             except InputError as exc:
                 raise UpdateRejectedError(f"update v{update.version} refused by the model: {exc}") from exc
-            self._previous = (previous, self._active_version)
+            self._previous = (previous, previous_version)
             self._version = self._active_version = int(update.version)
+            self._held = self.model.params
             self._counters.versions.append(int(update.version))
             self.tta.on_params_changed()
+            info = self._health_check(update, before)
+        if info is not None:
+            self._report_rollback(info)
+            return False
         logger.info("applied %s update v%d", update.kind, update.version)
+        return True
+
+    def _health_check(self, update: ParameterUpdate, before: Health | None) -> RollbackInfo | None:
+        if self._health is None or before is None:
+            return None
+        after = self._health.measure(self.model.params)
+        reason = self._health.policy.verdict(before, after)
+        if not reason:
+            return None
+        restored = self._previous[1] if self._previous is not None else 0
+        self.rollback()
+        info = RollbackInfo(update.bundle_id, update.cohort, int(update.version), restored, reason,
+                            before.entropy, after.entropy, before.agreement, after.agreement)
+        self.rollbacks.append(info)
+        logger.warning("rolled back update v%d: %s", update.version, reason)
+        return info
+
+    def _report_rollback(self, info: RollbackInfo) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.report_rollback(info)
+        except TransportError as exc:
+            logger.warning("could not report the rollback of v%d (kept for a retry): %s", info.version, exc)
+            with self._lock:
+                self._pending_rollbacks.append(info)
+
+    def _flush_rollback_reports(self, client: DeviceClient) -> None:
+        while True:
+            with self._lock:
+                if not self._pending_rollbacks:
+                    return
+                info = self._pending_rollbacks[0]
+            client.report_rollback(info)
+            with self._lock:
+                self._pending_rollbacks.pop(0)
 
     def rollback(self) -> bool:
         """Restore the parameters held before the last update; False when there is nothing to restore.
 
-        :attr:`version` is kept, so the rolled-back update is not fetched and applied again.
+        :attr:`version` is kept, so the rolled-back update is not fetched and applied again; the next update
+        arrives in full, since its delta base is not what the device holds.
         """
         with self._lock:
             if self._previous is None:
                 return False
             params, version = self._previous
             self.model.set_params(params)
+            self._held = self.model.params
             self._active_version = version
             self._previous = None
             self.tta.on_params_changed()
@@ -372,8 +426,8 @@ class Agent:
             if self._stop.is_set() and threading.current_thread() is self._watcher:
                 break
             try:
-                self.apply_update(update)
-                applied.append(update.version)
+                if self.apply_update(update):
+                    applied.append(update.version)
             except StaleUpdateError as exc:
                 logger.debug("ignoring %s", exc)
         return applied
@@ -391,6 +445,7 @@ class Agent:
         upload = None
         try:
             self._flush_drift_reports(self.client)
+            self._flush_rollback_reports(self.client)
         except TransportError as exc:
             errors.append(str(exc))
         if self.outbox is not None:
@@ -405,7 +460,8 @@ class Agent:
                 errors.append(str(exc))
         applied: list[int] = []
         try:
-            applied = self._apply_from_stream(self.client.watch_updates(self.config.bundle_id, self._version, wait))
+            applied = self._apply_from_stream(self.client.watch_updates(self.config.bundle_id, self._version, wait,
+                                                                        held_version=self._active_version))
         except (TransportError, UpdateRejectedError) as exc:
             errors.append(str(exc))
             with self._lock:
@@ -430,7 +486,8 @@ class Agent:
 
     def _watch_loop(self, client: DeviceClient) -> None:
         while not self._stop.is_set():
-            stream = client.watch_updates(self.config.bundle_id, self._version, self.config.watch_wait_seconds)
+            stream = client.watch_updates(self.config.bundle_id, self._version, self.config.watch_wait_seconds,
+                                          held_version=self._active_version)
             self._stream = stream
             if self._stop.is_set():
                 stream.cancel()

@@ -22,14 +22,13 @@ import numpy as np
 
 from device_agents.channel import TlsOptions, open_channel
 from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
-from device_agents.messages import ParameterUpdate, RegisterInfo, UploadResult
+from device_agents.messages import ParameterUpdate, RegisterInfo, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, OutboxStats, SqliteOutbox
-from proto.convert import TensorDecodeError, tensor_to_proto, tensors_from_proto, tensors_to_proto
+from proto.convert import tensor_to_proto, tensors_to_proto
 from proto.edgeloop.v1 import common_pb2, device_pb2, device_pb2_grpc
 from runtime.bundle import load_bundle
 from runtime.errors import BundleError, ManifestError
 from runtime.manifest import MANIFEST_NAME, read_manifest
-from runtime.params import params_digest
 from runtime.signing import SIGNATURE_NAME
 
 logger = logging.getLogger(__name__)
@@ -113,24 +112,22 @@ class UpdateStream:
 
 
 def decode_update(msg: common_pb2.ParameterUpdate, bundle_id: str) -> ParameterUpdate:
-    """Convert a ``ParameterUpdate`` message, checking its bundle and that its digest matches its tensors."""
+    """Convert a ``ParameterUpdate`` message, checking its bundle and that its payload is present.
+
+    The signature, version order and parameters are checked by the agent, which holds the keys and the base
+    a delta applies to (:mod:`device_agents.updates`).
+    """
     if bundle_id and msg.bundle_id != bundle_id:
         raise UpdateIntegrityError(
             f"update v{msg.version} is for bundle {msg.bundle_id[:12]!r}, expected {bundle_id[:12]!r}"
         )
-    try:
-        params = tensors_from_proto(msg.tensors)
-    except TensorDecodeError as exc:
-        raise UpdateIntegrityError(f"update v{msg.version} has a malformed tensor: {exc}") from exc
-    digest = params_digest(params)
-    if digest != msg.sha256:
-        raise UpdateIntegrityError(
-            f"update v{msg.version} fails its digest check: header says {msg.sha256[:16]!r}, "
-            f"tensors hash to {digest[:16]!r}"
-        )
+    if not msg.payload:
+        raise UpdateIntegrityError(f"update v{msg.version} carries no payload")
     return ParameterUpdate(
-        version=int(msg.version), bundle_id=msg.bundle_id, kind=msg.kind, params=params, sha256=msg.sha256,
-        created_ms=int(msg.created_unix_ms), round_id=int(msg.round_id),
+        version=int(msg.version), bundle_id=msg.bundle_id, kind=msg.kind, params=None, sha256=msg.sha256,
+        created_ms=int(msg.created_unix_ms), round_id=int(msg.round_id), cohort=msg.cohort,
+        base_version=int(msg.base_version), encoding=msg.encoding, payload=bytes(msg.payload),
+        base_sha256=msg.base_sha256, signature=bytes(msg.signature),
     )
 
 
@@ -241,6 +238,7 @@ class DeviceClient:
         return RegisterInfo(
             device_id=resp.device_id, bundle_id=resp.bundle_id,
             latest_update_version=int(resp.latest_update_version), bundle_files=tuple(resp.bundle_files),
+            cohort=resp.cohort or "default", update_public_key=bytes(resp.update_public_key),
         )
 
     def fetch_bundle(self, bundle_id: str, dest_dir: str | Path, model: str | None = None) -> Path:
@@ -408,22 +406,35 @@ class DeviceClient:
         )
         return int(self._unary("ReportOutbox", request, self._stub.ReportOutbox).dropped_samples)
 
-    def watch_updates(self, bundle_id: str, since_version: int, max_wait: float = 0.0) -> UpdateStream:
-        """Stream verified updates of ``bundle_id`` newer than ``since_version``.
+    def watch_updates(self, bundle_id: str, since_version: int, max_wait: float = 0.0,
+                      held_version: int | None = None) -> UpdateStream:
+        """Stream updates of ``bundle_id`` newer than ``since_version`` (the agent verifies and decodes them).
 
-        ``max_wait`` seconds (0: until the server stops or :meth:`UpdateStream.cancel`) is passed to the
-        server; the client's deadline is ``max_wait + timeout``.
+        ``held_version`` (None: ``since_version``) is the version whose parameters the device holds; an
+        update whose delta base differs comes in full. ``max_wait`` seconds (0: until the server stops or
+        :meth:`UpdateStream.cancel`) is passed to the server; the client's deadline is ``max_wait + timeout``.
         """
         if max_wait < 0:
             raise ValueError(f"max_wait must be >= 0, got {max_wait}")
         request = device_pb2.WatchRequest(
             device_id=self.device_id, bundle_id=bundle_id, since_version=int(since_version),
-            max_wait_seconds=float(max_wait),
+            max_wait_seconds=float(max_wait), held_version=None if held_version is None else int(held_version),
         )
         self._count(up=request.ByteSize())
         deadline = max_wait + self.timeout if max_wait > 0 else None
         call = self._stub.WatchUpdates(request, timeout=deadline)
         return UpdateStream(call, bundle_id, self._count_down)
+
+    def report_rollback(self, info: RollbackInfo, rolled_back_ms: int | None = None) -> int:
+        """Tell the server that an update was rolled back (health check failed); returns the report's id."""
+        request = device_pb2.RollbackReport(
+            device_id=self.device_id, bundle_id=info.bundle_id, cohort=info.cohort, version=info.version,
+            restored_version=info.restored_version, reason=info.reason, entropy_before=info.entropy_before,
+            entropy_after=info.entropy_after, agreement_before=info.agreement_before,
+            agreement_after=info.agreement_after,
+            rolled_back_unix_ms=_now_ms() if rolled_back_ms is None else int(rolled_back_ms),
+        )
+        return int(self._unary("ReportRollback", request, self._stub.ReportRollback).rollback_id)
 
     def submit_update(
         self, bundle_id: str, base_version: int, num_samples: int, params: Mapping[str, np.ndarray]

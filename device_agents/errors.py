@@ -31,3 +31,7 @@ class UpdateIntegrityError(UpdateRejectedError):
 
 class StaleUpdateError(UpdateRejectedError):
     """An update's version is not newer than the version already applied."""
+
+
+class BaseMismatchError(UpdateRejectedError):
+    """A delta update applies to a base version other than the one the device holds (it needs a full one)."""

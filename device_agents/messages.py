@@ -15,19 +15,49 @@ class RegisterInfo:
     bundle_id: str
     latest_update_version: int
     bundle_files: tuple[str, ...]
+    cohort: str = "default"
+    update_public_key: bytes = b""
 
 
 @dataclass(frozen=True)
 class ParameterUpdate:
-    """A versioned set of adaptable parameters for one bundle; ``sha256`` is ``params_digest(params)``."""
+    """A versioned update of one cohort's adaptable parameters for one bundle.
+
+    From the server it carries an encoded ``payload`` (``encoding`` against ``base_version``, see
+    :mod:`runtime.update_codec`) and an Ed25519 ``signature`` over its header (:mod:`runtime.update_signing`);
+    ``params`` is then None until the agent decodes it against the parameters it holds. A local update (tests,
+    benchmarks) gives ``params`` directly, unsigned. ``sha256`` is ``params_digest`` of the parameters the
+    device holds after applying the update.
+    """
 
     version: int
     bundle_id: str
     kind: str
-    params: dict[str, np.ndarray] = field(repr=False)
+    params: dict[str, np.ndarray] | None = field(repr=False)
     sha256: str
     created_ms: int = 0
     round_id: int = 0
+    cohort: str = "default"
+    base_version: int = 0
+    encoding: str = "f32"
+    payload: bytes = field(default=b"", repr=False)
+    base_sha256: str = ""
+    signature: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class RollbackInfo:
+    """What a device reports after undoing an update whose health check failed."""
+
+    bundle_id: str
+    cohort: str
+    version: int
+    restored_version: int
+    reason: str
+    entropy_before: float
+    entropy_after: float
+    agreement_before: float
+    agreement_after: float
 
 
 @dataclass(frozen=True)

@@ -227,10 +227,14 @@ def connect_agent(
     server: str, device_id: str, work_dir: Path, *, tta: str = "alpha_bn", labels: dict[str, str] | None = None,
     outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
     trusted_keys: Sequence[bytes] | None = None, enrollment_secret: str | None = None, tls: Any = None,
-    detector: str = "page_hinkley",
+    detector: str = "page_hinkley", update_keys: Sequence[bytes] | None = None,
 ) -> Any:
     """Register with ``server``, download and verify its bundle (signed by one of ``trusted_keys`` when
     given), and build a ready :class:`Agent`.
+
+    Parameter updates must be signed by one of ``update_keys``; without them the device pins the update key
+    the server announced at its first registration (``work_dir/update_key.pub``, trust on first use over the
+    possibly TLS-verified channel) and refuses a server that later announces another.
 
     ``tls`` (:class:`device_agents.channel.TlsOptions`) turns on (mutual) TLS. With ``enrollment_secret`` the
     device enrolls once and keeps its token in ``work_dir/device.token`` (mode 0600) for later runs.
@@ -260,9 +264,25 @@ def connect_agent(
         raise
     selector = EntropyBandSelector(SelectorConfig(bytes_per_window=selector_bytes_per_window))
     outbox = SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes)
-    config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id)
+    keys = tuple(update_keys) if update_keys is not None else _pinned_update_key(work_dir, info.update_public_key)
+    config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id, cohort=info.cohort, update_keys=keys)
     return Agent(model, agent_tta(tta), make_detector(detector, model, drift_threshold), selector, outbox, client,
                  config)
+
+
+def _pinned_update_key(work_dir: Path, announced: bytes) -> tuple[bytes, ...] | None:
+    """The pinned update key (pinning ``announced`` on first use); None when the server signs nothing."""
+    pin = work_dir / "update_key.pub"
+    if pin.is_file():
+        pinned = pin.read_bytes()
+        if announced and announced != pinned:
+            raise RuntimeError(f"the server announces update key {announced.hex()[:16]}…, but {pin} pins "
+                               f"{pinned.hex()[:16]}…; delete the pin to trust the new key")
+        return (pinned,)
+    if not announced:
+        return None
+    pin.write_bytes(announced)
+    return (announced,)
 
 
 def make_detector(name: str, model: Any, drift_threshold: float = 5.0) -> Any:

@@ -30,6 +30,7 @@ from server.rounds import Distiller, RoundRunner
 from server.servicers import AdminServicer, DeviceServicer
 from server.state import Limits, ServerState
 from server.storage import BlobStore, Registry
+from server.update_signer import load_or_create_signer
 
 __all__ = ["ADMIN_SERVICE", "DEVICE_SERVICE", "EdgeloopServer", "ServerConfig", "create_server", "serve"]
 logger = logging.getLogger(__name__)
@@ -52,7 +53,10 @@ class EdgeloopServer:
         limits = Limits(config.max_upload_bytes, config.max_samples_per_upload, config.max_bundle_bytes)
         broker = UpdateBroker(self.registry.latest_version(), max_watchers=config.max_watchers)
         trusted = tuple(load_public_key(p) for p in config.trusted_publisher_keys) or None
-        self.state = ServerState(self.registry, self.blobs, broker, limits, trusted_publishers=trusted)
+        signer = load_or_create_signer(config.update_signing_key, config.data_dir)
+        self.state = ServerState(self.registry, self.blobs, broker, limits, trusted_publishers=trusted, signer=signer,
+                                 update_encoding=config.update_encoding,
+                                 update_topk_fraction=config.update_topk_fraction)
         self.metrics = self._create_metrics()
         factory = self._load_torch_distiller if config.teacher_ckpt is not None else None
         self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,

@@ -63,10 +63,14 @@ class UpdateBroker:
         with self._cond:
             return self._closed
 
-    def publish(self, version: int) -> None:
-        """Record that ``version`` is stored and wake every watcher."""
+    def publish(self, version: int = 0) -> None:
+        """Record that an update (``version`` of some cohort) is stored and wake every watcher.
+
+        Versions count per cohort, so :attr:`latest` counts publications: it grows by one per call (and
+        never falls below the largest ``version`` seen), which is all a watcher needs to know it must look.
+        """
         with self._cond:
-            self._latest = max(self._latest, int(version))
+            self._latest = max(self._latest + 1, int(version))
             self._cond.notify_all()
 
     def wake(self) -> None:

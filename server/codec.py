@@ -1,22 +1,19 @@
-"""A small canonical, pickle-free byte encoding of named numpy arrays, for blobs in the blob store.
-
-Layout: ``b"ELT1"``, a little-endian uint32 header length, a JSON header listing each array's name, dtype,
-shape, offset and byte count (sorted by name), then the arrays' little-endian C-order bytes. The same
-arrays always encode to the same bytes, so content addressing deduplicates them.
+"""The server's blob encoding of named numpy arrays: :mod:`runtime.arrays` (shared with the device), with
+decoding errors raised as :class:`CodecError` (a storage error).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Mapping
 
 import numpy as np
 
+from runtime.arrays import MAGIC, ArrayCodecError
+from runtime.arrays import decode_arrays as _decode_arrays
+from runtime.arrays import encode_arrays as _encode_arrays
 from server.errors import StorageError
 
-MAGIC = b"ELT1"
-_ALLOWED_KINDS = "fiub"
+__all__ = ["MAGIC", "CodecError", "decode_array", "decode_arrays", "encode_array", "encode_arrays"]
 
 
 class CodecError(StorageError):
@@ -24,46 +21,16 @@ class CodecError(StorageError):
 
 
 def encode_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """Encode ``arrays`` (name → numeric array) canonically; see the module docstring."""
-    entries: list[dict[str, object]] = []
-    chunks: list[bytes] = []
-    offset = 0
-    for name in sorted(arrays):
-        arr = np.asarray(arrays[name])
-        if arr.dtype.kind not in _ALLOWED_KINDS:
-            raise TypeError(f"array {name!r}: dtype {arr.dtype} cannot be encoded")
-        data = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"), copy=False)).tobytes()
-        entries.append(
-            {"name": name, "dtype": arr.dtype.newbyteorder("<").str, "shape": list(arr.shape),
-             "offset": offset, "nbytes": len(data)}
-        )
-        chunks.append(data)
-        offset += len(data)
-    header = json.dumps({"arrays": entries}, sort_keys=True, separators=(",", ":")).encode("utf-8")
-    return MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks)
+    """Encode ``arrays`` (name → numeric array) canonically; see :mod:`runtime.arrays`."""
+    return _encode_arrays(arrays)
 
 
 def decode_arrays(blob: bytes) -> dict[str, np.ndarray]:
     """Decode bytes made by :func:`encode_arrays` into new arrays (native byte order)."""
-    if len(blob) < 8 or blob[:4] != MAGIC:
-        raise CodecError("not an encoded array blob (bad magic)")
-    (hlen,) = struct.unpack("<I", blob[4:8])
     try:
-        header = json.loads(blob[8 : 8 + hlen].decode("utf-8"))
-        entries = header["arrays"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CodecError(f"unreadable array blob header: {exc}") from exc
-    body = memoryview(blob)[8 + hlen :]
-    out: dict[str, np.ndarray] = {}
-    for e in entries:
-        dtype = np.dtype(e["dtype"])
-        start, nbytes = int(e["offset"]), int(e["nbytes"])
-        shape = tuple(int(d) for d in e["shape"])
-        if start + nbytes > len(body) or nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise CodecError(f"array {e['name']!r}: inconsistent size in blob")
-        arr = np.frombuffer(body[start : start + nbytes], dtype=dtype).reshape(shape)
-        out[str(e["name"])] = arr.astype(dtype.newbyteorder("="), copy=True)
-    return out
+        return _decode_arrays(blob)
+    except ArrayCodecError as exc:
+        raise CodecError(str(exc)) from exc
 
 
 def encode_array(array: np.ndarray) -> bytes:

@@ -56,6 +56,10 @@ class ServerConfig:
     ``rate_limit_per_second`` > 0 gives each device a token bucket of ``rate_limit_burst`` calls (0: twice the
     rate, at least 1). ``metrics_port`` (None: off, 0: any free port) serves Prometheus metrics over HTTP on
     ``metrics_host`` (None: ``host``); a device counts as online when seen within ``online_window_seconds``.
+
+    Updates: ``update_signing_key`` is the PEM Ed25519 key that signs parameter updates (``edgeloop keygen``;
+    None: ``data_dir/update_signing.pem``, generated on first start). ``update_encoding`` is ``"f32"``,
+    ``"int8_delta"`` or ``"int8_topk_delta"`` (keeping ``update_topk_fraction`` of each tensor's entries).
     """
 
     data_dir: Path = Path("edgeloop_data")
@@ -88,12 +92,15 @@ class ServerConfig:
     metrics_port: int | None = None
     metrics_host: str | None = None
     online_window_seconds: float = 300.0
+    update_signing_key: Path | None = None
+    update_encoding: str = "int8_delta"
+    update_topk_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         """Coerce paths and reject out-of-range or unsafe values, naming the field."""
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "trusted_publisher_keys", tuple(Path(p) for p in self.trusted_publisher_keys))
-        for name in ("teacher_ckpt", "student_ckpt", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("teacher_ckpt", "student_ckpt", "tls_cert", "tls_key", "tls_client_ca", "update_signing_key"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if self.max_watchers == 0:  # default: leave a quarter of the RPC threads for non-watch calls
@@ -103,6 +110,7 @@ class ServerConfig:
         self._check_sizes()
         self._check_distillation()
         self._check_security()
+        self._check_updates()
 
     def _check_sizes(self) -> None:
         if not 0 < self.max_watchers < self.max_workers:
@@ -155,6 +163,14 @@ class ServerConfig:
             raise ValueError(f"host {self.host!r} is reachable from other machines but the server has "
                              f"{'no TLS' if not self.tls else 'no device tokens'}: configure tls_cert/tls_key "
                              "and enrollment_secret/admin_token, or set insecure = true for a trusted network")
+
+    def _check_updates(self) -> None:
+        from runtime.update_codec import ENCODINGS
+
+        if self.update_encoding not in ENCODINGS:
+            raise ValueError(f"update_encoding {self.update_encoding!r} is not one of {ENCODINGS}")
+        if not 0.0 < self.update_topk_fraction <= 1.0:
+            raise ValueError(f"update_topk_fraction {self.update_topk_fraction} is outside (0, 1]")
 
     @property
     def tls(self) -> bool:

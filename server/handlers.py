@@ -27,7 +27,16 @@ from server.errors import (
     UnknownBundleFileError,
 )
 from server.manifest import MANIFEST_FILE, BundleSpec, check_bundle_path, parse_manifest
-from server.records import BundleRecord, DeviceRecord, DriftRecord, FileEntry, OutboxRecord, SampleRecord
+from server.records import (
+    DEFAULT_COHORT,
+    BundleRecord,
+    DeviceRecord,
+    DriftRecord,
+    FileEntry,
+    OutboxRecord,
+    RollbackRecord,
+    SampleRecord,
+)
 from server.state import Limits, ServerState, check_id, require_device, resolve_bundle, spec_of
 
 logger = logging.getLogger(__name__)
@@ -43,6 +52,8 @@ class Registration:
     bundle_id: str | None
     latest_update_version: int
     bundle_files: list[str]
+    cohort: str = DEFAULT_COHORT
+    update_public_key: bytes = b""
 
 
 def register_device(state: ServerState, device_id: str, labels: Mapping[str, str], backend: str) -> Registration:
@@ -53,12 +64,16 @@ def register_device(state: ServerState, device_id: str, labels: Mapping[str, str
     if len(labels) > MAX_LABELS or any(len(k) > 256 or len(v) > 256 or not k for k, v in labels.items()):
         raise InvalidRequestError(f"labels must be at most {MAX_LABELS} non-empty keys, keys and values "
                                   f"at most 256 characters; got {len(labels)} labels")
-    state.storage.upsert_device(device_id, dict(labels), backend, state.clock())
+    if "cohort" in labels:
+        check_id(labels["cohort"], "cohort label")
+    device = state.storage.upsert_device(device_id, dict(labels), backend, state.clock())
+    key = state.signer.public_key if state.signer is not None else b""
     bundle = state.storage.current_bundle()
     if bundle is None:
-        return Registration(device_id, None, 0, [])
-    latest = state.storage.latest_update(bundle.bundle_id)
-    return Registration(device_id, bundle.bundle_id, latest.version if latest else 0, sorted(bundle.files))
+        return Registration(device_id, None, 0, [], device.cohort, key)
+    latest = state.storage.latest_update(bundle.bundle_id, device.cohort)
+    return Registration(device_id, bundle.bundle_id, latest.version if latest else 0, sorted(bundle.files),
+                        device.cohort, key)
 
 
 def list_devices(state: ServerState) -> list[DeviceRecord]:
@@ -328,3 +343,40 @@ def report_outbox(state: ServerState, report: OutboxIn) -> OutboxRecord:
         logger.warning("device %s: outbox dropped %d samples (%d bytes) so far, %s", report.device_id,
                        merged.dropped_samples, merged.dropped_bytes, merged.eviction_policy)
     return merged
+
+
+# -- rollbacks --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RollbackIn:
+    """A device's report that it rolled an update back, with the health signal before and after."""
+
+    device_id: str
+    bundle_id: str
+    cohort: str
+    version: int
+    restored_version: int
+    reason: str
+    entropy_before: float
+    entropy_after: float
+    agreement_before: float
+    agreement_after: float
+    rolled_back_ms: int
+
+
+def report_rollback(state: ServerState, report: RollbackIn) -> int:
+    """Store a registered device's rollback report; return its id."""
+    device = require_device(state, report.device_id)
+    if not 0 <= report.restored_version < report.version:
+        raise InvalidRequestError(f"rollback of v{report.version} to v{report.restored_version}: the restored "
+                                  "version must be older and >= 0")
+    health = (report.entropy_before, report.entropy_after, report.agreement_before, report.agreement_after)
+    if not all(math.isfinite(v) for v in health) or len(report.reason) > 1024:
+        raise InvalidRequestError(f"rollback report of {report.device_id!r}: health values {health} must be finite "
+                                  "and the reason at most 1024 characters")
+    record = RollbackRecord(report.device_id, report.bundle_id, report.cohort or device.cohort, int(report.version),
+                            int(report.restored_version), report.reason, *map(float, health),
+                            int(report.rolled_back_ms), state.clock())
+    rollback_id = state.storage.insert_rollback(record)
+    logger.warning("device %s rolled back %s/v%d to v%d: %s", report.device_id, record.cohort, report.version,
+                   report.restored_version, report.reason)
+    return rollback_id

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 ROUND_STATES = ("queued", "running", "done", "failed")
+DEFAULT_COHORT = "default"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class DeviceRecord:
     drift_events: int = 0
     outbox_dropped: int = 0
     outbox_pending: int = 0
+    rollbacks: int = 0
+
+    @property
+    def cohort(self) -> str:
+        """The device's cohort: its ``cohort`` label, or ``"default"``."""
+        return self.labels.get("cohort") or DEFAULT_COHORT
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,13 @@ class OutboxRecord:
 
 @dataclass(frozen=True)
 class UpdateRecord:
-    """A published parameter update; ``blob`` is the digest of the encoded tensors in the blob store."""
+    """A published parameter update of one cohort; ``version`` counts up within the cohort.
+
+    ``blob``/``sha256``: the exact parameters the round produced. ``held_blob``/``held_sha256``: what a
+    device holds after applying the update as sent (differs from ``blob`` by the lossy encoding's residual).
+    ``payload_blob`` is the encoded message body (``encoding``, against ``base_version`` whose held digest is
+    ``base_sha256``); an empty ``payload_blob`` means "send ``held_blob`` in full".
+    """
 
     version: int
     bundle_id: str
@@ -102,6 +115,32 @@ class UpdateRecord:
     blob: str
     sha256: str
     created_ms: int
+    cohort: str = DEFAULT_COHORT
+    held_blob: str = ""
+    held_sha256: str = ""
+    encoding: str = "f32"
+    base_version: int = 0
+    base_sha256: str = ""
+    payload_blob: str = ""
+
+
+@dataclass(frozen=True)
+class RollbackRecord:
+    """A device's report that it rolled an update back; ``id`` is assigned on insert."""
+
+    device_id: str
+    bundle_id: str
+    cohort: str
+    version: int
+    restored_version: int
+    reason: str
+    entropy_before: float
+    entropy_after: float
+    agreement_before: float
+    agreement_after: float
+    rolled_back_ms: int
+    received_ms: int
+    id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -214,22 +253,28 @@ class Storage(Protocol):
         """Record that a round used these submissions."""
         ...
 
-    def insert_update(
-        self, bundle_id: str, kind: str, round_id: int | None, blob: str, sha256: str, created_ms: int
-    ) -> UpdateRecord:
-        """Store an update under the next version (max + 1 over all bundles); return it."""
+    def insert_update(self, record: UpdateRecord) -> UpdateRecord:
+        """Store ``record`` under the cohort's next version (its ``version`` is ignored); return it."""
         ...
 
-    def updates_since(self, bundle_id: str, since_version: int) -> list[UpdateRecord]:
-        """Updates of the bundle with version > ``since_version``, ascending."""
+    def updates_since(self, bundle_id: str, since_version: int, cohort: str = DEFAULT_COHORT) -> list[UpdateRecord]:
+        """The cohort's updates of the bundle with version > ``since_version``, ascending."""
         ...
 
-    def latest_update(self, bundle_id: str) -> UpdateRecord | None:
-        """The bundle's newest update, or None."""
+    def latest_update(self, bundle_id: str, cohort: str = DEFAULT_COHORT) -> UpdateRecord | None:
+        """The cohort's newest update of the bundle, or None."""
         ...
 
-    def latest_version(self) -> int:
-        """The newest update version over all bundles (0 when none)."""
+    def latest_version(self, cohort: str | None = None) -> int:
+        """The cohort's newest update version (None: over all cohorts; 0 when none)."""
+        ...
+
+    def insert_rollback(self, record: RollbackRecord) -> int:
+        """Store a rollback report; return its id."""
+        ...
+
+    def list_rollbacks(self, device_id: str | None = None) -> list[RollbackRecord]:
+        """Rollback reports, optionally of one device, oldest first."""
         ...
 
     def create_round(self, kind: str, created_ms: int) -> RoundRecord:

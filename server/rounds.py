@@ -26,8 +26,8 @@ from server.errors import (
     ServerShuttingDownError,
     UnknownRoundError,
 )
-from server.records import RoundRecord, SubmissionRecord
-from server.state import ServerState, resolve_bundle
+from server.records import DEFAULT_COHORT, RoundRecord, SubmissionRecord
+from server.state import ServerState, check_id, resolve_bundle
 from server.updates import current_params, publish_update
 
 logger = logging.getLogger(__name__)
@@ -82,6 +82,14 @@ def latest_per_device(submissions: Sequence[SubmissionRecord]) -> list[Submissio
 
 
 @dataclass(frozen=True)
+class _Job:
+    bundle_id: str
+    cohort: str
+    limit: int
+    steps: int
+
+
+@dataclass(frozen=True)
 class _Outcome:
     update_version: int
     samples_used: int
@@ -117,12 +125,17 @@ class RoundRunner:
         if self._on_change is not None:
             self._on_change(record)
 
-    def start(self, kind: str, max_samples: int = 0, steps: int = 0) -> RoundRecord:
-        """Check the round can run now, record it as queued and schedule it; return the queued record."""
+    def start(self, kind: str, max_samples: int = 0, steps: int = 0, cohort: str = "") -> RoundRecord:
+        """Check the round can run now, record it as queued and schedule it; return the queued record.
+
+        The round's update is published to ``cohort`` ("": the default cohort); its inputs are the bundle's
+        unused samples or submissions from every device.
+        """
         if kind not in ROUND_KINDS:
             raise InvalidRequestError(f"round kind {kind!r} is not one of {ROUND_KINDS}")
         if max_samples < 0 or steps < 0:
             raise InvalidRequestError(f"max_samples {max_samples} and steps {steps} must be >= 0")
+        cohort = check_id(cohort or DEFAULT_COHORT, "cohort")
         if self._closed:
             raise ServerShuttingDownError("the server is shutting down; no new rounds")
         bundle_id = resolve_bundle(self.state, "").bundle_id
@@ -132,7 +145,8 @@ class RoundRunner:
             if self._closed:
                 raise ServerShuttingDownError("the server is shutting down; no new rounds")
             record = self.state.storage.create_round(kind, self.state.clock())
-            future = self._executor.submit(self._run, record, bundle_id, limit, steps or self.default_steps)
+            job = _Job(bundle_id, cohort, limit, steps or self.default_steps)
+            future = self._executor.submit(self._run, record, job)
             self._futures[record.round_id] = future
         self._changed(record)
         logger.info("round %d (%s) queued for bundle %s", record.round_id, kind, bundle_id)
@@ -172,16 +186,16 @@ class RoundRunner:
             self._closed = True
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
-    def _run(self, record: RoundRecord, bundle_id: str, limit: int, steps: int) -> None:
+    def _run(self, record: RoundRecord, job: _Job) -> None:
         storage = self.state.storage
         running = replace(record, state="running")
         storage.save_round(running)
         t0 = time.perf_counter()
         try:
             if record.kind == "fedavg":
-                outcome = self._fedavg(record.round_id, bundle_id)
+                outcome = self._fedavg(record.round_id, job)
             else:
-                outcome = self._distill(record.round_id, bundle_id, limit, steps)
+                outcome = self._distill(record.round_id, job)
         except Exception as exc:  # recorded on the round and logged, not swallowed
             logger.exception("round %d (%s) failed", record.round_id, record.kind)
             failed = replace(running, state="failed", error=f"{type(exc).__name__}: {exc}",
@@ -195,15 +209,16 @@ class RoundRunner:
         self._changed(done)
         logger.info("round %d (%s) done: update v%d", record.round_id, record.kind, outcome.update_version)
 
-    def _fedavg(self, round_id: int, bundle_id: str) -> _Outcome:
+    def _fedavg(self, round_id: int, job: _Job) -> _Outcome:
+        bundle_id = job.bundle_id
         unused = self.state.storage.unused_submissions(bundle_id)
         chosen = latest_per_device(unused)
         if not chosen:
             raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id}")
-        base, base_version = current_params(self.state, bundle_id)
+        base, base_version = current_params(self.state, bundle_id, job.cohort)
         contributions = [(s.num_samples, decode_arrays(self.state.blobs.get(s.blob))) for s in chosen]
         averaged = fedavg(contributions, base)
-        update = publish_update(self.state, bundle_id, "fedavg", averaged, round_id=round_id)
+        update = publish_update(self.state, bundle_id, "fedavg", averaged, round_id=round_id, cohort=job.cohort)
         self.state.storage.mark_submissions_used([s.id for s in unused if s.id is not None], round_id)
         total = sum(s.num_samples for s in chosen)
         change = float(np.sqrt(sum(float(np.sum((averaged[k] - base[k]) ** 2)) for k in base)))
@@ -218,19 +233,21 @@ class RoundRunner:
             self._distiller = self._factory()
         return self._distiller
 
-    def _distill(self, round_id: int, bundle_id: str, limit: int, steps: int) -> _Outcome:
-        samples = self.state.storage.unused_samples(bundle_id, limit=limit, with_input=True)
+    def _distill(self, round_id: int, job: _Job) -> _Outcome:
+        bundle_id = job.bundle_id
+        samples = self.state.storage.unused_samples(bundle_id, limit=job.limit, with_input=True)
         if not samples:
             raise NothingToAggregateError(f"no unused samples with inputs for bundle {bundle_id}")
         # Arrival order interleaves devices at random; a fixed order makes the round reproducible.
         samples.sort(key=lambda s: (s.device_id, s.stream_position, s.sample_id))
         x = np.stack([decode_array(self.state.blobs.get(s.input_blob)) for s in samples if s.input_blob])
-        base, _ = current_params(self.state, bundle_id)
-        result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, steps)
+        base, _ = current_params(self.state, bundle_id, job.cohort)
+        result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, job.steps)
         if set(result.params) != set(base):
             raise InvalidTensorError(f"distiller returned parameters {sorted(result.params)}, "
                                      f"expected {sorted(base)}")
-        update = publish_update(self.state, bundle_id, "distill", result.params, round_id=round_id)
+        update = publish_update(self.state, bundle_id, "distill", result.params, round_id=round_id,
+                                cohort=job.cohort)
         self.state.storage.mark_samples_used([s.sample_id for s in samples], round_id)
         metrics = {str(k): float(v) for k, v in result.metrics.items()}
         metrics["samples"] = float(len(samples))

@@ -14,7 +14,7 @@ from typing import NoReturn
 
 import grpc
 
-from proto.convert import TensorDecodeError, tensor_from_proto, tensors_from_proto, tensors_to_proto
+from proto.convert import TensorDecodeError, tensor_from_proto, tensors_from_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from server import errors, handlers, updates
 from server.auth import Authenticator
@@ -80,10 +80,12 @@ def _sample(msg: device_pb2.Sample) -> handlers.SampleIn:
     )
 
 
-def _update(u: updates.ParameterUpdate) -> common_pb2.ParameterUpdate:
+def _update(u: updates.SignedUpdate) -> common_pb2.ParameterUpdate:
+    h = u.header
     return common_pb2.ParameterUpdate(
-        version=u.version, bundle_id=u.bundle_id, kind=u.kind, tensors=tensors_to_proto(u.params),
-        sha256=u.sha256, created_unix_ms=u.created_ms, round_id=u.round_id or 0,
+        version=h.version, bundle_id=h.bundle_id, kind=h.kind, sha256=h.params_sha256, created_unix_ms=h.created_ms,
+        round_id=h.round_id, cohort=h.cohort, base_version=h.base_version, encoding=h.encoding, payload=u.payload,
+        base_sha256=h.base_sha256, signature=u.signature, key_id=u.key_id,
     )
 
 
@@ -128,7 +130,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                                            request.runtime_backend)
         return device_pb2.RegisterResponse(device_id=reg.device_id, bundle_id=reg.bundle_id or "",
                                            latest_update_version=reg.latest_update_version,
-                                           bundle_files=reg.bundle_files)
+                                           bundle_files=reg.bundle_files, cohort=reg.cohort,
+                                           update_public_key=reg.update_public_key)
 
     def FetchBundle(  # noqa: N802 (name fixed by the generated base class)
         self, request: device_pb2.FetchBundleRequest, context: grpc.ServicerContext
@@ -174,8 +177,9 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         """Stream stored updates newer than ``since_version``, then new ones as they are published."""
         with _domain_errors(context, "WatchUpdates"):
             context.add_callback(self.state.broker.wake)  # a cancelled watcher stops waiting at once
+            held = request.held_version if request.HasField("held_version") else None
             stream = updates.watch_updates(self.state, request.device_id, request.bundle_id,
-                                           request.since_version, request.max_wait_seconds, context.is_active)
+                                           request.since_version, request.max_wait_seconds, context.is_active, held)
             for update in stream:
                 yield _update(update)
 
@@ -187,6 +191,16 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
                 request.device_id, request.dropped_samples, request.dropped_bytes, request.pending_samples,
                 request.pending_bytes, request.max_bytes, request.eviction_policy, request.reported_unix_ms))
         return device_pb2.OutboxAck(dropped_samples=merged.dropped_samples)
+
+    def ReportRollback(  # noqa: N802 (name fixed by the generated base class)
+        self, request: device_pb2.RollbackReport, context: grpc.ServicerContext) -> device_pb2.RollbackAck:
+        """Store the device's report that it rolled an update back."""
+        with _domain_errors(context, "ReportRollback"):
+            rollback_id = handlers.report_rollback(self.state, handlers.RollbackIn(
+                request.device_id, request.bundle_id, request.cohort, request.version, request.restored_version,
+                request.reason, request.entropy_before, request.entropy_after, request.agreement_before,
+                request.agreement_after, request.rolled_back_unix_ms))
+        return device_pb2.RollbackAck(rollback_id=rollback_id)
 
     def SubmitUpdate(  # noqa: N802 (name fixed by the generated base class)
         self, request: device_pb2.FederatedUpdate, context: grpc.ServicerContext
@@ -228,7 +242,8 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             admin_pb2.DeviceInfo(device_id=d.device_id, labels=d.labels, registered_unix_ms=d.registered_ms,
                                  last_seen_unix_ms=d.last_seen_ms, samples_stored=d.samples_stored,
                                  drift_events=d.drift_events, acked_update_version=d.acked_update_version,
-                                 outbox_dropped_samples=d.outbox_dropped, outbox_pending_samples=d.outbox_pending)
+                                 outbox_dropped_samples=d.outbox_dropped, outbox_pending_samples=d.outbox_pending,
+                                 rollbacks=d.rollbacks, cohort=d.cohort)
             for d in devices
         ])
 
@@ -237,7 +252,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.StartRoundResponse:
         """Queue a round; it runs on the round worker, not on this thread."""
         with _domain_errors(context, "StartRound"):
-            record = self.runner.start(request.kind, request.max_samples, request.steps)
+            record = self.runner.start(request.kind, request.max_samples, request.steps, request.cohort)
         return admin_pb2.StartRoundResponse(round_id=record.round_id)
 
     def GetRound(  # noqa: N802 (name fixed by the generated base class)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from server.blobstore import BlobStore
 from server.broker import UpdateBroker
 from server.errors import InvalidRequestError, NoBundlePublishedError, UnknownBundleError, UnknownDeviceError
 from server.manifest import BundleSpec, bundle_spec
 from server.records import BundleRecord, DeviceRecord, Storage
+from server.update_signer import UpdateSigner
 
 MAX_ID_LENGTH = 128
 
@@ -34,7 +36,9 @@ class ServerState:
     """Everything the handlers work on: metadata storage, blob store, update broker, limits and a clock.
 
     ``trusted_publishers``: raw Ed25519 public keys whose bundle signatures are accepted (None: any valid
-    signature, which proves integrity but not origin).
+    signature, which proves integrity but not origin). ``signer`` signs parameter updates (None: sent
+    unsigned); ``update_encoding`` / ``update_topk_fraction`` choose how they are encoded
+    (:mod:`runtime.update_codec`); ``publish_lock`` serialises publishing so each delta has one base.
     """
 
     storage: Storage
@@ -43,6 +47,10 @@ class ServerState:
     limits: Limits
     clock: Callable[[], int] = now_ms
     trusted_publishers: tuple[bytes, ...] | None = None
+    signer: UpdateSigner | None = None
+    update_encoding: str = "int8_delta"
+    update_topk_fraction: float = 1.0
+    publish_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
 def check_id(value: str, what: str) -> str:

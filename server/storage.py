@@ -29,13 +29,13 @@ from server.records import (
     SampleRecord,
     Storage,
     SubmissionRecord,
-    UpdateRecord,
 )
+from server.storage_updates import UPDATES_SCHEMA, UpdateTables, migrate_v1_updates, set_aside_v1_updates
 
 __all__ = ["SCHEMA_VERSION", "BlobStore", "Registry", "Storage", "sha256_hex"]
 
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: updates keyed by (cohort, version), encodings; rollbacks
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -63,11 +63,6 @@ CREATE TABLE IF NOT EXISTS outbox_reports (
   dropped_bytes INTEGER NOT NULL, pending_samples INTEGER NOT NULL, pending_bytes INTEGER NOT NULL,
   max_bytes INTEGER NOT NULL, eviction_policy TEXT NOT NULL, reported_ms INTEGER NOT NULL,
   received_ms INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS updates (
-  version INTEGER PRIMARY KEY, bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id),
-  kind TEXT NOT NULL, round_id INTEGER, blob TEXT NOT NULL, sha256 TEXT NOT NULL,
-  created_ms INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS updates_by_bundle ON updates(bundle_id, version);
 CREATE TABLE IF NOT EXISTS submissions (
   id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(device_id),
   bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id), base_version INTEGER NOT NULL,
@@ -77,10 +72,10 @@ CREATE TABLE IF NOT EXISTS rounds (
   round_id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, state TEXT NOT NULL,
   update_version INTEGER, samples_used INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
   seconds REAL NOT NULL DEFAULT 0, metrics TEXT NOT NULL DEFAULT '{}', created_ms INTEGER NOT NULL);
-"""
+""" + UPDATES_SCHEMA
 
 
-class Registry:
+class Registry(UpdateTables):
     """:class:`Storage` over one SQLite file (WAL, ``synchronous=FULL``), one connection behind a lock."""
 
     def __init__(self, db_path: Path) -> None:
@@ -99,11 +94,15 @@ class Registry:
 
     def _init_schema(self) -> None:
         with self._lock:
+            set_aside_v1_updates(self._conn)
             self._conn.executescript(_SCHEMA)  # idempotent: every statement is IF NOT EXISTS
         with self._tx() as c:
             row = c.execute("SELECT MAX(version) FROM schema_version").fetchone()
             if row[0] is None:
                 c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif int(row[0]) == 1:
+                migrate_v1_updates(c)
+                c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StorageError(
                     f"{self.db_path}: schema version {row[0]} is newer than this server's {SCHEMA_VERSION}"
@@ -137,6 +136,7 @@ class Registry:
     _DEVICE_SQL = (
         "SELECT d.*, (SELECT COUNT(*) FROM samples s WHERE s.device_id = d.device_id) AS n_samples, "
         "(SELECT COUNT(*) FROM drift_events e WHERE e.device_id = d.device_id) AS n_drift, "
+        "(SELECT COUNT(*) FROM rollbacks r WHERE r.device_id = d.device_id) AS n_rollbacks, "
         "o.dropped_samples AS outbox_dropped, o.pending_samples AS outbox_pending "
         "FROM devices d LEFT JOIN outbox_reports o ON o.device_id = d.device_id"
     )
@@ -148,7 +148,7 @@ class Registry:
             registered_ms=row["registered_ms"], last_seen_ms=row["last_seen_ms"],
             acked_update_version=row["acked_update_version"], samples_stored=row["n_samples"],
             drift_events=row["n_drift"], outbox_dropped=row["outbox_dropped"] or 0,
-            outbox_pending=row["outbox_pending"] or 0,
+            outbox_pending=row["outbox_pending"] or 0, rollbacks=row["n_rollbacks"],
         )
 
     def upsert_device(self, device_id: str, labels: dict[str, str], backend: str, now_ms: int) -> DeviceRecord:
@@ -333,37 +333,6 @@ class Registry:
         """See :meth:`Storage.mark_submissions_used`."""
         with self._tx() as c:
             c.executemany("UPDATE submissions SET used_in_round = ? WHERE id = ?", [(round_id, i) for i in ids])
-
-    # -- updates ---------------------------------------------------------------------------------------
-    def insert_update(
-        self, bundle_id: str, kind: str, round_id: int | None, blob: str, sha256: str, created_ms: int
-    ) -> UpdateRecord:
-        """See :meth:`Storage.insert_update`."""
-        with self._tx() as c:
-            version = int(c.execute("SELECT COALESCE(MAX(version), 0) + 1 FROM updates").fetchone()[0])
-            c.execute(
-                "INSERT INTO updates (version, bundle_id, kind, round_id, blob, sha256, created_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (version, bundle_id, kind, round_id, blob, sha256, created_ms),
-            )
-        return UpdateRecord(version, bundle_id, kind, round_id, blob, sha256, created_ms)
-
-    def updates_since(self, bundle_id: str, since_version: int) -> list[UpdateRecord]:
-        """See :meth:`Storage.updates_since`."""
-        rows = self._all(
-            "SELECT * FROM updates WHERE bundle_id = ? AND version > ? ORDER BY version", (bundle_id, since_version)
-        )
-        return [UpdateRecord(**dict(r)) for r in rows]
-
-    def latest_update(self, bundle_id: str) -> UpdateRecord | None:
-        """See :meth:`Storage.latest_update`."""
-        row = self._one("SELECT * FROM updates WHERE bundle_id = ? ORDER BY version DESC LIMIT 1", (bundle_id,))
-        return UpdateRecord(**dict(row)) if row else None
-
-    def latest_version(self) -> int:
-        """See :meth:`Storage.latest_version`."""
-        row = self._one("SELECT COALESCE(MAX(version), 0) AS v FROM updates")
-        return int(row["v"]) if row else 0
 
     # -- rounds ----------------------------------------------------------------------------------------
     @staticmethod

@@ -121,11 +121,12 @@ class RunningServer:
     target: str
     bundle_id: str
 
-    def publish_update(self, params: Mapping[str, np.ndarray], kind: str = "distill") -> int:
-        """Publish a full parameter set through the server's handler; return its version."""
+    def publish_update(self, params: Mapping[str, np.ndarray], kind: str = "distill", cohort: str = "default") -> int:
+        """Publish a full parameter set through the server's handler (sent as the server's encoding, int8
+        deltas by default); return its version within ``cohort``."""
         from server.updates import publish_update
 
-        return int(publish_update(self.server.state, self.bundle_id, kind, params).version)
+        return int(publish_update(self.server.state, self.bundle_id, kind, params, cohort=cohort).version)
 
     def samples_stored(self, device_id: str) -> int:
         """How many samples the server holds from ``device_id``."""

@@ -169,7 +169,8 @@ def _connected_agent(edge_server, tmp_path: Path, **cfg) -> tuple[Agent, DeviceC
                                                   window_seconds=3600.0))
     agent = Agent(model, SourceModel(), PageHinkley(threshold=1.0, mode="up"), selector,
                   SqliteOutbox(tmp_path / "outbox.db", max_bytes=8 << 20), client,
-                  AgentConfig(device_id="dev-e2e", bundle_id=info.bundle_id, **cfg),
+                  AgentConfig(device_id="dev-e2e", bundle_id=info.bundle_id, cohort=info.cohort,
+                              update_keys=(info.update_public_key,), **cfg),
                   version=info.latest_update_version)
     return agent, client
 
@@ -196,10 +197,11 @@ def test_end_to_end_with_server(edge_server, tmp_path: Path, digits_test) -> Non
     assert result.errors == () and result.applied_versions == (version,)
     assert result.upload is not None and result.upload.stored == queued
     assert edge_server.samples_stored("dev-e2e") == queued and agent.outbox.pending_count == 0
-    np.testing.assert_array_equal(agent.model.params["bn1.bias"], params["bn1.bias"])
+    # an int8 delta: each value within half its tensor's scale (max |delta| / 127) of the published one
+    np.testing.assert_allclose(agent.model.params["bn1.bias"], params["bn1.bias"], rtol=0, atol=0.1 / 254 + 1e-7)
     stats = agent.stats
     assert stats.uploaded_samples == queued and stats.uploaded_bytes > 0
-    assert stats.downloaded_bytes > 10_000 and stats.update_versions == (version,)
+    assert stats.downloaded_bytes > 0 and stats.update_versions == (version,)
     client.close()
 
 
@@ -213,7 +215,8 @@ def test_background_watcher_applies_updates_and_stops(edge_server, tmp_path: Pat
     while agent.version != version and time.monotonic() < deadline:
         time.sleep(0.02)
     assert agent.version == version
-    np.testing.assert_array_equal(agent.model.params["bn1.weight"], params["bn1.weight"])
+    scale = float(np.abs(params["bn1.weight"] / 3).max()) / 127  # the delta is weight * 0.5
+    np.testing.assert_allclose(agent.model.params["bn1.weight"], params["bn1.weight"], rtol=0, atol=scale / 2 + 1e-6)
     started = time.monotonic()
     agent.close()
     assert time.monotonic() - started < 2.0

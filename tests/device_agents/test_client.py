@@ -16,11 +16,10 @@ import pytest
 from device_agents.client import DeviceClient, decode_update
 from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
 from device_agents.outbox import OutboxSample, SqliteOutbox
-from proto.convert import tensors_to_proto
+from device_agents.updates import check_signature, decode_params
 from proto.edgeloop.v1 import common_pb2, device_pb2_grpc
 from runtime import AdaptableModel, load_bundle
 from runtime.manifest import read_manifest
-from runtime.params import params_digest
 
 
 def _samples(bundle_id: str, n: int, start: int = 0) -> list[OutboxSample]:
@@ -95,18 +94,26 @@ def test_upload_failure_nacks_and_raises(edge_server, tmp_path: Path) -> None:
         assert all(s.attempts == 1 for s in box.peek_batch(10, now_ms=10**12))
 
 
-def test_watch_updates_yields_verified_updates(edge_server, client: DeviceClient, bundle_dir: Path) -> None:
-    client.register()
-    params = AdaptableModel(load_bundle(bundle_dir)).params
+def test_watch_updates_yields_signed_deltas_that_chain(edge_server, client: DeviceClient, bundle_dir: Path) -> None:
+    info = client.register()
+    held = AdaptableModel(load_bundle(bundle_dir)).params
+    params = dict(held)
     params["bn1.bias"] = params["bn1.bias"] + 0.25
     v1 = edge_server.publish_update(params)
     params["bn1.bias"] = params["bn1.bias"] + 0.25
     v2 = edge_server.publish_update(params)
     got = list(client.watch_updates(edge_server.bundle_id, since_version=0, max_wait=0.3))
-    assert [u.version for u in got] == [v1, v2]
-    assert got[1].kind == "distill" and got[1].sha256 == params_digest(params)
-    np.testing.assert_array_equal(got[1].params["bn1.bias"], params["bn1.bias"])
+    assert [u.version for u in got] == [v1, v2] and [u.base_version for u in got] == [0, v1]
+    assert {u.encoding for u in got} == {"int8_delta"} and got[1].kind == "distill"
+    for update, version in zip(got, (0, v1), strict=True):
+        check_signature(update, (info.update_public_key,))
+        held = decode_params(update, held, version)
+    np.testing.assert_allclose(held["bn1.bias"], params["bn1.bias"], rtol=0, atol=0.25 / 254 + 1e-6)
     assert list(client.watch_updates(edge_server.bundle_id, since_version=v2, max_wait=0.2)) == []
+    # a device holding another base (e.g. after a rollback) gets the update in full
+    full = list(client.watch_updates(edge_server.bundle_id, since_version=v1, max_wait=0.2, held_version=0))
+    assert [(u.version, u.encoding) for u in full] == [(v2, "f32")]
+    assert decode_params(full[0], {}, 0)["bn1.bias"].tolist() == held["bn1.bias"].tolist()
 
 
 def test_drift_report_and_federated_submission(edge_server, client: DeviceClient, bundle_dir: Path) -> None:
@@ -122,20 +129,13 @@ def test_unreachable_server_raises_transport_error() -> None:
     assert err.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
-def _update_msg(params: dict[str, np.ndarray], bundle_id: str = "b" * 64) -> common_pb2.ParameterUpdate:
-    return common_pb2.ParameterUpdate(version=3, bundle_id=bundle_id, kind="fedavg",
-                                      tensors=tensors_to_proto(params), sha256=params_digest(params))
-
-
-def test_decode_update_rejects_tampered_or_foreign_updates() -> None:
-    params = {"bn1.weight": np.ones(4, np.float32)}
-    assert decode_update(_update_msg(params), "b" * 64).version == 3
-    tampered = _update_msg(params)
-    tampered.tensors[0].data = np.full(4, 2.0, np.float32).tobytes()
-    with pytest.raises(UpdateIntegrityError, match="digest"):
-        decode_update(tampered, "b" * 64)
+def test_decode_update_needs_this_bundle_and_a_payload() -> None:
+    msg = common_pb2.ParameterUpdate(version=3, bundle_id="b" * 64, kind="fedavg", encoding="f32", payload=b"x")
+    assert decode_update(msg, "b" * 64).version == 3
     with pytest.raises(UpdateIntegrityError, match="bundle"):
-        decode_update(_update_msg(params), "c" * 64)
+        decode_update(msg, "c" * 64)
+    with pytest.raises(UpdateIntegrityError, match="payload"):
+        decode_update(common_pb2.ParameterUpdate(version=3, bundle_id="b" * 64), "b" * 64)
 
 
 class FaultyDeviceService(device_pb2_grpc.DeviceServiceServicer):

@@ -115,3 +115,11 @@ def wait_round(admin: admin_pb2_grpc.AdminServiceStub, round_id: int, timeout: f
         if status.state in ("done", "failed") or time.monotonic() > deadline:
             return status
         time.sleep(0.02)
+
+
+def update_params(msg: common_pb2.ParameterUpdate, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The parameters a ``ParameterUpdate`` message yields on a device holding ``base`` (its delta's base)."""
+    from runtime.update_codec import decode_update
+
+    base32 = {k: np.asarray(v, dtype=np.float32) for k, v in base.items()}
+    return decode_update(msg.payload, msg.encoding, base32, {k: v.shape for k, v in base32.items()})

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from proto.convert import tensor_from_proto, tensor_to_proto, tensors_to_proto
+from proto.convert import tensor_to_proto, tensors_to_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from runtime.params import params_digest
 from server.app import ADMIN_SERVICE, DEVICE_SERVICE, EdgeloopServer, ServerConfig, create_server
@@ -24,6 +24,7 @@ from tests.server.server_testkit import (
     initial_params,
     make_bundle_files,
     sample_msg,
+    update_params,
     wait_round,
 )
 
@@ -297,7 +298,7 @@ def test_fedavg_round_weighted_mean_reaches_a_watcher(
     assert status.metrics["submissions"] == 2 and status.metrics["superseded"] == 1
     expected = {k: (1 * a[k] + 3 * b[k]) / 4 for k in base}  # = base - 1.25
     assert len(got) == 1 and got[0].version == 1 and got[0].kind == "fedavg" and got[0].round_id == round_id
-    params = {t.name: tensor_from_proto(t) for t in got[0].tensors}
+    params = update_params(got[0], base)
     assert sorted(params) == sorted(base)
     for k in base:
         np.testing.assert_allclose(params[k], expected[k], rtol=0, atol=1e-6)
@@ -338,7 +339,7 @@ def test_distill_round_with_fake_distiller(device: Stub, admin: Admin, published
     updates = list(device.WatchUpdates(device_pb2.WatchRequest(device_id="dev-1", max_wait_seconds=0.1),
                                        timeout=5.0))
     assert [(u.version, u.kind) for u in updates] == [(1, "distill")]
-    params = {t.name: tensor_from_proto(t) for t in updates[0].tensors}
+    params = update_params(updates[0], initial_params())
     np.testing.assert_allclose(params["bn1.weight"], initial_params()["bn1.weight"] + 0.02, atol=1e-6)
     np.testing.assert_array_equal(params["bn1.var"], initial_params()["bn1.var"])
     # the one sample left is used by the next round

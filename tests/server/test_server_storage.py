@@ -13,7 +13,7 @@ import pytest
 
 from server.codec import CodecError, decode_array, decode_arrays, encode_array, encode_arrays
 from server.errors import BlobCorruptError, BlobNotFoundError, InvalidRequestError, StorageError
-from server.records import BundleRecord, FileEntry, OutboxRecord, SampleRecord, Storage
+from server.records import BundleRecord, FileEntry, OutboxRecord, SampleRecord, Storage, UpdateRecord
 from server.storage import SCHEMA_VERSION, BlobStore, Registry
 
 
@@ -129,15 +129,22 @@ def test_concurrent_writers_are_serialised(registry: Registry) -> None:
     assert sum(r[1] for r in results) == 1  # "shared" was new exactly once
 
 
-def test_update_versions_are_global_and_monotonic(registry: Registry) -> None:
+def _update(bundle_id: str, cohort: str = "default", blob: str = "1" * 64) -> UpdateRecord:
+    return UpdateRecord(0, bundle_id, "fedavg", None, blob, "s", 1, cohort, blob, "s", "f32", 0, "", "")
+
+
+def test_update_versions_count_per_cohort(registry: Registry) -> None:
     registry.put_bundle(BundleRecord("e" * 64, {}, {}, 2), make_current=False)
-    v1 = registry.insert_update("b" * 64, "fedavg", None, "1" * 64, "s1", 1)
-    v2 = registry.insert_update("e" * 64, "distill", 3, "2" * 64, "s2", 2)
-    v3 = registry.insert_update("b" * 64, "distill", 4, "3" * 64, "s3", 3)
-    assert (v1.version, v2.version, v3.version) == (1, 2, 3)
+    v1 = registry.insert_update(_update("b" * 64))
+    v2 = registry.insert_update(_update("e" * 64))
+    v3 = registry.insert_update(_update("b" * 64))
+    w1 = registry.insert_update(_update("b" * 64, cohort="lab"))
+    assert (v1.version, v2.version, v3.version, w1.version) == (1, 2, 3, 1)
     assert [u.version for u in registry.updates_since("b" * 64, 0)] == [1, 3]
     assert [u.version for u in registry.updates_since("b" * 64, 1)] == [3]
+    assert [u.version for u in registry.updates_since("b" * 64, 0, "lab")] == [1]
     assert registry.latest_update("e" * 64) == v2 and registry.latest_version() == 3
+    assert registry.latest_version("lab") == 1 and registry.latest_update("b" * 64, "lab") == w1
     assert registry.current_bundle().bundle_id == "b" * 64  # type: ignore[union-attr]
     registry.set_acked_version("d1", 3)
     registry.set_acked_version("d1", 1)  # never lowers

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.edgeloop.v1 import common_pb2 as proto_dot_edgeloop_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/edgeloop/v1/admin.proto\x12\x0b\x65\x64geloop.v1\x1a\x1eproto/edgeloop/v1/common.proto\"?\n\x15PublishBundleResponse\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\x14\n\x12ListDevicesRequest\"\xc6\x02\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.edgeloop.v1.DeviceInfo.LabelsEntry\x12\x1a\n\x12registered_unix_ms\x18\x03 \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x03\x12\x16\n\x0esamples_stored\x18\x05 \x01(\x03\x12\x14\n\x0c\x64rift_events\x18\x06 \x01(\x03\x12\x1c\n\x14\x61\x63ked_update_version\x18\x07 \x01(\x03\x12\x1e\n\x16outbox_dropped_samples\x18\x08 \x01(\x03\x12\x1e\n\x16outbox_pending_samples\x18\t \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x13ListDevicesResponse\x12(\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x17.edgeloop.v1.DeviceInfo\"E\n\x11StartRoundRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bmax_samples\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\"&\n\x12StartRoundResponse\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"\xf2\x01\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0eupdate_version\x18\x04 \x01(\x03\x12\x14\n\x0csamples_used\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.edgeloop.v1.RoundStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc4\x02\n\x0c\x41\x64minService\x12O\n\rPublishBundle\x12\x18.edgeloop.v1.BundleChunk\x1a\".edgeloop.v1.PublishBundleResponse(\x01\x12P\n\x0bListDevices\x12\x1f.edgeloop.v1.ListDevicesRequest\x1a .edgeloop.v1.ListDevicesResponse\x12M\n\nStartRound\x12\x1e.edgeloop.v1.StartRoundRequest\x1a\x1f.edgeloop.v1.StartRoundResponse\x12\x42\n\x08GetRound\x12\x1c.edgeloop.v1.GetRoundRequest\x1a\x18.edgeloop.v1.RoundStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dproto/edgeloop/v1/admin.proto\x12\x0b\x65\x64geloop.v1\x1a\x1eproto/edgeloop/v1/common.proto\"?\n\x15PublishBundleResponse\x12\x11\n\tbundle_id\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\"\x14\n\x12ListDevicesRequest\"\xe9\x02\n\nDeviceInfo\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x33\n\x06labels\x18\x02 \x03(\x0b\x32#.edgeloop.v1.DeviceInfo.LabelsEntry\x12\x1a\n\x12registered_unix_ms\x18\x03 \x01(\x03\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x03\x12\x16\n\x0esamples_stored\x18\x05 \x01(\x03\x12\x14\n\x0c\x64rift_events\x18\x06 \x01(\x03\x12\x1c\n\x14\x61\x63ked_update_version\x18\x07 \x01(\x03\x12\x1e\n\x16outbox_dropped_samples\x18\x08 \x01(\x03\x12\x1e\n\x16outbox_pending_samples\x18\t \x01(\x03\x12\x11\n\trollbacks\x18\n \x01(\x03\x12\x0e\n\x06\x63ohort\x18\x0b \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x13ListDevicesResponse\x12(\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x17.edgeloop.v1.DeviceInfo\"U\n\x11StartRoundRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x13\n\x0bmax_samples\x18\x02 \x01(\x05\x12\r\n\x05steps\x18\x03 \x01(\x05\x12\x0e\n\x06\x63ohort\x18\x04 \x01(\t\"&\n\x12StartRoundResponse\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"#\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"\xf2\x01\n\x0bRoundStatus\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x16\n\x0eupdate_version\x18\x04 \x01(\x03\x12\x14\n\x0csamples_used\x18\x05 \x01(\x03\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0f\n\x07seconds\x18\x07 \x01(\x01\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.edgeloop.v1.RoundStatus.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xc4\x02\n\x0c\x41\x64minService\x12O\n\rPublishBundle\x12\x18.edgeloop.v1.BundleChunk\x1a\".edgeloop.v1.PublishBundleResponse(\x01\x12P\n\x0bListDevices\x12\x1f.edgeloop.v1.ListDevicesRequest\x1a .edgeloop.v1.ListDevicesResponse\x12M\n\nStartRound\x12\x1e.edgeloop.v1.StartRoundRequest\x1a\x1f.edgeloop.v1.StartRoundResponse\x12\x42\n\x08GetRound\x12\x1c.edgeloop.v1.GetRoundRequest\x1a\x18.edgeloop.v1.RoundStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,21 +41,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTDEVICESREQUEST']._serialized_start=143
   _globals['_LISTDEVICESREQUEST']._serialized_end=163
   _globals['_DEVICEINFO']._serialized_start=166
-  _globals['_DEVICEINFO']._serialized_end=492
-  _globals['_DEVICEINFO_LABELSENTRY']._serialized_start=447
-  _globals['_DEVICEINFO_LABELSENTRY']._serialized_end=492
-  _globals['_LISTDEVICESRESPONSE']._serialized_start=494
-  _globals['_LISTDEVICESRESPONSE']._serialized_end=557
-  _globals['_STARTROUNDREQUEST']._serialized_start=559
-  _globals['_STARTROUNDREQUEST']._serialized_end=628
-  _globals['_STARTROUNDRESPONSE']._serialized_start=630
-  _globals['_STARTROUNDRESPONSE']._serialized_end=668
-  _globals['_GETROUNDREQUEST']._serialized_start=670
-  _globals['_GETROUNDREQUEST']._serialized_end=705
-  _globals['_ROUNDSTATUS']._serialized_start=708
-  _globals['_ROUNDSTATUS']._serialized_end=950
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=904
-  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=950
-  _globals['_ADMINSERVICE']._serialized_start=953
-  _globals['_ADMINSERVICE']._serialized_end=1277
+  _globals['_DEVICEINFO']._serialized_end=527
+  _globals['_DEVICEINFO_LABELSENTRY']._serialized_start=482
+  _globals['_DEVICEINFO_LABELSENTRY']._serialized_end=527
+  _globals['_LISTDEVICESRESPONSE']._serialized_start=529
+  _globals['_LISTDEVICESRESPONSE']._serialized_end=592
+  _globals['_STARTROUNDREQUEST']._serialized_start=594
+  _globals['_STARTROUNDREQUEST']._serialized_end=679
+  _globals['_STARTROUNDRESPONSE']._serialized_start=681
+  _globals['_STARTROUNDRESPONSE']._serialized_end=719
+  _globals['_GETROUNDREQUEST']._serialized_start=721
+  _globals['_GETROUNDREQUEST']._serialized_end=756
+  _globals['_ROUNDSTATUS']._serialized_start=759
+  _globals['_ROUNDSTATUS']._serialized_end=1001
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_start=955
+  _globals['_ROUNDSTATUS_METRICSENTRY']._serialized_end=1001
+  _globals['_ADMINSERVICE']._serialized_start=1004
+  _globals['_ADMINSERVICE']._serialized_end=1328
 # @@protoc_insertion_point(module_scope)

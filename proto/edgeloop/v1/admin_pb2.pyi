@@ -20,7 +20,7 @@ class ListDevicesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class DeviceInfo(_message.Message):
-    __slots__ = ("device_id", "labels", "registered_unix_ms", "last_seen_unix_ms", "samples_stored", "drift_events", "acked_update_version", "outbox_dropped_samples", "outbox_pending_samples")
+    __slots__ = ("device_id", "labels", "registered_unix_ms", "last_seen_unix_ms", "samples_stored", "drift_events", "acked_update_version", "outbox_dropped_samples", "outbox_pending_samples", "rollbacks", "cohort")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,8 @@ class DeviceInfo(_message.Message):
     ACKED_UPDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     OUTBOX_DROPPED_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     OUTBOX_PENDING_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ROLLBACKS_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     labels: _containers.ScalarMap[str, str]
     registered_unix_ms: int
@@ -46,7 +48,9 @@ class DeviceInfo(_message.Message):
     acked_update_version: int
     outbox_dropped_samples: int
     outbox_pending_samples: int
-    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., samples_stored: _Optional[int] = ..., drift_events: _Optional[int] = ..., acked_update_version: _Optional[int] = ..., outbox_dropped_samples: _Optional[int] = ..., outbox_pending_samples: _Optional[int] = ...) -> None: ...
+    rollbacks: int
+    cohort: str
+    def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_unix_ms: _Optional[int] = ..., last_seen_unix_ms: _Optional[int] = ..., samples_stored: _Optional[int] = ..., drift_events: _Optional[int] = ..., acked_update_version: _Optional[int] = ..., outbox_dropped_samples: _Optional[int] = ..., outbox_pending_samples: _Optional[int] = ..., rollbacks: _Optional[int] = ..., cohort: _Optional[str] = ...) -> None: ...
 
 class ListDevicesResponse(_message.Message):
     __slots__ = ("devices",)
@@ -55,14 +59,16 @@ class ListDevicesResponse(_message.Message):
     def __init__(self, devices: _Optional[_Iterable[_Union[DeviceInfo, _Mapping]]] = ...) -> None: ...
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("kind", "max_samples", "steps")
+    __slots__ = ("kind", "max_samples", "steps", "cohort")
     KIND_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
     kind: str
     max_samples: int
     steps: int
-    def __init__(self, kind: _Optional[str] = ..., max_samples: _Optional[int] = ..., steps: _Optional[int] = ...) -> None: ...
+    cohort: str
+    def __init__(self, kind: _Optional[str] = ..., max_samples: _Optional[int] = ..., steps: _Optional[int] = ..., cohort: _Optional[str] = ...) -> None: ...
 
 class StartRoundResponse(_message.Message):
     __slots__ = ("round_id",)

@@ -53,7 +53,7 @@ class BundleChunk(_message.Message):
     def __init__(self, bundle_id: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., file_size: _Optional[int] = ..., file_sha256: _Optional[str] = ...) -> None: ...
 
 class ParameterUpdate(_message.Message):
-    __slots__ = ("version", "bundle_id", "kind", "tensors", "sha256", "created_unix_ms", "round_id")
+    __slots__ = ("version", "bundle_id", "kind", "tensors", "sha256", "created_unix_ms", "round_id", "cohort", "base_version", "encoding", "payload", "base_sha256", "signature", "key_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -61,6 +61,13 @@ class ParameterUpdate(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    BASE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     bundle_id: str
     kind: str
@@ -68,4 +75,11 @@ class ParameterUpdate(_message.Message):
     sha256: str
     created_unix_ms: int
     round_id: int
-    def __init__(self, version: _Optional[int] = ..., bundle_id: _Optional[str] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., sha256: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., round_id: _Optional[int] = ...) -> None: ...
+    cohort: str
+    base_version: int
+    encoding: str
+    payload: bytes
+    base_sha256: str
+    signature: bytes
+    key_id: str
+    def __init__(self, version: _Optional[int] = ..., bundle_id: _Optional[str] = ..., kind: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., sha256: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., round_id: _Optional[int] = ..., cohort: _Optional[str] = ..., base_version: _Optional[int] = ..., encoding: _Optional[str] = ..., payload: _Optional[bytes] = ..., base_sha256: _Optional[str] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ...) -> None: ...

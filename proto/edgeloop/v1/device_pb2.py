@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from proto.edgeloop.v1 import common_pb2 as proto_dot_edgeloop_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/edgeloop/v1/device.proto\x12\x0b\x65\x64geloop.v1\x1a\x1eproto/edgeloop/v1/common.proto\"\xa6\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.edgeloop.v1.RegisterRequest.LabelsEntry\x12\x17\n\x0fruntime_backend\x18\x03 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"m\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x1d\n\x15latest_update_version\x18\x03 \x01(\x03\x12\x14\n\x0c\x62undle_files\x18\x04 \x03(\t\"]\n\x12\x46\x65tchBundleRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\r\n\x05paths\x18\x03 \x03(\t\x12\x12\n\nchunk_size\x18\x04 \x01(\x05\"\xe4\x01\n\x06Sample\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tsample_id\x18\x02 \x01(\t\x12\x11\n\tbundle_id\x18\x03 \x01(\t\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.edgeloop.v1.Tensor\x12%\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x13.edgeloop.v1.Tensor\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x02\x12\x12\n\nprediction\x18\x07 \x01(\x05\x12\x17\n\x0fstream_position\x18\x08 \x01(\x03\x12\x18\n\x10\x63\x61ptured_unix_ms\x18\t \x01(\x03\"N\n\tUploadAck\x12\x12\n\nstored_ids\x18\x01 \x03(\t\x12\x15\n\rduplicate_ids\x18\x02 \x03(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\"\x9b\x01\n\x0b\x44riftReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\t\x12\x11\n\tstatistic\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x17\n\x0fstream_position\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65tected_unix_ms\x18\x07 \x01(\x03\"\x1c\n\x08\x44riftAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\"e\n\x0cWatchRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x15\n\rsince_version\x18\x03 \x01(\x03\x12\x18\n\x10max_wait_seconds\x18\x04 \x01(\x01\"\x88\x01\n\x0f\x46\x65\x64\x65ratedUpdate\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12$\n\x07tensors\x18\x05 \x03(\x0b\x32\x13.edgeloop.v1.Tensor\"\"\n\tSubmitAck\x12\x15\n\rsubmission_id\x18\x01 \x01(\x03\"\xc7\x01\n\x0cOutboxReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64ropped_samples\x18\x02 \x01(\x03\x12\x15\n\rdropped_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fpending_samples\x18\x04 \x01(\x03\x12\x15\n\rpending_bytes\x18\x05 \x01(\x03\x12\x11\n\tmax_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x65viction_policy\x18\x07 \x01(\t\x12\x18\n\x10reported_unix_ms\x18\x08 \x01(\x03\"$\n\tOutboxAck\x12\x17\n\x0f\x64ropped_samples\x18\x01 \x01(\x03\"=\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x02 \x01(\t\"9\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t2\xbb\x04\n\rDeviceService\x12G\n\x08Register\x12\x1c.edgeloop.v1.RegisterRequest\x1a\x1d.edgeloop.v1.RegisterResponse\x12J\n\x0b\x46\x65tchBundle\x12\x1f.edgeloop.v1.FetchBundleRequest\x1a\x18.edgeloop.v1.BundleChunk0\x01\x12>\n\rUploadSamples\x12\x13.edgeloop.v1.Sample\x1a\x16.edgeloop.v1.UploadAck(\x01\x12>\n\x0bReportDrift\x12\x18.edgeloop.v1.DriftReport\x1a\x15.edgeloop.v1.DriftAck\x12I\n\x0cWatchUpdates\x12\x19.edgeloop.v1.WatchRequest\x1a\x1c.edgeloop.v1.ParameterUpdate0\x01\x12\x44\n\x0cSubmitUpdate\x12\x1c.edgeloop.v1.FederatedUpdate\x1a\x16.edgeloop.v1.SubmitAck\x12\x41\n\x0cReportOutbox\x12\x19.edgeloop.v1.OutboxReport\x1a\x16.edgeloop.v1.OutboxAck\x12\x41\n\x06\x45nroll\x12\x1a.edgeloop.v1.EnrollRequest\x1a\x1b.edgeloop.v1.EnrollResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eproto/edgeloop/v1/device.proto\x12\x0b\x65\x64geloop.v1\x1a\x1eproto/edgeloop/v1/common.proto\"\xa6\x01\n\x0fRegisterRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x38\n\x06labels\x18\x02 \x03(\x0b\x32(.edgeloop.v1.RegisterRequest.LabelsEntry\x12\x17\n\x0fruntime_backend\x18\x03 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x10RegisterResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x1d\n\x15latest_update_version\x18\x03 \x01(\x03\x12\x14\n\x0c\x62undle_files\x18\x04 \x03(\t\x12\x0e\n\x06\x63ohort\x18\x05 \x01(\t\x12\x19\n\x11update_public_key\x18\x06 \x01(\x0c\"]\n\x12\x46\x65tchBundleRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\r\n\x05paths\x18\x03 \x03(\t\x12\x12\n\nchunk_size\x18\x04 \x01(\x05\"\xe4\x01\n\x06Sample\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tsample_id\x18\x02 \x01(\t\x12\x11\n\tbundle_id\x18\x03 \x01(\t\x12\"\n\x05input\x18\x04 \x01(\x0b\x32\x13.edgeloop.v1.Tensor\x12%\n\x08\x66\x65\x61tures\x18\x05 \x01(\x0b\x32\x13.edgeloop.v1.Tensor\x12\x0f\n\x07\x65ntropy\x18\x06 \x01(\x02\x12\x12\n\nprediction\x18\x07 \x01(\x05\x12\x17\n\x0fstream_position\x18\x08 \x01(\x03\x12\x18\n\x10\x63\x61ptured_unix_ms\x18\t \x01(\x03\"N\n\tUploadAck\x12\x12\n\nstored_ids\x18\x01 \x03(\t\x12\x15\n\rduplicate_ids\x18\x02 \x03(\t\x12\x16\n\x0e\x62ytes_received\x18\x03 \x01(\x03\"\x9b\x01\n\x0b\x44riftReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x10\n\x08\x64\x65tector\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\t\x12\x11\n\tstatistic\x18\x04 \x01(\x01\x12\x11\n\tthreshold\x18\x05 \x01(\x01\x12\x17\n\x0fstream_position\x18\x06 \x01(\x03\x12\x18\n\x10\x64\x65tected_unix_ms\x18\x07 \x01(\x03\"\x1c\n\x08\x44riftAck\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\x03\"\x91\x01\n\x0cWatchRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x15\n\rsince_version\x18\x03 \x01(\x03\x12\x18\n\x10max_wait_seconds\x18\x04 \x01(\x01\x12\x19\n\x0cheld_version\x18\x05 \x01(\x03H\x00\x88\x01\x01\x42\x0f\n\r_held_version\"\x88\x01\n\x0f\x46\x65\x64\x65ratedUpdate\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x03\x12$\n\x07tensors\x18\x05 \x03(\x0b\x32\x13.edgeloop.v1.Tensor\"\"\n\tSubmitAck\x12\x15\n\rsubmission_id\x18\x01 \x01(\x03\"\xc7\x01\n\x0cOutboxReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64ropped_samples\x18\x02 \x01(\x03\x12\x15\n\rdropped_bytes\x18\x03 \x01(\x03\x12\x17\n\x0fpending_samples\x18\x04 \x01(\x03\x12\x15\n\rpending_bytes\x18\x05 \x01(\x03\x12\x11\n\tmax_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x65viction_policy\x18\x07 \x01(\t\x12\x18\n\x10reported_unix_ms\x18\x08 \x01(\x03\"$\n\tOutboxAck\x12\x17\n\x0f\x64ropped_samples\x18\x01 \x01(\x03\"=\n\rEnrollRequest\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x19\n\x11\x65nrollment_secret\x18\x02 \x01(\t\"9\n\x0e\x45nrollResponse\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64\x65vice_token\x18\x02 \x01(\t\"\x80\x02\n\x0eRollbackReport\x12\x11\n\tdevice_id\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x0e\n\x06\x63ohort\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x18\n\x10restored_version\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x16\n\x0e\x65ntropy_before\x18\x07 \x01(\x01\x12\x15\n\rentropy_after\x18\x08 \x01(\x01\x12\x18\n\x10\x61greement_before\x18\t \x01(\x01\x12\x17\n\x0f\x61greement_after\x18\n \x01(\x01\x12\x1b\n\x13rolled_back_unix_ms\x18\x0b \x01(\x03\"\"\n\x0bRollbackAck\x12\x13\n\x0brollback_id\x18\x01 \x01(\x03\x32\x84\x05\n\rDeviceService\x12G\n\x08Register\x12\x1c.edgeloop.v1.RegisterRequest\x1a\x1d.edgeloop.v1.RegisterResponse\x12J\n\x0b\x46\x65tchBundle\x12\x1f.edgeloop.v1.FetchBundleRequest\x1a\x18.edgeloop.v1.BundleChunk0\x01\x12>\n\rUploadSamples\x12\x13.edgeloop.v1.Sample\x1a\x16.edgeloop.v1.UploadAck(\x01\x12>\n\x0bReportDrift\x12\x18.edgeloop.v1.DriftReport\x1a\x15.edgeloop.v1.DriftAck\x12I\n\x0cWatchUpdates\x12\x19.edgeloop.v1.WatchRequest\x1a\x1c.edgeloop.v1.ParameterUpdate0\x01\x12\x44\n\x0cSubmitUpdate\x12\x1c.edgeloop.v1.FederatedUpdate\x1a\x16.edgeloop.v1.SubmitAck\x12\x41\n\x0cReportOutbox\x12\x19.edgeloop.v1.OutboxReport\x1a\x16.edgeloop.v1.OutboxAck\x12G\n\x0eReportRollback\x12\x1b.edgeloop.v1.RollbackReport\x1a\x18.edgeloop.v1.RollbackAck\x12\x41\n\x06\x45nroll\x12\x1a.edgeloop.v1.EnrollRequest\x1a\x1b.edgeloop.v1.EnrollResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,32 +38,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_end=246
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=201
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=246
-  _globals['_REGISTERRESPONSE']._serialized_start=248
-  _globals['_REGISTERRESPONSE']._serialized_end=357
-  _globals['_FETCHBUNDLEREQUEST']._serialized_start=359
-  _globals['_FETCHBUNDLEREQUEST']._serialized_end=452
-  _globals['_SAMPLE']._serialized_start=455
-  _globals['_SAMPLE']._serialized_end=683
-  _globals['_UPLOADACK']._serialized_start=685
-  _globals['_UPLOADACK']._serialized_end=763
-  _globals['_DRIFTREPORT']._serialized_start=766
-  _globals['_DRIFTREPORT']._serialized_end=921
-  _globals['_DRIFTACK']._serialized_start=923
-  _globals['_DRIFTACK']._serialized_end=951
-  _globals['_WATCHREQUEST']._serialized_start=953
-  _globals['_WATCHREQUEST']._serialized_end=1054
-  _globals['_FEDERATEDUPDATE']._serialized_start=1057
-  _globals['_FEDERATEDUPDATE']._serialized_end=1193
-  _globals['_SUBMITACK']._serialized_start=1195
-  _globals['_SUBMITACK']._serialized_end=1229
-  _globals['_OUTBOXREPORT']._serialized_start=1232
-  _globals['_OUTBOXREPORT']._serialized_end=1431
-  _globals['_OUTBOXACK']._serialized_start=1433
-  _globals['_OUTBOXACK']._serialized_end=1469
-  _globals['_ENROLLREQUEST']._serialized_start=1471
-  _globals['_ENROLLREQUEST']._serialized_end=1532
-  _globals['_ENROLLRESPONSE']._serialized_start=1534
-  _globals['_ENROLLRESPONSE']._serialized_end=1591
-  _globals['_DEVICESERVICE']._serialized_start=1594
-  _globals['_DEVICESERVICE']._serialized_end=2165
+  _globals['_REGISTERRESPONSE']._serialized_start=249
+  _globals['_REGISTERRESPONSE']._serialized_end=401
+  _globals['_FETCHBUNDLEREQUEST']._serialized_start=403
+  _globals['_FETCHBUNDLEREQUEST']._serialized_end=496
+  _globals['_SAMPLE']._serialized_start=499
+  _globals['_SAMPLE']._serialized_end=727
+  _globals['_UPLOADACK']._serialized_start=729
+  _globals['_UPLOADACK']._serialized_end=807
+  _globals['_DRIFTREPORT']._serialized_start=810
+  _globals['_DRIFTREPORT']._serialized_end=965
+  _globals['_DRIFTACK']._serialized_start=967
+  _globals['_DRIFTACK']._serialized_end=995
+  _globals['_WATCHREQUEST']._serialized_start=998
+  _globals['_WATCHREQUEST']._serialized_end=1143
+  _globals['_FEDERATEDUPDATE']._serialized_start=1146
+  _globals['_FEDERATEDUPDATE']._serialized_end=1282
+  _globals['_SUBMITACK']._serialized_start=1284
+  _globals['_SUBMITACK']._serialized_end=1318
+  _globals['_OUTBOXREPORT']._serialized_start=1321
+  _globals['_OUTBOXREPORT']._serialized_end=1520
+  _globals['_OUTBOXACK']._serialized_start=1522
+  _globals['_OUTBOXACK']._serialized_end=1558
+  _globals['_ENROLLREQUEST']._serialized_start=1560
+  _globals['_ENROLLREQUEST']._serialized_end=1621
+  _globals['_ENROLLRESPONSE']._serialized_start=1623
+  _globals['_ENROLLRESPONSE']._serialized_end=1680
+  _globals['_ROLLBACKREPORT']._serialized_start=1683
+  _globals['_ROLLBACKREPORT']._serialized_end=1939
+  _globals['_ROLLBACKACK']._serialized_start=1941
+  _globals['_ROLLBACKACK']._serialized_end=1975
+  _globals['_DEVICESERVICE']._serialized_start=1978
+  _globals['_DEVICESERVICE']._serialized_end=2622
 # @@protoc_insertion_point(module_scope)

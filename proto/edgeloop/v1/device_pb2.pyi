@@ -25,16 +25,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., runtime_backend: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("device_id", "bundle_id", "latest_update_version", "bundle_files")
+    __slots__ = ("device_id", "bundle_id", "latest_update_version", "bundle_files", "cohort", "update_public_key")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     LATEST_UPDATE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_FILES_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     bundle_id: str
     latest_update_version: int
     bundle_files: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., latest_update_version: _Optional[int] = ..., bundle_files: _Optional[_Iterable[str]] = ...) -> None: ...
+    cohort: str
+    update_public_key: bytes
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., latest_update_version: _Optional[int] = ..., bundle_files: _Optional[_Iterable[str]] = ..., cohort: _Optional[str] = ..., update_public_key: _Optional[bytes] = ...) -> None: ...
 
 class FetchBundleRequest(_message.Message):
     __slots__ = ("device_id", "bundle_id", "paths", "chunk_size")
@@ -105,16 +109,18 @@ class DriftAck(_message.Message):
     def __init__(self, event_id: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("device_id", "bundle_id", "since_version", "max_wait_seconds")
+    __slots__ = ("device_id", "bundle_id", "since_version", "max_wait_seconds", "held_version")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     SINCE_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     bundle_id: str
     since_version: int
     max_wait_seconds: float
-    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., since_version: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ...) -> None: ...
+    held_version: int
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., since_version: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class FederatedUpdate(_message.Message):
     __slots__ = ("device_id", "bundle_id", "base_version", "num_samples", "tensors")
@@ -177,3 +183,35 @@ class EnrollResponse(_message.Message):
     device_id: str
     device_token: str
     def __init__(self, device_id: _Optional[str] = ..., device_token: _Optional[str] = ...) -> None: ...
+
+class RollbackReport(_message.Message):
+    __slots__ = ("device_id", "bundle_id", "cohort", "version", "restored_version", "reason", "entropy_before", "entropy_after", "agreement_before", "agreement_after", "rolled_back_unix_ms")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    COHORT_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    ENTROPY_AFTER_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_BEFORE_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    bundle_id: str
+    cohort: str
+    version: int
+    restored_version: int
+    reason: str
+    entropy_before: float
+    entropy_after: float
+    agreement_before: float
+    agreement_after: float
+    rolled_back_unix_ms: int
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., cohort: _Optional[str] = ..., version: _Optional[int] = ..., restored_version: _Optional[int] = ..., reason: _Optional[str] = ..., entropy_before: _Optional[float] = ..., entropy_after: _Optional[float] = ..., agreement_before: _Optional[float] = ..., agreement_after: _Optional[float] = ..., rolled_back_unix_ms: _Optional[int] = ...) -> None: ...
+
+class RollbackAck(_message.Message):
+    __slots__ = ("rollback_id",)
+    ROLLBACK_ID_FIELD_NUMBER: _ClassVar[int]
+    rollback_id: int
+    def __init__(self, rollback_id: _Optional[int] = ...) -> None: ...

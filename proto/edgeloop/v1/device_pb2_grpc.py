@@ -70,6 +70,11 @@ class DeviceServiceStub:
                 request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
                 response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.FromString,
                 _registered_method=True)
+        self.ReportRollback = channel.unary_unary(
+                '/edgeloop.v1.DeviceService/ReportRollback',
+                request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.RollbackReport.SerializeToString,
+                response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.RollbackAck.FromString,
+                _registered_method=True)
         self.Enroll = channel.unary_unary(
                 '/edgeloop.v1.DeviceService/Enroll',
                 request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.EnrollRequest.SerializeToString,
@@ -129,6 +134,13 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportRollback(self, request, context):
+        """Tell the server that the device rolled an update back because its health signal worsened.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Enroll(self, request, context):
         """Exchange the shared enrollment secret for this device's token. The only device call that needs no
         token: every other call carries `authorization: Bearer <token>` metadata when the server has an
@@ -175,6 +187,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.ReportOutbox,
                     request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.FromString,
                     response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.SerializeToString,
+            ),
+            'ReportRollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportRollback,
+                    request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.RollbackReport.FromString,
+                    response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.RollbackAck.SerializeToString,
             ),
             'Enroll': grpc.unary_unary_rpc_method_handler(
                     servicer.Enroll,
@@ -371,6 +388,33 @@ class DeviceService:
             '/edgeloop.v1.DeviceService/ReportOutbox',
             proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
             proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportRollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeloop.v1.DeviceService/ReportRollback',
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.RollbackReport.SerializeToString,
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.RollbackAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,66 @@
+"""Checking a received parameter update before it touches the model: signature, bundle, cohort, version
+order and the parameters it yields against the ones the device holds (:mod:`runtime.update_codec`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from device_agents.errors import BaseMismatchError, StaleUpdateError, UpdateIntegrityError
+from device_agents.messages import ParameterUpdate
+from runtime.errors import InputError, SignatureError
+from runtime.params import params_digest
+from runtime.update_codec import decode_update
+from runtime.update_signing import UpdateHeader, payload_digest, verify_update_signature
+
+
+def header_of(update: ParameterUpdate) -> UpdateHeader:
+    """The signed header of ``update`` (the payload enters as its sha256)."""
+    return UpdateHeader(update.bundle_id, update.cohort, update.version, update.base_version, update.kind,
+                        update.round_id, update.created_ms, update.encoding, payload_digest(update.payload),
+                        update.sha256, update.base_sha256)
+
+
+def check_signature(update: ParameterUpdate, keys: Sequence[bytes] | None) -> None:
+    """With ``keys``, require a signature by one of them (an unsigned update is refused); without, accept."""
+    if keys is None:
+        return
+    try:
+        verify_update_signature(header_of(update), update.signature, keys)
+    except SignatureError as exc:
+        raise UpdateIntegrityError(str(exc)) from exc
+
+
+def check_order(update: ParameterUpdate, bundle_id: str, cohort: str | None, newest: int) -> None:
+    """The update must be for this bundle (and cohort, when known) and newer than ``newest``."""
+    if update.bundle_id != bundle_id:
+        raise UpdateIntegrityError(f"update v{update.version} is for bundle {update.bundle_id[:12]!r}, "
+                                   f"this agent runs {bundle_id[:12]!r}")
+    if cohort is not None and update.payload and update.cohort != cohort:
+        raise UpdateIntegrityError(f"update v{update.version} is for cohort {update.cohort!r}, this agent is in "
+                                   f"{cohort!r}")
+    if update.version <= newest:
+        raise StaleUpdateError(f"update v{update.version} is not newer than v{newest} (replayed or reordered)")
+
+
+def decode_params(update: ParameterUpdate, held: Mapping[str, np.ndarray], held_version: int) -> dict[str, np.ndarray]:
+    """The parameters ``update`` yields on a device holding ``held`` (version ``held_version``), checked
+    against the update's digest. A delta for another base raises :class:`BaseMismatchError`."""
+    if update.params is not None and not update.payload:
+        params = {k: np.asarray(v) for k, v in update.params.items()}
+    else:
+        if update.encoding != "f32" and (update.base_version != held_version
+                                         or update.base_sha256 != params_digest(held)):
+            raise BaseMismatchError(f"update v{update.version} is a delta on v{update.base_version}; this device "
+                                    f"holds v{held_version}")
+        try:
+            params = decode_update(update.payload, update.encoding, held, {k: v.shape for k, v in held.items()})
+        except InputError as exc:
+            raise UpdateIntegrityError(f"update v{update.version}: undecodable {update.encoding} payload: {exc}"
+                                       ) from exc
+    digest = params_digest(params)
+    if digest != update.sha256:
+        raise UpdateIntegrityError(f"update v{update.version}: parameters hash to {digest[:16]!r}, header says "
+                                   f"{update.sha256[:16]!r}")
+    return params
