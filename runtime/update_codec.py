@@ -1,15 +1,21 @@
 """Parameter-update encodings, numpy only, shared by the server (encoder) and the device (decoder).
 
-Three encodings of an update to a bundle's adaptable parameters (payloads are :mod:`runtime.arrays` blobs):
+Three encodings of an update to a bundle's adaptable parameters:
 
-* ``"f32"`` — the full parameter set, float32 (``p/<name>``). Needs no base.
+* ``"f32"`` — the full parameter set, float32 (a :mod:`runtime.arrays` blob of ``p/<name>``). Needs no base.
 * ``"int8_delta"`` — the difference to the base version the device holds, per tensor symmetric int8 with one
-  float32 scale (``q/<name>`` int8, ``s/<name>`` scale): ``delta ≈ q · s`` with ``s = max|delta| / 127``, so
-  each element's error is at most ``s / 2``.
+  float32 scale: ``delta ≈ q · s`` with ``s = max|delta| / 127``, so each element's error is at most ``s / 2``.
 * ``"int8_topk_delta"`` — only the ``k = ceil(fraction · size)`` largest-magnitude entries of each tensor's
-  delta, int8 with a per-tensor scale (``i/<name>`` flat indices, uint16 for tensors of at most 65536
-  entries else uint32; ``q/<name>``, ``s/<name>``). Each kept entry costs 3 (or 5) bytes against 1 for a
-  dense int8 delta, so top-k pays off below a third (a fifth) of the entries.
+  delta, int8 with a per-tensor scale and flat indices (uint16 for tensors of at most 65536 entries, else
+  uint32). Each kept entry costs 3 (or 5) bytes against 1 for a dense int8 delta, so top-k pays off below a
+  third (a fifth) of the entries.
+
+Delta payloads use a compact binary layout (little-endian; parameter tensors are small — a BN layer's γ is
+tens of floats — so a self-describing header would outweigh the values)::
+
+    b"ELD1", u16 tensor count, then per tensor, names in sorted order:
+      u8 name length, name (UTF-8), u32 kept count n, f32 scale, u8 flags (bit 0: uint32 indices),
+      [int8_topk_delta only: n strictly increasing flat indices, uint16 or uint32], n int8 values
 
 Lossy encodings are used with **error feedback** on the sender (Seide et al. 2014, "1-bit SGD"; Karimireddy
 et al. 2019, EF-SGD, Alg. 2; Gao et al. 2024, EControl): what a message leaves out is kept as a residual
@@ -20,6 +26,7 @@ what the device applies tracks the sum of the true deltas and nothing is lost, o
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -30,6 +37,9 @@ from runtime.errors import InputError
 
 ENCODINGS = ("f32", "int8_delta", "int8_topk_delta")
 DELTA_ENCODINGS = ENCODINGS[1:]
+DELTA_MAGIC = b"ELD1"
+_TENSOR_HEAD = struct.Struct("<If")  # kept count, scale
+_WIDE_INDICES = 1  # flags bit 0: uint32 indices
 
 
 class UpdateCodecError(InputError):
@@ -67,26 +77,59 @@ def encode_delta(delta: Mapping[str, np.ndarray], encoding: str, topk_fraction: 
         raise UpdateCodecError(f"encoding {encoding!r} is not one of {DELTA_ENCODINGS}")
     if not 0.0 < topk_fraction <= 1.0:
         raise UpdateCodecError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
-    arrays: dict[str, np.ndarray] = {}
-    for name, value in delta.items():
-        x = np.asarray(value, dtype=np.float32)
-        if encoding == "int8_topk_delta":
-            idx = _topk_indices(x, topk_fraction)
-            arrays[f"i/{name}"] = idx
-            x = x.reshape(-1)[idx]
-        arrays[f"q/{name}"], scale = quantize_int8(x)
-        arrays[f"s/{name}"] = np.asarray(scale, dtype=np.float32)
-    return encode_arrays(arrays)
+    if len(delta) >= 1 << 16:
+        raise UpdateCodecError(f"a delta holds at most 65535 tensors, got {len(delta)}")
+    parts = [DELTA_MAGIC, struct.pack("<H", len(delta))]
+    for name in sorted(delta):
+        raw = name.encode("utf-8")
+        if not 0 < len(raw) < 256:
+            raise UpdateCodecError(f"parameter name {name!r} must be 1..255 bytes of UTF-8")
+        x = np.asarray(delta[name], dtype=np.float32).reshape(-1)
+        idx = _topk_indices(x, topk_fraction) if encoding == "int8_topk_delta" else None
+        q, scale = quantize_int8(x if idx is None else x[idx])
+        flags = _WIDE_INDICES if idx is not None and idx.dtype == np.uint32 else 0
+        parts += [struct.pack("<B", len(raw)), raw, _TENSOR_HEAD.pack(q.size, float(scale)), struct.pack("<B", flags)]
+        if idx is not None:
+            parts.append(idx.astype("<u4" if flags & _WIDE_INDICES else "<u2").tobytes())
+        parts.append(q.tobytes())
+    return b"".join(parts)
 
 
-def _split(arrays: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    for key, value in arrays.items():
-        tag, sep, name = key.partition("/")
-        if not sep or tag not in "pqsi" or not name:
-            raise UpdateCodecError(f"payload entry {key!r} is not <p|q|s|i>/<name>")
-        parts.setdefault(name, {})[tag] = value
-    return parts
+def _read(payload: bytes, pos: int, size: int, what: str) -> tuple[bytes, int]:
+    if size < 0 or pos + size > len(payload):
+        raise UpdateCodecError(f"delta payload truncated while reading {what} ({size} bytes at offset {pos})")
+    return payload[pos : pos + size], pos + size
+
+
+def _parse_delta(payload: bytes, topk: bool) -> dict[str, tuple[np.ndarray, np.float32, np.ndarray | None]]:
+    """``name -> (int8 values, scale, indices or None)`` of a delta payload, every length checked."""
+    magic, pos = _read(payload, 0, len(DELTA_MAGIC), "the magic")
+    if magic != DELTA_MAGIC:
+        raise UpdateCodecError(f"delta payload starts with {magic!r}, expected {DELTA_MAGIC!r}")
+    (count,), pos = struct.unpack("<H", _read(payload, pos, 2, "the tensor count")[0]), pos + 2
+    out: dict[str, tuple[np.ndarray, np.float32, np.ndarray | None]] = {}
+    for i in range(count):
+        (length,) = struct.unpack("<B", _read(payload, pos, 1, f"tensor {i}'s name length")[0])
+        raw, pos = _read(payload, pos + 1, length, f"tensor {i}'s name")
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise UpdateCodecError(f"tensor {i}'s name is not UTF-8") from exc
+        head, pos = _read(payload, pos, _TENSOR_HEAD.size + 1, f"the header of {name!r}")
+        n, scale = _TENSOR_HEAD.unpack(head[:-1])
+        flags = head[-1]
+        if flags & ~_WIDE_INDICES or (flags and not topk) or not math.isfinite(scale) or name in out:
+            raise UpdateCodecError(f"delta of {name!r}: bad flags {flags}, scale {scale} or a repeated name")
+        idx = None
+        if topk:
+            width = 4 if flags & _WIDE_INDICES else 2
+            data, pos = _read(payload, pos, n * width, f"the indices of {name!r}")
+            idx = np.frombuffer(data, dtype="<u4" if width == 4 else "<u2")
+        data, pos = _read(payload, pos, n, f"the values of {name!r}")
+        out[name] = (np.frombuffer(data, dtype=np.int8), np.float32(scale), idx)
+    if pos != len(payload):
+        raise UpdateCodecError(f"{len(payload) - pos} unexpected bytes after the last tensor of the delta payload")
+    return out
 
 
 def decode_delta(payload: bytes, encoding: str, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -94,19 +137,15 @@ def decode_delta(payload: bytes, encoding: str, shapes: Mapping[str, tuple[int, 
     if encoding not in DELTA_ENCODINGS:
         raise UpdateCodecError(f"encoding {encoding!r} is not one of {DELTA_ENCODINGS}")
     out = {}
-    for name, part in _split(decode_arrays(payload)).items():
+    for name, (q, scale, idx) in _parse_delta(bytes(payload), encoding == "int8_topk_delta").items():
         if name not in shapes:
             raise UpdateCodecError(f"delta names unknown parameter {name!r}")
         shape, size = tuple(shapes[name]), int(np.prod(shapes[name], dtype=np.int64))
-        q, scale = part.get("q"), part.get("s")
-        if q is None or scale is None or q.dtype != np.int8 or scale.shape != () or not np.isfinite(scale):
-            raise UpdateCodecError(f"delta of {name!r} needs int8 q/ and a finite scalar s/ entry")
-        values = q.astype(np.float32) * np.float32(scale)
-        if encoding == "int8_topk_delta":
-            idx = part.get("i")
-            if (idx is None or idx.dtype.kind != "u" or idx.shape != q.shape or q.ndim != 1
-                    or (idx.size and int(idx.max()) >= size)):
-                raise UpdateCodecError(f"top-k delta of {name!r} has bad indices for shape {shape}")
+        values = q.astype(np.float32) * scale
+        if idx is not None:
+            if idx.size and (int(idx.max()) >= size or np.any(np.diff(idx.astype(np.int64)) <= 0)):
+                raise UpdateCodecError(f"top-k delta of {name!r} has indices out of range or not increasing "
+                                       f"for shape {shape}")
             dense = np.zeros(size, dtype=np.float32)
             dense[idx.astype(np.int64)] = values
             values = dense
@@ -121,10 +160,11 @@ def decode_update(
 ) -> dict[str, np.ndarray]:
     """The parameters an update yields: the full set for ``"f32"``, ``base + delta`` for a delta encoding."""
     if encoding == "f32":
-        parts = _split(decode_arrays(payload))
-        if any(set(p) != {"p"} for p in parts.values()):
-            raise UpdateCodecError("an f32 payload holds only p/<name> entries")
-        return {name: p["p"].astype(np.float32) for name, p in parts.items()}
+        arrays = decode_arrays(payload)
+        bad = [k for k in arrays if not k.startswith("p/") or len(k) == 2]
+        if bad:
+            raise UpdateCodecError(f"an f32 payload holds only p/<name> entries, got {bad}")
+        return {k[2:]: v.astype(np.float32) for k, v in arrays.items()}
     if base is None:
         raise UpdateCodecError(f"a {encoding} update needs the base parameters")
     delta = decode_delta(payload, encoding, shapes)

@@ -76,3 +76,28 @@ def test_signed_bytes_are_canonical_and_cover_every_field() -> None:
                for name, value in (("version", 4), ("cohort", "lab"), ("base_version", 1), ("encoding", "f32"),
                                    ("payload_sha256", "q" * 64), ("bundle_id", "c" * 64))}
     assert len(changed) == 6 and signed_bytes(h) not in changed
+
+
+def test_delta_payload_is_compact_for_small_parameter_sets() -> None:
+    """BN-sized tensors: the int8 delta is about a quarter of the float32 payload, names included."""
+    rng = np.random.default_rng(0)
+    params = {f"bn{i}.{k}": rng.normal(size=c).astype(np.float32)
+              for i, c in enumerate((16, 32, 64), 1) for k in ("weight", "bias")}
+    full = encode_full(params)
+    dense = encode_delta(params, "int8_delta")
+    sparse = encode_delta(params, "int8_topk_delta", 0.1)
+    values = sum(v.size for v in params.values())
+    assert len(dense) <= values + len(params) * 20 + 6 and len(dense) < 0.35 * len(full)
+    assert len(sparse) < len(dense)
+
+
+@pytest.mark.parametrize(("corrupt", "message"), [
+    (lambda b: b"XXXX" + b[4:], "expected b'ELD1'"),
+    (lambda b: b[:-3], "truncated"),
+    (lambda b: b + b"\x00", "unexpected bytes"),
+])
+def test_corrupt_delta_payload_is_named(corrupt: object, message: str) -> None:
+    delta = {"w": np.linspace(-1, 1, 12, dtype=np.float32)}
+    payload = corrupt(encode_delta(delta, "int8_delta"))  # type: ignore[operator]
+    with pytest.raises(UpdateCodecError, match=message):
+        decode_delta(payload, "int8_delta", {"w": (12,)})
