@@ -25,6 +25,7 @@ from server.errors import (
     InvalidTensorError,
     PayloadTooLargeError,
     UnknownBundleFileError,
+    UnknownDeviceError,
 )
 from server.manifest import MANIFEST_FILE, BundleSpec, check_bundle_path, parse_manifest
 from server.records import (
@@ -258,8 +259,9 @@ def store_samples(state: ServerState, samples: Sequence[SampleIn]) -> UploadResu
     Nothing is stored when any sample is invalid. Returning means the stored ids are durable.
     """
     devices = {s.device_id for s in samples}
-    for device_id in sorted(devices):
-        require_device(state, device_id)
+    for device_id in sorted(devices):  # the last-seen time is recorded with the samples, in one commit
+        if not state.storage.device_exists(device_id):
+            raise UnknownDeviceError(f"device {device_id!r} is not registered; call Register first")
     specs: dict[str, BundleSpec] = {}
     valid = [_validated_sample(state, s, specs) for s in samples]
     received = state.clock()
@@ -272,7 +274,7 @@ def store_samples(state: ServerState, samples: Sequence[SampleIn]) -> UploadResu
         )
         for s in valid
     ]
-    is_new = state.storage.insert_samples(records)
+    is_new = state.storage.insert_samples(records, seen_ms=received)
     stored = [r.sample_id for r, new in zip(records, is_new, strict=True) if new]
     dups = [r.sample_id for r, new in zip(records, is_new, strict=True) if not new]
     logger.info("stored %d samples (%d duplicates) from %s", len(stored), len(dups), sorted(devices))

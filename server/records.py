@@ -208,8 +208,13 @@ class Storage(Protocol):
         """The current bundle, or None when nothing is published."""
         ...
 
-    def insert_samples(self, samples: Sequence[SampleRecord]) -> list[bool]:
-        """Insert in one transaction, ignoring existing ids; per sample, True when newly stored."""
+    def insert_samples(self, samples: Sequence[SampleRecord], seen_ms: int | None = None) -> list[bool]:
+        """Insert in one transaction, ignoring existing ids; per sample, True when newly stored. With
+        ``seen_ms``, the same transaction records the samples' devices as seen then (one commit per upload)."""
+        ...
+
+    def device_exists(self, device_id: str) -> bool:
+        """Whether ``device_id`` is registered (a cheap check, without the counts of :meth:`get_device`)."""
         ...
 
     def get_sample(self, sample_id: str) -> SampleRecord | None:

@@ -228,7 +228,7 @@ class Registry(UpdateTables):
     def _sample(self, row: sqlite3.Row) -> SampleRecord:
         return SampleRecord(**{k: row[k] for k in self._SAMPLE_COLS})
 
-    def insert_samples(self, samples: Sequence[SampleRecord]) -> list[bool]:
+    def insert_samples(self, samples: Sequence[SampleRecord], seen_ms: int | None = None) -> list[bool]:
         """See :meth:`Storage.insert_samples`."""
         sql = (f"INSERT OR IGNORE INTO samples ({', '.join(self._SAMPLE_COLS)}) "
                f"VALUES ({', '.join('?' * len(self._SAMPLE_COLS))})")
@@ -237,7 +237,14 @@ class Registry(UpdateTables):
             for s in samples:
                 cur = c.execute(sql, tuple(getattr(s, k) for k in self._SAMPLE_COLS))
                 out.append(cur.rowcount == 1)
+            if seen_ms is not None:
+                c.executemany("UPDATE devices SET last_seen_ms = MAX(last_seen_ms, ?) WHERE device_id = ?",
+                              [(seen_ms, d) for d in sorted({s.device_id for s in samples})])
         return out
+
+    def device_exists(self, device_id: str) -> bool:
+        """See :meth:`Storage.device_exists`."""
+        return self._one("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)) is not None
 
     def get_sample(self, sample_id: str) -> SampleRecord | None:
         """See :meth:`Storage.get_sample`."""

@@ -200,3 +200,13 @@ def test_outbox_reports_merge_monotone_drops_and_newest_pending(registry: Regist
     device = reopened.get_device("d1")
     assert (device.outbox_dropped, device.outbox_pending) == (9, 4)  # type: ignore[union-attr]
     assert [d.outbox_dropped for d in reopened.list_devices()] == [9]
+
+
+def test_samples_and_the_devices_last_seen_time_commit_together(registry: Registry) -> None:
+    """One transaction per upload: the inserted samples and the device's last-seen time."""
+    assert registry.device_exists("d1") and not registry.device_exists("ghost")
+    assert registry.insert_samples([_sample("a")], seen_ms=5_000) == [True]
+    device = registry.get_device("d1")
+    assert device is not None and device.last_seen_ms == 5_000 and device.samples_stored == 1
+    registry.insert_samples([_sample("b")], seen_ms=4_000)  # never moves back
+    assert registry.get_device("d1").last_seen_ms == 5_000  # type: ignore[union-attr]
