@@ -265,11 +265,13 @@ def store_samples(state: ServerState, samples: Sequence[SampleIn]) -> UploadResu
     specs: dict[str, BundleSpec] = {}
     valid = [_validated_sample(state, s, specs) for s in samples]
     received = state.clock()
+    tensors = [encode_array(t) for s in valid for t in (s.input, s.features) if t is not None]
+    digests = iter(state.blobs.put_many(tensors))  # one durable commit for the upload's small tensors
     records = [
         SampleRecord(
             s.sample_id, s.device_id, s.bundle_id,
-            None if s.input is None else state.blobs.put(encode_array(s.input)),
-            None if s.features is None else state.blobs.put(encode_array(s.features)),
+            None if s.input is None else next(digests),
+            None if s.features is None else next(digests),
             s.entropy, s.prediction, s.stream_position, s.captured_ms, received,
         )
         for s in valid

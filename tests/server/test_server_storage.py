@@ -210,3 +210,32 @@ def test_samples_and_the_devices_last_seen_time_commit_together(registry: Regist
     assert device is not None and device.last_seen_ms == 5_000 and device.samples_stored == 1
     registry.insert_samples([_sample("b")], seen_ms=4_000)  # never moves back
     assert registry.get_device("d1").last_seen_ms == 5_000  # type: ignore[union-attr]
+
+
+def test_put_many_keeps_small_blobs_in_one_table_and_large_ones_as_files(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    assert not (tmp_path / "blobs" / BlobStore.SMALL_DB).exists()  # created on first use only
+    big = bytes(range(256)) * ((BlobStore.SMALL_MAX_BYTES // 256) + 1)
+    blobs = [b"alpha", b"beta", big, b"alpha"]
+    digests = store.put_many(blobs)
+    assert digests == [hashlib.sha256(b).hexdigest() for b in blobs]
+    assert [store.get(d) for d in digests] == blobs and all(store.exists(d) for d in digests)
+    assert _files(tmp_path / "blobs") == sorted([f"{digests[2][:2]}/{digests[2]}", BlobStore.SMALL_DB,
+                                                 f"{BlobStore.SMALL_DB}-shm", f"{BlobStore.SMALL_DB}-wal"])
+    store.close()
+    reopened = BlobStore(tmp_path / "blobs")  # durable across a reopen
+    assert reopened.get(digests[0]) == b"alpha" and reopened.get(digests[1]) == b"beta"
+
+
+def test_damaged_small_blob_is_detected_and_rewritten(tmp_path: Path) -> None:
+    import sqlite3
+
+    store = BlobStore(tmp_path)
+    (digest,) = store.put_many([b"sample tensor"])
+    store.close()
+    with sqlite3.connect(tmp_path / BlobStore.SMALL_DB) as conn:
+        conn.execute("UPDATE small_blobs SET data = ? WHERE digest = ?", (b"bit rot", digest))
+    with pytest.raises(BlobCorruptError, match=digest):
+        store.get(digest)
+    assert store.put_many([b"sample tensor"]) == [digest]
+    assert store.get(digest) == b"sample tensor"
