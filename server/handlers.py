@@ -38,7 +38,7 @@ from server.records import (
     RollbackRecord,
     SampleRecord,
 )
-from server.state import Limits, ServerState, check_id, require_device, resolve_bundle, spec_of
+from server.state import Limits, ServerState, check_id, require_device, resolve_bundle, spec_by_id
 
 logger = logging.getLogger(__name__)
 MAX_LABELS = 64
@@ -245,7 +245,7 @@ def _validated_sample(state: ServerState, s: SampleIn, specs: dict[str, BundleSp
     if s.bundle_id not in specs:
         if not s.bundle_id:
             raise InvalidRequestError(f"{what}: bundle_id is empty")
-        specs[s.bundle_id] = spec_of(resolve_bundle(state, s.bundle_id))
+        specs[s.bundle_id] = spec_by_id(state, s.bundle_id)
     spec = specs[s.bundle_id]
     x = None if s.input is None else spec.check_input(s.input, f"{what} input")
     f = None if s.features is None else spec.check_features(s.features, f"{what} features")

@@ -39,6 +39,8 @@ class ServerState:
     signature, which proves integrity but not origin). ``signer`` signs parameter updates (None: sent
     unsigned); ``update_encoding`` / ``update_topk_fraction`` choose how they are encoded
     (:mod:`runtime.update_codec`); ``publish_lock`` serialises publishing so each delta has one base.
+    ``bundle_specs`` caches the parsed spec of each bundle id (bundles are content-addressed and immutable), so
+    an upload does not read the registry for them.
     """
 
     storage: Storage
@@ -51,6 +53,7 @@ class ServerState:
     update_encoding: str = "int8_delta"
     update_topk_fraction: float = 1.0
     publish_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    bundle_specs: dict[str, BundleSpec] = field(default_factory=dict, repr=False)
 
 
 def check_id(value: str, what: str) -> str:
@@ -85,3 +88,11 @@ def resolve_bundle(state: ServerState, bundle_id: str) -> BundleRecord:
 def spec_of(bundle: BundleRecord) -> BundleSpec:
     """The validated :class:`BundleSpec` of a stored bundle."""
     return bundle_spec(bundle.manifest)
+
+
+def spec_by_id(state: ServerState, bundle_id: str) -> BundleSpec:
+    """The spec of the stored bundle ``bundle_id`` (cached: a bundle id names immutable content)."""
+    spec = state.bundle_specs.get(bundle_id)
+    if spec is None:
+        spec = state.bundle_specs[bundle_id] = spec_of(resolve_bundle(state, bundle_id))
+    return spec

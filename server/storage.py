@@ -83,6 +83,7 @@ class Registry(UpdateTables):
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._known_devices: set[str] = set()  # device_exists cache (devices are never deleted)
         self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -243,8 +244,13 @@ class Registry(UpdateTables):
         return out
 
     def device_exists(self, device_id: str) -> bool:
-        """See :meth:`Storage.device_exists`."""
-        return self._one("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)) is not None
+        """See :meth:`Storage.device_exists` (registered devices are never removed: known ones are cached)."""
+        if device_id in self._known_devices:
+            return True
+        found = self._one("SELECT 1 FROM devices WHERE device_id = ?", (device_id,)) is not None
+        if found:
+            self._known_devices.add(device_id)
+        return found
 
     def get_sample(self, sample_id: str) -> SampleRecord | None:
         """See :meth:`Storage.get_sample`."""

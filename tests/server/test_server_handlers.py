@@ -90,6 +90,7 @@ def test_sample_input_shapes(state: ServerState, bundle_id: str) -> None:
     with pytest.raises(UnknownDeviceError):
         handlers.store_samples(state, [handlers.SampleIn("ghost", "e", bundle_id, None, None, 0.1, 0, 0, 0)])
     assert state.storage.get_sample("c") is None
+    assert list(state.bundle_specs) == [bundle_id]  # later uploads validate against the cached spec
 
 
 def test_fedavg_weighted_mean_and_partial_names() -> None:
