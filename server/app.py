@@ -138,7 +138,6 @@ class EdgeloopServer:
             self.metrics.stop_http()
         self.runner.shutdown(wait=True)
         self.registry.close()
-        self.blobs.close()
         if self.authenticator is not None:
             self.authenticator.close()
         logger.info("edgeloop server stopped")

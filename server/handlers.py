@@ -38,7 +38,15 @@ from server.records import (
     RollbackRecord,
     SampleRecord,
 )
-from server.state import Limits, ServerState, check_id, require_device, resolve_bundle, spec_by_id
+from server.state import (
+    SMALL_TENSOR_BYTES,
+    Limits,
+    ServerState,
+    check_id,
+    require_device,
+    resolve_bundle,
+    spec_by_id,
+)
 
 logger = logging.getLogger(__name__)
 MAX_LABELS = 64
@@ -265,8 +273,10 @@ def store_samples(state: ServerState, samples: Sequence[SampleIn]) -> UploadResu
     specs: dict[str, BundleSpec] = {}
     valid = [_validated_sample(state, s, specs) for s in samples]
     received = state.clock()
-    tensors = [encode_array(t) for s in valid for t in (s.input, s.features) if t is not None]
-    digests = iter(state.blobs.put_many(tensors))  # one durable commit for the upload's small tensors
+    encoded = [encode_array(t) for s in valid for t in (s.input, s.features) if t is not None]
+    # small tensors commit with their sample rows (one durable commit per upload); large ones are blobs first
+    small = {sha256_hex(b): b for b in encoded if len(b) <= SMALL_TENSOR_BYTES}
+    digests = iter([sha256_hex(b) if len(b) <= SMALL_TENSOR_BYTES else state.blobs.put(b) for b in encoded])
     records = [
         SampleRecord(
             s.sample_id, s.device_id, s.bundle_id,
@@ -276,7 +286,7 @@ def store_samples(state: ServerState, samples: Sequence[SampleIn]) -> UploadResu
         )
         for s in valid
     ]
-    is_new = state.storage.insert_samples(records, seen_ms=received)
+    is_new = state.storage.insert_samples(records, seen_ms=received, tensors=small)
     stored = [r.sample_id for r, new in zip(records, is_new, strict=True) if new]
     dups = [r.sample_id for r, new in zip(records, is_new, strict=True) if not new]
     logger.info("stored %d samples (%d duplicates) from %s", len(stored), len(dups), sorted(devices))

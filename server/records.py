@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -208,9 +208,16 @@ class Storage(Protocol):
         """The current bundle, or None when nothing is published."""
         ...
 
-    def insert_samples(self, samples: Sequence[SampleRecord], seen_ms: int | None = None) -> list[bool]:
+    def insert_samples(
+        self, samples: Sequence[SampleRecord], seen_ms: int | None = None, tensors: Mapping[str, bytes] | None = None
+    ) -> list[bool]:
         """Insert in one transaction, ignoring existing ids; per sample, True when newly stored. With
-        ``seen_ms``, the same transaction records the samples' devices as seen then (one commit per upload)."""
+        ``seen_ms``, the same transaction records the samples' devices as seen then, and ``tensors`` (digest →
+        encoded bytes: the samples' small tensors) are stored with them: one commit per upload."""
+        ...
+
+    def get_tensor(self, digest: str) -> bytes | None:
+        """The bytes of a sample tensor stored by :meth:`insert_samples`, or None."""
         ...
 
     def device_exists(self, device_id: str) -> bool:

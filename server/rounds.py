@@ -27,7 +27,7 @@ from server.errors import (
     UnknownRoundError,
 )
 from server.records import DEFAULT_COHORT, RoundRecord, SubmissionRecord
-from server.state import ServerState, check_id, resolve_bundle
+from server.state import ServerState, check_id, resolve_bundle, sample_tensor
 from server.updates import current_params, publish_update
 
 logger = logging.getLogger(__name__)
@@ -240,7 +240,7 @@ class RoundRunner:
             raise NothingToAggregateError(f"no unused samples with inputs for bundle {bundle_id}")
         # Arrival order interleaves devices at random; a fixed order makes the round reproducible.
         samples.sort(key=lambda s: (s.device_id, s.stream_position, s.sample_id))
-        x = np.stack([decode_array(self.state.blobs.get(s.input_blob)) for s in samples if s.input_blob])
+        x = np.stack([decode_array(sample_tensor(self.state, s.input_blob)) for s in samples if s.input_blob])
         base, _ = current_params(self.state, bundle_id, job.cohort)
         result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, job.steps)
         if set(result.params) != set(base):

@@ -7,9 +7,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.blobstore import BlobStore
+from server.blobstore import BlobStore, sha256_hex
 from server.broker import UpdateBroker
-from server.errors import InvalidRequestError, NoBundlePublishedError, UnknownBundleError, UnknownDeviceError
+from server.errors import (
+    BlobCorruptError,
+    InvalidRequestError,
+    NoBundlePublishedError,
+    UnknownBundleError,
+    UnknownDeviceError,
+)
 from server.manifest import BundleSpec, bundle_spec
 from server.records import BundleRecord, DeviceRecord, Storage
 from server.update_signer import UpdateSigner
@@ -88,6 +94,21 @@ def resolve_bundle(state: ServerState, bundle_id: str) -> BundleRecord:
 def spec_of(bundle: BundleRecord) -> BundleSpec:
     """The validated :class:`BundleSpec` of a stored bundle."""
     return bundle_spec(bundle.manifest)
+
+
+SMALL_TENSOR_BYTES = 16 << 10  # uploaded sample tensors up to this size live in the registry, larger as blobs
+
+
+def sample_tensor(state: ServerState, digest: str) -> bytes:
+    """The verified bytes of an uploaded sample tensor: from the registry's small-tensor table (stored in the
+    upload's own transaction) or else the blob store; :class:`BlobCorruptError` when they do not hash to it."""
+    data = state.storage.get_tensor(digest)
+    if data is None:
+        return state.blobs.get(digest)
+    actual = sha256_hex(data)
+    if actual != digest:
+        raise BlobCorruptError(f"sample tensor {digest} is corrupt in the registry: its bytes hash to {actual}")
+    return data
 
 
 def spec_by_id(state: ServerState, bundle_id: str) -> BundleSpec:

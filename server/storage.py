@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ CREATE TABLE IF NOT EXISTS samples (
   captured_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL, used_in_round INTEGER);
 CREATE INDEX IF NOT EXISTS samples_by_bundle ON samples(bundle_id, used_in_round);
 CREATE INDEX IF NOT EXISTS samples_by_device ON samples(device_id);
+CREATE TABLE IF NOT EXISTS sample_tensors (digest TEXT PRIMARY KEY, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS drift_events (
   id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(device_id),
   detector TEXT NOT NULL, signal TEXT NOT NULL, statistic REAL NOT NULL, threshold REAL NOT NULL,
@@ -229,7 +230,9 @@ class Registry(UpdateTables):
     def _sample(self, row: sqlite3.Row) -> SampleRecord:
         return SampleRecord(**{k: row[k] for k in self._SAMPLE_COLS})
 
-    def insert_samples(self, samples: Sequence[SampleRecord], seen_ms: int | None = None) -> list[bool]:
+    def insert_samples(
+        self, samples: Sequence[SampleRecord], seen_ms: int | None = None, tensors: Mapping[str, bytes] | None = None
+    ) -> list[bool]:
         """See :meth:`Storage.insert_samples`."""
         sql = (f"INSERT OR IGNORE INTO samples ({', '.join(self._SAMPLE_COLS)}) "
                f"VALUES ({', '.join('?' * len(self._SAMPLE_COLS))})")
@@ -241,7 +244,15 @@ class Registry(UpdateTables):
             if seen_ms is not None:
                 c.executemany("UPDATE devices SET last_seen_ms = MAX(last_seen_ms, ?) WHERE device_id = ?",
                               [(seen_ms, d) for d in sorted({s.device_id for s in samples})])
+            if tensors:  # REPLACE: re-uploading a tensor also repairs a damaged row
+                c.executemany("INSERT OR REPLACE INTO sample_tensors (digest, data) VALUES (?, ?)",
+                              sorted(tensors.items()))
         return out
+
+    def get_tensor(self, digest: str) -> bytes | None:
+        """See :meth:`Storage.get_tensor`."""
+        row = self._one("SELECT data FROM sample_tensors WHERE digest = ?", (digest,))
+        return None if row is None else bytes(row["data"])
 
     def device_exists(self, device_id: str) -> bool:
         """See :meth:`Storage.device_exists` (registered devices are never removed: known ones are cached)."""

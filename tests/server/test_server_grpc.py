@@ -16,6 +16,7 @@ from proto.convert import tensor_to_proto, tensors_to_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
 from runtime.params import params_digest
 from server.app import ADMIN_SERVICE, DEVICE_SERVICE, EdgeloopServer, ServerConfig, create_server
+from server.state import sample_tensor
 from server.storage import Registry
 from tests.server.server_testkit import (
     FEATURE_DIM,
@@ -135,7 +136,7 @@ def test_upload_acks_are_durable_and_duplicates_stored_once(
         for i in range(4):
             rec = reopened.get_sample(f"s{i}")
             assert rec is not None and rec.device_id == "dev-1" and rec.bundle_id == bundle_id
-            assert rec.input_blob is not None and running.blobs.exists(rec.input_blob)
+            assert rec.input_blob is not None and sample_tensor(running.state, rec.input_blob)
         assert reopened.get_device("dev-1").samples_stored == 4  # type: ignore[union-attr]
     finally:
         reopened.close()

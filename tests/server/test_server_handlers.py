@@ -81,8 +81,9 @@ def test_sample_input_shapes(state: ServerState, bundle_id: str) -> None:
     rec = state.storage.get_sample("b")
     assert rec is not None and rec.input_blob is not None
     from server.codec import decode_array
+    from server.state import sample_tensor
 
-    assert decode_array(state.blobs.get(rec.input_blob)).shape == INPUT_SHAPE  # stored without batch dim
+    assert decode_array(sample_tensor(state, rec.input_blob)).shape == INPUT_SHAPE  # stored without batch dim
     with pytest.raises(InvalidTensorError, match="shape"):
         handlers.store_samples(state, [_sample("c", bundle_id, np.zeros((3, 8, 8), np.float32))])
     with pytest.raises(InvalidTensorError, match="neither"):

@@ -20,6 +20,7 @@ import grpc
 from proto.edgeloop.v1 import admin_pb2_grpc, device_pb2, device_pb2_grpc
 from server.app import ServerConfig, create_server
 from server.interceptors import rewrap
+from server.state import sample_tensor
 from tests.server.server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files, sample_msg
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ def test_kill9_during_uploads_keeps_every_acknowledged_sample(tmp_path: Path) ->
         for sample_id in acked:
             record = srv.registry.get_sample(sample_id)
             assert record is not None, f"acknowledged sample {sample_id} is missing after kill -9"
-            assert record.input_blob is not None and srv.blobs.get(record.input_blob)  # present and verified
+            assert record.input_blob is not None and sample_tensor(srv.state, record.input_blob)  # present, verified
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             ack = device_pb2_grpc.DeviceServiceStub(ch).UploadSamples(
                 iter([sample_msg("after-restart", bundle_id), sample_msg(acked[0], bundle_id)]), timeout=RPC_TIMEOUT)

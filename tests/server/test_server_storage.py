@@ -212,30 +212,28 @@ def test_samples_and_the_devices_last_seen_time_commit_together(registry: Regist
     assert registry.get_device("d1").last_seen_ms == 5_000  # type: ignore[union-attr]
 
 
-def test_put_many_keeps_small_blobs_in_one_table_and_large_ones_as_files(tmp_path: Path) -> None:
-    store = BlobStore(tmp_path / "blobs")
-    assert not (tmp_path / "blobs" / BlobStore.SMALL_DB).exists()  # created on first use only
-    big = bytes(range(256)) * ((BlobStore.SMALL_MAX_BYTES // 256) + 1)
-    blobs = [b"alpha", b"beta", big, b"alpha"]
-    digests = store.put_many(blobs)
-    assert digests == [hashlib.sha256(b).hexdigest() for b in blobs]
-    assert [store.get(d) for d in digests] == blobs and all(store.exists(d) for d in digests)
-    assert _files(tmp_path / "blobs") == sorted([f"{digests[2][:2]}/{digests[2]}", BlobStore.SMALL_DB,
-                                                 f"{BlobStore.SMALL_DB}-shm", f"{BlobStore.SMALL_DB}-wal"])
-    store.close()
-    reopened = BlobStore(tmp_path / "blobs")  # durable across a reopen
-    assert reopened.get(digests[0]) == b"alpha" and reopened.get(digests[1]) == b"beta"
+def test_small_tensors_commit_with_their_samples(registry: Registry, tmp_path: Path) -> None:
+    """An upload's small tensors are rows of the registry, written in the samples' own transaction."""
+    digest = hashlib.sha256(b"tensor").hexdigest()
+    assert registry.insert_samples([_sample("t")], seen_ms=1, tensors={digest: b"tensor"}) == [True]
+    assert registry.get_tensor(digest) == b"tensor" and registry.get_tensor("0" * 64) is None
+    registry.close()
+    assert Registry(tmp_path / "reg.sqlite3").get_tensor(digest) == b"tensor"  # durable across a reopen
 
 
-def test_damaged_small_blob_is_detected_and_rewritten(tmp_path: Path) -> None:
-    import sqlite3
+def test_sample_tensor_reads_the_registry_then_the_blob_store_and_verifies(tmp_path: Path) -> None:
+    from server.broker import UpdateBroker
+    from server.state import Limits, ServerState, sample_tensor
 
-    store = BlobStore(tmp_path)
-    (digest,) = store.put_many([b"sample tensor"])
-    store.close()
-    with sqlite3.connect(tmp_path / BlobStore.SMALL_DB) as conn:
-        conn.execute("UPDATE small_blobs SET data = ? WHERE digest = ?", (b"bit rot", digest))
-    with pytest.raises(BlobCorruptError, match=digest):
-        store.get(digest)
-    assert store.put_many([b"sample tensor"]) == [digest]
-    assert store.get(digest) == b"sample tensor"
+    reg = Registry(tmp_path / "reg.sqlite3")
+    reg.upsert_device("d1", {}, "onnx", 1)
+    reg.put_bundle(BundleRecord("b" * 64, {"schema_version": 1}, {"m.onnx": FileEntry("c" * 64, 3)}, 1), True)
+    state = ServerState(reg, BlobStore(tmp_path / "blobs"), UpdateBroker(0), Limits())
+    small, big = hashlib.sha256(b"small").hexdigest(), state.blobs.put(b"big" * 10)
+    reg.insert_samples([_sample("s")], tensors={small: b"small"})
+    assert sample_tensor(state, small) == b"small" and sample_tensor(state, big) == b"big" * 10
+    with pytest.raises(BlobNotFoundError):
+        sample_tensor(state, "f" * 64)
+    reg.insert_samples([_sample("r")], tensors={small: b"bit rot"})  # a damaged row is refused on read
+    with pytest.raises(BlobCorruptError, match=small):
+        sample_tensor(state, small)
