@@ -17,6 +17,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from server.aggregation import Aggregator, Contribution, FedAvg
 from server.codec import decode_array, decode_arrays
 from server.errors import (
     DistillerUnavailableError,
@@ -57,19 +58,10 @@ def fedavg(contributions: Sequence[tuple[int, Mapping[str, np.ndarray]]],
 
     ``contributions`` are ``(num_samples, params)``; a parameter that no contribution carries keeps its
     ``base`` value, one carried by some contributions is averaged over those. Returns float32 arrays.
+    A shorthand for :class:`server.aggregation.FedAvg`.
     """
-    if not contributions:
-        raise NothingToAggregateError("no contributions to average")
-    out: dict[str, np.ndarray] = {}
-    for name, base_value in base.items():
-        carried = [(w, p[name]) for w, p in contributions if name in p]
-        if not carried:
-            out[name] = np.asarray(base_value, dtype=np.float32).copy()
-            continue
-        total = float(sum(w for w, _ in carried))
-        acc = sum(float(w) * np.asarray(v, dtype=np.float64) for w, v in carried)
-        out[name] = (acc / total).astype(np.float32)
-    return out
+    given = [Contribution(f"#{i}", params, float(w)) for i, (w, params) in enumerate(contributions)]
+    return FedAvg().aggregate(base, given).params
 
 
 def latest_per_device(submissions: Sequence[SubmissionRecord]) -> list[SubmissionRecord]:
@@ -103,8 +95,12 @@ class RoundRunner:
         self, state: ServerState, *, distiller: Distiller | None = None,
         distiller_factory: Callable[[], Distiller] | None = None, default_steps: int = 50,
         max_samples: int = 4096, on_change: Callable[[RoundRecord], None] | None = None,
+        aggregator: Aggregator | None = None,
     ) -> None:
         """``distiller`` is used as is; otherwise ``distiller_factory`` builds one on the first distill round.
+
+        ``aggregator`` combines the submissions of "fedavg" rounds (default :class:`FedAvg`); it lives as long
+        as the runner, so stateful strategies (FedAU's participation, DP's accountant) span rounds.
 
         ``on_change`` (e.g. metrics) is called with each round's record when it is queued, done or failed.
         """
@@ -120,6 +116,7 @@ class RoundRunner:
         self._lock = threading.Lock()
         self._closed = False
         self._on_change = on_change
+        self.aggregator = aggregator or FedAvg()
 
     def _changed(self, record: RoundRecord) -> None:
         if self._on_change is not None:
@@ -216,14 +213,17 @@ class RoundRunner:
         if not chosen:
             raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id}")
         base, base_version = current_params(self.state, bundle_id, job.cohort)
-        contributions = [(s.num_samples, decode_arrays(self.state.blobs.get(s.blob))) for s in chosen]
-        averaged = fedavg(contributions, base)
+        contributions = [Contribution(s.device_id, decode_arrays(self.state.blobs.get(s.blob)), float(s.num_samples),
+                                      staleness=max(0, base_version - s.base_version)) for s in chosen]
+        result = self.aggregator.aggregate(base, contributions)
+        averaged = result.params
         update = publish_update(self.state, bundle_id, "fedavg", averaged, round_id=round_id, cohort=job.cohort)
         self.state.storage.mark_submissions_used([s.id for s in unused if s.id is not None], round_id)
         total = sum(s.num_samples for s in chosen)
         change = float(np.sqrt(sum(float(np.sum((averaged[k] - base[k]) ** 2)) for k in base)))
         metrics = {"submissions": float(len(chosen)), "superseded": float(len(unused) - len(chosen)),
                    "total_weight": float(total), "base_version": float(base_version), "update_norm": change}
+        metrics.update({f"{self.aggregator.name}_{k}": v for k, v in result.metrics.items()})
         return _Outcome(update.version, total, metrics)
 
     def _distiller_instance(self) -> Distiller:
