@@ -61,7 +61,8 @@ class EdgeloopServer:
         factory = self._load_torch_distiller if config.teacher_ckpt is not None else None
         self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,
                                   default_steps=config.distill_steps, max_samples=config.round_max_samples,
-                                  on_change=self.metrics.observe_round if self.metrics else None)
+                                  on_change=self.metrics.observe_round if self.metrics else None,
+                                  aggregator=config.create_aggregator())
         self.authenticator = (Authenticator(SqliteTokenStore(config.data_dir / "auth.sqlite3"),
                                             config.enrollment_secret, config.admin_token) if config.auth else None)
         self.limiter = (RateLimiter(config.rate_limit_per_second, config.rate_limit_burst)

@@ -60,6 +60,10 @@ class ServerConfig:
     Updates: ``update_signing_key`` is the PEM Ed25519 key that signs parameter updates (``edgeloop keygen``;
     None: ``data_dir/update_signing.pem``, generated on first start). ``update_encoding`` is ``"f32"``,
     ``"int8_delta"`` or ``"int8_topk_delta"`` (keeping ``update_topk_fraction`` of each tensor's entries).
+
+    Federated rounds: ``aggregator`` names the rule that combines device submissions (``server.aggregation``:
+    fedavg, fedau, fedbuff, trimmed_mean, median, krum, dp_fedavg) and ``aggregator_options`` its settings (a
+    TOML table, e.g. ``{ byzantine = 2 }`` for krum); both are checked at start-up.
     """
 
     data_dir: Path = Path("edgeloop_data")
@@ -95,6 +99,8 @@ class ServerConfig:
     update_signing_key: Path | None = None
     update_encoding: str = "int8_delta"
     update_topk_fraction: float = 0.25
+    aggregator: str = "fedavg"
+    aggregator_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Coerce paths and reject out-of-range or unsafe values, naming the field."""
@@ -111,6 +117,7 @@ class ServerConfig:
         self._check_distillation()
         self._check_security()
         self._check_updates()
+        self.create_aggregator()  # unknown names and bad options fail here, not at the first round
 
     def _check_sizes(self) -> None:
         if not 0 < self.max_watchers < self.max_workers:
@@ -172,6 +179,12 @@ class ServerConfig:
         if not 0.0 < self.update_topk_fraction <= 1.0:
             raise ValueError(f"update_topk_fraction {self.update_topk_fraction} is outside (0, 1]")
 
+    def create_aggregator(self) -> Any:
+        """A fresh instance of the configured aggregation rule (``server.aggregation``)."""
+        from server.aggregation import create_aggregator
+
+        return create_aggregator(self.aggregator, **dict(self.aggregator_options))
+
     @property
     def tls(self) -> bool:
         """Whether the server speaks TLS."""
@@ -194,6 +207,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return None
     base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
     origin = typing.get_origin(base)
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(v, bool | int | float | str) for v in value.values()):
+            raise ValueError(f"config key {name!r} must be a table of numbers, strings or booleans, got {value!r}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"config key {name!r} must be an array of strings, got {value!r}")

@@ -60,11 +60,21 @@ trusted_publisher_keys = ["ops.pub"]
         ('data_dir = "d"\nport = 70000\n', "port 70000"),
         ('data_dir = "d"\nadmin_token = "x"\nadmin_token_file = "f"\n', "both given"),
         ("data_dir = \n", "not valid TOML"),
+        ('data_dir = "d"\naggregator = "mean"\n', "unknown aggregator 'mean'"),
+        ('data_dir = "d"\naggregator = "krum"\naggregator_options = { byzantin = 1 }\n', "bad options"),
+        ('data_dir = "d"\naggregator_options = 3\n', "must be a table"),
     ],
 )
 def test_config_file_errors_name_the_key(tmp_path: Path, text: str, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
         load_config(_write(tmp_path / "bad.toml", text))
+
+
+def test_aggregator_is_configured_from_a_table(tmp_path: Path) -> None:
+    cfg = load_config(_write(tmp_path / "agg.toml", 'data_dir = "d"\naggregator = "trimmed_mean"\n'
+                             "aggregator_options = { beta = 0.2 }\n"))
+    assert cfg.aggregator == "trimmed_mean" and cfg.aggregator_options == {"beta": 0.2}
+    assert type(cfg.create_aggregator()).__name__ == "TrimmedMean"
 
 
 def test_cli_flags_override_the_file_and_the_file_overrides_cli_defaults(tmp_path: Path) -> None:
