@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, norm_layers
+from exporter.bundle_dir import install, prepare_out_dir
 from exporter.bundle_models import BuildOptions, BuiltModel, build_models, feeds_for, session_for
 from exporter.checkpoint import load_checkpoint
 from exporter.compress.onnx_nm import require_onnx_nm, weight_initializers
@@ -95,28 +95,6 @@ def _check_inputs(spec: ModelSpec, labels: Sequence[str], **arrays: np.ndarray) 
             raise ValueError(f"{name} has sample shape {checked.shape[1:]}, the model expects {expected}")
         out[name] = checked
     return out
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Move the finished bundle ``tmp`` to ``out_dir``, replacing what is there."""
-    os.chmod(tmp, 0o755)
-    _prepare_out_dir(out_dir, overwrite)  # again: something may have appeared while the bundle was built
-    if not out_dir.exists():
-        tmp.rename(out_dir)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".old", dir=out_dir.parent))
-    old.rmdir()
-    out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _run(path: Path, x: np.ndarray, params: dict[str, np.ndarray], alpha: float, optimize: bool = True
@@ -352,7 +330,7 @@ def export_bundle(
     data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x,
                          parity_x=golden_x if parity_x is None else parity_x)
     data["golden_x"] = quantize_golden(data["golden_x"])[1]
-    _prepare_out_dir(out_dir, overwrite)
+    prepare_out_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         build = BuildOptions(formats=tuple(formats), folded=folded, int8=int8, int8_config=int8_config,
@@ -366,7 +344,7 @@ def export_bundle(
         if signing_key is None:
             logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
         sign_bundle(tmp, signing_key or Ed25519PrivateKey.generate())
-        _install(tmp, out_dir, overwrite)
+        install(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from exporter.bundle_dir import install, prepare_out_dir
 from exporter.foreign_features import AUTO, FEATURES, ForeignModelError, onnx_with_features, tflite_with_features
 from exporter.signing import sign_bundle
 from exporter.statistics import output_statistics, write_statistics
@@ -417,7 +418,7 @@ def _wrap(
         if len(x) < wrapped.static_batch:
             raise ForeignModelError(f"the model's static batch is {wrapped.static_batch}: give that many golden_x")
         x = x[: wrapped.static_batch]  # the golden check runs the whole golden batch at once
-    _prepare_out_dir(out_dir, overwrite)
+    prepare_out_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         manifest = _write_files(tmp, source_path, wrapped, spec, x, labels, output_kind, name or out_dir.name,
@@ -427,7 +428,7 @@ def _wrap(
             logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
         sign_bundle(tmp, signing_key or Ed25519PrivateKey.generate())
         load_bundle(tmp, backend="auto", threads=1)  # the bundle must prove itself before it is installed
-        _install(tmp, out_dir)
+        install(tmp, out_dir, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -498,26 +499,6 @@ def _source_pass(
         scores.append(np.asarray(out[wrapped.output], np.float32)[: len(x) - i])
         features.append(np.asarray(out[FEATURES], np.float32)[: len(x) - i])
     return probabilities(np.concatenate(scores), output_kind), np.concatenate(features)
-
-
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(f"{out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _install(tmp: Path, out_dir: Path) -> None:
-    """Move the finished bundle into place (replacing an old one, which the caller allowed)."""
-    tmp.chmod(0o755)
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{time.time_ns()}.old")
-        out_dir.rename(old)
-        tmp.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out_dir)
 
 
 def wrap_onnx(

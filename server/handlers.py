@@ -275,8 +275,9 @@ def store_samples(state: ServerState, samples: Sequence[SampleIn]) -> UploadResu
     received = state.clock()
     encoded = [encode_array(t) for s in valid for t in (s.input, s.features) if t is not None]
     # small tensors commit with their sample rows (one durable commit per upload); large ones are blobs first
-    small = {sha256_hex(b): b for b in encoded if len(b) <= SMALL_TENSOR_BYTES}
-    digests = iter([sha256_hex(b) if len(b) <= SMALL_TENSOR_BYTES else state.blobs.put(b) for b in encoded])
+    keys = [sha256_hex(b) if len(b) <= SMALL_TENSOR_BYTES else state.blobs.put(b) for b in encoded]
+    small = {k: b for k, b in zip(keys, encoded, strict=True) if len(b) <= SMALL_TENSOR_BYTES}
+    digests = iter(keys)
     records = [
         SampleRecord(
             s.sample_id, s.device_id, s.bundle_id,

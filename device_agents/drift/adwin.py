@@ -59,6 +59,8 @@ class ADWIN(ScalarDetector):
     [1055]
     """
 
+    chunk = _CHUNK
+
     def __init__(
         self,
         delta: float = 0.002,
@@ -178,13 +180,6 @@ class ADWIN(ScalarDetector):
         ends = [b for level in reversed(self._levels) for b in level]
         arr = np.array(ends, dtype=np.float64).reshape(-1, 3)
         return arr[:, 0].astype(np.int64), arr[:, 1], arr[:, 2]
-
-    def _run(self, x: np.ndarray) -> int | None:
-        for start in range(0, x.size, _CHUNK):
-            hit = self._run_chunk(x[start : start + _CHUNK])
-            if hit is not None:
-                return start + hit
-        return None
 
     def _run_chunk(self, x: np.ndarray) -> int | None:
         base = self._n

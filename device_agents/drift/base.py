@@ -90,7 +90,13 @@ class DriftDetector(ABC):
 
 
 class ScalarDetector(DriftDetector):
-    """A detector over a stream of numbers."""
+    """A detector over a stream of numbers.
+
+    Subclasses vectorize :meth:`_run_chunk` over at most ``chunk`` values (a class attribute bounding the
+    temporary arrays); :meth:`_run` walks the batch chunk by chunk.
+    """
+
+    chunk: int = 4096
 
     def update(self, x: float) -> ScalarDetector:
         """Feed one value; a drift found on the previous call resets the state first. Returns ``self``."""
@@ -109,6 +115,17 @@ class ScalarDetector(DriftDetector):
     @abstractmethod
     def _update_one(self, x: float) -> None:
         """Per-sample update (state already reset if needed); sets ``_drift_detected`` and ``_statistic``."""
+
+    def _run(self, x: np.ndarray) -> int | None:
+        for start in range(0, x.size, self.chunk):
+            hit = self._run_chunk(x[start : start + self.chunk])
+            if hit is not None:
+                return start + hit
+        return None
+
+    @abstractmethod
+    def _run_chunk(self, x: np.ndarray) -> int | None:
+        """As :meth:`_run` over at most ``chunk`` values."""
 
 
 class FeatureDetector(DriftDetector):

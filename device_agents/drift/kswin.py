@@ -85,6 +85,8 @@ class KSWIN(ScalarDetector):
     [1076]
     """
 
+    chunk = _CHUNK
+
     def __init__(self, alpha: float = 1e-6, window_size: int = 200, stat_size: int = 60, seed: int | None = 0
                  ) -> None:
         self.alpha = check_open_unit("alpha", alpha)
@@ -128,13 +130,6 @@ class KSWIN(ScalarDetector):
             count = int(self._tests(self._window[None, :])[0])
             self._statistic = count / self.stat_size
             self._drift_detected = count >= self.critical_count
-
-    def _run(self, x: np.ndarray) -> int | None:
-        for start in range(0, x.size, _CHUNK):
-            hit = self._run_chunk(x[start : start + _CHUNK])
-            if hit is not None:
-                return start + hit
-        return None
 
     def _run_chunk(self, x: np.ndarray) -> int | None:
         previous = self._window[-(self.window_size - 1) :]

@@ -59,6 +59,8 @@ class PageHinkley(ScalarDetector):
     [517]
     """
 
+    chunk = _CHUNK
+
     def __init__(
         self,
         min_instances: int = 30,
@@ -118,13 +120,6 @@ class PageHinkley(ScalarDetector):
         stat_down = self._max_down - down if self.mode != "up" else 0.0
         self._statistic = max(stat_up, stat_down)
         self._drift_detected = self._n >= self.min_instances and self._statistic > self._threshold
-
-    def _run(self, x: np.ndarray) -> int | None:
-        for start in range(0, x.size, _CHUNK):
-            hit = self._run_chunk(x[start : start + _CHUNK])
-            if hit is not None:
-                return start + hit
-        return None
 
     def _cumulative(self, e: np.ndarray) -> np.ndarray:
         """(U_t, L_t) for steps with offsets ``e`` (m, 2), by the per-sample path's block arithmetic."""
