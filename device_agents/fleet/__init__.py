@@ -1,0 +1,1 @@
+"""The fleet simulator: many device agents with their own streams against one real server."""
