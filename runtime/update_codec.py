@@ -14,8 +14,15 @@ Delta payloads use a compact binary layout (little-endian; parameter tensors are
 tens of floats — so a self-describing header would outweigh the values)::
 
     b"ELD1", u16 tensor count, then per tensor, names in sorted order:
-      u8 name length, name (UTF-8), u32 kept count n, f32 scale, u8 flags (bit 0: uint32 indices),
-      [int8_topk_delta only: n strictly increasing flat indices, uint16 or uint32], n int8 values
+      u8 name length, name (UTF-8), u32 kept count n, f32 scale,
+      u8 flags (bit 0: uint32 indices; bit 1: varint-gap indices),
+      [int8_topk_delta only: n strictly increasing flat indices: uint16, uint32, or (bit 1) a u32 byte count
+       then LEB128 varints of the gaps (first index, then index[i] - index[i-1])], n int8 values
+
+A tensor whose delta is all zero is written with ``n = 0`` in both delta encodings (it decodes as zeros), so
+parameters a message does not change cost a header only (e.g. a bundle's full trainable weights when only
+its adaptable parameters moved). The encoder writes top-k indices as varint gaps whenever that is shorter than
+fixed-width indices (about 1 byte per kept entry when at least 1/128 of a tensor is kept).
 
 Lossy encodings are used with **error feedback** on the sender (Seide et al. 2014, "1-bit SGD"; Karimireddy
 et al. 2019, EF-SGD, Alg. 2; Gao et al. 2024, EControl): what a message leaves out is kept as a residual
@@ -40,6 +47,8 @@ DELTA_ENCODINGS = ENCODINGS[1:]
 DELTA_MAGIC = b"ELD1"
 _TENSOR_HEAD = struct.Struct("<If")  # kept count, scale
 _WIDE_INDICES = 1  # flags bit 0: uint32 indices
+_VARINT_INDICES = 2  # flags bit 1: LEB128 varint gaps
+_FLAGS = _WIDE_INDICES | _VARINT_INDICES
 
 
 class UpdateCodecError(InputError):
@@ -66,6 +75,41 @@ def _topk_indices(x: np.ndarray, fraction: float) -> np.ndarray:
     return np.sort(np.argpartition(flat, flat.size - k)[flat.size - k :]).astype(dtype)
 
 
+def encode_varints(values: np.ndarray) -> bytes:
+    """LEB128 (7 bits per byte, high bit = more) of non-negative integers, vectorised."""
+    v = np.asarray(values, dtype=np.uint64).reshape(-1)
+    if v.size == 0:
+        return b""
+    nbytes = np.ones(v.size, dtype=np.int64)
+    for shift in (7, 14, 21, 28, 35):
+        nbytes += (v >> np.uint64(shift)) > 0
+    ends = np.cumsum(nbytes)
+    out = np.zeros(int(ends[-1]), dtype=np.uint8)
+    starts = ends - nbytes
+    for j in range(int(nbytes.max())):
+        live = nbytes > j
+        byte = (v[live] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (nbytes[live] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[live] + j] = (byte | more).astype(np.uint8)
+    return out.tobytes()
+
+
+def decode_varints(data: bytes, count: int, what: str) -> np.ndarray:
+    """``count`` LEB128 integers from ``data`` (exactly), as int64; :class:`UpdateCodecError` when malformed."""
+    raw = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(raw < 0x80)
+    if ends.size != count or (count and ends[-1] != raw.size - 1) or (count == 0 and raw.size):
+        raise UpdateCodecError(f"{what}: {raw.size} varint bytes do not hold exactly {count} integers")
+    starts = np.r_[0, ends[:-1] + 1] if count else np.zeros(0, dtype=np.int64)
+    if count and int((ends - starts).max()) > 5:
+        raise UpdateCodecError(f"{what}: a varint is longer than 6 bytes")
+    out = np.zeros(count, dtype=np.int64)
+    for j in range(int((ends - starts).max()) + 1 if count else 0):
+        live = starts + j <= ends
+        out[live] |= (raw[starts[live] + j].astype(np.int64) & 0x7F) << (7 * j)
+    return out
+
+
 def encode_full(params: Mapping[str, np.ndarray]) -> bytes:
     """The ``"f32"`` payload of a full parameter set."""
     return encode_arrays({f"p/{k}": np.asarray(v, dtype=np.float32) for k, v in params.items()})
@@ -85,13 +129,23 @@ def encode_delta(delta: Mapping[str, np.ndarray], encoding: str, topk_fraction: 
         if not 0 < len(raw) < 256:
             raise UpdateCodecError(f"parameter name {name!r} must be 1..255 bytes of UTF-8")
         x = np.asarray(delta[name], dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(x)):
+            raise UpdateCodecError(f"delta of {name!r} contains NaN or infinite values")
+        if not np.any(x):  # an unchanged tensor: header only
+            parts += [struct.pack("<B", len(raw)), raw, _TENSOR_HEAD.pack(0, 0.0), struct.pack("<B", 0)]
+            continue
         idx = _topk_indices(x, topk_fraction) if encoding == "int8_topk_delta" else None
         q, scale = quantize_int8(x if idx is None else x[idx])
-        flags = _WIDE_INDICES if idx is not None and idx.dtype == np.uint32 else 0
-        parts += [struct.pack("<B", len(raw)), raw, _TENSOR_HEAD.pack(q.size, float(scale)), struct.pack("<B", flags)]
+        flags, index_bytes = 0, b""
         if idx is not None:
-            parts.append(idx.astype("<u4" if flags & _WIDE_INDICES else "<u2").tobytes())
-        parts.append(q.tobytes())
+            fixed = idx.astype("<u4" if idx.dtype == np.uint32 else "<u2").tobytes()
+            gaps = encode_varints(np.diff(idx.astype(np.int64), prepend=0))
+            if len(gaps) + 4 < len(fixed):
+                flags, index_bytes = _VARINT_INDICES, struct.pack("<I", len(gaps)) + gaps
+            else:
+                flags, index_bytes = (_WIDE_INDICES if idx.dtype == np.uint32 else 0), fixed
+        parts += [struct.pack("<B", len(raw)), raw, _TENSOR_HEAD.pack(q.size, float(scale)), struct.pack("<B", flags)]
+        parts += [index_bytes, q.tobytes()]
     return b"".join(parts)
 
 
@@ -118,10 +172,15 @@ def _parse_delta(payload: bytes, topk: bool) -> dict[str, tuple[np.ndarray, np.f
         head, pos = _read(payload, pos, _TENSOR_HEAD.size + 1, f"the header of {name!r}")
         n, scale = _TENSOR_HEAD.unpack(head[:-1])
         flags = head[-1]
-        if flags & ~_WIDE_INDICES or (flags and not topk) or not math.isfinite(scale) or name in out:
+        if (flags & ~_FLAGS or (flags and not topk) or flags == _FLAGS or not math.isfinite(scale)
+                or name in out):
             raise UpdateCodecError(f"delta of {name!r}: bad flags {flags}, scale {scale} or a repeated name")
         idx = None
-        if topk:
+        if topk and flags & _VARINT_INDICES:
+            (length,), pos = struct.unpack("<I", _read(payload, pos, 4, f"the index length of {name!r}")[0]), pos + 4
+            data, pos = _read(payload, pos, length, f"the indices of {name!r}")
+            idx = np.cumsum(decode_varints(data, n, f"the indices of {name!r}"))
+        elif topk:
             width = 4 if flags & _WIDE_INDICES else 2
             data, pos = _read(payload, pos, n * width, f"the indices of {name!r}")
             idx = np.frombuffer(data, dtype="<u4" if width == 4 else "<u2")
@@ -142,8 +201,12 @@ def decode_delta(payload: bytes, encoding: str, shapes: Mapping[str, tuple[int, 
             raise UpdateCodecError(f"delta names unknown parameter {name!r}")
         shape, size = tuple(shapes[name]), int(np.prod(shapes[name], dtype=np.int64))
         values = q.astype(np.float32) * scale
+        if q.size == 0:  # an unchanged tensor
+            out[name] = np.zeros(shape, dtype=np.float32)
+            continue
         if idx is not None:
-            if idx.size and (int(idx.max()) >= size or np.any(np.diff(idx.astype(np.int64)) <= 0)):
+            if idx.size and (int(idx.max()) >= size or int(idx.min()) < 0
+                             or np.any(np.diff(idx.astype(np.int64)) <= 0)):
                 raise UpdateCodecError(f"top-k delta of {name!r} has indices out of range or not increasing "
                                        f"for shape {shape}")
             dense = np.zeros(size, dtype=np.float32)

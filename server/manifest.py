@@ -1,7 +1,9 @@
 """What the server needs from a bundle's manifest.json (schema_version 1, see docs/CONTRACT.md), validated.
 
 The server checks a published bundle's file list and sha256s, and uses the manifest's input shape, feature
-width and initial adaptable parameters to validate what devices upload.
+width and initial adaptable parameters to validate what devices upload. An optional ``trainable`` block names a
+file of the bundle holding the model's full float weights (for devices that train with local SGD); the
+federated parameter space is then the adaptable parameters and these (:attr:`BundleSpec.param_shapes`).
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from runtime.arrays import ArrayCodecError, decode_arrays
 from server.errors import InvalidBundleError, InvalidTensorError
 
 MANIFEST_FILE = "manifest.json"
@@ -29,11 +32,17 @@ class BundleSpec:
     input_shape: tuple[int, ...]
     feature_dim: int
     initial: dict[str, np.ndarray]
+    trainable_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    trainable_file: str = ""
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Name → shape of every adaptable parameter."""
-        return {name: tuple(arr.shape) for name, arr in self.initial.items()}
+        """Name → shape of every federated parameter: the adaptable ones, then the trainable ones (if any)."""
+        return {**{name: tuple(arr.shape) for name, arr in self.initial.items()}, **self.trainable_shapes}
+
+    def trainable_initial(self, data: bytes) -> dict[str, np.ndarray]:
+        """The trainable weights in ``data`` (the bytes of :attr:`trainable_file`), checked against the block."""
+        return parse_trainable(data, self.trainable_shapes, self.trainable_file)
 
     def check_input(self, array: np.ndarray, what: str) -> np.ndarray:
         """Validate one model input (batch dim 1 or absent); return it without the batch dim, float32."""
@@ -121,6 +130,50 @@ def _initial(manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
+def parse_trainable(data: bytes, shapes: Mapping[str, tuple[int, ...]], path: str) -> dict[str, np.ndarray]:
+    """Decode a trainable-weights file (:mod:`runtime.arrays`) and check it holds exactly ``shapes``, finite."""
+    try:
+        arrays = decode_arrays(data)
+    except ArrayCodecError as exc:
+        raise InvalidBundleError(f"trainable file {path!r} is not an array blob: {exc}") from exc
+    if set(arrays) != set(shapes):
+        raise InvalidBundleError(f"trainable file {path!r} holds {sorted(arrays)[:8]}, the manifest names "
+                                 f"{sorted(shapes)[:8]} ({len(arrays)} vs {len(shapes)} tensors)")
+    out: dict[str, np.ndarray] = {}
+    for name, arr in arrays.items():
+        if arr.dtype != np.float32 or tuple(arr.shape) != tuple(shapes[name]) or not np.all(np.isfinite(arr)):
+            raise InvalidBundleError(f"trainable file {path!r}: {name!r} is {arr.dtype} {tuple(arr.shape)}, the "
+                                     f"manifest says float32 {tuple(shapes[name])} (finite)")
+        out[name] = arr
+    return out
+
+
+def _trainable(manifest: Mapping[str, Any], files: Mapping[str, str],
+               adaptable: Mapping[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], str]:
+    block = manifest.get("trainable")
+    if block is None:
+        return {}, ""
+    if not isinstance(block, Mapping):
+        raise InvalidBundleError(f"{MANIFEST_FILE}: trainable must be an object or absent")
+    path, shapes = block.get("file"), block.get("shapes")
+    if not isinstance(path, str) or path not in files:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.file {path!r} must name a file listed in 'files'")
+    if not isinstance(shapes, Mapping) or not shapes:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.shapes must be a non-empty object of name -> shape")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) < 256:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: trainable name {name!r} must be 1..255 bytes of UTF-8")
+        if name in adaptable:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.shapes[{name!r}] repeats an adaptable name")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                  for d in shape):
+            raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.shapes[{name!r}] = {shape!r} must be a list of "
+                                     f"positive ints")
+        out[name] = tuple(shape)
+    return out, path
+
+
 def parse_manifest(raw: bytes) -> tuple[dict[str, Any], BundleSpec]:
     """Parse manifest.json bytes; return the JSON object and its :class:`BundleSpec`.
 
@@ -144,7 +197,9 @@ def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
     feature_mean = _get(manifest, "source_statistics", "features", "mean")
     if not isinstance(feature_mean, list) or not feature_mean:
         raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.mean must be a non-empty list")
+    files, initial = _files(manifest), _initial(manifest)
+    trainable_shapes, trainable_file = _trainable(manifest, files, initial)
     return BundleSpec(
-        files=_files(manifest), input_shape=_input_shape(manifest), feature_dim=len(feature_mean),
-        initial=_initial(manifest),
+        files=files, input_shape=_input_shape(manifest), feature_dim=len(feature_mean),
+        initial=initial, trainable_shapes=trainable_shapes, trainable_file=trainable_file,
     )

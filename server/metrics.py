@@ -15,7 +15,7 @@ from typing import Any
 
 import grpc
 
-from proto.edgeloop.v1 import device_pb2
+from proto.edgeloop.v1 import common_pb2, device_pb2
 from server.interceptors import Behavior, rewrap, split_method
 from server.records import RoundRecord
 from server.state import ServerState
@@ -72,6 +72,9 @@ class ServerMetrics:
                                    "(queued, done, failed).", ["kind", "state"], registry=reg)
         self.round_seconds = prom.Histogram("edgeloop_round_seconds", "Duration of finished rounds.", ["kind"],
                                             buckets=LATENCY_BUCKETS, registry=reg)
+        self.parameter_bytes = prom.Counter("edgeloop_parameter_bytes", "Serialized bytes of parameter messages: "
+                                            "federated submissions (up) and parameter updates (down).",
+                                            ["direction"], registry=reg)
         reg.register(_StateCollector(state, online_window_s))
         self._httpd: Any = None
         self.port = 0
@@ -82,8 +85,14 @@ class ServerMetrics:
         if record.state in ("done", "failed"):
             self.round_seconds.labels(record.kind).observe(record.seconds)
 
+    def _observe_request(self, request: Any) -> None:
+        if isinstance(request, device_pb2.FederatedUpdate):
+            self.parameter_bytes.labels("up").inc(request.ByteSize())
+
     def _observe_response(self, response: Any) -> None:
-        if isinstance(response, device_pb2.UploadAck):
+        if isinstance(response, common_pb2.ParameterUpdate):
+            self.parameter_bytes.labels("down").inc(response.ByteSize())
+        elif isinstance(response, device_pb2.UploadAck):
             self.samples.labels("stored").inc(len(response.stored_ids))
             self.samples.labels("duplicate").inc(len(response.duplicate_ids))
             self.upload_bytes.inc(response.bytes_received)
@@ -131,7 +140,9 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                 def timed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                     t0, ending = time.perf_counter(), "UNKNOWN"
                     try:
-                        yield from behavior(request, context)
+                        for item in behavior(request, context):
+                            m._observe_response(item)
+                            yield item
                         ending = "OK"
                     except GeneratorExit:  # the client went away mid-stream
                         ending = "CANCELLED"
@@ -143,6 +154,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
             def timed(request: Any, context: grpc.ServicerContext) -> Any:
                 t0, ending = time.perf_counter(), "UNKNOWN"
                 try:
+                    m._observe_request(request)
                     response = behavior(request, context)
                     ending = "OK"
                 finally:

@@ -205,12 +205,24 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
     def SubmitUpdate(  # noqa: N802 (name fixed by the generated base class)
         self, request: device_pb2.FederatedUpdate, context: grpc.ServicerContext
     ) -> device_pb2.SubmitAck:
-        """Store a device's adapted parameters for the next federated round."""
+        """Store a device's parameters (tensors, or an encoded payload) for the next federated round."""
         with _domain_errors(context, "SubmitUpdate"):
             submission_id = updates.submit_update(
                 self.state, request.device_id, request.bundle_id, request.base_version, request.num_samples,
-                tensors_from_proto(request.tensors))
+                tensors_from_proto(request.tensors), encoding=request.encoding, payload=bytes(request.payload),
+                base_sha256=request.base_sha256)
         return device_pb2.SubmitAck(submission_id=submission_id)
+
+    def PullUpdate(  # noqa: N802 (name fixed by the generated base class)
+        self, request: device_pb2.PullRequest, context: grpc.ServicerContext
+    ) -> common_pb2.ParameterUpdate:
+        """The newest parameters as a delta from what the device holds (empty payload: it is up to date)."""
+        with _domain_errors(context, "PullUpdate"):
+            update = updates.pull_update(self.state, request.device_id, request.bundle_id, request.held_version,
+                                         request.held_sha256)
+        if update is None:
+            return common_pb2.ParameterUpdate(bundle_id=request.bundle_id, version=request.held_version)
+        return _update(update)
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):

@@ -2,13 +2,22 @@
 encoded as deltas (:mod:`runtime.update_codec`), sign and stream them.
 
 Plain functions over numpy dicts; watchers block on :class:`~server.broker.UpdateBroker`, never poll.
+
+The federated parameter space of a bundle is its adaptable parameters plus, when the manifest has a
+``trainable`` block, the model's full float weights from the bundle's trainable file (:func:`initial_params`).
+Devices submit either plain tensors or an encoded payload (``"f32"`` or a delta to the exact parameters of
+their base version, :func:`submit_update`); :func:`pull_update` answers a device with a delta from exactly
+what it holds, which the server remembers per device after each lossy reply (:class:`HeldCache`), so what one
+reply leaves out is sent with the next (error feedback without a residual on either side).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -16,7 +25,7 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.params import params_digest, validate_params
-from runtime.update_codec import compress_delta, decode_update, encode_full
+from runtime.update_codec import ENCODINGS, compress_delta, decode_delta, decode_update, encode_full
 from runtime.update_signing import UpdateHeader, payload_digest
 from server.codec import decode_arrays, encode_arrays
 from server.errors import BlobCorruptError, InvalidRequestError, InvalidTensorError, TooManyWatchersError
@@ -38,11 +47,94 @@ def _checked_params(spec: BundleSpec, params: Mapping[str, np.ndarray], partial:
         raise InvalidTensorError(str(exc)) from exc
 
 
+_CACHE_LOCK = threading.Lock()
+_TRAINABLE_CACHE: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+_TRAINABLE_CACHE_ENTRIES = 8
+
+
+def initial_params(state: ServerState, bundle: BundleRecord) -> dict[str, np.ndarray]:
+    """Version 0 of the bundle's federated parameters: the adaptable initial values, plus the trainable
+    weights read from the bundle's trainable file (checked; cached per bundle id, bundles are immutable)."""
+    spec = spec_of(bundle)
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in spec.initial.items()}
+    if not spec.trainable_file:
+        return out
+    with _CACHE_LOCK:
+        trainable = _TRAINABLE_CACHE.get(bundle.bundle_id)
+        if trainable is not None:
+            _TRAINABLE_CACHE.move_to_end(bundle.bundle_id)
+    if trainable is None:
+        trainable = spec.trainable_initial(state.blobs.get(bundle.files[spec.trainable_file].sha256))
+        with _CACHE_LOCK:
+            _TRAINABLE_CACHE[bundle.bundle_id] = trainable
+            while len(_TRAINABLE_CACHE) > _TRAINABLE_CACHE_ENTRIES:
+                _TRAINABLE_CACHE.popitem(last=False)
+    out.update(trainable)
+    return out
+
+
+def _record_at(state: ServerState, bundle_id: str, cohort: str, version: int) -> UpdateRecord | None:
+    """The cohort's update record of ``version`` (None for version 0 or an unknown version)."""
+    if version <= 0:
+        return None
+    records = state.storage.updates_since(bundle_id, version - 1, cohort)
+    return records[0] if records and records[0].version == version else None
+
+
+def version_params(state: ServerState, bundle: BundleRecord, cohort: str, version: int
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``(exact, held)`` parameters of the cohort's ``version`` (0: the bundle's initial parameters, both)."""
+    if version == 0:
+        initial = initial_params(state, bundle)
+        return initial, initial
+    record = _record_at(state, bundle.bundle_id, cohort, version)
+    if record is None:
+        raise InvalidRequestError(f"version {version} is not a published update of cohort {cohort!r}")
+    exact = _blob_params(state, record.blob, record.sha256, version)
+    if not record.held_blob or record.held_blob == record.blob:
+        return exact, exact
+    return exact, _blob_params(state, record.held_blob, record.held_sha256, version)
+
+
+def _decode_submission(
+    state: ServerState, device_id: str, bundle: BundleRecord, cohort: str, base_version: int, encoding: str,
+    payload: bytes, base_sha256: str,
+) -> dict[str, np.ndarray]:
+    """The parameters an encoded submission yields: in full (``"f32"``) or the exact parameters of
+    ``base_version`` plus the decoded delta, restricted to the names the delta carries."""
+    if encoding not in ENCODINGS:
+        raise InvalidRequestError(f"submission encoding {encoding!r} is not one of {ENCODINGS}")
+    spec = spec_of(bundle)
+    if encoding == "f32":
+        try:
+            return decode_update(payload, "f32", None, spec.param_shapes)
+        except InputError as exc:
+            raise InvalidTensorError(f"undecodable f32 submission payload: {exc}") from exc
+    exact, held = version_params(state, bundle, cohort, base_version)
+    if base_sha256:
+        known = {params_digest(exact), params_digest(held)}
+        cached = held_cache(state).get(device_id, bundle.bundle_id, cohort)
+        if cached is not None:
+            known.add(cached[0])
+        if base_sha256 not in known:
+            raise InvalidRequestError(f"the submission's base_sha256 {base_sha256[:16]!r} matches neither version "
+                                      f"{base_version}'s parameters nor what this device was last sent")
+    try:
+        delta = decode_delta(payload, encoding, spec.param_shapes)
+    except InputError as exc:
+        raise InvalidTensorError(f"undecodable {encoding} submission payload: {exc}") from exc
+    return {k: exact[k] + d for k, d in delta.items()}
+
+
 def submit_update(
     state: ServerState, device_id: str, bundle_id: str, base_version: int, num_samples: int,
-    params: Mapping[str, np.ndarray],
+    params: Mapping[str, np.ndarray] | None = None, *, encoding: str = "", payload: bytes = b"",
+    base_sha256: str = "",
 ) -> int:
-    """Store a device's adapted parameters (names/shapes checked against the bundle); return the id."""
+    """Store a device's parameters (names/shapes/finiteness checked against the bundle's parameter space);
+    return the submission id. Either ``params`` (plain tensors) or ``encoding`` + ``payload`` (a delta is
+    decoded against the exact parameters of ``base_version``; ``base_sha256``, when given, must be the digest
+    of that version's parameters or of what this device was last sent)."""
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
     if num_samples <= 0:
@@ -50,7 +142,14 @@ def submit_update(
     latest = state.storage.latest_version(device.cohort)
     if not 0 <= base_version <= latest:
         raise InvalidRequestError(f"base_version {base_version} is not a published version (0..{latest})")
-    checked = _checked_params(spec_of(bundle), params, partial=True)
+    if payload and params:
+        raise InvalidRequestError("a submission carries either tensors or an encoded payload, not both")
+    if payload or encoding:
+        if not payload:
+            raise InvalidRequestError(f"encoding {encoding!r} given without a payload")
+        params = _decode_submission(state, device_id, bundle, device.cohort, base_version, encoding, payload,
+                                    base_sha256)
+    checked = _checked_params(spec_of(bundle), params or {}, partial=True)
     blob = state.blobs.put(encode_arrays(checked))
     record = SubmissionRecord(device_id, bundle.bundle_id, base_version, num_samples, blob, state.clock())
     return state.storage.insert_submission(record)
@@ -95,7 +194,7 @@ def _base_of(state: ServerState, bundle: BundleRecord, cohort: str) -> tuple[int
     """The cohort's newest ``(version, exact params, held params, held digest)``; version 0 is the bundle's."""
     prev = state.storage.latest_update(bundle.bundle_id, cohort)
     if prev is None:
-        initial = {k: np.asarray(v, dtype=np.float32) for k, v in spec_of(bundle).initial.items()}
+        initial = initial_params(state, bundle)
         return 0, initial, initial, params_digest(initial)
     held = _blob_params(state, prev.held_blob or prev.blob, prev.held_sha256 or prev.sha256, prev.version)
     return prev.version, _blob_params(state, prev.blob, prev.sha256, prev.version), held, params_digest(held)
@@ -112,7 +211,11 @@ def publish_update(
     state: ServerState, bundle_id: str, kind: str, params: Mapping[str, np.ndarray], round_id: int | None = None,
     cohort: str = DEFAULT_COHORT,
 ) -> ParameterUpdate:
-    """Store a full parameter set as the cohort's next version, encoded for sending, and wake watchers.
+    """Store a parameter set as the cohort's next version, encoded for sending, and wake watchers.
+
+    Every adaptable parameter is required; trainable names ``params`` leaves out keep the previous version's
+    values (e.g. a distillation round moves only the adaptable parameters of a bundle that also carries
+    trainable weights).
 
     With a delta encoding (``state.update_encoding``) the payload is the difference to what the cohort's
     devices hold, compressed with error feedback: the residual is the exact previous parameters minus the
@@ -123,9 +226,13 @@ def publish_update(
     check_id(cohort, "cohort")
     bundle = resolve_bundle(state, bundle_id)
     spec = spec_of(bundle)
-    checked = _checked_params(spec, params, partial=False)
+    given = _checked_params(spec, params, partial=True)
+    missing = sorted(set(spec.initial) - set(given))
+    if missing:
+        raise InvalidTensorError(f"missing adaptable parameter(s) {missing}")
     with state.publish_lock:
         base_version, base_exact, base_held, base_sha = _base_of(state, bundle, cohort)
+        checked = {**base_exact, **given}
         encoding = state.update_encoding
         if encoding == "f32":
             payload, held = encode_full(checked), checked
@@ -225,3 +332,106 @@ def _watch(
             broker.wait_for(seen, remaining, cancelled=lambda: not is_active())
     finally:
         broker.close_watch()
+
+
+class HeldCache:
+    """What each device holds after a lossy :func:`pull_update` reply: ``(device, bundle, cohort) -> (digest,
+    parameters)``, least recently used first out beyond ``max_bytes``. A device missing here (evicted, or the
+    server restarted) is answered from a published version's parameters when its digest matches one, else in
+    full, so the cache only saves bytes and never decides correctness."""
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        """Keep at most ``max_bytes`` of parameters."""
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[tuple[str, str, str], tuple[str, dict[str, np.ndarray], int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, device_id: str, bundle_id: str, cohort: str) -> tuple[str, dict[str, np.ndarray]] | None:
+        """The digest and parameters last sent to the device, or None."""
+        with self._lock:
+            entry = self._entries.get((device_id, bundle_id, cohort))
+            if entry is None:
+                return None
+            self._entries.move_to_end((device_id, bundle_id, cohort))
+            return entry[0], entry[1]
+
+    def put(self, device_id: str, bundle_id: str, cohort: str, digest: str, params: dict[str, np.ndarray]) -> None:
+        """Remember what the device holds now."""
+        size = sum(int(v.nbytes) for v in params.values())
+        key = (device_id, bundle_id, cohort)
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[2]
+            if size > self.max_bytes:
+                return
+            self._entries[key] = (digest, params, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, _, n) = self._entries.popitem(last=False)
+                self._bytes -= n
+
+
+def held_cache(state: ServerState) -> HeldCache:
+    """The server's :class:`HeldCache` (one per :class:`ServerState`, made on first use)."""
+    with _CACHE_LOCK:
+        cache = state.__dict__.get("_held_cache")
+        if cache is None:
+            cache = state.__dict__["_held_cache"] = HeldCache()
+        return cache
+
+
+def pull_update(
+    state: ServerState, device_id: str, bundle_id: str, held_version: int, held_sha256: str,
+) -> SignedUpdate | None:
+    """The cohort's newest exact parameters for a device that holds ``held_version`` with digest
+    ``held_sha256``: None when it is up to date; else, with a delta encoding, the delta from exactly what it
+    holds (what this server last sent it, or a published version's parameters) compressed without a residual
+    (the base already is the device's state, so what is left out now is in the next reply); else in full."""
+    device = require_device(state, device_id)
+    bundle = resolve_bundle(state, bundle_id)
+    cohort = device.cohort
+    if held_version < 0:
+        raise InvalidRequestError(f"held_version must be >= 0, got {held_version}")
+    latest = state.storage.latest_update(bundle.bundle_id, cohort)
+    if latest is None or held_version > latest.version:
+        if latest is None and held_version == 0:
+            return None
+        raise InvalidRequestError(f"held_version {held_version} is not a published version of cohort {cohort!r} "
+                                  f"(newest {0 if latest is None else latest.version})")
+    cache = held_cache(state)
+    cached = cache.get(device_id, bundle.bundle_id, cohort)
+    exact = _blob_params(state, latest.blob, latest.sha256, latest.version)
+    if held_version == latest.version and held_sha256 in {latest.sha256, latest.held_sha256 or latest.sha256} | (
+            {cached[0]} if cached else set()):
+        return None
+    encoding, base = state.update_encoding, None
+    if encoding != "f32" and held_sha256:
+        if cached is not None and cached[0] == held_sha256:
+            base = cached[1]
+        else:
+            try:
+                for candidate in version_params(state, bundle, cohort, held_version):
+                    if params_digest(candidate) == held_sha256:
+                        base = candidate
+                        break
+            except InvalidRequestError:
+                base = None
+    if base is None or set(base) != set(exact):
+        payload, encoding, base_version, base_sha, after = encode_full(exact), "f32", 0, "", exact
+    else:
+        delta = {k: exact[k] - base[k] for k in exact}
+        payload = compress_delta(delta, None, encoding, state.update_topk_fraction).payload
+        after = decode_update(payload, encoding, base, spec_of(bundle).param_shapes)
+        base_version, base_sha = held_version, held_sha256
+    after_sha = latest.sha256 if after is exact else params_digest(after)
+    if after is not exact:
+        cache.put(device_id, bundle.bundle_id, cohort, after_sha, after)
+    header = UpdateHeader(latest.bundle_id, latest.cohort, latest.version, base_version, latest.kind,
+                          latest.round_id or 0, latest.created_ms, encoding, payload_digest(payload), after_sha,
+                          base_sha)
+    signer = state.signer
+    if signer is None:
+        return SignedUpdate(header, payload, b"", "")
+    return SignedUpdate(header, payload, signer.sign(header), signer.key_id)

@@ -123,18 +123,36 @@ class WatchRequest(_message.Message):
     def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., since_version: _Optional[int] = ..., max_wait_seconds: _Optional[float] = ..., held_version: _Optional[int] = ...) -> None: ...
 
 class FederatedUpdate(_message.Message):
-    __slots__ = ("device_id", "bundle_id", "base_version", "num_samples", "tensors")
+    __slots__ = ("device_id", "bundle_id", "base_version", "num_samples", "tensors", "encoding", "payload", "base_sha256")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    BASE_SHA256_FIELD_NUMBER: _ClassVar[int]
     device_id: str
     bundle_id: str
     base_version: int
     num_samples: int
     tensors: _containers.RepeatedCompositeFieldContainer[_common_pb2.Tensor]
-    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ...) -> None: ...
+    encoding: str
+    payload: bytes
+    base_sha256: str
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., base_version: _Optional[int] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_common_pb2.Tensor, _Mapping]]] = ..., encoding: _Optional[str] = ..., payload: _Optional[bytes] = ..., base_sha256: _Optional[str] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("device_id", "bundle_id", "held_version", "held_sha256")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_ID_FIELD_NUMBER: _ClassVar[int]
+    HELD_VERSION_FIELD_NUMBER: _ClassVar[int]
+    HELD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    device_id: str
+    bundle_id: str
+    held_version: int
+    held_sha256: str
+    def __init__(self, device_id: _Optional[str] = ..., bundle_id: _Optional[str] = ..., held_version: _Optional[int] = ..., held_sha256: _Optional[str] = ...) -> None: ...
 
 class SubmitAck(_message.Message):
     __slots__ = ("submission_id",)

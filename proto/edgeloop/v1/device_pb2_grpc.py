@@ -65,6 +65,11 @@ class DeviceServiceStub:
                 request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.FederatedUpdate.SerializeToString,
                 response_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.SubmitAck.FromString,
                 _registered_method=True)
+        self.PullUpdate = channel.unary_unary(
+                '/edgeloop.v1.DeviceService/PullUpdate',
+                request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.PullRequest.SerializeToString,
+                response_deserializer=proto_dot_edgeloop_dot_v1_dot_common__pb2.ParameterUpdate.FromString,
+                _registered_method=True)
         self.ReportOutbox = channel.unary_unary(
                 '/edgeloop.v1.DeviceService/ReportOutbox',
                 request_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.OutboxReport.SerializeToString,
@@ -127,6 +132,14 @@ class DeviceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PullUpdate(self, request, context):
+        """The cohort's newest parameters for a device that holds held_version (held_sha256): a delta from exactly what
+        the device holds when the server can compute it, else the full parameters; empty payload when up to date.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportOutbox(self, request, context):
         """Report the state of the device's upload outbox: what its byte bound dropped, what is pending.
         """
@@ -182,6 +195,11 @@ def add_DeviceServiceServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.FederatedUpdate.FromString,
                     response_serializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.SubmitAck.SerializeToString,
+            ),
+            'PullUpdate': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullUpdate,
+                    request_deserializer=proto_dot_edgeloop_dot_v1_dot_device__pb2.PullRequest.FromString,
+                    response_serializer=proto_dot_edgeloop_dot_v1_dot_common__pb2.ParameterUpdate.SerializeToString,
             ),
             'ReportOutbox': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportOutbox,
@@ -361,6 +379,33 @@ class DeviceService:
             '/edgeloop.v1.DeviceService/SubmitUpdate',
             proto_dot_edgeloop_dot_v1_dot_device__pb2.FederatedUpdate.SerializeToString,
             proto_dot_edgeloop_dot_v1_dot_device__pb2.SubmitAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullUpdate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeloop.v1.DeviceService/PullUpdate',
+            proto_dot_edgeloop_dot_v1_dot_device__pb2.PullRequest.SerializeToString,
+            proto_dot_edgeloop_dot_v1_dot_common__pb2.ParameterUpdate.FromString,
             options,
             channel_credentials,
             insecure,
