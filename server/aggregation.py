@@ -127,6 +127,31 @@ class FedAU(Aggregator):
         """The population N used."""
         return {"population": float(self._population)}
 
+    _STAT_FIELDS = ("open_interval", "intervals", "omega", "rounds_seen", "rounds_participated")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Per-device participation statistics: ``{"devices": {id: [open_interval, intervals, ω, rounds_seen,
+        rounds_participated]}}``."""
+        return {"devices": {d: [getattr(s, f) for f in self._STAT_FIELDS] for d, s in sorted(self.stats.items())}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the statistics of :meth:`state_dict` (every entry checked before any is replaced)."""
+        devices = state.get("devices") if isinstance(state, dict) else None
+        if not isinstance(devices, dict):
+            raise AggregationError("fedau state needs a 'devices' object")
+        stats: dict[str, ParticipationStats] = {}
+        for device, row in devices.items():
+            if not (isinstance(row, list) and len(row) == len(self._STAT_FIELDS)
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in row)):
+                raise AggregationError(f"fedau state of device {device!r} must be 5 numbers {self._STAT_FIELDS}, "
+                                       f"got {row!r}")
+            open_interval, intervals, omega, seen, participated = row
+            if min(open_interval, intervals, seen, participated) < 0 or not (math.isfinite(omega) and omega > 0):
+                raise AggregationError(f"fedau state of device {device!r} is out of range: {row!r}")
+            stats[str(device)] = ParticipationStats(int(open_interval), int(intervals), float(omega), int(seen),
+                                                    int(participated))
+        self.stats = stats
+
 
 @dataclass(frozen=True)
 class FedBuffConfig:
@@ -150,15 +175,22 @@ def staleness_weight(staleness: int) -> float:
 class FedBuff(Aggregator):
     """FedBuff (Nguyen et al. 2022, "Federated Learning with Buffered Asynchronous Aggregation"): deltas arrive
     asynchronously into a buffer; once K are held, x ← x + η_g/K Σ Δ_k/sqrt(1+s_k). :meth:`submit` buffers;
-    :meth:`aggregate` applies one step over the contributions given (K = their number).
+    :meth:`aggregate` applies one step over the contributions given (K = their number). On the server the buffer
+    is the SQLite table of unused submissions, per bundle and cohort (:class:`server.rounds.RoundRunner`).
     """
 
     name = "fedbuff"
+    asynchronous = True
 
     def __init__(self, config: FedBuffConfig | None = None) -> None:
         """Start with an empty buffer."""
         self.config = config or FedBuffConfig()
         self.buffer: list[Contribution] = []
+
+    @property
+    def buffer_size(self) -> int:
+        """K: the server steps once every K submissions."""
+        return self.config.buffer_size
 
     def submit(self, base: Mapping[str, np.ndarray], contribution: Contribution) -> AggregateResult | None:
         """Buffer ``contribution``; when K are held, aggregate them onto ``base``, empty the buffer, return it."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -58,10 +58,32 @@ class Aggregator:
 
     ``whole_vector`` strategies (Krum) combine the concatenation of every parameter at once and so need every
     contribution to carry every parameter; coordinate-wise ones combine each parameter over its carriers.
+
+    ``asynchronous`` strategies (FedBuff) are run by the server itself every :attr:`buffer_size` submissions
+    (see :class:`server.rounds.RoundRunner`); the others run when an operator starts a round.
+
+    State that must outlive a server restart (FedAU's participation, the DP ledger) is exported by
+    :meth:`state_dict` as JSON-able data in format :attr:`state_version` and read back by
+    :meth:`load_state_dict`; stateless strategies return None.
     """
 
     name: ClassVar[str] = ""
     whole_vector: ClassVar[bool] = False
+    asynchronous: ClassVar[bool] = False
+    state_version: ClassVar[int] = 1
+
+    @property
+    def buffer_size(self) -> int:
+        """Submissions per server step of an asynchronous strategy (1 for the synchronous ones)."""
+        return 1
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The strategy's persistent state as JSON-able data, or None when it keeps none (the default)."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; raises :class:`AggregationError` naming a malformed entry."""
+        raise AggregationError(f"{self.name} keeps no state, but a saved state was given")
 
     def min_contributions(self) -> int:
         """The fewest contributions the rule accepts."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +134,33 @@ class DPFedAvg(Aggregator):
         noisy = total + self._rng.normal(0.0, c.noise_multiplier * c.clip_norm, size=total.shape)
         self.accountant.step(c.noise_multiplier, c.sampling_rate)
         return noisy / float(c.expected_devices or deltas.shape[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The privacy ledger (RDP per order, rounds) and the noise generator's state, so that a restarted
+        server neither forgets the ε spent nor replays noise it already used."""
+        acc = self.accountant
+        return {"orders": list(acc.orders), "rdp": [float(v) for v in acc.rdp], "rounds": acc.rounds,
+                "rng": self._rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s ledger and generator (checked before anything is replaced)."""
+        if not isinstance(state, dict) or not {"orders", "rdp", "rounds", "rng"} <= set(state):
+            raise AggregationError("dp_fedavg state needs 'orders', 'rdp', 'rounds' and 'rng'")
+        if list(state["orders"]) != list(self.accountant.orders):
+            raise AggregationError(f"dp_fedavg state was kept at RDP orders {state['orders']!r}, "
+                                   f"this server uses {list(self.accountant.orders)}")
+        rdp = np.asarray(state["rdp"], dtype=np.float64)
+        rounds = state["rounds"]
+        if rdp.shape != self.accountant.rdp.shape or not np.all(np.isfinite(rdp)) or np.any(rdp < 0):
+            raise AggregationError("dp_fedavg state's 'rdp' must be finite, >= 0, one value per order")
+        if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 0:
+            raise AggregationError(f"dp_fedavg state's 'rounds' must be an integer >= 0, got {rounds!r}")
+        rng = np.random.default_rng()
+        try:
+            rng.bit_generator.state = state["rng"]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise AggregationError(f"dp_fedavg state's 'rng' is not a generator state: {exc}") from exc
+        self.accountant.rdp, self.accountant.rounds, self._rng = rdp, rounds, rng
 
     def metrics(self) -> dict[str, float]:
         """ε at δ after the rounds so far, the rounds, and how many deltas were clipped this round."""

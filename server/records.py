@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -155,6 +155,19 @@ class SubmissionRecord:
     received_ms: int
     used_in_round: int | None = None
     id: int | None = None
+    cohort: str | None = None
+    """The submitting device's cohort; None on insert: the registry takes the device's ``cohort`` label."""
+
+
+@dataclass(frozen=True)
+class AggregatorStateRecord:
+    """A strategy's persisted state (FedAU participation, the DP accountant's ledger): ``state`` is its JSON,
+    ``version`` the format version of that JSON (checked on load), ``updated_ms`` when it was last saved."""
+
+    strategy: str
+    version: int
+    state: str
+    updated_ms: int
 
 
 @dataclass(frozen=True)
@@ -254,15 +267,51 @@ class Storage(Protocol):
         ...
 
     def insert_submission(self, submission: SubmissionRecord) -> int:
-        """Store a federated submission; return its id."""
+        """Store a federated submission (its cohort: the record's, else the device's ``cohort`` label); return
+        its id. Listeners added with :meth:`add_submission_listener` are called after the commit."""
         ...
 
-    def unused_submissions(self, bundle_id: str) -> list[SubmissionRecord]:
-        """Submissions for the bundle not yet used by a round, oldest first."""
+    def add_submission_listener(self, listener: Callable[[SubmissionRecord], None]) -> None:
+        """Call ``listener`` with each submission right after it is durably stored (errors are logged)."""
         ...
 
-    def mark_submissions_used(self, ids: Sequence[int], round_id: int) -> None:
-        """Record that a round used these submissions."""
+    def get_submission(self, submission_id: int) -> SubmissionRecord | None:
+        """The submission, or None."""
+        ...
+
+    def unused_submissions(self, bundle_id: str, cohort: str | None = None) -> list[SubmissionRecord]:
+        """Submissions for the bundle (of ``cohort`` when given) not yet used by a round, oldest first."""
+        ...
+
+    def unused_submission_groups(self) -> list[tuple[str, str, int]]:
+        """``(bundle_id, cohort, count)`` of every group holding unused submissions, ordered."""
+        ...
+
+    def mark_submissions_used(self, ids: Sequence[int], round_id: int,
+                              aggregator_state: AggregatorStateRecord | None = None) -> None:
+        """Record that a round used these submissions and, in the same transaction, save the strategy's state."""
+        ...
+
+    def load_aggregator_state(self, strategy: str) -> AggregatorStateRecord | None:
+        """The persisted state of ``strategy``, or None."""
+        ...
+
+    def claim_submissions(self, round_id: int, ids: Sequence[int],
+                          aggregator_state: AggregatorStateRecord | None = None) -> None:
+        """Before a round publishes: record which submissions it takes and, in the same transaction, the
+        strategy's state after the round (so a crash can over-count a privacy ledger, never under-count it)."""
+        ...
+
+    def round_inputs(self, round_id: int) -> list[int]:
+        """The submission ids a round claimed, ascending."""
+        ...
+
+    def unfinished_rounds(self) -> list[RoundRecord]:
+        """Rounds left queued or running (by a server that stopped mid-round), oldest first."""
+        ...
+
+    def update_of_round(self, round_id: int) -> UpdateRecord | None:
+        """The update a round published, or None."""
         ...
 
     def insert_update(self, record: UpdateRecord) -> UpdateRecord:

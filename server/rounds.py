@@ -2,10 +2,20 @@
 
 :class:`RoundRunner` records each round (queued → running → done | failed, with error text, timing and
 metrics) and runs it on a single worker thread, so ``StartRound`` returns at once and rounds never overlap.
+
+Synchronous strategies run when an operator starts a round (``StartRound``). An asynchronous one (FedBuff)
+runs by itself: the registry calls :meth:`RoundRunner.on_submission` after each submission is committed, and
+once a bundle's cohort holds ``buffer_size`` unused submissions the worker aggregates the oldest K of them and
+publishes a new version of that cohort (a round of kind ``"fedbuff"``). The buffer *is* the registry's table of
+unused submissions, so a restart loses nothing: a half-full buffer is still there and fills up with the next
+submissions. Each round records which submissions it takes and the strategy's state before it publishes; a
+round a crash interrupted is completed (its update was published) or failed (its submissions stay unused) when
+the runner starts.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -17,22 +27,27 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from runtime.params import params_digest
 from server.aggregation import Aggregator, Contribution, FedAvg
 from server.codec import decode_array, decode_arrays
 from server.errors import (
+    BlobCorruptError,
     DistillerUnavailableError,
     InvalidRequestError,
     InvalidTensorError,
     NothingToAggregateError,
     ServerShuttingDownError,
+    StorageError,
     UnknownRoundError,
 )
-from server.records import DEFAULT_COHORT, RoundRecord, SubmissionRecord
-from server.state import ServerState, check_id, resolve_bundle, sample_tensor
+from server.records import DEFAULT_COHORT, AggregatorStateRecord, RoundRecord, SubmissionRecord
+from server.state import ServerState, check_id, resolve_bundle, sample_tensor, spec_of
 from server.updates import current_params, publish_update
 
 logger = logging.getLogger(__name__)
 ROUND_KINDS = ("fedavg", "distill")
+ASYNC_ROUND_KIND = "fedbuff"  # the kind recorded for the rounds an asynchronous strategy runs by itself
+_BASE_CACHE = 64  # held parameter sets of recent versions kept for computing deltas
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class _Job:
     cohort: str
     limit: int
     steps: int
+    submission_ids: tuple[int, ...] | None = None  # an asynchronous step's buffer (None: every unused one)
 
 
 @dataclass(frozen=True)
@@ -103,6 +119,10 @@ class RoundRunner:
         as the runner, so stateful strategies (FedAU's participation, DP's accountant) span rounds.
 
         ``on_change`` (e.g. metrics) is called with each round's record when it is queued, done or failed.
+
+        Starting, the runner restores the strategy's persisted state (a corrupt or foreign one raises
+        :class:`StorageError`), settles rounds a crash left unfinished, and with an asynchronous strategy
+        subscribes to new submissions and aggregates every buffer already full.
         """
         if default_steps <= 0 or max_samples <= 0:
             raise ValueError(f"default_steps {default_steps} and max_samples {max_samples} must be positive")
@@ -117,6 +137,14 @@ class RoundRunner:
         self._closed = False
         self._on_change = on_change
         self.aggregator = aggregator or FedAvg()
+        self._pending: set[tuple[str, str]] = set()  # (bundle, cohort) buffers with a check queued
+        self._bases: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
+        self._load_aggregator_state()
+        self._settle_unfinished()
+        if self.aggregator.asynchronous:
+            state.storage.add_submission_listener(self.on_submission)
+            for bundle_id, cohort, _ in state.storage.unused_submission_groups():
+                self._schedule_drain(bundle_id, cohort)
 
     def _changed(self, record: RoundRecord) -> None:
         if self._on_change is not None:
@@ -126,7 +154,8 @@ class RoundRunner:
         """Check the round can run now, record it as queued and schedule it; return the queued record.
 
         The round's update is published to ``cohort`` ("": the default cohort); its inputs are the bundle's
-        unused samples or submissions from every device.
+        unused samples, or the unused submissions of the cohort's devices. With an asynchronous strategy a
+        "fedavg" round flushes the cohort's partly filled buffer (one step over every unused submission).
         """
         if kind not in ROUND_KINDS:
             raise InvalidRequestError(f"round kind {kind!r} is not one of {ROUND_KINDS}")
@@ -136,7 +165,7 @@ class RoundRunner:
         if self._closed:
             raise ServerShuttingDownError("the server is shutting down; no new rounds")
         bundle_id = resolve_bundle(self.state, "").bundle_id
-        self._check_ready(kind, bundle_id)
+        self._check_ready(kind, bundle_id, cohort)
         limit = min(max_samples or self.max_samples, self.max_samples)
         with self._lock:
             if self._closed:
@@ -149,15 +178,105 @@ class RoundRunner:
         logger.info("round %d (%s) queued for bundle %s", record.round_id, kind, bundle_id)
         return record
 
-    def _check_ready(self, kind: str, bundle_id: str) -> None:
+    def _check_ready(self, kind: str, bundle_id: str, cohort: str = DEFAULT_COHORT) -> None:
         storage = self.state.storage
-        if kind == "fedavg" and not storage.unused_submissions(bundle_id):
-            raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id}")
+        if kind == "fedavg" and not storage.unused_submissions(bundle_id, cohort):
+            raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id} "
+                                          f"in cohort {cohort!r}")
         if kind == "distill":
             if self._distiller is None and self._factory is None:
                 raise DistillerUnavailableError("no distiller is configured (teacher/student checkpoints)")
             if not storage.unused_samples(bundle_id, limit=1, with_input=True):
                 raise NothingToAggregateError(f"no unused samples with inputs for bundle {bundle_id}")
+
+    # -- asynchronous aggregation ---------------------------------------------------------------------------
+    def on_submission(self, submission: SubmissionRecord) -> None:
+        """Hook called once a submission is durably stored: with an asynchronous strategy, schedule a check of
+        its bundle's cohort buffer on the worker (one queued check per buffer; never blocks the caller)."""
+        if self.aggregator.asynchronous:
+            self._schedule_drain(submission.bundle_id, submission.cohort or DEFAULT_COHORT)
+
+    def _schedule_drain(self, bundle_id: str, cohort: str) -> None:
+        key = (bundle_id, cohort)
+        with self._lock:
+            if self._closed or key in self._pending:
+                return  # a queued check has not started yet, so it will see this submission
+            self._pending.add(key)
+            try:
+                self._executor.submit(self._drain, bundle_id, cohort)
+            except RuntimeError:  # the executor is shutting down: the submission waits in the registry
+                self._pending.discard(key)
+
+    def _drain(self, bundle_id: str, cohort: str) -> None:
+        """Run one FedBuff step per full buffer of K submissions, oldest first, until fewer than K are left."""
+        with self._lock:
+            self._pending.discard((bundle_id, cohort))  # from here on, a new submission queues a new check
+        k = self.aggregator.buffer_size
+        while True:
+            unused = self.state.storage.unused_submissions(bundle_id, cohort)
+            if len(unused) < k:
+                return
+            record = self.state.storage.create_round(ASYNC_ROUND_KIND, self.state.clock())
+            self._changed(record)
+            ids = tuple(s.id for s in unused[:k] if s.id is not None)
+            if not self._run(record, _Job(bundle_id, cohort, 0, 0, ids)):
+                return  # recorded as failed; the submissions stay unused and the next one retries
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until every round and buffer check queued so far has finished; False on timeout."""
+        with self._lock:
+            if self._closed:
+                return True
+            marker = self._executor.submit(lambda: None)
+        try:
+            marker.result(timeout=timeout)
+        except FuturesTimeoutError:
+            return False
+        return True
+
+    # -- persisted state and recovery -----------------------------------------------------------------------
+    def _load_aggregator_state(self) -> None:
+        agg = self.aggregator
+        if agg.state_dict() is None:
+            return
+        record = self.state.storage.load_aggregator_state(agg.name)
+        if record is None:
+            return
+        where = f"the saved state of aggregator {agg.name!r} (registry table aggregator_state)"
+        if record.version != agg.state_version:
+            raise StorageError(f"{where} has format version {record.version}; this server reads version "
+                               f"{agg.state_version}. Move the registry aside or delete that row to start afresh")
+        try:
+            agg.load_state_dict(json.loads(record.state))
+        except (ValueError, TypeError, KeyError, InvalidRequestError) as exc:
+            raise StorageError(f"{where} is corrupt: {exc}. Delete that row to start afresh (this forgets the "
+                               "state, e.g. the privacy budget already spent)") from exc
+        logger.info("restored the state of aggregator %s (saved at %d ms)", agg.name, record.updated_ms)
+
+    def _state_record(self) -> AggregatorStateRecord | None:
+        state = self.aggregator.state_dict()
+        if state is None:
+            return None
+        return AggregatorStateRecord(self.aggregator.name, self.aggregator.state_version,
+                                     json.dumps(state, sort_keys=True), self.state.clock())
+
+    def _settle_unfinished(self) -> None:
+        """Rounds a stopped server left queued or running: done when their update was published (their claimed
+        submissions are marked used), failed otherwise (their submissions stay for the next round)."""
+        storage = self.state.storage
+        for record in storage.unfinished_rounds():
+            update = storage.update_of_round(record.round_id)
+            if update is not None:
+                claimed = storage.round_inputs(record.round_id)
+                storage.mark_submissions_used(claimed, record.round_id)
+                settled = replace(record, state="done", update_version=update.version,
+                                  metrics={**record.metrics, "recovered": 1.0, "submissions": float(len(claimed))})
+            else:
+                settled = replace(record, state="failed", error="interrupted: the server stopped before the round "
+                                                               "published an update")
+            storage.save_round(settled)
+            logger.warning("round %d (%s) was left %s by a stopped server: now %s", record.round_id, record.kind,
+                           record.state, settled.state)
 
     def get(self, round_id: int) -> RoundRecord:
         """The round's current record, or :class:`UnknownRoundError`."""
@@ -183,13 +302,15 @@ class RoundRunner:
             self._closed = True
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
 
-    def _run(self, record: RoundRecord, job: _Job) -> None:
+    def _run(self, record: RoundRecord, job: _Job) -> bool:
         storage = self.state.storage
         running = replace(record, state="running")
         storage.save_round(running)
         t0 = time.perf_counter()
         try:
-            if record.kind == "fedavg":
+            if record.kind == ASYNC_ROUND_KIND or (record.kind == "fedavg" and self.aggregator.asynchronous):
+                outcome = self._fedbuff(record.round_id, job)
+            elif record.kind == "fedavg":
                 outcome = self._fedavg(record.round_id, job)
             else:
                 outcome = self._distill(record.round_id, job)
@@ -199,32 +320,101 @@ class RoundRunner:
                              seconds=time.perf_counter() - t0)
             storage.save_round(failed)
             self._changed(failed)
-            return
+            return False
         done = replace(running, state="done", update_version=outcome.update_version,
                        samples_used=outcome.samples_used, metrics=outcome.metrics, seconds=time.perf_counter() - t0)
         storage.save_round(done)
         self._changed(done)
         logger.info("round %d (%s) done: update v%d", record.round_id, record.kind, outcome.update_version)
+        return True
 
     def _fedavg(self, round_id: int, job: _Job) -> _Outcome:
+        """A synchronous round: the newest unused submission of each of the cohort's devices, as absolute
+        parameters, combined by the strategy onto the cohort's current parameters."""
         bundle_id = job.bundle_id
-        unused = self.state.storage.unused_submissions(bundle_id)
+        unused = self.state.storage.unused_submissions(bundle_id, job.cohort)
         chosen = latest_per_device(unused)
         if not chosen:
-            raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id}")
+            raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id} "
+                                          f"in cohort {job.cohort!r}")
         base, base_version = current_params(self.state, bundle_id, job.cohort)
         contributions = [Contribution(s.device_id, decode_arrays(self.state.blobs.get(s.blob)), float(s.num_samples),
                                       staleness=max(0, base_version - s.base_version)) for s in chosen]
         result = self.aggregator.aggregate(base, contributions)
-        averaged = result.params
-        update = publish_update(self.state, bundle_id, "fedavg", averaged, round_id=round_id, cohort=job.cohort)
-        self.state.storage.mark_submissions_used([s.id for s in unused if s.id is not None], round_id)
+        used = [s.id for s in unused if s.id is not None]
+        update = self._publish(round_id, job, result.params, used)
         total = sum(s.num_samples for s in chosen)
-        change = float(np.sqrt(sum(float(np.sum((averaged[k] - base[k]) ** 2)) for k in base)))
         metrics = {"submissions": float(len(chosen)), "superseded": float(len(unused) - len(chosen)),
-                   "total_weight": float(total), "base_version": float(base_version), "update_norm": change}
-        metrics.update({f"{self.aggregator.name}_{k}": v for k, v in result.metrics.items()})
-        return _Outcome(update.version, total, metrics)
+                   "total_weight": float(total), "base_version": float(base_version),
+                   "update_norm": _norm(result.params, base)}
+        return _Outcome(update, total, self._with_strategy_metrics(metrics, result.metrics))
+
+    def _fedbuff(self, round_id: int, job: _Job) -> _Outcome:
+        """One asynchronous server step over a buffer: each submission's delta from the parameters its device
+        held (its base version), weighted by its staleness (versions published since), onto the current ones."""
+        storage, bundle_id = self.state.storage, job.bundle_id
+        unused = storage.unused_submissions(bundle_id, job.cohort)
+        wanted = None if job.submission_ids is None else set(job.submission_ids)
+        buffer = [s for s in unused if wanted is None or s.id in wanted]
+        if not buffer or (wanted is not None and len(buffer) != len(wanted)):
+            raise NothingToAggregateError(f"the buffer of bundle {bundle_id} cohort {job.cohort!r} holds "
+                                          f"{len(buffer)} of the {len(wanted or ())} submissions expected")
+        base, version = current_params(self.state, bundle_id, job.cohort)
+        contributions, staleness = [], []
+        for s in buffer:
+            submitted = decode_arrays(self.state.blobs.get(s.blob))
+            held = self._held_params(bundle_id, job.cohort, s.base_version)
+            origin = held if held is not None else base  # an unknown base: the delta is taken from the current
+            delta = {k: np.asarray(v, np.float64) - np.asarray(origin[k], np.float64) for k, v in submitted.items()
+                     if k in origin}
+            staleness.append(max(0, version - s.base_version))
+            contributions.append(Contribution(s.device_id, delta, float(s.num_samples), staleness[-1], is_delta=True))
+        result = self.aggregator.aggregate(base, contributions)
+        update = self._publish(round_id, job, result.params, [s.id for s in buffer if s.id is not None])
+        total = sum(s.num_samples for s in buffer)
+        metrics = {"submissions": float(len(buffer)), "buffer_size": float(self.aggregator.buffer_size),
+                   "total_weight": float(total), "base_version": float(version),
+                   "update_norm": _norm(result.params, base), "mean_staleness": float(np.mean(staleness)),
+                   "max_staleness": float(max(staleness))}
+        return _Outcome(update, total, self._with_strategy_metrics(metrics, result.metrics))
+
+    def _publish(self, round_id: int, job: _Job, params: dict[str, np.ndarray], used: list[int]) -> int:
+        """Claim ``used`` and save the strategy's state, publish, then mark ``used`` (see the module doc)."""
+        storage = self.state.storage
+        storage.claim_submissions(round_id, used, self._state_record())
+        update = publish_update(self.state, job.bundle_id, "fedavg", params, round_id=round_id, cohort=job.cohort)
+        storage.mark_submissions_used(used, round_id)
+        return update.version
+
+    def _with_strategy_metrics(self, metrics: dict[str, float], strategy: Mapping[str, float]) -> dict[str, float]:
+        metrics.update({f"{self.aggregator.name}_{k}": float(v) for k, v in strategy.items()})
+        for key in ("epsilon", "delta"):  # the privacy spent so far, under plain names for GetRound readers
+            if key in strategy:
+                metrics[key] = float(strategy[key])
+        return metrics
+
+    def _held_params(self, bundle_id: str, cohort: str, version: int) -> dict[str, np.ndarray] | None:
+        """The parameters devices hold at the cohort's ``version`` (0: the bundle's initial ones), verified
+        against the stored digest; None when that version is not one of this bundle's."""
+        key = (bundle_id, cohort, version)
+        if key in self._bases:
+            return self._bases[key]
+        if version == 0:
+            params = {k: np.asarray(v, np.float32) for k, v in
+                      spec_of(resolve_bundle(self.state, bundle_id)).initial.items()}
+        else:
+            newer = self.state.storage.updates_since(bundle_id, version - 1, cohort)
+            found = [r for r in newer if r.version == version]
+            if not found:
+                return None
+            record = found[0]
+            params = decode_arrays(self.state.blobs.get(record.held_blob or record.blob))
+            if params_digest(params) != (record.held_sha256 or record.sha256):
+                raise BlobCorruptError(f"update {cohort}/v{version}: held parameters do not match their sha256")
+        if len(self._bases) >= _BASE_CACHE:
+            self._bases.pop(next(iter(self._bases)))
+        self._bases[key] = params
+        return params
 
     def _distiller_instance(self) -> Distiller:
         if self._distiller is None:
@@ -252,3 +442,8 @@ class RoundRunner:
         metrics = {str(k): float(v) for k, v in result.metrics.items()}
         metrics["samples"] = float(len(samples))
         return _Outcome(update.version, len(samples), metrics)
+
+
+def _norm(params: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
+    """L2 norm of ``params - base`` over every parameter."""
+    return float(np.sqrt(sum(float(np.sum((np.asarray(params[k], np.float64) - base[k]) ** 2)) for k in base)))

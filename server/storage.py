@@ -12,7 +12,7 @@ import json
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,8 @@ from typing import Any
 from server.blobstore import BlobStore, sha256_hex
 from server.errors import StorageError
 from server.records import (
+    DEFAULT_COHORT,
+    AggregatorStateRecord,
     BundleRecord,
     DeviceRecord,
     DriftRecord,
@@ -29,13 +31,15 @@ from server.records import (
     SampleRecord,
     Storage,
     SubmissionRecord,
+    UpdateRecord,
 )
 from server.storage_updates import UPDATES_SCHEMA, UpdateTables, migrate_v1_updates, set_aside_v1_updates
 
 __all__ = ["SCHEMA_VERSION", "BlobStore", "Registry", "Storage", "sha256_hex"]
 
 logger = logging.getLogger(__name__)
-SCHEMA_VERSION = 2  # 2: updates keyed by (cohort, version), encodings; rollbacks
+SCHEMA_VERSION = 3  # 2: updates keyed by (cohort, version), encodings; rollbacks. 3: submissions carry their
+# cohort; strategies' persisted state (aggregator_state); which submissions each round took (round_inputs)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -67,8 +71,14 @@ CREATE TABLE IF NOT EXISTS outbox_reports (
 CREATE TABLE IF NOT EXISTS submissions (
   id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL REFERENCES devices(device_id),
   bundle_id TEXT NOT NULL REFERENCES bundles(bundle_id), base_version INTEGER NOT NULL,
-  num_samples INTEGER NOT NULL, blob TEXT NOT NULL, received_ms INTEGER NOT NULL, used_in_round INTEGER);
+  num_samples INTEGER NOT NULL, blob TEXT NOT NULL, received_ms INTEGER NOT NULL, used_in_round INTEGER,
+  cohort TEXT NOT NULL DEFAULT 'default');
 CREATE INDEX IF NOT EXISTS submissions_by_bundle ON submissions(bundle_id, used_in_round);
+CREATE TABLE IF NOT EXISTS aggregator_state (
+  strategy TEXT PRIMARY KEY, version INTEGER NOT NULL, state TEXT NOT NULL, updated_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS round_inputs (
+  round_id INTEGER NOT NULL REFERENCES rounds(round_id), submission_id INTEGER NOT NULL REFERENCES submissions(id),
+  PRIMARY KEY (round_id, submission_id));
 CREATE TABLE IF NOT EXISTS rounds (
   round_id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, state TEXT NOT NULL,
   update_version INTEGER, samples_used INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
@@ -85,6 +95,7 @@ class Registry(UpdateTables):
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
         self._known_devices: set[str] = set()  # device_exists cache (devices are never deleted)
+        self._submission_listeners: list[Callable[[SubmissionRecord], None]] = []
         self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
         self._conn.row_factory = sqlite3.Row
         mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -102,13 +113,15 @@ class Registry(UpdateTables):
             row = c.execute("SELECT MAX(version) FROM schema_version").fetchone()
             if row[0] is None:
                 c.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif int(row[0]) == 1:
-                migrate_v1_updates(c)
+            elif int(row[0]) < SCHEMA_VERSION:
+                if int(row[0]) == 1:
+                    migrate_v1_updates(c)
                 c.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StorageError(
                     f"{self.db_path}: schema version {row[0]} is newer than this server's {SCHEMA_VERSION}"
                 )
+            _add_submission_cohorts(c)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -335,28 +348,88 @@ class Registry(UpdateTables):
         return OutboxRecord(**dict(row)) if row else None
 
     # -- submissions -----------------------------------------------------------------------------------
+    _COHORT_SQL = ("COALESCE(?, (SELECT NULLIF(json_extract(labels, '$.cohort'), '') FROM devices "
+                   "WHERE device_id = ?), 'default')")
+
     def insert_submission(self, submission: SubmissionRecord) -> int:
         """See :meth:`Storage.insert_submission`."""
         s = submission
         with self._tx() as c:
             cur = c.execute(
-                "INSERT INTO submissions (device_id, bundle_id, base_version, num_samples, blob, received_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (s.device_id, s.bundle_id, s.base_version, s.num_samples, s.blob, s.received_ms),
+                "INSERT INTO submissions (device_id, bundle_id, base_version, num_samples, blob, received_ms, cohort) "
+                f"VALUES (?, ?, ?, ?, ?, ?, {self._COHORT_SQL})",
+                (s.device_id, s.bundle_id, s.base_version, s.num_samples, s.blob, s.received_ms, s.cohort,
+                 s.device_id),
             )
-            return int(cur.lastrowid or 0)
+            submission_id = int(cur.lastrowid or 0)
+        if self._submission_listeners:
+            stored = self.get_submission(submission_id)
+            for listener in list(self._submission_listeners):
+                try:
+                    listener(stored)  # type: ignore[arg-type]
+                except Exception:  # the submission is stored; a listener's failure must not fail the upload
+                    logger.exception("submission listener %r failed on submission %d", listener, submission_id)
+        return submission_id
 
-    def unused_submissions(self, bundle_id: str) -> list[SubmissionRecord]:
+    def add_submission_listener(self, listener: Callable[[SubmissionRecord], None]) -> None:
+        """See :meth:`Storage.add_submission_listener`."""
+        self._submission_listeners.append(listener)
+
+    def get_submission(self, submission_id: int) -> SubmissionRecord | None:
+        """See :meth:`Storage.get_submission`."""
+        row = self._one("SELECT * FROM submissions WHERE id = ?", (submission_id,))
+        return SubmissionRecord(**dict(row)) if row else None
+
+    def unused_submissions(self, bundle_id: str, cohort: str | None = None) -> list[SubmissionRecord]:
         """See :meth:`Storage.unused_submissions`."""
-        rows = self._all(
-            "SELECT * FROM submissions WHERE bundle_id = ? AND used_in_round IS NULL ORDER BY id", (bundle_id,)
-        )
-        return [SubmissionRecord(**dict(r)) for r in rows]
+        sql, args = "SELECT * FROM submissions WHERE bundle_id = ? AND used_in_round IS NULL", [bundle_id]
+        if cohort is not None:
+            sql, args = sql + " AND cohort = ?", [bundle_id, cohort]
+        return [SubmissionRecord(**dict(r)) for r in self._all(sql + " ORDER BY id", args)]
 
-    def mark_submissions_used(self, ids: Sequence[int], round_id: int) -> None:
+    def unused_submission_groups(self) -> list[tuple[str, str, int]]:
+        """See :meth:`Storage.unused_submission_groups`."""
+        rows = self._all("SELECT bundle_id, cohort, COUNT(*) AS n FROM submissions WHERE used_in_round IS NULL "
+                         "GROUP BY bundle_id, cohort ORDER BY bundle_id, cohort")
+        return [(r["bundle_id"], r["cohort"], int(r["n"])) for r in rows]
+
+    def mark_submissions_used(self, ids: Sequence[int], round_id: int,
+                              aggregator_state: AggregatorStateRecord | None = None) -> None:
         """See :meth:`Storage.mark_submissions_used`."""
         with self._tx() as c:
             c.executemany("UPDATE submissions SET used_in_round = ? WHERE id = ?", [(round_id, i) for i in ids])
+            if aggregator_state is not None:
+                _save_aggregator_state(c, aggregator_state)
+
+    def load_aggregator_state(self, strategy: str) -> AggregatorStateRecord | None:
+        """See :meth:`Storage.load_aggregator_state`."""
+        row = self._one("SELECT * FROM aggregator_state WHERE strategy = ?", (strategy,))
+        return AggregatorStateRecord(**dict(row)) if row else None
+
+    def claim_submissions(self, round_id: int, ids: Sequence[int],
+                          aggregator_state: AggregatorStateRecord | None = None) -> None:
+        """See :meth:`Storage.claim_submissions`."""
+        with self._tx() as c:
+            c.executemany("INSERT OR IGNORE INTO round_inputs (round_id, submission_id) VALUES (?, ?)",
+                          [(round_id, i) for i in ids])
+            if aggregator_state is not None:
+                _save_aggregator_state(c, aggregator_state)
+
+    def round_inputs(self, round_id: int) -> list[int]:
+        """See :meth:`Storage.round_inputs`."""
+        rows = self._all("SELECT submission_id FROM round_inputs WHERE round_id = ? ORDER BY submission_id",
+                         (round_id,))
+        return [int(r["submission_id"]) for r in rows]
+
+    def unfinished_rounds(self) -> list[RoundRecord]:
+        """See :meth:`Storage.unfinished_rounds`."""
+        return [self._round(r) for r in self._all(
+            "SELECT * FROM rounds WHERE state IN ('queued', 'running') ORDER BY round_id")]
+
+    def update_of_round(self, round_id: int) -> UpdateRecord | None:
+        """See :meth:`Storage.update_of_round`."""
+        rows = self._all("SELECT * FROM updates WHERE round_id = ? ORDER BY version DESC LIMIT 1", (round_id,))
+        return UpdateRecord(**dict(rows[0])) if rows else None
 
     # -- rounds ----------------------------------------------------------------------------------------
     @staticmethod
@@ -393,3 +466,18 @@ class Registry(UpdateTables):
         """Close the connection (checkpointing the WAL)."""
         with self._lock:
             self._conn.close()
+
+
+def _save_aggregator_state(c: sqlite3.Connection, a: AggregatorStateRecord) -> None:
+    c.execute("INSERT OR REPLACE INTO aggregator_state (strategy, version, state, updated_ms) VALUES (?, ?, ?, ?)",
+              (a.strategy, a.version, a.state, a.updated_ms))
+
+
+def _add_submission_cohorts(c: sqlite3.Connection) -> None:
+    """Schema 3: give submissions stored before it their device's cohort (idempotent), and index by cohort."""
+    cols = {r[1] for r in c.execute("PRAGMA table_info(submissions)").fetchall()}
+    if "cohort" not in cols:
+        c.execute(f"ALTER TABLE submissions ADD COLUMN cohort TEXT NOT NULL DEFAULT '{DEFAULT_COHORT}'")
+        c.execute("UPDATE submissions SET cohort = COALESCE((SELECT NULLIF(json_extract(d.labels, '$.cohort'), '') "
+                  "FROM devices d WHERE d.device_id = submissions.device_id), ?)", (DEFAULT_COHORT,))
+    c.execute("CREATE INDEX IF NOT EXISTS submissions_by_cohort ON submissions(bundle_id, cohort, used_in_round)")
