@@ -9,6 +9,11 @@ boosted for a while (:meth:`EntropyBandSelector.on_drift`), and a ``ReportDrift`
 :meth:`Agent.sync` when the server cannot be reached. :meth:`Agent.sync` drains the outbox, reports its
 counts (what its byte bound dropped) and applies newer parameter updates; a background watcher thread can
 apply updates as they are published instead.
+
+Federated learning: :meth:`Agent.learn` takes a labelled batch and improves the adaptable parameters with
+zeroth-order steps (SPSA, forward passes only, :mod:`device_agents.zeroth_order`); :meth:`Agent.contribute`
+submits what the device learned — its TTA method's adapted statistics (and FOA's scale/shift) and the
+parameters ``learn`` changed — for the server's aggregation.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
 
@@ -30,6 +35,7 @@ from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
 from device_agents.updates import check_order, check_signature, decode_params
+from device_agents.zeroth_order import SPSA, SPSAStep
 from runtime.errors import InputError
 
 if TYPE_CHECKING:
@@ -144,11 +150,23 @@ class AgentStats:
     sync_failures: int
     drift_reports_pending: int = 0
     drift_reports_dropped: int = 0
+    learned_samples: int = 0
+    contributions: int = 0
 
     @property
     def accuracy(self) -> float | None:
         """Share of labelled samples predicted correctly."""
         return self.correct / self.labelled_seen if self.labelled_seen else None
+
+
+@dataclass(frozen=True)
+class PendingContribution:
+    """A contribution handed to the caller by ``Agent.contribute(submit=False)``: manifest-named parameters, the
+    samples behind them and the version whose parameters the device held (the submission's ``base_version``)."""
+
+    params: dict[str, np.ndarray]
+    num_samples: int
+    base_version: int
 
 
 @dataclass
@@ -162,12 +180,19 @@ class _Counters:
     rejected: int = 0
     sync_failures: int = 0
     drift_reports_dropped: int = 0
+    learned: int = 0
+    contributions: int = 0
+    contributed_mark: int = 0  # seen + learned at the last acknowledged contribution
     drifts: list[int] = field(default_factory=list)
     versions: list[int] = field(default_factory=list)
 
 
 class Agent:
-    """Runs one model on one device. ``selector``/``outbox``/``client`` may be None (no upload / offline)."""
+    """Runs one model on one device. ``selector``/``outbox``/``client`` may be None (no upload / offline).
+
+    ``optimizer`` is the zeroth-order optimiser :meth:`learn` uses (None: an :class:`SPSA` with default settings,
+    made on the first labelled batch).
+    """
 
     def __init__(
         self,
@@ -180,8 +205,10 @@ class Agent:
         config: AgentConfig,
         *,
         version: int = 0,
+        optimizer: SPSA | None = None,
     ) -> None:
         self.model = model
+        self.optimizer = optimizer
         self.tta = tta
         self.detector = detector
         self.signal = detector_signal(detector)  # scalar detectors watch entropy, feature detectors features
@@ -331,6 +358,74 @@ class Agent:
         if key != self._reported_outbox:
             client.report_outbox(stats)
             self._reported_outbox = key
+
+    def learn(self, x: np.ndarray, y: np.ndarray) -> SPSAStep:
+        """One zeroth-order step (:class:`~device_agents.zeroth_order.SPSA`, 2q forward passes, no backward
+        pass) on the labelled batch ``(x, y)``: the adaptable parameters it optimises change in the model, and
+        the next :meth:`contribute` carries them. A rejected batch (shape, NaN, labels not integers in 0..K-1)
+        raises :class:`InputError` and changes nothing; the samples count towards the next contribution."""
+        with self._lock:
+            if self.optimizer is None:
+                self.optimizer = SPSA()
+            step = self.optimizer.step(self.model, x, y)
+            self._counters.learned += int(np.asarray(x).shape[0])
+        return step
+
+    def contribution(self) -> dict[str, np.ndarray]:
+        """What :meth:`contribute` would send now: the TTA method's adapted parameters
+        (:meth:`~device_agents.tta.TTAMethod.adapted_params`: statistics, FOA's scale/shift) over every
+        parameter that differs from the held version's (e.g. changed by :meth:`learn`)."""
+        with self._lock:
+            current = self.model.params
+            changed = {k: v for k, v in current.items()
+                       if k not in self._held or not np.array_equal(v, self._held[k])}
+            return {**changed, **self.tta.adapted_params(self.model)}
+
+    @overload
+    def contribute(self, submit: Literal[True] = ...) -> int | None: ...
+
+    @overload
+    def contribute(self, submit: Literal[False]) -> PendingContribution | None: ...
+
+    def contribute(self, submit: bool = True) -> int | PendingContribution | None:
+        """Submit what the device learned since its last contribution to the server's federated aggregation;
+        return the submission id.
+
+        The submission carries :meth:`contribution` with ``num_samples`` = samples processed since the last
+        acknowledged contribution (by :meth:`process_batch` and :meth:`learn`; a batch given to both counts
+        twice) and ``base_version`` = the version whose parameters the device holds (:attr:`active_version`).
+        Nothing to contribute — no sample processed since, or nothing adapted (the ``source`` method, or right
+        after a reset) — is a no-op returning None. A transport failure raises
+        :class:`~device_agents.errors.TransportError` and keeps the counters, so the next call sends the
+        samples again; without a client, :class:`RuntimeError`.
+
+        ``submit=False`` hands the contribution to the caller instead (a :class:`PendingContribution`; e.g. the
+        fleet simulator, which may corrupt it as a byzantine device before sending): nothing is sent, no client
+        is needed, and the counters advance as if it had been acknowledged.
+        """
+        if submit and self.client is None:
+            raise RuntimeError("contribute needs a client; this agent is offline")
+        with self._lock:
+            processed = self._counters.seen + self._counters.learned
+            num_samples = processed - self._counters.contributed_mark
+            params = self.contribution() if num_samples > 0 else {}
+            pending = PendingContribution(params, num_samples, self._active_version)
+            if not params:
+                return None
+            if not submit:
+                self._mark_contributed(processed)
+                return pending
+        assert self.client is not None
+        submission_id = self.client.submit_update(self.config.bundle_id, pending.base_version, num_samples, params)
+        with self._lock:
+            self._mark_contributed(processed)
+        logger.info("contributed %d parameters over %d samples on v%d (submission %d)", len(params), num_samples,
+                    pending.base_version, submission_id)
+        return submission_id
+
+    def _mark_contributed(self, processed: int) -> None:
+        self._counters.contributed_mark = max(self._counters.contributed_mark, processed)
+        self._counters.contributions += 1
 
     def apply_update(self, update: ParameterUpdate) -> bool:
         """Verify, install and health-check a parameter update; return False when it was rolled back.
@@ -528,4 +623,5 @@ class Agent:
                 downloaded_bytes=self.client.bytes_down if self.client is not None else 0,
                 update_versions=tuple(c.versions), rejected_updates=c.rejected, sync_failures=c.sync_failures,
                 drift_reports_pending=len(self._pending_drift), drift_reports_dropped=c.drift_reports_dropped,
+                learned_samples=c.learned, contributions=c.contributions,
             )

@@ -160,6 +160,14 @@ class FOA(TTAMethod):
         self._state = {**state, **self._mix.fold(state, best.batch_stats, n), **self._search.export()}
         return TTAOutput(logits=best.logits, features=best.features, probs=softmax(best.logits))
 
+    def adapted_params(self, model: Any) -> dict[str, np.ndarray]:
+        """The running statistics (see the base class) and the adapted layers' scale/shift at the CMA-ES mean."""
+        out = super().adapted_params(model)
+        mean = self._state.get("cma.mean")
+        if out and mean is not None:
+            out.update(self._affine(model.params, self._plan(model), np.asarray(mean, dtype=np.float64)))
+        return out
+
     def _search_step(
         self, model: Any, x: np.ndarray, alpha: float, feeds: dict[str, np.ndarray],
         reference: dict[str, np.ndarray], plan: _Plan, strategy: Any,
