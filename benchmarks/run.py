@@ -24,6 +24,7 @@ from benchmarks import (
     bench_demo,
     bench_distill,
     bench_drift,
+    bench_federated,
     bench_inference,
     bench_load,
     bench_selection,
@@ -44,6 +45,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_tta.NAME: bench_tta,
     bench_drift.NAME: bench_drift,
     bench_selection.NAME: bench_selection,
+    bench_federated.NAME: bench_federated,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MARKDOWN = REPO_ROOT / "BENCHMARKS.md"

@@ -2,7 +2,8 @@
 
 This is the only agent module that imports generated protobuf code; everything it returns is a numpy or
 domain object from :mod:`device_agents.messages`. Byte counters add up ``ByteSize()`` of every message sent
-(``bytes_up``) and received (``bytes_down``).
+(``bytes_up``) and received (``bytes_down``), in total and per RPC method (:meth:`DeviceClient.traffic`, with
+message counts, so bytes per message of each kind are known).
 """
 
 from __future__ import annotations
@@ -181,6 +182,7 @@ class DeviceClient:
         self._lock = threading.Lock()
         self._bytes_up = 0
         self._bytes_down = 0
+        self._traffic: dict[str, list[int]] = {}
 
     def close(self) -> None:
         """Close the channel; in-flight calls are cancelled."""
@@ -204,21 +206,34 @@ class DeviceClient:
         with self._lock:
             return self._bytes_down
 
-    def _count(self, up: int = 0, down: int = 0) -> None:
+    def traffic(self) -> dict[str, dict[str, int]]:
+        """Per RPC method: ``messages_up``, ``bytes_up``, ``messages_down``, ``bytes_down`` (serialized sizes)."""
+        keys = ("messages_up", "bytes_up", "messages_down", "bytes_down")
+        with self._lock:
+            return {m: dict(zip(keys, v, strict=True)) for m, v in self._traffic.items()}
+
+    def _count(self, up: int = 0, down: int = 0, method: str = "other") -> None:
         with self._lock:
             self._bytes_up += up
             self._bytes_down += down
+            row = self._traffic.setdefault(method, [0, 0, 0, 0])
+            if up:
+                row[0] += 1
+                row[1] += up
+            if down:
+                row[2] += 1
+                row[3] += down
 
     def _count_down(self, n: int) -> None:
-        self._count(down=n)
+        self._count(down=n, method="WatchUpdates")
 
     def _unary(self, method: str, request: object, rpc: Callable[..., _T]) -> _T:
-        self._count(up=request.ByteSize())  # type: ignore[attr-defined]
+        self._count(up=request.ByteSize(), method=method)  # type: ignore[attr-defined]
         try:
             response = rpc(request, timeout=self.timeout)
         except grpc.RpcError as exc:
             raise TransportError(method, exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
-        self._count(down=response.ByteSize())  # type: ignore[attr-defined]
+        self._count(down=response.ByteSize(), method=method)  # type: ignore[attr-defined]
         return response
 
     def enroll(self, enrollment_secret: str) -> str:
@@ -420,7 +435,7 @@ class DeviceClient:
             device_id=self.device_id, bundle_id=bundle_id, since_version=int(since_version),
             max_wait_seconds=float(max_wait), held_version=None if held_version is None else int(held_version),
         )
-        self._count(up=request.ByteSize())
+        self._count(up=request.ByteSize(), method="WatchUpdates")
         deadline = max_wait + self.timeout if max_wait > 0 else None
         call = self._stub.WatchUpdates(request, timeout=deadline)
         return UpdateStream(call, bundle_id, self._count_down)
@@ -437,11 +452,32 @@ class DeviceClient:
         return int(self._unary("ReportRollback", request, self._stub.ReportRollback).rollback_id)
 
     def submit_update(
-        self, bundle_id: str, base_version: int, num_samples: int, params: Mapping[str, np.ndarray]
+        self, bundle_id: str, base_version: int, num_samples: int, params: Mapping[str, np.ndarray] | None = None,
+        *, encoding: str = "", payload: bytes = b"", base_sha256: str = "",
     ) -> int:
-        """Contribute adapted parameters to federated aggregation; returns the submission id."""
+        """Contribute parameters to federated aggregation; returns the submission id.
+
+        Either ``params`` (plain float32 tensors) or an encoded ``payload`` (``encoding`` from
+        :mod:`runtime.update_codec`: the full set in ``"f32"``, or a delta the server adds to the exact parameters
+        of ``base_version``; :class:`device_agents.updates.SubmissionEncoder` makes one with error feedback).
+        ``base_sha256`` (optional) lets the server check the delta's base.
+        """
+        if (params is None) == (not payload):
+            raise ValueError("give either params or an encoded payload")
         request = device_pb2.FederatedUpdate(
             device_id=self.device_id, bundle_id=bundle_id, base_version=int(base_version),
-            num_samples=int(num_samples), tensors=tensors_to_proto(params),
+            num_samples=int(num_samples), tensors=tensors_to_proto(params) if params is not None else [],
+            encoding=encoding, payload=bytes(payload), base_sha256=base_sha256,
         )
         return int(self._unary("SubmitUpdate", request, self._stub.SubmitUpdate).submission_id)
+
+    def pull_update(self, bundle_id: str, held_version: int, held_sha256: str = "") -> ParameterUpdate | None:
+        """The newest parameters for a device holding ``held_version`` (digest ``held_sha256``): a delta from
+        exactly that when the server can compute one, else in full; None when the device is up to date.
+        Verify and decode it with :func:`device_agents.updates.decode_params` (and ``check_signature``)."""
+        request = device_pb2.PullRequest(device_id=self.device_id, bundle_id=bundle_id,
+                                         held_version=int(held_version), held_sha256=held_sha256)
+        msg = self._unary("PullUpdate", request, self._stub.PullUpdate)
+        if not msg.payload:
+            return None
+        return decode_update(msg, bundle_id)

@@ -11,7 +11,7 @@ from device_agents.errors import BaseMismatchError, StaleUpdateError, UpdateInte
 from device_agents.messages import ParameterUpdate
 from runtime.errors import InputError, SignatureError
 from runtime.params import params_digest
-from runtime.update_codec import decode_update
+from runtime.update_codec import ErrorFeedbackEncoder, decode_update, encode_full
 from runtime.update_signing import UpdateHeader, payload_digest, verify_update_signature
 
 
@@ -46,9 +46,27 @@ def check_order(update: ParameterUpdate, bundle_id: str, cohort: str | None, new
 
 def decode_params(update: ParameterUpdate, held: Mapping[str, np.ndarray], held_version: int) -> dict[str, np.ndarray]:
     """The parameters ``update`` yields on a device holding ``held`` (version ``held_version``), checked
-    against the update's digest. A delta for another base raises :class:`BaseMismatchError`."""
+    against the update's digest. A delta for another base raises :class:`BaseMismatchError`.
+
+    A full (``"f32"``) update may carry more names than the device holds (a bundle with trainable weights sent
+    to a device that only adapts normalisation parameters): the digest is checked over everything it carries,
+    and only the names the device holds are returned.
+    """
     if update.params is not None and not update.payload:
         params = {k: np.asarray(v) for k, v in update.params.items()}
+    elif update.encoding == "f32":
+        try:
+            params = decode_update(update.payload, "f32", None, {})
+        except InputError as exc:
+            raise UpdateIntegrityError(f"update v{update.version}: undecodable f32 payload: {exc}") from exc
+        missing = sorted(set(held) - set(params))
+        if missing:
+            raise UpdateIntegrityError(f"update v{update.version} lacks held parameter(s) {missing[:8]}")
+        digest = params_digest(params)
+        if digest != update.sha256:
+            raise UpdateIntegrityError(f"update v{update.version}: parameters hash to {digest[:16]!r}, header says "
+                                       f"{update.sha256[:16]!r}")
+        return {k: params[k] for k in held} if held else params
     else:
         if update.encoding != "f32" and (update.base_version != held_version
                                          or update.base_sha256 != params_digest(held)):
@@ -64,3 +82,34 @@ def decode_params(update: ParameterUpdate, held: Mapping[str, np.ndarray], held_
         raise UpdateIntegrityError(f"update v{update.version}: parameters hash to {digest[:16]!r}, header says "
                                    f"{update.sha256[:16]!r}")
     return params
+
+
+class SubmissionEncoder:
+    """A device's encoder of federated submissions: ``"f32"`` sends the parameters in full; a delta encoding
+    sends ``params - base`` compressed with error feedback (the residual is kept across submissions, so what one
+    message leaves out goes with the next, :class:`runtime.update_codec.ErrorFeedbackEncoder`)."""
+
+    def __init__(self, encoding: str = "f32", topk_fraction: float = 1.0) -> None:
+        """Encode with ``encoding`` (``topk_fraction`` for ``"int8_topk_delta"``)."""
+        self.encoding = encoding
+        self._ef = None if encoding == "f32" else ErrorFeedbackEncoder(encoding, topk_fraction)
+
+    def encode(self, params: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None) -> bytes:
+        """The payload for ``params`` (names: a subset of ``base``'s for a delta encoding)."""
+        if self._ef is None:
+            return encode_full(params)
+        if base is None:
+            raise ValueError(f"a {self.encoding} submission needs the base parameters")
+        unknown = sorted(set(params) - set(base))
+        if unknown:
+            raise ValueError(f"parameter(s) {unknown[:8]} are not in the base")
+        delta = {k: np.asarray(v, dtype=np.float32) - np.asarray(base[k], dtype=np.float32)
+                 for k, v in params.items()}
+        return self._ef.encode(delta).payload
+
+    @property
+    def residual_norm(self) -> float:
+        """L2 norm of the carried residual (0 for ``"f32"``)."""
+        if self._ef is None:
+            return 0.0
+        return float(np.sqrt(sum(float(np.sum(r * r)) for r in self._ef.residual.values())))

@@ -54,6 +54,9 @@ INT8_MARGIN = 4.0
 ModelSource = Path | str | tuple[nn.Module, str, ModelSpec, str]
 
 
+TRAINABLE_FILE = "trainable.bin"
+
+
 def sha256_file(path: Path) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -281,6 +284,14 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
         blocks.setdefault("compression", {})["nm_check"] = {**check, "all_sparsified_layers_hold": True}
         if opts["pack"]:
             _pack(built, opts["nm"])
+    if opts.get("trainable"):
+        from edgeloop.federated.weights import trainable_state
+        from runtime.arrays import encode_arrays
+
+        weights = trainable_state(model)
+        (tmp / TRAINABLE_FILE).write_bytes(encode_arrays(weights))
+        blocks["trainable"] = {"file": TRAINABLE_FILE, "architecture": opts["arch"],
+                               "shapes": {k: list(v.shape) for k, v in weights.items()}}
     skip = (MANIFEST, SIGNATURE_NAME)
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.name not in skip}
     golden = blocks.pop("golden")
@@ -309,6 +320,7 @@ def export_bundle(
     compression: dict[str, Any] | None = None,
     nm: tuple[int, int] | None = None,
     pack: bool = True,
+    trainable: bool = False,
 ) -> Path:
     """Write a signed bundle for ``source`` (a checkpoint path or ``(model, arch, spec, ckpt_sha256)``) to ``out_dir``.
 
@@ -319,6 +331,8 @@ def export_bundle(
     :mod:`exporter.bundle_models`); ``parity_x`` (default ``golden_x``) are the held-out inputs of the parity
     checks. ``compression`` (the passes' reports) is recorded; with ``nm`` the exported weights must hold the
     N:M pattern exactly (checked and recorded) and, with ``pack``, ONNX files ship in the packed N:M encoding.
+    With ``trainable`` the bundle also carries the model's full float weights (``trainable.bin``, the
+    manifest's ``trainable`` block) for devices that train locally and for full-model federated averaging.
     ``manifest.sig`` is an Ed25519 signature over manifest.json by ``signing_key``; without one
     a throwaway key is used (integrity only: devices that trust specific keys will refuse the bundle).
     Returns the bundle path.
@@ -336,7 +350,7 @@ def export_bundle(
         build = BuildOptions(formats=tuple(formats), folded=folded, int8=int8, int8_config=int8_config,
                              tflite_int8=tflite_int8)
         opts = {"build": build, "golden_alpha": golden_alpha, "source_y": source_y, "compression": compression,
-                "nm": nm, "pack": pack}
+                "nm": nm, "pack": pack, "trainable": trainable, "arch": arch}
         manifest = _manifest(name or out_dir.name, arch, spec, ckpt_sha, labels, model)
         manifest.update(_build(tmp, model, data, opts))
         (tmp / MANIFEST).write_text(json.dumps(compact_floats(manifest), separators=(",", ":")) + "\n",

@@ -89,6 +89,29 @@ class Manifest:
     golden_tolerance: dict[str, tuple[float, float]]
     raw: dict[str, Any]
     golden_output_tolerance: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
+    trainable: TrainableSpec | None = None
+
+    def trainable_params(self, root: Path) -> dict[str, np.ndarray]:
+        """The full float weights of the bundle at ``root`` (its ``trainable`` block's file), checked against
+        the block's names and shapes; :class:`ManifestError` when the bundle has none or they do not match."""
+        if self.trainable is None:
+            raise ManifestError("bundle has no trainable block (export it with trainable weights)")
+        from runtime.arrays import ArrayCodecError, decode_arrays
+
+        path = Path(root) / self.trainable.file
+        try:
+            arrays = decode_arrays(path.read_bytes())
+        except (OSError, ArrayCodecError) as exc:
+            raise ManifestError(f"trainable file {self.trainable.file!r} is unreadable: {exc}") from exc
+        shapes = self.trainable.shapes
+        if set(arrays) != set(shapes):
+            raise ManifestError(f"trainable file {self.trainable.file!r} holds {len(arrays)} tensors, the manifest "
+                                f"names {len(shapes)}: differing {sorted(set(arrays) ^ set(shapes))[:8]}")
+        for name, arr in arrays.items():
+            if arr.dtype != np.float32 or tuple(arr.shape) != shapes[name] or not np.all(np.isfinite(arr)):
+                raise ManifestError(f"trainable {name!r} is {arr.dtype} {tuple(arr.shape)}, expected finite float32 "
+                                    f"{shapes[name]}")
+        return arrays
 
     def model(self, name: str | None, backend: str = "auto") -> ModelEntry:
         """The model entry called ``name``; without a name the default model, or — when ``backend`` names a
@@ -242,6 +265,42 @@ def _output_tolerances(model: str, tolerance: dict[str, Any]) -> dict[str, tuple
     return {out: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0))) for out, t in outputs.items()}
 
 
+@dataclass(frozen=True)
+class TrainableSpec:
+    """A bundle's optional ``trainable`` block: the file (runtime/arrays.py encoding) holding the model's full
+    float weights for devices that train locally, the architecture that names them, and name → shape."""
+
+    file: str
+    architecture: str
+    shapes: dict[str, tuple[int, ...]]
+
+
+def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, np.ndarray]) -> TrainableSpec | None:
+    block = raw.get("trainable")
+    if block is None:
+        return None
+    if not isinstance(block, dict):
+        raise ManifestError("manifest field manifest.trainable must be an object or absent")
+    path = _get(block, "file", str, "trainable")
+    if path not in files:
+        raise ManifestError(f"trainable file {path!r} has no sha256 in manifest.files")
+    shapes = _get(block, "shapes", dict, "trainable")
+    if not shapes:
+        raise ManifestError("manifest field trainable.shapes must name at least one tensor")
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape in shapes.items():
+        if name in adaptable:
+            raise ManifestError(f"trainable.shapes.{name} repeats an adaptable parameter name")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                  for d in shape):
+            raise ManifestError(f"trainable.shapes.{name} must be a list of positive ints, got {shape!r}")
+        out[str(name)] = tuple(shape)
+    architecture = block.get("architecture", "")
+    if not isinstance(architecture, str):
+        raise ManifestError("manifest field trainable.architecture must be a string")
+    return TrainableSpec(path, architecture, out)
+
+
 def parse_manifest(raw: dict[str, Any]) -> Manifest:
     """Validate parsed manifest JSON and build a :class:`Manifest`; raise :class:`ManifestError` naming the field."""
     version = raw.get("schema_version") if isinstance(raw, dict) else None
@@ -266,6 +325,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     per_output = {name: _output_tolerances(name, t) for name, t in golden["models"].items()}
     models = _models(raw)
     files = {str(k): str(v) for k, v in _get(raw, "files", dict, "manifest").items()}
+    initial_params = _initial(adaptable, layers) if adaptable else {}
     manifest = Manifest(
         name=str(raw.get("name", "")),
         input=_input_spec(raw),
@@ -275,7 +335,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         output_kind=kind,
         alpha_input=_get(adaptable, "alpha_input", str, "adaptable") if adaptable else "",
         layers=layers,
-        initial_params=_initial(adaptable, layers) if adaptable else {},
+        initial_params=initial_params,
         models=models,
         default_model=str(raw.get("default_model", models[0].name)),
         files=files,
@@ -285,6 +345,7 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         golden_tolerance=tolerance,
         raw=raw,
         golden_output_tolerance={k: v for k, v in per_output.items() if v},
+        trainable=_trainable(raw, files, initial_params),
     )
     manifest.model(None)
     for entry in models:

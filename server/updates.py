@@ -100,8 +100,9 @@ def _decode_submission(
     state: ServerState, device_id: str, bundle: BundleRecord, cohort: str, base_version: int, encoding: str,
     payload: bytes, base_sha256: str,
 ) -> dict[str, np.ndarray]:
-    """The parameters an encoded submission yields: in full (``"f32"``) or the exact parameters of
-    ``base_version`` plus the decoded delta, restricted to the names the delta carries."""
+    """The parameters an encoded submission yields: in full (``"f32"``), or the decoded delta (only the names it
+    carries) added to its base: the parameters whose digest is ``base_sha256`` (what this server last sent the
+    device, or ``base_version``'s exact or held parameters), or ``base_version``'s exact ones without a digest."""
     if encoding not in ENCODINGS:
         raise InvalidRequestError(f"submission encoding {encoding!r} is not one of {ENCODINGS}")
     spec = spec_of(bundle)
@@ -111,19 +112,19 @@ def _decode_submission(
         except InputError as exc:
             raise InvalidTensorError(f"undecodable f32 submission payload: {exc}") from exc
     exact, held = version_params(state, bundle, cohort, base_version)
+    base = exact
     if base_sha256:
-        known = {params_digest(exact), params_digest(held)}
         cached = held_cache(state).get(device_id, bundle.bundle_id, cohort)
-        if cached is not None:
-            known.add(cached[0])
-        if base_sha256 not in known:
+        candidates = ([cached[1]] if cached is not None and cached[0] == base_sha256 else []) + [exact, held]
+        base = next((c for c in candidates if params_digest(c) == base_sha256), None)  # type: ignore[assignment]
+        if base is None:
             raise InvalidRequestError(f"the submission's base_sha256 {base_sha256[:16]!r} matches neither version "
                                       f"{base_version}'s parameters nor what this device was last sent")
     try:
         delta = decode_delta(payload, encoding, spec.param_shapes)
     except InputError as exc:
         raise InvalidTensorError(f"undecodable {encoding} submission payload: {exc}") from exc
-    return {k: exact[k] + d for k, d in delta.items()}
+    return {k: base[k] + d for k, d in delta.items()}
 
 
 def submit_update(
@@ -132,9 +133,11 @@ def submit_update(
     base_sha256: str = "",
 ) -> int:
     """Store a device's parameters (names/shapes/finiteness checked against the bundle's parameter space);
-    return the submission id. Either ``params`` (plain tensors) or ``encoding`` + ``payload`` (a delta is
-    decoded against the exact parameters of ``base_version``; ``base_sha256``, when given, must be the digest
-    of that version's parameters or of what this device was last sent)."""
+    return the submission id. Either ``params`` (plain tensors) or ``encoding`` + ``payload``: a delta is
+    added to the parameters the device started from, named by ``base_sha256`` (what this server last sent it,
+    or ``base_version``'s exact or held parameters; an unknown digest is refused), or to ``base_version``'s
+    exact parameters when no digest is given. So a local model trained from a lossy copy is reconstructed as
+    trained."""
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
     if num_samples <= 0:

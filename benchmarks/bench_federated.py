@@ -1,0 +1,254 @@
+"""Federated learning through the edgeloop server against Flower, and byzantine robustness (issue 7).
+
+Protocol (both frameworks): MNIST, 100 clients, Dirichlet(0.5) label skew with seed 0, 10 clients per round,
+1 local epoch of SGD (lr 0.05, batch 32), SmallCNN, 20 rounds, central evaluation on the MNIST test set after
+each round; the same initial weights (seeded) and the same partition. Both train clients with the same
+:class:`edgeloop.federated.trainer.LocalSGDTrainer`.
+
+* **Flower**: flwr 1.41 FedAvg in its simulation engine (Ray, 2 CPUs), in its own virtual environment
+  (``$EDGELOOP_BENCH_CACHE/flower-venv``; flwr needs protobuf < 7, never a project dependency). Its client
+  sampling is not seeded.
+* **edgeloop**: a real server on 127.0.0.1:0 (SQLite under a temporary directory), the bundle exported with its
+  trainable weights, 100 devices as in-process threads (2 at a time) speaking gRPC over loopback through
+  ``DeviceClient`` (pull the global parameters, train, submit), seeded client sampling, aggregation by the
+  server's round runner. ``fp32``: full float32 both ways. ``codec``: ``int8_topk_delta`` both ways (uplink
+  with error feedback on the device; downlink a delta from exactly what the device holds).
+* **Robustness**: the same setup with 20 % byzantine clients (sign flip, scale 4): FedAvg and a robust rule
+  (trimmed mean), against the clean FedAvg run.
+
+Bytes are serialized parameter messages: edgeloop's from the devices' per-message counters (``SubmitUpdate``
+requests, ``PullUpdate`` responses), Flower's from the parameter tensors of each fit instruction and result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import fmt, md_table, scratch_dir
+
+log = logging.getLogger(__name__)
+
+NAME = "federated"
+TITLE = "Federated averaging through the edgeloop server vs Flower; update codec; byzantine robustness (MNIST)"
+FLOWER_SPEC = '"flwr[simulation]==1.41.*" torch==2.13.0'
+ARCH = "smallcnn"
+CODEC = {"encoding": "int8_topk_delta", "topk_fraction": 0.08}
+ROBUST = {"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.3}}
+ATTACK = {"byzantine_fraction": 0.2, "attack": "sign_flip", "attack_scale": 4.0}
+
+
+def protocol(quick: bool) -> dict[str, Any]:
+    """The run's sizes: the issue's protocol, or a smoke-sized one with ``quick``."""
+    if quick:
+        return {"clients": 20, "per_round": 5, "rounds": 3, "robust_rounds": 3, "alpha": 0.5, "seed": 0}
+    return {"clients": 100, "per_round": 10, "rounds": 20, "robust_rounds": 20, "alpha": 0.5, "seed": 0}
+
+
+def load_data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and test images as uint8 (N, C, H, W) and labels (both frameworks divide by 255)."""
+    from edgeloop.data.datasets import load_dataset
+
+    tr, te = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    to_u8 = lambda a: np.clip(np.rint(np.asarray(a, np.float32) * 255.0), 0, 255).astype(np.uint8)  # noqa: E731
+    return to_u8(tr.x), np.asarray(tr.y, np.int64), to_u8(te.x), np.asarray(te.y, np.int64)
+
+
+def make_bundle(arch: str, x: np.ndarray, num_classes: int, seed: int, out: Path) -> tuple[Path, Any]:
+    """Seeded initial model exported as a bundle with trainable weights; returns the bundle and model spec."""
+    import torch
+
+    from edgeloop.federated.trainer import model_spec_for
+    from exporter.bundle import export_bundle
+    from exporter.models import build_model
+
+    xf = x.astype(np.float32) / 255.0
+    spec = model_spec_for(xf[:10000], num_classes)
+    torch.manual_seed(seed)
+    model = build_model(arch, spec).eval()
+    bundle = export_bundle((model, arch, spec, "0" * 64), out, labels=[str(i) for i in range(num_classes)],
+                           calibration_x=xf[:16], golden_x=xf[:2], source_x=xf[:256], int8=False, overwrite=True,
+                           trainable=True)
+    return bundle, spec
+
+
+def edgeloop_run(bundle: Path, spec: Any, data: tuple, proto: dict[str, Any], rounds: int,
+                 **overrides: Any) -> dict[str, Any]:
+    """One edgeloop run (see :func:`edgeloop.federated.experiment.run_federated`) plus its total wall time."""
+    from edgeloop.federated.experiment import FederatedConfig, run_federated
+    from edgeloop.federated.trainer import TrainerConfig
+
+    x, y, xt, yt = data
+    cfg = FederatedConfig(rounds=rounds, clients=proto["clients"], per_round=proto["per_round"],
+                          alpha=proto["alpha"], seed=proto["seed"],
+                          trainer=TrainerConfig(epochs=1, lr=0.05, batch_size=32, seed=proto["seed"]), **overrides)
+    t0 = time.perf_counter()
+    out = run_federated(bundle, ARCH, spec, (x.astype(np.float32) / 255.0, y),
+                        (xt.astype(np.float32) / 255.0, yt), cfg)
+    out["total_wall_s"] = time.perf_counter() - t0
+    for r in out["rounds"]:
+        r.pop("clients", None)
+    return out
+
+
+# -- Flower in its own environment ---------------------------------------------------------------------------------
+def flower_python() -> tuple[Path | None, str | None]:
+    """Flower's interpreter (creating its venv on first use), or None and the reason it is unavailable."""
+    from benchmarks.trained import cache_dir
+
+    venv = cache_dir() / "flower-venv"
+    python = venv / "bin" / "python"
+    try:
+        if not python.exists():
+            log.info("creating %s with %s", venv, FLOWER_SPEC)
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", "flwr[simulation]==1.41.*", "torch==2.13.0"],
+                           check=True, capture_output=True, timeout=1800)
+        subprocess.run([str(python), "-c", "import flwr.simulation, torch"], check=True, capture_output=True,
+                       timeout=300)
+    except (subprocess.SubprocessError, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return None, f"{type(exc).__name__}: {exc} {detail.decode(errors='replace')[-500:]}"
+    return python, None
+
+
+def flower_run(python: Path, bundle: Path, spec: Any, data: tuple, proto: dict[str, Any], work: Path
+               ) -> dict[str, Any]:
+    """Flower's run of the protocol (``benchmarks/flower_side.py`` in Flower's interpreter)."""
+    from dataclasses import asdict
+
+    from edgeloop.data.partition import dirichlet_partition
+    from runtime.manifest import read_manifest
+
+    x, y, xt, yt = data
+    parts = dirichlet_partition(y, proto["clients"], proto["alpha"], seed=proto["seed"])
+    np.savez(work / "clients.npz", **{f"x{i}": x[p] for i, p in enumerate(parts)},
+             **{f"y{i}": y[p] for i, p in enumerate(parts)})
+    np.savez(work / "test.npz", x=xt, y=yt)
+    manifest, _ = read_manifest(bundle)
+    initial = manifest.trainable_params(bundle)
+    np.savez(work / "initial.npz", **initial)
+    spec_file = work / "flower_spec.json"
+    spec_file.write_text(json.dumps({
+        "clients_data": str(work / "clients.npz"), "test_data": str(work / "test.npz"),
+        "initial": str(work / "initial.npz"), "names": list(initial), "model_spec": asdict(spec), "arch": ARCH,
+        "trainer": {"epochs": 1, "lr": 0.05, "batch_size": 32, "seed": proto["seed"]},
+        "clients": proto["clients"], "per_round": proto["per_round"], "rounds": proto["rounds"], "cpus": 2}))
+    out = work / "flower_out.json"
+    t0 = time.perf_counter()
+    subprocess.run([str(python), str(Path(__file__).with_name("flower_side.py")), str(spec_file), str(out)],
+                   check=True, timeout=3600, capture_output=True)
+    result = json.loads(out.read_text())
+    result["total_wall_s"] = time.perf_counter() - t0
+    return result
+
+
+def run(quick: bool) -> dict[str, Any]:
+    """Run every variant; see the module docstring."""
+    import torch
+
+    torch.set_num_threads(1)
+    proto = protocol(quick)
+    work = scratch_dir("federated")
+    data = load_data("mnist")
+    bundle, spec = make_bundle(ARCH, data[0], 10, proto["seed"], work / "bundle")
+    results: dict[str, Any] = {"protocol": proto, "codec": CODEC, "robust": ROBUST, "attack": ATTACK, "runs": {}}
+    runs = results["runs"]
+    python, why = flower_python()
+    if python is None:
+        results["flower_unavailable"] = why
+    else:
+        try:
+            runs["flower_fedavg"] = flower_run(python, bundle, spec, data, proto, work)
+        except (subprocess.SubprocessError, OSError, ValueError) as exc:
+            detail = getattr(exc, "stderr", b"") or b""
+            results["flower_unavailable"] = f"{type(exc).__name__}: {detail.decode(errors='replace')[-800:]}"
+    runs["edgeloop_fedavg_fp32"] = edgeloop_run(bundle, spec, data, proto, proto["rounds"], encoding="f32")
+    runs["edgeloop_fedavg_codec"] = edgeloop_run(bundle, spec, data, proto, proto["rounds"], **CODEC)
+    rr = proto["robust_rounds"]
+    clean = runs["edgeloop_fedavg_fp32"] if rr == proto["rounds"] else edgeloop_run(
+        bundle, spec, data, proto, rr, encoding="f32")
+    runs["robust_clean_fedavg"] = clean
+    runs["robust_attacked_fedavg"] = edgeloop_run(bundle, spec, data, proto, rr, encoding="f32", **ATTACK)
+    runs["robust_attacked_trimmed_mean"] = edgeloop_run(bundle, spec, data, proto, rr, encoding="f32", **ATTACK,
+                                                        **ROBUST)
+    results["targets"] = targets(runs)
+    return results
+
+
+def targets(runs: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, each with its numbers and whether it holds."""
+    out: dict[str, Any] = {}
+    fp32, codec = runs["edgeloop_fedavg_fp32"], runs["edgeloop_fedavg_codec"]
+    flower = runs.get("flower_fedavg")
+    if flower and flower.get("accuracy"):
+        gap = 100 * (fp32["accuracy"][-1] - flower["accuracy"][-1])
+        out["fedavg_vs_flower"] = {"accuracy_gap_points": gap, "wall_ratio": fp32["total_wall_s"] / flower["wall_s"],
+                                   "met": gap >= -1.0 and fp32["total_wall_s"] <= flower["wall_s"]}
+    ratio = fp32["bytes_total"] / max(1, codec["bytes_total"])
+    loss = 100 * (fp32["accuracy"][-1] - codec["accuracy"][-1])
+    out["codec"] = {"bytes_ratio": ratio, "accuracy_loss_points": loss, "met": ratio >= 20 and loss <= 1.0}
+    clean, bad, robust = (runs[k]["accuracy"][-1] for k in ("robust_clean_fedavg", "robust_attacked_fedavg",
+                                                            "robust_attacked_trimmed_mean"))
+    out["robustness"] = {"clean": clean, "attacked_fedavg": bad, "attacked_robust": robust,
+                         "robust_gap_points": 100 * (clean - robust), "fedavg_drop_points": 100 * (clean - bad),
+                         "met": 100 * (clean - robust) <= 2.0 and clean - bad > clean - robust}
+    return out
+
+
+def render(results: dict[str, Any]) -> str:
+    """Markdown body of the benchmark's section."""
+    proto, runs, t = results["protocol"], results["runs"], results.get("targets", {})
+    lines = [f"{proto['clients']} clients, Dirichlet({proto['alpha']}) seed {proto['seed']}, {proto['per_round']} per "
+             f"round, {proto['rounds']} rounds (robustness: {proto['robust_rounds']}), 1 local epoch SGD lr 0.05 "
+             f"batch 32, SmallCNN; codec `{results['codec']['encoding']}` keeping "
+             f"{results['codec']['topk_fraction']:.0%} of each tensor's entries, both directions."]
+    if "flower_unavailable" in results:
+        lines.append(f"\nFlower did not run: `{results['flower_unavailable'][:300]}`")
+    rows = []
+    for name in ("flower_fedavg", "edgeloop_fedavg_fp32", "edgeloop_fedavg_codec"):
+        r = runs.get(name)
+        if r is None:
+            continue
+        rows.append([name, fmt(100 * r["accuracy"][-1], 2, " %"), fmt(r["wall_s"], 1, " s"),
+                     fmt(r.get("total_wall_s"), 1, " s"), fmt(r["bytes_per_message"] / 1e3, 1, " KB"),
+                     fmt(r["bytes_total"] / 1e6, 2, " MB")])
+    lines += ["", md_table(["run", "accuracy (last round)", "wall (rounds)", "wall (incl. setup)",
+                            "bytes / message", "bytes total"], rows)]
+    n = max(len(r["accuracy"]) for r in runs.values())
+    curve = [[str(i + 1)] + [fmt(100 * runs[k]["accuracy"][i], 1) if k in runs and i < len(runs[k]["accuracy"])
+                             else "" for k in ("flower_fedavg", "edgeloop_fedavg_fp32", "edgeloop_fedavg_codec")]
+             for i in range(n)]
+    heads = ["round", "Flower", "edgeloop fp32", "edgeloop codec"]
+    lines += ["", "Accuracy (%) per round:", "", md_table(heads, curve)]
+    rob = [[k.removeprefix("robust_"), fmt(100 * runs[k]["accuracy"][-1], 2, " %")]
+           for k in ("robust_clean_fedavg", "robust_attacked_fedavg", "robust_attacked_trimmed_mean") if k in runs]
+    lines += ["", f"Robustness ({results['attack']['byzantine_fraction']:.0%} byzantine, "
+                  f"{results['attack']['attack']} ×{results['attack']['attack_scale']}; robust rule "
+                  f"`{results['robust']['aggregator']}` {results['robust']['aggregator_options']}):", "",
+              md_table(["run", "accuracy (last round)"], rob)]
+    tl = []
+    if "fedavg_vs_flower" in t:
+        f = t["fedavg_vs_flower"]
+        tl.append(f"- edgeloop FedAvg within 1 point of Flower with wall time no higher: gap "
+                  f"{f['accuracy_gap_points']:+.2f} points, wall ratio {f['wall_ratio']:.2f}× — "
+                  f"**{'met' if f['met'] else 'not met'}**")
+    if "codec" in t:
+        c = t["codec"]
+        tl.append(f"- codec ≥ 20× fewer bytes at ≤ 1 point loss: {c['bytes_ratio']:.1f}×, "
+                  f"{c['accuracy_loss_points']:+.2f} points — **{'met' if c['met'] else 'not met'}**")
+    if "robustness" in t:
+        r = t["robustness"]
+        tl.append(f"- robust rule within 2 points of clean while FedAvg degrades: robust gap "
+                  f"{r['robust_gap_points']:+.2f}, FedAvg drop {r['fedavg_drop_points']:+.2f} points — "
+                  f"**{'met' if r['met'] else 'not met'}**")
+    if tl:
+        lines += ["", "Targets:", "", *tl]
+    return "\n".join(lines) + "\n"
