@@ -135,7 +135,7 @@ class Aggregator:
 
     def _combine_whole(self, base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
                        w: np.ndarray) -> dict[str, np.ndarray]:
-        names = [k for k in base if any(k in d for d in deltas)]
+        names = sorted(k for k in base if any(k in d for d in deltas))  # one order, however the dicts were built
         for i, d in enumerate(deltas):
             if set(d) != set(names):
                 raise AggregationError(f"{self.name} needs every contribution to carry {sorted(names)}; "

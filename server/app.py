@@ -59,10 +59,14 @@ class EdgeloopServer:
                                  update_topk_fraction=config.update_topk_fraction)
         self.metrics = self._create_metrics()
         factory = self._load_torch_distiller if config.teacher_ckpt is not None else None
-        self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,
-                                  default_steps=config.distill_steps, max_samples=config.round_max_samples,
-                                  on_change=self.metrics.observe_round if self.metrics else None,
-                                  aggregator=config.create_aggregator())
+        try:  # restores the strategy's saved state: a corrupt one stops start-up (StorageError)
+            self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,
+                                      default_steps=config.distill_steps, max_samples=config.round_max_samples,
+                                      on_change=self.metrics.observe_round if self.metrics else None,
+                                      aggregator=config.create_aggregator())
+        except BaseException:
+            self.registry.close()
+            raise
         self.authenticator = (Authenticator(SqliteTokenStore(config.data_dir / "auth.sqlite3"),
                                             config.enrollment_secret, config.admin_token) if config.auth else None)
         self.limiter = (RateLimiter(config.rate_limit_per_second, config.rate_limit_burst)

@@ -27,11 +27,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from runtime.params import params_digest
 from server.aggregation import Aggregator, Contribution, FedAvg
 from server.codec import decode_array, decode_arrays
 from server.errors import (
-    BlobCorruptError,
     DistillerUnavailableError,
     InvalidRequestError,
     InvalidTensorError,
@@ -41,13 +39,13 @@ from server.errors import (
     UnknownRoundError,
 )
 from server.records import DEFAULT_COHORT, AggregatorStateRecord, RoundRecord, SubmissionRecord
-from server.state import ServerState, check_id, resolve_bundle, sample_tensor, spec_of
-from server.updates import current_params, publish_update
+from server.state import ServerState, check_id, resolve_bundle, sample_tensor
+from server.updates import current_params, publish_update, version_params
 
 logger = logging.getLogger(__name__)
 ROUND_KINDS = ("fedavg", "distill")
 ASYNC_ROUND_KIND = "fedbuff"  # the kind recorded for the rounds an asynchronous strategy runs by itself
-_BASE_CACHE = 64  # held parameter sets of recent versions kept for computing deltas
+_BASE_CACHE = 64  # exact parameter sets of recent versions kept for computing deltas
 
 
 @dataclass(frozen=True)
@@ -350,8 +348,8 @@ class RoundRunner:
         return _Outcome(update, total, self._with_strategy_metrics(metrics, result.metrics))
 
     def _fedbuff(self, round_id: int, job: _Job) -> _Outcome:
-        """One asynchronous server step over a buffer: each submission's delta from the parameters its device
-        held (its base version), weighted by its staleness (versions published since), onto the current ones."""
+        """One asynchronous server step over a buffer: each submission's delta from the exact parameters of its
+        base version, weighted by its staleness (versions published since), onto the current ones."""
         storage, bundle_id = self.state.storage, job.bundle_id
         unused = storage.unused_submissions(bundle_id, job.cohort)
         wanted = None if job.submission_ids is None else set(job.submission_ids)
@@ -363,8 +361,9 @@ class RoundRunner:
         contributions, staleness = [], []
         for s in buffer:
             submitted = decode_arrays(self.state.blobs.get(s.blob))
-            held = self._held_params(bundle_id, job.cohort, s.base_version)
-            origin = held if held is not None else base  # an unknown base: the delta is taken from the current
+            origin = self._base_params(bundle_id, job.cohort, s.base_version)
+            if origin is None:  # not a version of this bundle (a device still on another one): from the current
+                origin = base
             delta = {k: np.asarray(v, np.float64) - np.asarray(origin[k], np.float64) for k, v in submitted.items()
                      if k in origin}
             staleness.append(max(0, version - s.base_version))
@@ -393,28 +392,20 @@ class RoundRunner:
                 metrics[key] = float(strategy[key])
         return metrics
 
-    def _held_params(self, bundle_id: str, cohort: str, version: int) -> dict[str, np.ndarray] | None:
-        """The parameters devices hold at the cohort's ``version`` (0: the bundle's initial ones), verified
-        against the stored digest; None when that version is not one of this bundle's."""
+    def _base_params(self, bundle_id: str, cohort: str, version: int) -> dict[str, np.ndarray] | None:
+        """The exact parameters of the cohort's ``version`` (0: the bundle's initial ones, trainable weights
+        included) — what an encoded submission's delta is decoded against (:func:`server.updates.version_params`);
+        None when ``version`` is not one of this bundle's. Recent versions are cached (they never change)."""
         key = (bundle_id, cohort, version)
-        if key in self._bases:
-            return self._bases[key]
-        if version == 0:
-            params = {k: np.asarray(v, np.float32) for k, v in
-                      spec_of(resolve_bundle(self.state, bundle_id)).initial.items()}
-        else:
-            newer = self.state.storage.updates_since(bundle_id, version - 1, cohort)
-            found = [r for r in newer if r.version == version]
-            if not found:
+        if key not in self._bases:
+            try:
+                exact, _ = version_params(self.state, resolve_bundle(self.state, bundle_id), cohort, version)
+            except InvalidRequestError:
                 return None
-            record = found[0]
-            params = decode_arrays(self.state.blobs.get(record.held_blob or record.blob))
-            if params_digest(params) != (record.held_sha256 or record.sha256):
-                raise BlobCorruptError(f"update {cohort}/v{version}: held parameters do not match their sha256")
-        if len(self._bases) >= _BASE_CACHE:
-            self._bases.pop(next(iter(self._bases)))
-        self._bases[key] = params
-        return params
+            if len(self._bases) >= _BASE_CACHE:
+                self._bases.pop(next(iter(self._bases)))
+            self._bases[key] = exact
+        return self._bases[key]
 
     def _distiller_instance(self) -> Distiller:
         if self._distiller is None:
