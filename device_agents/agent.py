@@ -37,6 +37,7 @@ from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normal
 from device_agents.updates import check_order, check_signature, decode_params
 from device_agents.zeroth_order import SPSA, SPSAStep
 from runtime.errors import InputError
+from runtime.update_codec import ENCODINGS, ErrorFeedbackEncoder
 
 if TYPE_CHECKING:
     from device_agents.client import DeviceClient, UpdateStream
@@ -63,6 +64,10 @@ class AgentConfig:
     ``update_keys``: raw Ed25519 keys server updates must be signed by (None: signatures are not checked);
     ``cohort``: the cohort updates must be for (None: not checked). ``health`` decides when an applied
     update is rolled back (:class:`~device_agents.health.HealthPolicy`; None: never automatically).
+    ``contribution_encoding``: how :meth:`Agent.contribute` sends parameters — ``"f32"`` plain tensors, or a
+    delta encoding of :mod:`runtime.update_codec` (``"int8_delta"``, ``"int8_topk_delta"`` keeping
+    ``contribution_topk_fraction`` of each tensor) of the change from the held version, with error feedback
+    across contributions (what one leaves out goes with the next).
     """
 
     device_id: str
@@ -81,6 +86,8 @@ class AgentConfig:
     cohort: str | None = None
     update_keys: tuple[bytes, ...] | None = None
     health: HealthPolicy | None = field(default_factory=HealthPolicy)
+    contribution_encoding: str = "f32"
+    contribution_topk_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -93,6 +100,10 @@ class AgentConfig:
             raise ValueError(f"upload_batch must be >= 1, got {self.upload_batch}")
         if self.max_pending_drift_reports < 0:
             raise ValueError(f"max_pending_drift_reports must be >= 0, got {self.max_pending_drift_reports}")
+        if self.contribution_encoding not in ENCODINGS:
+            raise ValueError(f"contribution_encoding must be one of {ENCODINGS}, got {self.contribution_encoding!r}")
+        if not 0.0 < self.contribution_topk_fraction <= 1.0:
+            raise ValueError(f"contribution_topk_fraction must be in (0, 1], got {self.contribution_topk_fraction}")
         for name in ("sync_wait_seconds", "watch_wait_seconds", "watch_retry_seconds", "join_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -209,6 +220,8 @@ class Agent:
     ) -> None:
         self.model = model
         self.optimizer = optimizer
+        self._encoder = (None if config.contribution_encoding == "f32" else
+                         ErrorFeedbackEncoder(config.contribution_encoding, config.contribution_topk_fraction))
         self.tta = tta
         self.detector = detector
         self.signal = detector_signal(detector)  # scalar detectors watch entropy, feature detectors features
@@ -416,12 +429,33 @@ class Agent:
                 self._mark_contributed(processed)
                 return pending
         assert self.client is not None
-        submission_id = self.client.submit_update(self.config.bundle_id, pending.base_version, num_samples, params)
+        submission_id = self._send_contribution(pending)
         with self._lock:
             self._mark_contributed(processed)
         logger.info("contributed %d parameters over %d samples on v%d (submission %d)", len(params), num_samples,
                     pending.base_version, submission_id)
         return submission_id
+
+    def _send_contribution(self, pending: PendingContribution) -> int:
+        """``SubmitUpdate`` in plain tensors, or as an error-feedback delta from the held parameters (the
+        encoder's residual is put back when the call fails, so a retry does not count it twice)."""
+        assert self.client is not None
+        if self._encoder is None:
+            return self.client.submit_update(self.config.bundle_id, pending.base_version, pending.num_samples,
+                                             pending.params)
+        with self._lock:
+            held = self._held
+            saved = self._encoder.residual
+            delta = {k: np.asarray(v, np.float32) - np.asarray(held[k], np.float32)
+                     for k, v in pending.params.items() if k in held}
+            payload = self._encoder.encode(delta).payload
+        try:
+            return self.client.submit_update(self.config.bundle_id, pending.base_version, pending.num_samples,
+                                             encoding=self._encoder.encoding, payload=payload)
+        except TransportError:
+            with self._lock:
+                self._encoder.residual = saved
+            raise
 
     def _mark_contributed(self, processed: int) -> None:
         self._counters.contributed_mark = max(self._counters.contributed_mark, processed)
