@@ -40,7 +40,7 @@ NAME = "federated"
 TITLE = "Federated averaging through the edgeloop server vs Flower; update codec; byzantine robustness (MNIST)"
 FLOWER_SPEC = '"flwr[simulation]==1.41.*" torch==2.13.0'
 ARCH = "smallcnn"
-CODEC = {"encoding": "int8_topk_delta", "topk_fraction": 0.08}
+CODEC = {"encoding": "int8_topk_delta", "topk_fraction": 0.05}
 ROBUST = {"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.3}}
 ATTACK = {"byzantine_fraction": 0.2, "attack": "sign_flip", "attack_scale": 4.0}
 
@@ -140,7 +140,8 @@ def flower_run(python: Path, bundle: Path, spec: Any, data: tuple, proto: dict[s
         "clients_data": str(work / "clients.npz"), "test_data": str(work / "test.npz"),
         "initial": str(work / "initial.npz"), "names": list(initial), "model_spec": asdict(spec), "arch": ARCH,
         "trainer": {"epochs": 1, "lr": 0.05, "batch_size": 32, "seed": proto["seed"]},
-        "clients": proto["clients"], "per_round": proto["per_round"], "rounds": proto["rounds"], "cpus": 2}))
+        "clients": proto["clients"], "per_round": proto["per_round"], "rounds": proto["rounds"], "cpus": 2,
+        "eval_threads": 2}))
     out = work / "flower_out.json"
     t0 = time.perf_counter()
     subprocess.run([str(python), str(Path(__file__).with_name("flower_side.py")), str(spec_file), str(out)],

@@ -67,7 +67,8 @@ def main(spec_path: str, out_path: str) -> None:
         if server_round == 0:
             t_start[0] = time.perf_counter()
             return None
-        acc = evaluate(arch, model_spec, dict(zip(names, parameters, strict=True)), x_test, y_test)
+        acc = evaluate(arch, model_spec, dict(zip(names, parameters, strict=True)), x_test, y_test,
+                       threads=int(spec.get("eval_threads", 2)))
         history.append({"round": server_round, "accuracy": acc, "elapsed_s": time.perf_counter() - t_start[0]})
         return 0.0, {"accuracy": acc}
 

@@ -89,10 +89,10 @@ class SubmissionEncoder:
     sends ``params - base`` compressed with error feedback (the residual is kept across submissions, so what one
     message leaves out goes with the next, :class:`runtime.update_codec.ErrorFeedbackEncoder`)."""
 
-    def __init__(self, encoding: str = "f32", topk_fraction: float = 1.0) -> None:
-        """Encode with ``encoding`` (``topk_fraction`` for ``"int8_topk_delta"``)."""
+    def __init__(self, encoding: str = "f32", topk_fraction: float = 1.0, dense_below: int = 0) -> None:
+        """Encode with ``encoding`` (``topk_fraction`` and ``dense_below`` for ``"int8_topk_delta"``)."""
         self.encoding = encoding
-        self._ef = None if encoding == "f32" else ErrorFeedbackEncoder(encoding, topk_fraction)
+        self._ef = None if encoding == "f32" else ErrorFeedbackEncoder(encoding, topk_fraction, dense_below)
 
     def encode(self, params: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray] | None) -> bytes:
         """The payload for ``params`` (names: a subset of ``base``'s for a delta encoding)."""

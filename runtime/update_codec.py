@@ -15,14 +15,16 @@ tens of floats — so a self-describing header would outweigh the values)::
 
     b"ELD1", u16 tensor count, then per tensor, names in sorted order:
       u8 name length, name (UTF-8), u32 kept count n, f32 scale,
-      u8 flags (bit 0: uint32 indices; bit 1: varint-gap indices),
-      [int8_topk_delta only: n strictly increasing flat indices: uint16, uint32, or (bit 1) a u32 byte count
-       then LEB128 varints of the gaps (first index, then index[i] - index[i-1])], n int8 values
+      u8 flags (bit 0: uint32 indices; bit 1: varint-gap indices; bit 2: dense, every entry, no indices),
+      [int8_topk_delta only, unless dense: n strictly increasing flat indices: uint16, uint32, or (bit 1) a u32
+       byte count then LEB128 varints of the gaps (first index, then index[i] - index[i-1])], n int8 values
 
 A tensor whose delta is all zero is written with ``n = 0`` in both delta encodings (it decodes as zeros), so
 parameters a message does not change cost a header only (e.g. a bundle's full trainable weights when only
 its adaptable parameters moved). The encoder writes top-k indices as varint gaps whenever that is shorter than
-fixed-width indices (about 1 byte per kept entry when at least 1/128 of a tensor is kept).
+fixed-width indices (about 1 byte per kept entry when at least 1/128 of a tensor is kept). With
+``dense_below`` a top-k delta sends tensors of at most that many entries whole (int8, no indices): small
+tensors (convolutions, normalisation statistics) cost little and stay consistent with each other.
 
 Lossy encodings are used with **error feedback** on the sender (Seide et al. 2014, "1-bit SGD"; Karimireddy
 et al. 2019, EF-SGD, Alg. 2; Gao et al. 2024, EControl): what a message leaves out is kept as a residual
@@ -48,7 +50,8 @@ DELTA_MAGIC = b"ELD1"
 _TENSOR_HEAD = struct.Struct("<If")  # kept count, scale
 _WIDE_INDICES = 1  # flags bit 0: uint32 indices
 _VARINT_INDICES = 2  # flags bit 1: LEB128 varint gaps
-_FLAGS = _WIDE_INDICES | _VARINT_INDICES
+_DENSE = 4  # flags bit 2: every entry, no indices (top-k of a small tensor)
+_FLAGS = _WIDE_INDICES | _VARINT_INDICES | _DENSE
 
 
 class UpdateCodecError(InputError):
@@ -115,12 +118,16 @@ def encode_full(params: Mapping[str, np.ndarray]) -> bytes:
     return encode_arrays({f"p/{k}": np.asarray(v, dtype=np.float32) for k, v in params.items()})
 
 
-def encode_delta(delta: Mapping[str, np.ndarray], encoding: str, topk_fraction: float = 1.0) -> bytes:
-    """The payload of ``delta`` in a delta encoding (``topk_fraction`` in (0, 1] for ``"int8_topk_delta"``)."""
+def encode_delta(delta: Mapping[str, np.ndarray], encoding: str, topk_fraction: float = 1.0,
+                 dense_below: int = 0) -> bytes:
+    """The payload of ``delta`` in a delta encoding (``topk_fraction`` in (0, 1] for ``"int8_topk_delta"``;
+    tensors of at most ``dense_below`` entries are sent whole)."""
     if encoding not in DELTA_ENCODINGS:
         raise UpdateCodecError(f"encoding {encoding!r} is not one of {DELTA_ENCODINGS}")
     if not 0.0 < topk_fraction <= 1.0:
         raise UpdateCodecError(f"topk_fraction must be in (0, 1], got {topk_fraction}")
+    if dense_below < 0:
+        raise UpdateCodecError(f"dense_below must be >= 0, got {dense_below}")
     if len(delta) >= 1 << 16:
         raise UpdateCodecError(f"a delta holds at most 65535 tensors, got {len(delta)}")
     parts = [DELTA_MAGIC, struct.pack("<H", len(delta))]
@@ -134,9 +141,10 @@ def encode_delta(delta: Mapping[str, np.ndarray], encoding: str, topk_fraction: 
         if not np.any(x):  # an unchanged tensor: header only
             parts += [struct.pack("<B", len(raw)), raw, _TENSOR_HEAD.pack(0, 0.0), struct.pack("<B", 0)]
             continue
-        idx = _topk_indices(x, topk_fraction) if encoding == "int8_topk_delta" else None
+        dense = encoding == "int8_topk_delta" and x.size <= dense_below
+        idx = _topk_indices(x, topk_fraction) if encoding == "int8_topk_delta" and not dense else None
         q, scale = quantize_int8(x if idx is None else x[idx])
-        flags, index_bytes = 0, b""
+        flags, index_bytes = (_DENSE if dense else 0), b""
         if idx is not None:
             fixed = idx.astype("<u4" if idx.dtype == np.uint32 else "<u2").tobytes()
             gaps = encode_varints(np.diff(idx.astype(np.int64), prepend=0))
@@ -172,11 +180,13 @@ def _parse_delta(payload: bytes, topk: bool) -> dict[str, tuple[np.ndarray, np.f
         head, pos = _read(payload, pos, _TENSOR_HEAD.size + 1, f"the header of {name!r}")
         n, scale = _TENSOR_HEAD.unpack(head[:-1])
         flags = head[-1]
-        if (flags & ~_FLAGS or (flags and not topk) or flags == _FLAGS or not math.isfinite(scale)
-                or name in out):
+        if (flags & ~_FLAGS or (flags and not topk) or (flags & _VARINT_INDICES and flags & _WIDE_INDICES)
+                or (flags & _DENSE and flags != _DENSE) or not math.isfinite(scale) or name in out):
             raise UpdateCodecError(f"delta of {name!r}: bad flags {flags}, scale {scale} or a repeated name")
         idx = None
-        if topk and flags & _VARINT_INDICES:
+        if flags & _DENSE:
+            pass
+        elif topk and flags & _VARINT_INDICES:
             (length,), pos = struct.unpack("<I", _read(payload, pos, 4, f"the index length of {name!r}")[0]), pos + 4
             data, pos = _read(payload, pos, length, f"the indices of {name!r}")
             idx = np.cumsum(decode_varints(data, n, f"the indices of {name!r}"))
@@ -246,13 +256,13 @@ class EncodedDelta:
 
 def compress_delta(
     delta: Mapping[str, np.ndarray], residual: Mapping[str, np.ndarray] | None, encoding: str,
-    topk_fraction: float = 1.0,
+    topk_fraction: float = 1.0, dense_below: int = 0,
 ) -> EncodedDelta:
     """Error-feedback compression step: encode ``delta + residual``; the new residual is what was left out."""
     corrected = {k: np.asarray(v, dtype=np.float32) + (np.asarray(residual[k], dtype=np.float32)
                                                        if residual and k in residual else np.float32(0))
                  for k, v in delta.items()}
-    payload = encode_delta(corrected, encoding, topk_fraction)
+    payload = encode_delta(corrected, encoding, topk_fraction, dense_below)
     decoded = decode_delta(payload, encoding, {k: v.shape for k, v in corrected.items()})
     return EncodedDelta(payload, decoded, {k: corrected[k] - decoded[k] for k in corrected})
 
@@ -260,15 +270,16 @@ def compress_delta(
 class ErrorFeedbackEncoder:
     """A sender's compressor for one stream of deltas (one cohort), keeping the residual between calls."""
 
-    def __init__(self, encoding: str, topk_fraction: float = 1.0) -> None:
-        """Compress with ``encoding`` (a delta encoding) and ``topk_fraction``."""
-        encode_delta({}, encoding, topk_fraction)  # validates both
+    def __init__(self, encoding: str, topk_fraction: float = 1.0, dense_below: int = 0) -> None:
+        """Compress with ``encoding`` (a delta encoding), ``topk_fraction`` and ``dense_below``."""
+        encode_delta({}, encoding, topk_fraction, dense_below)  # validates them
         self.encoding = encoding
         self.topk_fraction = topk_fraction
+        self.dense_below = dense_below
         self.residual: dict[str, np.ndarray] = {}
 
     def encode(self, delta: Mapping[str, np.ndarray]) -> EncodedDelta:
         """Compress ``delta`` plus the carried residual; keep the new residual."""
-        out = compress_delta(delta, self.residual, self.encoding, self.topk_fraction)
+        out = compress_delta(delta, self.residual, self.encoding, self.topk_fraction, self.dense_below)
         self.residual = out.residual
         return out

@@ -35,6 +35,7 @@ from server.state import ServerState, check_id, require_device, resolve_bundle, 
 
 logger = logging.getLogger(__name__)
 UPDATE_KINDS = ("distill", "fedavg")
+PULL_DENSE_BELOW = 8192  # pull deltas send tensors of at most this many entries whole (runtime.update_codec)
 MAX_WAIT_SECONDS = 86_400.0  # a longer max_wait_seconds waits this long (beyond ~292 years, timed waits overflow)
 
 
@@ -100,9 +101,10 @@ def _decode_submission(
     state: ServerState, device_id: str, bundle: BundleRecord, cohort: str, base_version: int, encoding: str,
     payload: bytes, base_sha256: str,
 ) -> dict[str, np.ndarray]:
-    """The parameters an encoded submission yields: in full (``"f32"``), or the decoded delta (only the names it
-    carries) added to its base: the parameters whose digest is ``base_sha256`` (what this server last sent the
-    device, or ``base_version``'s exact or held parameters), or ``base_version``'s exact ones without a digest."""
+    """The parameters an encoded submission yields: in full (``"f32"``), or the decoded delta (the device's own
+    change, only the names it carries) added to the exact parameters of ``base_version``, so the error of a lossy
+    copy the device trained from does not enter the aggregate. ``base_sha256`` (optional) must name what the
+    device started from: ``base_version``'s exact or held parameters, or what this server last sent it."""
     if encoding not in ENCODINGS:
         raise InvalidRequestError(f"submission encoding {encoding!r} is not one of {ENCODINGS}")
     spec = spec_of(bundle)
@@ -112,19 +114,17 @@ def _decode_submission(
         except InputError as exc:
             raise InvalidTensorError(f"undecodable f32 submission payload: {exc}") from exc
     exact, held = version_params(state, bundle, cohort, base_version)
-    base = exact
     if base_sha256:
         cached = held_cache(state).get(device_id, bundle.bundle_id, cohort)
-        candidates = ([cached[1]] if cached is not None and cached[0] == base_sha256 else []) + [exact, held]
-        base = next((c for c in candidates if params_digest(c) == base_sha256), None)  # type: ignore[assignment]
-        if base is None:
+        known = {params_digest(exact), params_digest(held)} | ({cached[0]} if cached is not None else set())
+        if base_sha256 not in known:
             raise InvalidRequestError(f"the submission's base_sha256 {base_sha256[:16]!r} matches neither version "
                                       f"{base_version}'s parameters nor what this device was last sent")
     try:
         delta = decode_delta(payload, encoding, spec.param_shapes)
     except InputError as exc:
         raise InvalidTensorError(f"undecodable {encoding} submission payload: {exc}") from exc
-    return {k: base[k] + d for k, d in delta.items()}
+    return {k: exact[k] + d for k, d in delta.items()}
 
 
 def submit_update(
@@ -133,11 +133,10 @@ def submit_update(
     base_sha256: str = "",
 ) -> int:
     """Store a device's parameters (names/shapes/finiteness checked against the bundle's parameter space);
-    return the submission id. Either ``params`` (plain tensors) or ``encoding`` + ``payload``: a delta is
-    added to the parameters the device started from, named by ``base_sha256`` (what this server last sent it,
-    or ``base_version``'s exact or held parameters; an unknown digest is refused), or to ``base_version``'s
-    exact parameters when no digest is given. So a local model trained from a lossy copy is reconstructed as
-    trained."""
+    return the submission id. Either ``params`` (plain tensors) or ``encoding`` + ``payload``: a delta (the
+    device's change) is added to the exact parameters of ``base_version``; ``base_sha256``, when given, must be
+    the digest of what the device started from (that version's exact or held parameters, or what this server
+    last sent it), else the submission is refused."""
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
     if num_samples <= 0:
@@ -425,7 +424,7 @@ def pull_update(
         payload, encoding, base_version, base_sha, after = encode_full(exact), "f32", 0, "", exact
     else:
         delta = {k: exact[k] - base[k] for k in exact}
-        payload = compress_delta(delta, None, encoding, state.update_topk_fraction).payload
+        payload = compress_delta(delta, None, encoding, state.update_topk_fraction, PULL_DENSE_BELOW).payload
         after = decode_update(payload, encoding, base, spec_of(bundle).param_shapes)
         base_version, base_sha = held_version, held_sha256
     after_sha = latest.sha256 if after is exact else params_digest(after)

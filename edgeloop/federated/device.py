@@ -23,12 +23,14 @@ class FederatedDevice:
     """One device: ``held`` (the full federated parameter set it holds, version ``held_version``), a training
     function (e.g. :meth:`LocalSGDTrainer.train_round`) and an encoder for its submissions.
 
+    ``dense_below``: with ``"int8_topk_delta"``, tensors of at most this many entries are sent whole.
     ``byzantine`` names an attack of :mod:`device_agents.fleet.byzantine` applied to the device's honest delta
     before it is encoded (None: honest).
     """
 
     def __init__(self, client: DeviceClient, bundle_id: str, initial: Mapping[str, np.ndarray], train: Train, *,
-                 encoding: str = "f32", topk_fraction: float = 1.0, trusted_keys: Sequence[bytes] | None = None,
+                 encoding: str = "f32", topk_fraction: float = 1.0, dense_below: int = 8192,
+                 trusted_keys: Sequence[bytes] | None = None,
                  byzantine: str | None = None, attack_scale: float | None = None, seed: int = 0) -> None:
         """Start from ``initial`` (version 0: the bundle's parameters)."""
         self.client = client
@@ -37,7 +39,7 @@ class FederatedDevice:
         self.held_version = 0
         self.held_sha256 = params_digest(self.held)
         self.train = train
-        self.encoder = SubmissionEncoder(encoding, topk_fraction)
+        self.encoder = SubmissionEncoder(encoding, topk_fraction, dense_below)
         self.trusted_keys = None if trusted_keys is None else tuple(trusted_keys)
         self.byzantine = byzantine
         self.attack_scale = attack_scale

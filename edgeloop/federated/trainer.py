@@ -108,8 +108,9 @@ class LocalSGDTrainer:
 
 
 def evaluate(arch: str, spec: Any, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-             batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``arch`` with ``params`` on ``(x, y)`` (central evaluation)."""
+             batch_size: int = 1000, threads: int | None = None) -> float:
+    """Top-1 accuracy of ``arch`` with ``params`` on ``(x, y)`` (central evaluation), with ``threads`` torch
+    threads for its duration (None: as set)."""
     import torch
 
     from exporter.models import build_model
@@ -118,8 +119,14 @@ def evaluate(arch: str, spec: Any, params: Mapping[str, np.ndarray], x: np.ndarr
     load_trainable(model, params)
     model.eval()
     correct = 0
-    with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
-            correct += int((model(xb).argmax(1).numpy() == np.asarray(y[start:start + batch_size])).sum())
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(x), batch_size):
+                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
+                correct += int((model(xb).argmax(1).numpy() == np.asarray(y[start:start + batch_size])).sum())
+    finally:
+        torch.set_num_threads(before)
     return correct / max(1, len(x))

@@ -154,7 +154,7 @@ def test_encoded_submissions_aggregate_full_weights_and_pull_as_delta(server: Ed
     held = decode_params(update, initial, 0)
     assert params_digest(held) == update.sha256
     full = len(encode_arrays(params))
-    assert len(update.payload) < full / 5
+    assert len(update.payload) < full / 3  # int8, small tensors whole
     # the server remembers what it sent: the device is up to date at version 1 with that lossy copy
     assert c.pull_update(bundle_id, 1, update.sha256) is None
     # unknown base digest: full f32; up to date: nothing
