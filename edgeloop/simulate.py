@@ -134,6 +134,7 @@ class SimulationConfig:
             raise ValueError(f"unknown drift detector {self.detector!r}; known: {', '.join(DETECTORS)}")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.json").is_file():
             raise ValueError(f"--bundle {self.bundle} is not a bundle directory (no manifest.json)")
+        self.scenario_obj()  # the overrides must make a valid scenario
 
     def scenario_obj(self) -> Any:
         """The scenario with the command line's overrides."""
@@ -296,6 +297,25 @@ def _server_round(admin: Any, cfg: SimulationConfig, submissions: int) -> tuple[
 
 def run_simulation(cfg: SimulationConfig, *, quiet: bool = False, console: Any = None) -> dict[str, Any]:
     """Run the simulation of ``cfg``; write the report (and plots) into ``cfg.out``; return the report."""
+    started = time.perf_counter()
+    cfg.scenario_obj()
+    check_data(cfg.dataset, cfg.data_dir)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    ray_started = False
+    if cfg.engine == "ray":  # before any gRPC thread of this process exists (Ray forks its helpers)
+        from device_agents.fleet.engine import start_ray
+
+        ray_started = start_ray(cfg.address)
+    try:
+        return _run(cfg, started, quiet, console)
+    finally:
+        if ray_started:
+            import ray
+
+            ray.shutdown()
+
+
+def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> dict[str, Any]:
     from device_agents.fleet.engine import create_engine
     from device_agents.fleet.report import build_report, plot_report, write_report
     from device_agents.fleet.scenarios import generate_fleet, participation
@@ -303,11 +323,8 @@ def run_simulation(cfg: SimulationConfig, *, quiet: bool = False, console: Any =
     from edgeloop.admin import AdminClient
     from edgeloop.data import load_dataset
 
-    started = time.perf_counter()
     timings: dict[str, float] = {}
     scenario = cfg.scenario_obj()
-    check_data(cfg.dataset, cfg.data_dir)
-    cfg.out.mkdir(parents=True, exist_ok=True)
     with _Reporter(quiet, console) as rep:
         if cfg.bundle is not None:
             bundle, trusted_pub = Path(cfg.bundle), ()

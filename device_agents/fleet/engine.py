@@ -109,8 +109,8 @@ def import_ray() -> Any:
 class RayEngine:
     """One Ray actor per worker, on a local Ray instance or an existing cluster (``address``).
 
-    ``address`` None starts a local instance (``ray.init`` with ``num_cpus``, no dashboard, a small object
-    store); ``"auto"`` or ``"ray://host:port"``/``"host:port"`` joins a running cluster. Actors reach the
+    ``address`` None starts a local instance (:func:`start_ray`) unless Ray is already connected; ``"auto"`` or
+    ``"ray://host:port"``/``"host:port"`` joins a running cluster. Actors reach the
     edgeloop server at ``config.server``: on a multi-machine cluster that address must be reachable from
     every node (``edgeloop simulate --server``). Each actor asks for ``cpus_per_worker`` CPUs.
     """
@@ -118,18 +118,10 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, specs: Sequence[DeviceSpec], config: FleetConfig, workers: int = 2, *,
-                 address: str | None = None, num_cpus: int | None = None, cpus_per_worker: float = 0.5,
-                 object_store_bytes: int = 128 << 20) -> None:
+                 address: str | None = None, cpus_per_worker: float = 0.5) -> None:
         ray = import_ray()
         self._ray = ray
-        self._started = False
-        if not ray.is_initialized():
-            if address is None:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
-                         log_to_driver=False, configure_logging=False)
-            else:
-                ray.init(address=address, log_to_driver=False, configure_logging=False)
-            self._started = True
+        self._started = start_ray(address)
         actor_class = ray.remote(num_cpus=cpus_per_worker)(FleetWorker)
         groups = split(specs, workers)
         self._sizes = [len(g) for g in groups]
@@ -180,6 +172,29 @@ class RayEngine:
         if self._started:
             self._ray.shutdown()
             self._started = False
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None,
+              object_store_bytes: int = 128 << 20) -> bool:
+    """Connect to Ray unless already connected: a local instance (``address`` None; no dashboard, a small object
+    store) or the cluster at ``address``. Returns whether this call connected (the caller then shuts it down).
+
+    Call it before this process starts gRPC servers or channels: Ray forks its helpers, and a fork while gRPC
+    threads run is what gRPC warns about.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    try:
+        if address is None:
+            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
+                     log_to_driver=False, configure_logging=False)
+        else:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except Exception as exc:  # ray raises bare Exceptions (e.g. a node that timed out at start-up)
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise RuntimeError(f"could not start or join {where}: {exc}") from exc
+    return True
 
 
 def create_engine(name: str, specs: Sequence[DeviceSpec], config: FleetConfig, *, workers: int,

@@ -246,8 +246,8 @@ def _pools(labels: np.ndarray, n: int, alpha: float, seed: int) -> list[np.ndarr
     """Dirichlet(α) pools of test indices, the labels tiled when the split is smaller than the fleet needs."""
     from edgeloop.data.partition import dirichlet_partition
 
-    min_size = 8
-    reps = max(1, math.ceil(n * min_size * 2 / labels.size))
+    min_size, mean_pool = 4, 64
+    reps = max(1, math.ceil(n * mean_pool / labels.size))
     tiled = np.tile(labels, reps)
     parts = dirichlet_partition(tiled, n, alpha, seed=seed, min_size=min_size, max_tries=200)
     return [np.asarray(p % labels.size, dtype=np.int32) for p in parts]
