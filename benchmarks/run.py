@@ -25,6 +25,7 @@ from benchmarks import (
     bench_distill,
     bench_drift,
     bench_federated,
+    bench_fleet,
     bench_inference,
     bench_load,
     bench_selection,
@@ -46,6 +47,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_drift.NAME: bench_drift,
     bench_selection.NAME: bench_selection,
     bench_federated.NAME: bench_federated,
+    bench_fleet.NAME: bench_fleet,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MARKDOWN = REPO_ROOT / "BENCHMARKS.md"

@@ -87,6 +87,7 @@ class SimulationConfig:
     cache_dir: Path | None = None
     data_dir: Path | None = None
     update_encoding: str = "int8_delta"
+    contribution_encoding: str = "int8_delta"
     round_timeout: float = 300.0
     plots: bool = True
 
@@ -123,6 +124,12 @@ class SimulationConfig:
             raise ValueError(f"--upload-bytes must be >= 0, got {self.upload_bytes_per_window}")
         if self.health_samples < 0:
             raise ValueError(f"--health-samples must be >= 0, got {self.health_samples}")
+        from runtime.update_codec import ENCODINGS
+
+        for name in ("update_encoding", "contribution_encoding"):
+            if getattr(self, name) not in ENCODINGS:
+                raise ValueError(f"unknown --{name.replace('_', '-')} {getattr(self, name)!r}; known: "
+                                 f"{', '.join(ENCODINGS)}")
         if self.round_timeout <= 0:
             raise ValueError(f"--round-timeout must be positive, got {self.round_timeout}")
         from device_agents.drift import DETECTORS
@@ -355,7 +362,8 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
                     work_dir=str((cfg.out / "devices").resolve()), online=online,
                     data_dir=None if cfg.data_dir is None else str(cfg.data_dir), tta=cfg.tta,
                     detector=cfg.detector, upload_bytes_per_window=cfg.upload_bytes_per_window,
-                    health_samples=cfg.health_samples, local_baseline=cfg.local_baseline, trusted_keys=keys)
+                    health_samples=cfg.health_samples, local_baseline=cfg.local_baseline, trusted_keys=keys,
+                    contribution_encoding=cfg.contribution_encoding)
                 t0 = time.perf_counter()
                 engine = create_engine(cfg.engine, specs, fleet_config, workers=cfg.workers, address=cfg.address)
                 try:
@@ -448,6 +456,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=None, help="directory holding mnist/ and cifar10_jpeg/")
     p.add_argument("--update-encoding", default="int8_delta", help="server update encoding: f32, int8_delta, "
                    "int8_topk_delta; default int8_delta")
+    p.add_argument("--contribution-encoding", default="int8_delta", help="how devices send contributions: f32, "
+                   "int8_delta, int8_topk_delta (error feedback); default int8_delta")
     p.add_argument("--no-plots", action="store_true", help="write report.json only")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
@@ -477,7 +487,8 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         dropout=args.dropout, byzantine=args.byzantine, attack=args.attack, attack_scale=args.attack_scale,
         upload_bytes_per_window=args.upload_bytes, health_samples=args.health_samples,
         local_baseline=not args.no_local_baseline, bundle=args.bundle, cache_dir=args.cache_dir,
-        data_dir=args.data_dir, update_encoding=args.update_encoding, plots=not args.no_plots,
+        data_dir=args.data_dir, update_encoding=args.update_encoding,
+        contribution_encoding=args.contribution_encoding, plots=not args.no_plots,
     )
 
 

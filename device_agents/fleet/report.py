@@ -70,6 +70,7 @@ def build_report(
     n, r = len(specs), len(runs)
     samples, correct, source, local = (np.zeros((n, r)) for _ in range(4))
     online = np.zeros((n, r), dtype=bool)
+    learned = np.zeros((n, r), dtype=np.int64)
     contributed = np.zeros((n, r), dtype=bool)
     up, down = np.zeros((n, r), dtype=np.int64), np.zeros((n, r), dtype=np.int64)
     errors = 0
@@ -79,6 +80,7 @@ def build_report(
             samples[i, k], correct[i, k] = rec.samples, rec.correct
             source[i, k], local[i, k] = rec.source_correct, rec.local_correct
             online[i, k], contributed[i, k] = rec.online, rec.contributed
+            learned[i, k] = getattr(rec, "learned", 0)
             up[i, k] += rec.bytes_up
             down[i, k] += rec.bytes_down
             errors += len(rec.errors)
@@ -98,6 +100,7 @@ def build_report(
         per_device["local_tta"] = _ratio(local, samples)
     gain = per_device["federated"] - per_device["no_adaptation"]
     byz = np.asarray([s.byzantine is not None for s in specs])
+    lab = np.asarray([bool(getattr(s, "labelled", False)) for s in specs])
 
     def overall(c: np.ndarray, mask: np.ndarray | None = None) -> float | None:
         m = np.ones(n, dtype=bool) if mask is None else mask
@@ -159,6 +162,8 @@ def build_report(
             "honest_devices": {"federated": overall(correct, ~byz), "no_adaptation": overall(source, ~byz)},
             "byzantine_devices": {"federated": overall(correct, byz), "no_adaptation": overall(source, byz)}
             if byz.any() else None,
+            "labelled_devices": {"federated": overall(correct, lab), "no_adaptation": overall(source, lab),
+                                 **({"local_tta": overall(local, lab)} if has_local else {})} if lab.any() else None,
             "last_round": {k: _nan_list(v[-1:])[0] for k, v in fleet.items()},
         },
         "device_accuracy_spread": {"federated": pct(per_device["federated"]),
@@ -180,6 +185,8 @@ def build_report(
         "updates_applied": int(sum(len(f["update_versions"]) for f in finals)),
         "rejected_updates": int(sum(f["rejected_updates"] for f in finals)),
         "byzantine_devices": int(byz.sum()),
+        "labelled_devices": int(lab.sum()),
+        "zeroth_order_samples": int(learned.sum()),
         "per_device": {
             "device_ids": [s.device_id for s in specs],
             "accuracy": {k: _nan_list(v) for k, v in per_device.items()},

@@ -45,7 +45,8 @@ class Scenario:
     the transition window as a fraction of the stream. ``clean_start`` is the share of devices whose first
     domain is clean. ``dropout_max``: each device's per-round dropout probability is uniform in
     [0, dropout_max]. ``attack``: one of :data:`~device_agents.fleet.byzantine.ATTACKS` or ``"mixed"`` (each
-    byzantine device draws one).
+    byzantine device draws one). ``labelled``: the share of devices that receive the labels of what they saw
+    (after predicting) and take zeroth-order SPSA steps on them (``Agent.learn``).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Scenario:
     byzantine: float = 0.0
     attack: str = MIXED_ATTACK
     attack_scale: float | None = None
+    labelled: float = 0.0
 
     def __post_init__(self) -> None:
         check_scenario(self)
@@ -86,7 +88,7 @@ def check_scenario(s: Scenario) -> None:
         raise ValueError(f"scenario {s.name!r}: drift_mix shares must be >= 0 with a positive sum, got {kinds}")
     if s.segments < 2 and any(kinds.get(k, 0) > 0 for k in ("abrupt", "gradual", "recurring")):
         raise ValueError(f"scenario {s.name!r}: a drifting schedule needs segments >= 2, got {s.segments}")
-    for name in ("gradual_width", "clean_start", "dropout_max", "byzantine"):
+    for name in ("gradual_width", "clean_start", "dropout_max", "byzantine", "labelled"):
         _fraction(name, getattr(s, name))
     if s.dropout_max >= 1.0:
         raise ValueError(f"dropout must be below 1 (a device that is always offline never takes part), "
@@ -142,6 +144,8 @@ for _s in (
              drift_mix=(("none", 1.0),), segments=1, dirichlet_alpha=100.0, dropout_max=0.0, clean_start=0.0),
     Scenario("byzantine", "mixed, with 20 % byzantine devices (sign flip, scaled, random updates)",
              byzantine=0.2),
+    Scenario("labelled", "mixed, with 30 % of devices receiving labels and taking zeroth-order (SPSA) steps",
+             labelled=0.3),
     Scenario("stragglers", "mixed, with speeds 1-6 batches/round and dropout up to 60 % (uneven participation)",
              speed=(1, 6), dropout_max=0.6),
 ):
@@ -186,6 +190,7 @@ class DeviceSpec:
     dropout: float = 0.0
     byzantine: str | None = None
     attack_scale: float | None = None
+    labelled: bool = False
 
     @property
     def drift_points(self) -> list[int]:
@@ -202,7 +207,7 @@ class DeviceSpec:
             "device_id": self.device_id, "drift_kind": self.drift_kind,
             "schedule": [{"domain": s.domain, "start": s.start, "ramp": s.ramp} for s in self.schedule],
             "batches_per_round": self.batches_per_round, "dropout": round(self.dropout, 4),
-            "byzantine": self.byzantine, "pool_size": int(self.pool.size),
+            "byzantine": self.byzantine, "labelled": self.labelled, "pool_size": int(self.pool.size),
         }
 
 
@@ -274,6 +279,8 @@ def generate_fleet(
     p = np.asarray(shares, dtype=np.float64) / sum(shares)
     n_byz = round(scenario.byzantine * devices)
     byzantine = set(rng.choice(devices, size=n_byz, replace=False).tolist()) if n_byz else set()
+    n_lab = round(scenario.labelled * devices)
+    labelled = set(rng.choice(devices, size=n_lab, replace=False).tolist()) if n_lab else set()
     attacks = sorted(ATTACKS)
     width = len(str(devices - 1))
     specs = []
@@ -289,7 +296,7 @@ def generate_fleet(
         specs.append(DeviceSpec(
             index=i, device_id=f"sim-{i:0{width}d}", seed=int(rng.integers(0, 2**31 - 1)), pool=pools[i],
             drift_kind=kind, schedule=schedule, batches_per_round=speed, dropout=dropout, byzantine=attack,
-            attack_scale=scenario.attack_scale,
+            attack_scale=scenario.attack_scale, labelled=i in labelled,
         ))
     return specs
 

@@ -21,7 +21,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import grpc
 import numpy as np
 
 from device_agents.client import DeviceClient
-from device_agents.fleet.contribution import Contributor, byzantine_params, default_contributor
+from device_agents.fleet.contribution import AgentContributor, Contributor, byzantine_params, default_contributor
 from device_agents.fleet.scenarios import DeviceSpec
 from device_agents.fleet.streams import DeviceStream
 from proto.edgeloop.v1 import device_pb2_grpc
@@ -46,6 +46,8 @@ class FleetConfig:
     ``health_samples``: recent samples the health monitor keeps for the rollback check (memory per device).
     ``local_baseline``: also run the TTA method on a private, never-synced model (TTA without the fleet).
     ``online``: ``(devices, rounds)`` participation draws, indexed by :attr:`DeviceSpec.index`.
+    ``contribution_encoding``: how honest devices send contributions (``f32`` or a delta encoding of
+    :mod:`runtime.update_codec`, with error feedback), when the agent sends them itself (``Agent.contribute``).
     """
 
     server: str
@@ -64,6 +66,7 @@ class FleetConfig:
     trusted_keys: tuple[bytes, ...] | None = None
     rpc_timeout: float = 30.0
     sync_wait_seconds: float = 0.001
+    contribution_encoding: str = "int8_delta"
 
 
 @dataclass
@@ -78,6 +81,7 @@ class DeviceRound:
     source_correct: int = 0
     local_correct: int = 0
     contributed: bool = False
+    learned: int = 0
     applied: tuple[int, ...] = ()
     bytes_up: int = 0
     bytes_down: int = 0
@@ -177,9 +181,11 @@ class FleetWorker:
         # the outbox is a real SqliteOutbox, in memory: durability across crashes is not what a fleet run tests
         outbox = SqliteOutbox(":memory:", max_bytes=max(1 << 16, 16 * cfg.upload_bytes_per_window)) if upload else None
         keys = (info.update_public_key,) if info.update_public_key else None
+        extra = ({"contribution_encoding": cfg.contribution_encoding}
+                 if "contribution_encoding" in {f.name for f in fields(AgentConfig)} else {})
         config = AgentConfig(device_id=client.device_id, bundle_id=info.bundle_id, cohort=info.cohort,
                              update_keys=keys, health=HealthPolicy(recent_samples=cfg.health_samples),
-                             sync_wait_seconds=cfg.sync_wait_seconds)
+                             sync_wait_seconds=cfg.sync_wait_seconds, **extra)
         return Agent(model, _tta(cfg.tta), make_detector(cfg.detector, model, cfg.drift_threshold), selector,
                      outbox, client, config)
 
@@ -207,6 +213,12 @@ class FleetWorker:
                     continue
                 rec.samples += len(y)
                 rec.correct += int((result.pred == y).sum())
+                if dev.spec.labelled and hasattr(dev.agent, "learn"):
+                    try:  # the labels arrive after the prediction: a zeroth-order step on them
+                        dev.agent.learn(x, y)
+                        rec.learned += len(y)
+                    except Exception as exc:
+                        errors.append(dev.error(f"learn at {position}", exc))
                 detected.extend(result.drift_positions)
                 if dev.local is not None:
                     model, method = dev.local
@@ -230,6 +242,13 @@ class FleetWorker:
     def _contribute(self, dev: _SimDevice, errors: list[str]) -> bool:
         agent = dev.agent
         try:
+            if dev.spec.byzantine is None and isinstance(dev.contributor, AgentContributor):
+                # the agent sends it itself, through its contribution codec (error-feedback deltas)
+                if agent.contribute() is None:
+                    return False
+                dev.samples_since_contribution = 0
+                dev.contributions += 1
+                return True
             contribution = dev.contributor.contribution(agent, dev.samples_since_contribution)
             if contribution is None:
                 return False
