@@ -39,7 +39,7 @@ def score_drift(truth: Sequence[int], detected: Sequence[int], length: int,
     """
     truth = sorted(int(t) for t in truth)
     detected = sorted(int(d) for d in detected)
-    bounds = [*truth[1:], length]
+    bounds = [*truth[1:], length] if truth else []
     delays: list[int] = []
     matched: set[int] = set()
     for point, nxt in zip(truth, bounds, strict=True):

@@ -135,6 +135,7 @@ def test_drift_scoring_against_known_points() -> None:
     assert score["false_alarms"] == 3  # 20 (before any drift), 140 (second hit), 390 (late)
     late = score_drift([100, 200], [250], length=400, window=500)
     assert late["delays"] == [50] and late["missed"] == 1  # a detection belongs to the drift it follows
+    assert score_drift([], [10, 20], length=100)["false_alarms"] == 2  # a stationary stream: all false alarms
 
 
 def test_byzantine_attack_applies_to_the_delta() -> None:
