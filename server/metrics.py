@@ -138,9 +138,10 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         def wrap(behavior: Behavior, request_streaming: bool, response_streaming: bool) -> Behavior:
             if response_streaming:
                 def timed_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    t0, ending = time.perf_counter(), "UNKNOWN"
+                    t0, ending, inner = time.perf_counter(), "UNKNOWN", None
                     try:
-                        for item in behavior(request, context):
+                        inner = behavior(request, context)
+                        for item in inner:
                             m._observe_response(item)
                             yield item
                         ending = "OK"
@@ -148,6 +149,9 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                         ending = "CANCELLED"
                         raise
                     finally:
+                        close = getattr(inner, "close", None)
+                        if close is not None:
+                            close()  # run the handler's own cleanup now, as ``yield from`` would
                         m._record(service, method, context, t0, ending)
                 return timed_stream
 
