@@ -24,6 +24,7 @@ from benchmarks import (
     bench_demo,
     bench_distill,
     bench_drift,
+    bench_fedbuff,
     bench_federated,
     bench_fleet,
     bench_inference,
@@ -48,6 +49,7 @@ BENCHMARKS: dict[str, ModuleType] = {
     bench_selection.NAME: bench_selection,
     bench_federated.NAME: bench_federated,
     bench_fleet.NAME: bench_fleet,
+    bench_fedbuff.NAME: bench_fedbuff,
 }
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 MARKDOWN = REPO_ROOT / "BENCHMARKS.md"

@@ -279,8 +279,10 @@ class Storage(Protocol):
         """The submission, or None."""
         ...
 
-    def unused_submissions(self, bundle_id: str, cohort: str | None = None) -> list[SubmissionRecord]:
-        """Submissions for the bundle (of ``cohort`` when given) not yet used by a round, oldest first."""
+    def unused_submissions(self, bundle_id: str, cohort: str | None = None,
+                           limit: int | None = None) -> list[SubmissionRecord]:
+        """Submissions for the bundle (of ``cohort`` when given) not yet used by a round, oldest first (at most
+        ``limit``)."""
         ...
 
     def unused_submission_groups(self) -> list[tuple[str, str, int]]:
@@ -300,6 +302,16 @@ class Storage(Protocol):
                           aggregator_state: AggregatorStateRecord | None = None) -> None:
         """Before a round publishes: record which submissions it takes and, in the same transaction, the
         strategy's state after the round (so a crash can over-count a privacy ledger, never under-count it)."""
+        ...
+
+    def start_round(self, kind: str, created_ms: int, submission_ids: Sequence[int],
+                    aggregator_state: AggregatorStateRecord | None = None) -> RoundRecord:
+        """Insert a round already running, with its claimed submissions and the strategy's state after it, in
+        one transaction (see :meth:`claim_submissions`); return it with its id."""
+        ...
+
+    def finish_round(self, record: RoundRecord, used_ids: Sequence[int]) -> None:
+        """Mark ``used_ids`` used by the round and save its final record, in one transaction."""
         ...
 
     def round_inputs(self, round_id: int) -> list[int]:

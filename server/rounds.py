@@ -27,7 +27,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from server.aggregation import Aggregator, Contribution, FedAvg
+from server.aggregation import AggregateResult, Aggregator, Contribution, FedAvg
 from server.codec import decode_array, decode_arrays
 from server.errors import (
     DistillerUnavailableError,
@@ -92,7 +92,6 @@ class _Job:
     cohort: str
     limit: int
     steps: int
-    submission_ids: tuple[int, ...] | None = None  # an asynchronous step's buffer (None: every unused one)
 
 
 @dataclass(frozen=True)
@@ -211,14 +210,38 @@ class RoundRunner:
             self._pending.discard((bundle_id, cohort))  # from here on, a new submission queues a new check
         k = self.aggregator.buffer_size
         while True:
-            unused = self.state.storage.unused_submissions(bundle_id, cohort)
-            if len(unused) < k:
-                return
-            record = self.state.storage.create_round(ASYNC_ROUND_KIND, self.state.clock())
-            self._changed(record)
-            ids = tuple(s.id for s in unused[:k] if s.id is not None)
-            if not self._run(record, _Job(bundle_id, cohort, 0, 0, ids)):
-                return  # recorded as failed; the submissions stay unused and the next one retries
+            buffer = self.state.storage.unused_submissions(bundle_id, cohort, limit=k)
+            if len(buffer) < k or not self._async_step(bundle_id, cohort, buffer):
+                return  # a failed step is recorded; its submissions stay unused and the next one retries
+
+    def _async_step(self, bundle_id: str, cohort: str, buffer: list[SubmissionRecord]) -> bool:
+        """One FedBuff step run by the server itself, in three commits: the round (running) with its claimed
+        inputs and the strategy's state; the published update; the inputs marked used with the round done."""
+        storage, t0 = self.state.storage, time.perf_counter()
+        record: RoundRecord | None = None
+        try:
+            result, outcome = self._fedbuff_step(bundle_id, cohort, buffer)
+            ids = [s.id for s in buffer if s.id is not None]
+            record = storage.start_round(ASYNC_ROUND_KIND, self.state.clock(), ids, self._state_record())
+            update = publish_update(self.state, bundle_id, "fedavg", result.params, round_id=record.round_id,
+                                    cohort=cohort)
+            self._remember(bundle_id, cohort, update.version, update.params)
+            done = replace(record, state="done", update_version=update.version, samples_used=outcome.samples_used,
+                           metrics=outcome.metrics, seconds=time.perf_counter() - t0)
+            storage.finish_round(done, ids)
+        except Exception as exc:  # recorded on the round and logged, not swallowed
+            logger.exception("asynchronous %s step of bundle %s cohort %s failed", self.aggregator.name, bundle_id,
+                             cohort)
+            record = record or storage.create_round(ASYNC_ROUND_KIND, self.state.clock())
+            failed = replace(record, state="failed", error=f"{type(exc).__name__}: {exc}",
+                             seconds=time.perf_counter() - t0)
+            storage.save_round(failed)
+            self._changed(failed)
+            return False
+        self._changed(done)
+        logger.info("round %d (%s) done: %s/v%d from %d submissions", done.round_id, done.kind, cohort,
+                    update.version, len(buffer))
+        return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
         """Block until every round and buffer check queued so far has finished; False on timeout."""
@@ -306,7 +329,7 @@ class RoundRunner:
         storage.save_round(running)
         t0 = time.perf_counter()
         try:
-            if record.kind == ASYNC_ROUND_KIND or (record.kind == "fedavg" and self.aggregator.asynchronous):
+            if record.kind == "fedavg" and self.aggregator.asynchronous:  # an operator's flush of the buffer
                 outcome = self._fedbuff(record.round_id, job)
             elif record.kind == "fedavg":
                 outcome = self._fedavg(record.round_id, job)
@@ -348,20 +371,29 @@ class RoundRunner:
         return _Outcome(update, total, self._with_strategy_metrics(metrics, result.metrics))
 
     def _fedbuff(self, round_id: int, job: _Job) -> _Outcome:
-        """One asynchronous server step over a buffer: each submission's delta from the exact parameters of its
-        base version, weighted by its staleness (versions published since), onto the current ones."""
-        storage, bundle_id = self.state.storage, job.bundle_id
-        unused = storage.unused_submissions(bundle_id, job.cohort)
-        wanted = None if job.submission_ids is None else set(job.submission_ids)
-        buffer = [s for s in unused if wanted is None or s.id in wanted]
-        if not buffer or (wanted is not None and len(buffer) != len(wanted)):
-            raise NothingToAggregateError(f"the buffer of bundle {bundle_id} cohort {job.cohort!r} holds "
-                                          f"{len(buffer)} of the {len(wanted or ())} submissions expected")
-        base, version = current_params(self.state, bundle_id, job.cohort)
+        """A FedBuff step an operator started (``StartRound``): over every unused submission of the cohort."""
+        buffer = self.state.storage.unused_submissions(job.bundle_id, job.cohort)
+        if not buffer:
+            raise NothingToAggregateError(f"no unused federated submissions for bundle {job.bundle_id} "
+                                          f"in cohort {job.cohort!r}")
+        result, outcome = self._fedbuff_step(job.bundle_id, job.cohort, buffer)
+        version = self._publish(round_id, job, result.params, [s.id for s in buffer if s.id is not None])
+        return replace(outcome, update_version=version)
+
+    def _fedbuff_step(self, bundle_id: str, cohort: str, buffer: Sequence[SubmissionRecord]
+                      ) -> tuple[AggregateResult, _Outcome]:
+        """Aggregate a buffer: each submission's delta from the exact parameters of its base version, weighted
+        by its staleness (versions published since), onto the current parameters. Publishes nothing; the
+        outcome's ``update_version`` is left 0."""
+        latest = self.state.storage.latest_update(bundle_id, cohort)
+        version = latest.version if latest is not None else 0
+        base = self._base_params(bundle_id, cohort, version)
+        if base is None:
+            raise NothingToAggregateError(f"version {version} of cohort {cohort!r} is not one of bundle {bundle_id}")
         contributions, staleness = [], []
         for s in buffer:
             submitted = decode_arrays(self.state.blobs.get(s.blob))
-            origin = self._base_params(bundle_id, job.cohort, s.base_version)
+            origin = self._base_params(bundle_id, cohort, s.base_version)
             if origin is None:  # not a version of this bundle (a device still on another one): from the current
                 origin = base
             delta = {k: np.asarray(v, np.float64) - np.asarray(origin[k], np.float64) for k, v in submitted.items()
@@ -369,13 +401,12 @@ class RoundRunner:
             staleness.append(max(0, version - s.base_version))
             contributions.append(Contribution(s.device_id, delta, float(s.num_samples), staleness[-1], is_delta=True))
         result = self.aggregator.aggregate(base, contributions)
-        update = self._publish(round_id, job, result.params, [s.id for s in buffer if s.id is not None])
         total = sum(s.num_samples for s in buffer)
         metrics = {"submissions": float(len(buffer)), "buffer_size": float(self.aggregator.buffer_size),
                    "total_weight": float(total), "base_version": float(version),
                    "update_norm": _norm(result.params, base), "mean_staleness": float(np.mean(staleness)),
                    "max_staleness": float(max(staleness))}
-        return _Outcome(update, total, self._with_strategy_metrics(metrics, result.metrics))
+        return result, _Outcome(0, total, self._with_strategy_metrics(metrics, result.metrics))
 
     def _publish(self, round_id: int, job: _Job, params: dict[str, np.ndarray], used: list[int]) -> int:
         """Claim ``used`` and save the strategy's state, publish, then mark ``used`` (see the module doc)."""
@@ -402,10 +433,13 @@ class RoundRunner:
                 exact, _ = version_params(self.state, resolve_bundle(self.state, bundle_id), cohort, version)
             except InvalidRequestError:
                 return None
-            if len(self._bases) >= _BASE_CACHE:
-                self._bases.pop(next(iter(self._bases)))
-            self._bases[key] = exact
+            self._remember(bundle_id, cohort, version, exact)
         return self._bases[key]
+
+    def _remember(self, bundle_id: str, cohort: str, version: int, params: Mapping[str, np.ndarray]) -> None:
+        if len(self._bases) >= _BASE_CACHE:
+            self._bases.pop(next(iter(self._bases)))
+        self._bases[(bundle_id, cohort, version)] = dict(params)
 
     def _distiller_instance(self) -> Distiller:
         if self._distiller is None:

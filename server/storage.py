@@ -380,12 +380,16 @@ class Registry(UpdateTables):
         row = self._one("SELECT * FROM submissions WHERE id = ?", (submission_id,))
         return SubmissionRecord(**dict(row)) if row else None
 
-    def unused_submissions(self, bundle_id: str, cohort: str | None = None) -> list[SubmissionRecord]:
+    def unused_submissions(self, bundle_id: str, cohort: str | None = None,
+                           limit: int | None = None) -> list[SubmissionRecord]:
         """See :meth:`Storage.unused_submissions`."""
         sql, args = "SELECT * FROM submissions WHERE bundle_id = ? AND used_in_round IS NULL", [bundle_id]
         if cohort is not None:
-            sql, args = sql + " AND cohort = ?", [bundle_id, cohort]
-        return [SubmissionRecord(**dict(r)) for r in self._all(sql + " ORDER BY id", args)]
+            sql, args = sql + " AND cohort = ?", [*args, cohort]
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, limit]
+        return [SubmissionRecord(**dict(r)) for r in self._all(sql, args)]
 
     def unused_submission_groups(self) -> list[tuple[str, str, int]]:
         """See :meth:`Storage.unused_submission_groups`."""
@@ -414,6 +418,25 @@ class Registry(UpdateTables):
                           [(round_id, i) for i in ids])
             if aggregator_state is not None:
                 _save_aggregator_state(c, aggregator_state)
+
+    def start_round(self, kind: str, created_ms: int, submission_ids: Sequence[int],
+                    aggregator_state: AggregatorStateRecord | None = None) -> RoundRecord:
+        """See :meth:`Storage.start_round`."""
+        with self._tx() as c:
+            cur = c.execute("INSERT INTO rounds (kind, state, created_ms) VALUES (?, 'running', ?)", (kind, created_ms))
+            round_id = int(cur.lastrowid or 0)
+            c.executemany("INSERT INTO round_inputs (round_id, submission_id) VALUES (?, ?)",
+                          [(round_id, i) for i in submission_ids])
+            if aggregator_state is not None:
+                _save_aggregator_state(c, aggregator_state)
+        return RoundRecord(round_id=round_id, kind=kind, state="running", created_ms=created_ms)
+
+    def finish_round(self, record: RoundRecord, used_ids: Sequence[int]) -> None:
+        """See :meth:`Storage.finish_round`."""
+        with self._tx() as c:
+            c.executemany("UPDATE submissions SET used_in_round = ? WHERE id = ?",
+                          [(record.round_id, i) for i in used_ids])
+            self._save_round(c, record)
 
     def round_inputs(self, round_id: int) -> list[int]:
         """See :meth:`Storage.round_inputs`."""
@@ -448,14 +471,17 @@ class Registry(UpdateTables):
 
     def save_round(self, record: RoundRecord) -> None:
         """See :meth:`Storage.save_round`."""
-        r = record
         with self._tx() as c:
-            c.execute(
-                "UPDATE rounds SET state = ?, update_version = ?, samples_used = ?, error = ?, seconds = ?, "
-                "metrics = ? WHERE round_id = ?",
-                (r.state, r.update_version, r.samples_used, r.error, r.seconds,
-                 json.dumps(r.metrics, sort_keys=True), r.round_id),
-            )
+            self._save_round(c, record)
+
+    @staticmethod
+    def _save_round(c: sqlite3.Connection, r: RoundRecord) -> None:
+        c.execute(
+            "UPDATE rounds SET state = ?, update_version = ?, samples_used = ?, error = ?, seconds = ?, "
+            "metrics = ? WHERE round_id = ?",
+            (r.state, r.update_version, r.samples_used, r.error, r.seconds, json.dumps(r.metrics, sort_keys=True),
+             r.round_id),
+        )
 
     def get_round(self, round_id: int) -> RoundRecord | None:
         """See :meth:`Storage.get_round`."""
