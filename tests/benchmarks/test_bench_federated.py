@@ -8,13 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
-from benchmarks import bench_federated as bench
+from benchmarks import bench_federated as bench  # noqa: E402
 
 
 @pytest.mark.slow
 def test_edgeloop_side_runs_and_measures(tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_toy(tmp_path)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_toy(tmp_path: Path) -> None:
     data = bench.load_data("digits")
     assert data[0].dtype == np.uint8 and data[0].shape[1:] == (1, 8, 8)
     bundle, spec = bench.make_bundle("small_cnn", data[0], 10, 0, tmp_path / "bundle")

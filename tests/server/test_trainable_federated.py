@@ -121,7 +121,7 @@ def test_malformed_trainable_blocks_are_refused(edit: object, match: str) -> Non
 def test_publish_refuses_a_trainable_file_that_does_not_match(tmp_path: Path, server: EdgeloopServer) -> None:
     bad = trainable_values()
     bad["fc.bias"] = np.full(10, np.nan, np.float32)
-    with AdminClient(f"127.0.0.1:{server.port}") as admin, pytest.raises(Exception, match="fc.bias"):
+    with AdminClient(f"127.0.0.1:{server.port}") as admin, pytest.raises(Exception, match=r"fc\.bias"):
         admin.publish_bundle(write_bundle(trainable_bundle_files(weights=bad), tmp_path / "bad"))
     short = {k: v for k, v in trainable_values().items() if k != "fc.weight"}
     with AdminClient(f"127.0.0.1:{server.port}") as admin, pytest.raises(Exception, match="trainable file"):
@@ -180,7 +180,7 @@ def test_corrupt_payload_and_wrong_base_are_refused(server: EdgeloopServer) -> N
     c, bundle_id, _ = _client(server)
     initial = full_initial()
     payload = SubmissionEncoder("int8_topk_delta", 0.1).encode(trainable_values(1), initial)
-    with pytest.raises(TransportError, match="truncated|unexpected bytes|undecodable"):
+    with pytest.raises(TransportError, match=r"truncated|unexpected bytes|undecodable"):
         c.submit_update(bundle_id, 0, 5, encoding="int8_topk_delta", payload=payload[:-7])
     with pytest.raises(TransportError, match="base_sha256"):
         c.submit_update(bundle_id, 0, 5, encoding="int8_topk_delta", payload=payload, base_sha256="ab" * 32)
@@ -189,7 +189,7 @@ def test_corrupt_payload_and_wrong_base_are_refused(server: EdgeloopServer) -> N
     with pytest.raises(TransportError, match="encoding"):
         c.submit_update(bundle_id, 0, 5, encoding="zip", payload=payload)
     bad = {"fc.weight": np.zeros((3, 3), np.float32)}
-    with pytest.raises(TransportError, match="fc.weight"):
+    with pytest.raises(TransportError, match=r"fc\.weight"):
         c.submit_update(bundle_id, 0, 5, encoding="f32", payload=SubmissionEncoder("f32").encode(bad, None))
     nan = {"fc.bias": np.full(10, np.nan, np.float32)}
     with pytest.raises(TransportError, match="NaN"):
@@ -206,7 +206,30 @@ def test_adaptable_only_device_applies_its_names_from_a_full_update(server: Edge
     assert server.runner.wait(server.runner.start("fedavg").round_id, timeout=30).state == "done"
     update = c.pull_update(bundle_id, 0, "")
     assert update is not None and update.encoding == "f32"
+    check_signature(update, [key])
     adaptable = {k: v for k, v in initial.items() if k in initial_params()}
     held = decode_params(update, adaptable, 0)
     assert set(held) == set(adaptable) and np.allclose(held["bn1.weight"], 2.0)
     c.close()
+
+
+def test_server_counts_parameter_bytes_both_ways(tmp_path: Path) -> None:
+    cfg = ServerConfig(data_dir=tmp_path / "data", port=0, max_workers=8, metrics_port=0,
+                       update_encoding="int8_topk_delta", update_topk_fraction=0.1)
+    with EdgeloopServer(cfg) as srv:
+        with AdminClient(f"127.0.0.1:{srv.port}") as admin:
+            admin.publish_bundle(write_bundle(trainable_bundle_files(), tmp_path / "bundle"))
+        c, bundle_id, _ = _client(srv)
+        initial = full_initial()
+        c.submit_update(bundle_id, 0, 4, encoding="int8_delta",
+                        payload=SubmissionEncoder("int8_delta").encode(trainable_values(1), initial))
+        assert srv.runner.wait(srv.runner.start("fedavg").round_id, timeout=30).state == "done"
+        assert c.pull_update(bundle_id, 0, params_digest(initial)) is not None
+        assert srv.metrics is not None
+        reg = srv.metrics.registry
+        traffic = c.traffic()
+        assert reg.get_sample_value("edgeloop_parameter_bytes_total", {"direction": "up"}) == \
+            traffic["SubmitUpdate"]["bytes_up"]
+        assert reg.get_sample_value("edgeloop_parameter_bytes_total", {"direction": "down"}) == \
+            traffic["PullUpdate"]["bytes_down"]
+        c.close()
