@@ -372,7 +372,7 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
                     rep.log(f"{cfg.devices} devices registered in {timings['setup']:.1f} s")
                     t0 = time.perf_counter()
                     for k in range(cfg.rounds):
-                        advance = rep.phase(f"round {k + 1}/{cfg.rounds}: devices", 2 * cfg.devices)
+                        advance = rep.phase(f"round {k + 1}/{cfg.rounds}: devices (batches, then sync)", 2 * cfg.devices)
                         run = engine.run_round(k, advance)
                         info, error = _server_round(admin, cfg, sum(r.contributed for r in run))
                         if error:

@@ -333,6 +333,7 @@ class FleetWorker:
                     dev.agent.outbox.close()
             except Exception as exc:  # closing must go on for the other devices
                 logger.warning("closing %s: %s", dev.spec.device_id, exc)
+        self.devices = []
         if self._channel is not None:
             self._channel.close()
             self._channel = None
