@@ -43,7 +43,7 @@ def _run(engine: str, devices: int, rounds: int, workers: int, cache: Any) -> di
                      "no_adaptation": acc["no_adaptation"], "last_round": acc["last_round"]},
         "fleet_accuracy": report["fleet_accuracy"],
         "bytes": {k: report["bytes"][k] for k in ("up", "down", "bundle_downloads", "up_per_device_mean",
-                                                   "down_per_device_mean")},
+                                                   "down_per_device_mean", "by_phase")},
         "samples": int(sum(sum(row) for row in report["per_device"]["samples"])),
         "contributions": int(sum(report["participation"]["contributed"])),
         "updates_applied": report["updates_applied"], "rollbacks": report["rollbacks"],
@@ -86,9 +86,16 @@ def render(r: dict[str, Any]) -> str:
         [x["engine"], fmt(x["accuracy"]["federated"], 4), fmt(x["accuracy"]["local_tta"], 4),
          fmt(x["accuracy"]["no_adaptation"], 4), fmt(x["accuracy"]["last_round"]["federated"], 4),
          fmt(x["accuracy"]["last_round"]["no_adaptation"], 4)] for x in done])
-    byte_rows = md_table(["engine", "bytes up", "bytes down", "up / device", "down / device", "bundle downloads"], [
+    def phase(x: dict[str, Any], key: str) -> str:
+        value = x["bytes"].get("by_phase", {}).get(key)
+        return "—" if value is None else f"{value:,}"
+
+    byte_rows = md_table(["engine", "bytes up", "bytes down", "up / device", "down / device",
+                          "up while streaming (contributions, drift reports)", "up at sync (sample uploads)",
+                          "down at sync (signed updates)", "bundle downloads"], [
         [x["engine"], f"{x['bytes']['up']:,}", f"{x['bytes']['down']:,}", fmt(x["bytes"]["up_per_device_mean"], 0),
-         fmt(x["bytes"]["down_per_device_mean"], 0), f"{x['bytes']['bundle_downloads']:,}"] for x in done])
+         fmt(x["bytes"]["down_per_device_mean"], 0), phase(x, "rounds_up"), phase(x, "sync_up"),
+         phase(x, "sync_down"), f"{x['bytes']['bundle_downloads']:,}"] for x in done])
     drift = md_table(["engine", "true drift points", "detected", "missed", "false alarms", "median delay (samples)"], [
         [x["engine"], x["drift"]["true_points"], x["drift"]["detected_true"], x["drift"]["missed"],
          x["drift"]["false_alarms"], fmt(x["drift"]["delay_samples"]["median"], 0)] for x in done])

@@ -322,6 +322,49 @@ def run_simulation(cfg: SimulationConfig, *, quiet: bool = False, console: Any =
             ray.shutdown()
 
 
+@dataclass
+class _Rounds:
+    """What the round loop collected."""
+
+    runs: list[list[Any]] = field(default_factory=list)
+    syncs: list[list[Any]] = field(default_factory=list)
+    info: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _round_loop(cfg: SimulationConfig, engine: Any, admin: Any, rep: _Reporter) -> _Rounds:
+    """Per round: devices stream and contribute, the server aggregates, online devices sync."""
+    out = _Rounds()
+    latest = 0
+    for k in range(cfg.rounds):
+        advance = rep.phase(f"round {k + 1}/{cfg.rounds}: devices (batches, then sync)", 2 * cfg.devices)
+        run = engine.run_round(k, advance)
+        info, error = _server_round(admin, cfg, sum(r.contributed for r in run))
+        if error:
+            out.errors.append(f"round {k + 1}: {error}")
+        sync = engine.sync(k, advance)
+        info.update(round=k + 1, online=int(sum(r.online for r in run)),
+                    updates_applied=int(sum(len(r.applied) for r in sync)))
+        if info.get("update_version"):  # a FedBuff server also publishes between StartRounds
+            info["versions_published"] = int(info["update_version"]) - latest
+            latest = int(info["update_version"])
+        out.runs.append(run)
+        out.syncs.append(sync)
+        out.info.append(info)
+        rep.log(_round_line(k, cfg.rounds, run, info))
+    return out
+
+
+def _model(cfg: SimulationConfig, rep: _Reporter) -> tuple[Path, tuple[Path, ...]]:
+    """The bundle to publish and the public keys devices trust for it (none: any valid signature)."""
+    if cfg.bundle is not None:
+        return Path(cfg.bundle), ()
+    from exporter.signing import public_path
+
+    bundle, key = prepare_bundle(cfg.dataset, cfg.seed, cfg.cache_dir, rep.log)
+    return bundle, (public_path(key),)
+
+
 def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> dict[str, Any]:
     from device_agents.fleet.engine import create_engine
     from device_agents.fleet.report import build_report, plot_report, write_report
@@ -329,69 +372,43 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
     from device_agents.fleet.worker import FleetConfig
     from edgeloop.admin import AdminClient
     from edgeloop.data import load_dataset
+    from runtime.signing import load_public_key
 
     timings: dict[str, float] = {}
-    scenario = cfg.scenario_obj()
     with _Reporter(quiet, console) as rep:
-        if cfg.bundle is not None:
-            bundle, trusted_pub = Path(cfg.bundle), ()
-        else:
-            bundle, key = prepare_bundle(cfg.dataset, cfg.seed, cfg.cache_dir, rep.log)
-            from exporter.signing import public_path
-
-            trusted_pub = (public_path(key),)
+        bundle, trusted_pub = _model(cfg, rep)
         timings["model"] = time.perf_counter() - started
         test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir)
-        specs = generate_fleet(scenario, cfg.devices, test.y, rounds=cfg.rounds, batch_size=cfg.batch_size,
-                               seed=cfg.seed)
-        online = participation(specs, cfg.rounds, cfg.seed)
-        runs: list[list[Any]] = []
-        syncs: list[list[Any]] = []
-        rounds_info: list[dict[str, Any]] = []
-        round_errors: list[str] = []
-        with _server(cfg, tuple(trusted_pub)) as address:
-            from runtime.signing import load_public_key
-
-            keys = tuple(load_public_key(p) for p in trusted_pub) or None
-            with AdminClient(address, timeout=60.0, admin_token=cfg.admin_token) as admin:
-                bundle_id = admin.publish_bundle(bundle)
-                rep.log(f"server {address}: bundle {bundle_id[:12]} published; aggregator {cfg.aggregator}; "
-                        f"{cfg.devices} devices ({cfg.scenario}) on the {cfg.engine} engine, {cfg.workers} workers")
-                fleet_config = FleetConfig(
-                    server=address, dataset=cfg.dataset, rounds=cfg.rounds, batch_size=cfg.batch_size,
-                    work_dir=str((cfg.out / "devices").resolve()), online=online,
-                    data_dir=None if cfg.data_dir is None else str(cfg.data_dir), tta=cfg.tta,
-                    detector=cfg.detector, upload_bytes_per_window=cfg.upload_bytes_per_window,
-                    health_samples=cfg.health_samples, local_baseline=cfg.local_baseline, trusted_keys=keys,
-                    contribution_encoding=cfg.contribution_encoding)
+        specs = generate_fleet(cfg.scenario_obj(), cfg.devices, test.y, rounds=cfg.rounds,
+                               batch_size=cfg.batch_size, seed=cfg.seed)
+        with _server(cfg, trusted_pub) as address, \
+                AdminClient(address, timeout=60.0, admin_token=cfg.admin_token) as admin:
+            bundle_id = admin.publish_bundle(bundle)
+            rep.log(f"server {address}: bundle {bundle_id[:12]} published; aggregator {cfg.aggregator}; "
+                    f"{cfg.devices} devices ({cfg.scenario}) on the {cfg.engine} engine, {cfg.workers} workers")
+            fleet_config = FleetConfig(
+                server=address, dataset=cfg.dataset, rounds=cfg.rounds, batch_size=cfg.batch_size,
+                work_dir=str((cfg.out / "devices").resolve()), online=participation(specs, cfg.rounds, cfg.seed),
+                data_dir=None if cfg.data_dir is None else str(cfg.data_dir), tta=cfg.tta, detector=cfg.detector,
+                upload_bytes_per_window=cfg.upload_bytes_per_window, health_samples=cfg.health_samples,
+                local_baseline=cfg.local_baseline, trusted_keys=tuple(map(load_public_key, trusted_pub)) or None,
+                contribution_encoding=cfg.contribution_encoding)
+            t0 = time.perf_counter()
+            engine = create_engine(cfg.engine, specs, fleet_config, workers=cfg.workers, address=cfg.address)
+            try:
+                setup = engine.setup()
+                timings["setup"] = time.perf_counter() - t0
+                rep.log(f"{cfg.devices} devices registered in {timings['setup']:.1f} s")
                 t0 = time.perf_counter()
-                engine = create_engine(cfg.engine, specs, fleet_config, workers=cfg.workers, address=cfg.address)
-                try:
-                    setup = engine.setup()
-                    timings["setup"] = time.perf_counter() - t0
-                    rep.log(f"{cfg.devices} devices registered in {timings['setup']:.1f} s")
-                    t0 = time.perf_counter()
-                    for k in range(cfg.rounds):
-                        advance = rep.phase(f"round {k + 1}/{cfg.rounds}: devices (batches, then sync)", 2 * cfg.devices)
-                        run = engine.run_round(k, advance)
-                        info, error = _server_round(admin, cfg, sum(r.contributed for r in run))
-                        if error:
-                            round_errors.append(f"round {k + 1}: {error}")
-                        sync = engine.sync(k, advance)
-                        info.update(round=k + 1, online=int(sum(r.online for r in run)),
-                                    updates_applied=int(sum(len(r.applied) for r in sync)))
-                        runs.append(run)
-                        syncs.append(sync)
-                        rounds_info.append(info)
-                        rep.log(_round_line(k, cfg.rounds, run, info))
-                    timings["rounds"] = time.perf_counter() - t0
-                    finals = engine.finish()
-                finally:
-                    engine.close()
+                rounds = _round_loop(cfg, engine, admin, rep)
+                timings["rounds"] = time.perf_counter() - t0
+                finals = engine.finish()
+            finally:
+                engine.close()
         timings["total"] = time.perf_counter() - started
-        report = build_report(specs, runs, syncs, finals, rounds_info=rounds_info,
+        report = build_report(specs, rounds.runs, rounds.syncs, finals, rounds_info=rounds.info,
                               config={**cfg.summary(), "bundle_id": bundle_id, "address": address},
-                              timings=timings, setup=setup, batch_size=cfg.batch_size, round_errors=round_errors)
+                              timings=timings, setup=setup, batch_size=cfg.batch_size, round_errors=rounds.errors)
         report["engine"] = {"name": engine.name, "workers": engine.workers,
                             "address": getattr(engine, "address", None)}
         path = write_report(report, cfg.out)

@@ -73,6 +73,7 @@ def build_report(
     learned = np.zeros((n, r), dtype=np.int64)
     contributed = np.zeros((n, r), dtype=bool)
     up, down = np.zeros((n, r), dtype=np.int64), np.zeros((n, r), dtype=np.int64)
+    phase = dict.fromkeys(("rounds_up", "rounds_down", "sync_up", "sync_down"), 0)
     errors = 0
     for k, (run, sync) in enumerate(zip(runs, syncs, strict=True)):
         for rec in run:
@@ -83,10 +84,14 @@ def build_report(
             learned[i, k] = getattr(rec, "learned", 0)
             up[i, k] += rec.bytes_up
             down[i, k] += rec.bytes_down
+            phase["rounds_up"] += rec.bytes_up
+            phase["rounds_down"] += rec.bytes_down
             errors += len(rec.errors)
         for rec in sync:
             up[rec.index, k] += rec.bytes_up
             down[rec.index, k] += rec.bytes_down
+            phase["sync_up"] += rec.bytes_up
+            phase["sync_down"] += rec.bytes_down
             errors += len(rec.errors)
     has_local = bool(config.get("local_baseline", True))
     fleet = {
@@ -174,11 +179,14 @@ def build_report(
         "bytes": {
             "up": int(up.sum()), "down": int(down.sum()),
             "up_per_round": up.sum(0).astype(int).tolist(), "down_per_round": down.sum(0).astype(int).tolist(),
+            "by_phase": phase,
             "bundle_downloads": bundle_bytes, "bundle_downloads_count": len(setup),
             "up_per_device_mean": round(float(up.sum() / max(n, 1)), 1),
             "down_per_device_mean": round(float(down.sum() / max(n, 1)), 1),
             "note": "serialized protobuf bytes (ByteSize) of every device message sent and received; the bundle "
-                    "is downloaded once per worker and shared by its devices (bundle_downloads, not in up/down)",
+                    "is downloaded once per worker and shared by its devices (bundle_downloads, not in up/down); "
+                    "by_phase: 'rounds' = while streaming (drift reports, contributions), 'sync' = after the "
+                    "server's round (sample uploads, outbox reports, signed updates)",
         },
         "drift": drift,
         "rollbacks": int(sum(f["rollbacks"] for f in finals)),
