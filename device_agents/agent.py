@@ -376,7 +376,8 @@ class Agent:
         """One zeroth-order step (:class:`~device_agents.zeroth_order.SPSA`, 2q forward passes, no backward
         pass) on the labelled batch ``(x, y)``: the adaptable parameters it optimises change in the model, and
         the next :meth:`contribute` carries them. A rejected batch (shape, NaN, labels not integers in 0..K-1)
-        raises :class:`InputError` and changes nothing; the samples count towards the next contribution."""
+        raises :class:`InputError` and changes nothing; an accepted batch's samples count towards the next
+        contribution."""
         with self._lock:
             if self.optimizer is None:
                 self.optimizer = SPSA()
@@ -428,34 +429,34 @@ class Agent:
             if not submit:
                 self._mark_contributed(processed)
                 return pending
+            encoded = self._encode(params) if self._encoder is not None else None  # on the same held version
         assert self.client is not None
-        submission_id = self._send_contribution(pending)
+        try:
+            if encoded is None:
+                submission_id = self.client.submit_update(self.config.bundle_id, pending.base_version, num_samples,
+                                                          params)
+            else:
+                submission_id = self.client.submit_update(self.config.bundle_id, pending.base_version, num_samples,
+                                                          encoding=self.config.contribution_encoding,
+                                                          payload=encoded[0])
+        except TransportError:
+            if encoded is not None and self._encoder is not None:
+                with self._lock:
+                    self._encoder.residual = encoded[1]  # put back, so the retry does not count it twice
+            raise
         with self._lock:
             self._mark_contributed(processed)
         logger.info("contributed %d parameters over %d samples on v%d (submission %d)", len(params), num_samples,
                     pending.base_version, submission_id)
         return submission_id
 
-    def _send_contribution(self, pending: PendingContribution) -> int:
-        """``SubmitUpdate`` in plain tensors, or as an error-feedback delta from the held parameters (the
-        encoder's residual is put back when the call fails, so a retry does not count it twice)."""
-        assert self.client is not None
-        if self._encoder is None:
-            return self.client.submit_update(self.config.bundle_id, pending.base_version, pending.num_samples,
-                                             pending.params)
-        with self._lock:
-            held = self._held
-            saved = self._encoder.residual
-            delta = {k: np.asarray(v, np.float32) - np.asarray(held[k], np.float32)
-                     for k, v in pending.params.items() if k in held}
-            payload = self._encoder.encode(delta).payload
-        try:
-            return self.client.submit_update(self.config.bundle_id, pending.base_version, pending.num_samples,
-                                             encoding=self._encoder.encoding, payload=payload)
-        except TransportError:
-            with self._lock:
-                self._encoder.residual = saved
-            raise
+    def _encode(self, params: dict[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
+        """``(payload, residual before)``: the error-feedback delta of ``params`` from the held parameters."""
+        assert self._encoder is not None
+        saved = self._encoder.residual
+        delta = {k: np.asarray(v, np.float32) - np.asarray(self._held[k], np.float32)
+                 for k, v in params.items() if k in self._held}
+        return self._encoder.encode(delta).payload, saved
 
     def _mark_contributed(self, processed: int) -> None:
         self._counters.contributed_mark = max(self._counters.contributed_mark, processed)

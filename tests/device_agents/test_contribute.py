@@ -183,5 +183,16 @@ def test_contributions_travel_as_int8_deltas_with_error_feedback(fedbuff_server:
     # header per tensor, against 4 bytes per value plus the tensor's proto fields
     assert up["dev-int8"] < 0.5 * up["dev-f32"], up
     assert packed._encoder is not None and packed._encoder.residual  # what int8 left out waits for the next one
+    residual = {k: v.copy() for k, v in packed._encoder.residual.items()}
+    packed.process_batch(_shifted(x[64:96]))
+    live, packed.client = packed.client, DeviceClient("127.0.0.1:1", "dev-int8", timeout=0.5)
+    try:
+        with pytest.raises(TransportError):
+            packed.contribute()
+    finally:
+        packed.client.close()
+        packed.client = live
+    assert all(np.array_equal(packed._encoder.residual[k], v) for k, v in residual.items())  # put back
+    assert fedbuff_server.submitted(packed.contribute())[0].num_samples == 32
     with pytest.raises(ValueError, match="contribution_encoding must be one of"):
         AgentConfig(device_id="d", bundle_id="b", contribution_encoding="zip")
