@@ -375,13 +375,14 @@ class Agent:
     def learn(self, x: np.ndarray, y: np.ndarray) -> SPSAStep:
         """One zeroth-order step (:class:`~device_agents.zeroth_order.SPSA`, 2q forward passes, no backward
         pass) on the labelled batch ``(x, y)``: the adaptable parameters it optimises change in the model, and
-        the next :meth:`contribute` carries them. A rejected batch (shape, NaN, labels not integers in 0..K-1)
-        raises :class:`InputError` and changes nothing; an accepted batch's samples count towards the next
-        contribution."""
+        the next :meth:`contribute` carries them. The passes normalise with the statistics the TTA method has
+        adapted so far (:meth:`~device_agents.tta.TTAMethod.adapted_params`), so what is learned fits them.
+        A rejected batch (shape, NaN, labels not integers in 0..K-1) raises :class:`InputError` and changes
+        nothing; an accepted batch's samples count towards the next contribution."""
         with self._lock:
             if self.optimizer is None:
                 self.optimizer = SPSA()
-            step = self.optimizer.step(self.model, x, y)
+            step = self.optimizer.step(self.model, x, y, fixed=self.tta.adapted_params(self.model))
             self._counters.learned += int(np.asarray(x).shape[0])
         return step
 

@@ -167,10 +167,16 @@ class SPSA:
             raise FloatingPointError(f"SPSA loss is {value}: the model returned non-finite logits")
         return value
 
-    def step(self, model: Any, x: np.ndarray, y: np.ndarray) -> SPSAStep:
-        """One SPSA step on the labelled batch ``(x, y)``: 2q forward passes, then one ``model.set_params``."""
+    def step(self, model: Any, x: np.ndarray, y: np.ndarray, fixed: Mapping[str, np.ndarray] | None = None
+             ) -> SPSAStep:
+        """One SPSA step on the labelled batch ``(x, y)``: 2q forward passes, then one ``model.set_params``.
+
+        ``fixed`` overrides other parameters during the passes without being optimised or stored, e.g. the
+        normalisation statistics a TTA method currently adapts to (so the scale/shift is learned under them).
+        """
         batch, labels = self.check_batch(model, x, y)
         names = self.param_names(model)
+        held = {k: np.asarray(v, np.float32) for k, v in (fixed or {}).items() if k not in names}
         saved = self.snapshot()
         try:
             current = model.params
@@ -181,8 +187,10 @@ class SPSA:
             for _ in range(self.config.directions):
                 z = {n: self._rng.integers(0, 2, size=v.shape).astype(np.float64) * 2.0 - 1.0
                      for n, v in theta.items()}
-                plus = self.loss(model, batch, labels, {n: (theta[n] + c * z[n]).astype(np.float32) for n in names})
-                minus = self.loss(model, batch, labels, {n: (theta[n] - c * z[n]).astype(np.float32) for n in names})
+                plus = self.loss(model, batch, labels,
+                                 {**held, **{n: (theta[n] + c * z[n]).astype(np.float32) for n in names}})
+                minus = self.loss(model, batch, labels,
+                                  {**held, **{n: (theta[n] - c * z[n]).astype(np.float32) for n in names}})
                 g = (plus - minus) / (2.0 * c)
                 losses += [plus, minus]
                 for n in names:

@@ -161,3 +161,31 @@ def test_config_and_parameter_choice_are_checked(model: AdaptableModel) -> None:
     a, c = SPSA(SPSAConfig(lr=0.1, perturbation=0.01, stability=2.0)).gains(3)
     assert a == pytest.approx(0.1 / 6 ** 0.602) and c == pytest.approx(0.01 / 4 ** 0.101)
     assert cross_entropy(np.log(np.array([[0.25, 0.75]])), np.array([1])) == pytest.approx(-np.log(0.75))
+
+
+def test_fixed_parameters_shape_the_passes_but_are_neither_learned_nor_stored(
+        model: AdaptableModel, contrast: tuple[np.ndarray, np.ndarray]) -> None:
+    x, y = contrast[0][:32], contrast[1][:32]
+    before = model.params
+    shifted = {"bn1.mean": before["bn1.mean"] + 1.0, "bn1.weight": before["bn1.weight"] * 0}  # weight: optimised
+    plain = SPSA(SPSAConfig(seed=0)).step(AdaptableModel(load_bundle(model.bundle.root, threads=1)), x, y)
+    step = SPSA(SPSAConfig(seed=0)).step(model, x, y, fixed=shifted)
+    assert step.loss != plain.loss  # the passes normalised bn1 with the fixed mean
+    np.testing.assert_array_equal(model.params["bn1.mean"], before["bn1.mean"])  # not stored
+    assert np.all(model.params["bn1.weight"] != 0)  # an optimised name is not overridden by ``fixed``
+
+
+def test_agent_learns_under_its_adapted_statistics(model: AdaptableModel, contrast: tuple[np.ndarray, np.ndarray]
+                                                   ) -> None:
+    from device_agents.tta import AlphaBN
+
+    x, y = contrast
+    agent = Agent(model, AlphaBN(), PageHinkley(threshold=50.0), None, None, None,
+                  AgentConfig(device_id="d", bundle_id="b", health=None), optimizer=SPSA(SPSAConfig(seed=0)))
+    agent.process_batch(x[:64])
+    stats = agent.tta.adapted_params(model)
+    expected = SPSA(SPSAConfig(seed=0)).step(AdaptableModel(load_bundle(model.bundle.root, threads=1)), x[:64],
+                                             y[:64], fixed=stats)
+    assert agent.learn(x[:64], y[:64]) == expected
+    sent = agent.contribution()
+    assert {"bn1.mean", "bn1.weight", "bn3.bias"} <= set(sent)  # statistics and what SPSA learned
