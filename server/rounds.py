@@ -102,7 +102,10 @@ class _Outcome:
 
 
 class RoundRunner:
-    """Queues rounds on a single worker thread and records their progress in storage."""
+    """Queues rounds on a single worker thread and records their progress in storage.
+
+    One runner per registry: two live runners with an asynchronous strategy would both aggregate its buffers.
+    """
 
     def __init__(
         self, state: ServerState, *, distiller: Distiller | None = None,
