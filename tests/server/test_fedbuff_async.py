@@ -3,7 +3,13 @@ weighted by staleness, safely under concurrent devices, and a half-full buffer s
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,7 @@ from server.updates import current_params
 from tests.server.server_testkit import RPC_TIMEOUT, bundle_chunks, initial_params, make_bundle_files
 
 K = 4
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Fleet:
@@ -244,3 +251,77 @@ def test_buffer_size_is_validated_at_start_up(tmp_path: Path) -> None:
     path.write_text('data_dir = "d"\naggregator = "fedbuff"\n[aggregator_options]\nbuffer = 8\n')
     with pytest.raises(ValueError, match="bad options for aggregator 'fedbuff'"):
         load_config(path)
+
+
+def _server_process(data_dir: Path, buffer_size: int) -> tuple[subprocess.Popen[str], int]:
+    code = (
+        "from pathlib import Path; from server.app import ServerConfig, serve; "
+        f"serve(ServerConfig(data_dir=Path({str(data_dir)!r}), port=0, max_workers=8, grace_seconds=1, "
+        f"update_encoding='f32', aggregator='fedbuff', aggregator_options={{'buffer_size': {buffer_size}}}), "
+        "on_started=lambda srv: print('port', srv.port, flush=True))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if found := re.match(r"port (\d+)", line):
+            return proc, int(found.group(1))
+    proc.kill()
+    raise RuntimeError(f"server process exited with {proc.wait()} before listening")
+
+
+def test_kill9_while_aggregating_loses_no_acknowledged_submission(tmp_path: Path) -> None:
+    """``kill -9`` while devices submit and the server aggregates; after a restart every acknowledged submission
+    is in exactly one round that published a version, or still waits in the buffer, and no round is left open."""
+    data, k = tmp_path / "data", 3
+    proc, port = _server_process(data, k)
+    target = f"127.0.0.1:{port}"
+    acked: list[int] = []
+    try:
+        with grpc.insecure_channel(target) as ch:
+            bundle_id = admin_pb2_grpc.AdminServiceStub(ch).PublishBundle(bundle_chunks(make_bundle_files()),
+                                                                          timeout=RPC_TIMEOUT).bundle_id
+
+        def submit_until_failure(worker: int) -> None:
+            with grpc.insecure_channel(target) as ch:
+                stub = device_pb2_grpc.DeviceServiceStub(ch)
+                try:
+                    stub.Register(device_pb2.RegisterRequest(device_id=f"w{worker}"), timeout=RPC_TIMEOUT)
+                    for j in range(10_000):
+                        acked.append(stub.SubmitUpdate(device_pb2.FederatedUpdate(
+                            device_id=f"w{worker}", bundle_id=bundle_id, base_version=0, num_samples=1,
+                            tensors=tensors_to_proto(_params(0.001 * j))), timeout=5).submission_id)
+                except grpc.RpcError:
+                    return
+
+        workers = [threading.Thread(target=submit_until_failure, args=(w,)) for w in range(4)]
+        for w in workers:
+            w.start()
+        deadline = time.monotonic() + 15
+        while len(acked) < 60 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+        for w in workers:
+            w.join(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert len(acked) >= 60
+
+    config = ServerConfig(data_dir=data, port=0, grace_seconds=1.0, update_encoding="f32", aggregator="fedbuff",
+                          aggregator_options={"buffer_size": k})
+    with create_server(config) as srv:
+        assert srv.runner.wait_idle(30.0)
+        storage = srv.state.storage
+        assert storage.unfinished_rounds() == []
+        published = {u.round_id: u.version for u in storage.updates_since(bundle_id, 0)}
+        assert sorted(published.values()) == list(range(1, len(published) + 1))
+        for submission_id in acked:
+            s = storage.get_submission(submission_id)
+            assert s is not None, f"acknowledged submission {submission_id} is missing after kill -9"
+            assert s.used_in_round is None or s.used_in_round in published, s
+        for round_id in published:
+            assert len(storage.round_inputs(round_id)) == k
+        assert len(storage.unused_submissions(bundle_id)) < k  # every full buffer was aggregated at start-up
