@@ -153,6 +153,8 @@ class SimulationConfig:
         """JSON-ready config for the report (no secrets)."""
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items() if k != "admin_token"}
         out["scenario_parameters"] = {k: v for k, v in asdict(self.scenario_obj()).items()}
+        if self.server is not None:  # an external server aggregates with its own configured rule
+            out["aggregator"] = out["aggregator_options"] = None
         return out
 
 
@@ -384,7 +386,8 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
         with _server(cfg, trusted_pub) as address, \
                 AdminClient(address, timeout=60.0, admin_token=cfg.admin_token) as admin:
             bundle_id = admin.publish_bundle(bundle)
-            rep.log(f"server {address}: bundle {bundle_id[:12]} published; aggregator {cfg.aggregator}; "
+            rule = cfg.aggregator if cfg.server is None else "the server's own"
+            rep.log(f"server {address}: bundle {bundle_id[:12]} published; aggregator {rule}; "
                     f"{cfg.devices} devices ({cfg.scenario}) on the {cfg.engine} engine, {cfg.workers} workers")
             fleet_config = FleetConfig(
                 server=address, dataset=cfg.dataset, rounds=cfg.rounds, batch_size=cfg.batch_size,

@@ -193,7 +193,11 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
             ray.init(address=address, log_to_driver=False, configure_logging=False)
     except Exception as exc:  # ray raises bare Exceptions (e.g. a node that timed out at start-up)
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        raise RuntimeError(f"could not start or join {where}: {exc}") from exc
+        hint = ""
+        if address not in (None, "auto"):
+            hint = ("; on this machine's own cluster try --address auto, and for a cluster with token "
+                    "authentication set RAY_AUTH_MODE=token (Ray reads the token from ~/.ray/auth_token)")
+        raise RuntimeError(f"could not start or join {where}: {exc}{hint}") from exc
     return True
 
 
