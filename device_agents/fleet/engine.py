@@ -12,7 +12,7 @@ import itertools
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 from device_agents.fleet.scenarios import DeviceSpec
 from device_agents.fleet.worker import DeviceRound, FleetConfig, FleetWorker
@@ -180,25 +180,38 @@ def start_ray(address: str | None = None, num_cpus: int | None = None,
     store) or the cluster at ``address``. Returns whether this call connected (the caller then shuts it down).
 
     Call it before this process starts gRPC servers or channels: Ray forks its helpers, and a fork while gRPC
-    threads run is what gRPC warns about.
+    threads run is what gRPC warns about. A local instance that fails to come up (Ray's node start-up can time
+    out on a loaded machine) is tried once more.
     """
     ray = import_ray()
     if ray.is_initialized():
         return False
-    try:
-        if address is None:
-            ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
-                     log_to_driver=False, configure_logging=False)
-        else:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-    except Exception as exc:  # ray raises bare Exceptions (e.g. a node that timed out at start-up)
-        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
-        hint = ""
-        if address not in (None, "auto"):
-            hint = ("; on this machine's own cluster try --address auto, and for a cluster with token "
-                    "authentication set RAY_AUTH_MODE=token (Ray reads the token from ~/.ray/auth_token)")
-        raise RuntimeError(f"could not start or join {where}: {exc}{hint}") from exc
+    attempts = 2 if address is None else 1
+    for attempt in range(1, attempts + 1):
+        try:
+            if address is None:
+                ray.init(num_cpus=num_cpus, include_dashboard=False, object_store_memory=object_store_bytes,
+                         log_to_driver=False, configure_logging=False)
+            else:
+                ray.init(address=address, log_to_driver=False, configure_logging=False)
+            return True
+        except Exception as exc:  # ray raises bare Exceptions (e.g. a node that timed out at start-up)
+            ray.shutdown()
+            if attempt < attempts:
+                logger.warning("starting a local Ray instance failed (%s); trying once more", exc)
+                continue
+            _ray_failed(address, exc)
     return True
+
+
+def _ray_failed(address: str | None, exc: Exception) -> NoReturn:
+    """Raise the ``RuntimeError`` that says which Ray could not be reached, with a hint for explicit addresses."""
+    where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+    hint = ""
+    if address not in (None, "auto"):
+        hint = ("; on this machine's own cluster try --address auto, and for a cluster with token "
+                "authentication set RAY_AUTH_MODE=token (Ray reads the token from ~/.ray/auth_token)")
+    raise RuntimeError(f"could not start or join {where}: {exc}{hint}") from exc
 
 
 def create_engine(name: str, specs: Sequence[DeviceSpec], config: FleetConfig, *, workers: int,
