@@ -108,7 +108,7 @@ class LocalSGDTrainer:
 
 
 def evaluate(arch: str, spec: Any, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-             batch_size: int = 1000, threads: int | None = None) -> float:
+             batch_size: int = 256, threads: int | None = None) -> float:
     """Top-1 accuracy of ``arch`` with ``params`` on ``(x, y)`` (central evaluation), with ``threads`` torch
     threads for its duration (None: as set)."""
     import torch
