@@ -297,7 +297,12 @@ def _server_round(admin: Any, cfg: SimulationConfig, submissions: int) -> tuple[
             info["skipped"] = "the server had already aggregated every submission"
             return info, None
         return {**info, "skipped": f"StartRound failed: {code}"}, f"StartRound: {code}: {details}"
-    except (RoundFailedError, TimeoutError) as exc:
+    except RoundFailedError as exc:
+        if "NothingToAggregateError" in str(exc):  # an asynchronous (FedBuff) flush took them first
+            info["skipped"] = "the server had already aggregated every submission"
+            return info, None
+        return {**info, "skipped": str(exc)}, str(exc)
+    except TimeoutError as exc:
         return {**info, "skipped": str(exc)}, str(exc)
     info.update(round_id=done.round_id, update_version=done.update_version, seconds=round(done.seconds, 3),
                 metrics={k: round(float(v), 5) for k, v in done.metrics.items()})

@@ -194,6 +194,7 @@ def build_report(
         "rejected_updates": int(sum(f["rejected_updates"] for f in finals)),
         "byzantine_devices": int(byz.sum()),
         "labelled_devices": int(lab.sum()),
+        "late_devices": int(sum(bool(getattr(s, "late", False)) for s in specs)),
         "zeroth_order_samples": int(learned.sum()),
         "per_device": {
             "device_ids": [s.device_id for s in specs],

@@ -46,7 +46,8 @@ class Scenario:
     domain is clean. ``dropout_max``: each device's per-round dropout probability is uniform in
     [0, dropout_max]. ``attack``: one of :data:`~device_agents.fleet.byzantine.ATTACKS` or ``"mixed"`` (each
     byzantine device draws one). ``labelled``: the share of devices that receive the labels of what they saw
-    (after predicting) and take zeroth-order SPSA steps on them (``Agent.learn``).
+    (after predicting) and take zeroth-order SPSA steps on them (``Agent.learn``). ``late``: the share of
+    devices whose uplink straggles: each contribution reaches the server one round late (stale by a version).
     """
 
     name: str
@@ -64,6 +65,7 @@ class Scenario:
     attack: str = MIXED_ATTACK
     attack_scale: float | None = None
     labelled: float = 0.0
+    late: float = 0.0
 
     def __post_init__(self) -> None:
         check_scenario(self)
@@ -88,7 +90,7 @@ def check_scenario(s: Scenario) -> None:
         raise ValueError(f"scenario {s.name!r}: drift_mix shares must be >= 0 with a positive sum, got {kinds}")
     if s.segments < 2 and any(kinds.get(k, 0) > 0 for k in ("abrupt", "gradual", "recurring")):
         raise ValueError(f"scenario {s.name!r}: a drifting schedule needs segments >= 2, got {s.segments}")
-    for name in ("gradual_width", "clean_start", "dropout_max", "byzantine", "labelled"):
+    for name in ("gradual_width", "clean_start", "dropout_max", "byzantine", "labelled", "late"):
         _fraction(name, getattr(s, name))
     if s.dropout_max >= 1.0:
         raise ValueError(f"dropout must be below 1 (a device that is always offline never takes part), "
@@ -146,8 +148,8 @@ for _s in (
              byzantine=0.2),
     Scenario("labelled", "mixed, with 30 % of devices receiving labels and taking zeroth-order (SPSA) steps",
              labelled=0.3),
-    Scenario("stragglers", "mixed, with speeds 1-6 batches/round and dropout up to 60 % (uneven participation)",
-             speed=(1, 6), dropout_max=0.6),
+    Scenario("stragglers", "mixed, with speeds 1-6 batches/round, dropout up to 60 % and 30 % of devices whose "
+             "contributions arrive a round late", speed=(1, 6), dropout_max=0.6, late=0.3),
 ):
     register_scenario(_s)
 DEFAULT_SCENARIO = "mixed"
@@ -191,6 +193,7 @@ class DeviceSpec:
     byzantine: str | None = None
     attack_scale: float | None = None
     labelled: bool = False
+    late: bool = False
 
     @property
     def drift_points(self) -> list[int]:
@@ -207,7 +210,7 @@ class DeviceSpec:
             "device_id": self.device_id, "drift_kind": self.drift_kind,
             "schedule": [{"domain": s.domain, "start": s.start, "ramp": s.ramp} for s in self.schedule],
             "batches_per_round": self.batches_per_round, "dropout": round(self.dropout, 4),
-            "byzantine": self.byzantine, "labelled": self.labelled, "pool_size": int(self.pool.size),
+            "byzantine": self.byzantine, "labelled": self.labelled, "late": self.late, "pool_size": int(self.pool.size),
         }
 
 
@@ -281,6 +284,8 @@ def generate_fleet(
     byzantine = set(rng.choice(devices, size=n_byz, replace=False).tolist()) if n_byz else set()
     n_lab = round(scenario.labelled * devices)
     labelled = set(rng.choice(devices, size=n_lab, replace=False).tolist()) if n_lab else set()
+    n_late = round(scenario.late * devices)
+    late = set(rng.choice(devices, size=n_late, replace=False).tolist()) if n_late else set()
     attacks = sorted(ATTACKS)
     width = len(str(devices - 1))
     specs = []
@@ -296,7 +301,7 @@ def generate_fleet(
         specs.append(DeviceSpec(
             index=i, device_id=f"sim-{i:0{width}d}", seed=int(rng.integers(0, 2**31 - 1)), pool=pools[i],
             drift_kind=kind, schedule=schedule, batches_per_round=speed, dropout=dropout, byzantine=attack,
-            attack_scale=scenario.attack_scale, labelled=i in labelled,
+            attack_scale=scenario.attack_scale, labelled=i in labelled, late=i in late,
         ))
     return specs
 

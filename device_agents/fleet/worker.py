@@ -29,7 +29,13 @@ import grpc
 import numpy as np
 
 from device_agents.client import DeviceClient
-from device_agents.fleet.contribution import AgentContributor, Contributor, byzantine_params, default_contributor
+from device_agents.fleet.contribution import (
+    AgentContributor,
+    Contribution,
+    Contributor,
+    byzantine_params,
+    default_contributor,
+)
 from device_agents.fleet.scenarios import DeviceSpec
 from device_agents.fleet.streams import DeviceStream
 from proto.edgeloop.v1 import device_pb2_grpc
@@ -103,6 +109,7 @@ class _SimDevice:
         self.errors: list[str] = []
         self.error_count = 0
         self.contributions = 0
+        self.pending: Contribution | None = None  # a late device's contribution, sent next round
 
     def error(self, where: str, exc: BaseException | str) -> str:
         text = f"{self.spec.device_id} {where}: {exc if isinstance(exc, str) else type(exc).__name__ + ': ' + str(exc)}"
@@ -240,9 +247,12 @@ class FleetWorker:
         return out
 
     def _contribute(self, dev: _SimDevice, errors: list[str]) -> bool:
+        """Make and send the device's contribution; a late device sends the one it made last round instead
+        (its uplink straggles: the server sees it a round later, on an older base version). True when a
+        contribution went out."""
         agent = dev.agent
         try:
-            if dev.spec.byzantine is None and isinstance(dev.contributor, AgentContributor):
+            if dev.spec.byzantine is None and not dev.spec.late and isinstance(dev.contributor, AgentContributor):
                 # the agent sends it itself, through its contribution codec (error-feedback deltas)
                 if agent.contribute() is None:
                     return False
@@ -250,18 +260,23 @@ class FleetWorker:
                 dev.contributions += 1
                 return True
             contribution = dev.contributor.contribution(agent, dev.samples_since_contribution)
+            if contribution is not None:
+                dev.samples_since_contribution = 0
+                params = contribution.params
+                if dev.spec.byzantine is not None:
+                    params = byzantine_params(params, agent.model.params, dev.spec.byzantine, dev.rng,
+                                              dev.spec.attack_scale)
+                base = agent.active_version if contribution.base_version is None else contribution.base_version
+                contribution = Contribution(params, contribution.num_samples, base)
+            if dev.spec.late:
+                contribution, dev.pending = dev.pending, contribution
             if contribution is None:
                 return False
-            params = contribution.params
-            if dev.spec.byzantine is not None:
-                params = byzantine_params(params, agent.model.params, dev.spec.byzantine, dev.rng,
-                                          dev.spec.attack_scale)
-            base = agent.active_version if contribution.base_version is None else contribution.base_version
-            agent.client.submit_update(agent.config.bundle_id, base, contribution.num_samples, params)
+            agent.client.submit_update(agent.config.bundle_id, contribution.base_version, contribution.num_samples,
+                                       contribution.params)
         except Exception as exc:
             errors.append(dev.error("contribute", exc))
             return False
-        dev.samples_since_contribution = 0
         dev.contributions += 1
         return True
 

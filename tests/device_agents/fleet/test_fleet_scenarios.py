@@ -92,6 +92,9 @@ def test_dropout_and_byzantine_fractions() -> None:
     assert abs(online.mean() - expected) < 0.03
     assert online.shape == (200, 50)
     assert all(1 <= s.batches_per_round <= 6 for s in specs)
+    assert sum(s.late for s in specs) == 60 and not any(s.late for s in fleet("mixed"))
+    labelled = fleet("labelled", n=50)
+    assert sum(s.labelled for s in labelled) == 15
     byz = fleet("byzantine", n=50)
     flagged = [s for s in byz if s.byzantine is not None]
     assert len(flagged) == 10 and {s.byzantine for s in flagged} <= {"sign_flip", "scaled", "random"}
