@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -315,6 +316,9 @@ def run_simulation(cfg: SimulationConfig, *, quiet: bool = False, console: Any =
     cfg.scenario_obj()
     check_data(cfg.dataset, cfg.data_dir)
     cfg.out.mkdir(parents=True, exist_ok=True)
+    for owned in ("server", "devices"):  # a fresh registry and device state each run (reproducible versions)
+        if (cfg.out / owned).is_dir():
+            shutil.rmtree(cfg.out / owned)
     ray_started = False
     if cfg.engine == "ray":  # before any gRPC thread of this process exists (Ray forks its helpers)
         from device_agents.fleet.engine import start_ray
@@ -444,7 +448,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--scenario", default=DEFAULT_SCENARIO, help=f"fleet scenario (listed below); default "
                    f"{DEFAULT_SCENARIO}; one of {', '.join(SCENARIOS)}")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds; default 10")
-    p.add_argument("--out", type=Path, required=True, help="output directory (report.json, plots, server data)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output directory: report.json, plots, and the run's server/ and devices/ state "
+                   "(replaced by each run)")
     p.add_argument("--engine", default="inprocess", help="inprocess (thread pool) or ray (actors); default "
                    "inprocess")
     p.add_argument("--workers", type=int, default=None, help="device groups (threads or Ray actors), each with "

@@ -63,3 +63,10 @@ def test_a_small_run_writes_the_report(digits_bundle: Path, tmp_path: Path, caps
     assert report["devices"] == 4 and report["config"]["aggregator"] == "median"
     assert report["errors"]["count"] == 0 and report["drift"]["true_points"] == 0
     assert "report:" in capsys.readouterr().out
+    # the same directory again: a fresh registry, so the same versions and accuracies (seeded)
+    assert main(["simulate", "--devices", "4", "--rounds", "1", "--out", str(out), "--bundle", str(digits_bundle),
+                 "--scenario", "stationary", "--workers", "2", "--no-plots", "--quiet", "--aggregator", "median"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["per_device"]["accuracy"] == report["per_device"]["accuracy"]
+    versions = [r["update_version"] for r in report["rounds_detail"]]
+    assert [r["update_version"] for r in again["rounds_detail"]] == versions == [1]
