@@ -230,6 +230,8 @@ class _Reporter:
         from rich.console import Console
 
         self.console = console or Console(stderr=True)
+        if not self.console.is_terminal:  # a log file: room for the summary table
+            self.console.width = max(self.console.width, 120)
         self.quiet = quiet
         self.live = not quiet and self.console.is_terminal
         self.progress: Any = None
@@ -426,11 +428,37 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
         path = write_report(report, cfg.out)
         if cfg.plots:
             plot_report(report, cfg.out)
+        if not quiet:
+            rep.console.print(summary_table(report))
         acc = report["overall_accuracy"]
         rep.log(f"done in {report['wall_seconds']:.1f} s: accuracy {acc['federated']} (no adaptation "
                 f"{acc['no_adaptation']}), {report['bytes']['up']:,} bytes up, {report['bytes']['down']:,} down, "
                 f"{report['errors']['count']} errors, {report['rollbacks']} rollbacks; report {path}")
     return report
+
+
+def summary_table(report: dict[str, Any]) -> Any:
+    """A rich table of the run, one row per round: accuracy (fleet, TTA alone, no adaptation), participation,
+    the update version, bytes."""
+    from rich.table import Table
+
+    fleet = report["fleet_accuracy"]
+    table = Table(title=f"{report['devices']} devices, scenario {report['config']['scenario']} on "
+                        f"{report['config']['dataset']} ({report['engine']['name']} engine)")
+    for col in ("round", "fleet", "TTA only", "no adaptation", "online", "contributed", "version", "kB up",
+                "kB down"):
+        table.add_column(col, justify="right")
+
+    def pct(values: list[Any], k: int) -> str:
+        return "—" if not values or values[k] is None else f"{100 * values[k]:.1f} %"
+
+    for k, info in enumerate(report["rounds_detail"]):
+        table.add_row(str(k + 1), pct(fleet["federated"], k), pct(fleet.get("local_tta", []), k),
+                      pct(fleet["no_adaptation"], k), str(report["participation"]["online"][k]),
+                      str(report["participation"]["contributed"][k]), str(info.get("update_version") or "—"),
+                      f"{report['bytes']['up_per_round'][k] / 1e3:,.0f}",
+                      f"{report['bytes']['down_per_round'][k] / 1e3:,.0f}")
+    return table
 
 
 # -- command line -------------------------------------------------------------------------------------------
