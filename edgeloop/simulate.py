@@ -52,7 +52,7 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     "digits": Recipe("small_cnn", 20),
     "mnist": Recipe("smallcnn", 2),
-    "cifar10": Recipe("resnet8", 8, limit=20_000),
+    "cifar10": Recipe("resnet8", 4, limit=10_000),
 }
 
 
@@ -321,18 +321,28 @@ def run_simulation(cfg: SimulationConfig, *, quiet: bool = False, console: Any =
     for owned in ("server", "devices"):  # a fresh registry and device state each run (reproducible versions)
         if (cfg.out / owned).is_dir():
             shutil.rmtree(cfg.out / owned)
-    ray_started = False
-    if cfg.engine == "ray":  # before any gRPC thread of this process exists (Ray forks its helpers)
-        from device_agents.fleet.engine import start_ray
+    from edgeloop.data import DATA_DIR_ENV
 
-        ray_started = start_ray(cfg.address)
+    previous = os.environ.get(DATA_DIR_ENV)
+    if cfg.data_dir is not None:  # training and export (edgeloop.pipeline) read the data from the default place
+        os.environ[DATA_DIR_ENV] = str(Path(cfg.data_dir).resolve())
+    ray_started = False
     try:
+        if cfg.engine == "ray":  # before any gRPC thread of this process exists (Ray forks its helpers)
+            from device_agents.fleet.engine import start_ray
+
+            ray_started = start_ray(cfg.address)
         return _run(cfg, started, quiet, console)
     finally:
         if ray_started:
             import ray
 
             ray.shutdown()
+        if cfg.data_dir is not None:
+            if previous is None:
+                os.environ.pop(DATA_DIR_ENV, None)
+            else:
+                os.environ[DATA_DIR_ENV] = previous
 
 
 @dataclass
@@ -384,7 +394,7 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
     from device_agents.fleet.scenarios import generate_fleet, participation
     from device_agents.fleet.worker import FleetConfig
     from edgeloop.admin import AdminClient
-    from edgeloop.data import load_dataset
+    from edgeloop.data import default_data_dir, load_dataset
     from runtime.signing import load_public_key
 
     timings: dict[str, float] = {}
@@ -403,7 +413,8 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
             fleet_config = FleetConfig(
                 server=address, dataset=cfg.dataset, rounds=cfg.rounds, batch_size=cfg.batch_size,
                 work_dir=str((cfg.out / "devices").resolve()), online=participation(specs, cfg.rounds, cfg.seed),
-                data_dir=None if cfg.data_dir is None else str(cfg.data_dir), tta=cfg.tta, detector=cfg.detector,
+                data_dir=str(Path(cfg.data_dir or default_data_dir()).resolve()),  # absolute: actors run elsewhere
+                tta=cfg.tta, detector=cfg.detector,
                 upload_bytes_per_window=cfg.upload_bytes_per_window, health_samples=cfg.health_samples,
                 local_baseline=cfg.local_baseline, trusted_keys=tuple(map(load_public_key, trusted_pub)) or None,
                 contribution_encoding=cfg.contribution_encoding)
