@@ -81,6 +81,8 @@ class SimulationConfig:
     byzantine: float | None = None
     attack: str | None = None
     attack_scale: float | None = None
+    labelled: float | None = None
+    late: float | None = None
     upload_bytes_per_window: int = 4096
     health_samples: int = 64
     local_baseline: bool = True
@@ -111,7 +113,7 @@ class SimulationConfig:
             raise ValueError("--address joins a Ray cluster; it needs --engine ray")
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(AGGREGATORS)}")
-        for name in ("dropout", "byzantine"):
+        for name in ("dropout", "byzantine", "labelled", "late"):
             value = getattr(self, name)
             if value is not None and not (0.0 <= value <= 1.0):
                 raise ValueError(f"--{name} must be a fraction in [0, 1], got {value}")
@@ -148,7 +150,7 @@ class SimulationConfig:
         """The scenario with the command line's overrides."""
         return get_scenario(self.scenario).with_overrides(
             dirichlet_alpha=self.dirichlet_alpha, dropout_max=self.dropout, byzantine=self.byzantine,
-            attack=self.attack, attack_scale=self.attack_scale)
+            attack=self.attack, attack_scale=self.attack_scale, labelled=self.labelled, late=self.late)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready config for the report (no secrets)."""
@@ -515,6 +517,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "(overrides the scenario's)")
     p.add_argument("--attack", default=None, help=f"byzantine attack: {', '.join(ATTACK_CHOICES)}")
     p.add_argument("--attack-scale", type=float, default=None, help="attack strength (default per attack)")
+    p.add_argument("--labelled", type=float, default=None, help="fraction of devices that receive labels and take "
+                   "zeroth-order (SPSA) steps (overrides the scenario's)")
+    p.add_argument("--late", type=float, default=None, help="fraction of devices whose contributions reach the "
+                   "server a round late (overrides the scenario's)")
     p.add_argument("--upload-bytes", type=int, default=4096, help="each device's selective-upload budget per "
                    "minute in bytes (0: no uploads); default 4096")
     p.add_argument("--health-samples", type=int, default=64, help="recent samples each device keeps for its "
@@ -555,6 +561,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         seed=args.seed, aggregator=args.aggregator, aggregator_options=dict(map(_option, args.aggregator_option)),
         tta=args.tta, detector=args.detector, batch_size=args.batch_size, dirichlet_alpha=args.dirichlet_alpha,
         dropout=args.dropout, byzantine=args.byzantine, attack=args.attack, attack_scale=args.attack_scale,
+        labelled=args.labelled, late=args.late,
         upload_bytes_per_window=args.upload_bytes, health_samples=args.health_samples,
         local_baseline=not args.no_local_baseline, bundle=args.bundle, cache_dir=args.cache_dir,
         data_dir=args.data_dir, update_encoding=args.update_encoding,

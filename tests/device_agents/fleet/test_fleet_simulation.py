@@ -67,11 +67,28 @@ def test_drift_is_scored_against_each_devices_known_points(inprocess: tuple[Path
     assert report["drift"]["true_points"] == total_points > 0
 
 
+def test_stragglers_and_labelled_devices_over_fedbuff(digits_bundle: Path, tmp_path: Path) -> None:
+    report = simulate(tmp_path / "stragglers", digits_bundle, devices=6, rounds=3, scenario="stragglers",
+                      labelled=0.5, late=0.5, dropout=0.0, aggregator="fedbuff", plots=False, local_baseline=False)
+    assert report["errors"]["count"] == 0, report["errors"]["messages"]
+    assert report["late_devices"] == 3 and report["labelled_devices"] == 3
+    assert report["zeroth_order_samples"] == sum(
+        sum(row) for row, dev in zip(report["per_device"]["samples"], report["device_summaries"], strict=True)
+        if dev["labelled"])
+    # late devices send nothing in round 1 (their first contribution goes out in round 2)
+    assert report["participation"]["contributed"][0] <= 3 < report["participation"]["contributed"][1]
+    assert "local_tta" not in report["fleet_accuracy"]
+    staleness = [r["metrics"].get("mean_staleness") for r in report["rounds_detail"][1:] if r.get("metrics")]
+    assert staleness and max(staleness) > 0  # the late contributions arrived on an older base
+
+
 def test_bad_fleet_config_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="--devices must be a positive integer"):
         SimulationConfig(out=tmp_path, devices=0)
     with pytest.raises(ValueError, match="--byzantine must be a fraction"):
         SimulationConfig(out=tmp_path, byzantine=1.2)
+    with pytest.raises(ValueError, match="--late must be a fraction"):
+        SimulationConfig(out=tmp_path, late=2.0)
     with pytest.raises(ValueError, match="unknown aggregator 'mean'"):
         SimulationConfig(out=tmp_path, aggregator="mean")
     with pytest.raises(ValueError, match="dataset 'mnist' is not available"):
