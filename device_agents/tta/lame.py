@@ -37,6 +37,11 @@ class LAMEConfig(TTAConfig):
     3 points of the class-sorted gain for 2-4 on shuffled; mutual kNN about ±0 shuffled and -4 to -8
     class-sorted. LAME still costs its α-BN base about 4-7 points on shuffled CIFAR batches, whose
     neighbours under severe corruption often belong to other classes.
+
+    On the two-memory statistics (the default since, see :class:`~device_agents.tta.alpha_bn.AlphaBNConfig`),
+    1024 samples per domain, shuffled / class-sorted: CIFAR s5 b64 0.430 / 0.471 (on the one-memory pass
+    0.449 / 0.371), s3 b64 0.597 / 0.670 (0.608 / 0.528), s5 b16 0.414 / 0.521 (0.425 / 0.414); MNIST s5
+    b64 0.882 / 0.894 (0.866 / 0.879).
     """
 
     knn: int = 5

@@ -42,6 +42,11 @@ class T3AConfig(TTAConfig):
       pseudo-labels are often wrong and the templates follow them. Templates alone on the α-BN pass: 0.402 /
       0.394; β = 10 or 20: 0.5 to 1 point lower; a hard fallback to the model where the templates are less
       confident: about 1 point lower.
+
+    On the two-memory statistics (the default since, see :class:`~device_agents.tta.alpha_bn.AlphaBNConfig`),
+    1024 samples per domain, shuffled / class-sorted: CIFAR s5 b64 0.466 / 0.358 (on the one-memory pass
+    0.480 / 0.279), s3 b64 0.635 / 0.481 (0.645 / 0.364), s5 b16 0.474 / 0.357 (0.475 / 0.282); MNIST s5
+    b64 0.887 / 0.842 (0.870 / 0.836).
     """
 
     filter_k: int = 50
