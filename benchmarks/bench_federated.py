@@ -43,6 +43,7 @@ ARCH = "smallcnn"
 CODEC = {"encoding": "int8_topk_delta", "topk_fraction": 0.05}
 ROBUST = {"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.3}}
 ATTACK = {"byzantine_fraction": 0.2, "attack": "sign_flip", "attack_scale": 4.0}
+EVAL_THREADS = 1  # central evaluation, both sides: one thread degrades least when other work shares the cores
 
 
 def protocol(quick: bool) -> dict[str, Any]:
@@ -50,7 +51,7 @@ def protocol(quick: bool) -> dict[str, Any]:
     if quick:
         return {"clients": 20, "per_round": 5, "rounds": 3, "robust_rounds": 3, "alpha": 0.5, "seed": 0, "repeats": 1}
     return {"clients": 100, "per_round": 10, "rounds": 20, "robust_rounds": 20, "alpha": 0.5, "seed": 0,
-            "repeats": 2}
+            "repeats": 3}
 
 
 def load_data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -89,7 +90,8 @@ def edgeloop_run(bundle: Path, spec: Any, data: tuple, proto: dict[str, Any], ro
     x, y, xt, yt = data
     cfg = FederatedConfig(rounds=rounds, clients=proto["clients"], per_round=proto["per_round"],
                           alpha=proto["alpha"], seed=proto["seed"],
-                          trainer=TrainerConfig(epochs=1, lr=0.05, batch_size=32, seed=proto["seed"]), **overrides)
+                          trainer=TrainerConfig(epochs=1, lr=0.05, batch_size=32, seed=proto["seed"]),
+                          eval_threads=EVAL_THREADS, **overrides)
     t0 = time.perf_counter()
     out = run_federated(bundle, ARCH, spec, (x.astype(np.float32) / 255.0, y),
                         (xt.astype(np.float32) / 255.0, yt), cfg)
@@ -142,7 +144,7 @@ def flower_run(python: Path, bundle: Path, spec: Any, data: tuple, proto: dict[s
         "initial": str(work / "initial.npz"), "names": list(initial), "model_spec": asdict(spec), "arch": ARCH,
         "trainer": {"epochs": 1, "lr": 0.05, "batch_size": 32, "seed": proto["seed"]},
         "clients": proto["clients"], "per_round": proto["per_round"], "rounds": proto["rounds"], "cpus": 2,
-        "eval_threads": 2}))
+        "eval_threads": EVAL_THREADS}))
     out = work / "flower_out.json"
     t0 = time.perf_counter()
     subprocess.run([str(python), str(Path(__file__).with_name("flower_side.py")), str(spec_file), str(out)],
