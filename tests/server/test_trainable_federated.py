@@ -26,7 +26,7 @@ from server.manifest import parse_manifest as server_parse
 from server.updates import current_params
 from tests.server.server_testkit import TEST_SIGNING_KEY, initial_params, make_bundle_files
 
-TRAINABLE = {"conv.weight": (4, 1, 3, 3), "fc.weight": (10, 300), "fc.bias": (10,)}
+TRAINABLE = {"conv.weight": (4, 1, 3, 3), "fc.weight": (10, 300), "fc.bias": (10,), "emb.weight": (96, 100)}
 
 
 def trainable_values(seed: int = 0) -> dict[str, np.ndarray]:
@@ -233,3 +233,29 @@ def test_server_counts_parameter_bytes_both_ways(tmp_path: Path) -> None:
         assert reg.get_sample_value("edgeloop_parameter_bytes_total", {"direction": "down"}) == \
             traffic["PullUpdate"]["bytes_down"]
         c.close()
+
+
+def test_pulls_chain_from_what_the_server_last_sent(server: EdgeloopServer) -> None:
+    c, bundle_id, key = _client(server)
+    initial = full_initial()
+    held, version, sha = initial, 0, params_digest(initial)
+    for step in range(1, 4):
+        trained = {k: v + np.float32(0.05 * step) for k, v in trainable_values().items()}
+        c.submit_update(bundle_id, version, 5, encoding="int8_delta",
+                        payload=SubmissionEncoder("int8_delta").encode(trained, held), base_sha256=sha)
+        assert server.runner.wait(server.runner.start("fedavg").round_id, timeout=30).state == "done"
+        update = c.pull_update(bundle_id, version, sha)
+        assert update is not None and update.encoding == "int8_topk_delta"
+        assert (update.base_version, update.base_sha256) == (version, sha)  # a delta from exactly its lossy copy
+        check_signature(update, [key])
+        held, version, sha = decode_params(update, held, version), update.version, update.sha256
+        exact, _ = current_params(server.state, bundle_id)
+        assert np.abs(held["fc.weight"] - exact["fc.weight"]).max() < 0.01  # small tensors go whole (int8)
+        moved = np.abs(held["emb.weight"] - exact["emb.weight"]) < 1e-3
+        if step == 1:  # the large one as top-k: 10 % of its entries caught up
+            assert abs(moved.mean() - 0.1) < 0.01
+        else:  # what one reply left out is in the next: each reply closes part of the whole gap
+            gap = np.abs(held["emb.weight"] - exact["emb.weight"]).mean()
+            assert gap < 0.95 * np.abs(initial["emb.weight"] - exact["emb.weight"]).mean()
+    assert version == 3
+    c.close()
