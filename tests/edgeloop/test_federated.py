@@ -151,3 +151,37 @@ def test_trainer_devices_average_over_grpc(digits: tuple, trainable_bundle: tupl
             dev.client.close()
     finally:
         srv.stop(grace=1.0)
+
+
+def test_byzantine_device_submits_the_attacked_delta(digits: tuple, trainable_bundle: tuple, tmp_path: Path) -> None:
+    from edgeloop.federated.experiment import FederatedConfig
+    from server.codec import decode_arrays
+
+    x, y, _, _ = digits
+    bundle, spec = trainable_bundle
+    with pytest.raises(ValueError, match="per_round"):
+        FederatedConfig(clients=3, per_round=4)
+    with pytest.raises(ValueError, match="byzantine_fraction"):
+        FederatedConfig(byzantine_fraction=1.0)
+    srv = EdgeloopServer(ServerConfig(data_dir=tmp_path / "data", port=0, max_workers=8, update_encoding="f32"))
+    srv.start()
+    try:
+        target = f"127.0.0.1:{srv.port}"
+        with AdminClient(target) as admin:
+            bundle_id = admin.publish_bundle(bundle)
+        manifest, _ = read_manifest(bundle)
+        initial = {**manifest.initial_params, **manifest.trainable_params(bundle)}
+        honest_trainer = LocalSGDTrainer(ARCH, x[:200], y[:200], spec=spec, client_id=7)
+        honest, _ = LocalSGDTrainer(ARCH, x[:200], y[:200], spec=spec, client_id=7).train_round(initial)
+        client = DeviceClient(target, "evil")
+        client.register()
+        evil = FederatedDevice(client, bundle_id, initial, honest_trainer.train_round, byzantine="sign_flip",
+                               attack_scale=4.0)
+        evil.contribute()
+        (sub,) = srv.state.storage.unused_submissions(bundle_id)
+        sent = decode_arrays(srv.state.blobs.get(sub.blob))
+        for k in ("classifier.weight", "features.0.weight"):
+            np.testing.assert_allclose(sent[k] - initial[k], -4.0 * (honest[k] - initial[k]), atol=1e-5)
+        client.close()
+    finally:
+        srv.stop(grace=1.0)
