@@ -225,8 +225,13 @@ def render(results: dict[str, Any]) -> str:
     proto, runs, t = results["protocol"], results["runs"], results.get("targets", {})
     lines = [f"{proto['clients']} clients, Dirichlet({proto['alpha']}) seed {proto['seed']}, {proto['per_round']} per "
              f"round, {proto['rounds']} rounds (robustness: {proto['robust_rounds']}), 1 local epoch SGD lr 0.05 "
-             f"batch 32, SmallCNN; codec `{results['codec']['encoding']}` keeping "
-             f"{results['codec']['topk_fraction']:.0%} of each tensor's entries, both directions."]
+             f"batch 32, SmallCNN; codec `{results['codec']['encoding']}` both directions: tensors of more than "
+             f"8192 entries keep their largest {results['codec']['topk_fraction']:.0%} (int8 values, varint-gap "
+             f"indices, error feedback), smaller ones go whole as int8. Bytes: edgeloop counts serialized "
+             f"`SubmitUpdate` requests and `PullUpdate` replies on the devices (a reply to a device that is up to "
+             f"date, e.g. in round 1, is a few bytes and counts as a message); Flower counts the parameter tensors "
+             f"of each fit instruction and result. Same partition and initial weights for both; edgeloop's client "
+             f"sampling is seeded (its runs repeat exactly), Flower's is not."]
     if "flower_unavailable" in results:
         lines.append(f"\nFlower did not run: `{results['flower_unavailable'][:300]}`")
     rows = []
