@@ -77,7 +77,7 @@ def run_federated(bundle_dir: Path, arch: str, spec: Any, train: tuple[np.ndarra
     bad = set(np.random.default_rng(config.seed + 1).permutation(config.clients)[:n_bad].tolist())
     tmp = tempfile.TemporaryDirectory(prefix="edgeloop-fl-", dir=work_dir)
     server_cfg = ServerConfig(data_dir=Path(tmp.name) / "server", host="127.0.0.1", port=0, max_workers=16,
-                              update_encoding="f32" if config.encoding == "f32" else config.encoding,
+                              update_encoding=config.encoding,
                               update_topk_fraction=config.topk_fraction, aggregator=config.aggregator,
                               aggregator_options=dict(config.aggregator_options))
     server = EdgeloopServer(server_cfg)
