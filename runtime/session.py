@@ -26,8 +26,25 @@ class Session(Protocol):
         ...
 
 
+# onnxruntime's memory pattern (``SessionOptions.enable_mem_pattern``, on by default) traces the first run
+# at each input shape and then pre-allocates one block for all of that shape's intermediates, kept per shape
+# (a bundle's self-test batch and the stream's batch are two). Off, intermediates come from the arena
+# tensor by tensor with reuse. Measured (one thread, batch 64, peak resident memory of a process that loads a
+# bundle and runs it; median ms per batch unchanged within noise): CIFAR ResNet-8 folded 96.0 -> 86.2 MiB
+# (8.4 -> 8.4 ms), adaptable 114.3 -> 95.4 MiB (12.1 -> 11.7 ms); MNIST SmallCNN folded 80.3 -> 76.1 MiB,
+# adaptable 90.3 -> 81.8 MiB (0.75 / 1.1 ms both ways). Disabling the arena instead, or also, raised the peak
+# or the time; an arena that extends by the requested size (kSameAsRequested) saved a further 1-2 MiB only
+# through a process-wide allocator. Applied to every onnxruntime session this module opens, folded and
+# adaptable alike.
+MEM_PATTERN = False
+
+
 class OrtSession:
-    """An onnxruntime CPU session with an explicit thread count and checked feeds."""
+    """An onnxruntime CPU session with an explicit thread count and checked feeds.
+
+    Every session runs without onnxruntime's memory pattern (:data:`MEM_PATTERN`): lower peak memory at the
+    same speed.
+    """
 
     def __init__(
         self, path: Path | bytes, threads: int | None = None, disabled_optimizers: Sequence[str] = ()
@@ -42,6 +59,7 @@ class OrtSession:
         except ImportError as exc:  # pragma: no cover - onnxruntime is a base dependency
             raise BackendUnavailableError("onnxruntime is not installed") from exc
         opts = ort.SessionOptions()
+        opts.enable_mem_pattern = MEM_PATTERN
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
@@ -54,6 +72,7 @@ class OrtSession:
         except Exception as exc:
             what = f"a {len(path)}-byte model" if isinstance(path, bytes) else path
             raise BackendUnavailableError(f"onnxruntime cannot load {what}: {exc}") from exc
+        self.options = self._sess.get_session_options()
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self._ranks = {i.name: len(i.shape) for i in self._sess.get_inputs()}
