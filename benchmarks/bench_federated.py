@@ -43,6 +43,7 @@ ARCH = "smallcnn"
 CODEC = {"encoding": "int8_topk_delta", "topk_fraction": 0.05}
 ROBUST = {"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.3}}
 ATTACK = {"byzantine_fraction": 0.2, "attack": "sign_flip", "attack_scale": 4.0}
+SCALED = {"byzantine_fraction": 0.2, "attack": "scaled", "attack_scale": 10.0}
 EVAL_THREADS = 1  # central evaluation, both sides: one thread degrades least when other work shares the cores
 
 
@@ -163,7 +164,8 @@ def run(quick: bool) -> dict[str, Any]:
     work = scratch_dir("federated")
     data = load_data("mnist")
     bundle, spec = make_bundle(ARCH, data[0], 10, proto["seed"], work / "bundle")
-    results: dict[str, Any] = {"protocol": proto, "codec": CODEC, "robust": ROBUST, "attack": ATTACK, "runs": {}}
+    results: dict[str, Any] = {"protocol": proto, "codec": CODEC, "robust": ROBUST, "attack": ATTACK,
+                               "scaled_attack": SCALED, "runs": {}}
     runs = results["runs"]
     walls: dict[str, list[float]] = {"flower": [], "edgeloop": []}
     python, why = flower_python()
@@ -192,6 +194,9 @@ def run(quick: bool) -> dict[str, Any]:
     runs["robust_attacked_fedavg"] = edgeloop_run(bundle, spec, data, proto, rr, encoding="f32", **ATTACK)
     runs["robust_attacked_trimmed_mean"] = edgeloop_run(bundle, spec, data, proto, rr, encoding="f32", **ATTACK,
                                                         **ROBUST)
+    runs["robust_scaled_fedavg"] = edgeloop_run(bundle, spec, data, proto, rr, encoding="f32", **SCALED)
+    runs["robust_scaled_trimmed_mean"] = edgeloop_run(bundle, spec, data, proto, rr, encoding="f32", **SCALED,
+                                                      **ROBUST)
     results["targets"] = targets(runs, walls)
     return results
 
@@ -259,10 +264,13 @@ def render(results: dict[str, Any]) -> str:
     heads = ["round", "Flower", "edgeloop fp32", "edgeloop codec"]
     lines += ["", "Accuracy (%) per round:", "", md_table(heads, curve)]
     rob = [[k.removeprefix("robust_"), fmt(100 * runs[k]["accuracy"][-1], 2, " %")]
-           for k in ("robust_clean_fedavg", "robust_attacked_fedavg", "robust_attacked_trimmed_mean") if k in runs]
+           for k in ("robust_clean_fedavg", "robust_attacked_fedavg", "robust_attacked_trimmed_mean",
+                     "robust_scaled_fedavg", "robust_scaled_trimmed_mean") if k in runs]
     lines += ["", f"Robustness ({results['attack']['byzantine_fraction']:.0%} byzantine, "
                   f"{results['attack']['attack']} ×{results['attack']['attack_scale']}; robust rule "
-                  f"`{results['robust']['aggregator']}` {results['robust']['aggregator_options']}):", "",
+                  f"`{results['robust']['aggregator']}` {results['robust']['aggregator_options']}"
+                  + (f"; `scaled_*`: {results['scaled_attack']['attack']} ×{results['scaled_attack']['attack_scale']}"
+                     if "scaled_attack" in results else "") + "):", "",
               md_table(["run", "accuracy (last round)"], rob)]
     tl = []
     if "fedavg_vs_flower" in t:
