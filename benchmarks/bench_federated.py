@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import fmt, md_table, scratch_dir
+from edgeloop.federated.experiment import load_uint8, seeded_bundle
 
 log = logging.getLogger(__name__)
 
@@ -53,33 +54,6 @@ def protocol(quick: bool) -> dict[str, Any]:
         return {"clients": 20, "per_round": 5, "rounds": 3, "robust_rounds": 3, "alpha": 0.5, "seed": 0, "repeats": 1}
     return {"clients": 100, "per_round": 10, "rounds": 20, "robust_rounds": 20, "alpha": 0.5, "seed": 0,
             "repeats": 3}
-
-
-def load_data(dataset: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train and test images as uint8 (N, C, H, W) and labels (both frameworks divide by 255)."""
-    from edgeloop.data.datasets import load_dataset
-
-    tr, te = load_dataset(dataset, "train"), load_dataset(dataset, "test")
-    to_u8 = lambda a: np.clip(np.rint(np.asarray(a, np.float32) * 255.0), 0, 255).astype(np.uint8)  # noqa: E731
-    return to_u8(tr.x), np.asarray(tr.y, np.int64), to_u8(te.x), np.asarray(te.y, np.int64)
-
-
-def make_bundle(arch: str, x: np.ndarray, num_classes: int, seed: int, out: Path) -> tuple[Path, Any]:
-    """Seeded initial model exported as a bundle with trainable weights; returns the bundle and model spec."""
-    import torch
-
-    from edgeloop.federated.trainer import model_spec_for
-    from exporter.bundle import export_bundle
-    from exporter.models import build_model
-
-    xf = x.astype(np.float32) / 255.0
-    spec = model_spec_for(xf[:10000], num_classes)
-    torch.manual_seed(seed)
-    model = build_model(arch, spec).eval()
-    bundle = export_bundle((model, arch, spec, "0" * 64), out, labels=[str(i) for i in range(num_classes)],
-                           calibration_x=xf[:16], golden_x=xf[:2], source_x=xf[:256], int8=False, overwrite=True,
-                           trainable=True)
-    return bundle, spec
 
 
 def edgeloop_run(bundle: Path, spec: Any, data: tuple, proto: dict[str, Any], rounds: int,
@@ -162,8 +136,8 @@ def run(quick: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     proto = protocol(quick)
     work = scratch_dir("federated")
-    data = load_data("mnist")
-    bundle, spec = make_bundle(ARCH, data[0], 10, proto["seed"], work / "bundle")
+    data = load_uint8("mnist")
+    bundle, spec = seeded_bundle(ARCH, data[0], 10, proto["seed"], work / "bundle")
     results: dict[str, Any] = {"protocol": proto, "codec": CODEC, "robust": ROBUST, "attack": ATTACK,
                                "scaled_attack": SCALED, "runs": {}}
     runs = results["runs"]

@@ -1,4 +1,4 @@
-"""The ``edgeloop`` command line: train, export, eval, serve, agent, demo, simulate.
+"""The ``edgeloop`` command line: train, export, eval, serve, agent, demo, simulate, federate.
 
 Each subcommand imports only what it needs, so ``edgeloop agent`` and ``edgeloop eval`` run on a device
 install without torch. Progress bars and tables (rich) live here and in :mod:`edgeloop.demo` only.
@@ -65,6 +65,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="ship N:M-sparse ONNX "
                    "models in the packed transport encoding (decoded on load); default on with --sparsity")
     p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
+    p.add_argument("--trainable", action="store_true", help="also ship the model's full float weights "
+                   "(trainable.bin) for local-SGD trainer devices and full-model federated averaging")
     p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW", help="foreign model input layout")
     p.add_argument("--value-range", default="0,1", help="foreign model input value range lo,hi; default 0,1")
     p.add_argument("--input-dtype", choices=("float32", "uint8", "int8"), default=None, help="foreign model "
@@ -184,6 +186,18 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return command(args)
 
 
+def _add_federate(sub: argparse._SubParsersAction) -> None:
+    from edgeloop.federated.command import add_parser
+
+    add_parser(sub).set_defaults(func=_cmd_federate)
+
+
+def _cmd_federate(args: argparse.Namespace) -> int:
+    from edgeloop.federated.command import command
+
+    return command(args)
+
+
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keygen", help="create an Ed25519 signing key pair for bundles")
     p.add_argument("--out", type=Path, required=True, help="private key file to create (PEM, mode 0600); the "
@@ -205,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_export, _add_eval, _add_serve, _add_agent, _add_demo, _add_simulate, _add_keygen):
+    for add in (_add_train, _add_export, _add_eval, _add_serve, _add_agent, _add_demo, _add_simulate, _add_federate,
+                _add_keygen):
         add(sub)
     return parser
 
@@ -249,6 +264,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), folded=args.folded,
             tflite_int8=args.tflite_int8, pack=args.pack, calibration_samples=args.calibration_samples,
             name=args.name, overwrite=args.overwrite, seed=args.seed, key_path=args.signing_key,
+            trainable=args.trainable,
         )
         path = exporting.run_export(request)
     print(f"bundle written to {path}")

@@ -45,6 +45,7 @@ class ExportRequest:
     overwrite: bool = False
     seed: int = 0
     key_path: Path | None = None
+    trainable: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -240,4 +241,5 @@ def run_export(request: ExportRequest) -> Path:
         signing_key=signing_key(request.key_path), formats=request.formats, folded=request.folded,
         tflite_int8=request.tflite_int8, parity_x=parity, compression=compression,
         nm=parse_pattern(request.sparsity) if request.sparsity else None, pack=request.pack,
+        trainable=request.trainable,
     )

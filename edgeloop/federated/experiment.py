@@ -56,6 +56,35 @@ class FederatedConfig:
             raise ValueError(f"byzantine_fraction {self.byzantine_fraction} must be in [0, 1)")
 
 
+def load_uint8(dataset: str, data_dir: Path | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and test images of ``dataset`` as uint8 (N, C, H, W) and int64 labels (trainers divide by 255)."""
+    from edgeloop.data.datasets import load_dataset
+
+    tr, te = load_dataset(dataset, "train", data_dir), load_dataset(dataset, "test", data_dir)
+    to_u8 = lambda a: np.clip(np.rint(np.asarray(a, np.float32) * 255.0), 0, 255).astype(np.uint8)  # noqa: E731
+    return to_u8(tr.x), np.asarray(tr.y, np.int64), to_u8(te.x), np.asarray(te.y, np.int64)
+
+
+def seeded_bundle(arch: str, x: np.ndarray, num_classes: int, seed: int, out: Path) -> tuple[Path, Any]:
+    """The seeded, untrained ``arch`` exported as a bundle with trainable weights (fp32 ONNX, no int8), from
+    uint8 images ``x`` (normalisation statistics, golden and source samples); returns the bundle and spec."""
+    import torch
+
+    from edgeloop.federated.trainer import model_spec_for
+    from exporter.bundle import export_bundle
+    from exporter.models import build_model
+
+    xf = x.astype(np.float32) / 255.0
+    spec = model_spec_for(xf[:10000], num_classes)
+    torch.manual_seed(seed)
+    model = build_model(arch, spec).eval()
+    bundle = export_bundle((model, arch, spec, "0" * 64), out, labels=[str(i) for i in range(num_classes)],
+                           calibration_x=xf[:16], golden_x=xf[:2], source_x=xf[:256], int8=False, overwrite=True,
+                           trainable=True)
+    return bundle, spec
+
+
 def run_federated(bundle_dir: Path, arch: str, spec: Any, train: tuple[np.ndarray, np.ndarray],
                   test: tuple[np.ndarray, np.ndarray], config: FederatedConfig, work_dir: Path | None = None
                   ) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from benchmarks import bench_federated as bench  # noqa: E402
+from edgeloop.federated.experiment import load_uint8, seeded_bundle  # noqa: E402
 
 
 @pytest.mark.slow
@@ -24,9 +25,9 @@ def test_edgeloop_side_runs_and_measures(tmp_path: Path) -> None:
 
 
 def _run_toy(tmp_path: Path) -> None:
-    data = bench.load_data("digits")
+    data = load_uint8("digits")
     assert data[0].dtype == np.uint8 and data[0].shape[1:] == (1, 8, 8)
-    bundle, spec = bench.make_bundle("small_cnn", data[0], 10, 0, tmp_path / "bundle")
+    bundle, spec = seeded_bundle("small_cnn", data[0], 10, 0, tmp_path / "bundle")
     proto = {"clients": 6, "per_round": 3, "rounds": 2, "robust_rounds": 2, "alpha": 0.5, "seed": 0}
     old = bench.ARCH
     bench.ARCH = "small_cnn"
