@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import fmt, md_table, scratch_dir
+from benchmarks.common import fmt, md_table, scratch_dir, side_venv
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +110,7 @@ def entropy_streams(seeds: int) -> tuple[list[np.ndarray], list[np.ndarray], np.
 # -- River in its own environment ---------------------------------------------------------------------------------
 def river_python() -> tuple[Path | None, str | None]:
     """River's interpreter (creating its venv on first use), or None and the reason it is unavailable."""
-    from benchmarks.trained import cache_dir
-
-    venv = cache_dir() / "river-venv"
-    python = venv / "bin" / "python"
-    try:
-        if not python.exists():
-            log.info("creating %s with %s", venv, RIVER_SPEC)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", RIVER_SPEC], check=True, capture_output=True,
-                           timeout=900)
-        subprocess.run([str(python), "-c", "import river.drift"], check=True, capture_output=True, timeout=120)
-    except (subprocess.SubprocessError, OSError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        return None, f"{type(exc).__name__}: {exc} {detail.decode(errors='replace')[-500:]}"
-    return python, None
+    return side_venv("river-venv", (RIVER_SPEC,), "import river.drift", install_timeout=900)
 
 
 def run_river(python: Path, jobs: list[dict[str, Any]], root: Path) -> dict[str, Any]:

@@ -25,21 +25,20 @@ from __future__ import annotations
 import json
 import logging
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.common import fmt, md_table, scratch_dir
+from benchmarks.common import fmt, md_table, scratch_dir, side_venv
 from edgeloop.federated.experiment import load_uint8, seeded_bundle
 
 log = logging.getLogger(__name__)
 
 NAME = "federated"
 TITLE = "Federated averaging through the edgeloop server vs Flower; update codec; byzantine robustness (MNIST)"
-FLOWER_SPEC = '"flwr[simulation]==1.41.*" torch==2.13.0'
+FLOWER_PACKAGES = ("flwr[simulation]==1.41.*", "torch==2.13.0")
 ARCH = "smallcnn"
 CODEC = {"encoding": "int8_topk_delta", "topk_fraction": 0.05}
 ROBUST = {"aggregator": "trimmed_mean", "aggregator_options": {"beta": 0.3}}
@@ -79,22 +78,7 @@ def edgeloop_run(bundle: Path, spec: Any, data: tuple, proto: dict[str, Any], ro
 # -- Flower in its own environment ---------------------------------------------------------------------------------
 def flower_python() -> tuple[Path | None, str | None]:
     """Flower's interpreter (creating its venv on first use), or None and the reason it is unavailable."""
-    from benchmarks.trained import cache_dir
-
-    venv = cache_dir() / "flower-venv"
-    python = venv / "bin" / "python"
-    try:
-        if not python.exists():
-            log.info("creating %s with %s", venv, FLOWER_SPEC)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
-            subprocess.run([str(python), "-m", "pip", "install", "-q", "flwr[simulation]==1.41.*", "torch==2.13.0"],
-                           check=True, capture_output=True, timeout=1800)
-        subprocess.run([str(python), "-c", "import flwr.simulation, torch"], check=True, capture_output=True,
-                       timeout=300)
-    except (subprocess.SubprocessError, OSError) as exc:
-        detail = getattr(exc, "stderr", b"") or b""
-        return None, f"{type(exc).__name__}: {exc} {detail.decode(errors='replace')[-500:]}"
-    return python, None
+    return side_venv("flower-venv", FLOWER_PACKAGES, "import flwr.simulation, torch")
 
 
 def flower_run(python: Path, bundle: Path, spec: Any, data: tuple, proto: dict[str, Any], work: Path

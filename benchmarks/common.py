@@ -16,6 +16,8 @@ import os
 import platform
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -235,3 +237,24 @@ def fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     """``value`` with ``digits`` decimals and ``suffix``, or an em dash for None."""
     return "—" if value is None else f"{value:.{digits}f}{suffix}"
 
+
+def side_venv(name: str, packages: Sequence[str], check: str, install_timeout: float = 1800.0
+              ) -> tuple[Path | None, str | None]:
+    """The interpreter of a comparison tool's own virtual environment ``<bench cache>/<name>`` (created with
+    ``pip install packages`` on first use, never a project dependency), checked by running ``check`` in it;
+    or None and the reason it is unavailable."""
+    from benchmarks.trained import cache_dir
+
+    venv = cache_dir() / name
+    python = venv / "bin" / "python"
+    try:
+        if not python.exists():
+            log.info("creating %s with %s", venv, " ".join(packages))
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+            subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True, capture_output=True,
+                           timeout=install_timeout)
+        subprocess.run([str(python), "-c", check], check=True, capture_output=True, timeout=300)
+    except (subprocess.SubprocessError, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return None, f"{type(exc).__name__}: {exc} {detail.decode(errors='replace')[-500:]}"
+    return python, None

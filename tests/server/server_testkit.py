@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -123,3 +128,26 @@ def update_params(msg: common_pb2.ParameterUpdate, base: dict[str, np.ndarray]) 
 
     base32 = {k: np.asarray(v, dtype=np.float32) for k, v in base.items()}
     return decode_update(msg.payload, msg.encoding, base32, {k: v.shape for k, v in base32.items()})
+
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_server_process(data_dir: Path, config: str = "") -> tuple[subprocess.Popen[str], int]:
+    """A real server in a child process (so a test can ``kill -9`` it) on 127.0.0.1:0 with its registry in
+    ``data_dir``; ``config`` is extra ``ServerConfig`` keyword source, e.g. ``"aggregator='fedbuff'"``. Returns
+    the process and its port once it listens."""
+    extra = f", {config}" if config else ""
+    code = (
+        "from pathlib import Path; from server.app import ServerConfig, serve; "
+        f"serve(ServerConfig(data_dir=Path({str(data_dir)!r}), port=0, max_workers=8, grace_seconds=1{extra}), "
+        "on_started=lambda srv: print('port', srv.port, flush=True))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # type: ignore[union-attr]
+        if found := re.match(r"port (\d+)", line):
+            return proc, int(found.group(1))
+    proc.kill()
+    raise RuntimeError(f"server process exited with {proc.wait()} before listening")

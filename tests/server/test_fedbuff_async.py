@@ -4,10 +4,7 @@ weighted by staleness, safely under concurrent devices, and a half-full buffer s
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +23,13 @@ from server.codec import decode_arrays
 from server.config import load_config
 from server.records import SubmissionRecord
 from server.updates import current_params
-from tests.server.server_testkit import RPC_TIMEOUT, bundle_chunks, initial_params, make_bundle_files
+from tests.server.server_testkit import (
+    RPC_TIMEOUT,
+    bundle_chunks,
+    initial_params,
+    make_bundle_files,
+    start_server_process,
+)
 
 K = 4
 ROOT = Path(__file__).resolve().parents[2]
@@ -253,28 +256,12 @@ def test_buffer_size_is_validated_at_start_up(tmp_path: Path) -> None:
         load_config(path)
 
 
-def _server_process(data_dir: Path, buffer_size: int) -> tuple[subprocess.Popen[str], int]:
-    code = (
-        "from pathlib import Path; from server.app import ServerConfig, serve; "
-        f"serve(ServerConfig(data_dir=Path({str(data_dir)!r}), port=0, max_workers=8, grace_seconds=1, "
-        f"update_encoding='f32', aggregator='fedbuff', aggregator_options={{'buffer_size': {buffer_size}}}), "
-        "on_started=lambda srv: print('port', srv.port, flush=True))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if found := re.match(r"port (\d+)", line):
-            return proc, int(found.group(1))
-    proc.kill()
-    raise RuntimeError(f"server process exited with {proc.wait()} before listening")
-
-
 def test_kill9_while_aggregating_loses_no_acknowledged_submission(tmp_path: Path) -> None:
     """``kill -9`` while devices submit and the server aggregates; after a restart every acknowledged submission
     is in exactly one round that published a version, or still waits in the buffer, and no round is left open."""
     data, k = tmp_path / "data", 3
-    proc, port = _server_process(data, k)
+    proc, port = start_server_process(
+        data, f"update_encoding='f32', aggregator='fedbuff', aggregator_options={{'buffer_size': {k}}}")
     target = f"127.0.0.1:{port}"
     acked: list[int] = []
     try:

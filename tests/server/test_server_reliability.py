@@ -5,10 +5,7 @@ oversized messages sent to every RPC (hypothesis) while the server keeps serving
 from __future__ import annotations
 
 import os
-import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -21,25 +18,16 @@ from proto.edgeloop.v1 import admin_pb2_grpc, device_pb2, device_pb2_grpc
 from server.app import ServerConfig, create_server
 from server.interceptors import rewrap
 from server.state import sample_tensor
-from tests.server.server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files, sample_msg
+from tests.server.server_testkit import (
+    RPC_TIMEOUT,
+    FakeDistiller,
+    bundle_chunks,
+    make_bundle_files,
+    sample_msg,
+    start_server_process,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _start_server_process(data_dir: Path) -> tuple[subprocess.Popen[str], int]:
-    code = (
-        "import sys; from pathlib import Path; from server.app import ServerConfig, serve; "
-        f"serve(ServerConfig(data_dir=Path({str(data_dir)!r}), port=0, max_workers=8, grace_seconds=1), "
-        "on_started=lambda srv: print('port', srv.port, flush=True))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:  # type: ignore[union-attr]
-        if found := re.match(r"port (\d+)", line):
-            return proc, int(found.group(1))
-    proc.kill()
-    raise RuntimeError(f"server process exited with {proc.wait()} before listening")
 
 
 def _upload_until_failure(target: str, bundle_id: str, worker: int, acked: list[str], stop: threading.Event) -> None:
@@ -59,7 +47,7 @@ def _upload_until_failure(target: str, bundle_id: str, worker: int, acked: list[
 
 def test_kill9_during_uploads_keeps_every_acknowledged_sample(tmp_path: Path) -> None:
     data = tmp_path / "data"
-    proc, port = _start_server_process(data)
+    proc, port = start_server_process(data)
     target = f"127.0.0.1:{port}"
     acked: list[str] = []
     stop = threading.Event()
