@@ -16,6 +16,16 @@ from runtime.model import ForwardResult
 from runtime.params import validate_params
 
 
+def check_digit_batch(x: np.ndarray) -> np.ndarray:
+    """What the fake models accept: a finite float (N >= 1, 1, 8, 8) batch, as float32; else InputError."""
+    arr = np.asarray(x)
+    if arr.ndim != 4 or arr.shape[1:] != (1, 8, 8) or arr.shape[0] == 0 or arr.dtype.kind != "f":
+        raise InputError(f"input {arr.dtype} {arr.shape} is not a (N >= 1, 1, 8, 8) float batch")
+    if not np.all(np.isfinite(arr)):
+        raise InputError("input holds NaN or inf")
+    return arr.astype(np.float32)
+
+
 class TinyAdaptableModel:
     """x (N,1,8,8) → per-channel affine (4 ch) → α-mixed BN "bn1" → ReLU → GAP → linear (3 classes).
 

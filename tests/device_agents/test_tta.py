@@ -35,7 +35,7 @@ from device_agents.tta import (
 from runtime.errors import InputError
 from runtime.model import ForwardResult, softmax
 from runtime.predictor import PredictResult
-from tests.device_agents.conftest import TinyAdaptableModel
+from tests.device_agents.conftest import TinyAdaptableModel, check_digit_batch
 
 METHODS = sorted(TTA_METHODS)
 OUTPUT_METHODS = sorted(name for name, cls in TTA_METHODS.items() if not cls.requires_adaptable)
@@ -72,12 +72,7 @@ class TinyPredictor:
         self.manifest = _Manifest(*self._model.manifest.source_feature_stats(), "features" if features else None)
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
-        arr = np.asarray(x)
-        if arr.ndim != 4 or arr.shape[1:] != (1, 8, 8) or arr.shape[0] == 0 or arr.dtype.kind != "f":
-            raise InputError(f"input {arr.dtype} {arr.shape} is not a (N >= 1, 1, 8, 8) float batch")
-        if not np.all(np.isfinite(arr)):
-            raise InputError("input holds NaN or inf")
-        return arr.astype(np.float32)
+        return check_digit_batch(x)
 
     def predict(self, x: np.ndarray) -> PredictResult:
         out = self._model.forward(self.check_input(x))

@@ -16,6 +16,7 @@ from device_agents.tta.statistics import StatisticsMix
 from runtime.errors import InputError
 from runtime.model import ForwardResult
 from runtime.params import validate_params
+from tests.device_agents.conftest import check_digit_batch
 
 FIRST, SECOND = "stem", "block"  # graph order; sorted by name the second layer comes first
 
@@ -52,12 +53,7 @@ class TwoLayerModel:
         return {k: v.copy() for k, v in self._params.items()}
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
-        arr = np.asarray(x)
-        if arr.ndim != 4 or arr.shape[1:] != (1, 8, 8) or arr.shape[0] == 0 or arr.dtype.kind != "f":
-            raise InputError(f"input {arr.dtype} {arr.shape} is not a (N >= 1, 1, 8, 8) float batch")
-        if not np.all(np.isfinite(arr)):
-            raise InputError("input holds NaN or inf")
-        return arr.astype(np.float32)
+        return check_digit_batch(x)
 
     @staticmethod
     def _bn(z: np.ndarray, p: Mapping[str, np.ndarray], layer: str, alpha: float
