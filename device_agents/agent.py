@@ -234,8 +234,12 @@ class Agent:
         self._counters = _Counters()
         self._version = int(version)
         self._active_version = int(version)
-        self._previous: tuple[dict[str, np.ndarray], int] | None = None
-        self._held = model.params  # the parameters of active_version, the base deltas apply to
+        # (model params, version, extra params) before the last update, for a rollback
+        self._previous: tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]] | None = None
+        # Names updates carry that the model does not run: a bundle's trainable weights (``trainable`` block),
+        # which devices that only adapt normalisation still hold so that delta updates apply and verify.
+        self._extra = _trainable_weights(model)
+        self._held = {**model.params, **self._extra}  # the parameters of active_version, the base deltas apply to
         self._health = HealthMonitor(model, config.health) if config.health is not None else None
         self._pending_rollbacks: list[RollbackInfo] = []
         self.rollbacks: list[RollbackInfo] = []
@@ -483,12 +487,13 @@ class Agent:
             previous, previous_version = self.model.params, self._active_version
             before = self._health.measure(previous) if self._health is not None else None
             try:
-                self.model.set_params(params)
+                self.model.set_params({k: v for k, v in params.items() if k not in self._extra})
             except InputError as exc:
                 raise UpdateRejectedError(f"update v{update.version} refused by the model: {exc}") from exc
-            self._previous = (previous, previous_version)
+            self._previous = (previous, previous_version, self._extra)
             self._version = self._active_version = int(update.version)
-            self._held = self.model.params
+            self._extra = {k: params.get(k, v) for k, v in self._extra.items()}
+            self._held = {**self.model.params, **self._extra}
             self._counters.versions.append(int(update.version))
             self.tta.on_params_changed()
             info = self._health_check(update, before)
@@ -508,7 +513,8 @@ class Agent:
         restored = self._previous[1] if self._previous is not None else 0
         self.rollback()
         info = RollbackInfo(update.bundle_id, update.cohort, int(update.version), restored, reason,
-                            before.entropy, after.entropy, before.agreement, after.agreement)
+                            *(_reported(v) for v in (before.entropy, after.entropy, before.agreement,
+                                                     after.agreement)))
         self.rollbacks.append(info)
         logger.warning("rolled back update v%d: %s", update.version, reason)
         return info
@@ -542,9 +548,10 @@ class Agent:
         with self._lock:
             if self._previous is None:
                 return False
-            params, version = self._previous
+            params, version, extra = self._previous
             self.model.set_params(params)
-            self._held = self.model.params
+            self._extra = extra
+            self._held = {**self.model.params, **self._extra}
             self._active_version = version
             self._previous = None
             self.tta.on_params_changed()
@@ -661,3 +668,21 @@ class Agent:
                 drift_reports_pending=len(self._pending_drift), drift_reports_dropped=c.drift_reports_dropped,
                 learned_samples=c.learned, contributions=c.contributions,
             )
+
+
+def _trainable_weights(model: object) -> dict[str, np.ndarray]:
+    """The bundle's trainable weights when ``model`` runs a bundle whose manifest has a ``trainable`` block
+    (the file is fetched with the model and verified on load); else nothing."""
+    manifest, bundle = getattr(model, "manifest", None), getattr(model, "bundle", None)
+    if manifest is None or bundle is None or getattr(manifest, "trainable", None) is None:
+        return {}
+    return dict(manifest.trainable_params(bundle.root))
+
+
+NOT_MEASURED = -1.0
+"""What a rollback report carries for a health value that was not measured (entropy before any batch was seen,
+agreement without golden vectors): both signals lie in [0, 1], and the wire holds finite numbers only."""
+
+
+def _reported(value: float) -> float:
+    return float(value) if np.isfinite(value) else NOT_MEASURED

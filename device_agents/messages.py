@@ -47,7 +47,8 @@ class ParameterUpdate:
 
 @dataclass(frozen=True)
 class RollbackInfo:
-    """What a device reports after undoing an update whose health check failed."""
+    """What a device reports after undoing an update whose health check failed; a health value that was not
+    measured (no batch seen yet, no golden vectors) is ``-1.0``."""
 
     bundle_id: str
     cohort: str

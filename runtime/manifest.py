@@ -128,11 +128,14 @@ class Manifest:
         raise ManifestError(f"model {wanted!r} not in bundle; available: {[m.name for m in self.models]}")
 
     def files_for(self, model: str) -> list[str]:
-        """The files a device needs to run ``model``: its shipped file, its golden vectors, the statistics."""
+        """The files a device needs to run ``model``: its shipped file, its golden vectors, the statistics, and
+        the trainable weights when the bundle has them (updates carry them, so a device holds them to apply
+        and verify delta updates even when it only adapts normalisation)."""
         entry = self.model(model)
         files = [entry.packed["file"] if entry.packed else entry.file, self.golden_file_of(entry.name)]
         stats = self.raw.get("source_statistics", {}).get("class_conditional") or {}
-        return files + ([stats["file"]] if isinstance(stats.get("file"), str) else [])
+        files += [stats["file"]] if isinstance(stats.get("file"), str) else []
+        return files + ([self.trainable.file] if self.trainable is not None else [])
 
     def tolerance_of(self, model: str, output: str) -> tuple[float, float]:
         """``(atol, rtol)`` of ``output`` of ``model``'s golden check: the output's own bound

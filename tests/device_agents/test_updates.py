@@ -98,6 +98,22 @@ def test_bad_update_is_rolled_back_reported_and_the_next_comes_in_full(edge_serv
     client.close()
 
 
+def test_rollback_before_any_batch_reports_unmeasured_entropy(edge_server, tmp_path: Path) -> None:
+    """No batch seen yet: the entropy signal was not measured, the report says -1 and the server keeps it
+    (a NaN would be refused, and the report retried forever)."""
+    agent, client = _agent(edge_server, tmp_path, "dev-n", health=HealthPolicy(0.05, 0.05))
+    good = agent.model.params
+    v1 = edge_server.publish_update({k: (-3.0 * v if k.endswith(".weight") else v) for k, v in good.items()})
+    result = agent.sync()
+    assert result.errors == () and agent.active_version == 0
+    (info,) = agent.rollbacks
+    assert info.version == v1 and info.entropy_before == info.entropy_after == -1.0
+    (stored,) = edge_server.server.state.storage.list_rollbacks("dev-n")
+    assert stored.entropy_before == -1.0 and stored.agreement_before == pytest.approx(info.agreement_before)
+    assert agent._pending_rollbacks == []  # accepted: nothing kept for a retry
+    client.close()
+
+
 def test_cohorts_have_independent_version_sequences(edge_server, tmp_path: Path) -> None:
     lab, lab_client = _agent(edge_server, tmp_path, "dev-lab", {"cohort": "lab"})
     field, field_client = _agent(edge_server, tmp_path, "dev-field")
