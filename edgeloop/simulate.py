@@ -505,7 +505,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--aggregator", default="fedavg", help=f"server aggregation rule: {', '.join(AGGREGATORS)}; "
                    "default fedavg (ignored with --server: the server's own)")
     p.add_argument("--aggregator-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="aggregator setting (e.g. byzantine=2 for krum, trim=0.2); repeatable")
+                   help="aggregator setting (e.g. byzantine=2 for krum, beta=0.2 for trimmed_mean); repeatable")
     p.add_argument("--tta", default="alpha_bn", help="device TTA method; default alpha_bn")
     p.add_argument("--detector", default="page_hinkley", help="device drift detector; default page_hinkley")
     p.add_argument("--batch-size", type=int, default=16, help="images per device batch; default 16")
