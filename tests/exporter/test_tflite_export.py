@@ -196,3 +196,55 @@ def test_folded_graph_without_features() -> None:
     assert graph.output_names() == ["logits"]
     assert set(graph(input=torch.zeros(1, 1, 2, 2))) == {"logits"}
     assert IO_NAMES_METADATA == "edgeloop_io_names"
+
+
+def _op_shapes(path: Path) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(operator name, output shapes) of every operator of the TFLite file's first subgraph."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    root = schema.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
+    sub = root.subgraphs[0]
+    out = []
+    for op in sub.operators:
+        code = root.operatorCodes[op.opcodeIndex]
+        out.append((names[max(code.builtinCode, code.deprecatedBuiltinCode)],
+                    [tuple(int(d) for d in sub.tensors[i].shape) for i in op.outputs]))
+    return out
+
+
+@pytest.mark.parametrize("offset", [0.0, 50.0])
+def test_tflite_norm_equals_the_torch_alpha_mix(offset: float) -> None:
+    """The TFLite form of the normalisation computes the α-mix's values, also for activations whose mean is far
+    from zero (the centring on the source mean keeps E[z²] − E[z]² well conditioned)."""
+    from exporter.adaptable import NormLayer, _mixed_norm
+    from exporter.tflite_export import tflite_norm
+
+    g = torch.Generator().manual_seed(0)
+    layer = NormLayer("bn1", "bn", 5, 1e-5)
+    z = torch.randn(6, 5, 7, 3, generator=g) * 0.1 + offset + torch.arange(5.0).view(1, -1, 1, 1)
+    p = {layer.param("weight"): torch.rand(5, generator=g) + 0.5, layer.param("bias"): torch.randn(5, generator=g),
+         layer.param("mean"): z.mean(dim=(0, 2, 3)) + 0.05, layer.param("var"): torch.rand(5, generator=g) + 0.1}
+    centre = p[layer.param("mean")].clone()
+    for alpha in (0.0, 0.5, 1.0):
+        a = torch.tensor(alpha)
+        want = _mixed_norm(z.double(), {k: v.double() for k, v in p.items()}, layer, a.double())
+        got = tflite_norm(z, p, layer, a, centre)
+        for g_, w_ in zip(got, want, strict=True):
+            assert g_.shape == w_.shape
+            np.testing.assert_allclose(g_.double().numpy(), w_.numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_adaptable_graph_stays_nhwc(converted: dict) -> None:
+    """Beyond the folded graph's, the adaptable graph has no full-size TRANSPOSE (the normalisation stays NHWC
+    behind each convolution), no BROADCAST_TO (not delegated to XNNPACK) and broadcasts the affine over (W, C)."""
+    folded = _op_shapes(converted["folded-fp32"].path)
+    adaptable = _op_shapes(converted["adaptable-fp32"].path)
+    assert sum(n == "TRANSPOSE" for n, _ in adaptable) == sum(n == "TRANSPOSE" for n, _ in folded)
+    assert not any(n == "BROADCAST_TO" for n, _ in adaptable)
+    convs = [s[0] for n, s in adaptable if n in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert any(n == "MUL" and s[0] in convs for n, s in adaptable), "no full-size MUL behind a convolution"
+    tiles = [s[0] for n, s in adaptable if n == "RESHAPE" and len(s[0]) == 4 and s[0][:2] == (1, 1) and s[0][2] > 1]
+    assert tiles, "the affine parameters are not tiled to (1, 1, W, C)"
+    centre_subs = [s[0] for n, s in adaptable if n == "SUB" and s[0] in convs]
+    assert not centre_subs, "the centring SUB was not folded into the convolution bias"
