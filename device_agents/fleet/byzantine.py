@@ -53,3 +53,23 @@ def attack(name: str, delta: Update, rng: np.random.Generator, scale: float | No
     if not np.isfinite(s) or s <= 0:
         raise ValueError(f"attack scale must be a positive finite number, got {scale}")
     return ATTACKS[name](delta, s, rng)
+
+
+def attack_params(
+    contribution: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], name: str, rng: np.random.Generator,
+    scale: float | None = None,
+) -> dict[str, np.ndarray]:
+    """``base + attack(contribution - base)``: the attack applied to the contribution's delta.
+
+    Variances stay positive (a negative variance would be refused by the server's checks as a crash, not as
+    an attack): ``.var`` entries are clipped at 1e-6 after the attack.
+    """
+    delta = {k: np.asarray(v, np.float64) - np.asarray(base[k], np.float64) for k, v in contribution.items()}
+    attacked = attack(name, delta, rng, scale)
+    out = {}
+    for k, d in attacked.items():
+        value = np.asarray(base[k], np.float64) + d
+        if k.endswith(".var"):
+            value = np.maximum(value, 1e-6)
+        out[k] = value.astype(np.float32)
+    return out

@@ -16,13 +16,10 @@ if any, to the contribution's *delta* from the parameters the device holds and s
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-
-from device_agents.fleet.byzantine import attack
 
 
 @dataclass(frozen=True)
@@ -117,23 +114,3 @@ class AgentContributor:
 def default_contributor(agent: Any) -> Contributor:
     """:class:`AgentContributor` when the agent can contribute by itself, else :class:`TTAStatisticsContributor`."""
     return AgentContributor() if AgentContributor.available(agent) else TTAStatisticsContributor()
-
-
-def byzantine_params(
-    contribution: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], name: str, rng: np.random.Generator,
-    scale: float | None = None,
-) -> dict[str, np.ndarray]:
-    """``base + attack(contribution - base)``: the attack applied to the contribution's delta.
-
-    Variances stay positive (a negative variance would be refused by the server's checks as a crash, not as
-    an attack): ``.var`` entries are clipped at 1e-6 after the attack.
-    """
-    delta = {k: np.asarray(v, np.float64) - np.asarray(base[k], np.float64) for k, v in contribution.items()}
-    attacked = attack(name, delta, rng, scale)
-    out = {}
-    for k, d in attacked.items():
-        value = np.asarray(base[k], np.float64) + d
-        if k.endswith(".var"):
-            value = np.maximum(value, 1e-6)
-        out[k] = value.astype(np.float32)
-    return out

@@ -29,11 +29,11 @@ import grpc
 import numpy as np
 
 from device_agents.client import DeviceClient
+from device_agents.fleet.byzantine import attack_params
 from device_agents.fleet.contribution import (
     AgentContributor,
     Contribution,
     Contributor,
-    byzantine_params,
     default_contributor,
 )
 from device_agents.fleet.scenarios import DeviceSpec
@@ -264,7 +264,7 @@ class FleetWorker:
                 dev.samples_since_contribution = 0
                 params = contribution.params
                 if dev.spec.byzantine is not None:
-                    params = byzantine_params(params, agent.model.params, dev.spec.byzantine, dev.rng,
+                    params = attack_params(params, agent.model.params, dev.spec.byzantine, dev.rng,
                                               dev.spec.attack_scale)
                 base = agent.active_version if contribution.base_version is None else contribution.base_version
                 contribution = Contribution(params, contribution.num_samples, base)

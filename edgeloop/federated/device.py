@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from device_agents.client import DeviceClient
-from device_agents.fleet.byzantine import attack
+from device_agents.fleet.byzantine import attack_params
 from device_agents.updates import SubmissionEncoder, check_signature, decode_params
 from runtime.params import params_digest
 
@@ -62,9 +62,7 @@ class FederatedDevice:
         params, num_samples = self.train(self.held)
         params = {k: np.asarray(v, dtype=np.float32) for k, v in params.items() if k in self.held}
         if self.byzantine is not None:
-            honest = {k: v - self.held[k] for k, v in params.items()}
-            bad = attack(self.byzantine, honest, self._rng, self.attack_scale)
-            params = {k: self.held[k] + bad[k] for k in params}
+            params = attack_params(params, self.held, self.byzantine, self._rng, self.attack_scale)
         payload = self.encoder.encode(params, self.held)
         return self.client.submit_update(self.bundle_id, self.held_version, num_samples, encoding=self.encoder.encoding,
                                          payload=payload, base_sha256=self.held_sha256)

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device_agents.fleet.contribution import TTAStatisticsContributor, byzantine_params
+from device_agents.fleet.byzantine import attack_params
+from device_agents.fleet.contribution import TTAStatisticsContributor
 from device_agents.fleet.engine import split
 from device_agents.fleet.report import score_drift
 from device_agents.fleet.scenarios import (
@@ -144,7 +145,7 @@ def test_drift_scoring_against_known_points() -> None:
 def test_byzantine_attack_applies_to_the_delta() -> None:
     base = {"bn1.mean": np.zeros(3, np.float32), "bn1.var": np.ones(3, np.float32)}
     honest = {"bn1.mean": np.array([0.1, -0.2, 0.3], np.float32), "bn1.var": np.array([1.5, 1.0, 0.5], np.float32)}
-    out = byzantine_params(honest, base, "sign_flip", np.random.default_rng(0), scale=4.0)
+    out = attack_params(honest, base, "sign_flip", np.random.default_rng(0), scale=4.0)
     assert np.allclose(out["bn1.mean"], -4 * honest["bn1.mean"])
     assert np.allclose(out["bn1.var"][1], 1.0) and out["bn1.var"].min() > 0  # clipped, never negative
 
