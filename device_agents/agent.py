@@ -34,10 +34,10 @@ from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
-from device_agents.updates import check_order, check_signature, decode_params
+from device_agents.updates import SubmissionEncoder, check_order, check_signature, decode_params
 from device_agents.zeroth_order import SPSA, SPSAStep
 from runtime.errors import InputError
-from runtime.update_codec import ENCODINGS, ErrorFeedbackEncoder
+from runtime.update_codec import ENCODINGS
 
 if TYPE_CHECKING:
     from device_agents.client import DeviceClient, UpdateStream
@@ -221,7 +221,7 @@ class Agent:
         self.model = model
         self.optimizer = optimizer
         self._encoder = (None if config.contribution_encoding == "f32" else
-                         ErrorFeedbackEncoder(config.contribution_encoding, config.contribution_topk_fraction))
+                         SubmissionEncoder(config.contribution_encoding, config.contribution_topk_fraction))
         self.tta = tta
         self.detector = detector
         self.signal = detector_signal(detector)  # scalar detectors watch entropy, feature detectors features
@@ -459,9 +459,7 @@ class Agent:
         """``(payload, residual before)``: the error-feedback delta of ``params`` from the held parameters."""
         assert self._encoder is not None
         saved = self._encoder.residual
-        delta = {k: np.asarray(v, np.float32) - np.asarray(self._held[k], np.float32)
-                 for k, v in params.items() if k in self._held}
-        return self._encoder.encode(delta).payload, saved
+        return self._encoder.encode(params, self._held), saved
 
     def _mark_contributed(self, processed: int) -> None:
         self._counters.contributed_mark = max(self._counters.contributed_mark, processed)

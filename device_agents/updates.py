@@ -108,6 +108,17 @@ class SubmissionEncoder:
         return self._ef.encode(delta).payload
 
     @property
+    def residual(self) -> dict[str, np.ndarray]:
+        """What earlier submissions left out (empty for ``"f32"``); assign a saved value back to undo an
+        :meth:`encode` whose message was not delivered."""
+        return {} if self._ef is None else self._ef.residual
+
+    @residual.setter
+    def residual(self, value: dict[str, np.ndarray]) -> None:
+        if self._ef is not None:
+            self._ef.residual = value
+
+    @property
     def residual_norm(self) -> float:
         """L2 norm of the carried residual (0 for ``"f32"``)."""
         if self._ef is None:
