@@ -32,6 +32,7 @@ from typing import Any
 
 from device_agents.fleet.engine import ENGINES
 from device_agents.fleet.scenarios import DEFAULT_SCENARIO, SCENARIOS, get_scenario, scenario_help
+from server.aggregation import parse_option
 
 logger = logging.getLogger(__name__)
 
@@ -539,18 +540,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _option(text: str) -> tuple[str, Any]:
-    import json
-
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ValueError(f"--aggregator-option must be KEY=VALUE, got {text!r}")
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     """A validated :class:`SimulationConfig` from the parsed command line."""
     workers = args.workers if args.workers is not None else (2 if args.engine == "ray" else 4)
@@ -558,7 +547,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     return SimulationConfig(
         out=args.out, devices=args.devices, dataset=args.dataset, scenario=args.scenario, rounds=args.rounds,
         engine=args.engine, workers=workers, address=args.address, server=args.server, admin_token=token,
-        seed=args.seed, aggregator=args.aggregator, aggregator_options=dict(map(_option, args.aggregator_option)),
+        seed=args.seed, aggregator=args.aggregator, aggregator_options=dict(map(parse_option, args.aggregator_option)),
         tta=args.tta, detector=args.detector, batch_size=args.batch_size, dirichlet_alpha=args.dirichlet_alpha,
         dropout=args.dropout, byzantine=args.byzantine, attack=args.attack, attack_scale=args.attack_scale,
         labelled=args.labelled, late=args.late,

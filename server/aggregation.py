@@ -14,6 +14,7 @@ numpy only; no torch.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -234,6 +235,21 @@ def create_aggregator(name: str, **config: Any) -> Aggregator:
         raise AggregationError(f"bad options for aggregator {name!r}: {exc}") from exc
     return cls(cfg)  # type: ignore[call-arg]
 
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """One ``KEY=VALUE`` aggregator option from a command line: the value as JSON when it parses (numbers,
+    booleans, lists), else the string; ``ValueError`` naming the flag for anything else.
+
+    >>> parse_option("beta=0.3"), parse_option("name=x")
+    (('beta', 0.3), ('name', 'x'))
+    """
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--aggregator-option must be KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
 
 for _cls, _cfg in ((FedAvg, FedAvgConfig), (FedAU, FedAUConfig), (FedBuff, FedBuffConfig),
                    (TrimmedMean, TrimmedMeanConfig), (CoordinateMedian, MedianConfig), (Krum, KrumConfig),

@@ -20,6 +20,7 @@ from typing import Any
 
 from device_agents.fleet.byzantine import ATTACKS
 from runtime.update_codec import ENCODINGS
+from server.aggregation import parse_option
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +62,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for text in items:
-        key, sep, value = text.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--aggregator-option must be KEY=VALUE, got {text!r}")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def config_from_args(args: argparse.Namespace) -> Any:
     """The :class:`~edgeloop.federated.experiment.FederatedConfig` the arguments ask for (checked)."""
     from edgeloop.federated.experiment import FederatedConfig
@@ -97,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     return FederatedConfig(
         rounds=args.rounds, clients=args.devices, per_round=args.per_round, alpha=args.alpha, seed=args.seed,
         trainer=trainer, encoding=args.encoding, topk_fraction=args.topk_fraction, aggregator=args.aggregator,
-        aggregator_options=_options(args.aggregator_option), byzantine_fraction=args.byzantine,
+        aggregator_options=dict(map(parse_option, args.aggregator_option)), byzantine_fraction=args.byzantine,
         attack=args.attack, attack_scale=args.attack_scale, workers=args.workers)
 
 
