@@ -274,9 +274,16 @@ def signed_update(state: ServerState, record: UpdateRecord, held_version: int) -
         held = _blob_params(state, record.held_blob or record.blob, record.held_sha256 or record.sha256,
                             record.version)
         payload, encoding, base_version, base_sha = encode_full(held), "f32", 0, ""
+    return _signed(state, record, payload, encoding, base_version, base_sha, record.held_sha256 or record.sha256)
+
+
+def _signed(state: ServerState, record: UpdateRecord, payload: bytes, encoding: str, base_version: int,
+            base_sha: str, after_sha: str) -> SignedUpdate:
+    """``record``'s header for this payload (``after_sha``: the digest of what the device holds after it),
+    signed with the server's update key (unsigned when it has none)."""
     header = UpdateHeader(record.bundle_id, record.cohort, record.version, base_version, record.kind,
-                          record.round_id or 0, record.created_ms, encoding, payload_digest(payload),
-                          record.held_sha256 or record.sha256, base_sha)
+                          record.round_id or 0, record.created_ms, encoding, payload_digest(payload), after_sha,
+                          base_sha)
     signer = state.signer
     if signer is None:
         return SignedUpdate(header, payload, b"", "")
@@ -404,10 +411,10 @@ def pull_update(
                                   f"(newest {0 if latest is None else latest.version})")
     cache = held_cache(state)
     cached = cache.get(device_id, bundle.bundle_id, cohort)
-    exact = _blob_params(state, latest.blob, latest.sha256, latest.version)
     if held_version == latest.version and held_sha256 in {latest.sha256, latest.held_sha256 or latest.sha256} | (
             {cached[0]} if cached else set()):
         return None
+    exact = _blob_params(state, latest.blob, latest.sha256, latest.version)
     encoding, base = state.update_encoding, None
     if encoding != "f32" and held_sha256:
         if cached is not None and cached[0] == held_sha256:
@@ -430,10 +437,4 @@ def pull_update(
     after_sha = latest.sha256 if after is exact else params_digest(after)
     if after is not exact:
         cache.put(device_id, bundle.bundle_id, cohort, after_sha, after)
-    header = UpdateHeader(latest.bundle_id, latest.cohort, latest.version, base_version, latest.kind,
-                          latest.round_id or 0, latest.created_ms, encoding, payload_digest(payload), after_sha,
-                          base_sha)
-    signer = state.signer
-    if signer is None:
-        return SignedUpdate(header, payload, b"", "")
-    return SignedUpdate(header, payload, signer.sign(header), signer.key_id)
+    return _signed(state, latest, payload, encoding, base_version, base_sha, after_sha)
