@@ -141,6 +141,10 @@ class DeviceClient:
     after the server went away (gRPC's own exponential backoff; its default maximum is two minutes, so a
     device would notice a returned server late). Per-sample retry timing is the outbox's
     :class:`~device_agents.outbox.BackoffPolicy`.
+
+    ``channel``: an open channel to use instead of opening one (e.g. one a simulator's devices share); the
+    client then does not own it, so :meth:`close` leaves it open, and ``max_message_bytes``,
+    ``reconnect_backoff_ms`` and ``tls`` are the channel's own.
     """
 
     def __init__(
@@ -155,6 +159,7 @@ class DeviceClient:
         reconnect_backoff_ms: tuple[int, int] = (1_000, 30_000),
         token: str | None = None,
         tls: TlsOptions | None = None,
+        channel: grpc.Channel | None = None,
     ) -> None:
         if not device_id:
             raise ValueError("device_id must be a non-empty string")
@@ -177,7 +182,8 @@ class DeviceClient:
             ("grpc.max_reconnect_backoff_ms", max_ms),
         ]
         self.token = token
-        self._channel = open_channel(target, options, tls, lambda: self.token)
+        self._owns_channel = channel is None
+        self._channel = open_channel(target, options, tls, lambda: self.token) if channel is None else channel
         self._stub = device_pb2_grpc.DeviceServiceStub(self._channel)
         self._lock = threading.Lock()
         self._bytes_up = 0
@@ -185,8 +191,9 @@ class DeviceClient:
         self._traffic: dict[str, list[int]] = {}
 
     def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
-        self._channel.close()
+        """Close the channel (unless it was given: see ``channel``); in-flight calls are cancelled."""
+        if self._owns_channel:
+            self._channel.close()
 
     def __enter__(self) -> DeviceClient:
         return self

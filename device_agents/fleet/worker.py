@@ -25,7 +25,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from device_agents.client import DeviceClient
@@ -38,7 +37,6 @@ from device_agents.fleet.contribution import (
 )
 from device_agents.fleet.scenarios import DeviceSpec
 from device_agents.fleet.streams import DeviceStream
-from proto.edgeloop.v1 import device_pb2_grpc
 
 logger = logging.getLogger(__name__)
 MAX_ERRORS_KEPT = 20
@@ -149,8 +147,8 @@ class FleetWorker:
         self._channel = open_channel(cfg.server, options)
         clients, infos = [], []
         for spec in self.specs:
-            client = SharedChannelClient(self._channel, cfg.server, spec.device_id, timeout=cfg.rpc_timeout,
-                                         trusted_keys=cfg.trusted_keys)
+            client = DeviceClient(cfg.server, spec.device_id, timeout=cfg.rpc_timeout,
+                                  trusted_keys=cfg.trusted_keys, channel=self._channel)
             infos.append(client.register({"simulated": "true", "drift": spec.drift_kind,
                                           "byzantine": spec.byzantine or "no"}))
             clients.append(client)
@@ -358,19 +356,3 @@ def _tta(name: str) -> Any:
     from edgeloop.pipeline import agent_tta
 
     return agent_tta(name)
-
-
-class SharedChannelClient(DeviceClient):
-    """A :class:`DeviceClient` on a channel the worker's devices share; :meth:`close` leaves it open.
-
-    Each device keeps its own byte counters (``ByteSize()`` of every message it sends and receives).
-    """
-
-    def __init__(self, channel: grpc.Channel, target: str, device_id: str, **kwargs: Any) -> None:
-        super().__init__(target, device_id, **kwargs)
-        super().close()  # the private channel was never connected; the shared one serves this device
-        self._channel = channel
-        self._stub = device_pb2_grpc.DeviceServiceStub(channel)
-
-    def close(self) -> None:
-        """Leave the shared channel open (the worker closes it)."""
