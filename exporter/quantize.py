@@ -8,6 +8,20 @@ too, so neither ``logits`` nor ``features`` (the head's input) are rounded to 8 
 feature-based adaptation and drift detection on the device read them. Activations default to QUInt8, which
 onnxruntime's CPU provider fuses into ``QLinearConv``; QInt8 activations were left unfused (float-emulated)
 and ran slower than fp32 in our measurement.
+
+Stem convolutions on few input channels (``Int8Config.float_convs_below_channels``) get one of two treatments:
+
+* **float** (the convolution, its activation and a pool right after it stay float): the right choice when
+  a pool follows (the MNIST SmallCNN: float conv + pool, then the quantization of 4x fewer elements; measured
+  0.45 ms at batch 64 against 0.89 ms quantized) or when the output feeds float math (the adaptable graph's
+  normalisation);
+* **padded** (``pad_small_convs``): when the stem's activation feeds quantized operators directly (the
+  CIFAR ResNet-8), the input gets zero channels up to a multiple of 4 (``Pad`` on the channel axis, zero
+  filter taps: the same function) and the stem is quantized. onnxruntime's symmetric indirect convolution
+  (``MlasConvSym``) wants input channels in multiples of 4; on 3 channels it falls back to an im2col GEMM
+  (1.14 ms against 0.65 ms padded, ResNet-8 batch 64). A float stem there costs its NCHWc convolution plus a
+  reorder to NCHW, a quantization of the full-resolution activation and a first residual ``Add`` run in NCHW
+  between two transposes; the padded graph runs NHWC from the input's first transpose on.
 """
 
 from __future__ import annotations
@@ -23,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -41,8 +56,11 @@ QUANT_METHOD = "onnxruntime_static_qdq"
 OP_TYPES = ("Conv", "MatMul", "Gemm")
 FOLDED_OP_TYPES = (*OP_TYPES, "Relu", "MaxPool")
 SUPPORTED_OP_TYPES = frozenset({*FOLDED_OP_TYPES, "Add", "AveragePool", "GlobalAveragePool", "Mul"})
-# element-wise and pooling nodes that follow a float stem stay float with it (see _float_nodes)
+# element-wise and pooling nodes that follow a float stem stay float with it (see _stem_plan)
 _STEM_FOLLOWERS = frozenset({"Relu", "Clip", "MaxPool", "AveragePool"})
+# onnxruntime's symmetric indirect QLinearConv kernel needs input channels in multiples of this (x86-64 and
+# the ARM dot-product kernels alike)
+CHANNEL_ALIGNMENT = 4
 # onnxruntime's QDQ propagation moves the QuantizeLinear after a float pool up before it, and then pools uint8
 # in NCHW with its generic kernel: measured 20x slower than the float pool on a 28x28 MNIST stem
 _PROPAGATION = "QDQPropagationTransformer"
@@ -72,8 +90,10 @@ class Int8Config:
     ``min_agreement`` is the required int8-vs-fp32 top-1 agreement; ``keep_head_float`` leaves the
     logits-producing node in float; ``float_convs_below_channels`` leaves convolutions with fewer input
     channels in float, with the activation and pooling nodes right after them (onnxruntime's ``QLinearConv``
-    on a 1–3-channel stem measured 8× slower than the float convolution); ``op_types`` are the operator types
-    quantized (:data:`OP_TYPES`, or :data:`FOLDED_OP_TYPES` for a folded graph).
+    on a 1–3-channel stem measured 8× slower than the float convolution), unless ``pad_small_convs`` pads
+    such a convolution's input to a multiple of 4 channels and quantizes it (only where its activation feeds
+    quantized operators without a pool in between: see the module docstring); ``op_types`` are the operator
+    types quantized (:data:`OP_TYPES`, or :data:`FOLDED_OP_TYPES` for a folded graph).
     """
 
     calibration: str = "minmax"
@@ -87,6 +107,7 @@ class Int8Config:
     keep_head_float: bool = True
     float_convs_below_channels: int = 0
     op_types: tuple[str, ...] = OP_TYPES
+    pad_small_convs: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "op_types", tuple(self.op_types))
@@ -119,10 +140,12 @@ class QuantizationReport:
     float_convs_below_channels: int = 0
     op_types: tuple[str, ...] = OP_TYPES
     disabled_optimizers: tuple[str, ...] = ()
+    padded_convs: tuple[tuple[str, int, int], ...] = ()
 
     def manifest_block(self) -> dict[str, Any]:
-        """The ``quantization`` block of a bundle manifest's model entry (CONTRACT.md)."""
-        return {
+        """The ``quantization`` block of a bundle manifest's model entry (CONTRACT.md); ``padded_input_channels``
+        (node name → [channels, padded channels]) only when a small convolution was padded and quantized."""
+        block: dict[str, Any] = {
             "method": QUANT_METHOD,
             "per_channel": self.per_channel,
             "calibration": self.calibration,
@@ -130,6 +153,9 @@ class QuantizationReport:
             "float_convs_below_channels": self.float_convs_below_channels,
             "op_types": list(self.op_types),
         }
+        if self.padded_convs:
+            block["padded_input_channels"] = {name: [c, padded] for name, c, padded in self.padded_convs}
+        return block
 
     def session_options(self) -> dict[str, Any] | None:
         """The model entry's ``session_options`` (onnxruntime settings the runtime applies), if any."""
@@ -184,22 +210,90 @@ def _preprocess(src: Path, dst: Path) -> bool:
         return False
 
 
-def _float_nodes(model_path: Path, config: Int8Config) -> tuple[list[str], bool]:
-    """Nodes left in float: the logits head (optional), convolutions on few input channels and the chain of
-    activation/pooling nodes right after such a convolution. Also whether that chain holds a pool (then
+def _small_convs(graph: onnx.GraphProto, config: Int8Config) -> list[onnx.NodeProto]:
+    """Convolutions with constant weights on fewer than ``config.float_convs_below_channels`` input channels."""
+    inits = {i.name: i for i in graph.initializer}
+    return [node for node in graph.node if node.op_type == "Conv" and len(node.input) > 1
+            and node.input[1] in inits and inits[node.input[1]].dims[1] < config.float_convs_below_channels]
+
+
+def _follower_chain(graph: onnx.GraphProto, conv: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
+    """The activation/pool nodes that follow ``conv`` one after another (each the only consumer of the previous
+    output), and the consumers of the chain's last output."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    chain: list[onnx.NodeProto] = []
+    out = conv.output[0]
+    while len(consumers.get(out, [])) == 1 and consumers[out][0].op_type in _STEM_FOLLOWERS:
+        chain.append(consumers[out][0])
+        out = chain[-1].output[0]
+    return chain, consumers.get(out, [])
+
+
+def _paddable(graph: onnx.GraphProto, conv: onnx.NodeProto, config: Int8Config) -> bool:
+    """Whether a small convolution is better padded and quantized than left float: group 1, followed by an
+    activation chain without a pool whose nodes are all quantized (a folded graph's ``Relu``), so its output
+    stays quantized for the next operators. Convolutions that feed float math directly (the adaptable graph's
+    normalisation) or a pool stay float."""
+    group = next((a.i for a in conv.attribute if a.name == "group"), 1)
+    chain, consumers = _follower_chain(graph, conv)
+    output_names = {o.name for o in graph.output}
+    return (config.pad_small_convs and group == 1 and bool(chain) and bool(consumers)
+            and chain[-1].output[0] not in output_names
+            and all(n.op_type in config.op_types and not n.op_type.endswith("Pool") for n in chain))
+
+
+def pad_input_channels(model: onnx.ModelProto, conv_names: set[str], multiple: int = CHANNEL_ALIGNMENT
+                       ) -> list[tuple[str, int, int]]:
+    """Pad the input of each named convolution with zero channels up to ``multiple`` and give its filter zero
+    taps for them (the same function): a ``Pad`` on the channel axis in front of it. Edits ``model`` in place;
+    returns (node name, channels, padded channels) per padded convolution."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    padded = []
+    for index in reversed(range(len(graph.node))):  # from the back: inserting keeps earlier indices valid
+        node = graph.node[index]
+        if node.name not in conv_names:
+            continue
+        weight = numpy_helper.to_array(inits[node.input[1]])
+        channels = weight.shape[1]
+        target = -(-channels // multiple) * multiple
+        if target == channels:
+            continue
+        wider = np.zeros((weight.shape[0], target, *weight.shape[2:]), dtype=weight.dtype)
+        wider[:, :channels] = weight
+        inits[node.input[1]].CopyFrom(numpy_helper.from_array(wider, node.input[1]))
+        rank = weight.ndim
+        pads = np.zeros(2 * rank, dtype=np.int64)
+        pads[rank + 1] = target - channels  # the end of axis 1
+        pads_name, out = f"{node.name}_channel_pads", f"{node.input[0]}_channel_padded"
+        graph.initializer.append(numpy_helper.from_array(pads, pads_name))
+        graph.node.insert(index, helper.make_node("Pad", [node.input[0], pads_name], [out],
+                                                  name=f"{node.name}_ChannelPad"))
+        node.input[0] = out
+        padded.append((node.name, int(channels), int(target)))
+    return padded[::-1]
+
+
+def _stem_plan(model_path: Path, config: Int8Config) -> tuple[list[str], list[str], bool]:
+    """Which small convolutions to pad and quantize and which to leave float (see the module docstring).
+
+    Returns the convolutions to pad, the nodes left float (the logits head when kept float, each float small
+    convolution and the activation/pool chain right after it), and whether such a chain holds a pool (then
     onnxruntime's QDQ propagation must be off: see ``_PROPAGATION``)."""
     graph = onnx.load(str(model_path)).graph
-    inits = {i.name: i for i in graph.initializer}
-    stem = {node.name for node in graph.node if node.op_type == "Conv" and node.input[1] in inits
-            and inits[node.input[1]].dims[1] < config.float_convs_below_channels}
-    producer = {out: node.name for node in graph.node for out in node.output}
-    pooled = False
-    for node in graph.node:  # graph.node is topologically sorted: one pass follows whole chains
-        if node.op_type in _STEM_FOLLOWERS and producer.get(node.input[0]) in stem:
-            stem.add(node.name)
-            pooled |= node.op_type.endswith("Pool")
+    pad, stem, pooled = [], [], False
+    for conv in _small_convs(graph, config):
+        if _paddable(graph, conv, config):
+            pad.append(conv.name)
+            continue
+        chain, _ = _follower_chain(graph, conv)
+        stem += [conv.name, *(n.name for n in chain)]
+        pooled |= any(n.op_type.endswith("Pool") for n in chain)
     head = [node.name for node in graph.node if config.keep_head_float and "logits" in node.output]
-    return head + [node.name for node in graph.node if node.name in stem], pooled
+    return pad, head + [node.name for node in graph.node if node.name in set(stem)], pooled
 
 
 def _quantize(src: Path, dst: Path, reader: CalibrationReader, config: Int8Config, exclude: list[str]) -> None:
@@ -268,7 +362,13 @@ def quantize_int8(
         preprocessed = config.preprocess and _preprocess(fp32_path, pre)
         src = pre if preprocessed else fp32_path
         chatter = io.StringIO()  # the histogram calibrators print progress to stdout
-        exclude, pooled = _float_nodes(src, config)
+        pad, exclude, pooled = _stem_plan(src, config)
+        padded: list[tuple[str, int, int]] = []
+        if pad:
+            model = onnx.load(str(src))
+            padded = pad_input_channels(model, set(pad))
+            src = Path(tmp) / "padded.onnx"
+            onnx.save(model, str(src))
         with contextlib.redirect_stdout(chatter):
             _quantize(src, int8_path, reader, config, exclude)
         logger.debug("quantize_static output: %s", chatter.getvalue().strip())
@@ -280,4 +380,5 @@ def quantize_int8(
     return QuantizationReport(
         config.calibration, len(calib), config.per_channel, config.activation_type, agreement, len(check),
         preprocessed, config.float_convs_below_channels, config.op_types, (_PROPAGATION,) if pooled else (),
+        tuple(padded),
     )

@@ -118,3 +118,70 @@ def test_calibration_reader_batches_and_rewinds(digits_arrays: tuple, digits_mod
 def test_int8_config_validation(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Int8Config(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def folded_resnet8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
+    """A random-weight ResNet-8 on 3×8×8 inputs (BN statistics from random batches), exported folded."""
+    import torch
+
+    from exporter.models import ModelSpec, build_model
+    from exporter.onnx_fold import export_folded_onnx
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", ModelSpec(3, 10, 8, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(32, 3, 8, 8))
+    model.eval()
+    x = np.random.default_rng(0).random((128, 3, 8, 8), dtype=np.float32)
+    path = tmp_path_factory.mktemp("resnet8") / "folded.onnx"
+    export_folded_onnx(model, path, torch.from_numpy(x[:2]), parity_x=x[:16])
+    return path, x
+
+
+def test_pad_input_channels_keeps_the_function(folded_resnet8: tuple, tmp_path: Path) -> None:
+    path, x = folded_resnet8
+    model = onnx.load(str(path))
+    stem = next(n for n in model.graph.node if n.op_type == "Conv")
+    assert quantize_mod.pad_input_channels(model, {stem.name}) == [(stem.name, 3, 4)]
+    assert quantize_mod.pad_input_channels(model, {stem.name}) == []  # already a multiple of 4
+    onnx.checker.check_model(model)
+    onnx.save(model, str(tmp_path / "padded.onnx"))
+    ref, got = (ort_session(p).run(None, {"input": x})[0] for p in (path, tmp_path / "padded.onnx"))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    pad = next(n for n in model.graph.node if n.op_type == "Pad")
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert inits[pad.input[1]].tolist() == [0, 0, 0, 0, 0, 1, 0, 0] and inits[stem.input[1]].shape[1] == 4
+    assert not inits[stem.input[1]][:, 3].any()
+
+
+def test_folded_stem_without_pool_is_padded_and_quantized(folded_resnet8: tuple, tmp_path: Path) -> None:
+    """A 3-channel stem whose ReLU feeds quantized convolutions (no pool) is padded to 4 channels and quantized:
+    onnxruntime then runs every convolution as QLinearConv (no float Conv, no NCHWc reorder)."""
+    import onnxruntime as ort
+
+    path, x = folded_resnet8
+    config = Int8Config(float_convs_below_channels=8, op_types=quantize_mod.FOLDED_OP_TYPES, min_agreement=0.0)
+    report = quantize_int8(path, tmp_path / "q.onnx", x, {}, config)
+    assert report.padded_convs == (("/stem/stem.0/Conv", 3, 4),) and report.disabled_optimizers == ()
+    assert report.manifest_block()["padded_input_channels"] == {"/stem/stem.0/Conv": [3, 4]}
+    proto, ops = _nodes(tmp_path / "q.onnx")
+    assert ops["Pad"] == 1
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    for conv in (n for n in proto.graph.node if n.op_type == "Conv"):
+        assert producers[conv.input[1]].op_type == "DequantizeLinear"
+        weight = inits[producers[conv.input[1]].input[0]]
+        assert weight.dtype == np.int8 and weight.shape[1] % 4 == 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert optimized["QLinearConv"] == 9 and optimized["Conv"] == 0 and optimized["ReorderOutput"] == 0
+    unpadded = quantize_int8(path, tmp_path / "f.onnx", x, {},
+                             Int8Config(float_convs_below_channels=8, op_types=quantize_mod.FOLDED_OP_TYPES,
+                                        min_agreement=0.0, pad_small_convs=False))
+    assert unpadded.padded_convs == () and "padded_input_channels" not in unpadded.manifest_block()
+    assert _nodes(tmp_path / "f.onnx")[1]["Pad"] == 0
