@@ -557,10 +557,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     t1: list[dict[str, Any]] = []
     t2: list[dict[str, Any]] = []
     for key, case in results["cases"].items():
+        clean = case.get("checkpoint_test_accuracy")
         for sev_key, by_order in case["accuracy"].items():
             for batch in map(str, BATCHES):
                 label = f"{key} {sev_key.replace('s', 'sev ')} b{batch}"
-                parts, oks = [], []
+                parts, oks, unreachable = [], [], []
                 for order in ORDERS:
                     cell = by_order[order][batch]["methods"]
                     fo, tent = _adapting(cell), _mean(cell, "tent")
@@ -569,8 +570,16 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
                         continue
                     best = max(fo, key=lambda n: fo[n])
                     oks.append(fo[best] >= tent + TENT_MARGIN)
-                    parts.append(f"{order}: {best} {fo[best]:.1%} vs tent {tent:.1%}")
-                t1.append(_check(label, None if None in oks else all(oks), "; ".join(parts)))
+                    part = f"{order}: {best} {fo[best]:.1%} vs tent {tent:.1%}"
+                    if clean is not None and tent + TENT_MARGIN > clean:
+                        # the bar lies above what the model gets on clean test images: not reachable by any
+                        # adaptation of this model; still counted as not passing
+                        unreachable.append(order)
+                        part += f" (unreachable: Tent + {TENT_MARGIN * 100:.0f} > clean top-1 {clean:.1%})"
+                    parts.append(part)
+                check = _check(label, None if None in oks else all(oks), "; ".join(parts))
+                check["unreachable"] = unreachable
+                t1.append(check)
                 cell = by_order["class_sorted"][batch]["methods"]
                 fo, src = _adapting(cell), _mean(cell, "source")
                 if not fo or src is None:
@@ -828,7 +837,8 @@ def _target_details(results: dict[str, Any]) -> str:
     rows = []
     for t in results["targets"]:
         for c in t["checks"]:
-            rows.append([t["id"], c["setting"], c["measured"], mark[c["passes"]]])
+            verdict = mark[c["passes"]] + (" (unreachable)" if c.get("unreachable") and not c["passes"] else "")
+            rows.append([t["id"], c["setting"], c["measured"], verdict])
     return md_table(["target", "setting", "measured", "verdict"], rows)
 
 
@@ -840,6 +850,10 @@ def _summary(results: dict[str, Any]) -> str:
         lines.append("Passing in every setting: " + "; ".join(passed) + ".")
     for t in failed:
         lines.append(f"Failing: {t['id']} ({t['target']}) — in {t['of'] - t['passed']} of {t['of']} settings.")
+        unreachable = [f"{c['setting']} ({', '.join(c['unreachable'])})" for c in t["checks"] if c.get("unreachable")]
+        if unreachable:
+            lines.append(f"{t['id']} unreachable (Tent + {TENT_MARGIN * 100:.0f} points > the model's clean test "
+                         f"top-1; counted as not passing): " + "; ".join(unreachable) + ".")
     unmeasured = [t["target"] for t in results["targets"] if t["passes"] is None]
     if unmeasured:
         lines.append("Not (fully) measured: " + "; ".join(unmeasured) + ".")

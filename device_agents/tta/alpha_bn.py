@@ -85,7 +85,8 @@ class AlphaBN(TTAMethod):
         reference = model.params
         state = self._state or self._mix.initial_state(reference)
         order = graph_layer_order(model)
-        alpha, feeds = self._mix.feeds(state, reference, n, order)
+        balanced, detected = self._mix.detect(state, x)
+        alpha, feeds = self._mix.feeds(state, reference, n, order, balanced)
         result = model.forward(x, alpha=alpha, params=feeds)
-        self._state = {**state, **self._mix.fold(state, result.batch_stats, n, order)}
+        self._state = {**state, **self._mix.fold(state, result.batch_stats, n, order), **detected}
         return TTAOutput(logits=result.logits, features=result.features, probs=softmax(result.logits))

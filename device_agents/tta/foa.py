@@ -193,14 +193,16 @@ class FOA(TTAMethod):
         reference = model.params
         state = dict(self._state) or self._mix.initial_state(reference)
         order = graph_layer_order(model)
-        alpha, feeds = self._mix.feeds(state, reference, n, order)
+        balanced, detected = self._mix.detect(state, x)
+        alpha, feeds = self._mix.feeds(state, reference, n, order, balanced)
         dim = 2 * sum(plan.widths) if cfg.per_channel else 2 * len(plan.adapted)
         strategy = self._search.strategy(state, dim)
         if n < cfg.min_batch_for_search:
             best = model.forward(x, alpha=alpha, params={**feeds, **self._affine(reference, plan, strategy.mean)})
         else:
             best = self._search_step(model, x, alpha, feeds, reference, plan, strategy)
-        self._state = {**state, **self._mix.fold(state, best.batch_stats, n, order), **self._search.export()}
+        self._state = {**state, **self._mix.fold(state, best.batch_stats, n, order), **detected,
+                       **self._search.export()}
         return TTAOutput(logits=best.logits, features=best.features, probs=softmax(best.logits))
 
     def adapted_params(self, model: Any) -> dict[str, np.ndarray]:

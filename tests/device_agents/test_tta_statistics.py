@@ -12,7 +12,7 @@ import pytest
 
 from device_agents.tta import FOA, LAME, T3A, AlphaBN, AlphaBNConfig, BatchStatisticsConfig, FOAConfig, LAMEConfig
 from device_agents.tta.base import TTAMethod
-from device_agents.tta.statistics import StatisticsMix
+from device_agents.tta.statistics import ClassBalanceDetector, StatisticsMix
 from runtime.errors import InputError
 from runtime.model import ForwardResult
 from runtime.params import validate_params
@@ -163,7 +163,61 @@ def test_deterministic_and_bad_input_leaves_the_state_unchanged(make: Callable[[
 
 
 @pytest.mark.parametrize("field, value", [("deep_momentum", 1.0), ("deep_momentum", 0.0), ("shallow_layers", -1),
-                                          ("shallow_layers", True), ("shallow_layers", 1.5)])
+                                          ("shallow_layers", True), ("shallow_layers", 1.5),
+                                          ("balanced_batch_weight", 1.5), ("balanced_batch_weight", float("nan")),
+                                          ("imbalance_threshold", 1.0), ("imbalance_threshold", float("inf")),
+                                          ("min_batch_for_balanced", 1)])
 def test_bad_statistics_config_is_refused(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         BatchStatisticsConfig(**{field: value})
+
+
+def _class_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(N, 1, 8, 8) images: noise around one of four class templates (a bright row band per class)."""
+    x = rng.normal(0.3, 0.15, (len(labels), 1, 8, 8))
+    for k in range(4):
+        x[labels == k, 0, 2 * k : 2 * k + 2] += 0.4
+    return np.clip(x, 0.0, 1.0).astype(np.float32)
+
+
+def _detector_scores(order: str, batch: int, batches: int = 24) -> list[float]:
+    rng = np.random.default_rng(0)
+    if order == "shuffled":
+        labels = rng.integers(0, 4, batch * batches)
+    else:  # runs of 3 batches per class
+        labels = np.arange(batch * batches) // (3 * batch) % 4
+    detector, state, scores = ClassBalanceDetector(), {}, []
+    for i in range(batches):
+        score, state = detector.update(state, _class_images(labels[i * batch : (i + 1) * batch], rng))
+        scores.append(score)
+    return scores
+
+
+def test_class_balance_detector_separates_shuffled_from_class_runs() -> None:
+    threshold = np.log(BatchStatisticsConfig().imbalance_threshold)
+    shuffled, runs = _detector_scores("shuffled", 64), _detector_scores("sorted", 64)
+    assert shuffled[0] > threshold  # a fresh detector starts on the safe side
+    assert all(s < threshold for s in shuffled[8:])
+    assert all(s > threshold for s in runs)
+
+
+def test_balanced_batches_use_their_own_statistics_and_small_batches_never_do() -> None:
+    mix = StatisticsMix(BatchStatisticsConfig())
+    momenta = {"a": 0.99, "b": 0.9985}
+    assert mix.batch_weight(64, momenta, balanced=True) == 1.0
+    assert mix.batch_weight(64, momenta, balanced=False) == pytest.approx(1 - 0.9985**64)
+    assert mix.batch_weight(16, momenta, balanced=True) == pytest.approx(1 - 0.9985**16)  # < min_batch_for_balanced
+    off = StatisticsMix(BatchStatisticsConfig(balanced_batch_weight=None))
+    assert off.detect({}, np.zeros((64, 1, 8, 8), np.float32)) == (False, {})
+
+
+def test_alpha_bn_keeps_the_detector_in_its_state_and_switches_to_batch_statistics() -> None:
+    model, method = TwoLayerModel(), AlphaBN()
+    rng = np.random.default_rng(1)
+    for _ in range(12):
+        method.predict(model, _class_images(rng.integers(0, 4, 64), rng))
+    state = method.snapshot()
+    assert state["balance.score"] < np.log(2.0) and state["balance.input_mean"].shape == (48,)
+    model.calls.clear()
+    method.predict(model, _class_images(rng.integers(0, 4, 64), rng))
+    assert model.calls[-1][1] == 1.0  # α·w with w = 1: the batch's own statistics
