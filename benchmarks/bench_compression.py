@@ -17,9 +17,11 @@ variants are the folded model of each bundle at fp32 or int8: onnxruntime runs `
 ``tflite_folded_fp32``/``tflite_folded_int8``. For each variant × runtime:
 
 * **bytes**: the model's shipped file, and the **device download** = ``manifest.json`` + ``manifest.sig`` +
-  that model's ``golden_<model>.npz`` + ``source_statistics.npz`` + that one shipped model file (what a
-  device fetches to run that model; the other model files of the bundle are not downloaded), with its ratio
-  to the fp32 variant's download in the same runtime;
+  every file :meth:`runtime.manifest.Manifest.files_for` names for that model — what
+  :meth:`device_agents.client.DeviceClient.fetch_bundle` fetches: the shipped model file, its golden block, the
+  source feature statistics (and the adaptable parameters for an adaptable graph; the other model files of the
+  bundle are not downloaded) — with its ratio to the fp32 variant's download in the same runtime; also the
+  download of a device that asks for the class-conditional statistics too (Mahalanobis drift, T3A prototypes);
 * **top-1** on the full test set (10,000 images; ``--quick``: a stratified subset) through
   :class:`runtime.predictor.Predictor` on the loaded (signature-, hash- and golden-checked) bundle, batch 256;
 * **latency** at batch 1 and 64 of the runtime session's ``run`` against torch eager fp32 of the uncompressed
@@ -65,7 +67,7 @@ BATCHES = (1, 64)
 EVAL_BATCH = 256
 TORCH_THREADS = 1
 RUNTIME_THREADS = 1
-OVERHEAD_FILES = ("manifest.json", "manifest.sig", "source_statistics.npz")  # + the model's own golden file
+ALWAYS_FETCHED = ("manifest.json", "manifest.sig")  # + Manifest.files_for(model)
 LOW_RANK_ENERGY = "energy=0.95"
 LOW_RANK_FALLBACK = "budget=0.5"
 LOW_RANK_MIN_SAVING = 0.05  # energy=0.95 "saves nothing" when it keeps more than 95 % of the targeted weights
@@ -204,7 +206,9 @@ def build_bundle(ckpt: Path, case: Case, out: Path, args: dict[str, Any]) -> dic
     except Exception as exc:  # a failed variant is a result too; the others still run
         log.error("export of %s %s failed:\n%s", case.key, args, traceback.format_exc())
         return {"args": args, "error": f"{type(exc).__name__}: {exc}", "seconds": time.perf_counter() - t0}
-    manifest = json.loads((path / "manifest.json").read_text())
+    from exporter.bundle import export_details
+
+    manifest = export_details(path)  # the manifest with the export report (parity, compression) merged back
     return {"args": args, "path": path, "seconds": time.perf_counter() - t0, "manifest": manifest}
 
 
@@ -213,16 +217,29 @@ def _entry(manifest: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def sizes(bundle: Path, manifest: dict[str, Any], name: str) -> dict[str, Any]:
-    """Shipped file, unpacked size and device download bytes of one model of a bundle."""
+    """Shipped file, unpacked size and device download bytes of one model of a bundle: the manifest, its
+    signature and every file ``Manifest.files_for(name)`` names (what a device fetches), each file's bytes in
+    ``overhead_bytes`` (the golden block as ``golden``); ``download_with_class_statistics_bytes`` adds what a
+    device asking for the class-conditional statistics fetches too."""
+    from runtime import read_manifest
+
+    parsed, _ = read_manifest(bundle)
     entry = _entry(manifest, name)
     packed = entry.get("packed")
     shipped = packed["file"] if packed else entry["file"]
-    overhead = {f: (bundle / f).stat().st_size for f in OVERHEAD_FILES}
-    overhead["golden"] = (bundle / manifest["golden"]["models"][name]["file"]).stat().st_size
+    golden = parsed.golden_file_of(name)
+    fetched = [*ALWAYS_FETCHED, *parsed.files_for(name)]
+    if shipped not in fetched:
+        raise RuntimeError(f"{bundle}: files_for({name!r}) = {fetched} omits the model file {shipped}")
+    overhead = {("golden" if f == golden else f): (bundle / f).stat().st_size for f in fetched if f != shipped}
     file_bytes = (bundle / shipped).stat().st_size
+    download = file_bytes + sum(overhead.values())
+    extra = [f for f in parsed.files_for(name, class_statistics=True) if f not in fetched]
     return {"file": shipped, "file_bytes": file_bytes, "packed": bool(packed),
             "unpacked_bytes": packed["unpacked_bytes"] if packed else file_bytes,
-            "overhead_bytes": overhead, "download_bytes": file_bytes + sum(overhead.values())}
+            "overhead_bytes": overhead, "download_bytes": download,
+            "class_statistics_bytes": {f: (bundle / f).stat().st_size for f in extra},
+            "download_with_class_statistics_bytes": download + sum((bundle / f).stat().st_size for f in extra)}
 
 
 def compression_summary(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -623,8 +640,16 @@ def _interpretation(c: dict[str, Any]) -> list[str]:
     if "download_bytes" in p:
         over = sum(p["overhead_bytes"].values())
         lines.append(f"Of the 2:4 + int8 download ({p['download_bytes']:,} B), the fixed files (manifest, signature, "
-                     f"golden vectors, source statistics) are {over:,} B ({over / p['download_bytes']:.0%}); "
+                     f"golden vectors, source feature statistics) are {over:,} B ({over / p['download_bytes']:.0%}); "
                      f"the model's golden vectors are {p['overhead_bytes']['golden']:,} B.")
+        if p.get("class_statistics_bytes"):
+            extra = sum(p["class_statistics_bytes"].values())
+            fp = rows.get("fp32/onnxruntime", {})
+            with_fp = fp.get("download_with_class_statistics_bytes")
+            lines.append(f"A device that also fetches the class-conditional statistics (Mahalanobis drift, T3A "
+                         f"prototypes) downloads {extra:,} B more: {p['download_with_class_statistics_bytes']:,} B"
+                         + (f", {p['download_with_class_statistics_bytes'] / with_fp:.3f}× the fp32 download with "
+                            f"them ({with_fp:,} B)." if with_fp else "."))
     return lines
 
 
@@ -674,9 +699,11 @@ def render(r: dict[str, Any]) -> str:
     """The BENCHMARKS.md section body: setup, then per model the table, latency, targets, interpretation."""
     intro = (
         f"Each variant is a folded model in a bundle built by `run_export` (ONNX + TFLite, adaptable and folded, "
-        f"fp32 and int8 in every bundle). **Device download** = manifest.json + manifest.sig + the model's golden "
-        f"file + source_statistics.npz + the one model file the device runs (packed `*.onnx.nmpack` when the bundle "
-        f"ships it packed); `× fp32 download` compares it with the fp32 variant in the same runtime. Top-1 is "
+        f"fp32 and int8 in every bundle). **Device download** = manifest.json + manifest.sig + every file "
+        f"`Manifest.files_for` names for the model — the one model file the device runs (packed `*.onnx.nmpack` "
+        f"when the bundle ships it packed), its golden block and the source feature statistics; the "
+        f"class-conditional statistics only a device running Mahalanobis drift or T3A prototypes fetches are "
+        f"reported separately; `× fp32 download` compares it with the fp32 variant in the same runtime. Top-1 is "
         f"measured through `Predictor` on the loaded bundle (batch {EVAL_BATCH}). Latency: the runtime session's "
         f"`run` against torch eager fp32 of the uncompressed checkpoint, all interleaved in one run; torch with "
         f"{r['torch_threads']} thread (`torch.set_num_threads(1)`), onnxruntime with 1 intra-op and 1 inter-op "

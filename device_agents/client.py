@@ -263,11 +263,14 @@ class DeviceClient:
             cohort=resp.cohort or "default", update_public_key=bytes(resp.update_public_key),
         )
 
-    def fetch_bundle(self, bundle_id: str, dest_dir: str | Path, model: str | None = None) -> Path:
+    def fetch_bundle(self, bundle_id: str, dest_dir: str | Path, model: str | None = None,
+                     class_statistics: bool = False) -> Path:
         """Download bundle ``bundle_id`` into ``dest_dir/<bundle_id>`` and return that directory.
 
         Only what ``model`` (default: the manifest's default model) needs is fetched: the signed manifest
-        first, then that model's file, its golden vectors and the source statistics.
+        first, then :meth:`runtime.manifest.Manifest.files_for` — that model's file, its golden vectors, the
+        source feature statistics (the adaptable parameters with an adaptable model) and, with
+        ``class_statistics``, the class-conditional Gaussians (Mahalanobis drift, T3A prototypes).
 
         Files are streamed into a temporary directory beside the destination; each file's size and sha256
         are checked against its chunk headers and a failing file is fetched once more. The whole bundle is
@@ -280,11 +283,11 @@ class DeviceClient:
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         final = dest / bundle_id
-        if final.is_dir() and self._installed(final, bundle_id, model):
+        if final.is_dir() and self._installed(final, bundle_id, model, class_statistics):
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{bundle_id[:12]}-", dir=dest))
         try:
-            self._download_verified(bundle_id, tmp, model)
+            self._download_verified(bundle_id, tmp, model, class_statistics)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -294,19 +297,23 @@ class DeviceClient:
         logger.info("bundle %s installed at %s", bundle_id[:12], final)
         return final
 
-    def _installed(self, path: Path, bundle_id: str, model: str | None) -> bool:
+    def _installed(self, path: Path, bundle_id: str, model: str | None, class_statistics: bool = False) -> bool:
         try:
-            return load_bundle(path, model=model, trusted_keys=self.trusted_keys).bundle_id == bundle_id
+            loaded = load_bundle(path, model=model, trusted_keys=self.trusted_keys)
+            wanted = loaded.manifest.files_for(loaded.model.name, class_statistics)
+            return loaded.bundle_id == bundle_id and all((path / f).is_file() for f in wanted)
         except BundleError as exc:
             logger.warning("installed bundle %s fails verification, downloading again: %s", path, exc)
             return False
 
-    def _download_verified(self, bundle_id: str, root: Path, model: str | None) -> None:
+    def _download_verified(self, bundle_id: str, root: Path, model: str | None, class_statistics: bool = False
+                           ) -> None:
         bad = self._download(bundle_id, root, [MANIFEST_NAME, SIGNATURE_NAME])
         if not bad and (root / MANIFEST_NAME).is_file():
             try:
                 manifest, _ = read_manifest(root)
-                bad = self._download(bundle_id, root, manifest.files_for(manifest.model(model).name))
+                bad = self._download(bundle_id, root,
+                                     manifest.files_for(manifest.model(model).name, class_statistics))
             except ManifestError as exc:
                 raise BundleDownloadError(f"bundle {bundle_id[:12]}: {exc}") from exc
         if bad:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from runtime.bundle import golden_input
+from runtime.bundle import golden_input, read_golden
 from runtime.model import softmax
 
 if TYPE_CHECKING:
@@ -66,8 +66,7 @@ def _golden(model: AdaptableModel) -> tuple[np.ndarray, np.ndarray] | None:
         return None
     manifest = bundle.manifest
     name = manifest.golden_file_of(bundle.model.name)
-    with np.load(bundle.root / name, allow_pickle=False) as data:
-        recorded = {k: data[k] for k in data.files}
+    recorded = read_golden(bundle.root, name)
     logits = recorded.get(f"{bundle.model.name}/{manifest.logits_output}")
     if logits is None:
         return None

@@ -257,7 +257,8 @@ def connect_agent(
         info = client.register(labels or {})
         if not info.bundle_id:
             raise RuntimeError(f"server {server} has no bundle published yet")
-        path = client.fetch_bundle(info.bundle_id, work_dir / "bundles")
+        path = client.fetch_bundle(info.bundle_id, work_dir / "bundles",
+                                   class_statistics=needs_class_statistics(tta, detector))
         model = AdaptableModel(load_bundle(path, trusted_keys=trusted_keys))
     except BaseException:
         client.close()
@@ -283,6 +284,12 @@ def _pinned_update_key(work_dir: Path, announced: bytes) -> tuple[bytes, ...] | 
         return None
     pin.write_bytes(announced)
     return (announced,)
+
+
+def needs_class_statistics(tta: str, detector: str) -> bool:
+    """Whether an agent running ``tta`` with ``detector`` reads the bundle's class-conditional statistics (a
+    device fetches them only then: ``DeviceClient.fetch_bundle(..., class_statistics=True)``)."""
+    return detector == "mahalanobis" or tta == "t3a"
 
 
 def make_detector(name: str, model: Any, drift_threshold: float = 5.0) -> Any:

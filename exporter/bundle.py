@@ -1,7 +1,14 @@
 """The bundle writer: adaptable ONNX models (fp32 and int8), golden vectors and ``manifest.json``.
 
-A bundle is a directory laid out as in ``docs/CONTRACT.md``. It is built in a temporary directory beside
-the destination and renamed into place, so a reader never sees a half-written bundle.
+A bundle is a directory laid out as in ``docs/CONTRACT.md`` (schema version 2). It is built in a temporary
+directory beside the destination and renamed into place, so a reader never sees a half-written bundle.
+
+What a device downloads is kept lean: the manifest holds what a device must know to pick, verify and run a
+model; numeric blocks (the adaptable graph's initial parameters, the source statistics) are compressed binary
+files (:mod:`runtime.blocks`) fetched only by a device that needs them (:meth:`runtime.manifest.Manifest.files_for`);
+golden vectors are a compressed block per model; and what documents the export — parity against torch,
+quantization and compression reports, the packed tensors — is in ``export_report.json``, listed with its sha256
+(so signed) but fetched by no device (:func:`export_details` merges it back for tools).
 """
 
 from __future__ import annotations
@@ -32,15 +39,21 @@ from exporter.quantize import Int8Config
 from exporter.signing import sign_bundle
 from exporter.statistics import STATISTICS as STATISTICS  # re-exported: the file name and the helpers
 from exporter.statistics import class_gaussians as class_gaussians
-from exporter.statistics import output_statistics, write_statistics
+from exporter.statistics import output_statistics, write_statistic_blocks
 from exporter.train import check_images
+from runtime.blocks import encode_block, encode_image_u8
 from runtime.model import softmax
 from runtime.signing import SIGNATURE_NAME
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
+ADAPTABLE_FILE = "adaptable_initial.bin"
+REPORT_FILE = "export_report.json"
+# model-entry fields that document the export rather than tell a device how to run the file: kept in the report
+REPORT_ONLY = ("parity", "quantization")
+PACKED_DEVICE_KEYS = ("file", "encoding", "n", "m", "compression", "unpacked_bytes")
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 # int8 kernels differ between CPUs (VNNI or not, x86 or ARM, fused QLinearConv or float-emulated QDQ):
 # a value landing on a rounding boundary moves by one quantization step. On the digits model the fused and
@@ -116,7 +129,8 @@ def _kernel_variance(path: Path, x: np.ndarray, params: dict[str, np.ndarray], a
 def source_statistics(
     fp32_path: Path, model: nn.Module, source_x: np.ndarray, source_y: np.ndarray | None
 ) -> dict[str, Any]:
-    """The manifest's ``source_statistics``: BN running stats, feature mean/var, entropy, accuracy.
+    """The source statistics: feature mean/var, entropy, accuracy and class-conditional Gaussians (the BN
+    running statistics are the adaptable block's initial ``mean``/``var``, stored once).
 
     Feature and entropy statistics are computed with onnxruntime on ``fp32_path`` at α = 0 (what the device
     computes); ``accuracy`` is None when ``source_y`` is not given.
@@ -127,28 +141,33 @@ def source_statistics(
         out = _run(fp32_path, source_x[i : i + 256], params, 0.0)
         logits.append(out["logits"])
         features.append(out["features"])
-    layers = {
-        layer.name: {"mean": params[layer.param("mean")].tolist(), "var": params[layer.param("var")].tolist()}
-        for layer in norm_layers(model)
-    }
     probs = softmax(np.concatenate(logits))
-    return {"layers": layers, **output_statistics(probs, np.concatenate(features), source_y)}
+    return output_statistics(probs, np.concatenate(features), source_y)
 
 
 def _adaptable_block(model: nn.Module) -> dict[str, Any]:
+    """The manifest's ``adaptable`` block: α input, eps and the layers (tensor names only where they differ
+    from ``<layer>.<key>``); ``initial`` is filled in by :func:`_write_initial`."""
     layers = norm_layers(model)
     eps = {layer.eps for layer in layers}
     if len(eps) != 1:
         raise ExportError(f"the manifest holds one eps, but the BN layers use {sorted(eps)}")
+    entries = []
+    for layer in layers:
+        names = {"weight": layer.param("weight"), "bias": layer.param("bias"), "mean": layer.param("mean"),
+                 "var": layer.param("var"), "batch_mean": f"{layer.name}.batch_mean",
+                 "batch_var": f"{layer.name}.batch_var"}
+        entries.append({"name": layer.name, "channels": layer.channels,
+                        **{k: v for k, v in names.items() if v != f"{layer.name}.{k}"}})
+    return {"alpha_input": "alpha", "eps": eps.pop(), "layers": entries}
+
+
+def _write_initial(tmp: Path, model: nn.Module) -> dict[str, str]:
+    """The adaptable graph's initial parameters as a float32 block (fetched with adaptable models only)."""
     params = params_numpy(model)
-    entries = [
-        {"name": layer.name, "channels": layer.channels, "weight": layer.param("weight"),
-         "bias": layer.param("bias"), "mean": layer.param("mean"), "var": layer.param("var"),
-         "batch_mean": f"{layer.name}.batch_mean", "batch_var": f"{layer.name}.batch_var"}
-        for layer in layers
-    ]
-    initial = {name: params[name].tolist() for name in AdaptableGraph(model).param_names()}
-    return {"alpha_input": "alpha", "eps": eps.pop(), "layers": entries, "initial": initial}
+    initial = {name: np.asarray(params[name], np.float32) for name in AdaptableGraph(model).param_names()}
+    (tmp / ADAPTABLE_FILE).write_bytes(encode_block(initial))
+    return {"file": ADAPTABLE_FILE}
 
 
 def _golden_outputs(built: BuiltModel, x: np.ndarray, params: dict[str, np.ndarray], alpha: float,
@@ -204,19 +223,24 @@ def quantize_golden(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _write_golden(tmp: Path, built: list[BuiltModel], golden_x: np.ndarray, params: dict[str, np.ndarray],
                   alpha: float) -> dict[str, dict[str, Any]]:
-    """Write one compressed golden file per model (a device fetches only its model's), from the model's own
-    runtime; return per-model ``{file, atol, rtol}``. ``golden_x`` must already be on the k/255 grid."""
+    """Write one compressed golden block per model (a device fetches only its model's), from the model's own
+    runtime: the inputs exactly (uint8 images as their lossless prediction residual) and every output in
+    float32; return per-model ``{file, atol, rtol}``. ``golden_x`` must already be on the k/255 grid."""
     q, x = quantize_golden(golden_x)
     if not np.array_equal(x, golden_x):
         raise ExportError("golden inputs must be snapped to k/255 first (quantize_golden)")
+    stored: dict[str, np.ndarray] = {"input_denominator": np.asarray(255.0, np.float32)}
+    if q.ndim == 4:
+        stored["input_u8_residual"] = encode_image_u8(q)
+    else:
+        stored["input_u8"] = q
     tolerances: dict[str, dict[str, Any]] = {}
     for b in built:
         name = b.entry["name"]
         outputs = _golden_outputs(b, x, params, alpha)
-        arrays = {"input_u8": q, "input_denominator": np.float32(255.0)}
-        arrays.update({f"{name}/{k}": v for k, v in outputs.items()})
-        np.savez_compressed(tmp / f"golden_{name}.npz", **arrays)  # type: ignore[arg-type]
-        tolerances[name] = {"file": f"golden_{name}.npz", **_tolerance(b, x, params, alpha, outputs)}
+        arrays = {**stored, **{f"{name}/{k}": np.asarray(v, np.float32) for k, v in outputs.items()}}
+        (tmp / f"golden_{name}.bin").write_bytes(encode_block(arrays))
+        tolerances[name] = {"file": f"golden_{name}.bin", **_tolerance(b, x, params, alpha, outputs)}
     return tolerances
 
 
@@ -242,6 +266,70 @@ def _manifest(
     }
 
 
+def _split_entry(entry: dict[str, Any], path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A built model's manifest entry (what a device needs to open and verify it) and its report entry (the
+    rest: parity, quantization, packing details; a TFLite file's ``io_names`` when the file embeds them)."""
+    device = {k: v for k, v in entry.items() if k not in REPORT_ONLY}
+    report = {k: entry[k] for k in REPORT_ONLY if k in entry}
+    packed = entry.get("packed")
+    if packed:
+        device["packed"] = {k: packed[k] for k in PACKED_DEVICE_KEYS if k in packed}
+        report["packed"] = {k: v for k, v in packed.items() if k not in PACKED_DEVICE_KEYS or k == "file"}
+    if entry["format"] == "tflite" and entry.get("io_names") is not None:
+        from runtime.litert import read_io_names_metadata
+        from runtime.packing import is_pack, unpack
+
+        data = path.read_bytes()
+        if read_io_names_metadata(unpack(data) if is_pack(data) else data) == entry["io_names"]:
+            report["io_names"] = device.pop("io_names")
+    return device, report
+
+
+def compression_summary(compression: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's ``compression`` block: each pass's name and what it did per layer — N:M pattern and
+    sparsity, low-rank rank of full rank — and whether the exported weights hold the pattern (the full pass
+    reports and the per-tensor check are in the export report)."""
+    out: dict[str, Any] = {"passes": [rep.get("pass") for rep in compression.get("passes", [])]}
+    for rep in compression.get("passes", []):
+        if rep.get("pass") == "nm_sparsity":
+            out["nm_sparsity"] = {"pattern": rep.get("pattern"), "excluded": rep.get("excluded", []),
+                                  "layers": {k: v.get("sparsity") for k, v in rep.get("layers", {}).items()}}
+        elif rep.get("pass") == "low_rank":
+            out["low_rank"] = {"layers": {k: [v.get("rank"), v.get("full_rank")]
+                                          for k, v in rep.get("layers", {}).items()}}
+        elif rep.get("pass") is not None:
+            out[str(rep["pass"])] = {k: v for k, v in rep.items() if not isinstance(v, dict | list) and k != "pass"}
+    check = compression.get("nm_check")
+    if check:
+        out["nm_check"] = {"pattern": check.get("pattern"), "verified_tensors": len(check.get("verified_tensors", {})),
+                           "all_sparsified_layers_hold": check.get("all_sparsified_layers_hold")}
+    return out
+
+
+def export_details(bundle_dir: Path | str) -> dict[str, Any]:
+    """The manifest of a bundle with its export report merged back (checked against the manifest's sha256):
+    each model entry with its parity, quantization and full packing record, and the full ``compression``
+    reports. For tools and benchmarks; a device never reads the report."""
+    root = Path(bundle_dir)
+    manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+    ref = manifest.get("report")
+    if not ref:
+        return manifest
+    path = root / ref["file"]
+    if sha256_file(path) != manifest["files"].get(ref["file"]):
+        raise ExportError(f"{path} does not match its sha256 in the manifest")
+    report = json.loads(path.read_text(encoding="utf-8"))
+    for entry in manifest["models"]:
+        extra = report.get("models", {}).get(entry["name"], {})
+        packed = {**entry.get("packed", {}), **extra.get("packed", {})}
+        entry.update({k: v for k, v in extra.items() if k != "packed"})
+        if packed:
+            entry["packed"] = packed
+    if "compression" in report:
+        manifest["compression"] = report["compression"]
+    return manifest
+
+
 def _pack(built: list[BuiltModel], nm: tuple[int, int]) -> None:
     """Replace each N:M-sparse ONNX or TFLite file by its packed transport encoding when that is smaller."""
     from exporter.packing import pack_model
@@ -265,9 +353,9 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
     built = build_models(model, tmp, data, opts["build"])
     tolerances = _write_golden(tmp, built, data["golden_x"], params, opts["golden_alpha"])
     fp32 = next(b.path for b in built if b.entry["name"] == "fp32")
+    stats = source_statistics(fp32, model, data["source_x"], opts["source_y"])
     blocks: dict[str, Any] = {
-        "source_statistics": write_statistics(tmp, source_statistics(fp32, model, data["source_x"], opts["source_y"])),
-        "models": [b.entry for b in built],
+        "source_statistics": write_statistic_blocks(tmp, stats),
         "default_model": "fp32",
         "golden": {"alpha": float(opts["golden_alpha"]), "models": tolerances},
     }
@@ -284,6 +372,17 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
         blocks.setdefault("compression", {})["nm_check"] = {**check, "all_sparsified_layers_hold": True}
         if opts["pack"]:
             _pack(built, opts["nm"])
+    report: dict[str, Any] = {"models": {}}
+    blocks["models"] = []
+    for b in built:
+        shipped = b.path.with_name(b.entry["packed"]["file"]) if b.entry.get("packed") else b.path
+        device, report["models"][b.entry["name"]] = _split_entry(b.entry, shipped)
+        blocks["models"].append(device)
+    if "compression" in blocks:
+        report["compression"] = blocks["compression"]
+        blocks["compression"] = compression_summary(blocks["compression"])
+    (tmp / REPORT_FILE).write_text(json.dumps(compact_floats(report), separators=(",", ":")) + "\n", encoding="utf-8")
+    blocks["report"] = {"file": REPORT_FILE}
     if opts.get("trainable"):
         from edgeloop.federated.weights import trainable_state
         from runtime.arrays import encode_arrays
@@ -352,6 +451,7 @@ def export_bundle(
         opts = {"build": build, "golden_alpha": golden_alpha, "source_y": source_y, "compression": compression,
                 "nm": nm, "pack": pack, "trainable": trainable, "arch": arch}
         manifest = _manifest(name or out_dir.name, arch, spec, ckpt_sha, labels, model)
+        manifest["adaptable"]["initial"] = _write_initial(tmp, model)
         manifest.update(_build(tmp, model, data, opts))
         (tmp / MANIFEST).write_text(json.dumps(compact_floats(manifest), separators=(",", ":")) + "\n",
                                     encoding="utf-8")

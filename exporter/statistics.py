@@ -1,9 +1,12 @@
 """Source statistics of a bundle's penultimate features, shared by our own bundles and foreign ones.
 
-``source_statistics`` in the manifest holds the feature mean and variance, the prediction entropy's mean
-and standard deviation and the accuracy; the class-conditional Gaussians (means, counts, shared
-covariance) go into ``source_statistics.npz``, referenced from the manifest. numpy only (no torch): the
-foreign-model wrapper uses it too.
+``source_statistics`` in the manifest holds the prediction entropy's mean and standard deviation and the
+accuracy, and references the numeric blocks: in schema version 2 (:func:`write_statistic_blocks`) the feature
+mean and variance go into ``source_features.bin`` (every device fetches it) and the class-conditional
+Gaussians (means, counts, shared covariance) into ``class_statistics.bin`` (fetched only by a device that
+scores drift by Mahalanobis distance or seeds T3A with them), both compressed float32 blocks
+(:mod:`runtime.blocks`); schema version 1 (:func:`write_statistics`, foreign bundles) keeps the feature
+statistics inline and the Gaussians in ``source_statistics.npz``. numpy only (no torch).
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from runtime.blocks import encode_block
 from runtime.model import entropy
 
-STATISTICS = "source_statistics.npz"
+STATISTICS = "source_statistics.npz"  # schema version 1
+FEATURES_FILE = "source_features.bin"  # schema version 2
+CLASS_STATISTICS_FILE = "class_statistics.bin"  # schema version 2
 
 
 def check_labels(y: np.ndarray, n: int, num_classes: int | None = None) -> np.ndarray:
@@ -82,3 +88,25 @@ def write_statistics(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
                                           "shared_covariance": list(cov.shape)},
            "covariance_storage": "upper_triangle_row_major", "shrinkage": gauss["shrinkage"]}
     return {**stats, "class_conditional": ref}
+
+
+def write_statistic_blocks(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
+    """Schema version 2: move the feature mean/var of ``stats`` into :data:`FEATURES_FILE` and the
+    class-conditional Gaussians into :data:`CLASS_STATISTICS_FILE` (float32 blocks, the covariance's upper
+    triangle only); return the manifest's ``source_statistics`` block referencing them."""
+    out = {k: v for k, v in stats.items() if k not in ("features", "class_conditional", "layers")}
+    mean = np.asarray(stats["features"]["mean"], dtype=np.float32)
+    var = np.asarray(stats["features"]["var"], dtype=np.float32)
+    (tmp / FEATURES_FILE).write_bytes(encode_block({"mean": mean, "var": var}))
+    out["features"] = {"file": FEATURES_FILE, "dim": int(mean.shape[0])}
+    gauss = stats.get("class_conditional")
+    if gauss is not None:
+        cov = np.asarray(gauss["shared_covariance"], dtype=np.float32)
+        means = np.asarray(gauss["means"], dtype=np.float32)
+        arrays = {"means": means, "counts": np.asarray(gauss["counts"], np.int64),
+                  "shared_covariance_upper": cov[np.triu_indices(cov.shape[0])]}  # symmetric: half is enough
+        (tmp / CLASS_STATISTICS_FILE).write_bytes(encode_block(arrays))
+        out["class_conditional"] = {"file": CLASS_STATISTICS_FILE, "classes": int(means.shape[0]),
+                                    "dim": int(means.shape[1]), "covariance_storage": "upper_triangle_row_major",
+                                    "shrinkage": gauss["shrinkage"]}
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import zipfile
 from collections.abc import Sequence
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.blocks import MAGIC as BLOCK_MAGIC
+from runtime.blocks import BlockError, decode_block, decode_image_u8
 from runtime.errors import BundleIntegrityError, GoldenMismatchError, ManifestError
 from runtime.manifest import Manifest, ModelEntry, read_manifest
 from runtime.packing import unpack
@@ -76,23 +79,39 @@ def golden_feeds(manifest: Manifest, model: ModelEntry, x: np.ndarray) -> dict[s
 
 
 def golden_input(recorded: dict[str, np.ndarray], name: str) -> np.ndarray:
-    """The golden input batch: ``input`` as stored, or ``input_u8 / input_denominator`` (float32, exact)."""
+    """The golden input batch: ``input`` as stored, or ``input_u8 / input_denominator`` (float32, exact), the
+    uint8 images possibly stored as their prediction residual ``input_u8_residual`` (:mod:`runtime.blocks`)."""
     if "input" in recorded:
         return recorded["input"]
+    if "input_u8_residual" in recorded and "input_denominator" in recorded:
+        images = decode_image_u8(recorded["input_u8_residual"])
+        return images.astype(np.float32) / np.float32(recorded["input_denominator"])
     if "input_u8" in recorded and "input_denominator" in recorded:
         return recorded["input_u8"].astype(np.float32) / np.float32(recorded["input_denominator"])
     raise BundleIntegrityError(f"golden file {name!r} has no 'input' (or 'input_u8') array")
 
 
+def read_golden(root: Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays of golden file ``name`` in ``root``: a compressed block (schema version 2) or an ``.npz``."""
+    path = Path(root) / name
+    try:
+        data = path.read_bytes()
+        if data[: len(BLOCK_MAGIC)] == BLOCK_MAGIC:
+            return decode_block(data, name)
+        with np.load(io.BytesIO(data), allow_pickle=False) as golden:
+            return {k: golden[k] for k in golden.files}
+    except (OSError, ValueError, zipfile.BadZipFile, BlockError) as exc:
+        raise BundleIntegrityError(f"golden file {name!r} is unreadable: {exc}") from exc
+
+
 def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Session) -> None:
     """Run the golden inputs and compare every recorded output of ``model`` within its tolerance."""
     name = manifest.golden_file_of(model.name)
+    recorded = read_golden(root, name)
     try:
-        with np.load(root / name, allow_pickle=False) as golden:
-            recorded = {k: golden[k] for k in golden.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise BundleIntegrityError(f"golden file {name!r} is unreadable: {exc}") from exc
-    x = golden_input(recorded, name)
+        x = golden_input(recorded, name)
+    except BlockError as exc:
+        raise BundleIntegrityError(f"golden file {name!r}: {exc}") from exc
     if model.name not in manifest.golden_tolerance:
         raise ManifestError(f"golden.models has no tolerance for model {model.name!r}")
     outputs = session.run(golden_feeds(manifest, model, x.astype(manifest.input.dtype)))
@@ -118,14 +137,15 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
 
 
 def unpack_model(root: Path, entry: ModelEntry) -> bytes:
-    """Decode a model (ONNX or TFLite) shipped in the packed N:M encoding and check it against its recorded
-    sha256."""
+    """Decode a model (ONNX or TFLite) shipped in the packed N:M encoding. The decoder proves the result against
+    the sha256 in the pack's header (covered by the pack's own sha256 in the manifest); a manifest that also
+    records ``sha256_unpacked`` (schema version 1) is checked against it too."""
     packed = entry.packed or {}
     if packed.get("encoding") != "nm":
         raise ManifestError(f"model {entry.name!r}: only the N:M packed encoding can be decoded, got {packed}")
     data = unpack((root / packed["file"]).read_bytes())
     actual = hashlib.sha256(data).hexdigest()
-    if actual != packed.get("sha256_unpacked"):
+    if "sha256_unpacked" in packed and actual != packed.get("sha256_unpacked"):
         raise BundleIntegrityError(
             f"model {entry.name!r}: {packed['file']} decodes to sha256 {actual[:16]}…, "
             f"manifest says {str(packed.get('sha256_unpacked'))[:16]}…"

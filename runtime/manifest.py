@@ -1,7 +1,16 @@
-"""The bundle manifest (schema version 1): parsing and validation into typed, frozen objects."""
+"""The bundle manifest (schema versions 1 and 2): parsing and validation into typed, frozen objects.
+
+Version 2 (what the exporter writes) keeps numeric blocks out of the JSON: the adaptable graph's initial
+parameters, the source feature statistics and the class-conditional Gaussians live in compressed binary block
+files (:mod:`runtime.blocks`) that the manifest references and lists with their sha256, and a device fetches
+each only when it needs it (:meth:`Manifest.files_for`). Layers name their tensors by convention
+(``<layer>.weight`` …) unless they say otherwise, and what only documents the export (parity, quantization and
+compression reports) sits in a report file no device fetches. Version 1 bundles (every block inline) still read.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +20,8 @@ import numpy as np
 
 from runtime.errors import ManifestError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what the exporter writes
+SCHEMA_VERSIONS = (1, 2)  # what this runtime reads
 MANIFEST_NAME = "manifest.json"
 GRAPH_KINDS = ("adaptable", "folded")
 OUTPUT_KINDS = ("logits", "probabilities")
@@ -69,7 +79,9 @@ class ModelEntry:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A validated manifest. ``raw`` keeps the parsed JSON for fields the runtime does not interpret."""
+    """A validated manifest. ``raw`` keeps the parsed JSON for fields the runtime does not interpret; ``root`` is
+    the bundle directory it was read from (None for a manifest parsed from JSON alone), where the block files of
+    a version-2 manifest are read from (lazily, checked against their sha256)."""
 
     name: str
     input: InputSpec
@@ -79,7 +91,6 @@ class Manifest:
     output_kind: str
     alpha_input: str
     layers: tuple[NormLayerSpec, ...]
-    initial_params: dict[str, np.ndarray]
     models: tuple[ModelEntry, ...]
     default_model: str
     files: dict[str, str]
@@ -90,6 +101,51 @@ class Manifest:
     raw: dict[str, Any]
     golden_output_tolerance: dict[str, dict[str, tuple[float, float]]] = field(default_factory=dict)
     trainable: TrainableSpec | None = None
+    schema_version: int = SCHEMA_VERSION
+    initial_inline: dict[str, np.ndarray] | None = None
+    initial_file: str | None = None
+    features_file: str | None = None
+    class_statistics_file: str | None = None
+    root: Path | None = None
+    _cache: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def block(self, file: str, what: str) -> dict[str, np.ndarray]:
+        """The arrays of the block file ``file`` of the bundle at :attr:`root` (checked against its sha256,
+        decoded once); :class:`ManifestError` naming ``what`` when it is absent, altered or unreadable."""
+        if file in self._cache:
+            return self._cache[file]
+        from runtime.blocks import BlockError, decode_block
+
+        if file not in self.files:
+            raise ManifestError(f"{what} file {file!r} has no sha256 in manifest.files")
+        if self.root is None:
+            raise ManifestError(f"{what} lives in {file!r}, but this manifest was parsed without its bundle directory")
+        path = Path(self.root) / file
+        if not path.is_file():
+            raise ManifestError(f"{what} file {file!r} is not in {self.root}: a device fetches it only when it needs "
+                                f"it (Manifest.files_for)")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.files[file]:
+            raise ManifestError(f"{what} file {file!r} fails its sha256 check")
+        try:
+            arrays = decode_block(data, file)
+        except BlockError as exc:
+            raise ManifestError(f"{what} file {file!r} is unreadable: {exc}") from exc
+        self._cache[file] = arrays
+        return arrays
+
+    @property
+    def initial_params(self) -> dict[str, np.ndarray]:
+        """The adaptable graph's initial parameters (name → float32 (channels,)): inline in a version-1 manifest,
+        from the ``adaptable.initial`` block file in version 2 (present with an adaptable model); {} without an
+        adaptable block."""
+        if self.initial_file is None:
+            return self.initial_inline or {}
+        key = "initial_params"
+        if key not in self._cache:
+            arrays = self.block(self.initial_file, "adaptable.initial")
+            self._cache[key] = _checked_initial(arrays, self.layers, self.initial_file)
+        return self._cache[key]
 
     def trainable_params(self, root: Path) -> dict[str, np.ndarray]:
         """The full float weights of the bundle at ``root`` (its ``trainable`` block's file), checked against
@@ -127,15 +183,25 @@ class Manifest:
                 return entry
         raise ManifestError(f"model {wanted!r} not in bundle; available: {[m.name for m in self.models]}")
 
-    def files_for(self, model: str) -> list[str]:
-        """The files a device needs to run ``model``: its shipped file, its golden vectors, the statistics, and
-        the trainable weights when the bundle has them (updates carry them, so a device holds them to apply
-        and verify delta updates even when it only adapts normalisation)."""
+    def files_for(self, model: str, class_statistics: bool = False) -> list[str]:
+        """The files a device needs to run ``model``: its shipped file, its golden vectors, the source feature
+        statistics (version 2: their block file), the adaptable parameters' block file when ``model`` is an
+        adaptable graph, and the trainable weights when the bundle has them (updates carry them, so a device
+        holds them to apply and verify delta updates even when it only adapts normalisation).
+
+        The class-conditional Gaussians (means and shared covariance: kilobytes, used only by the Mahalanobis
+        drift detector and T3A's source prototypes) come with ``class_statistics`` — or always in a version-1
+        bundle, where the file also held nothing else a device could do without."""
         entry = self.model(model)
         files = [entry.packed["file"] if entry.packed else entry.file, self.golden_file_of(entry.name)]
-        stats = self.raw.get("source_statistics", {}).get("class_conditional") or {}
-        files += [stats["file"]] if isinstance(stats.get("file"), str) else []
-        return files + ([self.trainable.file] if self.trainable is not None else [])
+        if self.features_file is not None:
+            files.append(self.features_file)
+        if entry.graph == "adaptable" and self.initial_file is not None:
+            files.append(self.initial_file)
+        if self.class_statistics_file is not None and (class_statistics or self.schema_version == 1):
+            files.append(self.class_statistics_file)
+        files += [self.trainable.file] if self.trainable is not None else []
+        return list(dict.fromkeys(files))
 
     def tolerance_of(self, model: str, output: str) -> tuple[float, float]:
         """``(atol, rtol)`` of ``output`` of ``model``'s golden check: the output's own bound
@@ -152,33 +218,102 @@ class Manifest:
         return bool(self.layers)
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Shape of every adaptable parameter input."""
-        return {k: tuple(v.shape) for k, v in self.initial_params.items()}
+        """Shape of every adaptable parameter input (from the layer specs: no block file needed)."""
+        return {name: (layer.channels,) for layer in self.layers
+                for name in (layer.weight, layer.bias, layer.mean, layer.var)}
 
-    def class_gaussians(self, root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    def class_gaussians(self, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Class-conditional feature means (K, D), shared covariance (D, D) and class counts (K,), from the
-        statistics file of the bundle at ``root``; None when the bundle records none."""
+        statistics file of the bundle at ``root`` (default :attr:`root`); None when the bundle records none.
+        A version-2 device has the file only when it fetched it (``files_for(model, class_statistics=True)``)."""
         ref = self.raw.get("source_statistics", {}).get("class_conditional")
         if not ref:
             return None
-        if ref.get("file") not in self.files:
-            raise ManifestError(f"class-conditional statistics {ref.get('file')!r} has no sha256 in manifest.files")
-        with np.load(Path(root) / ref["file"], allow_pickle=False) as data:
-            means, counts = data["means"].astype(np.float32), data["counts"]
-            upper = data["shared_covariance_upper"].astype(np.float32)
+        file = ref.get("file")
+        if file not in self.files:
+            raise ManifestError(f"class-conditional statistics {file!r} has no sha256 in manifest.files")
+        base = Path(root) if root is not None else self.root
+        if self.schema_version == 1:
+            if base is None:
+                raise ManifestError("class_gaussians needs the bundle directory")
+            with np.load(base / file, allow_pickle=False) as data:
+                means, counts = data["means"].astype(np.float32), data["counts"]
+                upper = data["shared_covariance_upper"].astype(np.float32)
+        else:
+            manifest = self if base is None or base == self.root else _rooted(self, base)
+            arrays = manifest.block(file, "source_statistics.class_conditional")
+            try:
+                means, counts, upper = arrays["means"], arrays["counts"], arrays["shared_covariance_upper"]
+            except KeyError as exc:
+                raise ManifestError(f"{file}: missing array {exc}") from exc
+            if means.dtype != np.float32 or upper.dtype != np.float32 or means.ndim != 2:
+                raise ManifestError(f"{file}: means and covariance must be float32, means (K, D)")
         dim = means.shape[1]
         if upper.shape != (dim * (dim + 1) // 2,):
-            raise ManifestError(f"{ref['file']}: covariance has {upper.size} values, expected {dim * (dim + 1) // 2}")
+            raise ManifestError(f"{file}: covariance has {upper.size} values, expected {dim * (dim + 1) // 2}")
         cov = np.zeros((dim, dim), np.float32)
         cov[np.triu_indices(dim)] = upper
         return means, cov + np.triu(cov, 1).T, counts
 
     def source_feature_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Source penultimate-feature mean and variance, when recorded."""
+        """Source penultimate-feature mean and variance, when recorded (version 2: from their block file)."""
         feats = self.raw.get("source_statistics", {}).get("features")
         if not feats:
             return None
-        return np.asarray(feats["mean"], np.float32), np.asarray(feats["var"], np.float32)
+        if self.features_file is None:
+            return np.asarray(feats["mean"], np.float32), np.asarray(feats["var"], np.float32)
+        arrays = self.block(self.features_file, "source_statistics.features")
+        mean, var = arrays.get("mean"), arrays.get("var")
+        dim = feats.get("dim")
+        if mean is None or var is None or mean.shape != (dim,) or var.shape != (dim,) or mean.dtype != np.float32:
+            raise ManifestError(f"{self.features_file}: expected float32 'mean' and 'var' of shape ({dim},)")
+        return mean, var
+
+    @property
+    def feature_dim(self) -> int | None:
+        """Width of the penultimate features the source statistics describe, when recorded."""
+        feats = self.raw.get("source_statistics", {}).get("features")
+        if not feats:
+            return None
+        return int(feats["dim"]) if "dim" in feats else len(feats["mean"])
+
+    def source_layer_stats(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Source running mean and variance of each adaptable layer: ``source_statistics.layers`` of a version-1
+        manifest, else the initial parameters' ``mean``/``var`` (the same numbers: version 2 stores them once)."""
+        recorded = self.raw.get("source_statistics", {}).get("layers") or {}
+        out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        initial = self.initial_params if self.layers and not recorded else {}
+        for layer in self.layers:
+            if layer.name in recorded:
+                entry = recorded[layer.name]
+                out[layer.name] = (np.asarray(entry["mean"], np.float32), np.asarray(entry["var"], np.float32))
+            elif initial:
+                out[layer.name] = (initial[layer.mean], initial[layer.var])
+        return out
+
+
+def _rooted(manifest: Manifest, root: Path) -> Manifest:
+    """The same manifest reading its block files from ``root``."""
+    from dataclasses import replace
+
+    return replace(manifest, root=Path(root), _cache={})
+
+
+def _checked_initial(arrays: dict[str, np.ndarray], layers: tuple[NormLayerSpec, ...], file: str
+                     ) -> dict[str, np.ndarray]:
+    """The initial parameters of ``layers`` from a block, each finite float32 (channels,); nothing else."""
+    expected = {name: layer.channels for layer in layers for name in (layer.weight, layer.bias, layer.mean, layer.var)}
+    if set(arrays) != set(expected):
+        raise ManifestError(f"{file} holds {sorted(arrays)[:6]}…, the adaptable layers name {sorted(expected)[:6]}… "
+                            f"(differing: {sorted(set(arrays) ^ set(expected))[:8]})")
+    out = {}
+    for name, channels in expected.items():
+        values = arrays[name]
+        if values.dtype != np.float32 or values.shape != (channels,) or not np.all(np.isfinite(values)):
+            raise ManifestError(f"adaptable.initial.{name} in {file} must be {channels} finite float32 numbers, got "
+                                f"{values.dtype} {values.shape}")
+        out[name] = values
+    return out
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:
@@ -205,17 +340,39 @@ def _input_spec(raw: dict[str, Any]) -> InputSpec:
     return InputSpec(_get(spec, "name", str, "input"), shape, dtype, (lo, hi), layout)
 
 
-def _layers(adaptable: dict[str, Any]) -> tuple[NormLayerSpec, ...]:
+TENSOR_KEYS = ("weight", "bias", "mean", "var", "batch_mean", "batch_var")
+
+
+def _layers(adaptable: dict[str, Any], version: int) -> tuple[NormLayerSpec, ...]:
+    """The adaptable layers; in version 2 a tensor name left out is ``<layer name>.<key>``."""
     layers = []
     for i, layer in enumerate(_get(adaptable, "layers", list, "adaptable")):
         where = f"adaptable.layers[{i}]"
-        fields = {k: _get(layer, k, str, where) for k in ("name", "weight", "bias", "mean", "var")}
-        stats = {k: _get(layer, k, str, where) for k in ("batch_mean", "batch_var")}
-        layers.append(NormLayerSpec(channels=int(_get(layer, "channels", int, where)), **fields, **stats))
+        name = _get(layer, "name", str, where)
+        if version >= 2:
+            names = {k: layer.get(k, f"{name}.{k}") for k in TENSOR_KEYS}
+            if not all(isinstance(v, str) and v for v in names.values()):
+                raise ManifestError(f"manifest field {where} names its tensors with non-strings: {names}")
+        else:
+            names = {k: _get(layer, k, str, where) for k in TENSOR_KEYS}
+        channels = _get(layer, "channels", int, where)
+        if channels <= 0:
+            raise ManifestError(f"manifest field {where}.channels must be positive, got {channels}")
+        layers.append(NormLayerSpec(name=name, channels=int(channels), **names))
     return tuple(layers)
 
 
+def _initial_file(adaptable: dict[str, Any], files: dict[str, str]) -> str:
+    """Version 2: the block file named by ``adaptable.initial.file``, listed in ``files``."""
+    ref = _get(adaptable, "initial", dict, "adaptable")
+    file = _get(ref, "file", str, "adaptable.initial")
+    if file not in files:
+        raise ManifestError(f"adaptable.initial file {file!r} has no sha256 in manifest.files")
+    return file
+
+
 def _initial(adaptable: dict[str, Any], layers: tuple[NormLayerSpec, ...]) -> dict[str, np.ndarray]:
+    """Version 1: the initial parameters inline as JSON numbers."""
     initial = _get(adaptable, "initial", dict, "adaptable")
     out: dict[str, np.ndarray] = {}
     for layer in layers:
@@ -278,7 +435,7 @@ class TrainableSpec:
     shapes: dict[str, tuple[int, ...]]
 
 
-def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, np.ndarray]) -> TrainableSpec | None:
+def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, Any]) -> TrainableSpec | None:
     block = raw.get("trainable")
     if block is None:
         return None
@@ -304,17 +461,49 @@ def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, 
     return TrainableSpec(path, architecture, out)
 
 
-def parse_manifest(raw: dict[str, Any]) -> Manifest:
-    """Validate parsed manifest JSON and build a :class:`Manifest`; raise :class:`ManifestError` naming the field."""
+def _statistics_files(raw: dict[str, Any], files: dict[str, str], version: int) -> tuple[str | None, str | None]:
+    """The block files of ``source_statistics``: feature mean/var (version 2) and the class-conditional
+    Gaussians (both versions), each listed in ``files``."""
+    stats = raw.get("source_statistics")
+    if stats is None:
+        return None, None
+    if not isinstance(stats, dict):
+        raise ManifestError("manifest field manifest.source_statistics must be an object or absent")
+    features_file = None
+    features = stats.get("features")
+    if features is not None:
+        if not isinstance(features, dict):
+            raise ManifestError("manifest field source_statistics.features must be an object")
+        if version >= 2:
+            features_file = _get(features, "file", str, "source_statistics.features")
+            dim = _get(features, "dim", int, "source_statistics.features")
+            if features_file not in files or dim <= 0:
+                raise ManifestError(f"source_statistics.features: file {features_file!r} must be listed in "
+                                    f"manifest.files and dim ({dim}) positive")
+        elif not isinstance(features.get("mean"), list) or not isinstance(features.get("var"), list):
+            raise ManifestError("manifest field source_statistics.features must hold 'mean' and 'var' lists")
+    gauss = stats.get("class_conditional")
+    class_file = None
+    if gauss:
+        class_file = _get(gauss, "file", str, "source_statistics.class_conditional")
+        if class_file not in files:
+            raise ManifestError(f"class-conditional statistics {class_file!r} has no sha256 in manifest.files")
+    return features_file, class_file
+
+
+def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
+    """Validate parsed manifest JSON and build a :class:`Manifest`; raise :class:`ManifestError` naming the field.
+    ``root``: the bundle directory, where the block files of a version-2 manifest are read from."""
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
-        raise ManifestError(f"manifest schema_version is {version!r}; this runtime reads {SCHEMA_VERSION}")
+    if version not in SCHEMA_VERSIONS or isinstance(version, bool):
+        raise ManifestError(f"manifest schema_version is {version!r}; this runtime reads versions "
+                            f"{', '.join(map(str, SCHEMA_VERSIONS))} (a newer bundle needs a newer runtime)")
     adaptable = raw.get("adaptable")
     if adaptable is not None and not isinstance(adaptable, dict):
         raise ManifestError("manifest field manifest.adaptable must be an object or absent")
     outputs = _get(raw, "outputs", dict, "manifest")
     golden = _get(raw, "golden", dict, "manifest")
-    layers = _layers(adaptable) if adaptable else ()
+    layers = _layers(adaptable, version) if adaptable else ()
     features = outputs.get("features")
     if features is not None and not isinstance(features, str):
         raise ManifestError("manifest field outputs.features must be a string or null")
@@ -328,7 +517,11 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
     per_output = {name: _output_tolerances(name, t) for name, t in golden["models"].items()}
     models = _models(raw)
     files = {str(k): str(v) for k, v in _get(raw, "files", dict, "manifest").items()}
-    initial_params = _initial(adaptable, layers) if adaptable else {}
+    v1 = version == 1
+    initial_inline = _initial(adaptable, layers) if adaptable and v1 else None
+    initial_file = _initial_file(adaptable, files) if adaptable and not v1 else None
+    features_file, class_file = _statistics_files(raw, files, version)
+    param_names = {n: None for layer in layers for n in (layer.weight, layer.bias, layer.mean, layer.var)}
     manifest = Manifest(
         name=str(raw.get("name", "")),
         input=_input_spec(raw),
@@ -338,7 +531,6 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         output_kind=kind,
         alpha_input=_get(adaptable, "alpha_input", str, "adaptable") if adaptable else "",
         layers=layers,
-        initial_params=initial_params,
         models=models,
         default_model=str(raw.get("default_model", models[0].name)),
         files=files,
@@ -348,7 +540,13 @@ def parse_manifest(raw: dict[str, Any]) -> Manifest:
         golden_tolerance=tolerance,
         raw=raw,
         golden_output_tolerance={k: v for k, v in per_output.items() if v},
-        trainable=_trainable(raw, files, initial_params),
+        trainable=_trainable(raw, files, param_names),
+        schema_version=version,
+        initial_inline=initial_inline,
+        initial_file=initial_file,
+        features_file=features_file,
+        class_statistics_file=class_file,
+        root=Path(root) if root is not None else None,
     )
     manifest.model(None)
     for entry in models:
@@ -376,4 +574,4 @@ def read_manifest(bundle_dir: Path) -> tuple[Manifest, bytes]:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
-    return parse_manifest(raw), data
+    return parse_manifest(raw, root=Path(bundle_dir)), data

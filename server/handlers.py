@@ -165,6 +165,8 @@ def publish_bundle(state: ServerState, files: Mapping[str, bytes], claimed_id: s
             raise InvalidBundleError(f"file {path!r}: sha256 {actual} does not match the manifest's {expected}")
     if spec.trainable_file:
         spec.trainable_initial(files[spec.trainable_file])  # names, shapes, float32, finite
+    if spec.initial_file:
+        spec.initial_values(files[spec.initial_file])  # schema 2: the adaptable parameters' block, likewise
     bundle_id = sha256_hex(files[MANIFEST_FILE])
     if claimed_id and claimed_id != bundle_id:
         raise InvalidBundleError(f"chunks claim bundle id {claimed_id}, but manifest.json hashes to {bundle_id}")

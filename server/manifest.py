@@ -1,9 +1,11 @@
-"""What the server needs from a bundle's manifest.json (schema_version 1, see docs/CONTRACT.md), validated.
+"""What the server needs from a bundle's manifest.json (schema_version 1 or 2, see docs/CONTRACT.md), validated.
 
 The server checks a published bundle's file list and sha256s, and uses the manifest's input shape, feature
 width and initial adaptable parameters to validate what devices upload. An optional ``trainable`` block names a
 file of the bundle holding the model's full float weights (for devices that train with local SGD); the
 federated parameter space is then the adaptable parameters and these (:attr:`BundleSpec.param_shapes`).
+In schema version 2 the initial adaptable parameters are a block file (``adaptable.initial.file``,
+:mod:`runtime.blocks`) read with :meth:`BundleSpec.initial_values`; their names and shapes come from the layers.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from runtime.arrays import ArrayCodecError, decode_arrays
 from server.errors import InvalidBundleError, InvalidTensorError
 
 MANIFEST_FILE = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # the newest this server reads
+SCHEMA_VERSIONS = (1, 2)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -31,14 +34,38 @@ class BundleSpec:
     files: dict[str, str]
     input_shape: tuple[int, ...]
     feature_dim: int
-    initial: dict[str, np.ndarray]
+    initial: dict[str, np.ndarray]  # schema 1: the values; schema 2: empty (see initial_file)
     trainable_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     trainable_file: str = ""
+    initial_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    initial_file: str = ""
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Name → shape of every federated parameter: the adaptable ones, then the trainable ones (if any)."""
-        return {**{name: tuple(arr.shape) for name, arr in self.initial.items()}, **self.trainable_shapes}
+        return {**self.initial_shapes, **self.trainable_shapes}
+
+    def initial_values(self, data: bytes | None = None) -> dict[str, np.ndarray]:
+        """The initial adaptable parameters: inline (schema 1) or decoded from ``data``, the bytes of
+        :attr:`initial_file` (schema 2), checked against the layers' names and shapes, float32 and finite."""
+        if not self.initial_file:
+            return {k: np.asarray(v, dtype=np.float32) for k, v in self.initial.items()}
+        if data is None:
+            raise InvalidBundleError(f"the initial parameters live in {self.initial_file!r}; pass its bytes")
+        from runtime.blocks import BlockError, decode_block
+
+        try:
+            arrays = decode_block(data, self.initial_file)
+        except BlockError as exc:
+            raise InvalidBundleError(str(exc)) from exc
+        if set(arrays) != set(self.initial_shapes):
+            raise InvalidBundleError(f"{self.initial_file} holds {sorted(arrays)[:8]}, the layers name "
+                                     f"{sorted(self.initial_shapes)[:8]}")
+        for name, arr in arrays.items():
+            if arr.dtype != np.float32 or arr.shape != self.initial_shapes[name] or not np.all(np.isfinite(arr)):
+                raise InvalidBundleError(f"{self.initial_file}: {name!r} is {arr.dtype} {arr.shape}, expected finite "
+                                         f"float32 {self.initial_shapes[name]}")
+        return arrays
 
     def trainable_initial(self, data: bytes) -> dict[str, np.ndarray]:
         """The trainable weights in ``data`` (the bytes of :attr:`trainable_file`), checked against the block."""
@@ -114,6 +141,24 @@ def _input_shape(manifest: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def _initial_v2(manifest: Mapping[str, Any], files: Mapping[str, str]) -> tuple[dict[str, tuple[int, ...]], str]:
+    """Schema 2: names and shapes of the adaptable parameters (from the layers) and their block file."""
+    layers = _get(manifest, "adaptable", "layers")
+    file = _get(manifest, "adaptable", "initial", "file")
+    if not isinstance(file, str) or file not in files:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial.file {file!r} must name a file in 'files'")
+    if not isinstance(layers, list) or not layers:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.layers must be a non-empty list")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, layer in enumerate(layers):
+        name, channels = (layer.get("name"), layer.get("channels")) if isinstance(layer, Mapping) else (None, None)
+        if not isinstance(name, str) or not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.layers[{i}] needs a name and positive channels")
+        for key in ("weight", "bias", "mean", "var"):
+            shapes[str(layer.get(key, f"{name}.{key}"))] = (channels,)
+    return shapes, file
+
+
 def _initial(manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
     initial = _get(manifest, "adaptable", "initial")
     if not isinstance(initial, Mapping) or not initial:
@@ -149,7 +194,7 @@ def parse_trainable(data: bytes, shapes: Mapping[str, tuple[int, ...]], path: st
 
 
 def _trainable(manifest: Mapping[str, Any], files: Mapping[str, str],
-               adaptable: Mapping[str, np.ndarray]) -> tuple[dict[str, tuple[int, ...]], str]:
+               adaptable: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], str]:
     block = manifest.get("trainable")
     if block is None:
         return {}, ""
@@ -191,15 +236,26 @@ def parse_manifest(raw: bytes) -> tuple[dict[str, Any], BundleSpec]:
 def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
     """Validate an already-parsed manifest and extract its :class:`BundleSpec`."""
     version = _get(manifest, "schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in SCHEMA_VERSIONS or isinstance(version, bool):
         raise InvalidBundleError(f"{MANIFEST_FILE}: schema_version {version!r} is not supported "
-                                 f"(expected {SCHEMA_VERSION})")
-    feature_mean = _get(manifest, "source_statistics", "features", "mean")
-    if not isinstance(feature_mean, list) or not feature_mean:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.mean must be a non-empty list")
-    files, initial = _files(manifest), _initial(manifest)
-    trainable_shapes, trainable_file = _trainable(manifest, files, initial)
+                                 f"(this server reads {', '.join(map(str, SCHEMA_VERSIONS))})")
+    files = _files(manifest)
+    if version == 1:
+        feature_mean = _get(manifest, "source_statistics", "features", "mean")
+        if not isinstance(feature_mean, list) or not feature_mean:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.mean must be a non-empty list")
+        feature_dim = len(feature_mean)
+        initial = _initial(manifest)
+        shapes, initial_file = {k: tuple(v.shape) for k, v in initial.items()}, ""
+    else:
+        feature_dim = _get(manifest, "source_statistics", "features", "dim")
+        if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim <= 0:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.dim must be a positive int")
+        initial = {}
+        shapes, initial_file = _initial_v2(manifest, files)
+    trainable_shapes, trainable_file = _trainable(manifest, files, shapes)
     return BundleSpec(
-        files=files, input_shape=_input_shape(manifest), feature_dim=len(feature_mean),
+        files=files, input_shape=_input_shape(manifest), feature_dim=feature_dim,
         initial=initial, trainable_shapes=trainable_shapes, trainable_file=trainable_file,
+        initial_shapes=shapes, initial_file=initial_file,
     )

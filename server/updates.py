@@ -57,21 +57,23 @@ def initial_params(state: ServerState, bundle: BundleRecord) -> dict[str, np.nda
     """Version 0 of the bundle's federated parameters: the adaptable initial values, plus the trainable
     weights read from the bundle's trainable file (checked; cached per bundle id, bundles are immutable)."""
     spec = spec_of(bundle)
-    out = {k: np.asarray(v, dtype=np.float32) for k, v in spec.initial.items()}
-    if not spec.trainable_file:
-        return out
+    if not spec.trainable_file and not spec.initial_file:
+        return spec.initial_values()
     with _CACHE_LOCK:
-        trainable = _TRAINABLE_CACHE.get(bundle.bundle_id)
-        if trainable is not None:
+        cached = _TRAINABLE_CACHE.get(bundle.bundle_id)
+        if cached is not None:
             _TRAINABLE_CACHE.move_to_end(bundle.bundle_id)
-    if trainable is None:
-        trainable = spec.trainable_initial(state.blobs.get(bundle.files[spec.trainable_file].sha256))
+    if cached is None:  # block files of the bundle: read once (bundles are immutable)
+        files = bundle.files
+        initial = state.blobs.get(files[spec.initial_file].sha256) if spec.initial_file else None
+        cached = spec.initial_values(initial)
+        if spec.trainable_file:
+            cached.update(spec.trainable_initial(state.blobs.get(files[spec.trainable_file].sha256)))
         with _CACHE_LOCK:
-            _TRAINABLE_CACHE[bundle.bundle_id] = trainable
+            _TRAINABLE_CACHE[bundle.bundle_id] = cached
             while len(_TRAINABLE_CACHE) > _TRAINABLE_CACHE_ENTRIES:
                 _TRAINABLE_CACHE.popitem(last=False)
-    out.update(trainable)
-    return out
+    return dict(cached)
 
 
 def _record_at(state: ServerState, bundle_id: str, cohort: str, version: int) -> UpdateRecord | None:
@@ -229,7 +231,7 @@ def publish_update(
     bundle = resolve_bundle(state, bundle_id)
     spec = spec_of(bundle)
     given = _checked_params(spec, params, partial=True)
-    missing = sorted(set(spec.initial) - set(given))
+    missing = sorted(set(spec.initial_shapes) - set(given))
     if missing:
         raise InvalidTensorError(f"missing adaptable parameter(s) {missing}")
     with state.publish_lock:

@@ -138,6 +138,7 @@ class FleetWorker:
         """Register every device, fetch and verify the bundle once, build the agents; return a summary."""
         from device_agents.channel import open_channel
         from edgeloop.data import load_dataset
+        from edgeloop.pipeline import needs_class_statistics
         from runtime import AdaptableModel, load_bundle
 
         cfg = self.config
@@ -158,7 +159,8 @@ class FleetWorker:
         self.bundle_id = next(iter(bundle_ids))
         before = clients[0].bytes_down
         # each worker installs its own copy (workers may run at once, in threads or on other machines)
-        path = clients[0].fetch_bundle(self.bundle_id, Path(cfg.work_dir) / f"worker-{self.specs[0].device_id}")
+        path = clients[0].fetch_bundle(self.bundle_id, Path(cfg.work_dir) / f"worker-{self.specs[0].device_id}",
+                                       class_statistics=needs_class_statistics(cfg.tta, cfg.detector))
         self.bundle_bytes = clients[0].bytes_down - before
         bundle = load_bundle(path, threads=1, trusted_keys=cfg.trusted_keys)
         source_model = AdaptableModel(bundle)

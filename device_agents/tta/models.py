@@ -85,10 +85,11 @@ def source_feature_stats(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
 
 
 def source_layer_stats(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per-layer source running mean and variance from the manifest's ``source_statistics.layers``; layers the
-    manifest does not list fall back to the model's current reference statistics (``params``)."""
-    raw = getattr(getattr(model, "manifest", None), "raw", None) or {}
-    recorded = raw.get("source_statistics", {}).get("layers", {}) if isinstance(raw, dict) else {}
+    """Per-layer source running mean and variance from the manifest (``Manifest.source_layer_stats``: the
+    recorded source statistics, or the initial ``mean``/``var`` they equal); layers it does not list fall back to
+    the model's current reference statistics (``params``)."""
+    recorder = getattr(getattr(model, "manifest", None), "source_layer_stats", None)
+    recorded = recorder() if callable(recorder) else {}
     params = model.params
     stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name in params:
@@ -97,7 +98,7 @@ def source_layer_stats(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         layer = name[: -len(".mean")]
         entry = recorded.get(layer)
         if entry:
-            stats[layer] = (np.asarray(entry["mean"], np.float64), np.asarray(entry["var"], np.float64))
+            stats[layer] = (np.asarray(entry[0], np.float64), np.asarray(entry[1], np.float64))
         else:
             stats[layer] = (params[name].astype(np.float64), params[f"{layer}.var"].astype(np.float64))
     return stats

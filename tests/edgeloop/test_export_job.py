@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgeloop.cli import main
+from exporter.bundle import export_details
 from runtime import AdaptableModel, load_bundle
 from runtime.predictor import Predictor
 
@@ -29,7 +30,7 @@ def compressed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_model_loads_verifies_and_agrees(compressed_bundle: Path) -> None:
-    manifest = json.loads((compressed_bundle / "manifest.json").read_text())
+    manifest = export_details(compressed_bundle)  # with the export report: parity per model
     names = {m["name"] for m in manifest["models"]}
     assert names == {"fp32", "int8", "folded_fp32", "folded_int8", "tflite_fp32", "tflite_folded_fp32",
                      "tflite_folded_int8"}
@@ -46,10 +47,14 @@ def test_every_model_loads_verifies_and_agrees(compressed_bundle: Path) -> None:
 
 
 def test_nm_pattern_recorded_and_every_model_packed(compressed_bundle: Path) -> None:
-    manifest = json.loads((compressed_bundle / "manifest.json").read_text())
+    summary = json.loads((compressed_bundle / "manifest.json").read_text())["compression"]
+    assert summary["passes"] == ["low_rank", "nm_sparsity"] and summary["nm_check"]["all_sparsified_layers_hold"]
+    assert summary["nm_sparsity"]["pattern"] == "2:4" and min(summary["nm_sparsity"]["layers"].values()) >= 0.5
+    manifest = export_details(compressed_bundle)  # the full pass reports and per-tensor check
     compression = manifest["compression"]
     assert [p["pass"] for p in compression["passes"]] == ["low_rank", "nm_sparsity"]
     sparsified = compression["passes"][1]["layers"]
+    assert set(summary["nm_sparsity"]["layers"]) == set(sparsified)  # per-layer sparsity, in the manifest
     assert compression["nm_check"]["all_sparsified_layers_hold"] is True
     assert set(compression["nm_check"]["verified_tensors"]) == {f"model.{layer}.weight" for layer in sparsified}
     assert all(t["sparsity"] >= 0.5 for t in compression["nm_check"]["verified_tensors"].values())

@@ -75,12 +75,11 @@ def test_folded_int8_keeps_the_pooled_stem_float_and_records_its_session_options
     """The folded int8 graph leaves conv 1→16, its ReLU and its max-pool float, quantizes the rest down to the
     pools, and tells the runtime to turn off onnxruntime's QDQ propagation (which would drag the quantization
     above the float pool into a slow uint8 NCHW pool)."""
-    import json
-
+    from exporter.bundle import export_details
     from runtime.bundle import load_bundle
 
     _, path = smallcnn_bundle
-    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    manifest = export_details(path)  # the manifest with its export report (quantization blocks) merged back
     entry = next(m for m in manifest["models"] if m["name"] == "folded_int8")
     assert entry["session_options"] == {"disabled_optimizers": ["QDQPropagationTransformer"]}
     assert entry["quantization"]["op_types"] == ["Conv", "MatMul", "Gemm", "Relu", "MaxPool"]

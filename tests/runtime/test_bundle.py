@@ -21,6 +21,9 @@ from runtime import (
     SignatureError,
     load_bundle,
 )
+from runtime.blocks import decode_block, encode_block
+from runtime.bundle import golden_input, read_golden
+from runtime.manifest import SCHEMA_VERSIONS
 from runtime.params import params_digest
 from runtime.signing import load_public_key
 
@@ -46,37 +49,89 @@ def _rehash(root: Path, name: str, key: Any) -> None:
     _edit_manifest(root, lambda raw: raw["files"].__setitem__(name, digest), key)
 
 
+def _edit_block(root: Path, name: str, edit: Any, key: Any) -> None:
+    """Rewrite block file ``name`` with ``edit(arrays)`` applied, re-hash it in the manifest and re-sign."""
+    arrays = decode_block((root / name).read_bytes())
+    edit(arrays)
+    (root / name).write_bytes(encode_block(arrays))
+    _rehash(root, name, key)
+
+
 @pytest.mark.parametrize("model", ["fp32", "int8"])
 def test_loads_and_reproduces_golden(digits_bundle: Path, model: str) -> None:
     bundle = load_bundle(digits_bundle, model=model, threads=1)
-    assert bundle.model.name == model
+    assert bundle.model.name == model and bundle.manifest.schema_version == max(SCHEMA_VERSIONS)
     assert bundle.bundle_id == hashlib.sha256((digits_bundle / "manifest.json").read_bytes()).hexdigest()
-    golden = np.load(digits_bundle / f"golden_{model}.npz")
-    x = golden["input_u8"].astype(np.float32) / np.float32(golden["input_denominator"])
+    golden = read_golden(digits_bundle, f"golden_{model}.bin")
+    x = golden_input(golden, "golden")
+    assert len(x) == 8 and np.array_equal(x * 255, np.round(x * 255))  # 8 real digits, exactly on the k/255 grid
     out = AdaptableModel(bundle).forward(x, alpha=bundle.manifest.golden_alpha)
     np.testing.assert_allclose(out.logits, golden[f"{model}/logits"], atol=0.05)
 
 
 def test_missing_file_is_named(bundle_copy: Path) -> None:
-    (bundle_copy / "golden_fp32.npz").unlink()
-    with pytest.raises(BundleIntegrityError, match=r"golden_fp32\.npz.*missing"):
+    (bundle_copy / "golden_fp32.bin").unlink()
+    with pytest.raises(BundleIntegrityError, match=r"golden_fp32\.bin.*missing"):
         load_bundle(bundle_copy)
 
 
 def test_golden_mismatch_is_named(bundle_copy: Path, signing_key: Any) -> None:
-    golden = dict(np.load(bundle_copy / "golden_fp32.npz"))
-    golden["fp32/logits"] = golden["fp32/logits"] + 1.0
-    np.savez(bundle_copy / "golden_fp32.npz", **golden)
-    _rehash(bundle_copy, "golden_fp32.npz", signing_key)
+    _edit_block(bundle_copy, "golden_fp32.bin", lambda g: g.__setitem__("fp32/logits", g["fp32/logits"] + 1.0),
+                signing_key)
     with pytest.raises(GoldenMismatchError, match=r"'fp32'.*'logits'"):
         load_bundle(bundle_copy, model="fp32")
 
 
+def test_changed_golden_input_fails(bundle_copy: Path, signing_key: Any) -> None:
+    def flip(g: dict[str, np.ndarray]) -> None:
+        g["input_u8_residual"] = g["input_u8_residual"].copy()
+        g["input_u8_residual"][0, 0, 3, 3] ^= 0x40
+    _edit_block(bundle_copy, "golden_fp32.bin", flip, signing_key)
+    with pytest.raises(GoldenMismatchError):
+        load_bundle(bundle_copy, model="fp32")
+
+
 def test_changed_initial_params_fail_golden(bundle_copy: Path, signing_key: Any) -> None:
-    _edit_manifest(bundle_copy, lambda raw: raw["adaptable"]["initial"].__setitem__(
-        "bn1.weight", [v * 2 for v in raw["adaptable"]["initial"]["bn1.weight"]]), signing_key)
+    _edit_block(bundle_copy, "adaptable_initial.bin",
+                lambda a: a.__setitem__("bn1.weight", a["bn1.weight"] * 2), signing_key)
     with pytest.raises(GoldenMismatchError):
         load_bundle(bundle_copy)
+
+
+def test_bad_initial_block_is_refused(bundle_copy: Path, signing_key: Any) -> None:
+    _edit_block(bundle_copy, "adaptable_initial.bin",
+                lambda a: a.__setitem__("bn1.var", np.ones(1, np.float32)), signing_key)
+    with pytest.raises(ManifestError, match=r"bn1\.var"):
+        load_bundle(bundle_copy)
+    (bundle_copy / "adaptable_initial.bin").write_bytes(b"ELZ1garbage")
+    _rehash(bundle_copy, "adaptable_initial.bin", signing_key)
+    with pytest.raises(ManifestError, match=r"adaptable_initial\.bin"):
+        load_bundle(bundle_copy)
+
+
+def test_device_fetches_only_what_its_model_needs(bundle_copy: Path) -> None:
+    """``files_for``: the adaptable parameters only with an adaptable graph, the class statistics only on
+    request, the export report never; a bundle holding just those files loads and verifies."""
+    from runtime import read_manifest
+
+    manifest, _ = read_manifest(bundle_copy)
+    for m in manifest.models:
+        files = manifest.files_for(m.name)
+        assert ("adaptable_initial.bin" in files) == (m.graph == "adaptable")
+        assert "class_statistics.bin" not in files and "export_report.json" not in files
+        assert "class_statistics.bin" in manifest.files_for(m.name, class_statistics=True)
+    kept = set(manifest.files_for("int8")) | {"manifest.json", "manifest.sig"}
+    assert kept == {"manifest.json", "manifest.sig", "model_int8.onnx", "golden_int8.bin", "source_features.bin",
+                    "adaptable_initial.bin"}
+    for p in bundle_copy.iterdir():
+        if p.name not in kept:
+            p.unlink()
+    loaded = load_bundle(bundle_copy, model="int8", threads=1)  # signature, hashes and golden outputs verified
+    mean, var = loaded.manifest.source_feature_stats()
+    assert mean.dtype == np.float32 and mean.shape == var.shape == (loaded.manifest.feature_dim,)
+    assert set(loaded.manifest.source_layer_stats()) == {layer.name for layer in loaded.manifest.layers}
+    with pytest.raises(ManifestError, match="fetches it only when it needs it"):
+        loaded.manifest.class_gaussians(bundle_copy)
 
 
 @pytest.mark.parametrize(
@@ -86,7 +141,8 @@ def test_changed_initial_params_fail_golden(bundle_copy: Path, signing_key: Any)
         (lambda raw: raw.pop("labels"), r"labels is missing"),
         (lambda raw: raw["input"].__setitem__("shape", [8, 1, 8, 8]), r"input\.shape"),
         (lambda raw: raw["files"].__setitem__("../escape.txt", "0" * 64), "escapes"),
-        (lambda raw: raw["adaptable"]["initial"].__setitem__("bn1.var", [1.0]), r"bn1\.var"),
+        (lambda raw: raw["adaptable"]["layers"][0].__setitem__("channels", 0), r"channels must be positive"),
+        (lambda raw: raw["adaptable"]["initial"].__setitem__("file", "nope.bin"), r"nope\.bin"),
         (lambda raw: raw.__setitem__("default_model", "fp64"), "fp64"),
         (lambda raw: raw["models"][0].__setitem__("session_options", {"graph_level": 1}), r"session_options"),
         (lambda raw: raw["models"][0].__setitem__("session_options", {"disabled_optimizers": "QDQ"}),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from runtime import AdaptableModel, InputError, load_bundle, softmax
-from runtime.bundle import golden_feeds
+from runtime.bundle import golden_feeds, golden_input, read_golden
 from runtime.manifest import parse_manifest
 from runtime.predictor import Predictor, probabilities
 
@@ -107,15 +107,14 @@ def bundle_with_tflite(
     report = export_tflite(digits_model[0], root / "model_fp32.tflite", form="adaptable",
                            example=torch.from_numpy(x_test[:1]), parity_x=x_test[:16])
     manifest = json.loads((root / "manifest.json").read_text())
-    source = np.load(root / "golden_fp32.npz")
-    golden = {"input_u8": source["input_u8"], "input_denominator": source["input_denominator"]}
-    x = golden["input_u8"].astype(np.float32) / np.float32(golden["input_denominator"])
+    x = golden_input(read_golden(root, "golden_fp32.bin"), "golden_fp32.bin")
+    golden = {"input_u8": np.round(x * 255).astype(np.uint8), "input_denominator": np.float32(255)}  # an .npz: read too
     manifest["models"].append(report.manifest_entry("fp32_tflite"))
     manifest["golden"]["models"]["fp32_tflite"] = {"file": "golden_fp32_tflite.npz", "atol": 1e-4, "rtol": 1e-3}
     manifest["files"]["model_fp32.tflite"] = hashlib.sha256(report.path.read_bytes()).hexdigest()
     manifest["files"]["golden_fp32_tflite.npz"] = "0" * 64  # replaced below, once written
 
-    parsed = parse_manifest(manifest)
+    parsed = parse_manifest(manifest, root=root)
     outs = LiteRTSession(report.path, 1).run(golden_feeds(parsed, parsed.model("fp32_tflite"), x))
     golden.update({f"fp32_tflite/{k}": v for k, v in outs.items()})
     np.savez(root / "golden_fp32_tflite.npz", **golden)  # type: ignore[arg-type]

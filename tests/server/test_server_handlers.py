@@ -51,7 +51,7 @@ def _sample(sid: str, bundle: str, x: np.ndarray | None = None) -> handlers.Samp
 def test_manifest_errors_name_the_field() -> None:
     files = make_bundle_files()
     manifest = json.loads(files["manifest.json"])
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 3  # newer than any this server reads
     with pytest.raises(InvalidBundleError, match="schema_version"):
         parse_manifest(json.dumps(manifest).encode())
     del manifest["input"]["shape"]

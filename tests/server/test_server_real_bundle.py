@@ -13,6 +13,7 @@ import pytest
 
 from proto.convert import tensor_to_proto
 from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2, device_pb2_grpc
+from runtime.blocks import decode_block
 from server.app import ServerConfig, create_server
 from tests.server.server_testkit import RPC_TIMEOUT, update_params, wait_round
 
@@ -37,7 +38,7 @@ def test_real_bundle_publish_fetch_and_distill(
     cfg = ServerConfig(data_dir=tmp_path / "data", port=0, teacher_ckpt=ckpt, student_ckpt=ckpt, device="cpu",
                        distill_steps=5, max_workers=4, grace_seconds=1)
     x_test = digits_arrays[2]
-    feature_dim = len(manifest["source_statistics"]["features"]["mean"])
+    feature_dim = manifest["source_statistics"]["features"]["dim"]
     with create_server(cfg) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         admin, device = admin_pb2_grpc.AdminServiceStub(ch), device_pb2_grpc.DeviceServiceStub(ch)
         bundle_id = admin.PublishBundle(_chunks(digits_bundle), timeout=RPC_TIMEOUT).bundle_id
@@ -60,7 +61,7 @@ def test_real_bundle_publish_fetch_and_distill(
         assert status.state == "done", status.error
         update = next(iter(device.WatchUpdates(device_pb2.WatchRequest(device_id="cam", max_wait_seconds=0.1),
                                                timeout=RPC_TIMEOUT)))
-    initial = manifest["adaptable"]["initial"]
+    initial = decode_block((digits_bundle / manifest["adaptable"]["initial"]["file"]).read_bytes())
     params = update_params(update, {k: np.asarray(v, np.float32) for k, v in initial.items()})
     assert sorted(params) == sorted(initial)
     for name, values in initial.items():
