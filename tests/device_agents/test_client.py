@@ -19,6 +19,7 @@ from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.updates import check_signature, decode_params
 from proto.edgeloop.v1 import common_pb2, device_pb2_grpc
 from runtime import AdaptableModel, load_bundle
+from runtime.errors import ManifestError
 from runtime.manifest import read_manifest
 
 
@@ -55,10 +56,27 @@ def test_register_fetch_and_reuse(edge_server, client: DeviceClient, tmp_path: P
     assert client.bytes_down == before  # already installed and verified: no download
 
 
+def test_class_statistics_are_fetched_only_on_request(client: DeviceClient, edge_server, tmp_path: Path) -> None:
+    """The class-conditional Gaussians (kilobytes a default device never reads) come only when asked for; an
+    installed copy without them is completed when a later caller needs them."""
+    client.register()
+    path = client.fetch_bundle(edge_server.bundle_id, tmp_path)
+    manifest = read_manifest(path)[0]
+    assert manifest.class_statistics_file == "class_statistics.bin" and not (path / "class_statistics.bin").exists()
+    with pytest.raises(ManifestError, match="fetches it only when it needs it"):
+        manifest.class_gaussians(path)
+    before = client.bytes_down
+    assert client.fetch_bundle(edge_server.bundle_id, tmp_path, class_statistics=True) == path
+    assert client.bytes_down > before and (path / "class_statistics.bin").is_file()
+    means, cov, _ = read_manifest(path)[0].class_gaussians(path)
+    assert means.shape[1] == cov.shape[0] == manifest.feature_dim
+
+
 def test_fetch_replaces_a_corrupted_installed_copy(client: DeviceClient, edge_server, tmp_path: Path) -> None:
     client.register()
     path = client.fetch_bundle(edge_server.bundle_id, tmp_path)
-    (path / "golden_fp32.npz").write_bytes(b"tampered")
+    assert (path / "golden_fp32.bin").is_file()
+    (path / "golden_fp32.bin").write_bytes(b"tampered")
     assert client.fetch_bundle(edge_server.bundle_id, tmp_path) == path
     assert load_bundle(path).bundle_id == edge_server.bundle_id
 
