@@ -1,8 +1,9 @@
 """Cost of the adaptable ONNX graph against the folded export of the same model (onnxruntime CPU).
 
 Run ``python -m benchmarks.adaptable_overhead`` (``--quick`` for a smoke run, ``--accuracy`` for the
-α-BN variants on corrupted digits streams, ``--json PATH`` to keep the raw numbers). Not wired into
-``benchmarks/run.py``.
+α-BN variants on corrupted digits streams, ``--stream-accuracy`` for the device's α-BN with exact and with
+first-16-sample statistics on the TTA benchmark's MNIST and CIFAR-10 streams, ``--json PATH`` to keep the
+raw numbers). Not wired into ``benchmarks/run.py``.
 
 For ``small_cnn`` (digits, 1×8×8), ``smallcnn`` (MNIST, 1×28×28) and ``resnet8`` (CIFAR, 3×32×32), with
 seeded random weights and BN statistics calibrated on random inputs (latency does not depend on the values),
@@ -12,6 +13,9 @@ one intra-op thread, then onnxruntime's default thread count):
 * ``folded``: :func:`exporter.onnx_fold.export_folded_onnx` (eval mode, BatchNorm folded, no statistics);
 * ``traced``: the previous adaptable graph (the torch α-mix traced as is);
 * ``lean``: the adaptable graph :func:`exporter.onnx_export.export_adaptable_onnx` builds now (statistics on);
+* ``lean_stats16``: the lean graph with its batch statistics from the first 16 samples of the batch
+  (``LeanOptions(stats_samples=16)``, opt-in: the rest of the batch runs as a second stream without
+  statistics), at every batch size;
 * at batch 64, ablations of the lean graph (one rewrite off at a time) and ``lean_nostats``: the α = 0 graph
   without statistics outputs (fed reference statistics, the normalisation still a graph input);
 * int8 (static QDQ, :func:`exporter.quantize.quantize_int8`) of ``traced`` and ``lean``, and of ``lean`` with
@@ -47,6 +51,8 @@ ARCHS: dict[str, dict[str, Any]] = {
 BATCHES = (1, 16, 64)
 RATIO_BATCH = 64
 ALPHA = 0.5
+STATS_SAMPLES = 16  # the opt-in split graph's statistics sample (lean_stats16)
+ALL_BATCHES = ("folded", "traced", "lean", "lean_stats16")  # variants timed at every batch size
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ def _lean_variants() -> dict[str, Any]:
         "lean_no_shift": LeanOptions(shift=False),
         "lean_mean_through_conv": LeanOptions(mean_through_conv=True),
         "lean_nostats": LeanOptions(statistics=False),
+        "lean_stats16": LeanOptions(stats_samples=STATS_SAMPLES),
     }
 
 
@@ -189,9 +196,9 @@ def time_arch(exp: Exported, threads: int | None, rounds: int, block_s: float = 
     result: dict[str, dict[str, dict[str, float]]] = {}
     for batch in BATCHES:
         x = rng.random((batch, *exp.shape), dtype=np.float32)
-        names = ["folded", "traced", "lean", *(n for n in exp.files if "_int8" in n)]
+        names = [*(n for n in ALL_BATCHES if n in exp.files), *(n for n in exp.files if "_int8" in n)]
         if batch == RATIO_BATCH and ablations:
-            names += [n for n in exp.files if n.startswith("lean_") and "_int8" not in n]
+            names += [n for n in exp.files if n.startswith("lean_") and "_int8" not in n and n not in names]
         samples = interleaved(_callables(exp, names, x, threads), rounds=rounds, target_block_s=block_s, seed=batch)
         base = np.asarray(samples["folded"])
         result[str(batch)] = {}
@@ -211,14 +218,16 @@ def _ratio_table(timings: Mapping[str, Mapping[str, Mapping[str, Mapping[str, fl
 
             lean = f"{t['lean']['ratio']:.2f}× ({t['lean']['ratio_p25']:.2f}–{t['lean']['ratio_p75']:.2f})"
             rows.append([arch, batch, f"{t['folded']['ms']:.3f}", f"{t['lean']['ms']:.3f}", r("traced"), lean,
-                         r("lean_nostats"), r("traced_int8"), r("lean_int8"), r("lean_int8_float_stem")])
+                         r("lean_stats16"), r("lean_nostats"), r("traced_int8"), r("lean_int8"),
+                         r("lean_int8_float_stem")])
     return (f"threads: {threads} (ratios: median over rounds of variant / folded in the same round)\n" + md_table(
-        ["model", "batch", "folded ms", "lean ms", "traced", "lean, stats on (p25–p75)", "lean, stats off",
-         "traced int8", "lean int8", "lean int8, float stem"], rows))
+        ["model", "batch", "folded ms", "lean ms", "traced", "lean, stats on (p25–p75)",
+         f"lean, stats of first {STATS_SAMPLES}", "lean, stats off", "traced int8", "lean int8",
+         "lean int8, float stem"], rows))
 
 
 def _ablation_table(timings: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]]) -> str:
-    names = [n for n in _lean_variants() if n != "lean"]
+    names = [n for n in _lean_variants() if n not in ("lean", "lean_stats16")]
     rows = []
     for arch, per_batch in timings.items():
         t = per_batch[str(RATIO_BATCH)]
@@ -336,6 +345,74 @@ def run_accuracy(batch: int, per_domain: int, every: tuple[int, ...]) -> dict[st
             "accuracy": {k: v / total for k, v in correct.items()}}
 
 
+# -- accuracy: α-BN with statistics of the first k samples, on the TTA benchmark's streams --------------------
+class _GraphModel:
+    """The parts of :class:`runtime.AdaptableModel` that :class:`device_agents.tta.AlphaBN` uses, over an ONNX
+    file that is no bundle (so that graph variants built here can run the device's method unchanged)."""
+
+    def __init__(self, path: Path, params: Mapping[str, np.ndarray], layers: list[str]) -> None:
+        import types
+
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self._sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self._names = [o.name for o in self._sess.get_outputs()]
+        self.params = dict(params)
+        self.layers = layers
+        self.manifest = types.SimpleNamespace(layers=[types.SimpleNamespace(name=n) for n in layers])
+
+    def forward(self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None) -> Any:
+        """One adaptable pass: logits, features and per-layer batch statistics."""
+        from runtime.model import ForwardResult
+
+        feeds = {**self.params, **(params or {}), "input": np.ascontiguousarray(x, dtype=np.float32),
+                 "alpha": np.asarray(alpha, dtype=np.float32)}
+        out = dict(zip(self._names, self._sess.run(None, feeds), strict=True))
+        stats = {n: (out[f"{n}.batch_mean"], out[f"{n}.batch_var"]) for n in self.layers}
+        return ForwardResult(out["logits"], out["features"], stats)
+
+
+def run_stream_accuracy(case_key: str, per_domain: int, samples: int = STATS_SAMPLES) -> list[dict[str, Any]]:
+    """Top-1 of source and of the device's α-BN with exact batch statistics and with the statistics of the
+    first ``samples`` samples, on the TTA benchmark's continual streams (its cached checkpoint, every
+    corruption at severities 5 and 3, both orders, batches 64 and 16; ``per_domain`` images per corruption)."""
+    import torch
+
+    from benchmarks.bench_tta import CASES, SEED, checkpoint
+    from device_agents.tta import AlphaBN, SourceModel
+    from edgeloop.data import CORRUPTIONS, ORDERS, build_stream, iter_batches, load_dataset
+    from exporter.adaptable import norm_layers
+    from exporter.checkpoint import load_checkpoint
+    from exporter.onnx_export import params_numpy
+    from exporter.onnx_graph import LeanOptions, build_lean_adaptable
+
+    case = next(c for c in CASES if c.key == case_key)
+    model, _ = load_checkpoint(checkpoint(case))
+    model.eval()
+    test = load_dataset(case.dataset, "test")
+    root = scratch_dir(f"stream-accuracy-{case_key}")
+    params, layers = params_numpy(model), [layer.name for layer in norm_layers(model)]
+    graphs = {}
+    for label, options in (("exact", LeanOptions()), (f"first_{samples}", LeanOptions(stats_samples=samples))):
+        build_lean_adaptable(model, root / f"{label}.onnx", torch.from_numpy(test.x[:2].copy()), options)
+        graphs[label] = _GraphModel(root / f"{label}.onnx", params, layers)
+    rows = []
+    for severity in (5, 3):
+        for order in ORDERS:
+            stream = build_stream(test, [f"{c}@{severity}" for c in CORRUPTIONS], per_domain, seed=SEED, order=order)
+            for batch in (64, 16):
+                row: dict[str, Any] = {"case": case_key, "severity": severity, "order": order, "batch": batch}
+                for name, graph, method in [("source", graphs["exact"], SourceModel()),
+                                            *((f"alpha_bn_{k}", g, AlphaBN()) for k, g in graphs.items())]:
+                    hits = [method.adapt_and_predict(graph, x).logits.argmax(1) == y
+                            for _, x, y in iter_batches(stream, batch)]
+                    row[name] = float(np.concatenate(hits).mean())
+                rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run, print markdown tables (and write JSON)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -347,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", default="1,default", help="comma list of 1 | 2 | default")
     parser.add_argument("--no-int8", action="store_true")
     parser.add_argument("--accuracy", action="store_true", help="also the α-BN variants on corrupted digits")
+    parser.add_argument("--stream-accuracy", action="store_true",
+                        help=f"also α-BN with the statistics of the first {STATS_SAMPLES} samples on the TTA streams")
+    parser.add_argument("--stream-per-domain", type=int, default=256, help="images per corruption there")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -368,6 +448,13 @@ def main(argv: list[str] | None = None) -> int:
         print(md_table(["α-BN variant (digits small_cnn, 4 corrupted streams)", *(f"top-1, batch {r['batch']}"
                                                                                  for r in runs)],
                        [[k, *(f"{r['accuracy'][k]:.4f}" for r in runs)] for k in names]))
+    if args.stream_accuracy:
+        rows = [r for key in ("mnist", "cifar10") for r in run_stream_accuracy(key, args.stream_per_domain)]
+        report["stream_accuracy"] = rows
+        cols = [k for k in rows[0] if k not in ("case", "severity", "order", "batch")]
+        print(md_table(["case", "severity", "order", "batch", *(f"{c} top-1 %" for c in cols)],
+                       [[r["case"], r["severity"], r["order"], r["batch"], *(f"{100 * r[c]:.2f}" for c in cols)]
+                        for r in rows]))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
     return 0

@@ -13,6 +13,7 @@ server's distillation, so both compute exactly what the device computes.
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -62,10 +63,12 @@ def source_params(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _mixed_norm(
-    z: torch.Tensor, p: Mapping[str, torch.Tensor], layer: NormLayer, alpha: torch.Tensor
+    z: torch.Tensor, p: Mapping[str, torch.Tensor], layer: NormLayer, alpha: torch.Tensor,
+    stats_samples: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch_mean = z.mean(dim=(0, 2, 3))
-    batch_var = (z - batch_mean.view(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3))
+    sample = z if stats_samples is None else z[:stats_samples]
+    batch_mean = sample.mean(dim=(0, 2, 3))
+    batch_var = (sample - batch_mean.view(1, -1, 1, 1)).pow(2).mean(dim=(0, 2, 3))
     mean = (1 - alpha) * p[layer.param("mean")] + alpha * batch_mean
     var = (1 - alpha) * p[layer.param("var")] + alpha * batch_var
     scale = p[layer.param("weight")] * torch.rsqrt(var + layer.eps)
@@ -110,14 +113,21 @@ def _patched_norms(
 
 
 def functional_forward(
-    model: nn.Module, x: torch.Tensor, params: Mapping[str, torch.Tensor], alpha: torch.Tensor | float
+    model: nn.Module, x: torch.Tensor, params: Mapping[str, torch.Tensor], alpha: torch.Tensor | float,
+    stats_samples: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Run ``model`` with α-mixed normalisation; return ``(logits, features, [mean1, var1, mean2, …])``.
 
     ``params`` maps ``bnK.weight|bias|mean|var`` to tensors; gradients flow to any that require them.
-    Not thread-safe for one model object: the BN modules are patched for the duration of the call.
+    ``stats_samples=k`` takes the batch statistics from the first k samples only (what a lean ONNX graph
+    built with ``LeanOptions(stats_samples=k)`` computes). Not thread-safe for one model object: the BN
+    modules are patched for the duration of the call.
     """
-    return forward_with_norm(model, x, params, alpha, _mixed_norm)
+    if stats_samples is None:
+        return forward_with_norm(model, x, params, alpha, _mixed_norm)
+    if stats_samples < 1:
+        raise ValueError(f"stats_samples must be >= 1 or None, got {stats_samples}")
+    return forward_with_norm(model, x, params, alpha, functools.partial(_mixed_norm, stats_samples=stats_samples))
 
 
 def forward_with_norm(

@@ -38,16 +38,27 @@ import torch
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, NormLayer, forward_with_norm, source_params
-from exporter.onnx_rewrite import MARKER_DOMAIN, MARKER_OP, GraphBuildError, LeanOptions, expand_alpha_norms
+from exporter.onnx_rewrite import (
+    MARKER_DOMAIN,
+    MARKER_OP,
+    STATS_SAMPLES_KEY,
+    GraphBuildError,
+    LeanOptions,
+    expand_alpha_norms,
+    split_batch_statistics,
+)
 
 __all__ = [
     "MARKER_DOMAIN",
     "MARKER_OP",
     "OPSET",
+    "STATS_SAMPLES_KEY",
     "GraphBuildError",
     "LeanOptions",
     "build_lean_adaptable",
     "expand_alpha_norms",
+    "split_batch_statistics",
+    "stats_samples_of",
     "trace_marked",
 ]
 
@@ -118,6 +129,12 @@ def trace_marked(model: nn.Module, path: Path, example: torch.Tensor) -> Adaptab
             custom_opsets={MARKER_DOMAIN: 1},
         )
     return graph
+
+
+def stats_samples_of(proto: onnx.ModelProto) -> int | None:
+    """The k of a graph whose batch statistics come from its first k samples (:data:`STATS_SAMPLES_KEY`), else None."""
+    value = next((p.value for p in proto.metadata_props if p.key == STATS_SAMPLES_KEY), None)
+    return None if value is None else int(value)
 
 
 def build_lean_adaptable(

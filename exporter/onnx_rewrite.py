@@ -34,6 +34,10 @@ class LeanOptions:
     it adds a convolution node that the int8 pass would quantize too). ``statistics=False``
     builds the reduced α = 0 graph: no batch statistics, no ``bnK.batch_*`` outputs, normalisation by the
     fed ``bnK.mean``/``bnK.var`` whatever α is (for measurements and a stats-free fast path).
+    ``stats_samples=k`` (opt-in, off by default: it changes what ``bnK.batch_*`` are) takes the batch
+    statistics from the first k samples of the batch only (all of them when the batch has at most k): the
+    batch runs as two streams, the first k samples with statistics and the rest normalised by the same mixed
+    statistics (see :func:`split_batch_statistics`).
     """
 
     shift: bool = True
@@ -41,6 +45,13 @@ class LeanOptions:
     gap_stats: bool = True
     mean_through_conv: bool = False
     statistics: bool = True
+    stats_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.stats_samples is not None and self.stats_samples < 1:
+            raise ValueError(f"stats_samples must be >= 1 or None, got {self.stats_samples}")
+        if self.stats_samples is not None and not self.statistics:
+            raise ValueError("stats_samples needs statistics=True (a graph without statistics has none to sample)")
 
 
 # -- graph editing --------------------------------------------------------------------------------------------
@@ -376,4 +387,115 @@ def expand_alpha_norms(
     kept = [o for o in proto.opset_import if o.domain != MARKER_DOMAIN]
     del proto.opset_import[:]
     proto.opset_import.extend(kept)
+    if options.stats_samples is not None:
+        split_batch_statistics(proto, options.stats_samples)
+    return proto
+
+
+# -- statistics from the first k samples: the batch as two streams --------------------------------------------
+STATS_SAMPLES_KEY = "edgeloop.stats_samples"
+"""``metadata_props`` key of a graph whose batch statistics come from the first k samples (value: k)."""
+
+_BATCH_REDUCTIONS = frozenset({"ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2"})
+
+
+def _reduces_batch(node: onnx.NodeProto) -> bool:
+    """True for a reduction whose ``axes`` attribute includes the batch axis (its output is per channel)."""
+    if node.op_type not in _BATCH_REDUCTIONS:
+        return False
+    axes = next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "axes"), None)
+    return axes is not None and 0 in axes
+
+
+def _outer_reads(node: onnx.NodeProto) -> list[str]:
+    """Names ``node`` reads: its inputs and, for nodes with subgraphs, the outer names the subgraphs read."""
+    names = list(node.input)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            inner = {o for n in attr.g.node for o in n.output}
+            names.extend(n for n in _names_read(attr.g) if n not in inner)
+    return names
+
+
+def _renamed_graph(graph: onnx.GraphProto, rename: Mapping[str, str], suffix: str, batch: tuple[str, str]
+                   ) -> onnx.GraphProto:
+    """A copy of a subgraph with outer names mapped by ``rename``, every name it defines given ``suffix`` and
+    the symbolic batch dimension ``batch[0]`` of its declared types renamed ``batch[1]``."""
+    inner = {o for n in graph.node for o in n.output}
+    local = {**rename, **{name: f"{name}{suffix}" for name in inner}}
+    out = onnx.GraphProto()
+    out.CopyFrom(graph)
+    out.name = f"{graph.name}{suffix}"
+    del out.node[:]
+    out.node.extend(_renamed_node(n, local, suffix, batch) for n in graph.node)
+    for value in [*out.output, *out.value_info]:
+        value.name = local.get(value.name, value.name)
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param == batch[0]:
+                dim.dim_param = batch[1]
+    return out
+
+
+def _renamed_node(node: onnx.NodeProto, rename: Mapping[str, str], suffix: str, batch: tuple[str, str]
+                  ) -> onnx.NodeProto:
+    """A copy of ``node`` with inputs and outputs mapped by ``rename`` (subgraphs included, see
+    :func:`_renamed_graph`)."""
+    out = onnx.NodeProto()
+    out.CopyFrom(node)
+    out.name = f"{node.name}{suffix}"
+    out.input[:] = [rename.get(n, n) for n in node.input]
+    out.output[:] = [rename.get(n, n) for n in node.output]
+    for attr in out.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            attr.g.CopyFrom(_renamed_graph(attr.g, rename, suffix, batch))
+    return out
+
+
+def split_batch_statistics(proto: onnx.ModelProto, samples: int) -> onnx.ModelProto:
+    """Take an expanded lean graph's batch statistics from its first ``samples`` samples; returns ``proto``.
+
+    The input is sliced into the first ``samples`` samples (stream A, the graph as it is) and the rest
+    (stream B: a copy of every node that carries a batch, renamed, which reads the per-channel tensors of
+    stream A — the statistics, their α-mix — instead of computing its own). ``logits`` and ``features``
+    are the two streams' outputs concatenated in order; the ``bnK.batch_*`` outputs are those of stream A.
+    A batch of at most ``samples`` samples leaves stream B empty, and is exactly the unsplit graph. The
+    graph records ``samples`` in its ``metadata_props`` (:data:`STATS_SAMPLES_KEY`).
+    """
+    graph = proto.graph
+    source = graph.input[0].name
+    a_in, b_in = f"{source}__first", f"{source}__rest"
+    batched = {source}
+    cloned: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if any(n in batched for n in _outer_reads(node)) and not _reduces_batch(node):
+            batched.update(o for o in node.output if o)
+            cloned.append(node)
+    outputs = [o.name for o in graph.output if o.name in batched]
+    a_names = {source: a_in, **{o: f"{o}__a" for o in outputs}}
+    b_names = {name: f"{name}__b" for name in batched} | {source: b_in}
+    # each stream's batch is its own size: the subgraphs' declared types must not share the input's symbol
+    symbol = graph.input[0].type.tensor_type.shape.dim[0].dim_param or "batch"
+    stream_a = [_renamed_node(n, a_names, "", (symbol, f"{symbol}_first")) for n in graph.node]
+    stream_b = [_renamed_node(n, b_names, "__b", (symbol, f"{symbol}_rest")) for n in cloned]
+    # stream B's statistics nodes (read only by stream A's per-channel reductions) are dead: drop them
+    wanted = {b_names[o] for o in outputs}
+    live: list[onnx.NodeProto] = []
+    for node in reversed(stream_b):
+        if any(o in wanted for o in node.output):
+            live.append(node)
+            wanted.update(_outer_reads(node))
+    ints = {name: numpy_helper.from_array(np.array([v], dtype=np.int64), f"{source}__{name}")
+            for name, v in (("zero", 0), ("k", samples), ("end", np.iinfo(np.int64).max))}
+    graph.initializer.extend(ints.values())
+    first, k, end = (t.name for t in ints.values())
+    prelude = [helper.make_node("Slice", [source, first, k, first], [a_in], name=f"{source}/first"),
+               helper.make_node("Slice", [source, k, end, first], [b_in], name=f"{source}/rest")]
+    joins = [helper.make_node("Concat", [a_names[o], b_names[o]], [o], name=f"{o}/concat", axis=0) for o in outputs]
+    del graph.node[:]
+    graph.node.extend([*prelude, *stream_a, *reversed(live), *joins])
+    entry = next((p for p in proto.metadata_props if p.key == STATS_SAMPLES_KEY), None) or proto.metadata_props.add()
+    entry.key, entry.value = STATS_SAMPLES_KEY, str(samples)
+    for value in graph.output:
+        if value.name.endswith((".batch_mean", ".batch_var")):
+            value.doc_string = f"over the first {samples} samples of the batch (all of a smaller batch)"
     return proto
