@@ -164,29 +164,42 @@ class ClassBalanceDetector:
     def __init__(self, prefix: str = "") -> None:
         self.key_mean = f"{prefix}balance.input_mean"
         self.key_score = f"{prefix}balance.score"
+        self._band_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def update(self, state: Mapping[str, np.ndarray], x: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
         """``(smoothed log z, the detector's state entries after the batch x)``."""
         n = int(x.shape[0])
         flat = np.asarray(x).reshape(n, -1)
-        size = flat.shape[1]
-        bands = min(DESCRIPTOR_BANDS, size)
-        edges = (np.arange(bands) * size) // bands
-        widths = np.diff(np.append(edges, size))
-        d = np.add.reduceat(flat, edges, axis=1, dtype=np.float64) / widths
-        batch_mean = d.mean(axis=0)
+        edges, inverse_widths = self._bands(flat.shape[1])
+        d = np.add.reduceat(flat, edges, axis=1, dtype=np.float64)
+        d *= inverse_widths
+        batch_mean = d.sum(axis=0) * (1.0 / n)
         previous = state.get(self.key_mean)
         score = float(state[self.key_score]) if self.key_score in state else INITIAL_SCORE
         if previous is None or previous.shape != batch_mean.shape:
             return score, {self.key_mean: batch_mean, self.key_score: np.array(score)}
         if n > 1:
-            spread = d.var(axis=0, ddof=1)
+            d -= batch_mean
+            spread = np.einsum("ij,ij->j", d, d) * (1.0 / (n - 1))  # sample variance of each band mean
             spread += 1e-2 * float(spread.mean()) + 1e-12  # constant bands (a black border) carry no evidence
-            z = float(np.mean((batch_mean - previous) ** 2 / spread)) * n
+            gap = batch_mean - previous
+            z = float(np.dot(gap * gap, 1.0 / spread)) * n / len(gap)
             keep = SCORE_MOMENTUM**n
             score = keep * score + (1.0 - keep) * math.log(min(max(z, 1e-6), MAX_STATISTIC))
         keep = DESCRIPTOR_MOMENTUM**n
-        return score, {self.key_mean: keep * previous + (1.0 - keep) * batch_mean, self.key_score: np.array(score)}
+        mean = previous * keep
+        mean += (1.0 - keep) * batch_mean
+        return score, {self.key_mean: mean, self.key_score: np.array(score)}
+
+    def _bands(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Start offsets of the descriptor's bands in a flattened sample of ``size`` values, and 1 / widths."""
+        cached = self._band_cache.get(size)
+        if cached is None:
+            bands = min(DESCRIPTOR_BANDS, size)
+            edges = (np.arange(bands) * size) // bands
+            cached = edges, 1.0 / np.diff(np.append(edges, size))
+            self._band_cache = {size: cached}
+        return cached
 
 
 class StatisticsMix:
@@ -255,8 +268,8 @@ class StatisticsMix:
         """``(balanced, detector state entries)`` for the batch ``x``: whether the stream looks class-balanced
         (always False when the config has no detector: ``balanced_batch_weight`` or ``batch_weight`` set so)."""
         cfg = self.config
-        if cfg.balanced_batch_weight is None or cfg.batch_weight is not None:
-            return False, {}
+        if cfg.balanced_batch_weight is None or cfg.batch_weight is not None or len(x) < cfg.min_batch_for_balanced:
+            return False, {}  # smaller batches would not use the verdict: they neither pay for it nor feed it
         score, entries = self.detector.update(state, x)
         return score < math.log(cfg.imbalance_threshold), entries
 
@@ -268,14 +281,13 @@ class StatisticsMix:
         order: Sequence[str] | None = None,
         balanced: bool = False,
     ) -> tuple[float, dict[str, np.ndarray]]:
-        """``(a, {L.mean, L.var})``: the graph's α input and statistics inputs for an n-sample batch."""
+        """``(a, {L.mean, L.var})``: the graph's α input and statistics inputs for an n-sample batch; no
+        statistics inputs where the batch weighs 1 (the graph's current statistics are the reference)."""
         plan = self._plan(layer_names(reference), order)
         alpha, w = self.config.alpha, self.batch_weight(n, plan.momenta, balanced)
         a = alpha * w
         feeds: dict[str, np.ndarray] = {}
-        if w >= 1.0:  # classic α-BN: the graph mixes the reference with the batch by α itself
-            for k_mean, k_var, _, _ in plan.keys:
-                feeds[k_mean], feeds[k_var] = reference[k_mean], reference[k_var]
+        if w >= 1.0:  # classic α-BN: the graph mixes its current (reference) statistics with the batch by α
             return a, feeds
         keep = alpha * (1.0 - w)
         scale = 1.0 / (1.0 - a)
@@ -300,19 +312,18 @@ class StatisticsMix:
         order: Sequence[str] | None = None,
     ) -> dict[str, np.ndarray]:
         """The running-estimate entries of ``state`` after folding in a batch's ``(μ, σ²)`` per layer, each
-        layer with its own momentum (``order``: the layers in graph order, as for :meth:`momenta`)."""
-        prefix, suffix = self.prefix, ".ema_mean"
-        layers = sorted(key[len(prefix) : -len(suffix)] for key in state
-                        if key.startswith(prefix) and key.endswith(suffix))
-        momenta = self._plan(layers, order).momenta
+        layer with its own momentum (``order``: the graph order, as for :meth:`momenta`, of the layers the
+        graph reported statistics for)."""
+        plan = self._plan(sorted(batch_stats), order)
         out: dict[str, np.ndarray] = {}
-        for layer, (mean, var) in batch_stats.items():
-            key_mean, key_sq = f"{prefix}{layer}.ema_mean", f"{prefix}{layer}.ema_sq"
+        for (_, _, key_mean, key_sq), layer in zip(plan.keys, plan.layers, strict=True):
             if key_mean not in state:
                 raise KeyError(f"graph returned statistics of layer {layer!r} with no reference statistics")
-            keep = momenta[layer] ** n
+            mean, var = batch_stats[layer]
+            keep = plan.momenta[layer] ** n
             mean = np.asarray(mean, dtype=np.float64)
-            sq = np.asarray(var, dtype=np.float64) + mean * mean
+            sq = mean * mean
+            sq += var
             new_mean = state[key_mean] * keep
             new_mean += (1 - keep) * mean
             new_sq = state[key_sq] * keep
