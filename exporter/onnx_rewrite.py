@@ -1,8 +1,9 @@
 """The rewrite behind :mod:`exporter.onnx_graph`: each ``edgeloop::AlphaNorm`` marker into standard ONNX nodes.
 
 Graph-editing helpers (producer/consumer maps, fresh names, shared constants), the expansion of one marker
-(shift, moments, mix, normalisation, pool-first under an ``If``) and :func:`expand_alpha_norms` for the
-whole graph. Everything here is plain ``onnx``; the choices are explained in :mod:`exporter.onnx_graph`.
+(shift, moments, mix, normalisation, pool-first under an ``If``), :func:`expand_alpha_norms` for the
+whole graph and :func:`split_batch_statistics` for the opt-in graph whose statistics come from the first k
+samples. Everything here is plain ``onnx``; the choices and their measurements are in :mod:`exporter.onnx_graph`.
 """
 
 from __future__ import annotations
@@ -203,8 +204,8 @@ def _shift_conv(ed: _Editor, mk: _Marker, shift: np.ndarray | None) -> np.ndarra
 
 
 def _channel_mean(em: _Emitter, pooled: str) -> str:
-    """(N, C, 1, 1) → (C,), the mean over N (a flat ``ReduceMean`` over axis 0 is onnxruntime's fast case)."""
-    return em.op("ReduceMean", [em.op("Flatten", [pooled])], axes=[0], keepdims=0)
+    """(N, C, 1, 1) → (C,), the mean over N: one ``ReduceMean`` over the batch and the unit spatial axes."""
+    return em.op("ReduceMean", [pooled], axes=[0, 2, 3], keepdims=0)
 
 
 def _mean_through_conv(ed: _Editor, em: _Emitter, z: str) -> str | None:
@@ -297,7 +298,7 @@ def _pool_first(ed: _Editor, em: _Emitter, mk: _Marker, z: str, pooled: str, sta
     relu, pool = chain
     attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
     normalized = _normalize(em, mk, pooled, *stats)
-    nonneg = em.op("Not", [em.op("Less", [em.op("ReduceMin", [mk.weight], keepdims=0), ed.zero()])])
+    nonneg = em.op("GreaterOrEqual", [em.op("ReduceMin", [mk.weight], keepdims=0), ed.zero()])
     rows = em.op("Greater", [em.op("Shape", [normalized], start=0, end=1), ed.int_zero()])
     cond = em.op("And", [nonneg, rows])
     fast, slow = _Emitter(ed, f"{mk.layer}/pool_first"), _Emitter(ed, f"{mk.layer}/pool_last")
