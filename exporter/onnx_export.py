@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, functional_forward, source_params
-from exporter.onnx_graph import OPSET, GraphBuildError, LeanOptions, build_lean_adaptable
+from exporter.onnx_graph import OPSET, GraphBuildError, LeanOptions, build_lean_adaptable, stats_samples_of
 
 logger = logging.getLogger(__name__)
 
@@ -182,14 +182,15 @@ def export_adaptable_onnx(
 
 
 def torch_reference(
-    model: nn.Module, x: np.ndarray, params: Mapping[str, np.ndarray], alpha: float
+    model: nn.Module, x: np.ndarray, params: Mapping[str, np.ndarray], alpha: float, stats_samples: int | None = None
 ) -> dict[str, np.ndarray]:
-    """Outputs of :func:`functional_forward`, keyed by graph output name."""
+    """Outputs of :func:`functional_forward` (batch statistics of the first ``stats_samples`` samples when
+    given), keyed by graph output name."""
     graph = AdaptableGraph(model)
     tparams = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in params.items()}
     with torch.no_grad():
         logits, features, stats = functional_forward(
-            graph.model, torch.from_numpy(np.asarray(x, dtype=np.float32)), tparams, alpha
+            graph.model, torch.from_numpy(np.asarray(x, dtype=np.float32)), tparams, alpha, stats_samples
         )
     values = [logits, features, *stats]
     return {name: v.numpy() for name, v in zip(graph.output_names(), values, strict=True)}
@@ -213,12 +214,13 @@ def check_parity(
     atol = PARITY_ATOL if atol is None else atol
     rtol = PARITY_RTOL if rtol is None else rtol
     sess = ort_session(onnx_path)
+    samples = stats_samples_of(onnx.load(str(onnx_path)))  # a graph with statistics of its first k samples
     names = [o.name for o in sess.get_outputs()]
     worst: dict[str, float] = dict.fromkeys(names, 0.0)
     agree: list[float] = []
     for alpha in alphas:
         got = dict(zip(names, sess.run(names, make_feeds(x, params, alpha)), strict=True))
-        ref = torch_reference(model, x, params, alpha)
+        ref = torch_reference(model, x, params, alpha, samples)
         for name in names:
             diff = np.abs(got[name].astype(np.float64) - ref[name])
             worst[name] = max(worst[name], float(diff.max()))

@@ -13,7 +13,7 @@ from torch import nn
 
 from exporter.adaptable import AdaptableGraph, functional_forward
 from exporter.models import ModelSpec, build_model
-from exporter.onnx_export import make_feeds, params_numpy
+from exporter.onnx_export import check_parity, export_adaptable_onnx, make_feeds, params_numpy
 from exporter.onnx_graph import STATS_SAMPLES_KEY, LeanOptions, build_lean_adaptable, stats_samples_of
 from exporter.quantize import Int8Config, quantize_int8
 
@@ -144,3 +144,14 @@ def test_split_graph_quantizes_to_int8(built: dict, tmp_path: Path) -> None:
     ref = _reference(model, x, params, 0.5, K)
     assert report is not None and got["logits"].shape == ref["logits"].shape
     assert np.corrcoef(got["logits"].ravel(), ref["logits"].ravel())[0, 1] > 0.95
+
+
+def test_exporter_checks_a_split_graph_against_the_matching_torch_reference(tmp_path: Path) -> None:
+    """``export_adaptable_onnx`` with ``stats_samples`` verifies parity with the first-k-sample torch forward."""
+    model = random_model("smallcnn", 1)
+    path = tmp_path / "split.onnx"
+    x = inputs(24, 1, seed=6)
+    names = export_adaptable_onnx(model, path, torch.from_numpy(x[:2]), parity_x=x, lean=LeanOptions(stats_samples=K))
+    assert names == AdaptableGraph(model).output_names() and stats_samples_of(onnx.load(str(path))) == K
+    report = check_parity(model, path, x, params_numpy(model), [0.5])
+    assert report.top1_agreement == 1.0
