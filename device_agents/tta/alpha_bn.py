@@ -74,11 +74,11 @@ class AlphaBNConfig(BatchStatisticsConfig):
     reads as imbalance until the detector's running input mean has caught up (3–8 batches of 64). Per-domain
     statistics known to an oracle (reset at the true boundaries, then a cumulative average) reach 49.5 /
     65.5 on the shuffled CIFAR streams, so statistics alone cannot reach the issue's Tent + 2 (49.5 / 66.3)
-    on CIFAR severity 3. Also measured, not kept: threshold 1.4 / 1.7 (CIFAR s5 b64 48.1 / 48.7 shuffled;
-    at batch 16 class-sorted 32.8 / 30.0); a threshold scaled with the batch size at batch 16 (class-sorted
-    CIFAR s5 / s3 33.1 / 45.2, source 29.8 / 44.2: too close); w = 0.5 with a 100-sample memory instead of
-    the batch's own statistics 48.5 / 35.4; score smoothing over 100 samples instead of 200: 48.5 / 35.2;
-    a faster running input mean (50–67 samples): ±0.1.
+    on CIFAR severity 3. Also measured, not kept (the first three before z was capped at 8): threshold 1.4 /
+    1.7 (CIFAR s5 b64 48.1 / 48.7 shuffled; at batch 16 class-sorted 32.8 / 30.0); a threshold scaled with the
+    batch size at batch 16 (class-sorted CIFAR s5 / s3 33.1 / 45.2, source 29.8 / 44.2: too close); w = 0.5
+    with a 100-sample memory instead of the batch's own statistics 48.5 / 35.4; score smoothing over 100
+    samples instead of 200: 48.5 / 35.2; a faster running input mean (50–67 samples): ±0.1.
     """
 
 
