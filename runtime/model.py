@@ -95,6 +95,20 @@ class AdaptableModel:
         """Validate a batch against the manifest's input spec; return it as contiguous float32."""
         return check_batch(x, self.manifest.input.shape[1:])
 
+    def _overrides(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``params`` checked for one call: names, shapes, float32 and finiteness, like :func:`validate_params`
+        but without copies (a call's feeds are not kept) and with one finiteness test over them all; any
+        problem is reported by :func:`validate_params`, which names the parameter."""
+        out: dict[str, np.ndarray] = {}
+        for name, value in params.items():
+            arr = np.asarray(value)
+            if self._shapes.get(name) != arr.shape or arr.dtype.kind not in "fiu":
+                return validate_params(params, self._shapes)  # raises, naming the parameter
+            out[name] = np.ascontiguousarray(arr, dtype=np.float32)
+        if out and not np.isfinite(np.concatenate([a.ravel() for a in out.values()])).all():
+            return validate_params(params, self._shapes)
+        return out
+
     def forward(
         self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
     ) -> ForwardResult:
@@ -102,11 +116,14 @@ class AdaptableModel:
         if not 0.0 <= alpha <= 1.0:
             raise InputError(f"alpha must be in [0, 1], got {alpha}")
         m = self.manifest
-        feeds: dict[str, np.ndarray] = self.params
+        with self._lock:
+            feeds: dict[str, np.ndarray] = dict(self._params)  # arrays are replaced, never written: no copies
         if params:
-            feeds.update(validate_params(params, self._shapes))
+            feeds.update(self._overrides(params))
         feeds[m.input.name] = self.check_input(x)
         feeds[m.alpha_input] = np.asarray(alpha, dtype=np.float32)
-        out = self.bundle.session.run(feeds)
+        session = self.bundle.session
+        run = getattr(session, "run_checked", session.run)  # every input is checked above
+        out = run(feeds)
         stats = {layer.name: (out[layer.batch_mean], out[layer.batch_var]) for layer in m.layers}
         return ForwardResult(out[m.logits_output], out[m.features_output], stats)
