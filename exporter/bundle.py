@@ -348,7 +348,8 @@ def _pack(built: list[BuiltModel], nm: tuple[int, int]) -> None:
 
 
 def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[str, Any]) -> dict[str, Any]:
-    """Write the model files and golden.npz into ``tmp``; return the manifest's remaining blocks."""
+    """Write the model files, golden blocks, statistics blocks and the export report into ``tmp``; return the
+    manifest's remaining blocks."""
     params = params_numpy(model)
     built = build_models(model, tmp, data, opts["build"])
     tolerances = _write_golden(tmp, built, data["golden_x"], params, opts["golden_alpha"])
