@@ -248,3 +248,35 @@ def test_adaptable_graph_stays_nhwc(converted: dict) -> None:
     assert tiles, "the affine parameters are not tiled to (1, 1, W, C)"
     centre_subs = [s[0] for n, s in adaptable if n == "SUB" and s[0] in convs]
     assert not centre_subs, "the centring SUB was not folded into the convolution bias"
+
+
+def test_pool_first_is_exact_for_negative_gamma(converted: dict, smallcnn: Any, mnist_like: tuple) -> None:
+    """SmallCNN's BN → ReLU → MaxPool runs pool-first (the scale before the pool, shift and ReLU after it), and
+    stays exact when fed γ of either sign: the scale's sign turns the pool's max into the min it must be."""
+    ops = _op_shapes(converted["adaptable-fp32"].path)
+    pooled = [s[0] for n, s in ops if n == "MAX_POOL_2D"]
+    assert len(pooled) == 2
+    adds = [s[0] for n, s in ops if n == "ADD"]
+    assert all(shape in adds for shape in pooled), "shift and ReLU do not run on the pooled tensor"
+    session = LiteRTSession(converted["adaptable-fp32"].path, threads=1)
+    x = mnist_like[2][:32]
+    params = params_numpy(smallcnn)
+    flipped = {k: v.copy() for k, v in params.items()}
+    for name in ("bn1.weight", "bn2.weight"):
+        flipped[name][::2] *= -1.0  # every other channel negative
+    for alpha in (0.0, 0.5):
+        got = session.run(make_feeds(x, flipped, alpha))
+        ref = torch_reference(smallcnn, x, flipped, alpha)
+        for name in ref:
+            np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=1e-3, err_msg=f"{name} alpha {alpha}")
+
+
+def test_pool_first_leaves_the_model_alone(smallcnn: Any) -> None:
+    """The pool-first graph edits a copy: the model keeps its ReLU and MaxPool modules."""
+    from exporter.tflite_export import AdaptableKwargsGraph
+
+    before = [type(m).__name__ for m in smallcnn.features]
+    graph = AdaptableKwargsGraph(smallcnn)
+    assert [type(m).__name__ for m in smallcnn.features] == before
+    assert set(graph.pools) == {"bn1", "bn2"}
+    assert not AdaptableKwargsGraph(smallcnn, pool_first=False).pools
