@@ -135,6 +135,9 @@ SCORE_MOMENTUM = 0.995
 MAX_STATISTIC = 8.0
 """z is capped here before it enters the smoothed score: a domain switch makes z jump by orders of magnitude
 for a batch, which would otherwise hold the score above the threshold for many batches."""
+REANCHOR_SPACING = 512.0
+"""Samples that must pass between two re-anchorings of the detector's running input mean (see
+:class:`ClassBalanceDetector`): a domain switch comes once in a long while, class runs every ~100 samples."""
 INITIAL_SCORE = math.log(MAX_STATISTIC)
 """The smoothed log statistic a fresh detector starts from (imbalanced until the first batches say otherwise)."""
 
@@ -151,8 +154,12 @@ class ClassBalanceDetector:
     d̄ the batch mean, s² the batch's own sample variance and D a running mean of d over earlier batches. For
     a batch drawn i.i.d. from the stream z ≈ 1 (sampling noise, plus the lag of D); a batch of one class has
     a small spread s² and a mean away from D, so z grows with n. log z is smoothed over batches (per-sample
-    momentum :data:`SCORE_MOMENTUM`) and compared with ``log(imbalance_threshold)``; a domain switch makes z
-    jump for a batch or two, which reads as imbalanced (the conservative side).
+    momentum :data:`SCORE_MOMENTUM`) and compared with ``log(imbalance_threshold)``. A domain switch makes z
+    jump (the running mean D lags behind the new domain): while the stream counts as balanced, a jump beyond
+    :data:`MAX_STATISTIC` re-anchors D on the batch and leaves the score unchanged, at most once per
+    :data:`REANCHOR_SPACING` samples (a class-sorted stream that slipped into the balanced state jumps again
+    at its next class change, within about 100 samples, and that jump counts); otherwise a jump counts as
+    evidence of imbalance, capped at :data:`MAX_STATISTIC` (the conservative side).
 
     Measured at severity 5 after the first four batches of each domain (5/25/50/75/95th percentiles of z per
     batch, shuffled vs class-sorted): CIFAR-10-JPEG batch 64 0.4/0.7/1.2/1.8/3.3 vs 0.8/2.3/4.6/10/27,
@@ -164,10 +171,14 @@ class ClassBalanceDetector:
     def __init__(self, prefix: str = "") -> None:
         self.key_mean = f"{prefix}balance.input_mean"
         self.key_score = f"{prefix}balance.score"
+        self.key_age = f"{prefix}balance.anchor_age"
         self._band_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def update(self, state: Mapping[str, np.ndarray], x: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """``(smoothed log z, the detector's state entries after the batch x)``."""
+    def update(
+        self, state: Mapping[str, np.ndarray], x: np.ndarray, threshold: float = math.inf
+    ) -> tuple[float, dict[str, np.ndarray]]:
+        """``(smoothed log z, the detector's state entries after the batch x)``; ``threshold``: the log
+        threshold the caller compares the score with (for re-anchoring on a domain switch)."""
         n = int(x.shape[0])
         flat = np.asarray(x).reshape(n, -1)
         edges, inverse_widths = self._bands(flat.shape[1])
@@ -178,18 +189,24 @@ class ClassBalanceDetector:
         score = float(state[self.key_score]) if self.key_score in state else INITIAL_SCORE
         if previous is None or previous.shape != batch_mean.shape:
             return score, {self.key_mean: batch_mean, self.key_score: np.array(score)}
+        age = float(state.get(self.key_age, REANCHOR_SPACING))
         if n > 1:
             d -= batch_mean
             spread = np.einsum("ij,ij->j", d, d) * (1.0 / (n - 1))  # sample variance of each band mean
             spread += 1e-2 * float(spread.mean()) + 1e-12  # constant bands (a black border) carry no evidence
             gap = batch_mean - previous
             z = float(np.dot(gap * gap, 1.0 / spread)) * n / len(gap)
+            if score < threshold and z > MAX_STATISTIC and age >= REANCHOR_SPACING:
+                # a jump in a stream known to be class-balanced: a domain switch; re-anchor the running mean
+                # instead of waiting (3-8 batches) for it to catch up, and leave the score as it was
+                entries = {self.key_mean: batch_mean, self.key_score: np.array(score), self.key_age: np.array(0.0)}
+                return score, entries
             keep = SCORE_MOMENTUM**n
             score = keep * score + (1.0 - keep) * math.log(min(max(z, 1e-6), MAX_STATISTIC))
         keep = DESCRIPTOR_MOMENTUM**n
         mean = previous * keep
         mean += (1.0 - keep) * batch_mean
-        return score, {self.key_mean: mean, self.key_score: np.array(score)}
+        return score, {self.key_mean: mean, self.key_score: np.array(score), self.key_age: np.array(age + n)}
 
     def _bands(self, size: int) -> tuple[np.ndarray, np.ndarray]:
         """Start offsets of the descriptor's bands in a flattened sample of ``size`` values, and 1 / widths."""
@@ -270,8 +287,9 @@ class StatisticsMix:
         cfg = self.config
         if cfg.balanced_batch_weight is None or cfg.batch_weight is not None or len(x) < cfg.min_batch_for_balanced:
             return False, {}  # smaller batches would not use the verdict: they neither pay for it nor feed it
-        score, entries = self.detector.update(state, x)
-        return score < math.log(cfg.imbalance_threshold), entries
+        threshold = math.log(cfg.imbalance_threshold)
+        score, entries = self.detector.update(state, x, threshold)
+        return score < threshold, entries
 
     def feeds(
         self,

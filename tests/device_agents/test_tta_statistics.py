@@ -221,3 +221,36 @@ def test_alpha_bn_keeps_the_detector_in_its_state_and_switches_to_batch_statisti
     model.calls.clear()
     method.predict(model, _class_images(rng.integers(0, 4, 64), rng))
     assert model.calls[-1][1] == 1.0  # α·w with w = 1: the batch's own statistics
+
+
+def _balanced_detector_state(rng: np.random.Generator) -> tuple[ClassBalanceDetector, dict[str, np.ndarray]]:
+    detector, state = ClassBalanceDetector(), {}
+    for _ in range(12):
+        _, state = detector.update(state, _class_images(rng.integers(0, 4, 64), rng), np.log(2.0))
+    assert float(state["balance.score"]) < np.log(2.0)
+    return detector, state
+
+
+def test_a_domain_switch_in_a_balanced_stream_re_anchors_instead_of_reading_as_imbalance() -> None:
+    rng = np.random.default_rng(2)
+    detector, state = _balanced_detector_state(rng)
+    before = float(state["balance.score"])
+    switched = np.clip(_class_images(rng.integers(0, 4, 64), rng) * 0.5 + 0.4, 0.0, 1.0)  # a new domain
+    score, after = detector.update(state, switched, np.log(2.0))
+    assert score == before and float(after["balance.anchor_age"]) == 0.0
+    scores = []
+    for _ in range(6):
+        x = np.clip(_class_images(rng.integers(0, 4, 64), rng) * 0.5 + 0.4, 0.0, 1.0)
+        score, after = detector.update(after, x, np.log(2.0))
+        scores.append(score)
+    assert all(s < np.log(2.0) for s in scores)
+
+
+def test_class_runs_after_a_balanced_stretch_leave_the_balanced_state() -> None:
+    rng = np.random.default_rng(3)
+    detector, state = _balanced_detector_state(rng)
+    scores = []
+    for i in range(12):  # runs of two batches per class
+        score, state = detector.update(state, _class_images(np.full(64, (i // 2) % 4), rng), np.log(2.0))
+        scores.append(score)
+    assert scores[-1] > np.log(2.0) and all(s > np.log(2.0) for s in scores[6:])
