@@ -254,3 +254,17 @@ def test_class_runs_after_a_balanced_stretch_leave_the_balanced_state() -> None:
         score, state = detector.update(state, _class_images(np.full(64, (i // 2) % 4), rng), np.log(2.0))
         scores.append(score)
     assert scores[-1] > np.log(2.0) and all(s > np.log(2.0) for s in scores[6:])
+
+
+def test_small_batches_are_pooled_into_one_test_per_window() -> None:
+    rng = np.random.default_rng(4)
+    detector, state = _balanced_detector_state(rng)
+    state = {**state, "balance.anchor_age": np.array(0.0)}  # just re-anchored: a jump counts as evidence
+    x = _class_images(np.zeros(64, int), rng)  # one class: evidence of imbalance
+    whole, _ = detector.update(state, x, np.log(2.0))
+    first, halfway = detector.update(state, x[:32], np.log(2.0))
+    assert first == float(state["balance.score"])  # half a window: no test yet
+    assert float(halfway["balance.pool_count"]) == 32.0
+    second, after = detector.update(halfway, x[32:], np.log(2.0))
+    assert second == pytest.approx(whole) and second > first
+    assert float(after["balance.pool_count"]) == 0.0
