@@ -59,13 +59,16 @@ shared 2-core machine, where memory-bound nodes suffer most from the neighbours'
   within noise at 64).
 * Opt-in, ``LeanOptions(stats_samples=16)``: statistics of the first 16 samples, the rest of the batch as a
   second stream without statistics (:func:`exporter.onnx_rewrite.split_batch_statistics`; unbiased, unlike
-  a spatial subsample). Batch 64: SmallCNN 1.23–1.27×, ResNet-8 1.27–1.36× (lean 1.42–1.55 / 1.42–1.48 in the
-  same runs); batch ≤ 16 computes what the default graph computes, a few per cent slower (the empty second
-  stream's nodes). The device's α-BN with it on the TTA benchmark's streams (256 images per corruption,
-  batch 64, top-1 points against exact statistics): MNIST +0.2 / −1.5 (severity 5, shuffled / class-sorted),
-  +0.1 / −0.9 (severity 3); CIFAR-10 −0.7 / +0.0, −0.9 / −0.4 (``--stream-accuracy``). Not the default: it
-  changes what ``bnK.batch_*`` are, the TFLite graph and the torch reference compute exact statistics, and it
-  does not reach 1.25× for ResNet-8 either.
+  a spatial subsample). In one quiet run (ratio to folded; default lean / first 16 / statistics-free):
+  SmallCNN batch 64 1.52 / 1.26 / 1.13×, batch 16 1.54 / 1.66 / 1.17×; ResNet-8 batch 64 1.47 / 1.35 /
+  1.26×, batch 16 1.48 / 1.50 / 1.27× (other runs: 1.23–1.29 and 1.30–1.38 at batch 64). A batch of at most
+  16 computes what the default graph computes, 2–8 % slower (the empty second stream's nodes still run;
+  running that stream under an ``If`` on the batch size takes its convolutions out of the blocked layout
+  unless their weights are copied into the branch, and measured no faster). The device's α-BN with it on the
+  TTA benchmark's streams (256 images per corruption, batch 64, top-1 points against exact statistics):
+  MNIST +0.2 / −1.5 (severity 5, shuffled / class-sorted), +0.1 / −0.9 (severity 3); CIFAR-10 −0.7 / +0.0,
+  −0.9 / −0.4 (``--stream-accuracy``). Not the default: it changes what ``bnK.batch_*`` are, the TFLite
+  graph computes exact statistics, and it reaches 1.25× for neither model.
 """
 
 from __future__ import annotations
