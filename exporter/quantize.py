@@ -22,6 +22,11 @@ Stem convolutions on few input channels (``Int8Config.float_convs_below_channels
   (1.14 ms against 0.65 ms padded, ResNet-8 batch 64). A float stem there costs its NCHWc convolution plus a
   reorder to NCHW, a quantization of the full-resolution activation and a first residual ``Add`` run in NCHW
   between two transposes; the padded graph runs NHWC from the input's first transpose on.
+
+When the graph input goes through a per-channel normalisation ``(x − m) / s`` straight into that quantized stem,
+the normalisation is folded into the input's ``QuantizeLinear`` (:func:`fold_input_normalisation`): per channel
+scale ``S·s_c`` and zero point ``Z − round(m_c / (S·s_c))`` give the same integers up to one rounding step, and
+two float passes over the input (``Sub``, ``Div``) disappear.
 """
 
 from __future__ import annotations
@@ -141,10 +146,12 @@ class QuantizationReport:
     op_types: tuple[str, ...] = OP_TYPES
     disabled_optimizers: tuple[str, ...] = ()
     padded_convs: tuple[tuple[str, int, int], ...] = ()
+    folded_input_normalisation: bool = False
 
     def manifest_block(self) -> dict[str, Any]:
         """The ``quantization`` block of a bundle manifest's model entry (CONTRACT.md); ``padded_input_channels``
-        (node name → [channels, padded channels]) only when a small convolution was padded and quantized."""
+        (node name → [channels, padded channels]) only when a small convolution was padded and quantized;
+        ``input_normalisation`` only when it was folded into the input quantization."""
         block: dict[str, Any] = {
             "method": QUANT_METHOD,
             "per_channel": self.per_channel,
@@ -155,6 +162,8 @@ class QuantizationReport:
         }
         if self.padded_convs:
             block["padded_input_channels"] = {name: [c, padded] for name, c, padded in self.padded_convs}
+        if self.folded_input_normalisation:
+            block["input_normalisation"] = "folded into the input QuantizeLinear (per-channel scale, zero point)"
         return block
 
     def session_options(self) -> dict[str, Any] | None:
@@ -277,6 +286,99 @@ def pad_input_channels(model: onnx.ModelProto, conv_names: set[str], multiple: i
     return padded[::-1]
 
 
+def _channel_constant(inits: Mapping[str, onnx.TensorProto], name: str, channels: int) -> np.ndarray | None:
+    """The (C,) values of a constant that broadcasts along axis 1 of an NCHW tensor (shape (1, C, 1, 1) or
+    (C, 1, 1)), or None."""
+    if name not in inits:
+        return None
+    value = numpy_helper.to_array(inits[name]).astype(np.float64)
+    if value.shape not in ((1, channels, 1, 1), (channels, 1, 1)):
+        return None
+    return value.reshape(-1)
+
+
+def fold_input_normalisation(model: onnx.ModelProto) -> bool:
+    """Fold ``input → Sub(m) → Div(s) → [channel Pad] → QuantizeLinear(S, Z)`` into ``input → [channel Pad] →
+    QuantizeLinear(S·s_c, Z − round(m_c / (S·s_c)), axis 1)``; edits ``model`` in place, returns whether it did.
+
+    The pad channels (zeros appended on axis 1, as :func:`pad_input_channels` adds them) keep ``(S, Z)``, so
+    they still read as zero. Nothing changes unless each step is the only reader of the previous one, the
+    constants are per channel, the quantization is per tensor uint8 with one ``DequantizeLinear`` reader, and the
+    zero points fit in uint8 (the shared one may move up a few steps for that)."""
+    graph = model.graph
+    if len(graph.input) < 1:
+        return False
+    inits = {i.name: i for i in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+
+    def only_reader(name: str, op: str) -> onnx.NodeProto | None:
+        nodes = readers.get(name, [])
+        return nodes[0] if len(nodes) == 1 and nodes[0].op_type == op and nodes[0].input[0] == name else None
+
+    source = graph.input[0]
+    dims = source.type.tensor_type.shape.dim
+    if len(dims) != 4 or not dims[1].dim_value:
+        return False
+    channels = dims[1].dim_value
+    sub = only_reader(source.name, "Sub")
+    div = sub and only_reader(sub.output[0], "Div")
+    if sub is None or div is None:
+        return False
+    mean, std = _channel_constant(inits, sub.input[1], channels), _channel_constant(inits, div.input[1], channels)
+    if mean is None or std is None or np.any(std <= 0):
+        return False
+    nxt = readers.get(div.output[0], [])
+    pad = nxt[0] if len(nxt) == 1 and nxt[0].op_type == "Pad" else None
+    total = channels
+    if pad is not None:
+        pads = numpy_helper.to_array(inits[pad.input[1]]) if len(pad.input) > 1 and pad.input[1] in inits else None
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        if (pads is None or pads.size != 8 or mode != b"constant" or (len(pad.input) > 2 and pad.input[2])
+                or np.any(np.delete(pads, 5) != 0)):
+            return False
+        total += int(pads[5])
+    quant = only_reader((pad or div).output[0], "QuantizeLinear")
+    if quant is None or len(quant.input) < 3 or quant.input[1] not in inits or quant.input[2] not in inits:
+        return False
+    scale, zero = numpy_helper.to_array(inits[quant.input[1]]), numpy_helper.to_array(inits[quant.input[2]])
+    if scale.size != 1 or zero.size != 1 or zero.dtype != np.uint8:
+        return False
+    dequant = only_reader(quant.output[0], "DequantizeLinear")
+    if dequant is None or len(dequant.input) < 3 or dequant.input[1:3] != quant.input[1:3]:
+        return False
+    s, z = float(scale.reshape(())), int(zero.reshape(()))
+    scales = np.full(total, s, dtype=np.float32)
+    offsets = np.zeros(total, dtype=np.int64)
+    scales[:channels] = s * std
+    offsets[:channels] = np.round(mean / (s * std))
+    # the shared zero point moves up when a channel's would fall below 0 (the top of the range loses as many
+    # steps: calibrated maxima saturate by at most that much)
+    z_new = max(z, int(offsets.max()))
+    zeros = z_new - offsets
+    if z_new > 255 - 8 or np.any(zeros > 255) or not np.all(np.isfinite(scales)):
+        return False
+    scale_name, zero_name = f"{quant.name}_channel_scale", f"{quant.name}_channel_zero_point"
+    graph.initializer.extend([numpy_helper.from_array(scales, scale_name),
+                              numpy_helper.from_array(zeros.astype(np.uint8), zero_name)])
+    if z_new != z:
+        shared = f"{dequant.name}_zero_point"
+        graph.initializer.append(numpy_helper.from_array(np.array(z_new, dtype=np.uint8), shared))
+        dequant.input[2] = shared
+    (pad or quant).input[0] = source.name
+    quant.input[1], quant.input[2] = scale_name, zero_name
+    del quant.attribute[:]
+    quant.attribute.append(helper.make_attribute("axis", 1))
+    graph.node.remove(div)
+    graph.node.remove(sub)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name in (sub.input[1], div.input[1]) and i.name not in used]:
+        graph.initializer.remove(init)
+    return True
+
+
 def _stem_plan(model_path: Path, config: Int8Config) -> tuple[list[str], list[str], bool]:
     """Which small convolutions to pad and quantize and which to leave float (see the module docstring).
 
@@ -372,6 +474,12 @@ def quantize_int8(
         with contextlib.redirect_stdout(chatter):
             _quantize(src, int8_path, reader, config, exclude)
         logger.debug("quantize_static output: %s", chatter.getvalue().strip())
+    folded = False
+    if padded:
+        quantized = onnx.load(str(int8_path))
+        folded = fold_input_normalisation(quantized)
+        if folded:
+            onnx.save(quantized, str(int8_path))
     onnx.checker.check_model(str(int8_path))
     check = calib if eval_x is None else np.concatenate([calib, check_images(eval_x, "eval_x")])
     agreement = _verify_agreement(fp32_path, int8_path, check, params, config.min_agreement)
@@ -380,5 +488,5 @@ def quantize_int8(
     return QuantizationReport(
         config.calibration, len(calib), config.per_channel, config.activation_type, agreement, len(check),
         preprocessed, config.float_convs_below_channels, config.op_types, (_PROPAGATION,) if pooled else (),
-        tuple(padded),
+        tuple(padded), folded,
     )

@@ -185,3 +185,36 @@ def test_folded_stem_without_pool_is_padded_and_quantized(folded_resnet8: tuple,
                                         min_agreement=0.0, pad_small_convs=False))
     assert unpadded.padded_convs == () and "padded_input_channels" not in unpadded.manifest_block()
     assert _nodes(tmp_path / "f.onnx")[1]["Pad"] == 0
+
+
+def test_input_normalisation_folds_into_the_input_quantization(folded_resnet8: tuple, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before a padded, quantized stem the input's (x − m)/s becomes the QuantizeLinear's per-channel scale and
+    zero point: no Sub/Div left, the same integers up to one rounding step."""
+    path, x = folded_resnet8
+    config = Int8Config(float_convs_below_channels=8, op_types=quantize_mod.FOLDED_OP_TYPES, min_agreement=0.0)
+    report = quantize_int8(path, tmp_path / "folded.onnx", x, {}, config)
+    assert report.folded_input_normalisation and "input_normalisation" in report.manifest_block()
+    proto, ops = _nodes(tmp_path / "folded.onnx")
+    assert ops["Sub"] == 0 and ops["Div"] == 0
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    pad = next(n for n in proto.graph.node if n.op_type == "Pad")
+    assert pad.input[0] == "input"  # the channel pad reads the raw input now
+    quant = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == pad.output[0])
+    assert {a.name: a.i for a in quant.attribute} == {"axis": 1}
+    scale, zero = inits[quant.input[1]], inits[quant.input[2]]
+    assert scale.shape == zero.shape == (4,) and zero.dtype == np.uint8 and scale[3] != scale[0]
+    monkeypatch.setattr(quantize_mod, "fold_input_normalisation", lambda model: False)
+    plain = quantize_int8(path, tmp_path / "plain.onnx", x, {}, config)
+    assert not plain.folded_input_normalisation and _nodes(tmp_path / "plain.onnx")[1]["Div"] == 1
+    got, ref = (ort_session(tmp_path / f"{n}.onnx").run(["logits"], {"input": x})[0] for n in ("folded", "plain"))
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_fold_input_normalisation_leaves_other_graphs_alone(digits_bundle: Path) -> None:
+    """No Sub → Div → QuantizeLinear chain from the input (the adaptable digits graph): nothing changes."""
+    model = onnx.load(str(digits_bundle / "model_int8.onnx"))
+    before = model.SerializeToString()
+    assert not quantize_mod.fold_input_normalisation(model)
+    assert model.SerializeToString() == before
