@@ -127,7 +127,8 @@ def layer_names(params: Mapping[str, np.ndarray]) -> list[str]:
 
 DESCRIPTOR_BANDS = 48
 """Per-sample input descriptor of :class:`ClassBalanceDetector`: the means of this many contiguous bands of
-the flattened sample (for an NCHW image, row bands of each channel)."""
+equal width of the flattened sample (for an NCHW image, row bands of each channel; a remainder of fewer
+values than bands at the end of the sample is left out)."""
 DESCRIPTOR_MOMENTUM = 0.99
 """Per-sample momentum of the detector's running mean of the descriptor (about 100 samples)."""
 SCORE_MOMENTUM = 0.995
@@ -181,7 +182,6 @@ class ClassBalanceDetector:
         self.key_age = f"{prefix}balance.anchor_age"
         self.key_count, self.key_sum = f"{prefix}balance.pool_count", f"{prefix}balance.pool_sum"
         self.key_squares = f"{prefix}balance.pool_squares"
-        self._band_cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def update(
         self, state: Mapping[str, np.ndarray], x: np.ndarray, threshold: float = math.inf
@@ -190,9 +190,10 @@ class ClassBalanceDetector:
         threshold the caller compares the score with (for re-anchoring on a domain switch)."""
         n = int(x.shape[0])
         flat = np.asarray(x).reshape(n, -1)
-        edges, inverse_widths = self._bands(flat.shape[1])
-        d = np.add.reduceat(flat, edges, axis=1, dtype=np.float64)
-        d *= inverse_widths
+        bands = min(DESCRIPTOR_BANDS, flat.shape[1])
+        width = flat.shape[1] // bands  # a remainder (< bands values at the end of the sample) is left out
+        d = np.einsum("ijk->ij", flat[:, : bands * width].reshape(n, bands, width)).astype(np.float64)
+        d *= 1.0 / width
         score = float(state[self.key_score]) if self.key_score in state else INITIAL_SCORE
         previous = state.get(self.key_mean)
         if previous is None or previous.shape != d.shape[1:]:
@@ -226,16 +227,6 @@ class ClassBalanceDetector:
         running += (1.0 - keep) * mean
         return score, {self.key_mean: running, self.key_score: np.array(score), self.key_age: np.array(age),
                        **emptied}
-
-    def _bands(self, size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Start offsets of the descriptor's bands in a flattened sample of ``size`` values, and 1 / widths."""
-        cached = self._band_cache.get(size)
-        if cached is None:
-            bands = min(DESCRIPTOR_BANDS, size)
-            edges = (np.arange(bands) * size) // bands
-            cached = edges, 1.0 / np.diff(np.append(edges, size))
-            self._band_cache = {size: cached}
-        return cached
 
 
 class StatisticsMix:
