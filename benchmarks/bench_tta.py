@@ -963,13 +963,63 @@ def render(results: dict[str, Any]) -> str:
 
 
 # -- command line (the worker entry point) ---------------------------------------------------------------------
+# -- quick accuracy runs (for tuning; never written into the results) ----------------------------------------
+def quick_accuracy(methods: Sequence[str], settings: Sequence[str]) -> list[dict[str, Any]]:
+    """Top-1 of forward-only ``methods`` (registered names, default configs) on the benchmark's full streams for
+    ``settings`` (``case:severity:order:batch``, e.g. ``cifar10:5:shuffled:64``), next to the source and Tent
+    means of the last full run (``benchmarks/results/tta.json``) when it has them. Same bundles, streams and
+    per-corruption mean as :func:`measure_accuracy`; no backprop baselines, no timing."""
+    from device_agents.tta import create_tta_method
+    from edgeloop.data import build_stream, load_dataset
+
+    reference_path = REPO_ROOT / "benchmarks" / "results" / "tta.json"
+    reference = json.loads(reference_path.read_text())["results"] if reference_path.exists() else {}
+    cases = {case.key: case for case in CASES}
+    root, models, rows = scratch_dir("tta-quick"), {}, []
+    for setting in settings:
+        try:
+            key, severity, order, batch = setting.split(":")
+            case, sev, size = cases[key], int(severity), int(batch)
+        except (ValueError, KeyError):
+            raise ValueError(
+                f"setting {setting!r} is not case:severity:order:batch with case in {sorted(cases)}"
+            ) from None
+        if key not in models:
+            ckpt = checkpoint(case)
+            models[key] = load_models(case, ckpt, export_case(case, ckpt, root), quick=True).adaptable
+        stream = build_stream(load_dataset(case.dataset, "test"), domains_for(sev), case.samples_per_domain,
+                              seed=SEED, order=order)
+        cell = reference.get("cases", {}).get(key, {}).get("accuracy", {}).get(f"s{sev}", {})
+        known = cell.get(order, {}).get(str(size), {}).get("methods", {})
+        for name in methods:
+            method = create_tta_method(name)
+            correct, seconds = run_stream(stream, size, lambda x, m=method, md=models[key]: m.predict(md, x).probs)
+            rows.append({"setting": setting, "method": name, **accuracy_record(stream, correct, seconds),
+                         "reference_source": _mean(known, "source"), "reference_tent": _mean(known, "tent")})
+    return rows
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``--worker SPEC``: serve one variant for :func:`measure_cost`."""
+    """``--worker SPEC``: serve one variant for :func:`measure_cost`; ``--quick-accuracy``: print
+    :func:`quick_accuracy` for ``--methods`` on ``--settings`` (nothing is written)."""
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_tta")
-    p.add_argument("--worker", required=True, help="JSON spec of the variant to serve")
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--worker", help="JSON spec of the variant to serve")
+    mode.add_argument("--quick-accuracy", action="store_true",
+                      help="accuracy of forward-only methods on chosen full streams, printed (for tuning)")
+    p.add_argument("--methods", default="alpha_bn,foa", help="comma-separated registered method names")
+    p.add_argument("--settings", default="mnist:5:shuffled:64,mnist:5:shuffled:16,cifar10:5:shuffled:64,"
+                   "cifar10:3:shuffled:64", help="comma-separated case:severity:order:batch")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    return worker_main(json.loads(args.worker))
+    if args.worker:
+        return worker_main(json.loads(args.worker))
+    for row in quick_accuracy(args.methods.split(","), args.settings.split(",")):
+        ref = " ".join(f"{label} {v * 100:.1f}" for label, v in (("source", row["reference_source"]),
+                                                                ("tent", row["reference_tent"])) if v is not None)
+        print(f"{row['setting']:26s} {row['method']:10s} {row['mean'] * 100:6.2f}  {ref}  ({row['seconds']} s)",
+              flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -54,3 +54,22 @@ def test_each_target_fails_on_its_own_numbers() -> None:
     assert _verdicts(_results(foa_peak=1.25))["T4"] is False
     failing = _results(lame=0.79)
     assert "**fails**" in bench_tta.render(failing)
+
+
+def test_t1_says_unreachable_where_tent_plus_the_margin_exceeds_clean_accuracy() -> None:
+    results = _results()
+    results["cases"]["mnist"]["checkpoint_test_accuracy"] = 0.81  # Tent 0.80 + 2 points > 0.81
+    results["targets"] = bench_tta.targets(results)
+    t1 = results["targets"][0]
+    assert t1["passes"] is True  # still judged on the numbers: 0.90 >= 0.82
+    assert all(c["unreachable"] == ["shuffled", "class_sorted"] for c in t1["checks"])
+    for cell in results["cases"]["mnist"]["accuracy"]["s5"].values():
+        for entry in cell.values():
+            entry["methods"]["foa"] = _entry(0.815)
+            entry["methods"]["alpha_bn"] = _entry(0.815)
+            entry["methods"]["t3a"] = _entry(0.815)
+            entry["methods"]["lame"] = _entry(0.815)
+    results["targets"] = bench_tta.targets(results)
+    assert _verdicts(results)["T1"] is False
+    text = bench_tta.render(results)
+    assert "unreachable: Tent + 2 > clean top-1 81.0%" in text and "FAIL (unreachable)" in text
