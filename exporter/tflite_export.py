@@ -213,9 +213,11 @@ def pooled_affine(
     to be; the ReLU commutes with max. Against :func:`tflite_norm` followed by ReLU and the pool, the shift and
     the ReLU run on the pooled tensor (4× fewer elements for a 2×2 pool) and the convolution's full-size
     output goes through one full-size elementwise operator fewer (the ADD): on the MNIST SmallCNN at batch
-    64, one thread, 1.36× → 1.27× folded (thread CPU time, interleaved). Pooling before the scale as well (the
-    ONNX graph's ``If`` on min γ ≥ 0) measured 1.17×, but a TFLite graph has no branch XNNPACK runs and the
-    per-channel sign costs the same full-size multiply.
+    64, one thread, α = 0.5, 1.35× → 1.27× folded in thread CPU time (1.41× → 1.29× wall clock), interleaved
+    in one process. What is left per pooled layer beyond the folded graph is four full-size operators: the
+    two moments (MEAN, MUL for the squares, MEAN) and the scale (MUL). Pooling before the scale as well (the
+    ONNX graph's ``If`` on min γ ≥ 0) measured 1.16×, but it is only right for γ ≥ 0: a TFLite graph has no
+    branch XNNPACK runs, and applying the per-channel sign costs the same full-size multiply.
     """
     zc, scale, shift, batch_mean, batch_var = _norm_terms(z, p, layer, alpha, centre)
     pooled = pool(zc * _tiled(scale, z.shape[3]))
