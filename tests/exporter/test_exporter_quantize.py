@@ -180,6 +180,10 @@ def test_folded_stem_without_pool_is_padded_and_quantized(folded_resnet8: tuple,
     ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
     assert optimized["QLinearConv"] == 9 and optimized["Conv"] == 0 and optimized["ReorderOutput"] == 0
+    # every residual join runs as QLinearAdd (the last one too: "Add" joins the quantized operator types)
+    assert report.op_types == (*quantize_mod.FOLDED_OP_TYPES, "Add")
+    assert report.manifest_block()["op_types"][-1] == "Add"
+    assert optimized["QLinearAdd"] == 3 and optimized["Add"] == 0 and optimized["Relu"] == 0
     unpadded = quantize_int8(path, tmp_path / "f.onnx", x, {},
                              Int8Config(float_convs_below_channels=8, op_types=quantize_mod.FOLDED_OP_TYPES,
                                         min_agreement=0.0, pad_small_convs=False))
