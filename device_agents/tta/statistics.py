@@ -198,11 +198,14 @@ class ClassBalanceDetector:
         previous = state.get(self.key_mean)
         if previous is None or previous.shape != d.shape[1:]:
             return score, {self.key_mean: d.sum(axis=0) * (1.0 / n), self.key_score: np.array(score)}
-        # pool the batch with the samples not yet tested; test once the pool holds a window's worth
-        count = float(state.get(self.key_count, 0.0)) + n
-        total = state[self.key_sum] + d.sum(axis=0) if self.key_sum in state else d.sum(axis=0)
+        # pool the batch with the samples not yet tested (the pool's sums count only while its count is > 0);
+        # test once the pool holds a window's worth
+        pooled = float(state.get(self.key_count, 0.0))
+        count = pooled + n
+        total = d.sum(axis=0)
         squares = np.einsum("ij,ij->j", d, d)
-        if self.key_squares in state:
+        if pooled > 0:
+            total += state[self.key_sum]
             squares += state[self.key_squares]
         age = float(state.get(self.key_age, REANCHOR_SPACING)) + n
         if count < DETECTOR_WINDOW:
@@ -213,8 +216,7 @@ class ClassBalanceDetector:
         spread += 1e-2 * float(spread.mean()) + 1e-12  # constant bands (a black border) carry no evidence
         gap = mean - previous
         z = float(np.dot(gap * gap, 1.0 / spread)) * count / len(gap)
-        emptied = {self.key_count: np.array(0.0), self.key_sum: np.zeros_like(mean),
-                   self.key_squares: np.zeros_like(mean)}
+        emptied = {self.key_count: np.array(0.0)}
         if score < threshold and z > MAX_STATISTIC and age - count >= REANCHOR_SPACING:
             # a jump in a stream known to be class-balanced: a domain switch; re-anchor the running mean
             # instead of waiting (3-8 windows) for it to catch up, and leave the score as it was
