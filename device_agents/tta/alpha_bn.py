@@ -58,14 +58,16 @@ class AlphaBNConfig(BatchStatisticsConfig):
     **Class-balance detector** (the default since: ``balanced_batch_weight=1``, ``imbalance_threshold=2``,
     ``min_batch_for_balanced=32``, see :class:`~device_agents.tta.statistics.ClassBalanceDetector`): batches
     of 32 or more that arrive while the stream looks class-balanced are normalised with their own statistics.
-    Same streams, top-1 % shuffled / class-sorted, without → with the detector:
+    Same streams, top-1 % shuffled / class-sorted, without → with the detector (D: its running mean of the
+    input descriptor; re-anchoring: on a domain switch in a balanced stream):
 
     ==========================  ===============  ===============  ===============  ===============
     setting                     CIFAR s5 b64     CIFAR s3 b64     MNIST s5 b64     MNIST s3 b64
     ==========================  ===============  ===============  ===============  ===============
     two memories (above)        47.1 / 36.1      63.8 / 49.3      88.6 / 85.4      97.6 / 95.5
-    + detector, no re-anchor    48.9 / 35.4      64.8 / 48.4      88.8 / 85.4      97.7 / 95.5
-    **+ detector**              49.2 / 35.2      64.9 / 48.4      89.8 / 85.4      97.7 / 95.5
+    detector, D of 100 samples  48.9 / 35.4      64.8 / 48.4      88.8 / 85.4      97.7 / 95.5
+    + re-anchoring D            49.2 / 35.2      64.9 / 48.4      89.8 / 85.4      97.7 / 95.5
+    **+ D of 1000 samples**     49.2 / 36.1      64.9 / 49.3      89.8 / 85.4      97.7 / 95.5
     batch statistics always     49.4 / 18.7      65.1 / 22.7      89.8 / 84.4      97.7 / 94.0
     ==========================  ===============  ===============  ===============  ===============
 
