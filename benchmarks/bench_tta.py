@@ -78,6 +78,9 @@ BACKPROP = ("tent", "tent_reset", "eata")
 FISHER_SAMPLES = 512
 FISHER_BATCH = 64
 THREADS = 1
+LITERT_SUFFIX = "_litert"
+# the same bundle's TFLite graphs in LiteRT: plain inference (folded) and the adaptable graph under source/alpha_bn
+LITERT_VARIANTS = ("plain_litert", "source_litert", "alpha_bn_litert")
 FOREIGN_TFLITE = "models/mlperf_tiny_resnet8_cifar10.tflite"
 FOREIGN_METHODS = ("source", "lame", "t3a")
 WORKER_BATCHES = 4  # stream batches each timing process cycles through
@@ -173,7 +176,7 @@ def export_case(case: Case, ckpt: Path, root: Path) -> Path:
     """Export the checkpoint into an fp32 ONNX bundle (adaptable + folded graphs)."""
     from edgeloop.exporting import ExportRequest, run_export
 
-    request = ExportRequest(model=str(ckpt), out=root / case.key, dataset=case.dataset, formats=("onnx",),
+    request = ExportRequest(model=str(ckpt), out=root / case.key, dataset=case.dataset, formats=("onnx", "tflite"),
                             int8=False, folded=True, key_path=root / "signing_key.pem", seed=SEED)
     return run_export(request)
 
@@ -376,10 +379,15 @@ def paired_ratio(samples: dict[str, list[float]], variant: str, base: str) -> fl
     return summarize([x / y for x, y in zip(a, b, strict=True)]).median
 
 
+def plain_of(variant: str) -> str:
+    """The plain-inference variant a variant is compared with: ``plain_litert`` for LiteRT ones."""
+    return "plain_litert" if variant.endswith(LITERT_SUFFIX) else "plain"
+
+
 def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path], fisher: Path,
                  timing: Timing) -> dict[str, Any]:
     """Time per batch and peak memory of every variant, each in its own process, interleaved in rounds."""
-    variants = ["plain", *forward_only_methods(), "tent", "eata"]
+    variants = ["plain", *forward_only_methods(), "tent", "eata", *LITERT_VARIANTS]
     out: dict[str, Any] = {}
     loads: dict[str, list[float]] = {}
     for batch, path in batches.items():
@@ -418,7 +426,6 @@ def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path],
                         proc.wait(timeout=30)
                     except Exception:
                         proc.kill()
-        plain_kb = memory.get("plain", {}).get("vmhwm_kb")
 
         rows: dict[str, Any] = {}
         for v in variants:
@@ -427,10 +434,12 @@ def measure_cost(case: Case, ckpt: Path, bundle: Path, batches: dict[int, Path],
                 continue
             s = summarize([t * 1e3 for t in samples[v]])
             kb = memory[v].get("vmhwm_kb")
-            vs_plain = paired_ratio(samples, v, "plain")
+            plain_kb = memory.get(plain_of(v), {}).get("vmhwm_kb")
+            vs_plain = paired_ratio(samples, v, plain_of(v))
             rows[v] = {"ms_per_batch": s.as_dict(), "calls_per_block": calls[v],
                        "time_vs_plain": vs_plain, "throughput_vs_plain": 1.0 / vs_plain if vs_plain else None,
-                       "time_vs_source": paired_ratio(samples, v, "source"),
+                       "time_vs_source": paired_ratio(samples, v, "source_litert" if v.endswith(LITERT_SUFFIX)
+                                                      else "source"),
                        "peak_rss_kb": kb, "rss_after_load_kb": ready[v].get("rss_kb"),
                        "ru_maxrss_kb": memory[v].get("ru_maxrss_kb"),
                        "heavy_modules": memory[v].get("heavy_modules"), "code": ready[v].get("code"),
@@ -463,11 +472,15 @@ def worker_inputs(case: Case, models: Models, root: Path) -> tuple[dict[int, Pat
 def _worker_step(spec: dict[str, Any]) -> Callable[[np.ndarray], object]:
     """Load what the variant needs (and only that); return one continual step on a batch."""
     variant = spec["variant"]
+    litert = variant.endswith(LITERT_SUFFIX)
+    if litert:
+        variant = variant[: -len(LITERT_SUFFIX)]
     if variant == "plain":
         from runtime.bundle import load_bundle
         from runtime.predictor import Predictor
 
-        predictor = Predictor(load_bundle(Path(spec["bundle"]), model="folded_fp32", threads=THREADS))
+        folded = "tflite_folded_fp32" if litert else "folded_fp32"
+        predictor = Predictor(load_bundle(Path(spec["bundle"]), model=folded, threads=THREADS))
         return predictor.predict
     if variant in ("tent", "eata"):
         import torch
@@ -485,7 +498,8 @@ def _worker_step(spec: dict[str, Any]) -> Callable[[np.ndarray], object]:
     from runtime.bundle import load_bundle
     from runtime.model import AdaptableModel
 
-    adaptable = AdaptableModel(load_bundle(Path(spec["bundle"]), threads=THREADS))
+    adaptable = AdaptableModel(load_bundle(Path(spec["bundle"]), model="tflite_fp32" if litert else None,
+                                           threads=THREADS))
     method = create_tta_method(variant)
     return lambda x: method.predict(adaptable, x)
 
@@ -593,11 +607,17 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     for key, case in results["cases"].items():
         for batch, rows in case["cost"]["batches"].items():
             label = f"{key} b{batch}"
-            alpha = rows.get("alpha_bn", {}).get("throughput_vs_plain")
-            t3.append(_check(label, None if alpha is None else alpha >= ALPHA_BN_THROUGHPUT, f"{fmt(alpha)}×"))
+            for runtime, suffix in (("onnxruntime", ""), ("LiteRT", LITERT_SUFFIX)):
+                if suffix and "alpha_bn" + suffix not in rows:
+                    continue  # results from before the LiteRT variants were timed
+                alpha = rows.get("alpha_bn" + suffix, {}).get("throughput_vs_plain")
+                t3.append(_check(f"{label} {runtime}", None if alpha is None else alpha >= ALPHA_BN_THROUGHPUT,
+                                 f"{fmt(alpha)}×"))
             foa = rows.get("foa", {}).get("throughput_vs_plain")
             t5.append(_check(label, None if foa is None else foa >= FOA_THROUGHPUT, f"{fmt(foa, 3)}×"))
-            peaks = {n: rows.get(n, {}).get("peak_vs_plain") for n in forward_only_methods()}
+            peaks = {n: rows.get(n, {}).get("peak_vs_plain")
+                     for n in [*forward_only_methods(), *(v for v in LITERT_VARIANTS if v in rows)]
+                     if n != "plain_litert"}
             known = {n: p for n, p in peaks.items() if p is not None}
             worst = max(known, key=lambda n: known[n]) if known else None
             ok = None if len(known) < len(peaks) else all(p <= MEMORY_LIMIT for p in known.values())
@@ -749,7 +769,9 @@ def _cost_table(results: dict[str, Any], case: dict[str, Any]) -> str:
     for b in batches:
         headers += [f"b{b} ms/batch", f"b{b} × plain time", f"b{b} peak MiB", f"b{b} × plain peak"]
     rows = []
-    for name in ["plain", *results["methods"], "tent", "eata"]:
+    for name in ["plain", *results["methods"], "tent", "eata", *LITERT_VARIANTS]:
+        if all(name not in case["cost"]["batches"][b] for b in batches):
+            continue  # a result from before the variant existed
         row = [f"`{name}`"]
         for b in batches:
             r = case["cost"]["batches"][b].get(name, {})
@@ -914,7 +936,9 @@ def render(results: dict[str, Any]) -> str:
     parts += [
         "### Time per batch and peak memory, each variant in its own process",
         f"`plain` = the bundle's folded graph through `Predictor` (plain inference); forward-only methods on the "
-        f"adaptable graph; `tent`/`eata` in torch. Each process cycles through {cost['worker_batches']} batches of "
+        f"adaptable graph (onnxruntime); `tent`/`eata` in torch; `*_litert`: the same bundle's TFLite graphs in "
+        f"LiteRT (`plain_litert` its folded TFLite graph, `source_litert`/`alpha_bn_litert` its adaptable one), "
+        f"compared with `plain_litert`. Each process cycles through {cost['worker_batches']} batches of "
         f"the severity-5 shuffled stream, adapting continually; {cost['rounds']} interleaved rounds of about "
         f"{cost['block_s']} s per variant (shuffled order per round); median ms per batch (p25–p75); × plain time = "
         "median over rounds of the variant's time over `plain`'s time in the same round (throughput = its "

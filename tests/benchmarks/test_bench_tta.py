@@ -73,3 +73,19 @@ def test_t1_says_unreachable_where_tent_plus_the_margin_exceeds_clean_accuracy()
     assert _verdicts(results)["T1"] is False
     text = bench_tta.render(results)
     assert "unreachable: Tent + 2 > clean top-1 81.0%" in text and "FAIL (unreachable)" in text
+
+
+def test_litert_rows_add_their_own_t3_and_t4_checks() -> None:
+    results = _results()
+    for rows in results["cases"]["mnist"]["cost"]["batches"].values():
+        for name, t, peak in (("plain_litert", 1.0, 1.0), ("source_litert", 1.1, 1.05), ("alpha_bn_litert", 1.4, 1.3)):
+            rows[name] = {"ms_per_batch": {"median": t, "p25": t, "p75": t, "n": 3}, "time_vs_plain": t,
+                          "throughput_vs_plain": 1.0 / t, "peak_rss_kb": 100_000, "peak_vs_plain": peak}
+    results["targets"] = bench_tta.targets(results)
+    t3 = {c["setting"]: c for c in results["targets"][2]["checks"]}
+    assert len(t3) == 2 * len(bench_tta.BATCHES)
+    assert all(c["passes"] for label, c in t3.items() if label.endswith("onnxruntime"))
+    assert not any(c["passes"] for label, c in t3.items() if label.endswith("LiteRT"))  # 0.71x
+    t4 = results["targets"][3]
+    assert t4["passes"] is False and "alpha_bn_litert" in t4["checks"][0]["measured"]
+    assert "`alpha_bn_litert`" in bench_tta.render(results)
