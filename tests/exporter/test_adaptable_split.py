@@ -12,34 +12,12 @@ import torch
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, functional_forward
-from exporter.models import ModelSpec, build_model
 from exporter.onnx_export import check_parity, export_adaptable_onnx, make_feeds, params_numpy
 from exporter.onnx_graph import STATS_SAMPLES_KEY, LeanOptions, build_lean_adaptable, stats_samples_of
 from exporter.quantize import Int8Config, quantize_int8
+from tests.exporter.test_adaptable_lean import SIZE, inputs, random_model
 
-SIZE = 8
 K = 4
-
-
-def random_model(arch: str, channels: int) -> nn.Module:
-    """A seeded random-weight model (8×8 inputs) with γ, β drawn at random and BN statistics calibrated."""
-    torch.manual_seed(0)
-    model = build_model(arch, ModelSpec(channels, 10, SIZE, (0.3,) * channels, (0.4,) * channels))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = None
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
-        model.train()
-        for _ in range(3):
-            model(torch.rand(32, channels, SIZE, SIZE))
-    return model.eval()
-
-
-def inputs(n: int, channels: int, seed: int) -> np.ndarray:
-    """``n`` random [0, 1] images."""
-    return np.random.default_rng(seed).random((n, channels, SIZE, SIZE), dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
