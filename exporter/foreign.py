@@ -8,6 +8,18 @@ statistics when labelled ``source_x`` are given, golden vectors computed by the 
 every file's sha256 and an Ed25519 signature. The model is inspected first; a spec that does not match it is a
 :class:`ForeignModelError` naming both sides.
 
+The bundle is schema version 2, laid out as :mod:`exporter.bundle` lays out ours, so that a device pays only for
+what it uses (:meth:`runtime.manifest.Manifest.files_for`): the source statistics' numbers are compressed float32
+blocks (:func:`exporter.statistics.write_statistic_blocks`: the feature mean/var in ``source_features.bin``, the
+class-conditional Gaussians — a 256-d covariance is 128 KB — in ``class_statistics.bin``, fetched only by a
+device that asks for them); the golden vectors are one compressed block per model (:mod:`runtime.blocks`), the
+inputs stored exactly in the smallest of the forms ``runtime.bundle.golden_input`` reads back (as given, uint8
+on an integer grid with a denominator, or that as a lossless prediction residual); what documents the wrapping
+rather than runs it (the ONNX opset, the TFLite tensors' quantization parameters, which the runtime reads from
+the file itself, and the int8 kernel variance behind the golden bounds) is in ``export_report.json`` (signed
+through its sha256, fetched by no device; :func:`exporter.bundle.export_details` merges it back). Schema-1
+foreign bundles written before still load: the readers read both.
+
 Batches: a model with a static batch of 1 is still served for any batch. ONNX: the wrapped copy gets a
 symbolic batch dimension when the graph allows it (checked: a batch run must equal per-sample runs);
 otherwise it keeps its static batch and the entry says ``"batch_resizable": false`` (the
@@ -37,15 +49,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from exporter.bundle_dir import install, prepare_out_dir
 from exporter.foreign_features import AUTO, FEATURES, ForeignModelError, onnx_with_features, tflite_with_features
 from exporter.signing import sign_bundle
-from exporter.statistics import output_statistics, write_statistics
-from runtime.bundle import load_bundle
-from runtime.manifest import INPUT_DTYPES, OUTPUT_KINDS
+from exporter.statistics import output_statistics, write_statistic_blocks
+from runtime.blocks import encode_block, encode_image_u8
+from runtime.bundle import golden_input, load_bundle
+from runtime.manifest import INPUT_DTYPES, MANIFEST_NAME, OUTPUT_KINDS, SCHEMA_VERSION
 from runtime.session import Session, open_session
+from runtime.signing import SIGNATURE_NAME
 
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("NCHW", "NHWC")
-GOLDEN = "golden.npz"
+# exporter.bundle.REPORT_FILE (not imported: that module imports torch, this one must not; a test keeps them equal)
+REPORT_FILE = "export_report.json"
+# model-entry fields that document the wrapping (the runtime reads quantization from the file): report only
+REPORT_ONLY = ("opset", "input_quantization", "output_quantization", "features_quantization")
+GOLDEN_DENOMINATORS = (1.0, 255.0)  # integer grids a golden input may lie on: raw pixels, or pixels / 255
 FP32_TOLERANCE = {"atol": 1e-4, "rtol": 1e-3}
 INT8_ATOL_STEPS = 3.0  # int8 outputs: at least this many output quantization steps …
 INT8_ATOL_FLOOR = 1e-2  # … or this, or INT8_MARGIN x the kernel variance on the golden inputs, whichever is larger
@@ -358,8 +376,9 @@ def _kernel_variance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: n
     return {k: max(float(np.abs(run[k].astype(np.float64) - runs[0][k]).max()) for run in runs[1:]) for k in runs[0]}
 
 
-def _tolerance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndarray) -> dict[str, Any]:
-    """Golden tolerance: fp32 fixed; int8 from the kernel variance measured on the golden inputs themselves.
+def _tolerance(wrapped: _Wrapped, measured: dict[str, float] | None) -> dict[str, Any]:
+    """Golden tolerance: fp32 fixed; int8 from the kernel variance ``measured`` on the golden inputs themselves
+    (:func:`_kernel_variance`, per output).
 
     int8 results depend on the kernels (measured on the MLPerf Tiny ResNet-8 int8: XNNPACK vs LiteRT's
     built-in kernels up to 42 output steps, 0.16 in probability), so the bound is the larger of a floor,
@@ -367,12 +386,11 @@ def _tolerance(wrapped: _Wrapped, path: Path, spec: ForeignInputSpec, x: np.ndar
     The features output, quantized more coarsely than the scores (one step of the ResNet-8 int8 flatten
     tensor is 0.13), gets its own bound (``outputs.features``) so that it does not loosen the scores'.
     """
-    if wrapped.precision == "fp32":
+    if wrapped.precision == "fp32" or measured is None:
         return dict(FP32_TOLERANCE)
-    measured = _kernel_variance(wrapped, path, spec, x)
     scores = max(v for k, v in measured.items() if k != FEATURES)
     atol = _int8_atol(scores, wrapped.extra.get("output_quantization", {}).get("scale", 0.0))
-    logger.info("%s: kernel variance on the golden inputs %.3g -> golden atol %.3g", path.name, scores, atol)
+    logger.info("kernel variance on the golden inputs %.3g -> golden atol %.3g", scores, atol)
     if FEATURES not in measured:
         return {"atol": atol, "rtol": 1e-3}
     features = _int8_atol(measured[FEATURES], wrapped.extra.get("features_quantization", {}).get("scale", 0.0))
@@ -423,7 +441,7 @@ def _wrap(
     try:
         manifest = _write_files(tmp, source_path, wrapped, spec, x, labels, output_kind, name or out_dir.name,
                                 (source, source_y))
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, separators=(",", ":")) + "\n", encoding="utf-8")
         if signing_key is None:
             logger.warning("no signing key given: %s is signed with a throwaway key", out_dir)
         sign_bundle(tmp, signing_key or Ed25519PrivateKey.generate())
@@ -437,10 +455,41 @@ def _wrap(
     return out_dir
 
 
+def golden_file(model: str) -> str:
+    """The golden block's file name of model entry ``model`` (as :mod:`exporter.bundle` names it)."""
+    return f"golden_{model}.bin"
+
+
+def golden_input_arrays(x: np.ndarray) -> dict[str, np.ndarray]:
+    """The golden inputs ``x`` as the arrays of a golden block: the smallest encoded of ``input`` (as given),
+    ``input_u8``/``input_denominator`` (values on the k/d grid, d in :data:`GOLDEN_DENOMINATORS`, 0 <= k <= 255)
+    and that as ``input_u8_residual`` (:func:`runtime.blocks.encode_image_u8`). Every candidate is decoded with
+    :func:`runtime.bundle.golden_input` and the spec's dtype before it is kept: the device feeds exactly ``x``."""
+    candidates: list[dict[str, np.ndarray]] = [{"input": x}]
+    if x.dtype.kind in "uf":
+        for denominator in GOLDEN_DENOMINATORS:
+            k = np.rint(x.astype(np.float64) * denominator) if x.dtype.kind == "f" else x
+            if k.min() < 0 or k.max() > 255:
+                continue
+            q, d = k.astype(np.uint8), np.asarray(denominator, np.float32)
+            candidates.append({"input_u8": q, "input_denominator": d})
+            if q.ndim == 4:
+                candidates.append({"input_u8_residual": encode_image_u8(q), "input_denominator": d})
+    exact = [c for c in candidates if _restores(c, x)]
+    return min(exact, key=lambda c: len(encode_block(c)))
+
+
+def _restores(arrays: dict[str, np.ndarray], x: np.ndarray) -> bool:
+    restored = golden_input(arrays, "golden").astype(x.dtype)
+    return restored.shape == x.shape and bool(np.array_equal(restored, x))
+
+
 def _write_files(
     tmp: Path, source: Path, wrapped: _Wrapped, spec: ForeignInputSpec, x: np.ndarray, labels: Sequence[str],
     output_kind: str, name: str, statistics_data: tuple[np.ndarray | None, np.ndarray | None],
 ) -> dict[str, Any]:
+    """Write the model file, its golden block, the statistics blocks and the export report into ``tmp``; return
+    the manifest (schema version 2)."""
     model_file = tmp / f"model_{wrapped.precision}{wrapped.suffix}"
     model_file.write_bytes(wrapped.data)
     session = open_session(model_file, backend="auto", threads=1, io_names=wrapped.io_names)
@@ -448,31 +497,40 @@ def _write_files(
     _check_scores(outputs[wrapped.output], output_kind, labels, wrapped.output)
     if wrapped.features is not None:
         _check_features(outputs[FEATURES], len(x), wrapped.features)
-    np.savez(tmp / GOLDEN, input=x, **{f"{wrapped.precision}/{k}": v for k, v in outputs.items()})
+    model = wrapped.precision
+    golden = {**golden_input_arrays(x), **{f"{model}/{k}": np.asarray(v) for k, v in outputs.items()}}
+    (tmp / golden_file(model)).write_bytes(encode_block(golden))
+    measured = None if wrapped.precision == "fp32" else _kernel_variance(wrapped, model_file, spec, x)
     entry = {
-        "name": wrapped.precision, "file": model_file.name, "format": wrapped.fmt, "precision": wrapped.precision,
+        "name": model, "file": model_file.name, "format": wrapped.fmt, "precision": wrapped.precision,
         "graph": "folded", "io_names": wrapped.io_names,
-        "batch_resizable": wrapped.batch_resizable, "static_batch": wrapped.static_batch, **wrapped.extra,
+        "batch_resizable": wrapped.batch_resizable, "static_batch": wrapped.static_batch,
+        **{k: v for k, v in wrapped.extra.items() if k not in REPORT_ONLY},
     }
+    report_entry: dict[str, Any] = {k: v for k, v in wrapped.extra.items() if k in REPORT_ONLY}
+    if measured is not None:
+        report_entry["golden_kernel_variance"] = measured
+    (tmp / REPORT_FILE).write_text(json.dumps({"models": {model: report_entry}}, separators=(",", ":")) + "\n",
+                                   encoding="utf-8")
     source_x, source_y = statistics_data
     blocks: dict[str, Any] = {}
     if source_x is not None:
         probs, features = _source_pass(session, wrapped, spec, source_x, output_kind)
-        blocks["source_statistics"] = write_statistics(tmp, output_statistics(probs, features, source_y))
+        blocks["source_statistics"] = write_statistic_blocks(tmp, output_statistics(probs, features, source_y))
     source_sha = _sha256(source.read_bytes())
     foreign: dict[str, Any] = {"source_file": source.name, "source_sha256": source_sha, "format": wrapped.fmt}
     if wrapped.features is not None:
         foreign["added_outputs"] = {FEATURES: wrapped.features}
         foreign["scores_bit_identical_to_source"] = True  # checked on the golden inputs before writing
+    skip = (MANIFEST_NAME, SIGNATURE_NAME)
     return {
-        "schema_version": 1, "name": name, "arch": "foreign", "created_unix_ms": int(time.time() * 1000),
+        "schema_version": SCHEMA_VERSION, "name": name, "arch": "foreign", "created_unix_ms": int(time.time() * 1000),
         "source_checkpoint_sha256": source_sha, "input": spec.manifest_block(), "labels": list(labels),
         "outputs": {"logits": wrapped.output, "features": FEATURES if wrapped.features else None,
                     "kind": output_kind},
-        "models": [entry], "default_model": wrapped.precision, **blocks,
-        "files": {p.name: _sha256(p.read_bytes()) for p in sorted(tmp.iterdir())},
-        "golden": {"file": GOLDEN, "alpha": 0.0,
-                   "models": {wrapped.precision: _tolerance(wrapped, model_file, spec, x)}},
+        "models": [entry], "default_model": model, **blocks, "report": {"file": REPORT_FILE},
+        "files": {p.name: _sha256(p.read_bytes()) for p in sorted(tmp.iterdir()) if p.name not in skip},
+        "golden": {"alpha": 0.0, "models": {model: {"file": golden_file(model), **_tolerance(wrapped, measured)}}},
         "foreign": foreign,
     }
 
@@ -517,7 +575,8 @@ def wrap_onnx(
     the input of the last Gemm/MatMul before the scores as output ``features``, a tensor name that tensor,
     None no features (see :mod:`exporter.foreign_features`); the scores must stay bit-identical.
     ``source_x``/``source_y`` (labelled training samples, as ``golden_x``) give the source statistics:
-    feature mean/var, entropy, accuracy and class-conditional Gaussians (``source_statistics.npz``).
+    feature mean/var, entropy, accuracy and class-conditional Gaussians (``source_features.bin``,
+    ``class_statistics.bin``).
     Raises :class:`ForeignModelError`.
     """
     return _wrap(Path(path), Path(out_dir), _inspect_onnx, labels=labels, input_spec=input_spec,

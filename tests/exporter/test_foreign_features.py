@@ -1,11 +1,14 @@
 """Foreign bundles expose penultimate features and carry source statistics: found automatically in a small
 ONNX and TFLite classifier built here, scores bit-identical to the source model, LAME and T3A (and the
 Mahalanobis class Gaussians) run on the bundle through the product, bad names are refused with the
-available tensors listed."""
+available tensors listed; a schema-1 foreign bundle (as written before schema 2) still loads and serves."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +83,16 @@ def test_source_statistics_are_recorded_and_fetched(onnx_bundle: Path, data: tup
     manifest = json.loads((onnx_bundle / "manifest.json").read_text())
     stats = manifest["source_statistics"]
     probs, hidden = _source(onnx_bundle.parent / "clf.onnx", x[32:])
-    np.testing.assert_allclose(stats["features"]["mean"], hidden.mean(0), rtol=1e-5, atol=1e-6)
+    assert stats["features"] == {"file": "source_features.bin", "dim": 8}  # schema 2: a float32 block
     assert stats["accuracy"] == pytest.approx(float((probs.argmax(1) == y[32:]).mean()))
     assert "layers" not in stats and stats["entropy"]["mean"] > 0
     bundle = load_bundle(onnx_bundle)
-    assert "source_statistics.npz" in manifest["files"]
-    assert "source_statistics.npz" in bundle.manifest.files_for(bundle.model.name)
+    mean, var = bundle.manifest.source_feature_stats()
+    np.testing.assert_allclose(mean, hidden.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, hidden.var(0), rtol=1e-4, atol=1e-6)
+    assert stats["class_conditional"]["file"] == "class_statistics.bin" and "class_statistics.bin" in manifest["files"]
+    assert bundle.manifest.files_for(bundle.model.name) == ["model_fp32.onnx", "golden_fp32.bin", "source_features.bin"]
+    assert "class_statistics.bin" in bundle.manifest.files_for(bundle.model.name, class_statistics=True)
     means, cov, counts = bundle.manifest.class_gaussians(bundle.root)
     assert means.shape == (3, 8) and cov.shape == (8, 8) and counts.sum() == 64
     np.testing.assert_allclose(means[0], hidden[y[32:] == 0].mean(0), rtol=1e-4, atol=1e-5)
@@ -104,7 +111,7 @@ def test_lame_and_t3a_run_on_the_foreign_bundle(onnx_bundle: Path, data: tuple, 
         out = tta.predict(predictor, x[start : start + 16])
         assert out.logits.shape == (16, 3) and out.features.shape == (16, 8)
         np.testing.assert_allclose(out.probs.sum(1), 1.0, atol=1e-6)
-    if method == "t3a":  # seeded with the source class means from source_statistics.npz
+    if method == "t3a":  # seeded with the source class means from class_statistics.bin
         means = predictor.manifest.class_gaussians(predictor.bundle.root)[0]
         np.testing.assert_array_equal(tta._state["supports"][:, 0], means)
 
@@ -124,7 +131,7 @@ def test_explicit_and_bad_feature_names(tmp_path: Path, data: tuple) -> None:
     plain = wrap_onnx(model, tmp_path / "plain", features=None, **kwargs)
     manifest = json.loads((plain / "manifest.json").read_text())
     assert manifest["outputs"]["features"] is None and "added_outputs" not in manifest["foreign"]
-    assert set(manifest["files"]) == {"model_fp32.onnx", "golden.npz"}
+    assert set(manifest["files"]) == {"model_fp32.onnx", "golden_fp32.bin", "export_report.json"}
     assert not (tmp_path / "bad").exists()
 
 
@@ -163,3 +170,53 @@ def test_tflite_features_found_through_its_signature(tmp_path: Path) -> None:
     with pytest.raises(ForeignModelError, match=r"must be \(N, D\)"):
         wrap_tflite(report.path, tmp_path / "bad", labels=list("abcde"), input_spec=spec, output_kind="logits",
                     golden_x=x[:3], features=conv)
+
+
+def _to_schema_1(root: Path, key: Any) -> None:
+    """Rewrite a schema-2 foreign bundle as the wrapper wrote it before: feature statistics inline, the class
+    Gaussians in ``source_statistics.npz``, the golden vectors in ``golden.npz`` (``input`` as fed), no report."""
+    from exporter.signing import sign_bundle
+    from runtime.blocks import decode_block
+    from runtime.bundle import golden_input
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    stats = manifest["source_statistics"]
+    features = decode_block((root / "source_features.bin").read_bytes())
+    gauss = decode_block((root / "class_statistics.bin").read_bytes())
+    stats["features"] = {"mean": features["mean"].astype(float).tolist(), "var": features["var"].astype(float).tolist()}
+    np.savez_compressed(root / "source_statistics.npz", **gauss)  # type: ignore[arg-type]
+    stats["class_conditional"] = {"file": "source_statistics.npz", "shrinkage": stats["class_conditional"]["shrinkage"],
+                                  "covariance_storage": "upper_triangle_row_major"}
+    (name, tolerance), = manifest["golden"]["models"].items()
+    golden = decode_block((root / tolerance.pop("file")).read_bytes())
+    arrays = {"input": golden_input(golden, "golden"), **{k: v for k, v in golden.items() if "/" in k}}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    (root / "golden.npz").write_bytes(buf.getvalue())
+    manifest["golden"]["file"] = "golden.npz"
+    for stale in ("source_features.bin", "class_statistics.bin", f"golden_{name}.bin", manifest.pop("report")["file"]):
+        (root / stale).unlink()
+    manifest["schema_version"] = 1
+    manifest["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())
+                         if p.name not in ("manifest.json", "manifest.sig")}
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    sign_bundle(root, key)
+
+
+def test_schema_1_foreign_bundle_still_loads(onnx_bundle: Path, data: tuple, tmp_path: Path, signing_key: Any
+                                             ) -> None:
+    x, _ = data
+    root = Path(shutil.copytree(onnx_bundle, tmp_path / "v1"))
+    _to_schema_1(root, signing_key)
+    v1, v2 = load_bundle(root), load_bundle(onnx_bundle)  # signature, sha256s and golden vectors verified
+    assert v1.manifest.schema_version == 1 and v2.manifest.schema_version == 2
+    assert v1.manifest.files_for("fp32") == ["model_fp32.onnx", "golden.npz", "source_statistics.npz"]
+    for a, b in zip(v1.manifest.source_feature_stats(), v2.manifest.source_feature_stats(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(v1.manifest.class_gaussians(root), v2.manifest.class_gaussians(onnx_bundle), strict=True):
+        np.testing.assert_array_equal(a, b)
+    old, new = Predictor(v1).predict(x[:16]), Predictor(v2).predict(x[:16])
+    np.testing.assert_array_equal(old.scores, new.scores)
+    np.testing.assert_array_equal(old.features, new.features)
+    tta = create_tta_method("t3a")  # seeded from the schema-1 npz
+    assert tta.predict(Predictor(v1), x[:16]).logits.shape == (16, 3)

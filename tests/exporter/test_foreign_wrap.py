@@ -1,6 +1,7 @@
 """Foreign models wrapped into bundles: the ONNX Model Zoo MNIST (98.9 % on the full MNIST test set), the MLPerf
-Tiny ResNet-8 float and int8 TFLite (75.5 % / 75.4 % on the full CIFAR-10-JPEG test set), spec mismatches,
-static-batch fallback, tampering refused. Shared-data tests skip with a reason when ``../shared/data`` is absent.
+Tiny ResNet-8 float and int8 TFLite (75.5 % / 75.4 % on the full CIFAR-10-JPEG test set), schema 2 (a lean device
+download, golden inputs stored exactly), spec mismatches, static-batch fallback, tampering refused. Shared-data
+tests skip with a reason when ``../shared/data`` is absent.
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeloop.data import default_data_dir
-from exporter.foreign import ForeignInputSpec, ForeignModelError, wrap_onnx, wrap_tflite
+from exporter.foreign import (
+    REPORT_FILE,
+    ForeignInputSpec,
+    ForeignModelError,
+    golden_input_arrays,
+    wrap_onnx,
+    wrap_tflite,
+)
 from runtime import BundleIntegrityError, SignatureError, load_bundle
+from runtime.blocks import encode_block
+from runtime.bundle import golden_input, read_golden
+from runtime.manifest import read_manifest
 from runtime.predictor import Predictor
 
 DATA = default_data_dir()
@@ -64,9 +75,16 @@ def cifar_raw() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.rint(ds.x.transpose(0, 2, 3, 1) * 255.0).astype(np.float32), np.array(ds.y), list(ds.labels)
 
 
+def _download_bytes(bundle: Path, class_statistics: bool = False) -> int:
+    """What a device fetches for the default model: ``files_for`` plus the manifest and its signature."""
+    manifest, _ = read_manifest(bundle)
+    files = [*manifest.files_for(manifest.default_model, class_statistics), "manifest.json", "manifest.sig"]
+    return sum((bundle / f).stat().st_size for f in files)
+
+
 def test_zoo_manifest(zoo_bundle: Path) -> None:
     manifest = json.loads((zoo_bundle / "manifest.json").read_text())
-    assert "adaptable" not in manifest and manifest["arch"] == "foreign"
+    assert "adaptable" not in manifest and manifest["arch"] == "foreign" and manifest["schema_version"] == 2
     assert manifest["input"] == {"name": "Input3", "shape": [-1, 1, 28, 28], "dtype": "float32", "layout": "NCHW",
                                  "value_range": [0.0, 255.0]}
     assert manifest["outputs"] == {"logits": "Plus214_Output_0", "features": "features", "kind": "logits"}
@@ -75,10 +93,26 @@ def test_zoo_manifest(zoo_bundle: Path) -> None:
     assert entry["batch_resizable"] is True and entry["static_batch"] is None
     assert entry["io_names"] == {"inputs": {"Input3": "Input3"},
                                  "outputs": {"Plus214_Output_0": "Plus214_Output_0", "features": "features"}}
-    assert set(manifest["files"]) == {"model_fp32.onnx", "golden.npz", "source_statistics.npz"}
+    assert "opset" not in entry  # documentation: in the export report
+    assert set(manifest["files"]) == {"model_fp32.onnx", "golden_fp32.bin", "source_features.bin",
+                                      "class_statistics.bin", REPORT_FILE}
+    assert manifest["golden"]["models"]["fp32"] == {"file": "golden_fp32.bin", "atol": 1e-4, "rtol": 1e-3}
     assert manifest["foreign"]["added_outputs"] == {"features": "Pooling160_Output_0_reshape0"}
     assert manifest["source_statistics"]["accuracy"] >= 0.97
-    assert len(manifest["source_statistics"]["features"]["mean"]) == 256
+    assert manifest["source_statistics"]["features"] == {"file": "source_features.bin", "dim": 256}
+    from exporter.bundle import export_details
+
+    assert export_details(zoo_bundle)["models"][0]["opset"] == 8
+    parsed, _ = read_manifest(zoo_bundle)
+    mean, var = parsed.source_feature_stats()
+    assert mean.shape == var.shape == (256,) and mean.dtype == np.float32
+    # the 256-d class Gaussians (~130 KB) come only on request: the lean download was 211,557 B in schema 1
+    assert parsed.files_for("fp32") == ["model_fp32.onnx", "golden_fp32.bin", "source_features.bin"]
+    assert "class_statistics.bin" in parsed.files_for("fp32", class_statistics=True)
+    assert _download_bytes(zoo_bundle) < 40_000 < 160_000 < _download_bytes(zoo_bundle, class_statistics=True)
+    golden = read_golden(zoo_bundle, "golden_fp32.bin")  # raw 0-255 float pixels: stored as uint8, denominator 1
+    assert "input" not in golden and float(golden["input_denominator"]) == 1.0
+    assert golden_input(golden, "golden_fp32.bin").shape == (8, 1, 28, 28)
     proto = onnx.load(str(zoo_bundle / "model_fp32.onnx"))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
@@ -117,9 +151,16 @@ def test_resnet8_keeps_accuracy_on_full_cifar(
     assert entry["format"] == "tflite" and entry["precision"] == ("fp32" if dtype == "float32" else "int8")
     assert entry["io_names"]["outputs"]["features"] == "model/flatten/Reshape"
     assert manifest["outputs"]["features"] == "features" and manifest["foreign"]["scores_bit_identical_to_source"]
+    assert manifest["schema_version"] == 2 and "input_quantization" not in entry  # the runtime reads the file
+    golden_x = x[::1000]  # 10 images, exact integers: stored as uint8 (schema 1: float32, 123 KB uncompressed)
+    assert (bundle_dir / f"golden_{entry['name']}.bin").stat().st_size < 0.25 * golden_x.nbytes
     if dtype == "uint8":
-        assert entry["input_quantization"] == {"dtype": "int8", "scale": 1.0, "zero_point": -128}
-        assert entry["features_quantization"]["dtype"] == "int8"  # dequantized by the runtime
+        from exporter.bundle import export_details
+
+        details = export_details(bundle_dir)["models"][0]
+        assert details["input_quantization"] == {"dtype": "int8", "scale": 1.0, "zero_point": -128}
+        assert details["features_quantization"]["dtype"] == "int8"  # dequantized by the runtime
+        assert set(details["golden_kernel_variance"]) == set(entry["io_names"]["outputs"])  # measured per output
         assert "features" in manifest["golden"]["models"]["int8"]["outputs"]  # its own bound, apart from the scores
     predictor = Predictor(load_bundle(bundle_dir, backend="auto", threads=1), max_batch=500)
     result = predictor.predict(x.astype(dtype))
@@ -205,7 +246,8 @@ def _static_reshape_model(path: Path) -> Path:
 def test_static_batch_model_is_served_in_chunks(static_bundle: Path) -> None:
     entry = json.loads((static_bundle / "manifest.json").read_text())["models"][0]
     assert entry["batch_resizable"] is False and entry["static_batch"] == 1
-    assert len(np.load(static_bundle / "golden.npz")["input"]) == 1  # the golden batch is the static batch
+    golden = read_golden(static_bundle, "golden_fp32.bin")
+    assert len(golden_input(golden, "golden_fp32.bin")) == 1  # the golden batch is the static batch
     bundle = load_bundle(static_bundle, backend="auto")
     x = np.random.default_rng(1).uniform(0, 1, size=(5, 1, 2, 2)).astype(np.float32)
     result = Predictor(bundle).predict(x)
@@ -234,3 +276,30 @@ def test_wrap_tflite_converted_here(tmp_path: Path) -> None:
     result = Predictor(load_bundle(bundle_dir, backend="tflite")).predict(x)
     with torch.no_grad():
         np.testing.assert_allclose(result.scores, model(torch.from_numpy(x)).numpy(), atol=1e-4, rtol=1e-3)
+
+
+def test_report_file_is_the_exporters() -> None:
+    from exporter.bundle import REPORT_FILE as EXPORTER_REPORT
+
+    assert REPORT_FILE == EXPORTER_REPORT
+
+
+@pytest.mark.parametrize(("kind", "stored"), [
+    ("uint8_nhwc", "input_u8_residual"), ("float_0_255", "input_u8_residual"), ("float_k_255", "input_u8_residual"),
+    ("float_any", "input"), ("int8", "input"), ("uint8_flat_noise", "input"),
+])
+def test_golden_inputs_are_stored_exactly_and_small(kind: str, stored: str) -> None:
+    rng = np.random.default_rng(3)
+    ramp = (np.arange(16 * 16 * 3).reshape(1, 16, 16, 3) % 200).astype(np.uint8)  # smooth: the residual pays
+    images = np.concatenate([ramp, ramp // 2])
+    x = {"uint8_nhwc": images, "float_0_255": images.transpose(0, 3, 1, 2).astype(np.float32),
+         "float_k_255": images.astype(np.float32) / np.float32(255.0),
+         "float_any": rng.uniform(0, 1, (2, 3, 8, 8)).astype(np.float32),
+         "int8": rng.integers(-128, 128, (2, 3, 8, 8)).astype(np.int8),
+         "uint8_flat_noise": rng.integers(0, 256, (2, 1, 1, 64)).astype(np.uint8)}[kind]
+    arrays = golden_input_arrays(x)
+    assert stored in arrays
+    restored = golden_input(arrays, "golden").astype(x.dtype)
+    assert restored.dtype == x.dtype
+    np.testing.assert_array_equal(restored, x)
+    assert len(encode_block(arrays)) <= len(encode_block({"input": x}))
