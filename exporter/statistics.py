@@ -5,8 +5,9 @@ accuracy, and references the numeric blocks: in schema version 2 (:func:`write_s
 mean and variance go into ``source_features.bin`` (every device fetches it) and the class-conditional
 Gaussians (means, counts, shared covariance) into ``class_statistics.bin`` (fetched only by a device that
 scores drift by Mahalanobis distance or seeds T3A with them), both compressed float32 blocks
-(:mod:`runtime.blocks`); schema version 1 (:func:`write_statistics`, foreign bundles) keeps the feature
-statistics inline and the Gaussians in ``source_statistics.npz``. numpy only (no torch).
+(:mod:`runtime.blocks`); our bundles and foreign ones (:mod:`exporter.foreign`) both write them. Schema version 1
+kept the feature statistics inline and the Gaussians in :data:`STATISTICS` (still read by the runtime and the
+server). numpy only (no torch).
 """
 
 from __future__ import annotations
@@ -72,22 +73,6 @@ def class_gaussians(features: np.ndarray, y: np.ndarray, num_classes: int, shrin
     cov = centred.T @ centred / max(len(f) - int((counts > 0).sum()), 1)
     cov += shrinkage * float(np.trace(cov)) / cov.shape[0] * np.eye(cov.shape[0])
     return {"means": means, "counts": counts, "shared_covariance": cov, "shrinkage": shrinkage}
-
-
-def write_statistics(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
-    """Move the class-conditional arrays of ``stats`` into ``source_statistics.npz`` (float32) and leave a
-    reference with their shapes in the manifest: the covariance alone would be tens of kilobytes of JSON."""
-    gauss = stats.get("class_conditional")
-    if gauss is None:
-        return stats
-    cov = np.asarray(gauss["shared_covariance"], dtype=np.float32)
-    arrays = {"means": np.asarray(gauss["means"], dtype=np.float32), "counts": np.asarray(gauss["counts"], np.int64),
-              "shared_covariance_upper": cov[np.triu_indices(cov.shape[0])]}  # symmetric: half is enough
-    np.savez_compressed(tmp / STATISTICS, **arrays)  # type: ignore[arg-type]
-    ref = {"file": STATISTICS, "arrays": {"means": list(arrays["means"].shape), "counts": list(arrays["counts"].shape),
-                                          "shared_covariance": list(cov.shape)},
-           "covariance_storage": "upper_triangle_row_major", "shrinkage": gauss["shrinkage"]}
-    return {**stats, "class_conditional": ref}
 
 
 def write_statistic_blocks(tmp: Path, stats: dict[str, Any]) -> dict[str, Any]:
