@@ -43,6 +43,11 @@ class NothingToAggregateError(ServerError):
     """A round found no unused submissions (fedavg) or no unused samples (distill)."""
 
 
+class NoAdaptableParametersError(ServerError):
+    """The operation needs the bundle's adaptable parameters (a submission, an update, a round), but the bundle
+    was published without any: a wrapped foreign model (no ``adaptable`` block) is served as published."""
+
+
 class DistillerUnavailableError(ServerError):
     """A distillation round was asked for but no distiller is configured."""
 

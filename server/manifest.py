@@ -6,6 +6,14 @@ file of the bundle holding the model's full float weights (for devices that trai
 federated parameter space is then the adaptable parameters and these (:attr:`BundleSpec.param_shapes`).
 In schema version 2 the initial adaptable parameters are a block file (``adaptable.initial.file``,
 :mod:`runtime.blocks`) read with :meth:`BundleSpec.initial_values`; their names and shapes come from the layers.
+
+A bundle without an ``adaptable`` block (absent or null; e.g. a foreign ONNX/TFLite model wrapped by
+``edgeloop export --from-onnx/--from-tflite``, :mod:`exporter.foreign`) is accepted when none of its models is an
+adaptable graph and it declares no ``trainable`` block: :attr:`BundleSpec.adaptable` is then False and it has
+no federated parameters, so the server serves it, stores its samples and drift events, and refuses everything
+that needs parameters (:class:`~server.errors.NoAdaptableParametersError`). Its feature width comes from its
+source statistics when recorded; without them features are accepted at any width when ``outputs.features``
+names a tensor, refused when it is null. A bundle that has the block is validated exactly as before.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ MANIFEST_FILE = "manifest.json"
 SCHEMA_VERSION = 2  # the newest this server reads
 SCHEMA_VERSIONS = (1, 2)
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+FEATURES_UNDECLARED = 0  # BundleSpec.feature_dim of a bundle whose model has no features output
+FEATURES_ANY_WIDTH = -1  # … of a bundle without an adaptable block whose features width is not recorded
 
 
 @dataclass(frozen=True)
@@ -33,12 +43,13 @@ class BundleSpec:
 
     files: dict[str, str]
     input_shape: tuple[int, ...]
-    feature_dim: int
+    feature_dim: int  # FEATURES_UNDECLARED: the model has no features output; FEATURES_ANY_WIDTH: not recorded
     initial: dict[str, np.ndarray]  # schema 1: the values; schema 2: empty (see initial_file)
     trainable_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     trainable_file: str = ""
     initial_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     initial_file: str = ""
+    adaptable: bool = True  # False: published without an 'adaptable' block (no federated parameters)
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -86,12 +97,20 @@ class BundleSpec:
         return np.ascontiguousarray(array.reshape(shape), dtype=np.float32)
 
     def check_features(self, array: np.ndarray, what: str) -> np.ndarray:
-        """Validate penultimate features of shape (D,) (or (1, D)); return them as (D,) float32."""
+        """Validate penultimate features of shape (D,) (or (1, D)); return them as (D,) float32.
+
+        A bundle whose features width is not recorded (:data:`FEATURES_ANY_WIDTH`) takes any D >= 1; one whose
+        model has no features output (:data:`FEATURES_UNDECLARED`) takes none."""
+        if self.feature_dim == FEATURES_UNDECLARED:
+            raise InvalidTensorError(f"{what}: the bundle's model has no features output (outputs.features is "
+                                     "null); upload the input only")
         _check_float32_finite(array, what)
         shape = tuple(array.shape)
-        if shape not in ((self.feature_dim,), (1, self.feature_dim)):
-            raise InvalidTensorError(f"{what}: shape {shape}, expected ({self.feature_dim},)")
-        return np.ascontiguousarray(array.reshape(self.feature_dim), dtype=np.float32)
+        dim = self.feature_dim if self.feature_dim > 0 else (shape[-1] if shape else 0)
+        if dim <= 0 or shape not in ((dim,), (1, dim)):
+            expected = f"({self.feature_dim},)" if self.feature_dim > 0 else "(D,) with D >= 1"
+            raise InvalidTensorError(f"{what}: shape {shape}, expected {expected}")
+        return np.ascontiguousarray(array.reshape(dim), dtype=np.float32)
 
 
 def _check_float32_finite(array: np.ndarray, what: str) -> None:
@@ -240,6 +259,8 @@ def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
         raise InvalidBundleError(f"{MANIFEST_FILE}: schema_version {version!r} is not supported "
                                  f"(this server reads {', '.join(map(str, SCHEMA_VERSIONS))})")
     files = _files(manifest)
+    if manifest.get("adaptable") is None:
+        return _spec_without_parameters(manifest, files, version)
     if version == 1:
         feature_mean = _get(manifest, "source_statistics", "features", "mean")
         if not isinstance(feature_mean, list) or not feature_mean:
@@ -259,3 +280,44 @@ def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
         initial=initial, trainable_shapes=trainable_shapes, trainable_file=trainable_file,
         initial_shapes=shapes, initial_file=initial_file,
     )
+
+
+def _feature_dim(manifest: Mapping[str, Any], version: int) -> int:
+    """The features width of a bundle without an adaptable block: from its source statistics when it has them
+    (checked as for any bundle), else :data:`FEATURES_ANY_WIDTH` when ``outputs.features`` names a tensor and
+    :data:`FEATURES_UNDECLARED` when it is null."""
+    stats = manifest.get("source_statistics")
+    features = stats.get("features") if isinstance(stats, Mapping) else None
+    if features is None:
+        outputs = manifest.get("outputs")
+        named = outputs.get("features") if isinstance(outputs, Mapping) else None
+        if named is not None and not isinstance(named, str):
+            raise InvalidBundleError(f"{MANIFEST_FILE}: outputs.features must be a tensor name or null")
+        return FEATURES_ANY_WIDTH if named else FEATURES_UNDECLARED
+    if version == 1:
+        mean = _get(manifest, "source_statistics", "features", "mean")
+        if not isinstance(mean, list) or not mean:
+            raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.mean must be a non-empty list")
+        return len(mean)
+    dim = _get(manifest, "source_statistics", "features", "dim")
+    if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.dim must be a positive int")
+    return dim
+
+
+def _spec_without_parameters(manifest: Mapping[str, Any], files: Mapping[str, str], version: int) -> BundleSpec:
+    """The spec of a bundle without an ``adaptable`` block (a wrapped foreign model): served as published, no
+    federated parameters. Its models must not be adaptable graphs, and a ``trainable`` block (parameters
+    federated on top of the adaptable ones) is refused."""
+    if manifest.get("trainable") is not None:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: a 'trainable' block needs an 'adaptable' block (the federated "
+                                 "parameters start from the adaptable ones); this manifest has none")
+    models = _get(manifest, "models")
+    if not isinstance(models, list) or not models or not all(isinstance(m, Mapping) for m in models):
+        raise InvalidBundleError(f"{MANIFEST_FILE}: models must be a non-empty list of objects")
+    for i, model in enumerate(models):
+        if model.get("graph") == "adaptable":
+            raise InvalidBundleError(f"{MANIFEST_FILE}: models[{i}] ({model.get('name')!r}) is an adaptable graph, "
+                                     "but the manifest has no 'adaptable' block")
+    return BundleSpec(files=dict(files), input_shape=_input_shape(manifest),
+                      feature_dim=_feature_dim(manifest, version), initial={}, adaptable=False)

@@ -39,7 +39,7 @@ from server.errors import (
     UnknownRoundError,
 )
 from server.records import DEFAULT_COHORT, AggregatorStateRecord, RoundRecord, SubmissionRecord
-from server.state import ServerState, check_id, resolve_bundle, sample_tensor
+from server.state import ServerState, check_id, require_parameters, resolve_bundle, sample_tensor
 from server.updates import current_params, publish_update, version_params
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,11 @@ class RoundRunner:
         cohort = check_id(cohort or DEFAULT_COHORT, "cohort")
         if self._closed:
             raise ServerShuttingDownError("the server is shutting down; no new rounds")
-        bundle_id = resolve_bundle(self.state, "").bundle_id
+        bundle = resolve_bundle(self.state, "")
+        bundle_id = bundle.bundle_id
+        what = "a distillation round (the student is the bundle's adaptable graph)" if kind == "distill" else \
+            f"a federated round ({kind})"
+        require_parameters(bundle, what, adaptable=kind == "distill")
         self._check_ready(kind, bundle_id, cohort)
         limit = min(max_samples or self.max_samples, self.max_samples)
         with self._lock:

@@ -40,6 +40,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (errors.NoBundlePublishedError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.NothingToAggregateError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.DistillerUnavailableError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.NoAdaptableParametersError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.ServerShuttingDownError, grpc.StatusCode.UNAVAILABLE),
     (errors.BlobCorruptError, grpc.StatusCode.DATA_LOSS),
     (errors.ServerError, grpc.StatusCode.INTERNAL),

@@ -12,6 +12,7 @@ from server.broker import UpdateBroker
 from server.errors import (
     BlobCorruptError,
     InvalidRequestError,
+    NoAdaptableParametersError,
     NoBundlePublishedError,
     UnknownBundleError,
     UnknownDeviceError,
@@ -94,6 +95,19 @@ def resolve_bundle(state: ServerState, bundle_id: str) -> BundleRecord:
 def spec_of(bundle: BundleRecord) -> BundleSpec:
     """The validated :class:`BundleSpec` of a stored bundle."""
     return bundle_spec(bundle.manifest)
+
+
+def require_parameters(bundle: BundleRecord, what: str, *, adaptable: bool = False) -> BundleSpec:
+    """The bundle's spec when it has federated parameters (with ``adaptable``: adaptable ones, which a
+    distillation moves); else :class:`NoAdaptableParametersError` naming the bundle, why and ``what`` was asked."""
+    spec = spec_of(bundle)
+    if not spec.param_shapes or (adaptable and not spec.initial_shapes):
+        manifest = bundle.manifest
+        raise NoAdaptableParametersError(
+            f"bundle {bundle.bundle_id} ({manifest.get('name', '')!r}, arch {manifest.get('arch', '')!r}) has no "
+            f"adaptable parameters: its manifest has no 'adaptable' block (a wrapped foreign model, served as "
+            f"published), so {what} is not possible for it")
+    return spec
 
 
 SMALL_TENSOR_BYTES = 16 << 10  # uploaded sample tensors up to this size live in the registry, larger as blobs

@@ -31,7 +31,7 @@ from server.codec import decode_arrays, encode_arrays
 from server.errors import BlobCorruptError, InvalidRequestError, InvalidTensorError, TooManyWatchersError
 from server.manifest import BundleSpec
 from server.records import DEFAULT_COHORT, BundleRecord, SubmissionRecord, UpdateRecord
-from server.state import ServerState, check_id, require_device, resolve_bundle, spec_of
+from server.state import ServerState, check_id, require_device, require_parameters, resolve_bundle, spec_of
 
 logger = logging.getLogger(__name__)
 UPDATE_KINDS = ("distill", "fedavg")
@@ -56,7 +56,7 @@ _TRAINABLE_CACHE_ENTRIES = 8
 def initial_params(state: ServerState, bundle: BundleRecord) -> dict[str, np.ndarray]:
     """Version 0 of the bundle's federated parameters: the adaptable initial values, plus the trainable
     weights read from the bundle's trainable file (checked; cached per bundle id, bundles are immutable)."""
-    spec = spec_of(bundle)
+    spec = require_parameters(bundle, "a parameter version")
     if not spec.trainable_file and not spec.initial_file:
         return spec.initial_values()
     with _CACHE_LOCK:
@@ -141,6 +141,7 @@ def submit_update(
     last sent it), else the submission is refused."""
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
+    require_parameters(bundle, f"a federated parameter submission (SubmitUpdate from device {device_id!r})")
     if num_samples <= 0:
         raise InvalidRequestError(f"num_samples must be positive, got {num_samples}")
     latest = state.storage.latest_version(device.cohort)
@@ -229,7 +230,7 @@ def publish_update(
         raise InvalidRequestError(f"update kind {kind!r} is not one of {UPDATE_KINDS}")
     check_id(cohort, "cohort")
     bundle = resolve_bundle(state, bundle_id)
-    spec = spec_of(bundle)
+    spec = require_parameters(bundle, f"publishing a parameter update ({kind})")
     given = _checked_params(spec, params, partial=True)
     missing = sorted(set(spec.initial_shapes) - set(given))
     if missing:
@@ -306,6 +307,7 @@ def watch_updates(
     """
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
+    require_parameters(bundle, "watching parameter updates (WatchUpdates)")
     held = since_version if held_version is None else held_version
     if since_version < 0 or held < 0 or not math.isfinite(max_wait_s) or max_wait_s < 0:
         raise InvalidRequestError(f"since_version {since_version}, held_version {held} and max_wait_seconds "
@@ -402,6 +404,7 @@ def pull_update(
     (the base already is the device's state, so what is left out now is in the next reply); else in full."""
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
+    require_parameters(bundle, "pulling a parameter update (PullUpdate)")
     cohort = device.cohort
     if held_version < 0:
         raise InvalidRequestError(f"held_version must be >= 0, got {held_version}")
