@@ -14,6 +14,12 @@ Federated learning: :meth:`Agent.learn` takes a labelled batch and improves the 
 zeroth-order steps (SPSA, forward passes only, :mod:`device_agents.zeroth_order`); :meth:`Agent.contribute`
 submits what the device learned — its TTA method's adapted statistics (and FOA's scale/shift) and the
 parameters ``learn`` changed — for the server's aggregation.
+
+A folded or foreign model (a :class:`runtime.predictor.Predictor`: no adaptable graph, e.g. a wrapped ONNX/TFLite
+model) runs the same loop — prediction with an output-only TTA method (``source``, ``lame``, ``t3a``), drift,
+selection, outbox and upload — but has no parameters to update or contribute: :meth:`Agent.sync` does not
+watch for updates, and :meth:`Agent.learn`, :meth:`Agent.contribute` and :meth:`Agent.start_watcher` raise
+:class:`~device_agents.tta.ModelCapabilityError` naming the bundle.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
+from device_agents.tta.models import describe_model, is_adaptable
 from device_agents.updates import SubmissionEncoder, check_order, check_signature, decode_params
 from device_agents.zeroth_order import SPSA, SPSAStep
 from runtime.errors import InputError
@@ -42,6 +49,7 @@ from runtime.update_codec import ENCODINGS
 if TYPE_CHECKING:
     from device_agents.client import DeviceClient, UpdateStream
     from runtime.model import AdaptableModel
+    from runtime.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +215,7 @@ class Agent:
 
     def __init__(
         self,
-        model: AdaptableModel,
+        model: AdaptableModel | Predictor,
         tta: TTAMethod,
         detector: DriftDetector,
         selector: EntropyBandSelector | None,
@@ -219,6 +227,7 @@ class Agent:
         optimizer: SPSA | None = None,
     ) -> None:
         self.model = model
+        self.adaptable = is_adaptable(model)  # False: a folded/foreign predictor, no parameters to update
         self.optimizer = optimizer
         self._encoder = (None if config.contribution_encoding == "f32" else
                          SubmissionEncoder(config.contribution_encoding, config.contribution_topk_fraction))
@@ -239,8 +248,10 @@ class Agent:
         # Names updates carry that the model does not run: a bundle's trainable weights (``trainable`` block),
         # which devices that only adapt normalisation still hold so that delta updates apply and verify.
         self._extra = _trainable_weights(model)
-        self._held = {**model.params, **self._extra}  # the parameters of active_version, the base deltas apply to
-        self._health = HealthMonitor(model, config.health) if config.health is not None else None
+        params = model.params if self.adaptable else {}  # type: ignore[union-attr]
+        self._held = {**params, **self._extra}  # the parameters of active_version, the base deltas apply to
+        self._health = (HealthMonitor(model, config.health)  # type: ignore[arg-type]
+                        if config.health is not None and self.adaptable else None)
         self._pending_rollbacks: list[RollbackInfo] = []
         self.rollbacks: list[RollbackInfo] = []
         self._stop = threading.Event()
@@ -383,6 +394,7 @@ class Agent:
         adapted so far (:meth:`~device_agents.tta.TTAMethod.adapted_params`), so what is learned fits them.
         A rejected batch (shape, NaN, labels not integers in 0..K-1) raises :class:`InputError` and changes
         nothing; an accepted batch's samples count towards the next contribution."""
+        self._require_parameters("learn from labelled batches")
         with self._lock:
             if self.optimizer is None:
                 self.optimizer = SPSA()
@@ -394,6 +406,7 @@ class Agent:
         """What :meth:`contribute` would send now: the TTA method's adapted parameters
         (:meth:`~device_agents.tta.TTAMethod.adapted_params`: statistics, FOA's scale/shift) over every
         parameter that differs from the held version's (e.g. changed by :meth:`learn`)."""
+        self._require_parameters("contribute to federated aggregation")
         with self._lock:
             current = self.model.params
             changed = {k: v for k, v in current.items()
@@ -422,6 +435,7 @@ class Agent:
         fleet simulator, which may corrupt it as a byzantine device before sending): nothing is sent, no client
         is needed, and the counters advance as if it had been acknowledged.
         """
+        self._require_parameters("contribute to federated aggregation")
         if submit and self.client is None:
             raise RuntimeError("contribute needs a client; this agent is offline")
         with self._lock:
@@ -570,8 +584,8 @@ class Agent:
 
     def sync(self, wait_seconds: float | None = None) -> SyncResult:
         """Upload the outbox, then apply updates newer than :attr:`version` (waiting up to ``wait_seconds``,
-        default ``config.sync_wait_seconds``). Transport failures and refused updates are logged, counted
-        and returned in ``errors``; they do not raise."""
+        default ``config.sync_wait_seconds``; a model without adaptable parameters only uploads). Transport
+        failures and refused updates are logged, counted and returned in ``errors``; they do not raise."""
         wait = self.config.sync_wait_seconds if wait_seconds is None else wait_seconds
         if not wait > 0:
             raise ValueError(f"wait_seconds must be > 0 (0 would wait forever), got {wait}")
@@ -595,6 +609,8 @@ class Agent:
             except TransportError as exc:
                 errors.append(str(exc))
         applied: list[int] = []
+        if not self.adaptable:  # nothing to update: the server refuses to watch a bundle without parameters
+            return self._sync_result(upload, applied, errors)
         try:
             applied = self._apply_from_stream(self.client.watch_updates(self.config.bundle_id, self._version, wait,
                                                                         held_version=self._active_version))
@@ -602,6 +618,9 @@ class Agent:
             errors.append(str(exc))
             with self._lock:
                 self._counters.rejected += isinstance(exc, UpdateRejectedError)
+        return self._sync_result(upload, applied, errors)
+
+    def _sync_result(self, upload: UploadResult | None, applied: list[int], errors: list[str]) -> SyncResult:
         if errors:
             with self._lock:
                 self._counters.sync_failures += 1
@@ -612,6 +631,7 @@ class Agent:
         """Start a daemon thread that applies updates as the server publishes them."""
         if self.client is None:
             raise RuntimeError("start_watcher needs a client; this agent is offline")
+        self._require_parameters("watch for parameter updates")
         if self._watcher is not None and self._watcher.is_alive():
             return
         self._stop.clear()
@@ -648,6 +668,13 @@ class Agent:
             if self._watcher.is_alive():
                 logger.error("update watcher did not stop within %.1f s", self.config.join_timeout_seconds)
             self._watcher = None
+
+    def _require_parameters(self, what: str) -> None:
+        """Raise :class:`ModelCapabilityError` naming the bundle when the model has no adaptable parameters."""
+        if not self.adaptable:
+            raise ModelCapabilityError(f"bundle {self.config.bundle_id}: {describe_model(self.model)} has no "
+                                       f"adaptable parameters (a folded or foreign model, served as published), so "
+                                       f"this device cannot {what}")
 
     def close(self) -> None:
         """Stop the watcher; the model, outbox and client belong to the caller and stay open."""

@@ -230,7 +230,10 @@ def connect_agent(
     detector: str = "page_hinkley", update_keys: Sequence[bytes] | None = None,
 ) -> Any:
     """Register with ``server``, download and verify its bundle (signed by one of ``trusted_keys`` when
-    given), and build a ready :class:`Agent`.
+    given), and build a ready :class:`Agent`: on the adaptable graph, or — for a bundle without one (a folded
+    or wrapped foreign model) — on a :class:`~runtime.predictor.Predictor`, which serves the output-only TTA
+    methods (``source``, ``lame``, ``t3a``; another is a :class:`ModelCapabilityError` naming the bundle) and
+    has no parameter updates.
 
     Parameter updates must be signed by one of ``update_keys``; without them the device pins the update key
     the server announced at its first registration (``work_dir/update_key.pub``, trust on first use over the
@@ -244,6 +247,7 @@ def connect_agent(
     from device_agents.outbox import SqliteOutbox
     from device_agents.selection import EntropyBandSelector, SelectorConfig
     from runtime import AdaptableModel, load_bundle
+    from runtime.predictor import Predictor
 
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -259,7 +263,10 @@ def connect_agent(
             raise RuntimeError(f"server {server} has no bundle published yet")
         path = client.fetch_bundle(info.bundle_id, work_dir / "bundles",
                                    class_statistics=needs_class_statistics(tta, detector))
-        model = AdaptableModel(load_bundle(path, trusted_keys=trusted_keys))
+        loaded = load_bundle(path, trusted_keys=trusted_keys)
+        model = AdaptableModel(loaded) if loaded.model.graph == "adaptable" else Predictor(loaded)
+        method = agent_tta(tta)
+        method.check_model(model)
     except BaseException:
         client.close()
         raise
@@ -267,8 +274,7 @@ def connect_agent(
     outbox = SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes)
     keys = tuple(update_keys) if update_keys is not None else _pinned_update_key(work_dir, info.update_public_key)
     config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id, cohort=info.cohort, update_keys=keys)
-    return Agent(model, agent_tta(tta), make_detector(detector, model, drift_threshold), selector, outbox, client,
-                 config)
+    return Agent(model, method, make_detector(detector, model, drift_threshold), selector, outbox, client, config)
 
 
 def _pinned_update_key(work_dir: Path, announced: bytes) -> tuple[bytes, ...] | None:
@@ -318,14 +324,18 @@ def run_agent(
 ) -> dict[str, Any]:
     """Run an agent over a corrupted stream of ``dataset``, syncing with the server every few batches."""
     from edgeloop.data import build_stream, iter_batches, load_dataset
+    from edgeloop.exporting import to_model_input
 
     stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
     agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted),
                           enrollment_secret=enrollment_secret, tls=tls, detector=detector)
     try:
+        spec = agent.model.manifest.input  # a foreign model is fed in its own layout, value range and dtype
+        feed = (lambda x: x) if agent.adaptable else (lambda x: to_model_input(x, spec.layout, spec.value_range,
+                                                                               spec.dtype))
         agent.sync()
         for i, (start, x, y) in enumerate(iter_batches(stream, batch_size)):
-            agent.process_batch(x, y, position=start)
+            agent.process_batch(feed(x), y, position=start)
             if (i + 1) % sync_every == 0:
                 agent.sync()
         agent.sync(wait_seconds=0.5)
