@@ -56,9 +56,11 @@ shared 2-core machine, where memory-bound nodes suffer most from the neighbours'
   severity-5 streams. The sign guard's ``If`` costs 1–4 % at batch 64 (an unguarded pool-first is wrong for
   γ < 0). Session options for the adaptable session alone: ``enable_mem_pattern`` 1–2 % faster for
   9–19 MiB more peak memory (:mod:`runtime.session` keeps it off); the nchwc transformer off: 1.9–2.0×.
-* Kept: one ``ReduceMean`` over (N, 1, 1) per moment instead of ``Flatten`` + ``ReduceMean``, and a
-  ``GreaterOrEqual`` for the sign test (three nodes fewer per layer: 2–3 % at batch 1, 1–2 % at batch 16,
-  within noise at 64).
+* Kept: a ``GreaterOrEqual`` for the sign test (one node fewer per layer). Tried and reverted: one
+  ``ReduceMean`` over (N, 1, 1) per moment instead of ``Flatten`` + a ``ReduceMean`` over axis 0 — 2 % faster
+  at batch 1, but onnxruntime's reduction over the strided batch axis is its slow case: batch 64 1.04×
+  (SmallCNN), 1.01× (ResNet-8) and 1.13× (the 8×8 digits CNN of ``benchmarks/bench_inference.py``) the
+  flat form's time, interleaved in one process.
 * Opt-in, ``LeanOptions(stats_samples=16)``: statistics of the first 16 samples, the rest of the batch as a
   second stream without statistics (:func:`exporter.onnx_rewrite.split_batch_statistics`; unbiased, unlike
   a spatial subsample). In one quiet run (ratio to folded; default lean / first 16 / statistics-free):
