@@ -2,25 +2,36 @@
 registers, fetches and verifies the wrapped model, runs it through a :class:`Predictor` with an output-only TTA
 method and a drift detector, uploads what it selects, syncs without asking for updates, and refuses what needs
 adaptable parameters (learn, contribute, the update watcher) with an error naming the bundle. ``run_agent`` on
-the ONNX Model Zoo MNIST over a corrupted MNIST stream (skipped when ``../shared/data`` is absent).
+the ONNX Model Zoo MNIST over a corrupted MNIST stream, and the CLI (export, serve, agent) end to end (skipped
+when ``../shared/data`` is absent).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
 from device_agents.tta import ModelCapabilityError
 from edgeloop.admin import AdminClient
+from edgeloop.cli import main
 from edgeloop.pipeline import close_agent, connect_agent, run_agent
 from runtime.predictor import Predictor
 from server.app import EdgeloopServer, ServerConfig, create_server
+from tests.server.server_testkit import REPO_ROOT
 from tests.server.test_server_foreign import (  # noqa: F401 (module fixtures)
     MNIST,
     REFUSED,
+    ZOO,
     _tiny_inputs,
     key,
     tiny_bundle,
@@ -87,3 +98,44 @@ def test_run_agent_on_the_zoo_mnist(server: EdgeloopServer,
     # floor (uninformative), so few or none are uploaded; whatever was is stored
     (device,) = AdminClient(target).list_devices()
     assert device.device_id == "zoo-1" and device.samples_stored == report["uploaded_samples"]
+
+
+def test_cli_export_serve_agent_with_the_zoo_mnist(tmp_path: Path) -> None:
+    """The commands a user runs: ``edgeloop export --from-onnx``, ``edgeloop serve --bundle`` (a real process,
+    stopped with SIGTERM) and ``edgeloop agent --tta lame --detector mahalanobis`` against it."""
+    if not (ZOO.is_file() and MNIST.is_file()):
+        pytest.skip(f"shared data absent (see ../shared/data/README.md): {ZOO}, {MNIST}")
+    bundle = tmp_path / "zoo"
+    assert main(["export", "--from-onnx", str(ZOO), "--dataset", "mnist", "--value-range", "0,255", "--out",
+                 str(bundle), "--signing-key", str(tmp_path / "k.pem")]) == 0
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "edgeloop.cli", "serve", "--data-dir", str(tmp_path / "srv"),
+                             "--port", "0", "--bundle", str(bundle)], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if found := re.search(r"listening on [\d.]+:(\d+)", line):
+                break
+        else:
+            pytest.fail(f"server exited with {proc.wait()}: {''.join(lines)}")
+        published = re.search(r"published bundle ([0-9a-f]{64})", "".join(lines))
+        assert published is not None, lines
+        target = f"127.0.0.1:{found.group(1)}"
+        report = tmp_path / "cam.json"
+        assert main(["agent", "--server", target, "--device-id", "cam-1", "--work-dir", str(tmp_path / "cam"),
+                     "--dataset", "mnist", "--domains", "clean:0,gaussian_noise:5", "--samples-per-domain", "64",
+                     "--tta", "lame", "--detector", "mahalanobis", "--json", str(report)]) == 0
+        stats = json.loads(report.read_text())
+        assert stats["samples"] == 128 and stats["accuracy"] >= 0.9 and stats["update_versions"] == [], stats
+        with AdminClient(target) as admin:
+            (device,) = admin.list_devices()
+            assert device.samples_stored == stats["uploaded_samples"] and device.acked_update_version == 0
+            with pytest.raises(grpc.RpcError) as rpc:
+                admin.start_round("fedavg")
+            assert rpc.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert published.group(1) in rpc.value.details()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
