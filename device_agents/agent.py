@@ -490,8 +490,12 @@ class Agent:
 
         Raises :class:`UpdateIntegrityError` (signature, bundle, cohort, digest), :class:`StaleUpdateError`,
         :class:`~device_agents.errors.BaseMismatchError` (a delta on another base) or
-        :class:`UpdateRejectedError` (names/shapes/values refused by ``model.set_params``).
+        :class:`UpdateRejectedError` (names/shapes/values refused by ``model.set_params``, or a model without
+        adaptable parameters).
         """
+        if not self.adaptable:
+            raise UpdateRejectedError(f"update v{update.version} refused: bundle {self.config.bundle_id} runs "
+                                      f"{describe_model(self.model)}, which has no adaptable parameters")
         check_signature(update, self.config.update_keys)
         with self._lock:
             check_order(update, self.config.bundle_id, self.config.cohort, self._version)

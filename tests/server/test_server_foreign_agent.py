@@ -21,6 +21,8 @@ import grpc
 import numpy as np
 import pytest
 
+from device_agents.errors import UpdateRejectedError
+from device_agents.messages import ParameterUpdate
 from device_agents.tta import ModelCapabilityError
 from edgeloop.admin import AdminClient
 from edgeloop.cli import main
@@ -74,6 +76,8 @@ def test_agent_runs_a_foreign_bundle(server: EdgeloopServer, tiny_bundle: Path, 
             with pytest.raises(ModelCapabilityError, match=REFUSED) as exc:
                 call()
             assert bundle_id in str(exc.value)
+        with pytest.raises(UpdateRejectedError, match="no adaptable parameters"):
+            agent.apply_update(ParameterUpdate(1, bundle_id, "fedavg", {}, "0" * 64))
         assert agent.stats.samples_seen == 96  # the refusals changed nothing
     finally:
         close_agent(agent)
