@@ -32,7 +32,7 @@ from device_agents.selection import EntropyBandSelector, SelectorConfig
 from device_agents.tta import create_tta_method, normalized_entropy
 from edgeloop.admin import AdminClient
 from edgeloop.data import default_data_dir
-from exporter.foreign import wrap_onnx
+from exporter.foreign import wrap_onnx, wrap_tflite
 from runtime import load_bundle
 from runtime.bundle import golden_input, read_golden
 from runtime.manifest import read_manifest
@@ -45,6 +45,8 @@ from server.updates import current_params, publish_update
 from tests.server.server_testkit import FakeDistiller, make_bundle_files
 
 ZOO = default_data_dir() / "models" / "onnx_zoo_mnist8.onnx"
+RESNET8 = {"float32": default_data_dir() / "models" / "mlperf_tiny_resnet8_cifar10.tflite",
+           "uint8": default_data_dir() / "models" / "mlperf_tiny_resnet8_cifar10_int8.tflite"}
 MNIST = default_data_dir() / "mnist" / "mnist_test.npz"
 ZOO_SPEC = {"name": "Input3", "shape": [1, 1, 28, 28], "dtype": "float32", "layout": "NCHW", "value_range": [0, 255]}
 TINY_SPEC = {"name": "x", "shape": [-1, 1, 4, 4], "dtype": "float32", "layout": "NCHW", "value_range": [0, 1]}
@@ -172,7 +174,8 @@ def _roll_out(srv: EdgeloopServer, bundle: Path, work: Path, x: np.ndarray, devi
     chosen = selector.select(entropy, int(x[0].nbytes + result.features[0].nbytes))
     assert chosen.size > 0
     with SqliteOutbox(work / "outbox.sqlite3", max_bytes=1 << 20) as outbox:
-        outbox.put([OutboxSample(f"{device_id}:{i}", bundle_id, x[i], result.features[i], float(entropy[i]),
+        outbox.put([OutboxSample(f"{device_id}:{i}", bundle_id, x[i].astype(np.float32), result.features[i],
+                                 float(entropy[i]),
                                  int(result.predictions[i]), int(i), 1000 + int(i)) for i in chosen])
         uploaded = client.upload(outbox)
         assert uploaded.stored == chosen.size and uploaded.retried == 0 and outbox.pending_count == 0
@@ -253,6 +256,29 @@ def test_zoo_mnist_rolls_out_and_refuses_parameter_calls(
         _parameter_calls_refused(server, client, rolled["bundle_id"], rolled["feature_dim"])
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "uint8"])
+def test_tflite_resnet8_rolls_out_and_refuses_parameter_calls(
+    server: EdgeloopServer, key: Ed25519PrivateKey, tmp_path: Path, dtype: str
+) -> None:
+    """The MLPerf Tiny ResNet-8 (float and int8 TFLite, LiteRT on the device), wrapped as ``--from-tflite`` does
+    (NHWC, 0-255, probabilities); random images stand in for CIFAR-10 here: what is checked is the roll-out."""
+    model = RESNET8[dtype]
+    if not model.is_file():
+        pytest.skip(f"shared data absent (see ../shared/data/README.md): {model}")
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (40, 32, 32, 3)).astype(dtype)
+    spec = {"name": "input_1" if dtype == "float32" else "input_1_int8", "shape": [-1, 32, 32, 3], "dtype": dtype,
+            "layout": "NHWC", "value_range": [0, 255]}
+    bundle = wrap_tflite(model, tmp_path / "bundle", labels=[str(i) for i in range(10)], input_spec=spec,
+                         output_kind="probabilities", golden_x=x[:2], signing_key=key, name=f"resnet8-{dtype}",
+                         source_x=x[:32], source_y=np.arange(32) % 10)
+    rolled = _roll_out(server, bundle, tmp_path / "dev", x[32:], f"cam-{dtype}")
+    try:
+        _parameter_calls_refused(server, rolled["client"], rolled["bundle_id"], rolled["feature_dim"])
+    finally:
+        rolled["client"].close()
 
 
 def test_adaptable_work_survives_a_foreign_rollout(server: EdgeloopServer, tiny_bundle: Path) -> None:
