@@ -1,7 +1,8 @@
 """Foreign bundles (no ``adaptable`` block: ``edgeloop export --from-onnx/--from-tflite``) rolled out to a fleet.
 
-A real gRPC server on 127.0.0.1:0 with its SQLite registry in ``tmp_path`` publishes a wrapped ONNX model (one
-built here, always; the ONNX Model Zoo MNIST from ``../shared/data/models``, skipped when absent); a
+A real gRPC server on 127.0.0.1:0 with its SQLite registry in ``tmp_path`` publishes a wrapped model (an ONNX one
+built here, always; from ``../shared/data/models``, skipped when absent: the ONNX Model Zoo MNIST and the MLPerf
+Tiny ResNet-8 float and int8 TFLite); a
 :class:`DeviceClient` registers, fetches and verifies it, runs it through a :class:`Predictor` (equal to the
 bundle's golden outputs and to a predictor on the local copy), with TTA ``source``/``lame``/``t3a`` and drift
 detection on entropy and features, and uploads selected samples through its outbox. Everything that needs

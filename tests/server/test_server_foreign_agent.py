@@ -104,7 +104,7 @@ def test_run_agent_on_the_zoo_mnist(server: EdgeloopServer,
     assert device.device_id == "zoo-1" and device.samples_stored == report["uploaded_samples"]
 
 
-def test_cli_export_serve_agent_with_the_zoo_mnist(tmp_path: Path) -> None:
+def test_cli_export_serve_agent_with_the_zoo_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The commands a user runs: ``edgeloop export --from-onnx``, ``edgeloop serve --bundle`` (a real process,
     stopped with SIGTERM) and ``edgeloop agent --tta lame --detector mahalanobis`` against it."""
     if not (ZOO.is_file() and MNIST.is_file()):
@@ -127,6 +127,10 @@ def test_cli_export_serve_agent_with_the_zoo_mnist(tmp_path: Path) -> None:
         published = re.search(r"published bundle ([0-9a-f]{64})", "".join(lines))
         assert published is not None, lines
         target = f"127.0.0.1:{found.group(1)}"
+        # the default --tta alpha_bn cannot run on a foreign model: a named error, exit status 2
+        assert main(["agent", "--server", target, "--device-id", "cam-0", "--work-dir", str(tmp_path / "cam0"),
+                     "--dataset", "mnist"]) == 2
+        assert "needs an adaptable graph" in capsys.readouterr().err
         report = tmp_path / "cam.json"
         assert main(["agent", "--server", target, "--device-id", "cam-1", "--work-dir", str(tmp_path / "cam"),
                      "--dataset", "mnist", "--domains", "clean:0,gaussian_noise:5", "--samples-per-domain", "64",
@@ -134,7 +138,7 @@ def test_cli_export_serve_agent_with_the_zoo_mnist(tmp_path: Path) -> None:
         stats = json.loads(report.read_text())
         assert stats["samples"] == 128 and stats["accuracy"] >= 0.9 and stats["update_versions"] == [], stats
         with AdminClient(target) as admin:
-            (device,) = admin.list_devices()
+            (device,) = [d for d in admin.list_devices() if d.device_id == "cam-1"]
             assert device.samples_stored == stats["uploaded_samples"] and device.acked_update_version == 0
             with pytest.raises(grpc.RpcError) as rpc:
                 admin.start_round("fedavg")
