@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shutil
@@ -145,6 +146,8 @@ class SimulationConfig:
             raise ValueError(f"unknown drift detector {self.detector!r}; known: {', '.join(DETECTORS)}")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.json").is_file():
             raise ValueError(f"--bundle {self.bundle} is not a bundle directory (no manifest.json)")
+        if self.bundle is not None:
+            _check_adaptable(Path(self.bundle))
         self.scenario_obj()  # the overrides must make a valid scenario
 
     def scenario_obj(self) -> Any:
@@ -176,6 +179,19 @@ def default_cache_dir() -> Path:
     """``$EDGELOOP_CACHE/simulate`` or ``~/.cache/edgeloop/simulate``."""
     root = os.environ.get("EDGELOOP_CACHE")
     return (Path(root) if root else Path.home() / ".cache" / "edgeloop") / "simulate"
+
+
+def _check_adaptable(bundle: Path) -> None:
+    """Refuse a bundle without adaptable parameters (a wrapped foreign model): the fleet's rounds aggregate them."""
+    try:
+        manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"--bundle {bundle}: manifest.json is unreadable ({exc})") from exc
+    if not isinstance(manifest, dict) or not manifest.get("adaptable"):
+        name = manifest.get("name", bundle.name) if isinstance(manifest, dict) else bundle.name
+        raise ValueError(f"--bundle {bundle}: bundle {name!r} has no adaptable parameters (a wrapped foreign model?); "
+                         "edgeloop simulate runs federated rounds over them — export one with `edgeloop export`, or "
+                         "run a foreign model on devices with `edgeloop serve --bundle` + `edgeloop agent --tta lame`")
 
 
 def prepare_bundle(dataset: str, seed: int, cache_dir: Path | None = None,

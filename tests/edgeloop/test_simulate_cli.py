@@ -47,6 +47,22 @@ def test_bad_arguments_exit_2_naming_the_problem(args: list[str], message: str, 
     assert not (tmp_path / "o").exists()  # refused before anything was created
 
 
+@pytest.mark.parametrize(("manifest", "message"), [
+    ('{"schema_version": 2, "name": "zoo", "arch": "foreign"}', "bundle 'zoo' has no adaptable parameters"),
+    ('{"schema_version": 2, "name": "zoo", "adaptable": null}', "bundle 'zoo' has no adaptable parameters"),
+    ("{not json", "manifest.json is unreadable"),
+])
+def test_a_bundle_without_adaptable_parameters_is_refused(manifest: str, message: str, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    bundle = tmp_path / "zoo"
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text(manifest, encoding="utf-8")
+    assert main(["simulate", "--out", str(tmp_path / "o"), "--bundle", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(bundle) in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_shared_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["simulate", "--out", str(tmp_path / "o"), "--dataset", "cifar10", "--data-dir", str(tmp_path)])
     assert code == 2
