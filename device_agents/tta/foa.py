@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from device_agents.tta.statistics import BatchStatisticsConfig, StatisticsMix
 from runtime.model import entropy, softmax
 
 STATS_PREFIX = "stats."
+PRIOR_KEY = "foa.prior"
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class FOAConfig(BatchStatisticsConfig):
     variance_floor: float = 1e-2
     min_batch_for_search: int = 8
     seed: int = 0
+    prior_correction: float = 0.0
+    prior_momentum: float = 0.995
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -103,6 +107,10 @@ class FOAConfig(BatchStatisticsConfig):
             raise ValueError(f"fitness_lambda must be finite and >= 0, got {self.fitness_lambda}")
         if self.min_batch_for_search < 2:
             raise ValueError(f"min_batch_for_search must be >= 2, got {self.min_batch_for_search}")
+        if not (math.isfinite(self.prior_correction) and 0.0 <= self.prior_correction <= 1.0):
+            raise ValueError(f"prior_correction must be in [0, 1], got {self.prior_correction}")
+        if not (math.isfinite(self.prior_momentum) and 0.0 < self.prior_momentum < 1.0):
+            raise ValueError(f"prior_momentum must be in (0, 1), got {self.prior_momentum}")
 
     @property
     def passes_per_batch(self) -> int:
@@ -214,9 +222,31 @@ class FOA(TTAMethod):
             best = model.forward(x, alpha=alpha, params={**feeds, **self._affine(reference, plan, strategy.mean)})
         else:
             best = self._search_step(model, x, alpha, feeds, reference, plan, strategy)
+        logits, prior = self._corrected(state, best.logits, balanced)
         self._state = {**state, **self._mix.fold(state, best.batch_stats, n, order), **detected,
-                       **self._search.export()}
-        return TTAOutput(logits=best.logits, features=best.features, probs=softmax(best.logits))
+                       **self._search.export(), **prior}
+        return TTAOutput(logits=logits, features=best.features, probs=softmax(logits))
+
+    def _corrected(
+        self, state: Mapping[str, np.ndarray], logits: np.ndarray, balanced: bool
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """``(logits, prior state)``: on a stream the detector finds class-balanced, the batch's predicted class
+        marginal is folded into a running estimate p̄ (per-sample momentum ``prior_momentum``) and the logits are
+        shifted by ``-prior_correction · log p̄`` (centred), which undoes the drift of the predictions towards the
+        classes the corruption favours; elsewhere the logits pass unchanged and p̄ is left as it was."""
+        tau = self.config.prior_correction
+        if tau == 0.0 or not balanced:
+            return logits, {}
+        batch = softmax(logits).mean(axis=0, dtype=np.float64)
+        old = state.get(PRIOR_KEY)
+        if old is None or old.shape != batch.shape:
+            prior = batch
+        else:
+            keep = self.config.prior_momentum ** len(logits)
+            prior = keep * np.asarray(old, np.float64) + (1.0 - keep) * batch
+        log_prior = np.log(np.maximum(prior, 1e-6))
+        shift = (tau * (log_prior - log_prior.mean())).astype(logits.dtype)
+        return logits - shift, {PRIOR_KEY: prior}
 
     def adapted_params(self, model: Any) -> dict[str, np.ndarray]:
         """The running statistics (see the base class) and the adapted layers' scale/shift at the CMA-ES mean."""
