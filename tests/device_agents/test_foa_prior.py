@@ -1,0 +1,96 @@
+"""FOA's prior correction: on a stream the class-balance detector finds balanced the logits are shifted by
+-τ · log p̄ (centred), p̄ the running mean of the predicted class probabilities; elsewhere nothing changes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from device_agents.tta import FOA, FOAConfig
+from device_agents.tta.foa import PRIOR_KEY
+from runtime.model import softmax
+from tests.device_agents.test_tta import TinyModel
+
+SCORE_KEY = "stats.balance.score"
+
+
+def _iid_batches(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """Batches drawn i.i.d. from one distribution (what the detector calls balanced)."""
+    rng = np.random.default_rng(seed)
+    return [(rng.random((size, 1, 8, 8)) * 0.5 + 0.4).astype(np.float32) for _ in range(n)]
+
+
+def _run_pair(batches: list[np.ndarray], **config: float) -> tuple[FOA, list[np.ndarray], list[np.ndarray], list[bool]]:
+    """Raw logits (τ = 0), corrected logits (τ from ``config``) and the detector's verdict per batch, the two
+    methods fed the same batches on separate models."""
+    raw_method, method = FOA(FOAConfig(prior_correction=0.0)), FOA(FOAConfig(**config))
+    raw_model, model = TinyModel(), TinyModel()
+    threshold = math.log(method.config.imbalance_threshold)
+    raw, corrected, verdicts = [], [], []
+    for x in batches:
+        raw.append(np.array(raw_method.predict(raw_model, x).logits))
+        corrected.append(np.array(method.predict(model, x).logits))
+        raw_method.snapshot()  # a snapshot rebuilds the CMA-ES strategy: take one on both to stay in step
+        verdicts.append(float(method.snapshot()[SCORE_KEY]) < threshold)
+    return method, raw, corrected, verdicts
+
+
+@pytest.mark.parametrize("size", [64, 16])
+def test_balanced_stream_logits_are_shifted_by_the_running_log_prior(size: int) -> None:
+    tau, m = 0.8, 0.99
+    batches = _iid_batches(24 * 64 // size, size)
+    method, raw, corrected, verdicts = _run_pair(batches, prior_correction=tau, prior_momentum=m)
+    assert any(verdicts), "an i.i.d. stream should be found balanced within 1536 samples"
+    prior = None
+    for logits, out, balanced in zip(raw, corrected, verdicts, strict=True):
+        if not balanced:
+            np.testing.assert_array_equal(out, logits)
+            continue
+        batch = softmax(logits.astype(np.float64)).mean(axis=0)
+        keep = m ** len(logits)
+        prior = batch if prior is None else keep * prior + (1.0 - keep) * batch
+        log_prior = np.log(prior)
+        np.testing.assert_allclose(out, logits - tau * (log_prior - log_prior.mean()), rtol=1e-5, atol=1e-5)
+    assert prior is not None
+    np.testing.assert_allclose(method.snapshot()[PRIOR_KEY], prior, rtol=1e-9)
+
+
+def test_class_runs_leave_logits_and_prior_untouched() -> None:
+    """Batches that each hold near-copies of one image (a class run) never pass the detector."""
+    rng = np.random.default_rng(3)
+    batches = []
+    for _ in range(10):
+        base = rng.random((1, 1, 8, 8)) * 0.5 + 0.4
+        batches.append((base + rng.normal(0.0, 0.01, (64, 1, 8, 8))).astype(np.float32))
+    method, raw, corrected, verdicts = _run_pair(batches, prior_correction=1.0)
+    assert not any(verdicts)
+    for logits, out in zip(raw, corrected, strict=True):
+        np.testing.assert_array_equal(out, logits)
+    assert PRIOR_KEY not in method.snapshot()
+
+
+def test_probabilities_follow_the_corrected_logits_and_the_prior_survives_snapshot_restore() -> None:
+    batches = _iid_batches(24, 64, seed=5)
+    method, model = FOA(), TinyModel()
+    for x in batches[:22]:
+        method.predict(model, x)
+    saved = method.snapshot()
+    assert PRIOR_KEY in saved and saved[PRIOR_KEY].shape == (model.num_classes,)
+    assert np.isclose(saved[PRIOR_KEY].sum(), 1.0)
+    first = [method.predict(model, x) for x in batches[22:]]
+    method.restore(saved)
+    again = [method.predict(model, x) for x in batches[22:]]
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a.logits, b.logits)
+        np.testing.assert_allclose(a.probs, softmax(a.logits), rtol=1e-6)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("prior_correction", -0.1), ("prior_correction", 1.5), ("prior_correction", float("nan")),
+    ("prior_momentum", 0.0), ("prior_momentum", 1.0), ("prior_momentum", float("inf")),
+])
+def test_bad_prior_settings_are_refused_by_name(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        FOAConfig(**{field: value})
