@@ -103,6 +103,8 @@ class FOAConfig(BatchStatisticsConfig):
     seed: int = 0
     prior_correction: float = 1.0
     prior_momentum: float = 0.995
+    flip_view: bool = False
+    flip_weight: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -127,11 +129,15 @@ class FOAConfig(BatchStatisticsConfig):
             raise ValueError(f"prior_correction must be in [0, 1], got {self.prior_correction}")
         if not (math.isfinite(self.prior_momentum) and 0.0 < self.prior_momentum < 1.0):
             raise ValueError(f"prior_momentum must be in (0, 1), got {self.prior_momentum}")
+        if not isinstance(self.flip_view, bool):
+            raise ValueError(f"flip_view must be a bool, got {self.flip_view!r}")
+        if not (math.isfinite(self.flip_weight) and 0.0 < self.flip_weight < 1.0):
+            raise ValueError(f"flip_weight must be in (0, 1), got {self.flip_weight}")
 
     @property
     def passes_per_batch(self) -> int:
         """Forward passes per searched batch."""
-        return self.population * self.generations
+        return self.population * self.generations + int(self.flip_view)
 
 
 @dataclass(frozen=True)
@@ -243,13 +249,31 @@ class FOA(TTAMethod):
         dim = 2 * sum(plan.widths) if cfg.per_channel else 2 * len(plan.adapted)
         strategy = self._search.strategy(state, dim)
         if n < cfg.min_batch_for_search:
-            best = model.forward(x, alpha=alpha, params={**feeds, **self._affine(reference, plan, strategy.mean)})
+            best = model.forward(x, alpha=alpha, params={**feeds, **self._affine(reference, plan, self._search.mean())})
         else:
             best = self._search_step(model, x, alpha, feeds, reference, plan, strategy)
-        logits, prior = self._corrected(state, best.logits, prior_gate)
+        logits = best.logits
+        if cfg.flip_view:
+            logits = self._with_flipped_view(model, x, alpha, feeds, reference, plan, self._search.mean(), logits)
+        logits, prior = self._corrected(state, logits, prior_gate)
         self._state = {**state, **self._mix.fold(state, best.batch_stats, n, order), **detected,
                        **self._search.export(), **prior}
         return TTAOutput(logits=logits, features=best.features, probs=softmax(logits))
+
+    def _with_flipped_view(
+        self, model: Any, x: np.ndarray, alpha: float, feeds: dict[str, np.ndarray],
+        reference: dict[str, np.ndarray], plan: _Plan, mean: np.ndarray, logits: np.ndarray,
+    ) -> np.ndarray:
+        """Log of ``(1 - flip_weight) · softmax(logits) + flip_weight · p_flip``, p_flip the prediction for the
+        batch mirrored along its last axis (the image width), in one more pass at the CMA-ES mean with the same
+        statistics feeds. Its statistics are not folded: the mirrored batch has the same channel statistics."""
+        if x.ndim < 3:
+            raise ModelCapabilityError(f"flip_view needs image batches (N, C, H, W), got shape {x.shape}")
+        mirrored = np.ascontiguousarray(x[..., ::-1])
+        flipped = model.forward(mirrored, alpha=alpha, params={**feeds, **self._affine(reference, plan, mean)})
+        w = self.config.flip_weight
+        probs = (1.0 - w) * softmax(logits) + w * softmax(np.asarray(flipped.logits))
+        return np.log(np.maximum(probs, 1e-12)).astype(np.asarray(logits).dtype)
 
     def _corrected(
         self, state: Mapping[str, np.ndarray], logits: np.ndarray, balanced: bool
