@@ -1,16 +1,19 @@
-"""FOA's prior correction: on a stream the class-balance detector finds balanced the logits are shifted by
--τ · log p̄ (centred), p̄ the running mean of the predicted class probabilities; elsewhere nothing changes."""
+"""FOA's prior correction (on a stream the class-balance detector finds balanced the logits are shifted by
+-τ · log p̄, centred, p̄ the running mean of the predicted class probabilities; elsewhere nothing changes), its
+opt-in mirrored view, and the CMA-ES mean it exports."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
 
 from device_agents.tta import FOA, FOAConfig
+from device_agents.tta.cma_search import CMASearch
 from device_agents.tta.foa import PRIOR_KEY
-from runtime.model import softmax
+from runtime.model import ForwardResult, softmax
 from tests.device_agents.test_tta import TinyModel
 
 SCORE_KEY = "stats.balance.score"
@@ -90,7 +93,59 @@ def test_probabilities_follow_the_corrected_logits_and_the_prior_survives_snapsh
 @pytest.mark.parametrize(("field", "value"), [
     ("prior_correction", -0.1), ("prior_correction", 1.5), ("prior_correction", float("nan")),
     ("prior_momentum", 0.0), ("prior_momentum", 1.0), ("prior_momentum", float("inf")),
+    ("flip_weight", 0.0), ("flip_weight", 1.0), ("flip_view", 1),
 ])
 def test_bad_prior_settings_are_refused_by_name(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         FOAConfig(**{field: value})
+
+
+def test_cma_mean_is_the_phenotype_and_survives_export_after_cma_moves_conditioning_into_its_transform() -> None:
+    """``cma`` hands an ill-conditioned covariance over to its genotype-phenotype transform
+    (``alleviate_conditioning``), after which ``es.mean`` (the genotype) is no longer the point it samples
+    around; :meth:`CMASearch.mean` and the exported state are that point, and a rebuilt strategy keeps it."""
+    search = CMASearch(population=4, sigma0=0.1, seed=0)
+    es = search.strategy({}, 2)
+    for _ in range(60):
+        candidates = es.ask()
+        es.tell(candidates, [float(100.0 * (z[0] - 0.3) ** 2 + (z[1] + 0.2) ** 2) for z in candidates])
+    es.alleviate_conditioning(1.5)  # what cma does by itself beyond a condition number of 1e12
+    assert not np.allclose(es.mean, search.mean())  # the genotype moved into the transform's coordinates
+    np.testing.assert_allclose(search.mean(), es.result.xfavorite, rtol=1e-12)
+    assert np.abs(search.mean() - [0.3, -0.2]).max() < 0.3
+    exported = search.export()
+    np.testing.assert_array_equal(exported["cma.mean"], search.mean())
+    search.invalidate()
+    rebuilt = search.strategy(exported, 2)
+    np.testing.assert_allclose(search.mean(), exported["cma.mean"], rtol=1e-12)
+    spread = float(rebuilt.sigma) * float(np.max(exported["cma.stds"]))
+    assert all(np.abs(z - exported["cma.mean"]).max() < 10.0 * spread for z in rebuilt.ask())
+
+
+class _Recording(TinyModel):
+    """Keeps every pass's input, α and parameter feeds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.passes: list[tuple[np.ndarray, float, dict[str, np.ndarray]]] = []
+
+    def forward(self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
+                ) -> ForwardResult:
+        self.passes.append((np.array(x), alpha, {k: np.array(v) for k, v in (params or {}).items()}))
+        return super().forward(x, alpha, params)
+
+
+def test_flip_view_averages_in_the_mirrored_batch_in_one_more_pass() -> None:
+    x = _iid_batches(1, 32, seed=7)[0]
+    plain_model, flip_model = _Recording(), _Recording()
+    plain = FOA(FOAConfig(prior_correction=0.0)).predict(plain_model, x)
+    method = FOA(FOAConfig(prior_correction=0.0, flip_view=True, flip_weight=0.25))
+    out = method.predict(flip_model, x)
+    assert method.config.passes_per_batch == 5 and FOAConfig().passes_per_batch == 4
+    assert len(flip_model.passes) == len(plain_model.passes) + 1 == 5
+    mirrored, alpha, params = flip_model.passes[-1]
+    np.testing.assert_array_equal(mirrored, x[..., ::-1])
+    np.testing.assert_allclose(params["bn1.weight"], np.exp(method.snapshot()["cma.mean"][0]), rtol=1e-6)
+    flipped = TinyModel().forward(mirrored, alpha=alpha, params=params)
+    expected = 0.75 * softmax(plain.logits) + 0.25 * softmax(flipped.logits)
+    np.testing.assert_allclose(out.probs, expected, rtol=1e-5, atol=1e-6)
