@@ -133,12 +133,15 @@ def update_params(msg: common_pb2.ParameterUpdate, base: dict[str, np.ndarray]) 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def start_server_process(data_dir: Path, config: str = "") -> tuple[subprocess.Popen[str], int]:
-    """A real server in a child process (so a test can ``kill -9`` it) on 127.0.0.1:0 with its registry in
-    ``data_dir``; ``config`` is extra ``ServerConfig`` keyword source, e.g. ``"aggregator='fedbuff'"``. Returns
-    the process and its port once it listens."""
+def start_server_process(data_dir: Path, config: str = "", setup: str = "") -> tuple[subprocess.Popen[str], int]:
+    """A real server in a child process (so a test can ``kill -9`` or signal it) on 127.0.0.1:0 with its registry
+    in ``data_dir``; ``config`` is extra ``ServerConfig`` keyword source, e.g. ``"aggregator='fedbuff'"``;
+    ``setup`` is Python source run first in the child (e.g. logging to stdout). Returns the process and its port
+    once it listens (stdout, merged with stderr, stays readable)."""
     extra = f", {config}" if config else ""
     code = (
+        f"{setup}; " if setup else ""
+    ) + (
         "from pathlib import Path; from server.app import ServerConfig, serve; "
         f"serve(ServerConfig(data_dir=Path({str(data_dir)!r}), port=0, max_workers=8, grace_seconds=1{extra}), "
         "on_started=lambda srv: print('port', srv.port, flush=True))"

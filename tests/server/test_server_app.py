@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +12,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto.edgeloop.v1 import admin_pb2_grpc, device_pb2, device_pb2_grpc
 from server.app import ServerConfig, create_server
-from tests.server.server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.server.server_testkit import (
+    RPC_TIMEOUT,
+    FakeDistiller,
+    bundle_chunks,
+    make_bundle_files,
+    start_server_process,
+)
 
 
 @pytest.mark.parametrize(
@@ -61,24 +61,9 @@ def test_watchers_beyond_the_cap_are_refused(tmp_path: Path) -> None:
 
 
 def test_serve_stops_gracefully_on_sigterm(tmp_path: Path) -> None:
-    code = (
-        "import logging, sys; from pathlib import Path; "
-        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True); "
-        "from server.app import ServerConfig, serve; "
-        f"serve(ServerConfig(data_dir=Path({str(tmp_path)!r}), port=0, max_workers=4, grace_seconds=1), "
-        "on_started=lambda srv: print('started hook', srv.port, flush=True))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc, port = start_server_process(  # the port is printed by serve's on_started hook
+        tmp_path, setup="import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True)")
     try:
-        port = None
-        for line in proc.stdout:  # type: ignore[union-attr]
-            found = re.search(r"started hook (\d+)", line)
-            if found:
-                port = int(found.group(1))
-                break
-        assert port, "on_started was not called with the running server"
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=RPC_TIMEOUT)
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
