@@ -250,15 +250,9 @@ class FOA(TTAMethod):
         reference = model.params
         state = dict(self._state) or self._mix.initial_state(reference)
         order = graph_layer_order(model)
-        balanced, detected = self._mix.detect(state, x)
-        prior_gate = balanced
-        if cfg.prior_correction > 0.0 and n < cfg.min_batch_for_balanced and cfg.balanced_batch_weight is not None \
-                and cfg.batch_weight is None:
-            # the statistics ignore the detector below min_batch_for_balanced; the prior correction asks it anyway
-            # (it pools small batches into a window before testing)
-            threshold = math.log(cfg.imbalance_threshold)
-            score, detected = self._mix.detector.update(state, x, threshold)
-            prior_gate = score < threshold
+        # the prior correction uses the detector's verdict at every batch size; the statistics ignore it below
+        # min_batch_for_balanced (StatisticsMix.batch_weight)
+        balanced, detected = self._mix.detect(state, x, small_batches=cfg.prior_correction > 0.0)
         alpha, feeds = self._mix.feeds(state, reference, n, order, balanced)
         dim = 2 * sum(plan.widths) if cfg.per_channel else 2 * len(plan.adapted)
         strategy = self._search.strategy(state, dim)
@@ -269,7 +263,7 @@ class FOA(TTAMethod):
         logits = best.logits
         if cfg.flip_view:
             logits = self._with_flipped_view(model, x, alpha, feeds, reference, plan, self._search.mean(), logits)
-        logits, prior = self._corrected(state, logits, prior_gate)
+        logits, prior = self._corrected(state, logits, balanced)
         self._state = {**state, **self._mix.fold(state, best.batch_stats, n, order), **detected,
                        **self._search.export(), **prior}
         return TTAOutput(logits=logits, features=best.features, probs=softmax(logits))

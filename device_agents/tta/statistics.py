@@ -300,11 +300,18 @@ class StatisticsMix:
         m = max(momenta.values()) if momenta else cfg.ema_momentum
         return 1.0 - m**n
 
-    def detect(self, state: Mapping[str, np.ndarray], x: np.ndarray) -> tuple[bool, dict[str, np.ndarray]]:
+    def detect(
+        self, state: Mapping[str, np.ndarray], x: np.ndarray, small_batches: bool = False
+    ) -> tuple[bool, dict[str, np.ndarray]]:
         """``(balanced, detector state entries)`` for the batch ``x``: whether the stream looks class-balanced
-        (always False when the config has no detector: ``balanced_batch_weight`` or ``batch_weight`` set so)."""
+        (always False when the config has no detector: ``balanced_batch_weight`` or ``batch_weight`` set so).
+        Batches below ``min_batch_for_balanced`` are not tested unless ``small_batches`` (for a caller that uses
+        the verdict beyond the statistics, which ignore it there: :meth:`batch_weight`); the detector pools them
+        into a window before testing."""
         cfg = self.config
-        if cfg.balanced_batch_weight is None or cfg.batch_weight is not None or len(x) < cfg.min_batch_for_balanced:
+        if cfg.balanced_batch_weight is None or cfg.batch_weight is not None:
+            return False, {}
+        if len(x) < cfg.min_batch_for_balanced and not small_batches:
             return False, {}  # smaller batches would not use the verdict: they neither pay for it nor feed it
         threshold = math.log(cfg.imbalance_threshold)
         score, entries = self.detector.update(state, x, threshold)
