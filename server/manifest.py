@@ -261,17 +261,11 @@ def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
     files = _files(manifest)
     if manifest.get("adaptable") is None:
         return _spec_without_parameters(manifest, files, version)
+    feature_dim = _recorded_feature_dim(manifest, version)
     if version == 1:
-        feature_mean = _get(manifest, "source_statistics", "features", "mean")
-        if not isinstance(feature_mean, list) or not feature_mean:
-            raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.mean must be a non-empty list")
-        feature_dim = len(feature_mean)
         initial = _initial(manifest)
         shapes, initial_file = {k: tuple(v.shape) for k, v in initial.items()}, ""
     else:
-        feature_dim = _get(manifest, "source_statistics", "features", "dim")
-        if not isinstance(feature_dim, int) or isinstance(feature_dim, bool) or feature_dim <= 0:
-            raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.dim must be a positive int")
         initial = {}
         shapes, initial_file = _initial_v2(manifest, files)
     trainable_shapes, trainable_file = _trainable(manifest, files, shapes)
@@ -294,6 +288,12 @@ def _feature_dim(manifest: Mapping[str, Any], version: int) -> int:
         if named is not None and not isinstance(named, str):
             raise InvalidBundleError(f"{MANIFEST_FILE}: outputs.features must be a tensor name or null")
         return FEATURES_ANY_WIDTH if named else FEATURES_UNDECLARED
+    return _recorded_feature_dim(manifest, version)
+
+
+def _recorded_feature_dim(manifest: Mapping[str, Any], version: int) -> int:
+    """The features width the source statistics record: the length of ``features.mean`` (schema 1) or
+    ``features.dim`` (schema 2), validated."""
     if version == 1:
         mean = _get(manifest, "source_statistics", "features", "mean")
         if not isinstance(mean, list) or not mean:
