@@ -54,6 +54,22 @@ def decode_block(data: bytes, what: str = "block") -> dict[str, np.ndarray]:
         raise BlockError(f"{what}: {exc}") from exc
 
 
+def checked_float32(
+    arrays: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str
+) -> dict[str, np.ndarray]:
+    """``arrays`` (a decoded block) when it holds exactly the names of ``expected``, each a finite float32 array
+    of its shape (in ``expected``'s order); :class:`BlockError` naming ``what`` and the first offender otherwise."""
+    if set(arrays) != set(expected):
+        raise BlockError(f"{what} holds {sorted(arrays)[:6]}…, expected {sorted(expected)[:6]}… "
+                         f"(differing: {sorted(set(arrays) ^ set(expected))[:8]})")
+    for name, shape in expected.items():
+        values = arrays[name]
+        if values.dtype != np.float32 or values.shape != tuple(shape) or not np.all(np.isfinite(values)):
+            raise BlockError(f"{what}: {name!r} is {values.dtype} {values.shape}, expected finite float32 "
+                             f"{tuple(shape)}")
+    return {name: arrays[name] for name in expected}
+
+
 def encode_image_u8(images: np.ndarray) -> np.ndarray:
     """The prediction residual of uint8 images (N, C, H, W) (see the module docstring); same shape, uint8."""
     x = np.asarray(images)

@@ -302,18 +302,14 @@ def _rooted(manifest: Manifest, root: Path) -> Manifest:
 def _checked_initial(arrays: dict[str, np.ndarray], layers: tuple[NormLayerSpec, ...], file: str
                      ) -> dict[str, np.ndarray]:
     """The initial parameters of ``layers`` from a block, each finite float32 (channels,); nothing else."""
-    expected = {name: layer.channels for layer in layers for name in (layer.weight, layer.bias, layer.mean, layer.var)}
-    if set(arrays) != set(expected):
-        raise ManifestError(f"{file} holds {sorted(arrays)[:6]}…, the adaptable layers name {sorted(expected)[:6]}… "
-                            f"(differing: {sorted(set(arrays) ^ set(expected))[:8]})")
-    out = {}
-    for name, channels in expected.items():
-        values = arrays[name]
-        if values.dtype != np.float32 or values.shape != (channels,) or not np.all(np.isfinite(values)):
-            raise ManifestError(f"adaptable.initial.{name} in {file} must be {channels} finite float32 numbers, got "
-                                f"{values.dtype} {values.shape}")
-        out[name] = values
-    return out
+    from runtime.blocks import BlockError, checked_float32
+
+    expected = {name: (layer.channels,) for layer in layers
+                for name in (layer.weight, layer.bias, layer.mean, layer.var)}
+    try:
+        return checked_float32(arrays, expected, f"adaptable.initial ({file})")
+    except BlockError as exc:
+        raise ManifestError(str(exc)) from exc
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str) -> Any:

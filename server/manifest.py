@@ -63,20 +63,12 @@ class BundleSpec:
             return {k: np.asarray(v, dtype=np.float32) for k, v in self.initial.items()}
         if data is None:
             raise InvalidBundleError(f"the initial parameters live in {self.initial_file!r}; pass its bytes")
-        from runtime.blocks import BlockError, decode_block
+        from runtime.blocks import BlockError, checked_float32, decode_block
 
         try:
-            arrays = decode_block(data, self.initial_file)
+            return checked_float32(decode_block(data, self.initial_file), self.initial_shapes, self.initial_file)
         except BlockError as exc:
             raise InvalidBundleError(str(exc)) from exc
-        if set(arrays) != set(self.initial_shapes):
-            raise InvalidBundleError(f"{self.initial_file} holds {sorted(arrays)[:8]}, the layers name "
-                                     f"{sorted(self.initial_shapes)[:8]}")
-        for name, arr in arrays.items():
-            if arr.dtype != np.float32 or arr.shape != self.initial_shapes[name] or not np.all(np.isfinite(arr)):
-                raise InvalidBundleError(f"{self.initial_file}: {name!r} is {arr.dtype} {arr.shape}, expected finite "
-                                         f"float32 {self.initial_shapes[name]}")
-        return arrays
 
     def trainable_initial(self, data: bytes) -> dict[str, np.ndarray]:
         """The trainable weights in ``data`` (the bytes of :attr:`trainable_file`), checked against the block."""

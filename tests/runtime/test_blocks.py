@@ -15,7 +15,7 @@ import pytest
 from exporter.signing import sign_bundle
 from runtime import blocks as blocks_mod
 from runtime import load_bundle
-from runtime.blocks import BlockError, decode_block, decode_image_u8, encode_block, encode_image_u8
+from runtime.blocks import BlockError, checked_float32, decode_block, decode_image_u8, encode_block, encode_image_u8
 from runtime.errors import ManifestError
 from runtime.manifest import parse_manifest, read_manifest
 
@@ -127,3 +127,15 @@ def test_unsupported_version_and_missing_block_are_named(digits_bundle: Path) ->
     assert detached.param_shapes() == read_manifest(digits_bundle)[0].param_shapes()
     with pytest.raises(ManifestError, match="parsed without its bundle directory"):
         _ = detached.initial_params
+
+
+def test_checked_float32_names_the_offender() -> None:
+    good = {"a": np.ones(3, np.float32), "b": np.zeros(2, np.float32)}
+    expected = {"b": (2,), "a": (3,)}
+    assert list(checked_float32(good, expected, "blk")) == ["b", "a"]
+    with pytest.raises(BlockError, match=r"blk holds .*differing: \['c'\]"):
+        checked_float32({**good, "c": np.ones(1, np.float32)}, expected, "blk")
+    with pytest.raises(BlockError, match=r"blk: 'a' is float64 \(3,\), expected finite float32 \(3,\)"):
+        checked_float32({**good, "a": np.ones(3)}, expected, "blk")
+    with pytest.raises(BlockError, match=r"blk: 'b' is float32 \(2,\)"):
+        checked_float32({**good, "b": np.array([0.0, np.nan], np.float32)}, expected, "blk")
