@@ -227,13 +227,19 @@ def _small_convs(graph: onnx.GraphProto, config: Int8Config) -> list[onnx.NodePr
             and node.input[1] in inits and inits[node.input[1]].dims[1] < config.float_convs_below_channels]
 
 
+def _readers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Tensor name → the nodes that read it, in graph order."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    return readers
+
+
 def _follower_chain(graph: onnx.GraphProto, conv: onnx.NodeProto) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto]]:
     """The activation/pool nodes that follow ``conv`` one after another (each the only consumer of the previous
     output), and the consumers of the chain's last output."""
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _readers(graph)
     chain: list[onnx.NodeProto] = []
     out = conv.output[0]
     while len(consumers.get(out, [])) == 1 and consumers[out][0].op_type in _STEM_FOLLOWERS:
@@ -310,10 +316,7 @@ def fold_input_normalisation(model: onnx.ModelProto) -> bool:
     if len(graph.input) < 1:
         return False
     inits = {i.name: i for i in graph.initializer}
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = _readers(graph)
 
     def only_reader(name: str, op: str) -> onnx.NodeProto | None:
         nodes = readers.get(name, [])
@@ -412,12 +415,10 @@ def residual_op_types(model_path: Path, op_types: tuple[str, ...]) -> tuple[str,
         return op_types
     graph = onnx.load(str(model_path)).graph
     produced = {out for node in graph.node for out in node.output}
-    readers: dict[str, list[str]] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node.op_type)
+    readers = _readers(graph)
     joins = [node for node in graph.node if node.op_type == "Add" and len(node.input) == 2
-             and all(name in produced for name in node.input) and readers.get(node.output[0]) == ["Relu"]]
+             and all(name in produced for name in node.input)
+             and [n.op_type for n in readers.get(node.output[0], [])] == ["Relu"]]
     return (*op_types, "Add") if joins else op_types
 
 
