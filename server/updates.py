@@ -49,20 +49,21 @@ def _checked_params(spec: BundleSpec, params: Mapping[str, np.ndarray], partial:
 
 
 _CACHE_LOCK = threading.Lock()
-_TRAINABLE_CACHE: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
-_TRAINABLE_CACHE_ENTRIES = 8
+_INITIAL_CACHE: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+_INITIAL_CACHE_ENTRIES = 8
 
 
 def initial_params(state: ServerState, bundle: BundleRecord) -> dict[str, np.ndarray]:
     """Version 0 of the bundle's federated parameters: the adaptable initial values, plus the trainable
-    weights read from the bundle's trainable file (checked; cached per bundle id, bundles are immutable)."""
+    weights read from the bundle's trainable file (block files checked and decoded once per bundle id, which
+    is immutable; at most _INITIAL_CACHE_ENTRIES bundles kept)."""
     spec = require_parameters(bundle, "a parameter version")
     if not spec.trainable_file and not spec.initial_file:
         return spec.initial_values()
     with _CACHE_LOCK:
-        cached = _TRAINABLE_CACHE.get(bundle.bundle_id)
+        cached = _INITIAL_CACHE.get(bundle.bundle_id)
         if cached is not None:
-            _TRAINABLE_CACHE.move_to_end(bundle.bundle_id)
+            _INITIAL_CACHE.move_to_end(bundle.bundle_id)
     if cached is None:  # block files of the bundle: read once (bundles are immutable)
         files = bundle.files
         initial = state.blobs.get(files[spec.initial_file].sha256) if spec.initial_file else None
@@ -70,9 +71,9 @@ def initial_params(state: ServerState, bundle: BundleRecord) -> dict[str, np.nda
         if spec.trainable_file:
             cached.update(spec.trainable_initial(state.blobs.get(files[spec.trainable_file].sha256)))
         with _CACHE_LOCK:
-            _TRAINABLE_CACHE[bundle.bundle_id] = cached
-            while len(_TRAINABLE_CACHE) > _TRAINABLE_CACHE_ENTRIES:
-                _TRAINABLE_CACHE.popitem(last=False)
+            _INITIAL_CACHE[bundle.bundle_id] = cached
+            while len(_INITIAL_CACHE) > _INITIAL_CACHE_ENTRIES:
+                _INITIAL_CACHE.popitem(last=False)
     return dict(cached)
 
 
