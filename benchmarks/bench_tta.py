@@ -97,7 +97,8 @@ FOA_THROUGHPUT = 0.1
 
 @dataclass(frozen=True)
 class Case:
-    """One model × dataset: its cached checkpoint and the stream length per corruption (full, quick)."""
+    """One model × dataset: its cached checkpoint, the stream length per corruption (full, quick) and the
+    input invariances its bundle declares (what its training made true, see :mod:`benchmarks.trained`)."""
 
     key: str
     arch: str
@@ -105,11 +106,13 @@ class Case:
     checkpoint_name: str
     samples_per_domain: int
     quick_samples_per_domain: int
+    invariances: tuple[str, ...] = ()
 
 
 CASES = (
     Case("mnist", "smallcnn", "mnist", "smallcnn_mnist_e3.pt", 1024, 64),
-    Case("cifar10", "resnet8", "cifar10", "resnet8_cifar10_e15.pt", 1024, 64),
+    # trained with random horizontal flips (benchmarks.trained.crop_flip): declared, so FOA adds a mirrored view
+    Case("cifar10", "resnet8", "cifar10", "resnet8_cifar10_e15.pt", 1024, 64, invariances=("hflip",)),
 )
 
 
@@ -177,7 +180,8 @@ def export_case(case: Case, ckpt: Path, root: Path) -> Path:
     from edgeloop.exporting import ExportRequest, run_export
 
     request = ExportRequest(model=str(ckpt), out=root / case.key, dataset=case.dataset, formats=("onnx", "tflite"),
-                            int8=False, folded=True, key_path=root / "signing_key.pem", seed=SEED)
+                            int8=False, folded=True, key_path=root / "signing_key.pem", seed=SEED,
+                            invariances=case.invariances)
     return run_export(request)
 
 

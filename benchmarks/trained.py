@@ -58,7 +58,7 @@ def cifar_resnet8(epochs: int = 15) -> Path:
     model, spec, metrics = train_model("resnet8", train.x, train.y, config, augment_fn=crop_flip)
     metrics["test_accuracy"] = evaluate(model, test.x, test.y)
     meta = {"dataset": "cifar10", "labels": list(train.labels), "epochs": epochs, "metrics": metrics,
-            "augment": "crop_flip"}
+            "augment": "crop_flip", "invariances": ["hflip"]}
     save_checkpoint(model, "resnet8", spec, path, meta)
     log.info("resnet8: test accuracy %.4f after %.0f s", metrics["test_accuracy"], metrics["seconds"])
     return path

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.errors import EdgeloopRuntimeError
+from runtime.manifest import INVARIANCES
 
 DATASETS = ("digits", "mnist", "cifar10")
 
@@ -67,6 +68,10 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
     p.add_argument("--trainable", action="store_true", help="also ship the model's full float weights "
                    "(trainable.bin) for local-SGD trainer devices and full-model federated averaging")
+    p.add_argument("--invariance", action="append", default=None, choices=sorted(INVARIANCES), help="declare that "
+                   "the model's predictions are invariant to this input transformation (hflip: trained with random "
+                   "horizontal flips); FOA then averages in a mirrored view; repeatable; default: what the "
+                   "checkpoint's meta declares (none for foreign models)")
     p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW", help="foreign model input layout")
     p.add_argument("--value-range", default="0,1", help="foreign model input value range lo,hi; default 0,1")
     p.add_argument("--input-dtype", choices=("float32", "uint8", "int8"), default=None, help="foreign model "
@@ -256,6 +261,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             foreign[0][1], foreign[0][0], out=args.out, dataset=args.dataset, layout=args.layout,
             value_range=(float(lo), float(hi)), dtype=args.input_dtype, output_kind=args.output_kind,
             name=args.name, overwrite=args.overwrite, key_path=args.signing_key,
+            invariances=tuple(args.invariance or ()),
         )
     else:
         request = exporting.ExportRequest(
@@ -264,7 +270,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), folded=args.folded,
             tflite_int8=args.tflite_int8, pack=args.pack, calibration_samples=args.calibration_samples,
             name=args.name, overwrite=args.overwrite, seed=args.seed, key_path=args.signing_key,
-            trainable=args.trainable,
+            trainable=args.trainable, invariances=None if args.invariance is None else tuple(args.invariance),
         )
         path = exporting.run_export(request)
     print(f"bundle written to {path}")

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from runtime.manifest import checked_invariances
+
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx", "tflite")
@@ -46,6 +48,7 @@ class ExportRequest:
     seed: int = 0
     key_path: Path | None = None
     trainable: bool = False
+    invariances: tuple[str, ...] | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class ExportRequest:
             raise ValueError(f"fine_tune_epochs must be >= 0, got {self.fine_tune_epochs}")
         if self.calibration_samples < 8:
             raise ValueError(f"calibration_samples must be >= 8, got {self.calibration_samples}")
+        if self.invariances is not None:
+            object.__setattr__(self, "invariances", checked_invariances(self.invariances))
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,7 @@ class LoadedModel:
     spec: Any
     sha256: str
     dataset: str | None
+    invariances: tuple[str, ...] = ()
 
 
 def load_model(source: str, dataset: str | None) -> LoadedModel:
@@ -81,7 +87,12 @@ def load_model(source: str, dataset: str | None) -> LoadedModel:
     path = Path(source)
     if path.is_file():
         model, info = load_checkpoint(path)
-        return LoadedModel(model, info["arch"], info["spec"], info["sha256"], info["meta"].get("dataset"))
+        meta = info["meta"]
+        try:
+            invariances = checked_invariances(meta.get("invariances", ()))
+        except ValueError as exc:
+            raise ValueError(f"{path}: checkpoint meta: {exc}") from exc
+        return LoadedModel(model, info["arch"], info["spec"], info["sha256"], meta.get("dataset"), invariances)
     if ":" not in source:
         raise FileNotFoundError(f"model {source!r} is neither a checkpoint file nor an import path 'module:attr'")
     return _import_model(source, dataset)
@@ -180,12 +191,13 @@ def wrap_foreign(
     path: Path, fmt: str, *, out: Path, dataset: str, layout: str = "NCHW",
     value_range: tuple[float, float] = (0.0, 1.0), dtype: str | None = None, output_kind: str = "logits",
     name: str | None = None, overwrite: bool = False, key_path: Path | None = None, features: str | None = "auto",
-    source_samples: int = SOURCE_SAMPLES,
+    source_samples: int = SOURCE_SAMPLES, invariances: tuple[str, ...] = (),
 ) -> Path:
     """Wrap a foreign ONNX or TFLite classifier into a signed bundle, with golden vectors from ``dataset``'s
     test split and — when it exposes ``features`` (``"auto"``, a tensor name, or None; see
     :func:`exporter.foreign.wrap_onnx`) — source statistics from up to ``source_samples`` training images
-    (a seeded class-stratified subset), fed as the model takes them (:func:`to_model_input`)."""
+    (a seeded class-stratified subset), fed as the model takes them (:func:`to_model_input`). ``invariances``
+    are declared in the manifest's input block (see :data:`runtime.manifest.INVARIANCES`)."""
     from edgeloop.data import load_dataset
     from edgeloop.pipeline import signing_key
     from exporter.foreign import ForeignInputSpec, wrap_onnx, wrap_tflite
@@ -202,7 +214,8 @@ def wrap_foreign(
     shape = [-1, *golden.shape[1:]]
     if len(dims) != len(shape):
         raise ValueError(f"{path}: model input {input_name!r} has rank {len(dims)}, {dataset} gives {len(shape)}")
-    spec = ForeignInputSpec(name=input_name, shape=shape, dtype=dtype, layout=layout, value_range=value_range)
+    spec = ForeignInputSpec(name=input_name, shape=shape, dtype=dtype, layout=layout, value_range=value_range,
+                            invariances=tuple(invariances))
     source: dict[str, Any] = {}
     if features is not None and source_samples > 0:
         train = load_dataset(dataset, "train", limit=source_samples)  # seeded, class-stratified; decodes only these
@@ -242,4 +255,5 @@ def run_export(request: ExportRequest) -> Path:
         tflite_int8=request.tflite_int8, parity_x=parity, compression=compression,
         nm=parse_pattern(request.sparsity) if request.sparsity else None, pack=request.pack,
         trainable=request.trainable,
+        invariances=loaded.invariances if request.invariances is None else request.invariances,
     )

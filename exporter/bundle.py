@@ -42,6 +42,7 @@ from exporter.statistics import class_gaussians as class_gaussians
 from exporter.statistics import output_statistics, write_statistic_blocks
 from exporter.train import check_images
 from runtime.blocks import encode_block, encode_image_u8
+from runtime.manifest import checked_invariances
 from runtime.model import softmax
 from runtime.signing import SIGNATURE_NAME
 
@@ -245,7 +246,8 @@ def _write_golden(tmp: Path, built: list[BuiltModel], golden_x: np.ndarray, para
 
 
 def _manifest(
-    name: str, arch: str, spec: ModelSpec, ckpt_sha: str, labels: Sequence[str], model: nn.Module
+    name: str, arch: str, spec: ModelSpec, ckpt_sha: str, labels: Sequence[str], model: nn.Module,
+    invariances: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     c, s = spec.in_channels, spec.image_size
     return {
@@ -259,6 +261,7 @@ def _manifest(
             "value_range": [0.0, 1.0],
             "normalization": {"mean": [float(v) for v in spec.mean], "std": [float(v) for v in spec.std],
                               "in_graph": True},
+            **({"invariances": list(invariances)} if invariances else {}),
         },
         "labels": list(labels),
         "outputs": {"logits": "logits", "features": "features"},
@@ -421,6 +424,7 @@ def export_bundle(
     nm: tuple[int, int] | None = None,
     pack: bool = True,
     trainable: bool = False,
+    invariances: Sequence[str] = (),
 ) -> Path:
     """Write a signed bundle for ``source`` (a checkpoint path or ``(model, arch, spec, ckpt_sha256)``) to ``out_dir``.
 
@@ -433,6 +437,9 @@ def export_bundle(
     N:M pattern exactly (checked and recorded) and, with ``pack``, ONNX files ship in the packed N:M encoding.
     With ``trainable`` the bundle also carries the model's full float weights (``trainable.bin``, the
     manifest's ``trainable`` block) for devices that train locally and for full-model federated averaging.
+    ``invariances`` (names from :data:`runtime.manifest.INVARIANCES`, e.g. ``("hflip",)`` for a model trained
+    with random horizontal flips) are declared in the manifest's ``input`` block, where test-time methods read
+    them (FOA's mirrored view); declare only what the training made true.
     ``manifest.sig`` is an Ed25519 signature over manifest.json by ``signing_key``; without one
     a throwaway key is used (integrity only: devices that trust specific keys will refuse the bundle).
     Returns the bundle path.
@@ -441,6 +448,7 @@ def export_bundle(
     if not 0.0 <= golden_alpha <= 1.0:
         raise ValueError(f"golden_alpha must lie in [0, 1], got {golden_alpha}")
     model, arch, spec, ckpt_sha = _resolve_source(source)
+    declared = checked_invariances(invariances)
     data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x,
                          parity_x=golden_x if parity_x is None else parity_x)
     data["golden_x"] = quantize_golden(data["golden_x"])[1]
@@ -451,7 +459,7 @@ def export_bundle(
                              tflite_int8=tflite_int8)
         opts = {"build": build, "golden_alpha": golden_alpha, "source_y": source_y, "compression": compression,
                 "nm": nm, "pack": pack, "trainable": trainable, "arch": arch}
-        manifest = _manifest(name or out_dir.name, arch, spec, ckpt_sha, labels, model)
+        manifest = _manifest(name or out_dir.name, arch, spec, ckpt_sha, labels, model, declared)
         manifest["adaptable"]["initial"] = _write_initial(tmp, model)
         manifest.update(_build(tmp, model, data, opts))
         (tmp / MANIFEST).write_text(json.dumps(compact_floats(manifest), separators=(",", ":")) + "\n",

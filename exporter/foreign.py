@@ -52,7 +52,7 @@ from exporter.signing import sign_bundle
 from exporter.statistics import output_statistics, write_statistic_blocks
 from runtime.blocks import encode_block, encode_image_u8
 from runtime.bundle import golden_input, load_bundle
-from runtime.manifest import INPUT_DTYPES, MANIFEST_NAME, OUTPUT_KINDS, SCHEMA_VERSION
+from runtime.manifest import INPUT_DTYPES, MANIFEST_NAME, OUTPUT_KINDS, SCHEMA_VERSION, checked_invariances
 from runtime.session import Session, open_session
 from runtime.signing import SIGNATURE_NAME
 
@@ -80,7 +80,9 @@ class ForeignInputSpec:
 
     ``shape``: batch first, ``-1`` or the model's static batch; ``dtype``: float32 | uint8 | int8 (uint8 or
     float32 into a quantized TFLite input is quantized by the runtime with the input's own parameters);
-    ``layout``: NCHW | NHWC; ``value_range``: the range of the values fed (e.g. ``(0, 255)`` for raw pixels).
+    ``layout``: NCHW | NHWC; ``value_range``: the range of the values fed (e.g. ``(0, 255)`` for raw pixels);
+    ``invariances``: input transformations the model's predictions are invariant to (names from
+    :data:`runtime.manifest.INVARIANCES`), declared in the manifest.
     """
 
     name: str
@@ -88,11 +90,16 @@ class ForeignInputSpec:
     dtype: str = "float32"
     layout: str = "NCHW"
     value_range: tuple[float, float] = (0.0, 1.0)
+    invariances: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         shape = tuple(int(d) for d in self.shape)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
+        try:
+            object.__setattr__(self, "invariances", checked_invariances(self.invariances))
+        except ValueError as exc:
+            raise ForeignModelError(f"input {exc}") from exc
         if self.dtype not in INPUT_DTYPES:
             raise ForeignModelError(f"input dtype {self.dtype!r} is not one of {INPUT_DTYPES}")
         if self.layout not in LAYOUTS:
@@ -108,7 +115,7 @@ class ForeignInputSpec:
         """A spec from itself or a mapping with the field names (e.g. parsed JSON from the CLI)."""
         if isinstance(spec, ForeignInputSpec):
             return spec
-        unknown = set(spec) - {"name", "shape", "dtype", "layout", "value_range"}
+        unknown = set(spec) - {"name", "shape", "dtype", "layout", "value_range", "invariances"}
         if unknown:
             raise ForeignModelError(f"unknown input spec fields {sorted(unknown)}")
         return cls(**spec)
@@ -116,7 +123,8 @@ class ForeignInputSpec:
     def manifest_block(self) -> dict[str, Any]:
         """The manifest's ``input`` block (batch as -1; normalisation, if any, is the model's business)."""
         return {"name": self.name, "shape": [-1, *self.shape[1:]], "dtype": self.dtype, "layout": self.layout,
-                "value_range": list(self.value_range)}
+                "value_range": list(self.value_range),
+                **({"invariances": list(self.invariances)} if self.invariances else {})}
 
 
 @dataclass(frozen=True)

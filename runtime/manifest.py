@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,17 +27,22 @@ MANIFEST_NAME = "manifest.json"
 GRAPH_KINDS = ("adaptable", "folded")
 OUTPUT_KINDS = ("logits", "probabilities")
 INPUT_DTYPES = ("float32", "uint8", "int8")
+# transformations of the input a model's predictions are declared invariant to (``input.invariances``), e.g.
+# because it was trained with them as augmentation; test-time methods may use them (FOA's mirrored view)
+INVARIANCES = {"hflip": "mirroring an image along its width leaves its class unchanged"}
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """The model input: name, shape with -1 for the batch, dtype and value range."""
+    """The model input: name, shape with -1 for the batch, dtype, value range, layout, and the declared
+    ``invariances`` (names from :data:`INVARIANCES`; none unless the exporter was told)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     value_range: tuple[float, float]
     layout: str = "NCHW"
+    invariances: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -333,7 +339,29 @@ def _input_spec(raw: dict[str, Any]) -> InputSpec:
     layout = str(spec.get("layout", "NCHW"))
     if layout not in ("NCHW", "NHWC"):
         raise ManifestError(f"manifest field input.layout is {layout!r}; expected NCHW or NHWC")
-    return InputSpec(_get(spec, "name", str, "input"), shape, dtype, (lo, hi), layout)
+    invariances = spec.get("invariances", [])
+    if not isinstance(invariances, list):
+        raise ManifestError(f"manifest field input.invariances must be a list, got {invariances!r}")
+    try:
+        declared = checked_invariances(invariances)
+    except ValueError as exc:
+        raise ManifestError(f"manifest field input.invariances: {exc}") from exc
+    return InputSpec(_get(spec, "name", str, "input"), shape, dtype, (lo, hi), layout, declared)
+
+
+def checked_invariances(values: Iterable[Any]) -> tuple[str, ...]:
+    """``values`` as declared input invariances: known names (:data:`INVARIANCES`), each once, in the given
+    order; anything else is a ``ValueError`` naming it."""
+    if isinstance(values, str):
+        raise ValueError(f"invariances must be a list of names, got the string {values!r}")
+    out: list[str] = []
+    for value in values:
+        if not isinstance(value, str) or value not in INVARIANCES:
+            raise ValueError(f"unknown invariance {value!r}; known: {sorted(INVARIANCES)}")
+        if value in out:
+            raise ValueError(f"invariance {value!r} is declared twice")
+        out.append(value)
+    return tuple(out)
 
 
 TENSOR_KEYS = ("weight", "bias", "mean", "var", "batch_mean", "batch_var")

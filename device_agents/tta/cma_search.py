@@ -98,6 +98,12 @@ class CMASearch:
         self._strategy: Any = None
         self._rng: np.random.Generator | None = None
 
+    def use_population(self, population: int) -> None:
+        """Candidates per generation from now on; a change rebuilds the live strategy from the arrays."""
+        if population != self.population:
+            self.population = population
+            self.invalidate()
+
     def invalidate(self) -> None:
         """Forget the live strategy; the next :meth:`strategy` rebuilds it from the arrays."""
         self._strategy = None

@@ -84,6 +84,13 @@ def source_feature_stats(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
     return stats() if callable(stats) else None
 
 
+def declared_input(model: Any) -> tuple[str, tuple[str, ...]]:
+    """``(layout, invariances)`` of the model's input as its manifest declares them (``NCHW`` and none for a
+    model without a manifest)."""
+    spec = getattr(getattr(model, "manifest", None), "input", None)
+    return str(getattr(spec, "layout", "NCHW")), tuple(getattr(spec, "invariances", ()))
+
+
 def source_layer_stats(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per-layer source running mean and variance from the manifest (``Manifest.source_layer_stats``: the
     recorded source statistics, or the initial ``mean``/``var`` they equal); layers it does not list fall back to

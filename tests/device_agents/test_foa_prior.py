@@ -1,18 +1,19 @@
 """FOA's prior correction (on a stream the class-balance detector finds balanced the logits are shifted by
 -τ · log p̄, centred, p̄ the running mean of the predicted class probabilities; elsewhere nothing changes), its
-opt-in mirrored view, and the CMA-ES mean it exports."""
+mirrored view (opt-in, or declared by the model), and the CMA-ES mean it exports."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from device_agents.tta import FOA, FOAConfig
 from device_agents.tta.cma_search import CMASearch
-from device_agents.tta.foa import PRIOR_KEY
+from device_agents.tta.foa import MIRROR_CHUNK, PRIOR_KEY
 from runtime.model import ForwardResult, softmax
 from tests.device_agents.test_tta import TinyModel
 
@@ -93,7 +94,8 @@ def test_probabilities_follow_the_corrected_logits_and_the_prior_survives_snapsh
 @pytest.mark.parametrize(("field", "value"), [
     ("prior_correction", -0.1), ("prior_correction", 1.5), ("prior_correction", float("nan")),
     ("prior_momentum", 0.0), ("prior_momentum", 1.0), ("prior_momentum", float("inf")),
-    ("flip_weight", 0.0), ("flip_weight", 1.0), ("flip_view", 1),
+    ("flip_weight", 0.0), ("flip_weight", 1.0), ("flip_view", 1), ("population", 1), ("population", 3.0),
+    ("population", True),
 ])
 def test_bad_prior_settings_are_refused_by_name(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
@@ -135,17 +137,64 @@ class _Recording(TinyModel):
         return super().forward(x, alpha, params)
 
 
-def test_flip_view_averages_in_the_mirrored_batch_in_one_more_pass() -> None:
-    x = _iid_batches(1, 32, seed=7)[0]
+def test_flip_view_averages_in_the_mirrored_batch_normalised_like_the_batch_in_chunks() -> None:
+    x = _iid_batches(1, 40, seed=7)[0]
     plain_model, flip_model = _Recording(), _Recording()
     plain = FOA(FOAConfig(prior_correction=0.0)).predict(plain_model, x)
-    method = FOA(FOAConfig(prior_correction=0.0, flip_view=True, flip_weight=0.25))
+    method = FOA(FOAConfig(prior_correction=0.0, flip_view=True, flip_weight=0.25, population=4))
     out = method.predict(flip_model, x)
-    assert method.config.passes_per_batch == 5 and FOAConfig().passes_per_batch == 4
-    assert len(flip_model.passes) == len(plain_model.passes) + 1 == 5
-    mirrored, alpha, params = flip_model.passes[-1]
-    np.testing.assert_array_equal(mirrored, x[..., ::-1])
+    assert method.config.passes_per_batch() == 5 and FOAConfig().passes_per_batch() == 4
+    assert len(plain_model.passes) == 4  # the same four candidates, then the mirrored view in chunks
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(flip_model.passes[:4], plain_model.passes, strict=True))
+    chunks = flip_model.passes[4:]
+    assert [len(c[0]) for c in chunks] == [MIRROR_CHUNK, MIRROR_CHUNK, 40 - 2 * MIRROR_CHUNK]
+    np.testing.assert_array_equal(np.concatenate([c[0] for c in chunks]), x[..., ::-1])
+    assert all(alpha == 0.0 for _, alpha, _ in chunks)  # the batch's statistics are fed, none are computed
+    params = chunks[0][2]
+    assert all(np.array_equal(c[2][k], params[k]) for c in chunks for k in params)
     np.testing.assert_allclose(params["bn1.weight"], np.exp(method.snapshot()["cma.mean"][0]), rtol=1e-6)
-    flipped = TinyModel().forward(mirrored, alpha=alpha, params=params)
+    # the statistics the batch itself was normalised with: its own mixed by α with the fed (or current) ones
+    _, alpha, fed = flip_model.passes[0]
+    own = TinyModel().forward(x, alpha=alpha, params=fed).batch_stats
+    current = TinyModel().params
+    for layer, (mean, var) in own.items():
+        for key, value in ((f"{layer}.mean", mean), (f"{layer}.var", var)):
+            expected_stat = (1.0 - alpha) * fed.get(key, current[key]) + alpha * value
+            np.testing.assert_allclose(params[key], expected_stat, rtol=1e-5, atol=1e-6)
+    flipped = TinyModel().forward(x[..., ::-1], alpha=0.0, params=params)
     expected = 0.75 * softmax(plain.logits) + 0.25 * softmax(flipped.logits)
     np.testing.assert_allclose(out.probs, expected, rtol=1e-5, atol=1e-6)
+
+
+class _Declaring(_Recording):
+    """A recording model whose manifest declares input invariances (as an exported bundle's does)."""
+
+    def __init__(self, invariances: tuple[str, ...], layout: str = "NCHW") -> None:
+        super().__init__()
+        self.manifest.input = SimpleNamespace(layout=layout, invariances=invariances)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("invariances", "flip_view", "mirrored"), [
+    (("hflip",), None, True), ((), None, False), (("hflip",), False, False), ((), True, True),
+])
+def test_the_mirrored_view_follows_the_declared_invariance_at_four_passes(
+    invariances: tuple[str, ...], flip_view: bool | None, mirrored: bool
+) -> None:
+    """By default the mirrored view is on exactly for a model declaring ``hflip``; the default population
+    shrinks to 3 then, so a batch costs 4 passes either way; an explicit ``flip_view`` wins."""
+    x = _iid_batches(1, 32, seed=3)[0]
+    model = _Declaring(invariances)
+    method = FOA(FOAConfig(prior_correction=0.0, flip_view=flip_view))
+    method.predict(model, x)
+    assert sum(len(p[0]) for p in model.passes) == 4 * len(x) and method.passes_per_batch(model) == 4
+    flipped = [len(p[0]) < len(x) for p in model.passes]
+    assert flipped == ([False] * 3 + [True] * (len(x) // MIRROR_CHUNK) if mirrored else [False] * 4)
+    method.predict(model, x)  # the strategy carries on at the resolved population
+    assert sum(len(p[0]) for p in model.passes) == 8 * len(x)
+
+
+def test_the_mirrored_view_of_an_nhwc_input_flips_the_width_axis() -> None:
+    x = _iid_batches(1, 32, seed=4)[0]
+    model = _Declaring(("hflip",), layout="NHWC")
+    FOA(FOAConfig(prior_correction=0.0)).predict(model, x)
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in model.passes[3:]]), x[:, :, ::-1, :])

@@ -132,7 +132,7 @@ def test_forward_passes_per_batch(name: str, bundle_dir: Path, noisy) -> None:
     x, _ = noisy[0]
     for i in range(0, 192, 64):
         method.predict(model, x[i : i + 64])
-    expected = method.config.passes_per_batch if name == "foa" else 1  # type: ignore[attr-defined]
+    expected = method.passes_per_batch(model) if name == "foa" else 1  # type: ignore[attr-defined]
     assert calls == [64] * (3 * expected)
 
 

@@ -113,7 +113,7 @@ def test_foa_costs_population_times_generations_passes() -> None:
     model.calls.clear()
     method.predict(model, _batch(1, size=4))  # below min_batch_for_search: one pass at the CMA-ES mean
     assert len(model.calls) == 1
-    assert FOAConfig().passes_per_batch == 4
+    assert FOAConfig().passes_per_batch() == 4
 
 
 def test_foa_carries_its_search_across_batches_and_starts_at_zero() -> None:

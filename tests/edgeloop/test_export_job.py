@@ -125,14 +125,45 @@ def test_foreign_tflite_resnet8_keeps_its_accuracy(tmp_path: Path, name: str, dt
 def test_import_path_model_exports_and_adapts(tmp_path: Path) -> None:
     out = tmp_path / "b"
     args = ["export", "tests.edgeloop.importable_models:build_net", "--dataset", "digits", "--out", str(out),
-            "--no-folded", "--calibration-samples", "64", "--signing-key", str(tmp_path / "k.pem")]
+            "--no-folded", "--calibration-samples", "64", "--signing-key", str(tmp_path / "k.pem"),
+            "--invariance", "hflip"]
     assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["input"]["invariances"] == ["hflip"]
     assert manifest["arch"] == "import:tests.edgeloop.importable_models:build_net"
     assert [layer["name"] for layer in manifest["adaptable"]["layers"]] == ["bn1", "bn2"]
     model = AdaptableModel(load_bundle(out))
     result = model.forward(np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32), alpha=0.5)
     assert result.features.shape == (4, 16) and result.logits.shape == (4, 10)
+
+
+def test_invariances_come_from_the_checkpoint_unless_the_flag_names_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from exporter.checkpoint import load_checkpoint, save_checkpoint
+
+    plain = tmp_path / "plain.pt"
+    assert main(["train", "--arch", "small_cnn", "--epochs", "1", "--limit", "200", "--out", str(plain)]) == 0
+    model, info = load_checkpoint(plain)
+    declared, bad = tmp_path / "declared.pt", tmp_path / "bad.pt"
+    save_checkpoint(model, info["arch"], info["spec"], declared, {**info["meta"], "invariances": ["hflip"]})
+    save_checkpoint(model, info["arch"], info["spec"], bad, {**info["meta"], "invariances": ["shear"]})
+    base = ["--no-folded", "--no-int8", "--calibration-samples", "8", "--signing-key", str(tmp_path / "k.pem")]
+
+    def invariances(ckpt: Path, *flags: str) -> tuple[str, ...]:
+        out = tmp_path / f"b-{ckpt.stem}-{len(flags)}"
+        assert main(["export", str(ckpt), "--out", str(out), *base, *flags]) == 0
+        return load_bundle(out).manifest.input.invariances
+
+    assert invariances(plain) == ()
+    assert invariances(declared) == ("hflip",)
+    assert invariances(plain, "--invariance", "hflip") == ("hflip",)
+    assert main(["export", str(bad), "--out", str(tmp_path / "bad"), *base]) == 2
+    assert "bad.pt: checkpoint meta: unknown invariance 'shear'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit):  # argparse names the choices
+        main(["export", str(plain), "--out", str(tmp_path / "x"), "--invariance", "vflip"])
+    assert "invalid choice: 'vflip'" in capsys.readouterr().err
 
 
 def test_import_path_model_without_linear_head_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,6 +16,7 @@ from exporter.adaptable import source_params
 from exporter.bundle import bundle_id, export_bundle, export_details
 from exporter.checkpoint import load_checkpoint
 from runtime.blocks import decode_block, decode_image_u8
+from runtime.bundle import load_bundle
 
 TOP_KEYS = [
     "schema_version", "name", "arch", "created_unix_ms", "source_checkpoint_sha256", "input", "labels",
@@ -152,6 +153,14 @@ def test_fp32_only_bundle_from_model_and_overwrite(digits_model: tuple, digits_a
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]  # no temp directories left behind
 
 
+def test_declared_invariances_reach_the_device(digits_model: tuple, digits_arrays: tuple, tmp_path: Path) -> None:
+    out = _small_export(digits_model, digits_arrays, tmp_path / "b", int8=False, invariances=("hflip",))
+    assert _manifest(out)["input"]["invariances"] == ["hflip"]
+    assert load_bundle(out).manifest.input.invariances == ("hflip",)
+    plain = _small_export(digits_model, digits_arrays, tmp_path / "c", int8=False)
+    assert "invariances" not in _manifest(plain)["input"]
+
+
 def test_failed_export_leaves_nothing(
     digits_model: tuple, digits_arrays: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -171,6 +180,8 @@ def test_failed_export_leaves_nothing(
         ({"golden_x": np.full((2, 1, 8, 8), 2.0, dtype=np.float32)}, r"\[0, 1\]"),
         ({"source_x": np.zeros((2, 1, 7, 7), dtype=np.float32)}, "sample shape"),
         ({"golden_alpha": 1.5}, "golden_alpha"),
+        ({"invariances": ("rotate90",)}, "unknown invariance 'rotate90'"),
+        ({"invariances": "hflip"}, "list of names"),
     ],
 )
 def test_bad_arguments_are_rejected(

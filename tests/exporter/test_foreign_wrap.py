@@ -212,7 +212,17 @@ def test_spec_mismatches_are_named(static_model: Path, tmp_path: Path) -> None:
         ForeignInputSpec.parse({**STATIC_SPEC, "layout": "CHW"})
     with pytest.raises(ForeignModelError, match="unknown input spec fields"):
         ForeignInputSpec.parse({**STATIC_SPEC, "mean": [0.5]})
+    with pytest.raises(ForeignModelError, match="unknown invariance 'vflip'"):
+        ForeignInputSpec.parse({**STATIC_SPEC, "invariances": ["vflip"]})
     assert not (tmp_path / "b").exists()
+
+
+def test_foreign_bundle_declares_invariances(static_model: Path, tmp_path: Path, signing_key: Any) -> None:
+    x = np.random.default_rng(2).uniform(0, 1, size=(5, 1, 2, 2)).astype(np.float32)
+    out = wrap_onnx(static_model, tmp_path / "b", labels=["a", "b", "c"], output_kind="logits", golden_x=x,
+                    input_spec={**STATIC_SPEC, "shape": [-1, 1, 2, 2], "invariances": ["hflip"]},
+                    signing_key=signing_key)
+    assert load_bundle(out, backend="auto").manifest.input.invariances == ("hflip",)
 
 
 def test_tampered_foreign_bundle_is_refused(static_bundle: Path, tmp_path: Path) -> None:

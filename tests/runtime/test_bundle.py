@@ -147,12 +147,21 @@ def test_device_fetches_only_what_its_model_needs(bundle_copy: Path) -> None:
         (lambda raw: raw["models"][0].__setitem__("session_options", {"graph_level": 1}), r"session_options"),
         (lambda raw: raw["models"][0].__setitem__("session_options", {"disabled_optimizers": "QDQ"}),
          r"disabled_optimizers must be a list"),
+        (lambda raw: raw["input"].__setitem__("invariances", ["vflip"]), r"input\.invariances.*'vflip'"),
+        (lambda raw: raw["input"].__setitem__("invariances", "hflip"), r"input\.invariances must be a list"),
+        (lambda raw: raw["input"].__setitem__("invariances", ["hflip", "hflip"]), r"declared twice"),
     ],
 )
 def test_bad_manifest_is_refused(bundle_copy: Path, edit: object, message: str, signing_key: Any) -> None:
     _edit_manifest(bundle_copy, edit, signing_key)
     with pytest.raises((ManifestError, BundleIntegrityError), match=message):
         load_bundle(bundle_copy)
+
+
+def test_declared_invariances_are_read(bundle_copy: Path, signing_key: Any) -> None:
+    assert load_bundle(bundle_copy).manifest.input.invariances == ()  # nothing declared unless told
+    _edit_manifest(bundle_copy, lambda raw: raw["input"].__setitem__("invariances", ["hflip"]), signing_key)
+    assert load_bundle(bundle_copy).manifest.input.invariances == ("hflip",)
 
 
 def test_unparseable_manifest(bundle_copy: Path) -> None:
