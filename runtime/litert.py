@@ -250,6 +250,9 @@ class LiteRTSession:
     def _prepare(self, name: str, value: np.ndarray) -> np.ndarray:
         info = self._inputs[name]
         arr = np.asarray(value)
+        if (arr.dtype == info.dtype and arr.flags.c_contiguous and not info.quantized and arr.ndim == len(info.shape)
+                and (arr.shape[1:] == info.shape[1:] if info.batched else arr.shape == info.shape)):
+            return arr  # the common case, checked in one go (this runs for every input of every call)
         if arr.shape != info.shape and arr.size == 1 and int(np.prod(info.shape)) == 1:
             arr = arr.reshape(info.shape)  # torch scalar exported as [1]
         if arr.ndim != len(info.shape):

@@ -72,6 +72,18 @@ def test_resize_cache_and_scalars(tiny: tuple) -> None:
     assert len(session._interpreters) == 2  # least recently used batch sizes were evicted
 
 
+def test_strided_and_float64_inputs_give_the_contiguous_float32_answer(tiny: tuple) -> None:
+    path, model = tiny
+    session = LiteRTSession(path, threads=1)
+    x = np.random.default_rng(4).uniform(0, 1, (4, 1, 6, 12)).astype(np.float32)
+    strided, contiguous = x[..., ::2], np.ascontiguousarray(x[..., ::2])
+    expected = session.run(_feeds(model, contiguous, 0.5))
+    for variant in (strided, contiguous.astype(np.float64), np.asfortranarray(contiguous)):
+        out = session.run(_feeds(model, variant, 0.5))
+        for name, value in expected.items():
+            np.testing.assert_array_equal(out[name], value, err_msg=name)
+
+
 def test_refusals_name_the_tensor(tiny: tuple) -> None:
     path, model = tiny
     session = LiteRTSession(path)
