@@ -111,7 +111,7 @@ class Case:
 
 CASES = (
     Case("mnist", "smallcnn", "mnist", "smallcnn_mnist_e3.pt", 1024, 64),
-    # trained with random horizontal flips (benchmarks.trained.crop_flip): declared, so FOA adds a mirrored view
+    # trained with random horizontal flips (edgeloop.pipeline.random_flip_crop): declared, so FOA adds a mirrored view
     Case("cifar10", "resnet8", "cifar10", "resnet8_cifar10_e15.pt", 1024, 64, invariances=("hflip",)),
 )
 

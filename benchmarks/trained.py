@@ -11,8 +11,6 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
-
 log = logging.getLogger(__name__)
 
 
@@ -21,15 +19,6 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("EDGELOOP_BENCH_CACHE", Path.home() / ".cache" / "edgeloop" / "bench"))
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def crop_flip(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Standard CIFAR augmentation: random horizontal flip and a random crop from a 4-pixel zero padding."""
-    n, _, h, w = batch.shape
-    flipped = np.where(rng.random(n)[:, None, None, None] < 0.5, batch[..., ::-1], batch)
-    padded = np.pad(flipped, ((0, 0), (0, 0), (4, 4), (4, 4)))
-    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
-    return np.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]).astype(np.float32)
 
 
 def mnist_smallcnn(epochs: int = 3) -> Path:
@@ -46,6 +35,7 @@ def mnist_smallcnn(epochs: int = 3) -> Path:
 def cifar_resnet8(epochs: int = 15) -> Path:
     """ResNet-8 trained on the CIFAR-10-JPEG training set with crop/flip augmentation on every batch."""
     from edgeloop.data import load_dataset
+    from edgeloop.pipeline import random_flip_crop
     from exporter.checkpoint import save_checkpoint
     from exporter.train import TrainConfig, evaluate, train_model
 
@@ -55,10 +45,10 @@ def cifar_resnet8(epochs: int = 15) -> Path:
     log.info("training resnet8 on CIFAR-10-JPEG for %d epochs (cached at %s)", epochs, path)
     train, test = load_dataset("cifar10", "train"), load_dataset("cifar10", "test")
     config = TrainConfig(arch="resnet8", epochs=epochs, batch_size=128, lr=4e-3, seed=0, augment=True, threads=1)
-    model, spec, metrics = train_model("resnet8", train.x, train.y, config, augment_fn=crop_flip)
+    model, spec, metrics = train_model("resnet8", train.x, train.y, config, augment_fn=random_flip_crop)
     metrics["test_accuracy"] = evaluate(model, test.x, test.y)
     meta = {"dataset": "cifar10", "labels": list(train.labels), "epochs": epochs, "metrics": metrics,
-            "augment": "crop_flip", "invariances": ["hflip"]}
+            "augment": "flip_crop", "invariances": ["hflip"]}
     save_checkpoint(model, "resnet8", spec, path, meta)
     log.info("resnet8: test accuracy %.4f after %.0f s", metrics["test_accuracy"], metrics["seconds"])
     return path

@@ -32,6 +32,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation; default 0")
     p.add_argument("--augment", action="store_true", help="corruption augmentation on half of the batches "
                    "(for teachers that must be robust to shift)")
+    p.add_argument("--flip-crop", action="store_true", help="random horizontal flips and 4-pixel crops (for "
+                   "natural images such as cifar10, not digits); the checkpoint then declares the hflip invariance, "
+                   "which export carries into the bundle for FOA's mirrored view")
     p.add_argument("--limit", type=int, default=None, help="use a stratified subset of this many training images")
     p.add_argument("--threads", type=int, default=1, help="torch threads; default 1 (small models train fastest "
                    "single-threaded on shared cores)")
@@ -242,6 +245,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     metrics = pipeline.train_checkpoint(
         arch=args.arch, dataset=args.dataset, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, augment=args.augment, limit=args.limit, threads=args.threads,
+        flip_crop=args.flip_crop,
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
     return 0

@@ -36,11 +36,27 @@ def corruption_augmenter(
     return augment
 
 
+def random_flip_crop(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The standard CIFAR augmentation: a random horizontal flip per image and a random crop of the image's
+    size from a 4-pixel zero padding."""
+    n, _, h, w = batch.shape
+    flipped = np.where(rng.random(n)[:, None, None, None] < 0.5, batch[..., ::-1], batch)
+    padded = np.pad(flipped, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    dy, dx = rng.integers(0, 9, n), rng.integers(0, 9, n)
+    return np.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)]).astype(np.float32)
+
+
 def train_checkpoint(
     *, arch: str, dataset: str, out: Path, epochs: int = 15, batch_size: int = 64, lr: float = 3e-3,
     seed: int = 0, augment: bool = False, limit: int | None = None, threads: int | None = 1,
+    flip_crop: bool = False,
 ) -> dict[str, Any]:
-    """Train ``arch`` on ``dataset``'s train split, save a checkpoint at ``out``; return metrics."""
+    """Train ``arch`` on ``dataset``'s train split, save a checkpoint at ``out``; return metrics.
+
+    ``augment``: corruption augmentation (:func:`corruption_augmenter`); ``flip_crop``: :func:`random_flip_crop`
+    (after the corruption when both are on), and the checkpoint's meta then declares the ``hflip`` input
+    invariance, which ``edgeloop export`` writes into the bundle (FOA's mirrored view). Either applies to a
+    random half of the batches (:class:`exporter.train.TrainConfig`)."""
     from edgeloop.data import load_dataset
     from exporter.checkpoint import save_checkpoint
     from exporter.train import TrainConfig, evaluate, train_model
@@ -48,12 +64,20 @@ def train_checkpoint(
     train = load_dataset(dataset, "train", limit=limit)
     test = load_dataset(dataset, "test")
     config = TrainConfig(
-        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment, threads=threads
+        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, augment=augment or flip_crop,
+        threads=threads,
     )
-    augment_fn = corruption_augmenter() if augment else None
-    model, spec, metrics = train_model(arch, train.x, train.y, config, augment_fn=augment_fn)
+    steps = [f for f, on in ((corruption_augmenter(), augment), (random_flip_crop, flip_crop)) if on]
+
+    def augment_fn(batch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        for step in steps:
+            batch = step(batch, rng)
+        return batch
+
+    model, spec, metrics = train_model(arch, train.x, train.y, config, augment_fn=augment_fn if steps else None)
     metrics = {**metrics, "test_accuracy": evaluate(model, test.x, test.y)}
-    meta = {"dataset": dataset, "labels": list(train.labels), "augment": augment, "seed": seed, "epochs": epochs}
+    meta = {"dataset": dataset, "labels": list(train.labels), "augment": augment, "seed": seed, "epochs": epochs,
+            **({"flip_crop": True, "invariances": ["hflip"]} if flip_crop else {})}
     metrics["sha256"] = save_checkpoint(model, arch, spec, out, {**meta, "metrics": metrics})
     metrics.update(arch=arch, dataset=dataset, out=str(out))
     log.info("trained %s on %s: test accuracy %.4f", arch, dataset, metrics["test_accuracy"])

@@ -157,6 +157,11 @@ def test_invariances_come_from_the_checkpoint_unless_the_flag_names_them(
 
     assert invariances(plain) == ()
     assert invariances(declared) == ("hflip",)
+    flipped = tmp_path / "flipped.pt"  # `train --flip-crop` declares it in the checkpoint
+    assert main(["train", "--arch", "small_cnn", "--epochs", "1", "--limit", "200", "--flip-crop", "--out",
+                 str(flipped)]) == 0
+    assert load_checkpoint(flipped)[1]["meta"]["invariances"] == ["hflip"]
+    assert invariances(flipped) == ("hflip",)
     assert invariances(plain, "--invariance", "hflip") == ("hflip",)
     assert main(["export", str(bad), "--out", str(tmp_path / "bad"), *base]) == 2
     assert "bad.pt: checkpoint meta: unknown invariance 'shear'" in capsys.readouterr().err
