@@ -71,6 +71,7 @@ class ModelEntry:
     io_names: dict[str, dict[str, str]] | None = None
     packed: dict[str, Any] | None = None
     session_options: dict[str, Any] | None = None
+    nonnegative_params: tuple[str, ...] = ()  # adaptable inputs this graph is exact for only when >= 0
 
     @property
     def disabled_optimizers(self) -> tuple[str, ...]:
@@ -434,8 +435,12 @@ def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
             raise ManifestError(f"manifest field {where}.io_names must be an object")
         if packed is not None and not (isinstance(packed, dict) and isinstance(packed.get("file"), str)):
             raise ManifestError(f"manifest field {where}.packed must be an object with a 'file'")
+        nonnegative = m.get("nonnegative_params", [])
+        if not (isinstance(nonnegative, list) and all(isinstance(n, str) for n in nonnegative)):
+            raise ManifestError(f"manifest field {where}.nonnegative_params must be a list of parameter names")
         entries.append(ModelEntry(**{k: _get(m, k, str, where) for k in keys}, io_names=io_names, packed=packed,
-                                  session_options=_session_options(m.get("session_options"), where)))
+                                  session_options=_session_options(m.get("session_options"), where),
+                                  nonnegative_params=tuple(nonnegative)))
     if not entries:
         raise ManifestError("manifest lists no models")
     return tuple(entries)
@@ -546,6 +551,11 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
     initial_file = _initial_file(adaptable, files) if adaptable and not v1 else None
     features_file, class_file = _statistics_files(raw, files, version)
     param_names = {n: None for layer in layers for n in (layer.weight, layer.bias, layer.mean, layer.var)}
+    for entry in models:
+        unknown = sorted(set(entry.nonnegative_params) - {layer.weight for layer in layers})
+        if unknown:
+            raise ManifestError(f"manifest field models[{entry.name}].nonnegative_params names {unknown}, which "
+                                "are not normalisation scales of the adaptable layers")
     manifest = Manifest(
         name=str(raw.get("name", "")),
         input=_input_spec(raw),

@@ -67,7 +67,12 @@ class AdaptableModel:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self._shapes = self.manifest.param_shapes()
+        self._nonnegative = frozenset(bundle.model.nonnegative_params)
         self._params = {k: v.copy() for k, v in self.manifest.initial_params.items()}
+        try:
+            self._check_nonnegative(self._params)
+        except InputError as exc:
+            raise BundleError(f"bundle {self.manifest.name!r}: its initial parameters break its model: {exc}") from exc
         self._lock = threading.Lock()
 
     @property
@@ -84,6 +89,7 @@ class AdaptableModel:
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
         """Replace some or all parameters at once, after validating names, shapes and finiteness."""
         checked = validate_params(params, self._shapes)
+        self._check_nonnegative(checked)
         with self._lock:
             self._params = {**self._params, **checked}
 
@@ -107,7 +113,22 @@ class AdaptableModel:
             out[name] = np.ascontiguousarray(arr, dtype=np.float32)
         if out and not np.isfinite(np.concatenate([a.ravel() for a in out.values()])).all():
             return validate_params(params, self._shapes)
+        self._check_nonnegative(out)
         return out
+
+    def _check_nonnegative(self, params: Mapping[str, np.ndarray]) -> None:
+        """Refuse a negative value of a parameter the graph needs ≥ 0 (the model entry's ``nonnegative_params``:
+        normalisation scales of layers the TFLite graph pools before scaling), naming it."""
+        for name in self._nonnegative.intersection(params):
+            negative = np.flatnonzero(np.asarray(params[name]) < 0)
+            if negative.size:
+                i = int(negative[0])
+                raise InputError(
+                    f"{name}[{i}] = {float(params[name][i]):.4g} is negative: model {self.bundle.model.name!r} of "
+                    f"bundle {self.manifest.name!r} max-pools before this scale, which is exact only for values "
+                    f">= 0 (manifest nonnegative_params); use another model of the bundle (e.g. the ONNX one) "
+                    f"for negative scales"
+                )
 
     def forward(
         self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None

@@ -50,6 +50,8 @@ class BundleSpec:
     initial_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     initial_file: str = ""
     adaptable: bool = True  # False: published without an 'adaptable' block (no federated parameters)
+    # parameters a model of the bundle needs >= 0 (its manifest entry's nonnegative_params), by model name
+    nonnegative: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -264,8 +266,21 @@ def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
     return BundleSpec(
         files=files, input_shape=_input_shape(manifest), feature_dim=feature_dim,
         initial=initial, trainable_shapes=trainable_shapes, trainable_file=trainable_file,
-        initial_shapes=shapes, initial_file=initial_file,
+        initial_shapes=shapes, initial_file=initial_file, nonnegative=_nonnegative(manifest, shapes),
     )
+
+
+def _nonnegative(manifest: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
+    """Model name → the adaptable parameters its graph needs >= 0 (``models[i].nonnegative_params``)."""
+    out: dict[str, tuple[str, ...]] = {}
+    for i, model in enumerate(_get(manifest, "models")):
+        names = model.get("nonnegative_params", []) if isinstance(model, Mapping) else []
+        if not (isinstance(names, list) and all(isinstance(n, str) and n in shapes for n in names)):
+            raise InvalidBundleError(f"{MANIFEST_FILE}: models[{i}].nonnegative_params must list adaptable "
+                                     f"parameter names, got {names!r}")
+        if names:
+            out[str(model.get("name"))] = tuple(names)
+    return out
 
 
 def _feature_dim(manifest: Mapping[str, Any], version: int) -> int:

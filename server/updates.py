@@ -43,9 +43,18 @@ def _checked_params(spec: BundleSpec, params: Mapping[str, np.ndarray], partial:
     if not params:
         raise InvalidTensorError("no parameter tensors given")
     try:
-        return validate_params(params, spec.param_shapes, partial=partial)
+        checked = validate_params(params, spec.param_shapes, partial=partial)
     except InputError as exc:
         raise InvalidTensorError(str(exc)) from exc
+    for model, names in spec.nonnegative.items():
+        for name in names:
+            negative = np.flatnonzero(checked[name] < 0) if name in checked else ()
+            if len(negative):
+                i = int(negative[0])
+                raise InvalidTensorError(
+                    f"{name}[{i}] = {float(checked[name][i]):.4g} is negative: model {model!r} of the bundle "
+                    "max-pools before this scale and is exact only for values >= 0 (its nonnegative_params)")
+    return checked
 
 
 _CACHE_LOCK = threading.Lock()

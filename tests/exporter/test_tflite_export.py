@@ -250,25 +250,43 @@ def test_adaptable_graph_stays_nhwc(converted: dict) -> None:
     assert not centre_subs, "the centring SUB was not folded into the convolution bias"
 
 
-def test_pool_first_is_exact_for_negative_gamma(converted: dict, smallcnn: Any, mnist_like: tuple) -> None:
-    """SmallCNN's BN → ReLU → MaxPool runs pool-first (the scale before the pool, shift and ReLU after it), and
-    stays exact when fed γ of either sign: the scale's sign turns the pool's max into the min it must be."""
-    ops = _op_shapes(converted["adaptable-fp32"].path)
+def test_pool_first_scales_after_the_pool_for_nonnegative_gamma(converted: dict) -> None:
+    """The trained SmallCNN's γ are all ≥ 0: both BN → ReLU → MaxPool runs pool before the scale as well (its
+    MUL, the shift and the ReLU run on the pooled tensor), and the two scales are listed as needing ≥ 0."""
+    report = converted["adaptable-fp32"]
+    assert report.nonnegative_params == ("bn1.weight", "bn2.weight")
+    assert report.manifest_entry()["nonnegative_params"] == ["bn1.weight", "bn2.weight"]
+    ops = _op_shapes(report.path)
     pooled = [s[0] for n, s in ops if n == "MAX_POOL_2D"]
     assert len(pooled) == 2
-    adds = [s[0] for n, s in ops if n == "ADD"]
-    assert all(shape in adds for shape in pooled), "shift and ReLU do not run on the pooled tensor"
-    session = LiteRTSession(converted["adaptable-fp32"].path, threads=1)
+    for kind in ("MUL", "ADD"):
+        assert all(shape in [s[0] for n, s in ops if n == kind] for shape in pooled), f"no pooled {kind}"
+    assert "nonnegative_params" not in converted["folded-fp32"].manifest_entry()
+
+
+def test_pool_first_is_exact_for_negative_gamma(smallcnn: Any, mnist_like: tuple, tmp_path: Path) -> None:
+    """A layer trained with negative γ keeps the scale before the pool, which stays exact for fed γ of either
+    sign (the scale's sign turns the pool's max into the min it must be), and is not listed; the other layer
+    pools first and is listed, because it would be wrong for a negative γ (what the runtime refuses)."""
+    model = copy.deepcopy(smallcnn)
+    with torch.no_grad():
+        model.features[1].weight[::2] *= -1.0  # bn1: every other channel trained negative
     x = mnist_like[2][:32]
-    params = params_numpy(smallcnn)
+    report = export_tflite(model, tmp_path / "neg.tflite", form="adaptable", example=torch.from_numpy(x[:1]),
+                           parity_x=x)
+    assert report.nonnegative_params == ("bn2.weight",)
+    session = LiteRTSession(report.path, threads=1)
+    params = params_numpy(model)
     flipped = {k: v.copy() for k, v in params.items()}
-    for name in ("bn1.weight", "bn2.weight"):
-        flipped[name][::2] *= -1.0  # every other channel negative
+    flipped["bn1.weight"] *= np.where(np.arange(16) % 3 == 0, -1.0, 1.0).astype(np.float32)  # any sign
     for alpha in (0.0, 0.5):
         got = session.run(make_feeds(x, flipped, alpha))
-        ref = torch_reference(smallcnn, x, flipped, alpha)
+        ref = torch_reference(model, x, flipped, alpha)
         for name in ref:
             np.testing.assert_allclose(got[name], ref[name], atol=1e-4, rtol=1e-3, err_msg=f"{name} alpha {alpha}")
+    wrong = {**params, "bn2.weight": -params["bn2.weight"]}
+    got, ref = session.run(make_feeds(x, wrong, 0.5)), torch_reference(model, x, wrong, 0.5)
+    assert np.abs(got["logits"] - ref["logits"]).max() > 1e-2  # the listed layer is not exact for γ < 0
 
 
 def test_pool_first_leaves_the_model_alone(smallcnn: Any) -> None:

@@ -164,6 +164,33 @@ def test_declared_invariances_are_read(bundle_copy: Path, signing_key: Any) -> N
     assert load_bundle(bundle_copy).manifest.input.invariances == ("hflip",)
 
 
+def test_scales_a_model_needs_nonnegative_are_enforced(bundle_copy: Path, signing_key: Any) -> None:
+    """A model entry's ``nonnegative_params`` (a TFLite graph that max-pools before those scales): a negative
+    value is refused, naming it, by set_params and by a forward's overrides, and the parameters stay as they
+    were; the other parameters and the bundle's other models take any sign."""
+    _edit_manifest(bundle_copy, lambda raw: raw["models"][0].__setitem__("nonnegative_params", ["bn1.weight"]),
+                   signing_key)
+    bundle = load_bundle(bundle_copy, model="fp32")
+    assert bundle.model.nonnegative_params == ("bn1.weight",)
+    model = AdaptableModel(bundle)
+    before = model.params
+    negative = before["bn1.weight"].copy()
+    negative[2] = -0.25
+    with pytest.raises(InputError, match=r"bn1\.weight\[2\] = -0\.25 is negative: model 'fp32'"):
+        model.set_params({"bn1.weight": negative})
+    x = np.random.default_rng(0).random((4, *bundle.manifest.input.shape[1:]), dtype=np.float32)
+    with pytest.raises(InputError, match=r"bn1\.weight\[2\]"):
+        model.forward(x, alpha=0.5, params={"bn1.weight": negative})
+    assert all(np.array_equal(v, before[k]) for k, v in model.params.items())
+    model.set_params({"bn2.weight": -before["bn2.weight"]})  # not listed
+    other = AdaptableModel(load_bundle(bundle_copy, model="int8"))
+    other.set_params({"bn1.weight": negative})  # listed for fp32 only
+    _edit_manifest(bundle_copy, lambda raw: raw["models"][0].__setitem__("nonnegative_params", ["bn1.mean"]),
+                   signing_key)
+    with pytest.raises(ManifestError, match=r"nonnegative_params names \['bn1\.mean'\]"):
+        load_bundle(bundle_copy)
+
+
 def test_unparseable_manifest(bundle_copy: Path) -> None:
     (bundle_copy / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="not valid JSON"):

@@ -41,10 +41,12 @@ def initial_params() -> dict[str, np.ndarray]:
 TEST_SIGNING_KEY = Ed25519PrivateKey.generate()
 
 
-def make_bundle_files(name: str = "tiny", initial: dict[str, np.ndarray] | None = None) -> dict[str, bytes]:
+def make_bundle_files(name: str = "tiny", initial: dict[str, np.ndarray] | None = None,
+                      nonnegative: tuple[str, ...] = ()) -> dict[str, bytes]:
     """A bundle as path → bytes: a schema-1 manifest (docs/CONTRACT.md) and small stand-in model files.
 
     ``initial`` replaces the adaptable parameters (default :func:`initial_params`); layers follow its names.
+    ``nonnegative``: the model entry's ``nonnegative_params`` (parameters its graph needs >= 0).
     """
     models = {"model_fp32.onnx": b"fake-onnx-fp32-" + name.encode() * 50, "model_int8.onnx": bytes(range(256)) * 3,
               "golden.npz": b"fake-golden"}
@@ -66,7 +68,7 @@ def make_bundle_files(name: str = "tiny", initial: dict[str, np.ndarray] | None 
         "source_statistics": {"layers": {}, "features": {"mean": [0.0] * FEATURE_DIM, "var": [1.0] * FEATURE_DIM},
                               "entropy": {"mean": 0.5, "std": 0.2}, "accuracy": 0.9},
         "models": [{"name": "fp32", "file": "model_fp32.onnx", "format": "onnx", "precision": "fp32",
-                    "graph": "adaptable"}],
+                    "graph": "adaptable", **({"nonnegative_params": list(nonnegative)} if nonnegative else {})}],
         "default_model": "fp32",
         "files": {p: hashlib.sha256(b).hexdigest() for p, b in models.items()},
         "golden": {"file": "golden.npz", "alpha": 0.5, "models": {"fp32": {"atol": 1e-4, "rtol": 1e-3}}},

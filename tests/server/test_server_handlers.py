@@ -148,6 +148,27 @@ def test_publish_update_requires_full_valid_params(state: ServerState, bundle_id
     assert state.storage.latest_version() == 0
 
 
+def test_updates_keep_the_scales_a_model_needs_nonnegative(state: ServerState) -> None:
+    """A bundle whose model pools before its normalisation scale (TFLite, trained γ >= 0) lists those scales in
+    ``nonnegative_params``: an update or a device submission with a negative value there is refused, naming it,
+    and nothing is stored."""
+    bundle = handlers.publish_bundle(state, make_bundle_files("pooled", nonnegative=("bn1.weight",))).bundle_id
+    handlers.register_device(state, "dev-1", {}, "tflite")
+    bad = initial_params()
+    bad["bn1.weight"] = np.array([1.0, -0.5, 1.0, 1.0], np.float32)
+    with pytest.raises(InvalidTensorError, match=r"bn1\.weight\[1\] = -0\.5 is negative: model 'fp32'"):
+        updates.publish_update(state, bundle, "fedavg", bad)
+    with pytest.raises(InvalidTensorError, match=r"bn1\.weight\[1\]"):
+        updates.submit_update(state, "dev-1", bundle, 0, 8, bad)
+    assert state.storage.latest_version() == 0
+    fine = initial_params()
+    fine["bn2.weight"] = -fine["bn2.weight"]  # not listed: any sign
+    assert updates.publish_update(state, bundle, "fedavg", fine).version == 1
+    manifest = json.loads(make_bundle_files("pooled", nonnegative=("bn9.weight",))["manifest.json"])
+    with pytest.raises(InvalidBundleError, match="nonnegative_params"):
+        parse_manifest(json.dumps(manifest).encode())
+
+
 class BlockingDistiller(FakeDistiller):
     """A fake distiller that waits for ``release`` before answering."""
 
