@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import numpy as np
 
@@ -44,15 +45,26 @@ def check_batch(x: np.ndarray, sample_shape: tuple[int, ...] | None = None) -> n
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax in float64 for stable entropies."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    z = np.array(logits, dtype=np.float64)  # a copy the steps below work in
+    z -= z.max(axis=1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=1, keepdims=True)
+    return z
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
     """Shannon entropy (nats) of each row of ``probs``."""
     return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=1)
+
+
+def _frozen(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read-only float32 copies of ``params`` (what :class:`AdaptableModel` keeps and shares without copies)."""
+    out = {}
+    for name, value in params.items():
+        arr = np.array(value, dtype=np.float32)
+        arr.flags.writeable = False
+        out[name] = arr
+    return out
 
 
 class AdaptableModel:
@@ -68,7 +80,7 @@ class AdaptableModel:
         self.manifest = bundle.manifest
         self._shapes = self.manifest.param_shapes()
         self._nonnegative = frozenset(bundle.model.nonnegative_params)
-        self._params = {k: v.copy() for k, v in self.manifest.initial_params.items()}
+        self._params = _frozen(self.manifest.initial_params)
         try:
             self._check_nonnegative(self._params)
         except InputError as exc:
@@ -82,6 +94,13 @@ class AdaptableModel:
             return {k: v.copy() for k, v in self._params.items()}
 
     @property
+    def params_view(self) -> Mapping[str, np.ndarray]:
+        """The current adaptable parameters without copies: a read-only mapping of read-only arrays (a
+        consistent set: :meth:`set_params` replaces the set, it never writes into it)."""
+        with self._lock:
+            return MappingProxyType(self._params)
+
+    @property
     def num_classes(self) -> int:
         """Number of output classes."""
         return len(self.manifest.labels)
@@ -91,7 +110,7 @@ class AdaptableModel:
         checked = validate_params(params, self._shapes)
         self._check_nonnegative(checked)
         with self._lock:
-            self._params = {**self._params, **checked}
+            self._params = {**self._params, **_frozen(checked)}
 
     def reset_params(self) -> None:
         """Return to the bundle's initial parameters."""
@@ -134,6 +153,17 @@ class AdaptableModel:
         self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
     ) -> ForwardResult:
         """One pass with α-mixed normalisation; ``params`` overrides some current parameters for this call."""
+        return self._run(self.check_input(x), alpha, params)
+
+    def forward_validated(
+        self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
+    ) -> ForwardResult:
+        """:meth:`forward` for a batch ``x`` that :meth:`check_input` returned (its checks are not repeated;
+        α and ``params`` are checked as in :meth:`forward`). For callers that validate a batch once and run it
+        several times, e.g. a TTA method's transaction."""
+        return self._run(x, alpha, params)
+
+    def _run(self, x: np.ndarray, alpha: float, params: Mapping[str, np.ndarray] | None) -> ForwardResult:
         if not 0.0 <= alpha <= 1.0:
             raise InputError(f"alpha must be in [0, 1], got {alpha}")
         m = self.manifest
@@ -141,7 +171,7 @@ class AdaptableModel:
             feeds: dict[str, np.ndarray] = dict(self._params)  # arrays are replaced, never written: no copies
         if params:
             feeds.update(self._overrides(params))
-        feeds[m.input.name] = self.check_input(x)
+        feeds[m.input.name] = x
         feeds[m.alpha_input] = np.asarray(alpha, dtype=np.float32)
         session = self.bundle.session
         run = getattr(session, "run_checked", session.run)  # every input is checked above

@@ -16,7 +16,9 @@ from device_agents.tta.models import (
     ModelCapabilityError,
     declared_input,
     describe_model,
+    forward_validated,
     graph_layer_order,
+    reference_params,
     source_feature_stats,
     source_layer_stats,
 )
@@ -270,7 +272,7 @@ class FOA(TTAMethod):
         """Evaluate ``population`` candidates per generation, tell CMA-ES, predict with the fittest."""
         cfg, n = self.config, int(x.shape[0])
         plan = self._plan(model)
-        reference = model.params
+        reference = reference_params(model)
         state = dict(self._state) or self._mix.initial_state(reference)
         order = graph_layer_order(model)
         # the prior correction uses the detector's verdict at every batch size; the statistics ignore it below
@@ -281,7 +283,7 @@ class FOA(TTAMethod):
         self._search.use_population(plan.population)
         strategy = self._search.strategy(state, dim)
         if n < cfg.min_batch_for_search:
-            best = model.forward(x, alpha=alpha, params={**feeds, **self._affine(reference, plan, self._search.mean())})
+            best = forward_validated(model, x, alpha, {**feeds, **self._affine(reference, plan, self._search.mean())})
         else:
             best = self._search_step(model, x, alpha, feeds, reference, plan, strategy)
         logits = best.logits
@@ -317,7 +319,7 @@ class FOA(TTAMethod):
         probs = (1.0 - w) * softmax(best.logits)
         for start in range(0, len(x), MIRROR_CHUNK):
             part = np.ascontiguousarray(np.flip(x[start : start + MIRROR_CHUNK], axis=plan.width_axis))
-            flipped = model.forward(part, alpha=0.0, params=params)
+            flipped = forward_validated(model, part, 0.0, params)  # a mirrored copy of validated rows
             probs[start : start + len(part)] += w * softmax(np.asarray(flipped.logits))
         return np.log(np.maximum(probs, 1e-12)).astype(np.asarray(best.logits).dtype)
 
@@ -365,7 +367,7 @@ class FOA(TTAMethod):
             candidates = strategy.ask()
             fitness = []
             for z in candidates:
-                result = model.forward(x, alpha=alpha, params={**feeds, **self._affine(reference, plan, z)})
+                result = forward_validated(model, x, alpha, {**feeds, **self._affine(reference, plan, z)})
                 fitness.append(self._fitness(result, plan))
                 if best is None or fitness[-1] < best_fitness:
                     best, best_fitness = _Outputs.copy_of(result), fitness[-1]

@@ -11,6 +11,7 @@ Source statistics come from the bundle's manifest (``source_statistics``) when t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -24,8 +25,10 @@ class ModelCapabilityError(ValueError):
 
 
 def is_adaptable(model: Any) -> bool:
-    """Whether ``model`` exposes the adaptable-graph surface (``params`` and ``forward``)."""
-    return callable(getattr(model, "forward", None)) and hasattr(model, "params")
+    """Whether ``model`` exposes the adaptable-graph surface (``params`` and ``forward``). ``params`` is looked
+    up without being read: on :class:`runtime.model.AdaptableModel` reading it copies every parameter."""
+    has_params = hasattr(type(model), "params") or "params" in getattr(model, "__dict__", {})
+    return callable(getattr(model, "forward", None)) and has_params
 
 
 def has_features(model: Any) -> bool:
@@ -52,6 +55,22 @@ def check_batch(model: Any, x: np.ndarray) -> np.ndarray:
     if callable(check):
         return np.asarray(check(x))
     return check_array(x)
+
+
+def reference_params(model: Any) -> Mapping[str, np.ndarray]:
+    """The model's current adaptable parameters for reading: a read-only view where the model has one
+    (:attr:`runtime.model.AdaptableModel.params_view`, no copies), else ``model.params``."""
+    view = getattr(model, "params_view", None)
+    return view if view is not None else model.params
+
+
+def forward_validated(model: Any, x: np.ndarray, alpha: float = 0.0,
+                      params: Mapping[str, np.ndarray] | None = None) -> Any:
+    """``model.forward`` for a batch the TTA transaction has validated with the model's own checks: through
+    :meth:`runtime.model.AdaptableModel.forward_validated` where the model has it (the checks are not
+    repeated), else ``model.forward``."""
+    run = getattr(model, "forward_validated", None)
+    return run(x, alpha, params) if run is not None else model.forward(x, alpha=alpha, params=params)
 
 
 def source_pass(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -409,19 +409,25 @@ class NormalisedPass:
         self, model: object, x: np.ndarray, state: Mapping[str, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
         """``(logits, probs, features, statistics state)`` of one pass over the validated batch ``x``."""
-        from device_agents.tta.models import graph_layer_order, is_adaptable, source_pass
+        from device_agents.tta.models import (
+            forward_validated,
+            graph_layer_order,
+            is_adaptable,
+            reference_params,
+            source_pass,
+        )
         from runtime.model import softmax
 
         if self._mix is None or not is_adaptable(model):
             logits, probs, features = source_pass(model, x)
             return logits, probs, features, {}
         n = int(x.shape[0])
-        reference = model.params  # type: ignore[attr-defined]
+        reference = reference_params(model)
         stats = {k: v for k, v in state.items() if k.startswith(self.prefix)} or self._mix.initial_state(reference)
         order = graph_layer_order(model)
         balanced, detected = self._mix.detect(stats, x)
         alpha, feeds = self._mix.feeds(stats, reference, n, order, balanced)
-        result = model.forward(x, alpha=alpha, params=feeds)  # type: ignore[attr-defined]
+        result = forward_validated(model, x, alpha, feeds)
         stats = {**stats, **self._mix.fold(stats, result.batch_stats, n, order), **detected}
         return result.logits, softmax(result.logits), result.features, stats
 

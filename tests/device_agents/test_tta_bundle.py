@@ -121,13 +121,18 @@ def test_classic_alpha_bn_is_one_graph_pass(model: AdaptableModel, noisy) -> Non
 def test_forward_passes_per_batch(name: str, bundle_dir: Path, noisy) -> None:
     model = AdaptableModel(load_bundle(bundle_dir, threads=1))
     calls: list[int] = []
-    forward = model.forward
+    forward, validated = model.forward, model.forward_validated
 
     def counting(x: np.ndarray, alpha: float = 0.0, params: Any = None) -> Any:
         calls.append(len(x))
         return forward(x, alpha, params)
 
+    def counting_validated(x: np.ndarray, alpha: float = 0.0, params: Any = None) -> Any:
+        calls.append(len(x))
+        return validated(x, alpha, params)
+
     model.forward = counting  # type: ignore[method-assign]
+    model.forward_validated = counting_validated  # type: ignore[method-assign]
     method = create_tta_method(name)
     x, _ = noisy[0]
     for i in range(0, 192, 64):

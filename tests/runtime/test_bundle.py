@@ -231,6 +231,27 @@ def test_params_are_validated_and_swapped_atomically(digits_bundle: Path) -> Non
     np.testing.assert_array_equal(model.forward(x).logits, base)
 
 
+def test_params_view_shares_read_only_arrays_and_forward_validated_matches_forward(digits_bundle: Path) -> None:
+    model = AdaptableModel(load_bundle(digits_bundle))
+    view = model.params_view
+    assert set(view) == set(model.params)
+    with pytest.raises(ValueError, match="read-only"):
+        view["bn1.weight"][0] = 5.0  # the model's own arrays cannot be written through the view
+    with pytest.raises(TypeError):
+        view["bn1.weight"] = np.ones(16, np.float32)  # type: ignore[index]
+    mine = model.params
+    mine["bn1.weight"][0] = 5.0  # params stays a private, writable copy
+    assert model.params_view["bn1.weight"][0] != 5.0
+    model.set_params({"bn1.weight": mine["bn1.weight"]})
+    assert view["bn1.weight"][0] != 5.0 and model.params_view["bn1.weight"][0] == 5.0  # a view is a snapshot
+    x = model.check_input(np.random.default_rng(1).random((8, 1, 8, 8)))
+    feeds = {"bn2.mean": np.zeros(32, np.float32)}
+    a, b = model.forward(x, alpha=0.3, params=feeds), model.forward_validated(x, 0.3, feeds)
+    np.testing.assert_array_equal(a.logits, b.logits)
+    with pytest.raises(InputError, match="alpha"):
+        model.forward_validated(x, 1.5)
+
+
 def test_alpha_one_uses_batch_statistics(digits_bundle: Path) -> None:
     model = AdaptableModel(load_bundle(digits_bundle))
     x = np.random.default_rng(1).random((32, 1, 8, 8), dtype=np.float32)
