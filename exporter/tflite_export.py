@@ -229,7 +229,8 @@ def pooled_affine(
     1.24× → 1.15× folded on the MNIST SmallCNN (batch 64 and 16, thread CPU time, interleaved). A TFLite
     graph has no branch XNNPACK runs (the ONNX graph tests min γ ≥ 0 in an ``If``), so the exporter takes
     this form only for layers whose trained γ are all ≥ 0 and records their ``weight`` in the model entry's
-    ``nonnegative_params``: the runtime refuses a negative value there and the server an update with one.
+    ``nonnegative_params``: the runtime refuses a negative value there, the server refuses an update or a
+    device submission with one and sets its own round results' negative values there to 0.
     BatchNorm scales stay far from 0 in practice (the smallest trained γ of the benchmarks' SmallCNN and
     ResNet-8 are 0.67 and 0.35), and α-BN, LAME and T3A never change them, FOA only multiplies them by
     exp(δ) and federated averages of non-negative scales are non-negative.

@@ -231,7 +231,7 @@ class RoundRunner:
             ids = [s.id for s in buffer if s.id is not None]
             record = storage.start_round(ASYNC_ROUND_KIND, self.state.clock(), ids, self._state_record())
             update = publish_update(self.state, bundle_id, "fedavg", result.params, round_id=record.round_id,
-                                    cohort=cohort)
+                                    cohort=cohort, project=True)
             self._remember(bundle_id, cohort, update.version, update.params)
             done = replace(record, state="done", update_version=update.version, samples_used=outcome.samples_used,
                            metrics=outcome.metrics, seconds=time.perf_counter() - t0)
@@ -419,7 +419,8 @@ class RoundRunner:
         """Claim ``used`` and save the strategy's state, publish, then mark ``used`` (see the module doc)."""
         storage = self.state.storage
         storage.claim_submissions(round_id, used, self._state_record())
-        update = publish_update(self.state, job.bundle_id, "fedavg", params, round_id=round_id, cohort=job.cohort)
+        update = publish_update(self.state, job.bundle_id, "fedavg", params, round_id=round_id, cohort=job.cohort,
+                                project=True)
         storage.mark_submissions_used(used, round_id)
         return update.version
 
@@ -469,7 +470,7 @@ class RoundRunner:
             raise InvalidTensorError(f"distiller returned parameters {sorted(result.params)}, "
                                      f"expected {sorted(base)}")
         update = publish_update(self.state, bundle_id, "distill", result.params, round_id=round_id,
-                                cohort=job.cohort)
+                                cohort=job.cohort, project=True)
         self.state.storage.mark_samples_used([s.sample_id for s in samples], round_id)
         metrics = {str(k): float(v) for k, v in result.metrics.items()}
         metrics["samples"] = float(len(samples))

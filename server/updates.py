@@ -222,11 +222,29 @@ def _blob_params(state: ServerState, blob: str, sha256: str, version: int) -> di
     return values
 
 
+def project_nonnegative(spec: BundleSpec, params: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+    """``params`` with every negative value of a parameter some model of the bundle needs >= 0 (its
+    ``nonnegative_params``) set to 0, and how many values that changed: the projection of a server-computed
+    result (distillation, aggregation with a server learning rate) onto what every device can run."""
+    out, clamped = dict(params), 0
+    for name in sorted({n for names in spec.nonnegative.values() for n in names}):
+        if name in out:
+            arr = np.asarray(out[name], dtype=np.float32)
+            negative = arr < 0
+            if negative.any():
+                clamped += int(negative.sum())
+                out[name] = np.where(negative, np.float32(0.0), arr)
+    return out, clamped
+
+
 def publish_update(
     state: ServerState, bundle_id: str, kind: str, params: Mapping[str, np.ndarray], round_id: int | None = None,
-    cohort: str = DEFAULT_COHORT,
+    cohort: str = DEFAULT_COHORT, project: bool = False,
 ) -> ParameterUpdate:
     """Store a parameter set as the cohort's next version, encoded for sending, and wake watchers.
+
+    ``project`` (for results the server computed itself: rounds) first sets negative values of the bundle's
+    ``nonnegative_params`` to 0 (:func:`project_nonnegative`, logged); otherwise such a value is refused.
 
     Every adaptable parameter is required; trainable names ``params`` leaves out keep the previous version's
     values (e.g. a distillation round moves only the adaptable parameters of a bundle that also carries
@@ -241,6 +259,11 @@ def publish_update(
     check_id(cohort, "cohort")
     bundle = resolve_bundle(state, bundle_id)
     spec = require_parameters(bundle, f"publishing a parameter update ({kind})")
+    if project:
+        params, clamped = project_nonnegative(spec, params)
+        if clamped:
+            logger.warning("%s update of bundle %s: %d negative value(s) of parameters its models need >= 0 set "
+                           "to 0", kind, bundle.bundle_id, clamped)
     given = _checked_params(spec, params, partial=True)
     missing = sorted(set(spec.initial_shapes) - set(given))
     if missing:

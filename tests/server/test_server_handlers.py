@@ -207,6 +207,32 @@ def test_rounds_run_one_at_a_time_and_record_failures(state: ServerState, bundle
         runner.start("fedavg")
 
 
+def test_rounds_project_server_results_onto_nonnegative_scales(state: ServerState) -> None:
+    """A round's own result (here a distiller that drives a scale below 0) is published with the negative
+    values of the bundle's nonnegative_params set to 0, where a caller's update would be refused."""
+
+    class Overshooting:
+        def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int
+                    ) -> DistillResult:
+            out = {k: np.array(v, np.float32) for k, v in current_params.items()}
+            out["bn1.weight"][1] = -0.25
+            out["bn2.weight"][0] = -0.5  # not listed: published as it is
+            return DistillResult(out, {"kl_after": 0.1})
+
+    bundle = handlers.publish_bundle(state, make_bundle_files("pooled", nonnegative=("bn1.weight",))).bundle_id
+    handlers.register_device(state, "dev-1", {}, "tflite")
+    handlers.store_samples(state, [_sample("s", bundle)])
+    runner = RoundRunner(state, distiller=Overshooting(), default_steps=1)
+    try:
+        done = runner.wait(runner.start("distill").round_id, timeout=10.0)
+    finally:
+        runner.shutdown()
+    assert done.state == "done" and done.update_version == 1
+    published = updates.current_params(state, bundle)[0]
+    assert published["bn1.weight"][1] == 0.0 and published["bn1.weight"][0] == initial_params()["bn1.weight"][0]
+    assert published["bn2.weight"][0] == -0.5
+
+
 def test_distiller_returning_wrong_names_fails_the_round(state: ServerState, bundle_id: str) -> None:
     class Broken:
         def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int
