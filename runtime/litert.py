@@ -294,6 +294,11 @@ class LiteRTSession:
         extra = [n for n in feeds if n not in self._inputs]
         if missing or extra:
             raise InputError(f"graph inputs missing {missing}, unknown {extra}")
+        return self.run_checked(feeds)
+
+    def run_checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """:meth:`run` for feeds that name exactly the graph's logical inputs (the caller checked them, e.g.
+        :class:`runtime.model.AdaptableModel`); each value is still prepared and checked against its tensor."""
         arrays = {name: self._prepare(name, value) for name, value in feeds.items()}
         batches = {arr.shape[0] for name, arr in arrays.items() if self._inputs[name].batched}
         if len(batches) > 1:
