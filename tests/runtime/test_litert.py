@@ -79,9 +79,11 @@ def test_strided_and_float64_inputs_give_the_contiguous_float32_answer(tiny: tup
     strided, contiguous = x[..., ::2], np.ascontiguousarray(x[..., ::2])
     expected = session.run(_feeds(model, contiguous, 0.5))
     for variant in (strided, contiguous.astype(np.float64), np.asfortranarray(contiguous)):
-        out = session.run(_feeds(model, variant, 0.5))
-        for name, value in expected.items():
-            np.testing.assert_array_equal(out[name], value, err_msg=name)
+        for out in (session.run(_feeds(model, variant, 0.5)), session.run_checked(_feeds(model, variant, 0.5))):
+            for name, value in expected.items():
+                np.testing.assert_array_equal(out[name], value, err_msg=name)
+    with pytest.raises(InputError, match="'input' has shape"):  # run_checked still checks each value
+        session.run_checked({**_feeds(model, contiguous, 0.5), "input": np.zeros((2, 1, 5, 5), np.float32)})
 
 
 def test_refusals_name_the_tensor(tiny: tuple) -> None:
