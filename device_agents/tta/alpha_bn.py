@@ -57,7 +57,8 @@ class AlphaBNConfig(BatchStatisticsConfig):
 
     **Class-balance detector** (the default since: ``balanced_batch_weight=1``, ``imbalance_threshold=2``,
     ``min_batch_for_balanced=32``, see :class:`~device_agents.tta.statistics.ClassBalanceDetector`): batches
-    of 32 or more that arrive while the stream looks class-balanced are normalised with their own statistics.
+    of 32 or more that arrive while the stream looks class-balanced are normalised with their own statistics
+    (smaller ones, down to 16, weigh n / 32 against the running estimate since the detector fix of 2026-11-23).
     Same streams, top-1 % shuffled / class-sorted, without → with the detector (D: its running mean of the
     input descriptor; re-anchoring: on a domain switch in a balanced stream):
 

@@ -276,7 +276,7 @@ class FOA(TTAMethod):
         state = dict(self._state) or self._mix.initial_state(reference)
         order = graph_layer_order(model)
         # the prior correction uses the detector's verdict at every batch size; the statistics ignore it below
-        # min_batch_for_balanced (StatisticsMix.batch_weight)
+        # min_batch_for_batch_stats (StatisticsMix.batch_weight)
         balanced, detected = self._mix.detect(state, x, small_batches=cfg.prior_correction > 0.0)
         alpha, feeds = self._mix.feeds(state, reference, n, order, balanced)
         dim = 2 * sum(plan.widths) if cfg.per_channel else 2 * len(plan.adapted)

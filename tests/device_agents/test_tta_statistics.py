@@ -201,12 +201,14 @@ def test_class_balance_detector_separates_shuffled_from_class_runs() -> None:
     assert all(s > threshold for s in runs)
 
 
-def test_balanced_batches_use_their_own_statistics_and_small_batches_never_do() -> None:
+def test_balanced_batches_use_their_own_statistics_and_small_ones_for_their_share() -> None:
     mix = StatisticsMix(BatchStatisticsConfig())
     momenta = {"a": 0.99, "b": 0.9985}
     assert mix.batch_weight(64, momenta, balanced=True) == 1.0
     assert mix.batch_weight(64, momenta, balanced=False) == pytest.approx(1 - 0.9985**64)
-    assert mix.batch_weight(16, momenta, balanced=True) == pytest.approx(1 - 0.9985**16)  # < min_batch_for_balanced
+    assert mix.batch_weight(16, momenta, balanced=True) == pytest.approx(0.5)  # 16 / min_batch_for_balanced
+    assert mix.batch_weight(16, momenta, balanced=False) == pytest.approx(1 - 0.9985**16)
+    assert mix.batch_weight(8, momenta, balanced=True) == 0.0  # < min_batch_for_batch_stats
     off = StatisticsMix(BatchStatisticsConfig(balanced_batch_weight=None))
     assert off.detect({}, np.zeros((64, 1, 8, 8), np.float32)) == (False, {})
 
@@ -221,6 +223,32 @@ def test_alpha_bn_keeps_the_detector_in_its_state_and_switches_to_batch_statisti
     model.calls.clear()
     method.predict(model, _class_images(rng.integers(0, 4, 64), rng))
     assert model.calls[-1][1] == 1.0  # α·w with w = 1: the batch's own statistics
+
+
+@pytest.mark.parametrize("batch", [16, 32, 64])
+def test_a_shuffled_stream_of_small_batches_is_found_balanced(batch: int) -> None:
+    """The running mean is anchored on a whole window, not on the first small batch: anchored on 16 samples it
+    kept z inflated and a batch-16 stream never left the imbalanced state."""
+    rng = np.random.default_rng(5)
+    mix, state, verdicts = StatisticsMix(BatchStatisticsConfig()), {}, []
+    for _ in range(1536 // batch):
+        balanced, entries = mix.detect(state, _class_images(rng.integers(0, 4, batch), rng))
+        state.update(entries)
+        verdicts.append(balanced)
+    assert "balance.input_mean" in state
+    assert np.mean(verdicts[len(verdicts) // 2 :]) > 0.8
+
+
+def test_a_small_batch_of_one_class_is_vetoed_in_a_balanced_stretch() -> None:
+    """Windows of 64 pooled from batches of 16 can look balanced while one batch is a single class: that batch
+    gets no balanced verdict (its own z against the running mean), its balanced neighbours keep theirs."""
+    rng = np.random.default_rng(6)
+    mix, state = StatisticsMix(BatchStatisticsConfig()), {}
+    for _ in range(96):
+        _, entries = mix.detect(state, _class_images(rng.integers(0, 4, 16), rng))
+        state.update(entries)
+    assert mix.detect(state, _class_images(rng.integers(0, 4, 16), rng))[0]
+    assert not mix.detect(state, _class_images(np.full(16, 2), rng))[0]
 
 
 def _balanced_detector_state(rng: np.random.Generator) -> tuple[ClassBalanceDetector, dict[str, np.ndarray]]:
