@@ -231,11 +231,19 @@ class ClassBalanceDetector:
         count = pooled + n
         total = d.sum(axis=0)
         squares = np.einsum("ij,ij->j", d, d)
+        previous = state.get(self.key_mean)
+        anchored = previous is not None and previous.shape == d.shape[1:]
+        if anchored and n < DETECTOR_WINDOW and n > 1:
+            # the batch against the window it is pooled into when it has company there (it moves with a domain
+            # switch at once), else against the running mean
+            reference = (total + state[self.key_sum]) * (1.0 / count) if pooled > 0 else previous
+            batch_z = _batch_statistic(total, squares, n, reference)
+        else:
+            batch_z = 0.0
         if pooled > 0:
             total += state[self.key_sum]
             squares += state[self.key_squares]
-        previous = state.get(self.key_mean)
-        if previous is None or previous.shape != d.shape[1:]:
+        if not anchored:
             # the running mean starts from a whole window, never from one small batch: anchored on 16 samples
             # it was off by their sampling noise, which inflated z about fivefold for the next ~1000 samples,
             # and a batch-16 stream (MNIST, shuffled) never left the imbalanced state
@@ -244,10 +252,6 @@ class ClassBalanceDetector:
                                self.key_sum: total, self.key_squares: squares}, 0.0
             return score, {self.key_mean: total * (1.0 / count), self.key_score: np.array(score),
                            self.key_count: np.array(0.0)}, 0.0
-        # the batch against the window it is pooled into when it has company there (it moves with a domain
-        # switch at once), else against the running mean
-        reference = total * (1.0 / count) if pooled > 0 else previous
-        batch_z = _batch_statistic(d, reference) if n < DETECTOR_WINDOW else 0.0
         age = float(state.get(self.key_age, REANCHOR_SPACING)) + n
         if count < DETECTOR_WINDOW:
             return score, {self.key_mean: previous, self.key_score: np.array(score), self.key_age: np.array(age),
@@ -273,15 +277,14 @@ class ClassBalanceDetector:
                        **emptied}, batch_z
 
 
-def _batch_statistic(d: np.ndarray, reference: np.ndarray) -> float:
-    """z of the descriptors ``d`` (n, bands) of one batch against the running mean ``reference``, in units of
-    the batch's own sampling noise (as :class:`ClassBalanceDetector` tests a window)."""
-    n = len(d)
-    if n < 2:
-        return 0.0
-    spread = d.var(axis=0, ddof=1)
+def _batch_statistic(total: np.ndarray, squares: np.ndarray, n: int, reference: np.ndarray) -> float:
+    """z of one batch of n > 1 descriptors (their per-band ``total`` and sum of ``squares``) against
+    ``reference``, in units of the batch's own sampling noise (as :class:`ClassBalanceDetector` tests a
+    window)."""
+    mean = total * (1.0 / n)
+    spread = np.maximum(squares - n * mean * mean, 0.0) * (1.0 / (n - 1))
     spread += 1e-2 * float(spread.mean()) + 1e-12
-    gap = d.mean(axis=0) - reference
+    gap = mean - reference
     return float(np.dot(gap * gap, 1.0 / spread)) * n / len(gap)
 
 
