@@ -213,9 +213,9 @@ class ClassBalanceDetector:
     def update_with_batch(
         self, state: Mapping[str, np.ndarray], x: np.ndarray, threshold: float = math.inf
     ) -> tuple[float, dict[str, np.ndarray], float]:
-        """:meth:`update`, and z of the batch x alone against the running mean when x is smaller than a
-        window (0 otherwise, and before the running mean exists): a batch pooled into a window that looks
-        balanced can still be one class run by itself (runs as short as a batch), which this shows."""
+        """:meth:`update`, and z of the batch x alone when x is smaller than a window (0 otherwise, and before
+        the running mean exists), against the window it is pooled into (or the running mean when it opens
+        one): a window that looks balanced can hold a batch that is one class run by itself, which this shows."""
         n = int(x.shape[0])
         flat = np.asarray(x).reshape(n, -1)
         bands = min(DESCRIPTOR_BANDS, flat.shape[1])
@@ -237,7 +237,7 @@ class ClassBalanceDetector:
             # the batch against the window it is pooled into when it has company there (it moves with a domain
             # switch at once), else against the running mean
             reference = (total + state[self.key_sum]) * (1.0 / count) if pooled > 0 else previous
-            batch_z = _batch_statistic(total, squares, n, reference)
+            batch_z = _z_statistic(total, squares, n, reference)
         else:
             batch_z = 0.0
         if pooled > 0:
@@ -257,10 +257,7 @@ class ClassBalanceDetector:
             return score, {self.key_mean: previous, self.key_score: np.array(score), self.key_age: np.array(age),
                            self.key_count: np.array(count), self.key_sum: total, self.key_squares: squares}, batch_z
         mean = total * (1.0 / count)
-        spread = np.maximum(squares - count * mean * mean, 0.0) * (1.0 / (count - 1))  # variance of band means
-        spread += 1e-2 * float(spread.mean()) + 1e-12  # constant bands (a black border) carry no evidence
-        gap = mean - previous
-        z = float(np.dot(gap * gap, 1.0 / spread)) * count / len(gap)
+        z = _z_statistic(total, squares, count, previous)
         emptied = {self.key_count: np.array(0.0)}
         if score < threshold and z > MAX_STATISTIC and age - count >= REANCHOR_SPACING:
             # a jump in a stream known to be class-balanced: a domain switch; re-anchor the running mean
@@ -277,13 +274,12 @@ class ClassBalanceDetector:
                        **emptied}, batch_z
 
 
-def _batch_statistic(total: np.ndarray, squares: np.ndarray, n: int, reference: np.ndarray) -> float:
-    """z of one batch of n > 1 descriptors (their per-band ``total`` and sum of ``squares``) against
-    ``reference``, in units of the batch's own sampling noise (as :class:`ClassBalanceDetector` tests a
-    window)."""
+def _z_statistic(total: np.ndarray, squares: np.ndarray, n: int, reference: np.ndarray) -> float:
+    """z of n > 1 descriptors (their per-band ``total`` and sum of ``squares``: a window or one batch)
+    against ``reference``, in units of their own sampling noise (see :class:`ClassBalanceDetector`)."""
     mean = total * (1.0 / n)
-    spread = np.maximum(squares - n * mean * mean, 0.0) * (1.0 / (n - 1))
-    spread += 1e-2 * float(spread.mean()) + 1e-12
+    spread = np.maximum(squares - n * mean * mean, 0.0) * (1.0 / (n - 1))  # variance of band means
+    spread += 1e-2 * float(spread.mean()) + 1e-12  # constant bands (a black border) carry no evidence
     gap = mean - reference
     return float(np.dot(gap * gap, 1.0 / spread)) * n / len(gap)
 
