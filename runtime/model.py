@@ -106,7 +106,8 @@ class AdaptableModel:
         return len(self.manifest.labels)
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        """Replace some or all parameters at once, after validating names, shapes and finiteness."""
+        """Replace some or all parameters at once, after validating names, shapes, finiteness and the model's
+        ``nonnegative_params`` (an ``InputError`` names the problem; nothing changes then)."""
         checked = validate_params(params, self._shapes)
         self._check_nonnegative(checked)
         with self._lock:
