@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import BundleError, InputError
-from runtime.params import validate_params
+from runtime.params import check_nonnegative, validate_params
 
 
 @dataclass(frozen=True)
@@ -139,16 +139,13 @@ class AdaptableModel:
     def _check_nonnegative(self, params: Mapping[str, np.ndarray]) -> None:
         """Refuse a negative value of a parameter the graph needs ≥ 0 (the model entry's ``nonnegative_params``:
         normalisation scales of layers the TFLite graph pools before scaling), naming it."""
-        for name in self._nonnegative.intersection(params):
-            negative = np.flatnonzero(np.asarray(params[name]) < 0)
-            if negative.size:
-                i = int(negative[0])
-                raise InputError(
-                    f"{name}[{i}] = {float(params[name][i]):.4g} is negative: model {self.bundle.model.name!r} of "
-                    f"bundle {self.manifest.name!r} max-pools before this scale, which is exact only for values "
-                    f">= 0 (manifest nonnegative_params); use another model of the bundle (e.g. the ONNX one) "
-                    f"for negative scales"
-                )
+        if self._nonnegative:
+            check_nonnegative(
+                params, sorted(self._nonnegative),
+                f"model {self.bundle.model.name!r} of bundle {self.manifest.name!r} max-pools before this scale, "
+                "which is exact only for values >= 0 (manifest nonnegative_params); use another model of the "
+                "bundle (e.g. the ONNX one) for negative scales",
+            )
 
     def forward(
         self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -49,3 +49,16 @@ def validate_params(
             raise InputError(f"parameter {name!r} contains NaN or infinite values")
         out[name] = arr
     return out
+
+
+def check_nonnegative(params: Mapping[str, np.ndarray], names: Iterable[str], reason: str) -> None:
+    """Raise :class:`InputError` naming the first negative value of a parameter in ``names`` among ``params``
+    (``<name>[<index>] = <value> is negative: <reason>``); names ``params`` lacks are skipped."""
+    for name in names:
+        if name not in params:
+            continue
+        values = np.asarray(params[name])
+        negative = np.flatnonzero(values < 0)
+        if negative.size:
+            i = int(negative[0])
+            raise InputError(f"{name}[{i}] = {float(values.ravel()[i]):.4g} is negative: {reason}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import InputError
-from runtime.params import params_digest, validate_params
+from runtime.params import check_nonnegative, params_digest, validate_params
 from runtime.update_codec import ENCODINGS, compress_delta, decode_delta, decode_update, encode_full
 from runtime.update_signing import UpdateHeader, payload_digest
 from server.codec import decode_arrays, encode_arrays
@@ -47,13 +47,11 @@ def _checked_params(spec: BundleSpec, params: Mapping[str, np.ndarray], partial:
     except InputError as exc:
         raise InvalidTensorError(str(exc)) from exc
     for model, names in spec.nonnegative.items():
-        for name in names:
-            negative = np.flatnonzero(checked[name] < 0) if name in checked else ()
-            if len(negative):
-                i = int(negative[0])
-                raise InvalidTensorError(
-                    f"{name}[{i}] = {float(checked[name][i]):.4g} is negative: model {model!r} of the bundle "
-                    "max-pools before this scale and is exact only for values >= 0 (its nonnegative_params)")
+        try:
+            check_nonnegative(checked, names, f"model {model!r} of the bundle max-pools before this scale and is "
+                                              "exact only for values >= 0 (its nonnegative_params)")
+        except InputError as exc:
+            raise InvalidTensorError(str(exc)) from exc
     return checked
 
 
