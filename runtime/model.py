@@ -58,13 +58,11 @@ def entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def _frozen(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read-only float32 copies of ``params`` (what :class:`AdaptableModel` keeps and shares without copies)."""
-    out = {}
-    for name, value in params.items():
-        arr = np.array(value, dtype=np.float32)
+    """``params`` (float32 arrays nobody else holds, e.g. :func:`validate_params`' copies) made read-only: what
+    :class:`AdaptableModel` keeps and shares without copies."""
+    for arr in params.values():
         arr.flags.writeable = False
-        out[name] = arr
-    return out
+    return dict(params)
 
 
 class AdaptableModel:
@@ -80,7 +78,7 @@ class AdaptableModel:
         self.manifest = bundle.manifest
         self._shapes = self.manifest.param_shapes()
         self._nonnegative = frozenset(bundle.model.nonnegative_params)
-        self._params = _frozen(self.manifest.initial_params)
+        self._params = _frozen({k: np.array(v, dtype=np.float32) for k, v in self.manifest.initial_params.items()})
         try:
             self._check_nonnegative(self._params)
         except InputError as exc:
