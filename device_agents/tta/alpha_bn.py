@@ -72,8 +72,9 @@ class AlphaBNConfig(BatchStatisticsConfig):
     batch statistics always     49.4 / 18.7      65.1 / 22.7      89.8 / 84.4      97.7 / 94.0
     ==========================  ===============  ===============  ===============  ===============
 
-    Batch 16 is unchanged (gated: the detector separates the CIFAR orders too poorly there, and batch
-    statistics of 16 images lose on the shuffled CIFAR streams anyway: 47.4 and 63.0 vs 47.5 and 64.3).
+    Batch 16 was unchanged by this table (gated then: with full batch statistics, 16 images lose on the
+    shuffled CIFAR streams, 47.4 and 63.0 vs 47.5 and 64.3); since the detector fix it weighs n / 32, see
+    :class:`~device_agents.tta.statistics.ClassBalanceDetector` for the batch-16 numbers.
     Without re-anchoring (see :class:`~device_agents.tta.statistics.ClassBalanceDetector`) a domain switch
     read as imbalance until the detector's running input mean had caught up (3–8 batches of 64). Per-domain
     statistics known to an oracle (reset at the true boundaries, then a cumulative average) reach 49.5 /

@@ -93,7 +93,8 @@ class FOAConfig(BatchStatisticsConfig):
     probabilities). On the benchmark's full streams (``bench_tta --quick-accuracy``), top-1 % before → after:
     CIFAR-10-JPEG ResNet-8 shuffled s5 b64 48.93 → 49.66, s3 b64 64.85 → 65.13, s5 b16 47.76 → 48.05, s3 b16
     63.87 → 64.48; MNIST shuffled s5 b64 92.95 → 93.20, s3 b64 98.35 → 98.36, s3 b16 98.32 → 98.26, s5 b16
-    92.18 (unchanged: the detector never finds that stream balanced); every class-sorted stream (CIFAR and
+    92.18 (unchanged: the detector then never found that stream balanced, a defect fixed since, see
+    :class:`~device_agents.tta.statistics.ClassBalanceDetector`); every class-sorted stream (CIFAR and
     MNIST, s5 and s3, b64 and b16) unchanged to the sample — the detector never let the correction in there.
     Grid on the same streams (CIFAR s5 / s3 b64): τ 0.5 49.42 / 65.01, τ 1.25 49.75 / 65.05, τ 2 49.54 / 65.09
     (m 0.995); m 0.98 / 0.99 / 0.998 at τ 1: 49.41 / 49.52 / 49.67 and 64.81 / 64.89 / 65.01. Driving the
