@@ -83,6 +83,7 @@ LITERT_SUFFIX = "_litert"
 LITERT_VARIANTS = ("plain_litert", "source_litert", "alpha_bn_litert")
 FOREIGN_TFLITE = "models/mlperf_tiny_resnet8_cifar10.tflite"
 FOREIGN_METHODS = ("source", "lame", "t3a")
+QUICK_FOREIGN = "mlperf"  # --quick-accuracy's name for the wrapped MLPerf Tiny ResNet-8 on the CIFAR-10-JPEG streams
 WORKER_BATCHES = 4  # stream batches each timing process cycles through
 HEAVY_MODULES = ("torch", "scipy", "cma", "sklearn", "PIL")  # reported when a timing process has imported them
 WORKER_START_TIMEOUT_S = 300.0
@@ -1007,24 +1008,42 @@ def quick_accuracy(methods: Sequence[str], settings: Sequence[str]) -> list[dict
     for setting in settings:
         try:
             key, severity, order, batch = setting.split(":")
-            case, sev, size = cases[key], int(severity), int(batch)
+            case, sev, size = cases["cifar10" if key == QUICK_FOREIGN else key], int(severity), int(batch)
         except (ValueError, KeyError):
-            raise ValueError(
-                f"setting {setting!r} is not case:severity:order:batch with case in {sorted(cases)}"
-            ) from None
+            raise ValueError(f"setting {setting!r} is not case:severity:order:batch with case in "
+                             f"{[*sorted(cases), QUICK_FOREIGN]}") from None
         if key not in models:
-            ckpt = checkpoint(case)
-            models[key] = load_models(case, ckpt, export_case(case, ckpt, root), quick=True).adaptable
+            models[key] = _quick_model(key, case, root)
         stream = build_stream(load_dataset(case.dataset, "test"), domains_for(sev), case.samples_per_domain,
                               seed=SEED, order=order)
-        cell = reference.get("cases", {}).get(key, {}).get("accuracy", {}).get(f"s{sev}", {})
+        cell = reference.get("cases", {}).get(case.key, {}).get("accuracy", {}).get(f"s{sev}", {})
         known = cell.get(order, {}).get(str(size), {}).get("methods", {})
+        if key == QUICK_FOREIGN:
+            from edgeloop.exporting import to_model_input
+
+            stream = dataclasses.replace(stream, x=to_model_input(stream.x, "NHWC", (0.0, 255.0), "float32"))
+            known = cell.get(order, {}).get(str(size), {}).get("foreign", {}).get("bundle", {})
         for name in methods:
             method = create_tta_method(name)
             correct, seconds = run_stream(stream, size, lambda x, m=method, md=models[key]: m.predict(md, x).probs)
             rows.append({"setting": setting, "method": name, **accuracy_record(stream, correct, seconds),
                          "reference_source": _mean(known, "source"), "reference_tent": _mean(known, "tent")})
     return rows
+
+
+def _quick_model(key: str, case: Case, root: Path) -> Any:
+    """The model a quick accuracy run adapts: the case's adaptable graph, or for :data:`QUICK_FOREIGN` the
+    wrapped MLPerf Tiny ResNet-8's predictor."""
+    if key != QUICK_FOREIGN:
+        ckpt = checkpoint(case)
+        return load_models(case, ckpt, export_case(case, ckpt, root), quick=True).adaptable
+    from runtime.bundle import load_bundle
+    from runtime.predictor import Predictor
+
+    path = wrap_foreign_resnet8(root)
+    if path is None:
+        raise FileNotFoundError(f"{FOREIGN_TFLITE} is not in the shared data directory")
+    return Predictor(load_bundle(path, threads=THREADS))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1037,7 +1056,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help="accuracy of forward-only methods on chosen full streams, printed (for tuning)")
     p.add_argument("--methods", default="alpha_bn,foa", help="comma-separated registered method names")
     p.add_argument("--settings", default="mnist:5:shuffled:64,mnist:5:shuffled:16,cifar10:5:shuffled:64,"
-                   "cifar10:3:shuffled:64", help="comma-separated case:severity:order:batch")
+                   "cifar10:3:shuffled:64", help="comma-separated case:severity:order:batch (case: mnist, "
+                   f"cifar10, or {QUICK_FOREIGN}: the wrapped MLPerf Tiny ResNet-8 on the CIFAR-10-JPEG streams)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     if args.worker:

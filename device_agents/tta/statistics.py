@@ -274,6 +274,13 @@ class ClassBalanceDetector:
                        **emptied}, batch_z
 
 
+def balance_verdict(score: float, batch_z: float, threshold: float) -> bool:
+    """The detector's verdict: the smoothed log statistic ``score`` below the log ``threshold``, and the batch
+    not vetoed (a batch smaller than the detector's window whose own z exceeds :data:`MAX_STATISTIC` looks like
+    a class run by itself)."""
+    return score < threshold and batch_z <= MAX_STATISTIC
+
+
 def _z_statistic(total: np.ndarray, squares: np.ndarray, n: int, reference: np.ndarray) -> float:
     """z of n > 1 descriptors (their per-band ``total`` and sum of ``squares``: a window or one batch)
     against ``reference``, in units of their own sampling noise (see :class:`ClassBalanceDetector`)."""
@@ -347,6 +354,12 @@ class StatisticsMix:
         m = max(momenta.values()) if momenta else cfg.ema_momentum
         return 1.0 - m**n
 
+    @property
+    def uses_detector(self) -> bool:
+        """Whether the statistics use the class-balance detector's verdict (``balanced_batch_weight`` set and
+        no fixed ``batch_weight``)."""
+        return self.config.balanced_batch_weight is not None and self.config.batch_weight is None
+
     def detect(
         self, state: Mapping[str, np.ndarray], x: np.ndarray, small_batches: bool = False
     ) -> tuple[bool, dict[str, np.ndarray]]:
@@ -356,14 +369,13 @@ class StatisticsMix:
         uses the verdict beyond the statistics, which ignore it there: :meth:`batch_weight`); the detector pools
         batches smaller than its window before testing and vetoes one that alone looks like a class run."""
         cfg = self.config
-        if cfg.balanced_batch_weight is None or cfg.batch_weight is not None:
+        if not self.uses_detector:
             return False, {}
         if len(x) < cfg.min_batch_for_batch_stats and not small_batches:
             return False, {}  # smaller batches would not use the verdict: they neither pay for it nor feed it
         threshold = math.log(cfg.imbalance_threshold)
         score, entries, batch_z = self.detector.update_with_batch(state, x, threshold)
-        # a batch smaller than the detector's window is vetoed when by itself it looks like a class run
-        return score < threshold and batch_z <= MAX_STATISTIC, entries
+        return balance_verdict(score, batch_z, threshold), entries
 
     def feeds(
         self,
@@ -452,11 +464,19 @@ class NormalisedPass:
         self.config = config
         self.prefix = prefix
         self._mix = None if config is None else StatisticsMix(config, prefix)
+        # the class-balance test for callers that ask for it where the statistics do not run it (a predictor, no
+        # statistics config, or a config without the detector): the same detector and state keys, its threshold
+        self._detector = ClassBalanceDetector(prefix)
+        self._threshold = math.log((config or DEFAULT_STATISTICS).imbalance_threshold)
 
     def run(
-        self, model: object, x: np.ndarray, state: Mapping[str, np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray]]:
-        """``(logits, probs, features, statistics state)`` of one pass over the validated batch ``x``."""
+        self, model: object, x: np.ndarray, state: Mapping[str, np.ndarray], balance: bool = False
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, np.ndarray], bool]:
+        """``(logits, probs, features, statistics state, balanced)`` of one pass over the validated batch ``x``.
+
+        ``balanced``: the :class:`ClassBalanceDetector`'s verdict on the stream after ``x`` (with the per-batch
+        veto of :meth:`StatisticsMix.detect`) when ``balance`` is asked for or the statistics use it; else
+        False. Its state entries are part of the returned state either way, so one detector serves both."""
         from device_agents.tta.models import (
             forward_validated,
             graph_layer_order,
@@ -468,16 +488,27 @@ class NormalisedPass:
 
         if self._mix is None or not is_adaptable(model):
             logits, probs, features = source_pass(model, x)
-            return logits, probs, features, {}
+            if not balance:
+                return logits, probs, features, {}, False
+            known = {k: v for k, v in state.items() if k.startswith(self.prefix)}
+            balanced, detected = self._detect(known, x)
+            return logits, probs, features, {**known, **detected}, balanced
         n = int(x.shape[0])
         reference = reference_params(model)
         stats = {k: v for k, v in state.items() if k.startswith(self.prefix)} or self._mix.initial_state(reference)
         order = graph_layer_order(model)
-        balanced, detected = self._mix.detect(stats, x)
+        if self._mix.uses_detector:
+            balanced, detected = self._mix.detect(stats, x, small_batches=balance)
+        else:
+            balanced, detected = self._detect(stats, x) if balance else (False, {})
         alpha, feeds = self._mix.feeds(stats, reference, n, order, balanced)
         result = forward_validated(model, x, alpha, feeds)
         stats = {**stats, **self._mix.fold(stats, result.batch_stats, n, order), **detected}
-        return result.logits, softmax(result.logits), result.features, stats
+        return result.logits, softmax(result.logits), result.features, stats, balanced
+
+    def _detect(self, state: Mapping[str, np.ndarray], x: np.ndarray) -> tuple[bool, dict[str, np.ndarray]]:
+        score, entries, batch_z = self._detector.update_with_batch(state, x, self._threshold)
+        return balance_verdict(score, batch_z, self._threshold), entries
 
 
 class FeaturePassMethod(TTAMethod):
@@ -493,9 +524,16 @@ class FeaturePassMethod(TTAMethod):
 
     def _feature_pass(self, model: object, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
         """``(probs, features, statistics state)`` of the pass; a model without features is refused."""
+        probs, features, stats, _ = self._feature_pass_balanced(model, x, balance=False)
+        return probs, features, stats
+
+    def _feature_pass_balanced(
+        self, model: object, x: np.ndarray, balance: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], bool]:
+        """:meth:`_feature_pass` and the class-balance verdict (:meth:`NormalisedPass.run` with ``balance``)."""
         from device_agents.tta.models import ModelCapabilityError, describe_model
 
-        _, probs, features, stats = self._pass.run(model, x, self._state)
+        _, probs, features, stats, balanced = self._pass.run(model, x, self._state, balance=balance)
         if features is None:
             raise ModelCapabilityError(f"{describe_model(model)} returned no features")
-        return probs, features, stats
+        return probs, features, stats, balanced

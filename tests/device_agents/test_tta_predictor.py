@@ -7,6 +7,7 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -79,6 +80,78 @@ def test_lame_and_t3a_through_the_predictor_on_a_class_sorted_stream(predictor: 
           ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
     assert results["lame"] >= results["source"] + 0.03
     assert results["t3a"] >= results["source"]
+
+
+@pytest.fixture(scope="module")
+def shuffled(digits_test: tuple[np.ndarray, np.ndarray]) -> Any:
+    """One domain (gaussian noise, severity 3), shuffled, four passes over the test set (about 2200 samples):
+    a domain of the four-domain stream is too short for the class-balance detector to settle."""
+    from edgeloop.data import Dataset, build_stream
+
+    x, y = digits_test
+    passes = [build_stream(Dataset(x, y, [str(i) for i in range(10)], "digits"), ("gaussian_noise@3",), len(y),
+                           seed=seed, order="shuffled") for seed in range(4)]
+    return SimpleNamespace(x=np.concatenate([p.x for p in passes]), y=np.concatenate([p.y for p in passes]))
+
+
+def _unchanged_batches(method: Any, model: Predictor, stream: Any, batch: int = 64) -> tuple[int, int]:
+    """``(batches whose output is the source model's, batches)`` over the stream."""
+    same = total = 0
+    for i in range(0, len(stream.y), batch):
+        x = stream.x[i : i + batch]
+        out, source = method.predict(model, x).probs, create_tta_method("source").predict(model, x).probs
+        same += int(np.allclose(out, source, rtol=1e-6, atol=1e-9))
+        total += 1
+    return same, total
+
+
+def test_lame_leaves_balanced_batches_to_the_model_and_corrects_class_runs(predictor: Predictor, shuffled: Any,
+                                                                          class_sorted: Any) -> None:
+    """The class-balance detector gates LAME's Laplacian term: a shuffled stream, once found balanced, gets
+    the model's own prediction; a class-sorted one never does. ``balanced_laplacian_weight=None``: every batch
+    corrected (the earlier behaviour)."""
+    same, total = _unchanged_batches(create_tta_method("lame"), predictor, shuffled)
+    assert same >= total // 2, f"{same} of {total} shuffled batches left to the model"
+    assert _unchanged_batches(create_tta_method("lame"), predictor, class_sorted)[0] == 0
+    always = create_tta_method("lame", LAMEConfig(balanced_laplacian_weight=None))
+    assert _unchanged_batches(always, predictor, shuffled)[0] == 0
+    state = create_tta_method("lame")
+    state.predict(predictor, shuffled.x[:64])
+    assert {"stats.balance.score", "stats.balance.input_mean"} <= set(state.snapshot())
+    assert always.snapshot() == {}  # ungated on a predictor: no state at all
+    with pytest.raises(ValueError, match="balanced_laplacian_weight"):
+        LAMEConfig(balanced_laplacian_weight=-1.0)
+
+
+def test_t3a_aligns_features_to_the_source_statistics(predictor: Predictor, shuffled: Any) -> None:
+    """T3A keeps running feature moments (starting at the manifest's source feature statistics) and scores the
+    features moved to the source statistics; ``align_features=False`` keeps no moments."""
+    from device_agents.tta.models import source_feature_stats
+    from device_agents.tta.t3a import align_features
+
+    mean_s, var_s = source_feature_stats(predictor)
+    method, plain = create_tta_method("t3a"), create_tta_method("t3a", T3AConfig(align_features=False))
+    x = shuffled.x[:64]
+    out = method.predict(predictor, x)
+    features = create_tta_method("source").predict(predictor, x).features
+    np.testing.assert_allclose(out.features, features, rtol=1e-6)  # the pass's own features are returned
+    state = method.snapshot()
+    keep = method.config.imbalanced_feature_momentum ** 64  # a fresh detector: imbalanced until shown otherwise
+    np.testing.assert_allclose(state["feature_mean"], keep * mean_s + (1 - keep) * features.mean(0), rtol=1e-5)
+    assert "feature_mean" not in plain.snapshot() and plain.predict(predictor, x).probs.shape == out.probs.shape
+    with pytest.raises(ValueError, match="feature_momentum"):
+        T3AConfig(feature_momentum=1.0)
+    # a stream whose features are the source's shifted and scaled: once the running moments have caught up,
+    # the aligned features have the source mean and variance
+    rng = np.random.default_rng(0)
+    moments: dict[str, np.ndarray] = {}
+    for _ in range(400):
+        f = (rng.normal(size=(64, len(mean_s))) * np.sqrt(var_s) * 3.0 + mean_s + 2.0).astype(np.float32)
+        aligned, moments = align_features(f, moments, (mean_s, var_s), 0.99)
+    live = var_s > 1e-6
+    np.testing.assert_allclose(aligned.mean(0)[live], mean_s[live], atol=0.5 * np.sqrt(var_s[live]).max())
+    ratio = aligned.var(0)[live] / var_s[live]
+    assert 0.6 < np.median(ratio) < 1.6
 
 
 def test_t3a_reads_class_means_through_the_predictor(predictor: Predictor, class_sorted: Any) -> None:
