@@ -38,8 +38,8 @@ The MLPerf Tiny ResNet-8 (TFLite, float, from ``../shared/data/models``) is wrap
 ``t3a`` run on it through its :class:`~runtime.predictor.Predictor` on the CIFAR-10-JPEG streams (NHWC, raw 0–255
 input). The wrapped bundle exposes the penultimate features (the flatten tensor before the final dense layer,
 added as a model output by the wrapper) and carries source statistics from 2048 training images, so LAME
-(centred on the source feature mean) and T3A (seeded with the source class means) run through the normal TTA
-path.
+(centred on the source feature mean, gated by the class-balance detector) and T3A (seeded with the source class
+means, on features aligned to the source feature statistics) run through the normal TTA path.
 
 ``--quick``: 64 samples per domain and three short timing rounds (a smoke run).
 """
@@ -971,7 +971,10 @@ def render(results: dict[str, Any]) -> str:
                         f"tensor `{foreign.get('features_tensor')}`, added as a model output; scores bit-identical) "
                         "and source statistics from 2048 training images"
                         + (f" (source top-1 {_pct(acc)} %)" if acc is not None else "") + ": LAME centres on the "
-                        "source feature mean, T3A starts from the source class means.")
+                        "source feature mean and corrects only batches the class-balance detector does not find "
+                        "balanced; T3A starts from the source class means and scores the features moved to the "
+                        "source feature statistics (the model's normalisation is folded, so no method here "
+                        "adapts it).")
         parts += [" ".join(note), _foreign_table(results)]
     code = results.get("code", {})
     if code.get("changed_during_run"):
