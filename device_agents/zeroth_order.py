@@ -15,6 +15,10 @@ at step k, for each of ``q`` directions z ~ Rademacher(±1) drawn from a seeded 
 with Spall's gain sequences a_k = a / (k + 1 + A)^α and c_k = c / (k + 1)^γ (his recommended α = 0.602,
 γ = 0.101). A step costs exactly ``2 q`` forward passes of the batch (the loss it reports is the mean of those
 passes, so no extra one). numpy only; no torch.
+
+Parameters the model's graph needs >= 0 (``AdaptableModel.nonnegative_params``: a TFLite graph that max-pools
+before those scales) are kept there: both perturbed points and the step are clipped at 0 (projected SPSA), so
+a scale near 0 never hands the model a value it would refuse.
 """
 
 from __future__ import annotations
@@ -182,15 +186,14 @@ class SPSA:
             current = model.params
             theta = {n: np.asarray(current[n], dtype=np.float64) for n in names}
             lr, c = self.gains(self.steps)
+            bounded = set(names) & set(getattr(model, "nonnegative_params", ()))
             grad = {n: np.zeros_like(v) for n, v in theta.items()}
             losses = []
             for _ in range(self.config.directions):
                 z = {n: self._rng.integers(0, 2, size=v.shape).astype(np.float64) * 2.0 - 1.0
                      for n, v in theta.items()}
-                plus = self.loss(model, batch, labels,
-                                 {**held, **{n: (theta[n] + c * z[n]).astype(np.float32) for n in names}})
-                minus = self.loss(model, batch, labels,
-                                  {**held, **{n: (theta[n] - c * z[n]).astype(np.float32) for n in names}})
+                plus = self.loss(model, batch, labels, {**held, **_point(theta, z, c, bounded)})
+                minus = self.loss(model, batch, labels, {**held, **_point(theta, z, -c, bounded)})
                 g = (plus - minus) / (2.0 * c)
                 losses += [plus, minus]
                 for n in names:
@@ -198,10 +201,26 @@ class SPSA:
             change = {n: -lr * grad[n] for n in names}
             if self.config.max_update is not None:
                 change = {n: np.clip(v, -self.config.max_update, self.config.max_update) for n, v in change.items()}
-            model.set_params({n: (theta[n] + change[n]).astype(np.float32) for n in names})
+            new = {n: theta[n] + change[n] for n in names}
+            for n in bounded:  # projected step: the graph needs these >= 0
+                np.maximum(new[n], 0.0, out=new[n])
+                change[n] = new[n] - theta[n]
+            model.set_params({n: v.astype(np.float32) for n, v in new.items()})
         except BaseException:
             self.restore(saved)
             raise
         self.steps += 1
         norm = float(np.sqrt(sum(float(np.sum(v ** 2)) for v in change.values())))
         return SPSAStep(self.steps, float(np.mean(losses)), lr, c, norm, 2 * self.config.directions)
+
+
+def _point(theta: Mapping[str, np.ndarray], z: Mapping[str, np.ndarray], scale: float, bounded: set[str]
+           ) -> dict[str, np.ndarray]:
+    """The perturbed parameters θ + scale · z as float32, with those in ``bounded`` (the model's
+    ``nonnegative_params``) clipped at 0 (the graph is exact only there; near 0 the two-sided difference is
+    then one-sided for those coordinates)."""
+    out = {}
+    for n, v in theta.items():
+        p = v + scale * z[n]
+        out[n] = (np.maximum(p, 0.0) if n in bounded else p).astype(np.float32)
+    return out

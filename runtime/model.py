@@ -92,6 +92,12 @@ class AdaptableModel:
             return {k: v.copy() for k, v in self._params.items()}
 
     @property
+    def nonnegative_params(self) -> frozenset[str]:
+        """The parameters this graph needs >= 0 (the model entry's ``nonnegative_params``; see
+        :meth:`set_params`)."""
+        return self._nonnegative
+
+    @property
     def params_view(self) -> Mapping[str, np.ndarray]:
         """The current adaptable parameters without copies: a read-only mapping of read-only arrays (a
         consistent set: :meth:`set_params` replaces the set, it never writes into it)."""

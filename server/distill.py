@@ -143,6 +143,7 @@ class TorchDistiller:
         self._tent_teacher = copy.deepcopy(self.teacher)
         self._tent_affine = configure_tent(self._tent_teacher)
         self._tent_start = [p.detach().clone() for p in self._tent_affine]
+        self._projected: list[torch.Tensor] = []  # the student parameters a call keeps >= 0 (see distill)
         self._fused = cuda  # one fused Adam kernel per step on CUDA; the CPU keeps the reference implementation
         if cuda_graph and not cuda:
             raise ValueError("cuda_graph needs a CUDA device")
@@ -202,13 +203,18 @@ class TorchDistiller:
             offset += a.size
         return out
 
-    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int) -> DistillResult:
-        """Adapt the teacher on ``samples_x`` (N, C, H, W), distil into the student's BN affine; see the module."""
+    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                nonnegative: frozenset[str] = frozenset()) -> DistillResult:
+        """Adapt the teacher on ``samples_x`` (N, C, H, W), distil into the student's BN affine; see the module.
+
+        Parameters named in ``nonnegative`` (the bundle's ``nonnegative_params``) are projected onto >= 0 after
+        every optimizer step (projected gradient descent), so the result needs no projection when published."""
         self._check(samples_x, steps)
         with self._seeded():
-            return self._distill(samples_x, current_params, steps)
+            return self._distill(samples_x, current_params, steps, frozenset(nonnegative))
 
-    def _distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int) -> DistillResult:
+    def _distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                 nonnegative: frozenset[str]) -> DistillResult:
         t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
         gen = torch.Generator().manual_seed(self.seed)
@@ -219,6 +225,7 @@ class TorchDistiller:
         if not trainable_names:
             raise InvalidTensorError(f"no .weight/.bias entries among {sorted(current_params)}")
         trainable = [params[k].requires_grad_(True) for k in trainable_names]
+        self._projected = [params[k] for k in trainable_names if k in nonnegative]
         kl_before, agree_before = self._evaluate(x, params, teacher_logits)
         plan = self._index_plan(x.shape[0], steps, gen)
         # the train loop is timed with CUDA events on the GPU (no wait here), with the host clock on the CPU
@@ -269,6 +276,10 @@ class TorchDistiller:
         loss = distillation_loss(teacher_logits[idx], student_logits, self.temperature)
         loss.backward()
         opt.step()
+        if self._projected:
+            with torch.no_grad():
+                for p in self._projected:  # in place, so a captured CUDA graph replays it too
+                    p.clamp_(min=0.0)
 
     def _train_graphed(self, x: torch.Tensor, teacher_logits: torch.Tensor, params: dict[str, torch.Tensor],
                        trainable: list[torch.Tensor], plan: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ from server.errors import (
 )
 from server.records import DEFAULT_COHORT, AggregatorStateRecord, RoundRecord, SubmissionRecord
 from server.state import ServerState, check_id, require_parameters, resolve_bundle, sample_tensor
-from server.updates import current_params, publish_update, version_params
+from server.updates import current_params, nonnegative_names, publish_update, version_params
 
 logger = logging.getLogger(__name__)
 ROUND_KINDS = ("fedavg", "distill")
@@ -60,8 +60,11 @@ class DistillResult:
 class Distiller(Protocol):
     """Turns uploaded inputs and the student's current adaptable parameters into better parameters."""
 
-    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int) -> DistillResult:
-        """Distil a teacher's predictions on ``samples_x`` (N, C, H, W) into the student's parameters."""
+    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                nonnegative: frozenset[str] = frozenset()) -> DistillResult:
+        """Distil a teacher's predictions on ``samples_x`` (N, C, H, W) into the student's parameters, keeping
+        those named in ``nonnegative`` >= 0 (the bundle's ``nonnegative_params``: the server still projects
+        the result onto them when it publishes it)."""
         ...
 
 
@@ -465,7 +468,9 @@ class RoundRunner:
         samples.sort(key=lambda s: (s.device_id, s.stream_position, s.sample_id))
         x = np.stack([decode_array(sample_tensor(self.state, s.input_blob)) for s in samples if s.input_blob])
         base, _ = current_params(self.state, bundle_id, job.cohort)
-        result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, job.steps)
+        spec = require_parameters(resolve_bundle(self.state, bundle_id), "distillation", adaptable=True)
+        result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, job.steps,
+                                                    nonnegative=nonnegative_names(spec))
         if set(result.params) != set(base):
             raise InvalidTensorError(f"distiller returned parameters {sorted(result.params)}, "
                                      f"expected {sorted(base)}")

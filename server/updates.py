@@ -220,12 +220,17 @@ def _blob_params(state: ServerState, blob: str, sha256: str, version: int) -> di
     return values
 
 
+def nonnegative_names(spec: BundleSpec) -> frozenset[str]:
+    """The parameters some model of the bundle needs >= 0 (the union of its models' ``nonnegative_params``)."""
+    return frozenset(n for names in spec.nonnegative.values() for n in names)
+
+
 def project_nonnegative(spec: BundleSpec, params: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """``params`` with every negative value of a parameter some model of the bundle needs >= 0 (its
     ``nonnegative_params``) set to 0, and how many values that changed: the projection of a server-computed
     result (distillation, aggregation with a server learning rate) onto what every device can run."""
     out, clamped = dict(params), 0
-    for name in sorted({n for names in spec.nonnegative.values() for n in names}):
+    for name in sorted(nonnegative_names(spec)):
         if name in out:
             arr = np.asarray(out[name], dtype=np.float32)
             negative = arr < 0

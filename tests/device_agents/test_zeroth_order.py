@@ -189,3 +189,34 @@ def test_agent_learns_under_its_adapted_statistics(model: AdaptableModel, contra
     assert agent.learn(x[:64], y[:64]) == expected
     sent = agent.contribution()
     assert {"bn1.mean", "bn1.weight", "bn3.bias"} <= set(sent)  # statistics and what SPSA learned
+
+
+def test_scales_the_graph_needs_nonnegative_stay_nonnegative(bundle_dir: Path, signing_key: Any, tmp_path: Path,
+                                                            contrast: tuple[np.ndarray, np.ndarray]) -> None:
+    """A model entry's ``nonnegative_params`` (a TFLite graph that max-pools before those scales): SPSA keeps
+    them >= 0 — its perturbed passes and its step are clipped at 0 — where unprojected steps from scales near 0
+    would hand the model a negative value, which it refuses (InputError)."""
+    import json
+    import shutil
+
+    from exporter.signing import sign_bundle
+
+    root = tmp_path / "bundle"
+    shutil.copytree(bundle_dir, root)
+    raw = json.loads((root / "manifest.json").read_text())
+    raw["models"][0]["nonnegative_params"] = ["bn1.weight"]
+    (root / "manifest.json").write_text(json.dumps(raw))
+    sign_bundle(root, signing_key)
+    model = AdaptableModel(load_bundle(root, model=raw["models"][0]["name"], threads=1))
+    assert model.nonnegative_params == frozenset({"bn1.weight"})
+    tiny = np.full_like(model.params["bn1.weight"], 1e-3)
+    model.set_params({"bn1.weight": tiny})
+    with pytest.raises(InputError, match=r"bn1\.weight\[\d+\] = .* is negative"):
+        model.set_params({"bn1.weight": tiny - 0.1})  # what an unprojected step of 0.1 would do
+    spsa = SPSA(SPSAConfig(lr=0.5, perturbation=0.05, max_update=0.1, seed=1))
+    x, y = contrast
+    for i in range(6):
+        spsa.step(model, x[i * 32 : (i + 1) * 32], y[i * 32 : (i + 1) * 32])
+        assert (model.params["bn1.weight"] >= 0).all()
+    assert spsa.steps == 6
+    assert (model.params["bn1.weight"] == 0).any()  # some coordinates were pushed against the bound

@@ -105,9 +105,12 @@ class FakeDistiller:
 
     def __init__(self) -> None:
         self.calls: list[tuple[tuple[int, ...], int]] = []
+        self.nonnegative: list[frozenset[str]] = []
 
-    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int) -> DistillResult:
+    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                nonnegative: frozenset[str] = frozenset()) -> DistillResult:
         self.calls.append((samples_x.shape, steps))
+        self.nonnegative.append(nonnegative)
         new = {k: (v + 0.01 * steps if k.endswith((".weight", ".bias")) else v).astype(np.float32)
                for k, v in current_params.items()}
         return DistillResult(new, {"kl_after": 0.1})

@@ -89,6 +89,22 @@ def test_distill_is_deterministic_and_validates(ckpts: tuple[Path, Path, dict[st
         TorchDistiller(teacher, student, alpha=1.5, device="cpu")
 
 
+def test_distill_keeps_nonnegative_params_at_or_above_zero(ckpts: tuple[Path, Path, dict[str, np.ndarray]]
+                                                          ) -> None:
+    """Projected steps: scales named ``nonnegative`` (a bundle's nonnegative_params) end >= 0 where the same
+    unconstrained run drives some below 0; the other parameters may still go negative."""
+    teacher, student, params = ckpts
+    start = {**params, "bn1.weight": np.full_like(params["bn1.weight"], 1e-3),
+             "bn2.weight": np.full_like(params["bn2.weight"], 1e-3)}
+    distiller = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=16, lr=0.2)
+    free = distiller.distill(_inputs(), start, steps=10)
+    kept = distiller.distill(_inputs(), start, steps=10, nonnegative=frozenset({"bn1.weight"}))
+    assert (free.params["bn1.weight"] < 0).any(), "the unconstrained run should overshoot below 0"
+    assert (kept.params["bn1.weight"] >= 0).all() and (kept.params["bn1.weight"] == 0).any()
+    assert (kept.params["bn2.weight"] < 0).any()  # not named: unconstrained
+    assert np.isfinite(kept.metrics["kl_after"])
+
+
 def test_distill_restores_the_global_rng(ckpts: tuple[Path, Path, dict[str, np.ndarray]]) -> None:
     teacher, student, params = ckpts
     distiller = TorchDistiller(teacher, student, alpha=0.5, device="cpu", batch_size=8, seed=3)

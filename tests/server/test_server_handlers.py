@@ -177,10 +177,11 @@ class BlockingDistiller(FakeDistiller):
         self.entered = threading.Event()
         self.release = threading.Event()
 
-    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int) -> DistillResult:
+    def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                nonnegative: frozenset[str] = frozenset()) -> DistillResult:
         self.entered.set()
         self.release.wait(10.0)
-        return super().distill(samples_x, current_params, steps)
+        return super().distill(samples_x, current_params, steps, nonnegative)
 
 
 def test_rounds_run_one_at_a_time_and_record_failures(state: ServerState, bundle_id: str) -> None:
@@ -211,9 +212,12 @@ def test_rounds_project_server_results_onto_nonnegative_scales(state: ServerStat
     """A round's own result (here a distiller that drives a scale below 0) is published with the negative
     values of the bundle's nonnegative_params set to 0, where a caller's update would be refused."""
 
+    told: list[frozenset[str]] = []
+
     class Overshooting:
-        def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int
-                    ) -> DistillResult:
+        def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                    nonnegative: frozenset[str] = frozenset()) -> DistillResult:
+            told.append(nonnegative)  # what the round asks it to keep >= 0; it ignores it, the server projects
             out = {k: np.array(v, np.float32) for k, v in current_params.items()}
             out["bn1.weight"][1] = -0.25
             out["bn2.weight"][0] = -0.5  # not listed: published as it is
@@ -231,12 +235,13 @@ def test_rounds_project_server_results_onto_nonnegative_scales(state: ServerStat
     published = updates.current_params(state, bundle)[0]
     assert published["bn1.weight"][1] == 0.0 and published["bn1.weight"][0] == initial_params()["bn1.weight"][0]
     assert published["bn2.weight"][0] == -0.5
+    assert told == [frozenset({"bn1.weight"})]
 
 
 def test_distiller_returning_wrong_names_fails_the_round(state: ServerState, bundle_id: str) -> None:
     class Broken:
-        def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int
-                    ) -> DistillResult:
+        def distill(self, samples_x: np.ndarray, current_params: dict[str, np.ndarray], steps: int,
+                    nonnegative: frozenset[str] = frozenset()) -> DistillResult:
             return DistillResult({"bn1.weight": np.ones(4, np.float32)})
 
     runner = RoundRunner(state, distiller=Broken())
