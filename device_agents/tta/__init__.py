@@ -15,7 +15,7 @@ t3a        prototype classifier from confident features (Iwasawa & Matsuo 21) fe
 Every method is continual by default (``episodic=True`` resets before every batch), exposes
 ``reset``/``snapshot``/``restore``/``on_drift``/``on_params_changed``, and runs each batch as a transaction: a
 batch the model refuses (``runtime.InputError``: wrong shape or dtype, NaN/inf, empty) leaves the state exactly
-as it was.
+as it was, and so does a batch the model returns non-finite outputs for (``FloatingPointError``).
 """
 
 from device_agents.tta.alpha_bn import AlphaBN, AlphaBNConfig

@@ -173,7 +173,13 @@ class TTAMethod(abc.ABC):
         try:
             if reset_first:
                 self.reset()
-            return self.forward_and_adapt(model, batch)
+            out = self.forward_and_adapt(model, batch)
+            if not np.isfinite(out.logits).all():
+                # a finite batch gave non-finite outputs (a broken model or parameters): nothing is committed, so
+                # statistics, supports and searches are not poisoned for the batches after it
+                raise FloatingPointError(f"TTA method {self.name!r}: {describe_model(model)} returned non-finite "
+                                         "outputs for this batch; the method's state is left as it was")
+            return out
         except BaseException:
             self._state = saved
             self._state_replaced()

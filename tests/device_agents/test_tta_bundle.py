@@ -167,3 +167,53 @@ def test_t3a_starts_from_the_bundles_class_means(model: AdaptableModel, noisy) -
     state = method.snapshot()
     np.testing.assert_array_equal(state["supports"][:, 0], means)
     assert np.all(state["support_entropy"][:, 0] == 0.0)
+
+
+class PoisonedOutputs:
+    """A real :class:`AdaptableModel` whose passes return NaN logits while ``poisoned`` (a broken model or
+    parameters on a finite batch); everything else is the real model's."""
+
+    def __init__(self, model: AdaptableModel) -> None:
+        self.model = model
+        self.poisoned = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        return self.model.params
+
+    def _out(self, result: Any) -> Any:
+        import dataclasses
+
+        return dataclasses.replace(result, logits=np.full_like(result.logits, np.nan)) if self.poisoned else result
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._out(self.model.forward(*args, **kwargs))
+
+    def forward_validated(self, *args: Any, **kwargs: Any) -> Any:
+        return self._out(self.model.forward_validated(*args, **kwargs))
+
+
+@pytest.mark.parametrize("name", sorted(TTA_METHODS))
+def test_non_finite_outputs_raise_and_commit_nothing(name: str, bundle_dir: Path, noisy) -> None:
+    """NaN outputs on a finite batch raise FloatingPointError naming the method (FOA's fitness check sees them
+    first), and the state stays as it was: the next batch gives exactly what a twin that never saw the bad
+    batch gives."""
+    model = PoisonedOutputs(AdaptableModel(load_bundle(bundle_dir, threads=1)))
+    method, twin = create_tta_method(name), create_tta_method(name)
+    x, _ = noisy[0]
+    method.predict(model, x[:32])
+    twin.predict(model, x[:32])
+    before = method.snapshot()
+    twin.snapshot()  # a snapshot rebuilds FOA's live CMA-ES from the state's arrays, as a rollback does
+    model.poisoned = True
+    with pytest.raises(FloatingPointError, match=r"non-finite|FOA fitness is nan"):
+        method.predict(model, x[32:64])
+    model.poisoned = False
+    after = method.snapshot()
+    assert after.keys() == before.keys()
+    for key, value in before.items():
+        np.testing.assert_array_equal(after[key], value)
+    np.testing.assert_array_equal(method.predict(model, x[64:96]).logits, twin.predict(model, x[64:96]).logits)
