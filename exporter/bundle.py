@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, norm_layers
-from exporter.bundle_dir import install, prepare_out_dir
+from exporter.bundle_dir import golden_file, install, prepare_out_dir
 from exporter.bundle_models import BuildOptions, BuiltModel, build_models, feeds_for, session_for
 from exporter.checkpoint import load_checkpoint
 from exporter.compress.onnx_nm import require_onnx_nm, weight_initializers
@@ -240,8 +240,8 @@ def _write_golden(tmp: Path, built: list[BuiltModel], golden_x: np.ndarray, para
         name = b.entry["name"]
         outputs = _golden_outputs(b, x, params, alpha)
         arrays = {**stored, **{f"{name}/{k}": np.asarray(v, np.float32) for k, v in outputs.items()}}
-        (tmp / f"golden_{name}.bin").write_bytes(encode_block(arrays))
-        tolerances[name] = {"file": f"golden_{name}.bin", **_tolerance(b, x, params, alpha, outputs)}
+        (tmp / golden_file(name)).write_bytes(encode_block(arrays))
+        tolerances[name] = {"file": golden_file(name), **_tolerance(b, x, params, alpha, outputs)}
     return tolerances
 
 

@@ -30,3 +30,8 @@ def install(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def golden_file(model: str) -> str:
+    """The golden block's file name of model entry ``model`` (exported and foreign bundles alike)."""
+    return f"golden_{model}.bin"

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from exporter.bundle_dir import install, prepare_out_dir
+from exporter.bundle_dir import golden_file, install, prepare_out_dir
 from exporter.foreign_features import AUTO, FEATURES, ForeignModelError, onnx_with_features, tflite_with_features
 from exporter.signing import sign_bundle
 from exporter.statistics import output_statistics, write_statistic_blocks
@@ -461,11 +461,6 @@ def _wrap(
     logger.info("wrapped %s into %s (%s %s, batch resizable: %s, features: %s)", source_path.name, out_dir,
                 wrapped.fmt, wrapped.precision, wrapped.batch_resizable, wrapped.features)
     return out_dir
-
-
-def golden_file(model: str) -> str:
-    """The golden block's file name of model entry ``model`` (as :mod:`exporter.bundle` names it)."""
-    return f"golden_{model}.bin"
 
 
 def golden_input_arrays(x: np.ndarray) -> dict[str, np.ndarray]:
