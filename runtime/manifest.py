@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,22 +159,12 @@ class Manifest:
         the block's names and shapes; :class:`ManifestError` when the bundle has none or they do not match."""
         if self.trainable is None:
             raise ManifestError("bundle has no trainable block (export it with trainable weights)")
-        from runtime.arrays import ArrayCodecError, decode_arrays
-
         path = Path(root) / self.trainable.file
         try:
-            arrays = decode_arrays(path.read_bytes())
-        except (OSError, ArrayCodecError) as exc:
+            data = path.read_bytes()
+        except OSError as exc:
             raise ManifestError(f"trainable file {self.trainable.file!r} is unreadable: {exc}") from exc
-        shapes = self.trainable.shapes
-        if set(arrays) != set(shapes):
-            raise ManifestError(f"trainable file {self.trainable.file!r} holds {len(arrays)} tensors, the manifest "
-                                f"names {len(shapes)}: differing {sorted(set(arrays) ^ set(shapes))[:8]}")
-        for name, arr in arrays.items():
-            if arr.dtype != np.float32 or tuple(arr.shape) != shapes[name] or not np.all(np.isfinite(arr)):
-                raise ManifestError(f"trainable {name!r} is {arr.dtype} {tuple(arr.shape)}, expected finite float32 "
-                                    f"{shapes[name]}")
-        return arrays
+        return decode_trainable(data, self.trainable.shapes, self.trainable.file)
 
     def model(self, name: str | None, backend: str = "auto") -> ModelEntry:
         """The model entry called ``name``; without a name the default model, or — when ``backend`` names a
@@ -384,6 +374,9 @@ def _layers(adaptable: dict[str, Any], version: int) -> tuple[NormLayerSpec, ...
         if channels <= 0:
             raise ManifestError(f"manifest field {where}.channels must be positive, got {channels}")
         layers.append(NormLayerSpec(name=name, channels=int(channels), **names))
+    if not layers:
+        raise ManifestError("manifest field adaptable.layers must be a non-empty list (a bundle without adaptable "
+                            "layers has no adaptable block: null or absent)")
     return tuple(layers)
 
 
@@ -464,6 +457,26 @@ class TrainableSpec:
     shapes: dict[str, tuple[int, ...]]
 
 
+def decode_trainable(data: bytes, shapes: Mapping[str, tuple[int, ...]], file: str) -> dict[str, np.ndarray]:
+    """The trainable weights in ``data`` (a :mod:`runtime.arrays` blob, the bytes of the ``trainable`` block's
+    ``file``): exactly the names of ``shapes``, each finite float32 of its shape; :class:`ManifestError`
+    otherwise (the device when it loads a bundle, the server when one is published)."""
+    from runtime.arrays import ArrayCodecError, decode_arrays
+
+    try:
+        arrays = decode_arrays(data)
+    except ArrayCodecError as exc:
+        raise ManifestError(f"trainable file {file!r} is unreadable: {exc}") from exc
+    if set(arrays) != set(shapes):
+        raise ManifestError(f"trainable file {file!r} holds {len(arrays)} tensors, the manifest names "
+                            f"{len(shapes)}: differing {sorted(set(arrays) ^ set(shapes))[:8]}")
+    for name, arr in arrays.items():
+        if arr.dtype != np.float32 or tuple(arr.shape) != tuple(shapes[name]) or not np.all(np.isfinite(arr)):
+            raise ManifestError(f"trainable {name!r} in {file!r} is {arr.dtype} {tuple(arr.shape)}, expected "
+                                f"finite float32 {tuple(shapes[name])}")
+    return arrays
+
+
 def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, Any]) -> TrainableSpec | None:
     block = raw.get("trainable")
     if block is None:
@@ -532,7 +545,7 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
         raise ManifestError("manifest field manifest.adaptable must be an object or absent")
     outputs = _get(raw, "outputs", dict, "manifest")
     golden = _get(raw, "golden", dict, "manifest")
-    layers = _layers(adaptable, version) if adaptable else ()
+    layers = _layers(adaptable, version) if adaptable is not None else ()
     features = outputs.get("features")
     if features is not None and not isinstance(features, str):
         raise ManifestError("manifest field outputs.features must be a string or null")
@@ -547,8 +560,8 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
     models = _models(raw)
     files = {str(k): str(v) for k, v in _get(raw, "files", dict, "manifest").items()}
     v1 = version == 1
-    initial_inline = _initial(adaptable, layers) if adaptable and v1 else None
-    initial_file = _initial_file(adaptable, files) if adaptable and not v1 else None
+    initial_inline = _initial(adaptable, layers) if adaptable is not None and v1 else None
+    initial_file = _initial_file(adaptable, files) if adaptable is not None and not v1 else None
     features_file, class_file = _statistics_files(raw, files, version)
     param_names = {n: None for layer in layers for n in (layer.weight, layer.bias, layer.mean, layer.var)}
     for entry in models:
@@ -563,7 +576,7 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
         logits_output=_get(outputs, "logits", str, "outputs"),
         features_output=features,
         output_kind=kind,
-        alpha_input=_get(adaptable, "alpha_input", str, "adaptable") if adaptable else "",
+        alpha_input=_get(adaptable, "alpha_input", str, "adaptable") if adaptable is not None else "",
         layers=layers,
         models=models,
         default_model=str(raw.get("default_model", models[0].name)),

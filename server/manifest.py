@@ -13,7 +13,11 @@ adaptable graph and it declares no ``trainable`` block: :attr:`BundleSpec.adapta
 no federated parameters, so the server serves it, stores its samples and drift events, and refuses everything
 that needs parameters (:class:`~server.errors.NoAdaptableParametersError`). Its feature width comes from its
 source statistics when recorded; without them features are accepted at any width when ``outputs.features``
-names a tensor, refused when it is null. A bundle that has the block is validated exactly as before.
+names a tensor, refused when it is null.
+
+Validation is the device runtime's (:func:`runtime.manifest.parse_manifest`, and
+:func:`runtime.manifest.decode_trainable` for the trainable weights): the server accepts exactly the bundles a
+device can load, and adds the checks of what it stores and serves (file paths, sha256 digests).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from runtime.arrays import ArrayCodecError, decode_arrays
+from runtime.manifest import ManifestError, decode_trainable
+from runtime.manifest import parse_manifest as parse_for_device
 from server.errors import InvalidBundleError, InvalidTensorError
 
 MANIFEST_FILE = "manifest.json"
@@ -146,90 +151,13 @@ def _files(manifest: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
-def _input_shape(manifest: Mapping[str, Any]) -> tuple[int, ...]:
-    shape = _get(manifest, "input", "shape")
-    ok = isinstance(shape, list) and len(shape) >= 2 and all(isinstance(d, int) for d in shape)
-    if not ok or any(d == 0 or d < -1 for d in shape):
-        raise InvalidBundleError(f"{MANIFEST_FILE}: input.shape {shape!r} must be a list of positive ints or -1")
-    return tuple(shape)
-
-
-def _initial_v2(manifest: Mapping[str, Any], files: Mapping[str, str]) -> tuple[dict[str, tuple[int, ...]], str]:
-    """Schema 2: names and shapes of the adaptable parameters (from the layers) and their block file."""
-    layers = _get(manifest, "adaptable", "layers")
-    file = _get(manifest, "adaptable", "initial", "file")
-    if not isinstance(file, str) or file not in files:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial.file {file!r} must name a file in 'files'")
-    if not isinstance(layers, list) or not layers:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.layers must be a non-empty list")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i, layer in enumerate(layers):
-        name, channels = (layer.get("name"), layer.get("channels")) if isinstance(layer, Mapping) else (None, None)
-        if not isinstance(name, str) or not isinstance(channels, int) or isinstance(channels, bool) or channels <= 0:
-            raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.layers[{i}] needs a name and positive channels")
-        for key in ("weight", "bias", "mean", "var"):
-            shapes[str(layer.get(key, f"{name}.{key}"))] = (channels,)
-    return shapes, file
-
-
-def _initial(manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    initial = _get(manifest, "adaptable", "initial")
-    if not isinstance(initial, Mapping) or not initial:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial must be a non-empty object")
-    out: dict[str, np.ndarray] = {}
-    for name, values in initial.items():
-        try:
-            arr = np.asarray(values, dtype=np.float32)
-        except (TypeError, ValueError) as exc:
-            raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial[{name!r}] is not numeric: {exc}") from exc
-        if arr.ndim != 1 or not np.all(np.isfinite(arr)):
-            raise InvalidBundleError(f"{MANIFEST_FILE}: adaptable.initial[{name!r}] must be a finite 1-D list")
-        out[str(name)] = arr
-    return out
-
-
 def parse_trainable(data: bytes, shapes: Mapping[str, tuple[int, ...]], path: str) -> dict[str, np.ndarray]:
-    """Decode a trainable-weights file (:mod:`runtime.arrays`) and check it holds exactly ``shapes``, finite."""
+    """Decode a trainable-weights file and check it holds exactly ``shapes``, finite float32 (the device's
+    check, :func:`runtime.manifest.decode_trainable`; its error as :class:`InvalidBundleError`)."""
     try:
-        arrays = decode_arrays(data)
-    except ArrayCodecError as exc:
-        raise InvalidBundleError(f"trainable file {path!r} is not an array blob: {exc}") from exc
-    if set(arrays) != set(shapes):
-        raise InvalidBundleError(f"trainable file {path!r} holds {sorted(arrays)[:8]}, the manifest names "
-                                 f"{sorted(shapes)[:8]} ({len(arrays)} vs {len(shapes)} tensors)")
-    out: dict[str, np.ndarray] = {}
-    for name, arr in arrays.items():
-        if arr.dtype != np.float32 or tuple(arr.shape) != tuple(shapes[name]) or not np.all(np.isfinite(arr)):
-            raise InvalidBundleError(f"trainable file {path!r}: {name!r} is {arr.dtype} {tuple(arr.shape)}, the "
-                                     f"manifest says float32 {tuple(shapes[name])} (finite)")
-        out[name] = arr
-    return out
-
-
-def _trainable(manifest: Mapping[str, Any], files: Mapping[str, str],
-               adaptable: Mapping[str, Any]) -> tuple[dict[str, tuple[int, ...]], str]:
-    block = manifest.get("trainable")
-    if block is None:
-        return {}, ""
-    if not isinstance(block, Mapping):
-        raise InvalidBundleError(f"{MANIFEST_FILE}: trainable must be an object or absent")
-    path, shapes = block.get("file"), block.get("shapes")
-    if not isinstance(path, str) or path not in files:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.file {path!r} must name a file listed in 'files'")
-    if not isinstance(shapes, Mapping) or not shapes:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.shapes must be a non-empty object of name -> shape")
-    out: dict[str, tuple[int, ...]] = {}
-    for name, shape in shapes.items():
-        if not isinstance(name, str) or not 0 < len(name.encode("utf-8")) < 256:
-            raise InvalidBundleError(f"{MANIFEST_FILE}: trainable name {name!r} must be 1..255 bytes of UTF-8")
-        if name in adaptable:
-            raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.shapes[{name!r}] repeats an adaptable name")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                  for d in shape):
-            raise InvalidBundleError(f"{MANIFEST_FILE}: trainable.shapes[{name!r}] = {shape!r} must be a list of "
-                                     f"positive ints")
-        out[name] = tuple(shape)
-    return out, path
+        return decode_trainable(data, shapes, path)
+    except ManifestError as exc:
+        raise InvalidBundleError(str(exc)) from exc
 
 
 def parse_manifest(raw: bytes) -> tuple[dict[str, Any], BundleSpec]:
@@ -247,40 +175,39 @@ def parse_manifest(raw: bytes) -> tuple[dict[str, Any], BundleSpec]:
 
 
 def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
-    """Validate an already-parsed manifest and extract its :class:`BundleSpec`."""
+    """Validate an already-parsed manifest and extract its :class:`BundleSpec`.
+
+    The manifest is validated by the device runtime's own parser (:func:`runtime.manifest.parse_manifest`), so
+    the server accepts exactly the bundles a device can load; its :class:`~runtime.manifest.ManifestError`
+    becomes :class:`InvalidBundleError`. On top of that the server checks what it serves: file paths and
+    sha256 digests, and that a bundle without an ``adaptable`` block has no ``trainable`` block either."""
     version = _get(manifest, "schema_version")
     if version not in SCHEMA_VERSIONS or isinstance(version, bool):
         raise InvalidBundleError(f"{MANIFEST_FILE}: schema_version {version!r} is not supported "
                                  f"(this server reads {', '.join(map(str, SCHEMA_VERSIONS))})")
     files = _files(manifest)
-    if manifest.get("adaptable") is None:
-        return _spec_without_parameters(manifest, files, version)
-    feature_dim = _recorded_feature_dim(manifest, version)
-    if version == 1:
-        initial = _initial(manifest)
-        shapes, initial_file = {k: tuple(v.shape) for k, v in initial.items()}, ""
-    else:
-        initial = {}
-        shapes, initial_file = _initial_v2(manifest, files)
-    trainable_shapes, trainable_file = _trainable(manifest, files, shapes)
+    if manifest.get("adaptable") is None and manifest.get("trainable") is not None:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: a 'trainable' block needs an 'adaptable' block (the federated "
+                                 "parameters start from the adaptable ones); this manifest has none")
+    try:
+        parsed = parse_for_device(dict(manifest))
+    except ManifestError as exc:
+        raise InvalidBundleError(f"{MANIFEST_FILE}: {exc}") from exc
+    except (TypeError, ValueError, AttributeError) as exc:  # a field of the wrong kind deep inside
+        raise InvalidBundleError(f"{MANIFEST_FILE}: malformed ({type(exc).__name__}: {exc})") from exc
+    input_shape = tuple(parsed.input.shape)
+    if not parsed.is_adaptable:
+        return BundleSpec(files=files, input_shape=input_shape, feature_dim=_feature_dim(manifest, version),
+                          initial={}, adaptable=False)
+    shapes = parsed.param_shapes()
+    trainable = parsed.trainable
     return BundleSpec(
-        files=files, input_shape=_input_shape(manifest), feature_dim=feature_dim,
-        initial=initial, trainable_shapes=trainable_shapes, trainable_file=trainable_file,
-        initial_shapes=shapes, initial_file=initial_file, nonnegative=_nonnegative(manifest, shapes),
+        files=files, input_shape=input_shape, feature_dim=_recorded_feature_dim(manifest, version),
+        initial=dict(parsed.initial_inline or {}), initial_shapes=shapes, initial_file=parsed.initial_file or "",
+        trainable_shapes=dict(trainable.shapes) if trainable else {},
+        trainable_file=trainable.file if trainable else "",
+        nonnegative={m.name: m.nonnegative_params for m in parsed.models if m.nonnegative_params},
     )
-
-
-def _nonnegative(manifest: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[str, ...]]:
-    """Model name → the adaptable parameters its graph needs >= 0 (``models[i].nonnegative_params``)."""
-    out: dict[str, tuple[str, ...]] = {}
-    for i, model in enumerate(_get(manifest, "models")):
-        names = model.get("nonnegative_params", []) if isinstance(model, Mapping) else []
-        if not (isinstance(names, list) and all(isinstance(n, str) and n in shapes for n in names)):
-            raise InvalidBundleError(f"{MANIFEST_FILE}: models[{i}].nonnegative_params must list adaptable "
-                                     f"parameter names, got {names!r}")
-        if names:
-            out[str(model.get("name"))] = tuple(names)
-    return out
 
 
 def _feature_dim(manifest: Mapping[str, Any], version: int) -> int:
@@ -310,21 +237,3 @@ def _recorded_feature_dim(manifest: Mapping[str, Any], version: int) -> int:
     if not isinstance(dim, int) or isinstance(dim, bool) or dim <= 0:
         raise InvalidBundleError(f"{MANIFEST_FILE}: source_statistics.features.dim must be a positive int")
     return dim
-
-
-def _spec_without_parameters(manifest: Mapping[str, Any], files: Mapping[str, str], version: int) -> BundleSpec:
-    """The spec of a bundle without an ``adaptable`` block (a wrapped foreign model): served as published, no
-    federated parameters. Its models must not be adaptable graphs, and a ``trainable`` block (parameters
-    federated on top of the adaptable ones) is refused."""
-    if manifest.get("trainable") is not None:
-        raise InvalidBundleError(f"{MANIFEST_FILE}: a 'trainable' block needs an 'adaptable' block (the federated "
-                                 "parameters start from the adaptable ones); this manifest has none")
-    models = _get(manifest, "models")
-    if not isinstance(models, list) or not models or not all(isinstance(m, Mapping) for m in models):
-        raise InvalidBundleError(f"{MANIFEST_FILE}: models must be a non-empty list of objects")
-    for i, model in enumerate(models):
-        if model.get("graph") == "adaptable":
-            raise InvalidBundleError(f"{MANIFEST_FILE}: models[{i}] ({model.get('name')!r}) is an adaptable graph, "
-                                     "but the manifest has no 'adaptable' block")
-    return BundleSpec(files=dict(files), input_shape=_input_shape(manifest),
-                      feature_dim=_feature_dim(manifest, version), initial={}, adaptable=False)

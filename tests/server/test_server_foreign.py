@@ -330,11 +330,11 @@ def test_spec_of_a_foreign_manifest(tiny_bundle: Path) -> None:
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda m: m["models"][0].update(graph="adaptable"), "is an adaptable graph, but the manifest has no"),
+    (lambda m: m["models"][0].update(graph="adaptable"), "is adaptable but the manifest has no adaptable block"),
     (lambda m: m.update(trainable={"file": "golden_fp32.bin", "shapes": {"w": [2]}}), "'trainable' block needs"),
-    (lambda m: m.update(models=[]), "models must be a non-empty list"),
-    (lambda m: m["source_statistics"]["features"].update(dim=0), "features.dim must be a positive int"),
-    (lambda m: m.update(adaptable={}), "missing field 'adaptable.layers'"),  # a declared block: strict as before
+    (lambda m: m.update(models=[]), "manifest lists no models"),
+    (lambda m: m["source_statistics"]["features"].update(dim=0), r"dim \(0\) positive"),
+    (lambda m: m.update(adaptable={}), "adaptable.layers is missing"),  # a declared block: strict as before
     (lambda m: m.update(adaptable={"layers": [], "initial": {"file": "golden_fp32.bin"}}),
      "adaptable.layers must be a non-empty list"),
 ])

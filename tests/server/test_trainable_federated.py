@@ -105,9 +105,9 @@ def test_manifest_trainable_block_parses_on_server_and_runtime(tmp_path: Path) -
 
 @pytest.mark.parametrize(("edit", "match"), [
     (lambda m: m["trainable"].update(file="missing.bin"), "trainable.file"),
-    (lambda m: m["trainable"].update(shapes={}), "non-empty"),
+    (lambda m: m["trainable"].update(shapes={}), "at least one tensor"),
     (lambda m: m["trainable"].update(shapes={"fc.bias": [0]}), "positive ints"),
-    (lambda m: m["trainable"].update(shapes={"bn1.weight": [4]}), "repeats an adaptable name"),
+    (lambda m: m["trainable"].update(shapes={"bn1.weight": [4]}), "repeats an adaptable"),
     (lambda m: m.update(trainable=[1]), "must be an object"),
 ])
 def test_malformed_trainable_blocks_are_refused(edit: object, match: str) -> None:
