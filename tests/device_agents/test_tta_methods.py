@@ -247,6 +247,26 @@ def test_knn_affinity_centres_and_symmetrises() -> None:
     assert centred[0, 1] == centred[2, 3] == 1.0 and centred[0, 2] == 0.0
 
 
+def test_lame_gate_runs_the_detector_where_the_statistics_do_not() -> None:
+    """The gate's class-balance test runs wherever LAME corrects: on the statistics' detector when they use
+    one, on its own (same state keys) when they do not or when the pass is the source pass; ungated LAME
+    keeps no detector state."""
+    from device_agents.tta import BatchStatisticsConfig
+
+    model = TinyModel()
+    configs = {"statistics' detector": LAMEConfig(),
+               "statistics without one": LAMEConfig(statistics=BatchStatisticsConfig(balanced_batch_weight=None)),
+               "source pass": LAMEConfig(statistics=None)}
+    for label, config in configs.items():
+        method = LAME(config)
+        for seed in range(3):
+            method.predict(model, _batch(seed))
+        assert "stats.balance.score" in method.snapshot(), label
+    ungated = LAME(LAMEConfig(statistics=None, balanced_laplacian_weight=None))
+    ungated.predict(model, _batch(0))
+    assert ungated.snapshot() == {}
+
+
 def test_lame_config_checks_statistics() -> None:
     with pytest.raises(ValueError, match="statistics"):
         LAMEConfig(statistics=0.5)  # type: ignore[arg-type]
