@@ -89,6 +89,19 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _add_tta_set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tta-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the TTA method's config, repeatable (e.g. population=6, alpha=0.8, "
+                   "statistics.alpha=0.5 for lame/t3a, balanced_laplacian_weight=none); unknown keys and bad values "
+                   "are refused by name")
+
+
+def _tta_settings(args: argparse.Namespace) -> dict[str, str]:
+    from device_agents.tta.options import parse_options
+
+    return parse_options(args.tta_set)
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="accuracy of a bundle on clean or corrupted data, with or without adaptation")
     p.add_argument("bundle", type=Path, nargs="?", help="bundle directory (verified before use)")
@@ -97,6 +110,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--severity", type=int, default=3, help="corruption severity 1-5; default 3")
     p.add_argument("--tta", default="source", help="test-time adaptation: source (none), alpha_bn, foa, lame, "
                    "t3a (folded/foreign models: source, lame, t3a); default source")
+    _add_tta_set(p)
     p.add_argument("--model", default=None, help="bundle model to run (fp32, int8); default: the manifest's default")
     p.add_argument("--backend", choices=("auto", "onnx", "tflite"), default="auto", help="inference backend: "
                    "onnx (onnxruntime), tflite (LiteRT), auto (the chosen model's format); default auto")
@@ -155,6 +169,7 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass; default 16")
     p.add_argument("--tta", default="alpha_bn", help="adaptation method: source, alpha_bn, foa, lame, t3a; "
                    "default alpha_bn")
+    _add_tta_set(p)
     p.add_argument("--seed", type=int, default=0, help="stream seed; default 0")
     from device_agents.drift import DETECTORS
 
@@ -294,7 +309,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = pipeline.evaluate_bundle(
         args.bundle, dataset=args.dataset, corruption=args.corruption, severity=args.severity, tta=args.tta,
         model=args.model, backend=args.backend, batch_size=args.batch_size, limit=args.limit,
-        threads=args.threads, seed=args.seed, trusted=args.trusted_key,
+        threads=args.threads, seed=args.seed, trusted=args.trusted_key, tta_settings=_tta_settings(args),
     )
     print(json.dumps(result, indent=2, sort_keys=True))
     _write_json(args.json, result)
@@ -344,7 +359,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         server=args.server, device_id=args.device_id, work_dir=args.work_dir, dataset=args.dataset,
         domains=args.domains, samples_per_domain=args.samples_per_domain, batch_size=args.batch_size,
         tta=args.tta, seed=args.seed, trusted=args.trusted_key, enrollment_secret=secret, tls=tls,
-        detector=args.detector,
+        detector=args.detector, tta_settings=_tta_settings(args),
     )
     print(json.dumps(stats, indent=2, sort_keys=True))
     _write_json(args.json, stats)

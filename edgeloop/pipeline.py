@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -144,19 +144,24 @@ def evaluate_bundle(
     bundle: Path, *, dataset: str = "digits", corruption: str = "clean", severity: int = 3, tta: str = "source",
     model: str | None = None, backend: str = "auto", batch_size: int = 64, limit: int | None = None,
     threads: int | None = None, seed: int = 0, trusted: Sequence[Path] | None = None,
+    tta_settings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a verified bundle on ``dataset``'s test split, clean or corrupted, with a TTA method.
+    """Accuracy of a verified bundle on ``dataset``'s test split, clean or corrupted, with a TTA method
+    (``tta_settings``: ``KEY=VALUE`` settings of its config, :mod:`device_agents.tta.options`).
 
-    Adaptable models run through the TTA method; folded and foreign models (no adaptable graph) run as
-    they are (``tta`` must be ``source``), fed in their own layout, value range and dtype.
+    Adaptable models run through any TTA method; folded and foreign models (no adaptable graph) run through a
+    :class:`~runtime.predictor.Predictor` with the output-only methods, fed in their own layout, value range
+    and dtype.
     """
+    from device_agents.tta.options import create_configured
     from edgeloop.data import corrupt, load_dataset
     from runtime import load_bundle
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    method = create_configured(tta, tta_settings)  # a bad setting fails before the bundle is loaded
     loaded = load_bundle(bundle, model=model, backend=backend, threads=threads, trusted_keys=trusted_keys(trusted))
-    predict = _batch_predictor(loaded, tta)
+    predict = _batch_predictor(loaded, method)
     data = load_dataset(dataset, "test", limit=limit)
     x = data.x if corruption == "clean" else corrupt(data.x, corruption, severity, seed=seed)
     order = np.random.default_rng(seed).permutation(len(data))
@@ -169,23 +174,23 @@ def evaluate_bundle(
         "bundle": str(bundle), "bundle_id": loaded.bundle_id, "model": loaded.model.name,
         "backend": loaded.model.backend,
         "dataset": dataset, "corruption": corruption, "severity": severity if corruption != "clean" else 0,
-        "tta": tta, "samples": len(y), "accuracy": correct / len(y), "batch_size": batch_size,
+        "tta": tta, "tta_settings": dict(tta_settings or {}), "samples": len(y), "accuracy": correct / len(y),
+        "batch_size": batch_size,
         "seconds": seconds,
     }
 
 
-def _batch_predictor(loaded: Any, tta: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A function from [0, 1] NCHW batches to predicted class indices for the bundle's model.
+def _batch_predictor(loaded: Any, method: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """A function from [0, 1] NCHW batches to predicted class indices for the bundle's model, adapted by the
+    TTA ``method``.
 
     Adaptable models run any TTA method; folded and foreign models run through a :class:`Predictor` in
     their own layout, range and dtype, with the output-only methods (``source``, ``lame``, ``t3a``).
     """
-    from device_agents.tta import create_tta_method
     from edgeloop.exporting import to_model_input
     from runtime import AdaptableModel
     from runtime.predictor import Predictor
 
-    method = create_tta_method(tta)
     if loaded.model.graph == "adaptable":
         adaptable = AdaptableModel(loaded)
         return lambda x: method.adapt_and_predict(adaptable, x).logits.argmax(axis=1)
@@ -238,13 +243,14 @@ def parse_domains(spec: str) -> list[Any]:
 LOOP_ALPHA = 0.6
 
 
-def agent_tta(name: str) -> Any:
-    """The TTA method an agent in the cloud loop runs: ``alpha_bn`` as classic one-pass α-BN at LOOP_ALPHA."""
-    from device_agents.tta import AlphaBNConfig, create_tta_method
+def agent_tta(name: str, settings: Mapping[str, str] | None = None) -> Any:
+    """The TTA method an agent in the cloud loop runs: ``alpha_bn`` as classic one-pass α-BN at LOOP_ALPHA;
+    ``settings`` (``KEY=VALUE``, :mod:`device_agents.tta.options`) applied on top."""
+    from device_agents.tta import AlphaBNConfig
+    from device_agents.tta.options import create_configured
 
-    if name == "alpha_bn":
-        return create_tta_method(name, AlphaBNConfig(alpha=LOOP_ALPHA, batch_weight=1.0))
-    return create_tta_method(name)
+    base = AlphaBNConfig(alpha=LOOP_ALPHA, batch_weight=1.0) if name == "alpha_bn" else None
+    return create_configured(name, settings, base)
 
 
 def connect_agent(
@@ -252,6 +258,7 @@ def connect_agent(
     outbox_bytes: int = 8 << 20, selector_bytes_per_window: int = 256 << 10, drift_threshold: float = 5.0,
     trusted_keys: Sequence[bytes] | None = None, enrollment_secret: str | None = None, tls: Any = None,
     detector: str = "page_hinkley", update_keys: Sequence[bytes] | None = None,
+    tta_settings: Mapping[str, str] | None = None,
 ) -> Any:
     """Register with ``server``, download and verify its bundle (signed by one of ``trusted_keys`` when
     given), and build a ready :class:`Agent`: on the adaptable graph, or — for a bundle without one (a folded
@@ -289,7 +296,7 @@ def connect_agent(
                                    class_statistics=needs_class_statistics(tta, detector))
         loaded = load_bundle(path, trusted_keys=trusted_keys)
         model = AdaptableModel(loaded) if loaded.model.graph == "adaptable" else Predictor(loaded)
-        method = agent_tta(tta)
+        method = agent_tta(tta, tta_settings)
         method.check_model(model)
     except BaseException:
         client.close()
@@ -344,15 +351,16 @@ def run_agent(
     *, server: str, device_id: str, work_dir: Path, dataset: str = "digits", domains: str = "clean:0",
     samples_per_domain: int = 200, batch_size: int = 16, tta: str = "alpha_bn", seed: int = 0,
     sync_every: int = 4, trusted: Sequence[Path] | None = None, enrollment_secret: str | None = None,
-    tls: Any = None, detector: str = "page_hinkley",
+    tls: Any = None, detector: str = "page_hinkley", tta_settings: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run an agent over a corrupted stream of ``dataset``, syncing with the server every few batches."""
     from edgeloop.data import build_stream, iter_batches, load_dataset
     from edgeloop.exporting import to_model_input
 
     stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
+    agent_tta(tta, tta_settings)  # a bad setting fails before the agent connects
     agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted),
-                          enrollment_secret=enrollment_secret, tls=tls, detector=detector)
+                          enrollment_secret=enrollment_secret, tls=tls, detector=detector, tta_settings=tta_settings)
     try:
         spec = agent.model.manifest.input  # a foreign model is fed in its own layout, value range and dtype
         feed = (lambda x: x) if agent.adaptable else (lambda x: to_model_input(x, spec.layout, spec.value_range,

@@ -68,6 +68,29 @@ def test_eval_rejects_unknown_tta_and_corruption(digits_bundle: Path, capsys: py
     assert "fog" in capsys.readouterr().err
 
 
+def test_eval_takes_tta_settings_and_refuses_bad_ones_by_name(digits_bundle: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """``--tta-set KEY=VALUE`` configures the method (here LAME without its balance gate, on the source pass);
+    the settings land in the result, and a different setting changes what is measured."""
+    base = ["eval", str(digits_bundle), "--corruption", "contrast", "--severity", "4", "--tta", "lame"]
+    results = {}
+    for label, settings in (("default", []), ("paper", ["--tta-set", "statistics=none",
+                                                        "--tta-set", "balanced_laplacian_weight=none",
+                                                        "--tta-set", "knn=3"])):
+        out = tmp_path / f"{label}.json"
+        assert main([*base, *settings, "--json", str(out)]) == 0
+        results[label] = json.loads(out.read_text())
+    assert results["default"]["tta_settings"] == {}
+    assert results["paper"]["tta_settings"] == {"statistics": "none", "balanced_laplacian_weight": "none", "knn": "3"}
+    assert results["paper"]["accuracy"] != results["default"]["accuracy"]
+    for bad, named in ((["--tta-set", "knn=many"], "'knn': 'many' is not an integer"),
+                       (["--tta-set", "kn=3"], "no setting 'kn'"),
+                       (["--tta-set", "knn=0"], "knn must be >= 1"),
+                       (["--tta-set", "knn"], "is not KEY=VALUE")):
+        assert main([*base, *bad]) == 2
+        assert named in capsys.readouterr().err
+
+
 def test_parse_domains() -> None:
     domains = parse_domains("clean:0, gaussian_noise:4,contrast")
     assert [d.label for d in domains] == ["clean", "gaussian_noise@4", "contrast@3"]
