@@ -76,6 +76,7 @@ class SimulationConfig:
     aggregator: str = "fedavg"
     aggregator_options: dict[str, Any] = field(default_factory=dict)
     tta: str = "alpha_bn"
+    tta_settings: dict[str, str] = field(default_factory=dict)
     detector: str = "page_hinkley"
     batch_size: int = 16
     dirichlet_alpha: float | None = None
@@ -142,6 +143,9 @@ class SimulationConfig:
 
         if self.tta not in TTA_METHODS:
             raise ValueError(f"unknown TTA method {self.tta!r}; known: {', '.join(sorted(TTA_METHODS))}")
+        from edgeloop.pipeline import agent_tta
+
+        agent_tta(self.tta, self.tta_settings)  # a bad --tta-set is named here, before any device starts
         if self.detector not in DETECTORS:
             raise ValueError(f"unknown drift detector {self.detector!r}; known: {', '.join(DETECTORS)}")
         if self.bundle is not None and not (Path(self.bundle) / "manifest.json").is_file():
@@ -433,7 +437,7 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
                 server=address, dataset=cfg.dataset, rounds=cfg.rounds, batch_size=cfg.batch_size,
                 work_dir=str((cfg.out / "devices").resolve()), online=participation(specs, cfg.rounds, cfg.seed),
                 data_dir=str(Path(cfg.data_dir or default_data_dir()).resolve()),  # absolute: actors run elsewhere
-                tta=cfg.tta, detector=cfg.detector,
+                tta=cfg.tta, tta_settings=dict(cfg.tta_settings), detector=cfg.detector,
                 upload_bytes_per_window=cfg.upload_bytes_per_window, health_samples=cfg.health_samples,
                 local_baseline=cfg.local_baseline, trusted_keys=tuple(map(load_public_key, trusted_pub)) or None,
                 contribution_encoding=cfg.contribution_encoding)
@@ -524,6 +528,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--aggregator-option", action="append", default=[], metavar="KEY=VALUE",
                    help="aggregator setting (e.g. byzantine=2 for krum, beta=0.2 for trimmed_mean); repeatable")
     p.add_argument("--tta", default="alpha_bn", help="device TTA method; default alpha_bn")
+    p.add_argument("--tta-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting of the device TTA method's config (as for `edgeloop agent`); repeatable")
     p.add_argument("--detector", default="page_hinkley", help="device drift detector; default page_hinkley")
     p.add_argument("--batch-size", type=int, default=16, help="images per device batch; default 16")
     p.add_argument("--dirichlet-alpha", type=float, default=None, help="label-skew concentration (overrides the "
@@ -558,13 +564,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> SimulationConfig:
     """A validated :class:`SimulationConfig` from the parsed command line."""
+    from device_agents.tta.options import parse_options
+
     workers = args.workers if args.workers is not None else (2 if args.engine == "ray" else 4)
     token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
     return SimulationConfig(
         out=args.out, devices=args.devices, dataset=args.dataset, scenario=args.scenario, rounds=args.rounds,
         engine=args.engine, workers=workers, address=args.address, server=args.server, admin_token=token,
         seed=args.seed, aggregator=args.aggregator, aggregator_options=dict(map(parse_option, args.aggregator_option)),
-        tta=args.tta, detector=args.detector, batch_size=args.batch_size, dirichlet_alpha=args.dirichlet_alpha,
+        tta=args.tta, tta_settings=parse_options(args.tta_set), detector=args.detector, batch_size=args.batch_size,
+        dirichlet_alpha=args.dirichlet_alpha,
         dropout=args.dropout, byzantine=args.byzantine, attack=args.attack, attack_scale=args.attack_scale,
         labelled=args.labelled, late=args.late,
         upload_bytes_per_window=args.upload_bytes, health_samples=args.health_samples,

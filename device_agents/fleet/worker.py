@@ -62,6 +62,7 @@ class FleetConfig:
     online: np.ndarray = field(repr=False)
     data_dir: str | None = None
     tta: str = "alpha_bn"
+    tta_settings: dict[str, str] = field(default_factory=dict)  # KEY=VALUE settings (device_agents.tta.options)
     detector: str = "page_hinkley"
     drift_threshold: float = 5.0
     upload_bytes_per_window: int = 4096
@@ -168,7 +169,7 @@ class FleetWorker:
         for spec, client, info in zip(self.specs, clients, infos, strict=True):
             stream = DeviceStream(spec, test.x, test.y, cfg.rounds, cfg.batch_size)
             agent = self._agent(bundle, client, info)
-            local = (AdaptableModel(bundle), _tta(cfg.tta)) if cfg.local_baseline else None
+            local = (AdaptableModel(bundle), _tta(cfg.tta, cfg.tta_settings)) if cfg.local_baseline else None
             self.devices.append(_SimDevice(spec, stream, agent, local))
         return {"devices": len(self.devices), "bundle_id": self.bundle_id, "bundle_bytes": self.bundle_bytes,
                 "seconds": time.perf_counter() - started}
@@ -193,8 +194,8 @@ class FleetWorker:
         config = AgentConfig(device_id=client.device_id, bundle_id=info.bundle_id, cohort=info.cohort,
                              update_keys=keys, health=HealthPolicy(recent_samples=cfg.health_samples),
                              sync_wait_seconds=cfg.sync_wait_seconds, **extra)
-        return Agent(model, _tta(cfg.tta), make_detector(cfg.detector, model, cfg.drift_threshold), selector,
-                     outbox, client, config)
+        detector = make_detector(cfg.detector, model, cfg.drift_threshold)
+        return Agent(model, _tta(cfg.tta, cfg.tta_settings), detector, selector, outbox, client, config)
 
     # -- rounds ---------------------------------------------------------------------------------------------
     def run_round(self, round_index: int, on_device: Callable[[int], None] | None = None) -> list[DeviceRound]:
@@ -354,7 +355,7 @@ class FleetWorker:
             self._channel = None
 
 
-def _tta(name: str) -> Any:
+def _tta(name: str, settings: dict[str, str] | None = None) -> Any:
     from edgeloop.pipeline import agent_tta
 
-    return agent_tta(name)
+    return agent_tta(name, settings)

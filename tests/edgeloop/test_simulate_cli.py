@@ -38,6 +38,9 @@ def test_help_lists_every_scenario_with_its_description(capsys: pytest.CaptureFi
     (["--tta", "magic"], "unknown TTA method 'magic'"),
     (["--contribution-encoding", "zip"], "unknown --contribution-encoding 'zip'"),
     (["--aggregator-option", "nokey"], "--aggregator-option must be KEY=VALUE"),
+    (["--tta-set", "nokey"], "TTA setting 'nokey' is not KEY=VALUE"),
+    (["--tta-set", "alpha=2"], "TTA setting 'alpha' = '2': alpha must be in [0, 1]"),
+    (["--tta", "lame", "--tta-set", "knn=few"], "TTA setting 'knn': 'few' is not an integer"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(args: list[str], message: str, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,16 +75,17 @@ def test_missing_shared_data_is_named(tmp_path: Path, capsys: pytest.CaptureFixt
 
 def test_a_small_run_writes_the_report(digits_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fleet"
-    code = main(["simulate", "--devices", "4", "--rounds", "1", "--out", str(out), "--bundle", str(digits_bundle),
-                 "--scenario", "stationary", "--workers", "2", "--no-plots", "--quiet", "--aggregator", "median"])
-    assert code == 0
+    run = ["simulate", "--devices", "4", "--rounds", "1", "--out", str(out), "--bundle", str(digits_bundle),
+           "--scenario", "stationary", "--workers", "2", "--no-plots", "--quiet", "--aggregator", "median",
+           "--tta-set", "alpha=0.5"]
+    assert main(run) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["devices"] == 4 and report["config"]["aggregator"] == "median"
+    assert report["config"]["tta_settings"] == {"alpha": "0.5"}
     assert report["errors"]["count"] == 0 and report["drift"]["true_points"] == 0
     assert "report:" in capsys.readouterr().out
     # the same directory again: a fresh registry, so the same versions and accuracies (seeded)
-    assert main(["simulate", "--devices", "4", "--rounds", "1", "--out", str(out), "--bundle", str(digits_bundle),
-                 "--scenario", "stationary", "--workers", "2", "--no-plots", "--quiet", "--aggregator", "median"]) == 0
+    assert main(run) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["per_device"]["accuracy"] == report["per_device"]["accuracy"]
     versions = [r["update_version"] for r in report["rounds_detail"]]
