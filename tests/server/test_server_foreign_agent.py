@@ -85,6 +85,26 @@ def test_agent_runs_a_foreign_bundle(server: EdgeloopServer, tiny_bundle: Path, 
         agent.outbox.close()
 
 
+def test_agent_tta_settings_reach_the_method(server: EdgeloopServer, tiny_bundle: Path,  # noqa: F811 (fixture)
+                                            tmp_path: Path) -> None:
+    """``edgeloop agent --tta lame --tta-set knn=3``: the agent's method runs with the setting; a bad setting is
+    refused by name before the agent registers."""
+    target = f"127.0.0.1:{server.port}"
+    with AdminClient(target) as admin:
+        admin.publish_bundle(tiny_bundle)
+    agent = connect_agent(target, "cam-k", tmp_path / "k", tta="lame", tta_settings={"knn": "3"})
+    try:
+        assert agent.tta.config.knn == 3
+        assert agent.process_batch(_tiny_inputs(16, 3), np.arange(16) % 3).probs.shape == (16, 3)
+    finally:
+        close_agent(agent)
+        agent.client.close()
+        agent.outbox.close()
+    with pytest.raises(ValueError, match="TTA setting 'knn': 'x' is not an integer"):
+        run_agent(server=target, device_id="cam-x", work_dir=tmp_path / "x", tta="lame", tta_settings={"knn": "x"})
+    assert [d.device_id for d in AdminClient(target).list_devices()] == ["cam-k"]
+
+
 def test_run_agent_on_the_zoo_mnist(server: EdgeloopServer,
                                     zoo_bundle: tuple[Path, np.ndarray],  # noqa: F811 (fixture)
                                     tmp_path: Path) -> None:
