@@ -42,6 +42,11 @@ added as a model output by the wrapper) and carries source statistics from 2048 
 means, on features aligned to the source feature statistics) run through the normal TTA path.
 
 ``--quick``: 64 samples per domain and three short timing rounds (a smoke run).
+
+For tuning, ``python -m benchmarks.bench_tta --quick-accuracy --methods lame,t3a --settings
+cifar10:5:class_sorted:64,mlperf:5:shuffled:16`` prints the top-1 of registered methods (default configs) on
+chosen full streams (``case:severity:order:batch``; case ``mnist``, ``cifar10`` or ``mlperf``, the wrapped MLPerf
+Tiny ResNet-8), next to the source and Tent means of the last full run; nothing is written.
 """
 
 from __future__ import annotations
