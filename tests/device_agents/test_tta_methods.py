@@ -278,12 +278,20 @@ def test_lame_config_checks_statistics() -> None:
 def test_t3a_combines_templates_with_the_models_prediction() -> None:
     model, x = TinyModel(), _batch(3)
     base = AlphaBN().predict(model, x)
-    out = T3A(T3AConfig(template_scale=0.0)).predict(model, x)  # templates off: the α-BN prediction
+    out = T3A(T3AConfig(template_scale=0.0, imbalanced_template_scale=0.0)).predict(model, x)  # templates off
     np.testing.assert_allclose(out.probs, base.probs, rtol=1e-5)
-    paper = T3A(T3AConfig(model_weight=0.0, template_scale=1.0)).predict(model, x)
-    both = T3A().predict(model, x)
+    paper = T3A(T3AConfig(model_weight=0.0, template_scale=1.0, imbalanced_template_scale=None)).predict(model, x)
+    both = T3A(T3AConfig(imbalanced_template_scale=None)).predict(model, x)
     want = np.log(np.clip(base.probs, 1e-12, None)) + 5.0 * paper.logits
     np.testing.assert_allclose(both.logits, want, rtol=1e-4, atol=1e-4)
+    # a fresh detector has not yet found the stream balanced: the templates weigh imbalanced_template_scale
+    halved = T3A().predict(model, x)
+    want = np.log(np.clip(base.probs, 1e-12, None)) + 2.5 * paper.logits
+    np.testing.assert_allclose(halved.logits, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="imbalanced_template_scale"):
+        T3AConfig(imbalanced_template_scale=-1.0)
+    with pytest.raises(ValueError, match="imbalanced_template_scale and model_weight cannot both be 0"):
+        T3AConfig(model_weight=0.0, imbalanced_template_scale=0.0)
     with pytest.raises(ValueError, match="both be 0"):
         T3AConfig(template_scale=0.0, model_weight=0.0)
     with pytest.raises(ValueError, match="template_scale"):
@@ -328,7 +336,8 @@ def test_t3a_keeps_a_bounded_entropy_filtered_support() -> None:
 
 def test_t3a_classes_without_support_score_lowest() -> None:
     model, x = TinyModel(), _batch(2)
-    out = T3A(T3AConfig(statistics=None, model_weight=0.0, template_scale=1.0)).predict(model, x)  # paper's T3A
+    paper = T3AConfig(statistics=None, model_weight=0.0, template_scale=1.0, imbalanced_template_scale=None)
+    out = T3A(paper).predict(model, x)  # the paper's T3A
     predicted = set(np.unique(SourceModel().predict(model, x).probs.argmax(1)).tolist())
     empty = sorted(set(range(3)) - predicted)
     assert empty, "the tiny model should leave a class unpredicted on this batch"
