@@ -491,6 +491,8 @@ def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, 
         raise ManifestError("manifest field trainable.shapes must name at least one tensor")
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in shapes.items():
+        if not 0 < len(str(name).encode("utf-8")) < 256:  # what a parameter update can carry (runtime.update_codec)
+            raise ManifestError(f"trainable name {name!r} must be 1..255 bytes of UTF-8")
         if name in adaptable:
             raise ManifestError(f"trainable.shapes.{name} repeats an adaptable parameter name")
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0

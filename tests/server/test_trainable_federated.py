@@ -109,6 +109,7 @@ def test_manifest_trainable_block_parses_on_server_and_runtime(tmp_path: Path) -
     (lambda m: m["trainable"].update(shapes={"fc.bias": [0]}), "positive ints"),
     (lambda m: m["trainable"].update(shapes={"bn1.weight": [4]}), "repeats an adaptable"),
     (lambda m: m.update(trainable=[1]), "must be an object"),
+    (lambda m: m["trainable"]["shapes"].update({"w" * 300: [2]}), r"must be 1\.\.255 bytes of UTF-8"),
 ])
 def test_malformed_trainable_blocks_are_refused(edit: object, match: str) -> None:
     files = trainable_bundle_files(manifest_edit=edit)
