@@ -161,9 +161,9 @@ class LAME(FeaturePassMethod):
         """One (normalised) pass, kNN affinity of the batch, bound iterations to convergence; on a batch the
         class-balance detector finds balanced, λ is ``balanced_laplacian_weight``."""
         cfg = self.config
-        gated = cfg.balanced_laplacian_weight is not None
-        probs, features, stats, balanced = self._feature_pass_balanced(model, x, balance=gated)
-        weight = cfg.balanced_laplacian_weight if gated and balanced else cfg.laplacian_weight
+        gate = cfg.balanced_laplacian_weight
+        probs, features, stats, balanced = self._feature_pass_balanced(model, x, balance=gate is not None)
+        weight = gate if gate is not None and balanced else cfg.laplacian_weight
         self._state = stats
         if weight == 0.0:
             return TTAOutput(logits=np.log(np.clip(probs, 1e-20, None)).astype(np.float32), features=features,
