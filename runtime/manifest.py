@@ -462,19 +462,14 @@ def decode_trainable(data: bytes, shapes: Mapping[str, tuple[int, ...]], file: s
     ``file``): exactly the names of ``shapes``, each finite float32 of its shape; :class:`ManifestError`
     otherwise (the device when it loads a bundle, the server when one is published)."""
     from runtime.arrays import ArrayCodecError, decode_arrays
+    from runtime.blocks import BlockError, checked_float32
 
     try:
-        arrays = decode_arrays(data)
+        return checked_float32(decode_arrays(data), shapes, f"trainable file {file!r}")
     except ArrayCodecError as exc:
         raise ManifestError(f"trainable file {file!r} is unreadable: {exc}") from exc
-    if set(arrays) != set(shapes):
-        raise ManifestError(f"trainable file {file!r} holds {len(arrays)} tensors, the manifest names "
-                            f"{len(shapes)}: differing {sorted(set(arrays) ^ set(shapes))[:8]}")
-    for name, arr in arrays.items():
-        if arr.dtype != np.float32 or tuple(arr.shape) != tuple(shapes[name]) or not np.all(np.isfinite(arr)):
-            raise ManifestError(f"trainable {name!r} in {file!r} is {arr.dtype} {tuple(arr.shape)}, expected "
-                                f"finite float32 {tuple(shapes[name])}")
-    return arrays
+    except BlockError as exc:
+        raise ManifestError(str(exc)) from exc
 
 
 def _trainable(raw: dict[str, Any], files: dict[str, str], adaptable: dict[str, Any]) -> TrainableSpec | None:
