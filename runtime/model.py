@@ -77,7 +77,7 @@ class AdaptableModel:
         self.bundle = bundle
         self.manifest = bundle.manifest
         self._shapes = self.manifest.param_shapes()
-        self._nonnegative = frozenset(bundle.model.nonnegative_params)
+        self._nonnegative = tuple(sorted(set(bundle.model.nonnegative_params)))
         self._params = _frozen({k: np.array(v, dtype=np.float32) for k, v in self.manifest.initial_params.items()})
         try:
             self._check_nonnegative(self._params)
@@ -95,7 +95,7 @@ class AdaptableModel:
     def nonnegative_params(self) -> frozenset[str]:
         """The parameters this graph needs >= 0 (the model entry's ``nonnegative_params``; see
         :meth:`set_params`)."""
-        return self._nonnegative
+        return frozenset(self._nonnegative)
 
     @property
     def params_view(self) -> Mapping[str, np.ndarray]:
@@ -145,7 +145,7 @@ class AdaptableModel:
         normalisation scales of layers the TFLite graph pools before scaling), naming it."""
         if self._nonnegative:
             check_nonnegative(
-                params, sorted(self._nonnegative),
+                params, self._nonnegative,
                 f"model {self.bundle.model.name!r} of bundle {self.manifest.name!r} max-pools before this scale, "
                 "which is exact only for values >= 0 (manifest nonnegative_params); use another model of the "
                 "bundle (e.g. the ONNX one) for negative scales",
