@@ -8,9 +8,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.tta.base import TTAMethod, TTAOutput
-from device_agents.tta.models import forward_validated, graph_layer_order, reference_params
-from device_agents.tta.statistics import BatchStatisticsConfig, StatisticsMix
-from runtime.model import softmax
+from device_agents.tta.statistics import BatchStatisticsConfig, NormalisedPass
 
 
 @dataclass(frozen=True)
@@ -107,16 +105,9 @@ class AlphaBN(TTAMethod):
 
     def __init__(self, config: AlphaBNConfig | None = None) -> None:
         super().__init__(config)
-        self._mix = StatisticsMix(self.config)
+        self._pass = NormalisedPass(self.config, prefix="")  # the pass LAME and T3A build on, state unprefixed
 
     def forward_and_adapt(self, model: Any, x: np.ndarray) -> TTAOutput:
         """Predict with the mixed statistics and fold the batch's statistics into the running estimate."""
-        n = int(x.shape[0])
-        reference = reference_params(model)
-        state = self._state or self._mix.initial_state(reference)
-        order = graph_layer_order(model)
-        balanced, detected = self._mix.detect(state, x)
-        alpha, feeds = self._mix.feeds(state, reference, n, order, balanced)
-        result = forward_validated(model, x, alpha, feeds)
-        self._state = {**state, **self._mix.fold(state, result.batch_stats, n, order), **detected}
-        return TTAOutput(logits=result.logits, features=result.features, probs=softmax(result.logits))
+        logits, probs, features, self._state, _ = self._pass.run(model, x, self._state)
+        return TTAOutput(logits=logits, features=features, probs=probs)

@@ -447,8 +447,8 @@ class _MixPlan:
 
 
 class NormalisedPass:
-    """The one forward pass that the output-level methods (:class:`~device_agents.tta.lame.LAME`,
-    :class:`~device_agents.tta.t3a.T3A`) build on.
+    """The one forward pass of :class:`~device_agents.tta.alpha_bn.AlphaBN`, which the output-level methods
+    (:class:`~device_agents.tta.lame.LAME`, :class:`~device_agents.tta.t3a.T3A`) build on.
 
     On an adaptable graph with a statistics config, the pass normalises with the α-BN statistics of
     :class:`StatisticsMix` (reference mixed with the running target estimate and the batch) and folds the
