@@ -74,11 +74,11 @@ def forward_validated(model: Any, x: np.ndarray, alpha: float = 0.0,
 
 
 def source_pass(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """``(logits, probs, features)`` of the unadapted model: α = 0 on an adaptable graph (its current
-    parameters), ``predict`` on a predictor. A model that outputs probabilities gets log-probabilities as
-    ``logits``."""
+    """``(logits, probs, features)`` of the unadapted model on a batch the TTA transaction validated: α = 0 on an
+    adaptable graph (its current parameters; :func:`forward_validated`, the checks are not repeated),
+    ``predict`` on a predictor. A model that outputs probabilities gets log-probabilities as ``logits``."""
     if is_adaptable(model):
-        result = model.forward(x, alpha=0.0)
+        result = forward_validated(model, x, 0.0)
         return result.logits, softmax(result.logits), result.features
     result = model.predict(x)
     probs = np.asarray(result.probs, dtype=np.float64)
