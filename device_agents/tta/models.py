@@ -87,15 +87,6 @@ def source_pass(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return np.asarray(logits, dtype=np.float32), probs, features
 
 
-def source_features(model: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(probs, features)`` of the unadapted model, for methods that work on features; a model that
-    returns none raises :class:`ModelCapabilityError` naming it."""
-    _, probs, features = source_pass(model, x)
-    if features is None:
-        raise ModelCapabilityError(f"{describe_model(model)} returned no features")
-    return probs, features
-
-
 def source_feature_stats(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """Source penultimate-feature mean and variance from the manifest, or None."""
     manifest = getattr(model, "manifest", None)
