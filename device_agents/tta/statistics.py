@@ -210,6 +210,15 @@ class ClassBalanceDetector:
         score, entries, _ = self.update_with_batch(state, x, threshold)
         return score, entries
 
+    def verdict(
+        self, state: Mapping[str, np.ndarray], x: np.ndarray, threshold: float
+    ) -> tuple[bool, dict[str, np.ndarray]]:
+        """``(balanced, the detector's state entries after the batch x)``: the smoothed log statistic below the
+        log ``threshold``, and the batch not vetoed (a batch smaller than the window whose own z exceeds
+        :data:`MAX_STATISTIC` looks like a class run by itself)."""
+        score, entries, batch_z = self.update_with_batch(state, x, threshold)
+        return score < threshold and batch_z <= MAX_STATISTIC, entries
+
     def update_with_batch(
         self, state: Mapping[str, np.ndarray], x: np.ndarray, threshold: float = math.inf
     ) -> tuple[float, dict[str, np.ndarray], float]:
@@ -272,13 +281,6 @@ class ClassBalanceDetector:
         running += (1.0 - keep) * mean
         return score, {self.key_mean: running, self.key_score: np.array(score), self.key_age: np.array(age),
                        **emptied}, batch_z
-
-
-def balance_verdict(score: float, batch_z: float, threshold: float) -> bool:
-    """The detector's verdict: the smoothed log statistic ``score`` below the log ``threshold``, and the batch
-    not vetoed (a batch smaller than the detector's window whose own z exceeds :data:`MAX_STATISTIC` looks like
-    a class run by itself)."""
-    return score < threshold and batch_z <= MAX_STATISTIC
 
 
 def _z_statistic(total: np.ndarray, squares: np.ndarray, n: int, reference: np.ndarray) -> float:
@@ -373,9 +375,7 @@ class StatisticsMix:
             return False, {}
         if len(x) < cfg.min_batch_for_batch_stats and not small_batches:
             return False, {}  # smaller batches would not use the verdict: they neither pay for it nor feed it
-        threshold = math.log(cfg.imbalance_threshold)
-        score, entries, batch_z = self.detector.update_with_batch(state, x, threshold)
-        return balance_verdict(score, batch_z, threshold), entries
+        return self.detector.verdict(state, x, math.log(cfg.imbalance_threshold))
 
     def feeds(
         self,
@@ -491,7 +491,7 @@ class NormalisedPass:
             if not balance:
                 return logits, probs, features, {}, False
             known = {k: v for k, v in state.items() if k.startswith(self.prefix)}
-            balanced, detected = self._detect(known, x)
+            balanced, detected = self._detector.verdict(known, x, self._threshold)
             return logits, probs, features, {**known, **detected}, balanced
         n = int(x.shape[0])
         reference = reference_params(model)
@@ -500,15 +500,11 @@ class NormalisedPass:
         if self._mix.uses_detector:
             balanced, detected = self._mix.detect(stats, x, small_batches=balance)
         else:
-            balanced, detected = self._detect(stats, x) if balance else (False, {})
+            balanced, detected = self._detector.verdict(stats, x, self._threshold) if balance else (False, {})
         alpha, feeds = self._mix.feeds(stats, reference, n, order, balanced)
         result = forward_validated(model, x, alpha, feeds)
         stats = {**stats, **self._mix.fold(stats, result.batch_stats, n, order), **detected}
         return result.logits, softmax(result.logits), result.features, stats, balanced
-
-    def _detect(self, state: Mapping[str, np.ndarray], x: np.ndarray) -> tuple[bool, dict[str, np.ndarray]]:
-        score, entries, batch_z = self._detector.update_with_batch(state, x, self._threshold)
-        return balance_verdict(score, batch_z, self._threshold), entries
 
 
 class FeaturePassMethod(TTAMethod):
