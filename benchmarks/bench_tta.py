@@ -309,14 +309,19 @@ def backprop_accuracy(models: Models, stream: Any, batch: int) -> dict[str, Any]
     return out
 
 
+def foreign_stream(stream: Any) -> Any:
+    """``stream`` as the wrapped MLPerf Tiny ResNet-8 takes it: NHWC, raw 0–255 float32."""
+    from edgeloop.exporting import to_model_input
+
+    return dataclasses.replace(stream, x=to_model_input(stream.x, "NHWC", (0.0, 255.0), "float32"))
+
+
 def foreign_accuracy(foreign: dict[str, Any], stream: Any, batch: int) -> dict[str, Any]:
     """source, lame and t3a on the wrapped MLPerf Tiny ResNet-8 through the bundle's predictor (its features
     output and source statistics)."""
     from device_agents.tta import create_tta_method
-    from edgeloop.exporting import to_model_input
 
-    x_all = to_model_input(stream.x, "NHWC", (0.0, 255.0), "float32")
-    nhwc = dataclasses.replace(stream, x=x_all)
+    nhwc = foreign_stream(stream)
     out: dict[str, Any] = {}
     for label, model in (("bundle", foreign["predictor"]),):
         rows: dict[str, Any] = {}
@@ -1027,9 +1032,7 @@ def quick_accuracy(methods: Sequence[str], settings: Sequence[str]) -> list[dict
         cell = reference.get("cases", {}).get(case.key, {}).get("accuracy", {}).get(f"s{sev}", {})
         known = cell.get(order, {}).get(str(size), {}).get("methods", {})
         if key == QUICK_FOREIGN:
-            from edgeloop.exporting import to_model_input
-
-            stream = dataclasses.replace(stream, x=to_model_input(stream.x, "NHWC", (0.0, 255.0), "float32"))
+            stream = foreign_stream(stream)
             known = cell.get(order, {}).get(str(size), {}).get("foreign", {}).get("bundle", {})
         for name in methods:
             method = create_tta_method(name)
