@@ -45,9 +45,13 @@ def tensor_from_proto(
     shape = tuple(int(d) for d in msg.shape)
     if any(d < 0 for d in shape):
         raise TensorDecodeError(f"tensor {msg.name!r}: negative dimension in shape {shape}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if count > max_elements:
-        raise TensorDecodeError(f"tensor {msg.name!r}: {count} elements exceeds the limit {max_elements}")
+    count = 1
+    for d in shape:  # exact Python ints, stopping past the limit: an int64 product of huge dims would wrap
+        count *= d
+        if count > max_elements:
+            shown = f"{list(shape[:8])}{'…' if len(shape) > 8 else ''}"
+            raise TensorDecodeError(f"tensor {msg.name[:64]!r}: shape {shown} holds more than the limit of "
+                                    f"{max_elements} elements")
     expected = count * dtype.itemsize
     if len(msg.data) != expected:
         raise TensorDecodeError(

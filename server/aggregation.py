@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -229,11 +232,36 @@ def create_aggregator(name: str, **config: Any) -> Aggregator:
     if name not in AGGREGATORS:
         raise AggregationError(f"unknown aggregator {name!r}; known: {sorted(AGGREGATORS)}")
     cls, config_cls = AGGREGATORS[name]
+    _check_option_types(name, config_cls, config)
     try:
         cfg = config_cls(**config)
     except TypeError as exc:
         raise AggregationError(f"bad options for aggregator {name!r}: {exc}") from exc
     return cls(cfg)  # type: ignore[call-arg]
+
+
+_OPTION_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), bool: (bool,),
+                                              str: (str,)}
+
+
+def _check_option_types(name: str, config_cls: type, config: Mapping[str, Any]) -> None:
+    """Refuse an option whose value does not have its config field's type (an int where an int is meant, not a
+    bool or 4.5; a number where a float is meant), naming it: a fractional ``buffer_size`` would otherwise never
+    fill and a fractional krum ``byzantine`` fail every round. Unknown names are left to the constructor."""
+    hints = typing.get_type_hints(config_cls)
+    for key, value in config.items():
+        if key not in hints:
+            continue
+        hint = hints[key]
+        args = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+        if value is None and type(None) in args:
+            continue
+        allowed = tuple(t for a in args for t in _OPTION_TYPES.get(a, ()))
+        if not allowed:
+            continue
+        if not isinstance(value, allowed) or (isinstance(value, bool) and bool not in args):
+            wanted = " or ".join("None" if a is type(None) else getattr(a, "__name__", str(a)) for a in args)
+            raise AggregationError(f"bad options for aggregator {name!r}: {key!r} must be {wanted}, got {value!r}")
 
 
 def parse_option(text: str) -> tuple[str, Any]:

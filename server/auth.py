@@ -19,8 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from server.errors import AuthenticationError, EnrollmentDisabledError, PermissionDeniedError, StorageError
+from server.errors import AuthenticationError, EnrollmentDisabledError, PermissionDeniedError
 from server.state import check_id, now_ms
+from server.storage import open_sqlite, unusable_database
 
 logger = logging.getLogger(__name__)
 TOKEN_PREFIX = "eld_"
@@ -56,13 +57,13 @@ class SqliteTokenStore:
         self.db_path = Path(db_path)
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
-        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StorageError(f"{self.db_path}: could not enable WAL journal mode (got {mode!r})")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("CREATE TABLE IF NOT EXISTS device_tokens (device_id TEXT PRIMARY KEY, "
-                           "token_sha256 TEXT NOT NULL UNIQUE, issued_ms INTEGER NOT NULL)")
+        self._conn = open_sqlite(self.db_path, "device token store")
+        try:
+            self._conn.execute("CREATE TABLE IF NOT EXISTS device_tokens (device_id TEXT PRIMARY KEY, "
+                               "token_sha256 TEXT NOT NULL UNIQUE, issued_ms INTEGER NOT NULL)")
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise unusable_database(self.db_path, "device token store", exc) from exc
 
     def put(self, device_id: str, digest: str, issued_ms: int) -> None:
         """See :meth:`TokenStore.put`."""

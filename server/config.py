@@ -18,6 +18,8 @@ file whose stripped content is the secret. An unknown key or a value of the wron
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import tomllib
 import types
 import typing
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 MESSAGE_OVERHEAD = 4096  # room for a chunk's other fields within max_message_bytes
+MAX_GRPC_MESSAGE_BYTES = 2**31 - 1  # gRPC's message length options are C ints
 MIN_SECRET_LENGTH = 16
 _SECRET_FILE_KEYS = {"enrollment_secret_file": "enrollment_secret", "admin_token_file": "admin_token"}
 _LOOPBACK_NAMES = ("localhost", "ip6-localhost")
@@ -109,6 +112,7 @@ class ServerConfig:
         for name in ("teacher_ckpt", "student_ckpt", "tls_cert", "tls_key", "tls_client_ca", "update_signing_key"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
+        self._check_finite()
         if self.max_watchers == 0:  # default: leave a quarter of the RPC threads for non-watch calls
             object.__setattr__(self, "max_watchers", max(1, self.max_workers * 3 // 4))
         if self.rate_limit_burst == 0 and self.rate_limit_per_second > 0:
@@ -118,6 +122,14 @@ class ServerConfig:
         self._check_security()
         self._check_updates()
         self.create_aggregator()  # unknown names and bad options fail here, not at the first round
+
+    def _check_finite(self) -> None:
+        """NaN or infinity in a float setting is refused, naming it (NaN passes every range check below, and
+        an infinite rate would overflow the burst it implies)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
 
     def _check_sizes(self) -> None:
         if not 0 < self.max_watchers < self.max_workers:
@@ -133,6 +145,9 @@ class ServerConfig:
                      "max_samples_per_upload", "max_bundle_bytes", "distill_steps", "round_max_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_message_bytes > MAX_GRPC_MESSAGE_BYTES:
+            raise ValueError(f"max_message_bytes {self.max_message_bytes} exceeds gRPC's limit of "
+                             f"{MAX_GRPC_MESSAGE_BYTES} bytes")
         if self.chunk_size > self.max_message_bytes - MESSAGE_OVERHEAD:
             raise ValueError(f"chunk_size {self.chunk_size} does not fit in max_message_bytes "
                              f"{self.max_message_bytes} (minus {MESSAGE_OVERHEAD} bytes overhead)")
@@ -146,7 +161,7 @@ class ServerConfig:
             raise ValueError("teacher_ckpt and student_ckpt must be given together")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise ValueError(f"distill_alpha {self.distill_alpha} is outside [0, 1]")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             raise ValueError(f"device {self.device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
     def _check_security(self) -> None:

@@ -19,6 +19,11 @@ class InvalidBundleError(InvalidRequestError):
     """A published bundle is inconsistent: bad manifest, missing/extra file, sha256 mismatch."""
 
 
+class SampleIdConflictError(InvalidRequestError):
+    """An uploaded sample id is already stored for another device (ids are ``<device>:<session>:<position>``):
+    acknowledging it as a duplicate would make the uploader drop a sample the server never stored."""
+
+
 class PayloadTooLargeError(ServerError):
     """A request exceeds a configured size limit (bytes or item count)."""
 
@@ -56,8 +61,9 @@ class UnknownRoundError(ServerError):
     """No round with this id exists."""
 
 
-class StorageError(ServerError):
-    """The registry or blob store is unusable (schema from the future, unreadable file …)."""
+class StorageError(ServerError, RuntimeError):
+    """The registry or blob store is unusable (schema from the future, unreadable file …); a RuntimeError, so
+    that callers reporting start-up failures (``edgeloop serve``) print its message rather than a traceback."""
 
 
 class BlobNotFoundError(StorageError, KeyError):

@@ -316,6 +316,8 @@ def report_drift(state: ServerState, event: DriftIn) -> int:
     """Store a drift event from a registered device; return its id."""
     require_device(state, event.device_id)
     check_id(event.detector, "detector")
+    if event.signal:  # optional, bounded like the detector's name (it is stored and logged)
+        check_id(event.signal, "signal")
     if not (math.isfinite(event.statistic) and math.isfinite(event.threshold)):
         raise InvalidRequestError(f"drift statistic {event.statistic} / threshold {event.threshold} not finite")
     record = DriftRecord(event.device_id, event.detector, event.signal, float(event.statistic),
@@ -385,6 +387,9 @@ class RollbackIn:
 def report_rollback(state: ServerState, report: RollbackIn) -> int:
     """Store a registered device's rollback report; return its id."""
     device = require_device(state, report.device_id)
+    for value, what in ((report.bundle_id, "bundle_id"), (report.cohort, "cohort")):
+        if value:  # optional (cohort: the device's), bounded like every id (they are stored and logged)
+            check_id(value, f"rollback report's {what}")
     if not 0 <= report.restored_version < report.version:
         raise InvalidRequestError(f"rollback of v{report.version} to v{report.restored_version}: the restored "
                                   "version must be older and >= 0")

@@ -90,11 +90,11 @@ def _peer_host(context: grpc.ServicerContext) -> str:
 
 
 def _abort(context: grpc.ServicerContext, exc: ServerError, rpc: str) -> NoReturn:
-    from server.servicers import status_for  # the one table of domain error → status code
+    from server.servicers import status_for, status_message  # the one table of domain error → status code
 
-    code = status_for(exc)
-    logger.warning("%s -> %s: %s", rpc, code.name, exc)
-    context.abort(code, str(exc))
+    code, message = status_for(exc), status_message(exc)
+    logger.warning("%s -> %s: %s", rpc, code.name, message)
+    context.abort(code, message)
     raise RuntimeError("grpc.ServicerContext.abort returned")  # it always raises
 
 

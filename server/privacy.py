@@ -103,6 +103,8 @@ class DPConfig:
             raise AggregationError(f"dp sampling_rate {self.sampling_rate} must be in (0, 1]")
         if self.expected_devices is not None and self.expected_devices < 1:
             raise AggregationError(f"dp expected_devices {self.expected_devices} must be >= 1")
+        if self.seed is not None and self.seed < 0:
+            raise AggregationError(f"dp seed {self.seed} must be >= 0 (numpy seeds are non-negative)")
 
 
 class DPFedAvg(Aggregator):

@@ -224,9 +224,11 @@ class Storage(Protocol):
     def insert_samples(
         self, samples: Sequence[SampleRecord], seen_ms: int | None = None, tensors: Mapping[str, bytes] | None = None
     ) -> list[bool]:
-        """Insert in one transaction, ignoring existing ids; per sample, True when newly stored. With
-        ``seen_ms``, the same transaction records the samples' devices as seen then, and ``tensors`` (digest →
-        encoded bytes: the samples' small tensors) are stored with them: one commit per upload."""
+        """Insert in one transaction, ignoring ids the same device already stored (an id stored for another
+        device raises :class:`~server.errors.SampleIdConflictError` and stores nothing); per sample, True when
+        newly stored. With ``seen_ms``, the same transaction records the samples' devices as seen then, and
+        ``tensors`` (digest → encoded bytes: the samples' small tensors) are stored with them: one commit per
+        upload."""
         ...
 
     def get_tensor(self, digest: str) -> bytes | None:

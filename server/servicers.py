@@ -23,6 +23,7 @@ from server.rounds import RoundRunner
 from server.state import ServerState
 
 logger = logging.getLogger(__name__)
+MAX_STATUS_MESSAGE = 2000  # characters; a longer status would not fit gRPC's 8 KiB metadata limit on the client
 
 # First match wins, so subclasses come before their bases.
 _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
@@ -55,6 +56,15 @@ def status_for(exc: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.UNKNOWN
 
 
+def status_message(exc: Exception) -> str:
+    """The error's text for a status, cut to :data:`MAX_STATUS_MESSAGE` characters: an error echoing a huge
+    request field (a 100 KB id) would otherwise reach the client as RESOURCE_EXHAUSTED without its message."""
+    text = str(exc)
+    if len(text) <= MAX_STATUS_MESSAGE:
+        return text
+    return f"{text[:MAX_STATUS_MESSAGE]}… (message of {len(text)} characters cut)"
+
+
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     """End the RPC with ``code`` and ``message``; never returns."""
     context.abort(code, message)
@@ -66,9 +76,9 @@ def _domain_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
     try:
         yield
     except (errors.ServerError, TensorDecodeError) as exc:
-        code = status_for(exc)
-        logger.warning("%s -> %s: %s", rpc, code.name, exc)
-        abort(context, code, str(exc))
+        code, message = status_for(exc), status_message(exc)
+        logger.warning("%s -> %s: %s", rpc, code.name, message)
+        abort(context, code, message)
 
 
 def _sample(msg: device_pb2.Sample) -> handlers.SampleIn:
@@ -210,8 +220,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         with _domain_errors(context, "SubmitUpdate"):
             submission_id = updates.submit_update(
                 self.state, request.device_id, request.bundle_id, request.base_version, request.num_samples,
-                tensors_from_proto(request.tensors), encoding=request.encoding, payload=bytes(request.payload),
-                base_sha256=request.base_sha256)
+                tensors_from_proto(request.tensors), encoding=request.encoding,
+                payload=bytes(request.payload), base_sha256=request.base_sha256)
         return device_pb2.SubmitAck(submission_id=submission_id)
 
     def PullUpdate(  # noqa: N802 (name fixed by the generated base class)

@@ -66,7 +66,8 @@ class ServerState:
 def check_id(value: str, what: str) -> str:
     """Require a non-empty printable id of at most :data:`MAX_ID_LENGTH` characters."""
     if not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
-        raise InvalidRequestError(f"{what} {value!r} must be 1-{MAX_ID_LENGTH} printable characters")
+        shown = repr(value[:MAX_ID_LENGTH]) + (f"… ({len(value)} characters)" if len(value) > MAX_ID_LENGTH else "")
+        raise InvalidRequestError(f"{what} {shown} must be 1-{MAX_ID_LENGTH} printable characters")
     return value
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from server.blobstore import BlobStore, sha256_hex
-from server.errors import StorageError
+from server.errors import SampleIdConflictError, StorageError
 from server.records import (
     DEFAULT_COHORT,
     AggregatorStateRecord,
@@ -86,6 +86,32 @@ CREATE TABLE IF NOT EXISTS rounds (
 """ + UPDATES_SCHEMA
 
 
+def unusable_database(db_path: Path, what: str, exc: sqlite3.Error) -> StorageError:
+    """The :class:`StorageError` for a SQLite file that cannot be opened or read (corrupt, truncated, not a
+    database, a directory …), naming the file and SQLite's reason."""
+    return StorageError(f"{db_path}: the {what} is not a usable SQLite database ({exc}); the server does not "
+                        "start on it: restore it from a backup, or move it aside to start with an empty one")
+
+
+def open_sqlite(db_path: Path, what: str) -> sqlite3.Connection:
+    """A connection to ``db_path`` in WAL mode with ``synchronous=FULL``; :class:`StorageError` naming the file
+    when it is not a usable SQLite database."""
+    conn: sqlite3.Connection | None = None
+    try:
+        conn = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StorageError(f"{db_path}: could not enable WAL journal mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous=FULL")
+    except (sqlite3.Error, StorageError) as exc:
+        if conn is not None:
+            conn.close()
+        if isinstance(exc, StorageError):
+            raise
+        raise unusable_database(db_path, what, exc) from exc
+    return conn
+
+
 class Registry(UpdateTables):
     """:class:`Storage` over one SQLite file (WAL, ``synchronous=FULL``), one connection behind a lock."""
 
@@ -96,14 +122,14 @@ class Registry(UpdateTables):
         self._lock = threading.RLock()
         self._known_devices: set[str] = set()  # device_exists cache (devices are never deleted)
         self._submission_listeners: list[Callable[[SubmissionRecord], None]] = []
-        self._conn = sqlite3.connect(self.db_path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._conn = open_sqlite(self.db_path, "registry")
         self._conn.row_factory = sqlite3.Row
-        mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-        if str(mode).lower() != "wal":
-            raise StorageError(f"{self.db_path}: could not enable WAL journal mode (got {mode!r})")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA foreign_keys=ON")
-        self._init_schema()
+        try:
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self._init_schema()
+        except sqlite3.DatabaseError as exc:
+            self._conn.close()
+            raise unusable_database(self.db_path, "registry", exc) from exc
 
     def _init_schema(self) -> None:
         with self._lock:
@@ -254,6 +280,8 @@ class Registry(UpdateTables):
             for s in samples:
                 cur = c.execute(sql, tuple(getattr(s, k) for k in self._SAMPLE_COLS))
                 out.append(cur.rowcount == 1)
+                if not out[-1]:
+                    _check_sample_owner(c, s)
             if seen_ms is not None:
                 c.executemany("UPDATE devices SET last_seen_ms = MAX(last_seen_ms, ?) WHERE device_id = ?",
                               [(seen_ms, d) for d in sorted({s.device_id for s in samples})])
@@ -492,6 +520,15 @@ class Registry(UpdateTables):
         """Close the connection (checkpointing the WAL)."""
         with self._lock:
             self._conn.close()
+
+
+def _check_sample_owner(c: sqlite3.Connection, sample: SampleRecord) -> None:
+    """A sample id already stored is a retry only from the device that stored it; from another device it is
+    refused (:class:`SampleIdConflictError`, rolling the upload back) instead of acknowledged as a duplicate."""
+    row = c.execute("SELECT device_id FROM samples WHERE sample_id = ?", (sample.sample_id,)).fetchone()
+    if row is not None and row["device_id"] != sample.device_id:
+        raise SampleIdConflictError(f"sample id {sample.sample_id!r} is already stored for another device; device "
+                                    f"{sample.device_id!r} must use its own ids (<device>:<session>:<position>)")
 
 
 def _save_aggregator_state(c: sqlite3.Connection, a: AggregatorStateRecord) -> None:

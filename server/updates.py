@@ -36,6 +36,7 @@ from server.state import ServerState, check_id, require_device, require_paramete
 logger = logging.getLogger(__name__)
 UPDATE_KINDS = ("distill", "fedavg")
 PULL_DENSE_BELOW = 8192  # pull deltas send tensors of at most this many entries whole (runtime.update_codec)
+MAX_NUM_SAMPLES = 2**31 - 1  # a submission's weight; more could overflow a round's int64 sample total in SQLite
 MAX_WAIT_SECONDS = 86_400.0  # a longer max_wait_seconds waits this long (beyond ~292 years, timed waits overflow)
 
 
@@ -150,8 +151,8 @@ def submit_update(
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
     require_parameters(bundle, f"a federated parameter submission (SubmitUpdate from device {device_id!r})")
-    if num_samples <= 0:
-        raise InvalidRequestError(f"num_samples must be positive, got {num_samples}")
+    if not 0 < num_samples <= MAX_NUM_SAMPLES:
+        raise InvalidRequestError(f"num_samples must be in 1..{MAX_NUM_SAMPLES}, got {num_samples}")
     latest = state.storage.latest_version(device.cohort)
     if not 0 <= base_version <= latest:
         raise InvalidRequestError(f"base_version {base_version} is not a published version (0..{latest})")
