@@ -279,10 +279,17 @@ class Agent:
         ``position`` is the stream position of ``x[0]`` (default: samples seen so far); positions name the
         samples (``<device>:<session>:<position>``), so a replayed position is stored once. A drift in the
         batch boosts the selector's budget before this batch's samples are chosen.
+
+        ``y`` (optional) holds one integer label in 0..K-1 per sample; other labels raise :class:`InputError`
+        naming the problem before anything is counted or queued (and before the prediction when the model states
+        its class count, as bundles do).
         """
+        labels = None if y is None else self._check_labels(x, y)
         with self._lock:
             start = self._counters.seen if position is None else int(position)
             out = self.tta.predict(self.model, x)
+            if labels is not None and labels.size and labels.max() >= out.probs.shape[1]:
+                raise InputError(f"labels must lie in 0..{out.probs.shape[1] - 1}, got {int(labels.max())}")
             if self._health is not None:
                 self._health.observe(x)
             pred = out.probs.argmax(axis=1)
@@ -293,11 +300,27 @@ class Agent:
             queued = self._enqueue(np.asarray(x), out, ent, pred, start)
             if events and self.config.drift_policy == "reset":
                 self.tta.on_drift()
-            self._count(pred, y, len(queued), [p for p, _ in events])
+            self._count(pred, labels, len(queued), [p for p, _ in events])
         now = int(time.time() * 1000)
         for pos, statistic in events:
             self._report_drift(pos, statistic, now)
         return BatchResult(pred, ent, out.probs, bool(events), tuple(p for p, _ in events), len(queued), queued)
+
+    def _check_labels(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``y`` as int64, one per sample of ``x``, each in 0..K-1 (K from the model when it says; the
+        prediction's width is checked too); else :class:`InputError` naming the problem."""
+        labels = np.asarray(y)
+        if labels.dtype.kind not in "iu":
+            raise InputError(f"labels must have an integer dtype, got {labels.dtype}")
+        labels = labels.reshape(-1).astype(np.int64)
+        n = len(x) if np.ndim(x) else 0
+        if labels.shape != (n,):
+            raise InputError(f"labels have shape {np.shape(y)}; expected one per sample of the batch ({n},)")
+        k = getattr(self.model, "num_classes", None) or len(getattr(self.model, "labels", ()) or ()) or None
+        if labels.size and (labels.min() < 0 or (k is not None and labels.max() >= k)):
+            raise InputError(f"labels must lie in 0..{'K' if k is None else k - 1}, got values from "
+                             f"{int(labels.min())} to {int(labels.max())}")
+        return labels
 
     def _detect(self, values: np.ndarray | None, start: int) -> list[tuple[int, float]]:
         """Feed the batch's signal (entropies, or feature rows for a feature detector) one sample at a time, so
@@ -345,12 +368,9 @@ class Agent:
         c.seen += int(pred.shape[0])
         c.selected += selected
         c.drifts.extend(drifts)
-        if y is not None:
-            labels = np.asarray(y).reshape(-1)
-            if labels.shape != pred.shape:
-                raise InputError(f"labels have shape {labels.shape}, predictions {pred.shape}")
-            c.labelled += int(labels.size)
-            c.correct += int((labels == pred).sum())
+        if y is not None:  # checked by _check_labels: one per prediction
+            c.labelled += int(y.size)
+            c.correct += int((y == pred).sum())
 
     def _report_drift(self, position: int, statistic: float, detected_ms: int) -> None:
         if self.client is None or not self.config.report_drift:

@@ -36,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _END_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
+# What the server answers when something a sample holds is refused (its shape, dtype or bundle): the whole
+# UploadSamples stream fails, so one such sample would fail every batch it is in.
+_SAMPLE_REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
 
 def _now_ms() -> int:
@@ -368,7 +371,9 @@ class DeviceClient:
 
         Ids the server acknowledges (stored or duplicate) are acked in the outbox; ids it leaves out are
         nacked (retried later with backoff). On an RPC error the whole batch is nacked and
-        :class:`TransportError` is raised.
+        :class:`TransportError` is raised. When the server refuses a batch for what a sample holds
+        (``INVALID_ARGUMENT``, ``NOT_FOUND``), the batch's samples are sent again one per stream first, so the
+        ones it takes are delivered and only the refused ones wait for their retry.
         """
         now = _now_ms() if now_ms is None else int(now_ms)
         totals = dict.fromkeys(("batches", "sent", "stored", "duplicates", "retried", "bytes_sent"), 0)
@@ -380,7 +385,9 @@ class DeviceClient:
             try:
                 ack = self._stub.UploadSamples(iter(messages), timeout=self.transfer_timeout)
             except grpc.RpcError as exc:
-                outbox.nack(ids, now)
+                if len(batch) > 1 and exc.code() in _SAMPLE_REFUSED_CODES:  # type: ignore[attr-defined]
+                    self._upload_singly(outbox, ids, messages, now)
+                outbox.nack(ids, now)  # the ids delivered one by one are gone: nothing to nack for them
                 raise TransportError("UploadSamples", exc.code().name, exc.details() or "") from exc  # type: ignore[attr-defined]
             self._count(down=ack.ByteSize())
             acked = (set(ack.stored_ids) | set(ack.duplicate_ids)) & set(ids)
@@ -395,6 +402,23 @@ class DeviceClient:
             totals["retried"] += len(missing)
             totals["bytes_sent"] += size
         return UploadResult(**totals)
+
+    def _upload_singly(self, outbox: SqliteOutbox, ids: Sequence[str], messages: Sequence[device_pb2.Sample],
+                       now: int) -> None:
+        """Send a refused batch one sample per stream, acking what the server takes; stop at a failure that is
+        not a refusal of the sample (the server went away)."""
+        for sample_id, message in zip(ids, messages, strict=True):
+            self._count(up=message.ByteSize())
+            try:
+                ack = self._stub.UploadSamples(iter([message]), timeout=self.transfer_timeout)
+            except grpc.RpcError as exc:
+                if exc.code() in _SAMPLE_REFUSED_CODES:  # type: ignore[attr-defined]
+                    logger.warning("server refuses sample %s: %s", sample_id, exc.details())  # type: ignore[attr-defined]
+                    continue
+                return
+            self._count(down=ack.ByteSize())
+            if sample_id in set(ack.stored_ids) | set(ack.duplicate_ids):
+                outbox.ack([sample_id])
 
     def _sample_message(self, s: OutboxSample) -> device_pb2.Sample:
         msg = device_pb2.Sample(

@@ -17,6 +17,10 @@ class TransportError(AgentError):
         self.details = details
 
 
+class OutboxError(AgentError):
+    """The outbox database cannot be opened: not a database, corrupt, locked, another schema; names the file."""
+
+
 class BundleDownloadError(AgentError):
     """A downloaded bundle is malformed: bad chunk stream, unsafe path, or a file that fails its sha256."""
 

@@ -48,12 +48,13 @@ class HealthPolicy:
             raise ValueError(f"health thresholds and recent_samples must be >= 0, got {self}")
 
     def verdict(self, before: Health, after: Health) -> str:
-        """"" when ``after`` is acceptable, else the reason to roll back."""
+        """"" when ``after`` is acceptable, else the reason to roll back. A signal measured before that is no
+        longer finite after (the parameters make the model's outputs NaN or infinite) counts as worse."""
         reasons = []
-        if math.isfinite(before.entropy) and after.entropy - before.entropy > self.max_entropy_increase:
+        if math.isfinite(before.entropy) and not after.entropy - before.entropy <= self.max_entropy_increase:
             reasons.append(f"mean entropy rose {before.entropy:.3f} -> {after.entropy:.3f} "
                            f"(> {self.max_entropy_increase})")
-        if math.isfinite(before.agreement) and before.agreement - after.agreement > self.max_agreement_drop:
+        if math.isfinite(before.agreement) and not before.agreement - after.agreement <= self.max_agreement_drop:
             reasons.append(f"golden top-1 agreement fell {before.agreement:.3f} -> {after.agreement:.3f} "
                            f"(> {self.max_agreement_drop})")
         return "; ".join(reasons)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from device_agents.errors import OutboxError
+
 logger = logging.getLogger(__name__)
 
 _SCHEMA = """
@@ -132,6 +134,18 @@ def _to_npy(array: np.ndarray | None) -> bytes | None:
     return buf.getvalue()
 
 
+def _check_array(sample_id: str, what: str, array: np.ndarray | None) -> None:
+    """A sample's array must hold finite float32 numbers: the server refuses anything else, and a sample it
+    refuses would be retried forever at the head of the queue."""
+    if array is None:
+        return
+    arr = np.asarray(array)
+    if arr.dtype != np.float32:
+        raise ValueError(f"sample {sample_id!r}: {what} has dtype {arr.dtype}, expected float32")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"sample {sample_id!r}: {what} holds NaN or infinite values")
+
+
 def _from_npy(blob: bytes | None) -> np.ndarray | None:
     return None if blob is None else np.load(io.BytesIO(blob), allow_pickle=False)
 
@@ -139,7 +153,8 @@ def _from_npy(blob: bytes | None) -> np.ndarray | None:
 class SqliteOutbox:
     """Durable sample queue bounded by ``max_bytes`` of stored array bytes under an ``eviction`` policy.
 
-    ``rng`` draws the backoff jitter (seed it for a reproducible retry schedule). Thread-safe.
+    ``rng`` draws the backoff jitter (seed it for a reproducible retry schedule). Thread-safe. A file that
+    cannot be opened as an outbox raises :class:`~device_agents.errors.OutboxError` naming it.
     """
 
     def __init__(
@@ -161,10 +176,19 @@ class SqliteOutbox:
         self.backoff = backoff or BackoffPolicy()
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
-        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        try:
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(f"SELECT {_COLUMNS}, seq, nbytes FROM samples LIMIT 0")
+        except sqlite3.Error as exc:
+            self._conn.close()
+            raise OutboxError(f"outbox {self.path} is not a usable outbox database (corrupt, locked or another "
+                              f"schema): {exc}") from exc
 
     def close(self) -> None:
         """Close the database connection."""
@@ -181,12 +205,20 @@ class SqliteOutbox:
         """Store samples (ids already present are ignored), enforce ``max_bytes`` by the eviction policy, commit.
 
         ``now_ms`` (default: wall clock) becomes the samples' ``created_ms`` and first due time. Returning
-        means the samples in :attr:`PutResult.stored` are durable. A single sample larger than ``max_bytes``
-        raises ``ValueError`` before anything is written.
+        means the samples in :attr:`PutResult.stored` are durable. A single sample larger than ``max_bytes``, with
+        a non-finite entropy, with neither array, or with an array that is not finite float32 (what the server
+        takes) raises ``ValueError`` before anything is written; only an id already present
+        counts as a duplicate (any other constraint failure raises and writes nothing).
         """
         now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
         rows = []
         for s in samples:
+            if not math.isfinite(s.entropy):  # SQLite stores NaN as NULL: the row would not be written
+                raise ValueError(f"sample {s.sample_id!r} has a non-finite entropy {s.entropy}")
+            if s.input is None and s.features is None:
+                raise ValueError(f"sample {s.sample_id!r} carries neither input nor features")
+            for what, array in (("input", s.input), ("features", s.features)):
+                _check_array(s.sample_id, what, array)
             inp, feat = _to_npy(s.input), _to_npy(s.features)
             nbytes = len(inp or b"") + len(feat or b"")
             if nbytes > self.max_bytes:
@@ -198,9 +230,9 @@ class SqliteOutbox:
             self._conn.execute("BEGIN IMMEDIATE")
             for row in rows:
                 cur = self._conn.execute(
-                    "INSERT OR IGNORE INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
+                    "INSERT INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
                     "prediction, stream_position, captured_ms, nbytes, created_ms, next_attempt_ms) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sample_id) DO NOTHING",
                     row,
                 )
                 if cur.rowcount == 1:

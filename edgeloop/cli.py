@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from device_agents.errors import AgentError
 from runtime.errors import EdgeloopRuntimeError
 from runtime.manifest import INVARIANCES
 
@@ -387,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
-    except (ValueError, OSError, RuntimeError, EdgeloopRuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError, EdgeloopRuntimeError, AgentError) as exc:
         print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

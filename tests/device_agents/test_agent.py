@@ -20,6 +20,7 @@ from device_agents.outbox import SqliteOutbox
 from device_agents.selection import EntropyBandSelector, SelectorConfig
 from device_agents.tta import AlphaBN, AlphaBNConfig, SourceModel
 from runtime import AdaptableModel, load_bundle
+from runtime.errors import InputError
 from runtime.params import params_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,6 +140,34 @@ def test_apply_update_versions_integrity_and_rollback(tiny_model, tmp_path: Path
     assert (agent.version, agent.active_version) == (3, 0)
     assert agent.rollback() is False
     assert agent.stats.update_versions == (3,)
+
+
+@pytest.mark.parametrize(("labels", "match"), [(np.zeros(5, np.int64), "shape"), (np.zeros(8), "integer dtype"),
+                                               (np.full(8, 3), r"0\.\.2"), (np.full(8, -1), r"0\.\.2")])
+def test_bad_labels_raise_before_anything_is_predicted_counted_or_queued(tiny_model, tmp_path: Path, labels,
+                                                                         match: str) -> None:
+    agent = _offline(tiny_model, tmp_path)
+    x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    state = agent.tta.snapshot()
+    with pytest.raises(InputError, match=match):
+        agent.process_batch(x, labels)
+    assert agent.stats.samples_seen == 0 and agent.stats.labelled_seen == 0
+    assert agent.outbox.pending_count == 0 and agent.detector.n_seen == 0 and tiny_model.calls == []
+    assert state.keys() == agent.tta.snapshot().keys()
+    assert agent.process_batch(x, np.zeros(8, np.int64)).queued_ids  # the agent goes on with good labels
+
+
+def test_update_that_makes_outputs_non_finite_is_rolled_back(tiny_model, tiny_batch, tmp_path: Path) -> None:
+    agent = _offline(tiny_model, tmp_path)  # the tiny model has no golden vectors: entropy is the only signal
+    agent.process_batch(tiny_batch)
+    original = tiny_model.params
+    poisoned = {**original, "bn1.var": np.full(4, -10.0, np.float32)}  # finite, but sqrt(var + eps) is NaN
+    with np.errstate(invalid="ignore"):
+        assert agent.apply_update(_update(1, poisoned)) is False
+    assert "nan" in agent.rollbacks[-1].reason and agent.rollbacks[-1].entropy_after == -1.0
+    assert (agent.version, agent.active_version) == (1, 0)
+    np.testing.assert_array_equal(tiny_model.params["bn1.var"], original["bn1.var"])
+    assert np.isfinite(agent.process_batch(tiny_batch).probs).all()
 
 
 def test_offline_sync_and_watcher(tiny_model, tmp_path: Path) -> None:

@@ -112,6 +112,22 @@ def test_upload_failure_nacks_and_raises(edge_server, tmp_path: Path) -> None:
         assert all(s.attempts == 1 for s in box.peek_batch(10, now_ms=10**12))
 
 
+def test_a_sample_the_server_refuses_does_not_hold_back_the_rest(edge_server, client: DeviceClient,
+                                                                   tmp_path: Path) -> None:
+    client.register()
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
+        bad_shape = OutboxSample("dev-1:bad", edge_server.bundle_id, np.zeros((3, 5), np.float32), None, 0.3, 1, 99, 0)
+        old_bundle = OutboxSample("dev-1:old", "c" * 64, np.zeros((1, 8, 8), np.float32), None, 0.3, 1, 98, 0)
+        box.put([bad_shape, old_bundle], now_ms=0)  # oldest: at the head of every batch
+        box.put(_samples(edge_server.bundle_id, 5), now_ms=0)
+        with pytest.raises(TransportError, match="dev-1:bad") as err:
+            client.upload(box, max_batch=8, now_ms=0)
+        assert err.value.code == "INVALID_ARGUMENT"
+        assert edge_server.samples_stored("dev-1") == 5  # delivered although the batch was refused
+        pending = box.peek_batch(10, now_ms=10**12)
+        assert [(s.sample_id, s.attempts) for s in pending] == [("dev-1:bad", 1), ("dev-1:old", 1)]  # kept
+
+
 def test_watch_updates_yields_signed_deltas_that_chain(edge_server, client: DeviceClient, bundle_dir: Path) -> None:
     info = client.register()
     held = AdaptableModel(load_bundle(bundle_dir)).params

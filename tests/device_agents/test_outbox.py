@@ -177,3 +177,33 @@ def test_invalid_arguments_raise(tmp_path: Path) -> None:
         SqliteOutbox(tmp_path / "o.db", max_bytes=0)
     with SqliteOutbox(tmp_path / "p.db", max_bytes=10) as box, pytest.raises(ValueError, match="n must"):
         box.peek_batch(0, now_ms=0)
+
+
+def test_put_refuses_samples_the_server_would_refuse_and_writes_nothing(tmp_path: Path) -> None:
+    good = _sample(1)
+    bad = {
+        "non-finite entropy": OutboxSample("nan-entropy", "b", good.input, None, float("nan"), 0, 0, 0),
+        "NaN or infinite": OutboxSample("nan-input", "b", np.full((1, 8, 8), np.nan, np.float32), None, 0.5, 0, 0, 0),
+        "expected float32": OutboxSample("f64", "b", np.zeros((1, 8, 8)), None, 0.5, 0, 0, 0),
+        "neither": OutboxSample("empty", "b", None, None, 0.5, 0, 0, 0),
+    }
+    with SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20) as box:
+        for reason, sample in bad.items():
+            with pytest.raises(ValueError, match=f"{sample.sample_id}.*{reason}"):
+                box.put([good, sample], now_ms=0)  # the whole call is refused, the good sample included
+        assert box.pending_count == 0
+        assert box.put([good], now_ms=0).stored == (good.sample_id,)
+
+
+@pytest.mark.parametrize("content", ["garbage", "other schema"])
+def test_a_file_that_is_not_an_outbox_raises_an_error_naming_it(tmp_path: Path, content: str) -> None:
+    from device_agents.errors import OutboxError
+
+    path = tmp_path / "outbox.sqlite3"
+    if content == "garbage":
+        path.write_bytes(b"not a database " * 100)
+    else:
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE samples (x INTEGER)")
+    with pytest.raises(OutboxError, match=r"outbox\.sqlite3"):
+        SqliteOutbox(path, max_bytes=1 << 20)
