@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal, overload
 import numpy as np
 
 from device_agents.drift import DriftDetector, detector_name, detector_signal
-from device_agents.errors import StaleUpdateError, TransportError, UpdateRejectedError
+from device_agents.errors import OutboxError, StaleUpdateError, TransportError, UpdateRejectedError
 from device_agents.health import Health, HealthMonitor, HealthPolicy
 from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
@@ -169,6 +169,7 @@ class AgentStats:
     sync_failures: int
     drift_reports_pending: int = 0
     drift_reports_dropped: int = 0
+    samples_not_queued: int = 0
     learned_samples: int = 0
     contributions: int = 0
 
@@ -199,6 +200,7 @@ class _Counters:
     rejected: int = 0
     sync_failures: int = 0
     drift_reports_dropped: int = 0
+    not_queued: int = 0
     learned: int = 0
     contributions: int = 0
     contributed_mark: int = 0  # seen + learned at the last acknowledged contribution
@@ -361,7 +363,12 @@ class Agent:
             )
             for i in chosen
         ]
-        return self.outbox.put(samples, now_ms=now).stored
+        try:
+            return self.outbox.put(samples, now_ms=now).stored
+        except OutboxError as exc:  # the device keeps serving predictions; the samples are counted as lost
+            logger.error("%s; %d selected samples not queued", exc, len(samples))
+            self._counters.not_queued += len(samples)
+            return ()
 
     def _count(self, pred: np.ndarray, y: np.ndarray | None, selected: int, drifts: list[int]) -> None:
         c = self._counters
@@ -715,7 +722,7 @@ class Agent:
                 downloaded_bytes=self.client.bytes_down if self.client is not None else 0,
                 update_versions=tuple(c.versions), rejected_updates=c.rejected, sync_failures=c.sync_failures,
                 drift_reports_pending=len(self._pending_drift), drift_reports_dropped=c.drift_reports_dropped,
-                learned_samples=c.learned, contributions=c.contributions,
+                samples_not_queued=c.not_queued, learned_samples=c.learned, contributions=c.contributions,
             )
 
 

@@ -9,7 +9,8 @@ The byte bound is enforced by an explicit eviction policy (:data:`EVICTION_POLIC
 bytes exceed ``max_bytes`` after a :meth:`SqliteOutbox.put`, ``"drop_oldest"`` deletes the oldest samples
 (fresh data wins: after a drift the new domain matters more), ``"drop_newest"`` deletes the newest ones, i.e.
 refuses what did not fit (the backlog wins). Either way the persisted ``dropped`` / ``dropped_bytes`` counters
-grow; the agent reports them to the server (``ReportOutbox``), so a fleet operator sees what was lost.
+grow (as they do for a row whose arrays no longer decode, which :meth:`SqliteOutbox.peek_batch` deletes); the
+agent reports them to the server (``ReportOutbox``), so a fleet operator sees what was lost.
 A sample is *acknowledged locally* once ``put`` returned it in :attr:`PutResult.stored`.
 """
 
@@ -116,7 +117,7 @@ class PutResult:
 
 @dataclass(frozen=True)
 class OutboxStats:
-    """A snapshot of the outbox: what is pending and what the byte bound dropped since creation."""
+    """A snapshot of the outbox: what is pending, and what was dropped since creation (byte bound, unreadable)."""
 
     pending_count: int
     pending_bytes: int
@@ -208,7 +209,9 @@ class SqliteOutbox:
         means the samples in :attr:`PutResult.stored` are durable. A single sample larger than ``max_bytes``, with
         a non-finite entropy, with neither array, or with an array that is not finite float32 (what the server
         takes) raises ``ValueError`` before anything is written; only an id already present
-        counts as a duplicate (any other constraint failure raises and writes nothing).
+        counts as a duplicate (any other constraint failure raises and writes nothing). A database that cannot
+        be written (disk full, locked, I/O error) raises :class:`~device_agents.errors.OutboxError` naming the
+        file; nothing is written then either.
         """
         now_ms = int(time.time() * 1000) if now_ms is None else int(now_ms)
         rows = []
@@ -226,18 +229,22 @@ class SqliteOutbox:
             rows.append((s.sample_id, s.bundle_id, inp, feat, float(s.entropy), int(s.prediction),
                          int(s.stream_position), int(s.captured_ms), nbytes, int(now_ms), int(now_ms)))
         inserted: list[tuple[int, str]] = []
-        with self._lock, self._conn:
-            self._conn.execute("BEGIN IMMEDIATE")
-            for row in rows:
-                cur = self._conn.execute(
-                    "INSERT INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
-                    "prediction, stream_position, captured_ms, nbytes, created_ms, next_attempt_ms) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sample_id) DO NOTHING",
-                    row,
-                )
-                if cur.rowcount == 1:
-                    inserted.append((int(cur.lastrowid or 0), row[0]))
-            evicted = self._evict()
+        try:
+            with self._lock, self._conn:
+                self._conn.execute("BEGIN IMMEDIATE")
+                for row in rows:
+                    cur = self._conn.execute(
+                        "INSERT INTO samples (sample_id, bundle_id, input_npy, features_npy, entropy, "
+                        "prediction, stream_position, captured_ms, nbytes, created_ms, next_attempt_ms) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sample_id) DO NOTHING",
+                        row,
+                    )
+                    if cur.rowcount == 1:
+                        inserted.append((int(cur.lastrowid or 0), row[0]))
+                evicted = self._evict()
+        except sqlite3.Error as exc:  # disk full, database locked beyond the timeout, I/O error: nothing written
+            raise OutboxError(f"outbox {self.path}: could not store {len(rows)} samples ({exc}); none was "
+                              "written") from exc
         stored = tuple(sample_id for seq, sample_id in inserted if seq not in evicted)
         return PutResult(stored, len(rows) - len(inserted), len(evicted))
 
@@ -255,28 +262,50 @@ class SqliteOutbox:
             total -= nbytes
             freed += nbytes
         self._conn.executemany("DELETE FROM samples WHERE seq = ?", [(s,) for s in doomed])
-        self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (len(doomed),))
-        self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_bytes'", (freed,))
+        self._count_dropped(len(doomed), freed)
         logger.warning("outbox %s over %d bytes: %s dropped %d samples (%d bytes)", self.path, self.max_bytes,
                        self.eviction, len(doomed), freed)
         return set(doomed)
 
+    def _count_dropped(self, samples: int, nbytes: int) -> None:
+        """Add to the persisted ``dropped`` / ``dropped_bytes`` counters (inside the caller's transaction)."""
+        self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped'", (samples,))
+        self._conn.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped_bytes'", (nbytes,))
+
     def peek_batch(self, n: int, now_ms: int) -> list[OutboxSample]:
-        """Up to ``n`` samples due at ``now_ms`` (next_attempt_ms <= now_ms), oldest first; not removed."""
+        """Up to ``n`` samples due at ``now_ms`` (next_attempt_ms <= now_ms), oldest first; not removed.
+
+        A row whose stored arrays no longer decode as finite float32 (the file was damaged under SQLite, which
+        checks no contents) can never be sent: it is deleted, counted in ``dropped`` / ``dropped_bytes`` like an
+        eviction (so the server's ``ReportOutbox`` shows it) and logged, instead of failing every later upload."""
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT {_COLUMNS} FROM samples WHERE next_attempt_ms <= ? ORDER BY seq LIMIT ?",
+                f"SELECT {_COLUMNS}, seq, nbytes FROM samples WHERE next_attempt_ms <= ? ORDER BY seq LIMIT ?",
                 (int(now_ms), int(n)),
             ).fetchall()
-        return [
-            OutboxSample(
-                sample_id=r[0], bundle_id=r[1], input=_from_npy(r[2]), features=_from_npy(r[3]), entropy=r[4],
-                prediction=r[5], stream_position=r[6], captured_ms=r[7], attempts=r[9], next_attempt_ms=r[10],
-            )
-            for r in rows
-        ]
+            samples: list[OutboxSample] = []
+            unreadable: list[tuple[int, int]] = []
+            for r in rows:
+                try:
+                    arrays = _from_npy(r[2]), _from_npy(r[3])
+                    for what, array in zip(("input", "features"), arrays, strict=True):
+                        _check_array(r[0], what, array)
+                except (ValueError, OSError, EOFError) as exc:
+                    logger.error("outbox %s: sample %r is unreadable (%s); dropped", self.path, r[0], exc)
+                    unreadable.append((r[11], r[12]))
+                    continue
+                samples.append(OutboxSample(
+                    sample_id=r[0], bundle_id=r[1], input=arrays[0], features=arrays[1], entropy=r[4],
+                    prediction=r[5], stream_position=r[6], captured_ms=r[7], attempts=r[9], next_attempt_ms=r[10],
+                ))
+            if unreadable:
+                with self._conn:
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    self._conn.executemany("DELETE FROM samples WHERE seq = ?", [(seq,) for seq, _ in unreadable])
+                    self._count_dropped(len(unreadable), sum(nbytes for _, nbytes in unreadable))
+        return samples
 
     def ack(self, ids: Sequence[str]) -> int:
         """Delete delivered samples; returns how many were present."""
@@ -325,7 +354,8 @@ class SqliteOutbox:
 
     @property
     def dropped(self) -> int:
-        """Samples evicted by the byte bound since the database was created (persisted)."""
+        """Samples dropped since the database was created (persisted): evicted by the byte bound, or found
+        unreadable by :meth:`peek_batch`."""
         return self._scalar("SELECT value FROM meta WHERE key = 'dropped'")
 
     @property

@@ -14,9 +14,9 @@ import pytest
 from device_agents.agent import Agent, AgentConfig
 from device_agents.client import DeviceClient
 from device_agents.drift import PageHinkley
-from device_agents.errors import StaleUpdateError, UpdateIntegrityError, UpdateRejectedError
+from device_agents.errors import OutboxError, StaleUpdateError, UpdateIntegrityError, UpdateRejectedError
 from device_agents.messages import ParameterUpdate
-from device_agents.outbox import SqliteOutbox
+from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import EntropyBandSelector, SelectorConfig
 from device_agents.tta import AlphaBN, AlphaBNConfig, SourceModel
 from runtime import AdaptableModel, load_bundle
@@ -64,6 +64,19 @@ def test_process_batch_predicts_counts_and_queues(tiny_model, tiny_batch, tmp_pa
     assert agent.outbox.pending_count == 32
     stats = agent.stats
     assert stats.samples_seen == 64 and stats.labelled_seen == 32 and stats.accuracy == 1.0
+
+
+def test_an_outbox_that_cannot_be_written_loses_the_samples_not_the_batch(tiny_model, tiny_batch, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    agent = _offline(tiny_model, tmp_path)
+    agent.outbox._conn.execute("PRAGMA query_only = ON")  # every write now fails, as on a full disk
+    result = agent.process_batch(tiny_batch)  # predictions still come back; the samples are counted as lost
+    assert result.pred.shape == (32,) and result.selected == 0 and result.queued_ids == ()
+    stats = agent.stats
+    assert stats.samples_seen == 32 and stats.samples_not_queued == 32 and agent.outbox.pending_count == 0
+    assert any("o.db: could not store 32 samples" in r.getMessage() for r in caplog.records)
+    with pytest.raises(OutboxError, match=r"o\.db: could not store"):  # what the outbox itself raises
+        agent.outbox.put([OutboxSample("dev-1:x:0", BUNDLE, tiny_batch[0], None, 0.5, 0, 0, 0)], now_ms=0)
 
 
 def test_drift_is_detected_recorded_and_resets_tta(tiny_model, tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import sqlite3
 from pathlib import Path
@@ -207,3 +208,31 @@ def test_a_file_that_is_not_an_outbox_raises_an_error_naming_it(tmp_path: Path, 
             conn.execute("CREATE TABLE samples (x INTEGER)")
     with pytest.raises(OutboxError, match=r"outbox\.sqlite3"):
         SqliteOutbox(path, max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("damage", ["truncated npy", "not npy", "NaN array"])
+def test_a_row_damaged_on_disk_is_dropped_and_counted_not_failing_every_upload(tmp_path: Path, damage: str) -> None:
+    path = tmp_path / "o.db"
+    samples = [_sample(i) for i in range(3)]
+    with SqliteOutbox(path, max_bytes=1 << 20) as box:
+        box.put(samples, now_ms=0)
+        before = box.stats
+    nan = np.full((1, 8, 2), np.nan, np.float32)
+    blob = {"truncated npy": None, "not npy": b"\x00" * 40, "NaN array": None}[damage]
+    with sqlite3.connect(path) as conn:  # damage the middle sample's input under SQLite's feet
+        if damage == "truncated npy":
+            (stored,) = conn.execute("SELECT input_npy FROM samples WHERE sample_id = 'dev-1'").fetchone()
+            blob = stored[: len(stored) // 2]
+        elif damage == "NaN array":
+            buf = io.BytesIO()
+            np.save(buf, nan, allow_pickle=False)
+            blob = buf.getvalue()
+        conn.execute("UPDATE samples SET input_npy = ? WHERE sample_id = 'dev-1'", (blob,))
+    with SqliteOutbox(path, max_bytes=1 << 20) as box:
+        batch = box.peek_batch(10, now_ms=0)
+        assert [s.sample_id for s in batch] == ["dev-0", "dev-2"]
+        np.testing.assert_array_equal(batch[1].input, samples[2].input)
+        stats = box.stats
+        assert stats.pending_count == 2 and stats.dropped == before.dropped + 1
+        assert stats.dropped_bytes > before.dropped_bytes
+        assert [s.sample_id for s in box.peek_batch(10, now_ms=0)] == ["dev-0", "dev-2"]  # gone for good
