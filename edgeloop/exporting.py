@@ -150,7 +150,9 @@ def _model_input(path: Path, fmt: str) -> tuple[str, list[int], str]:
     if fmt == "onnx":
         import onnx
 
-        graph = onnx.load(str(path)).graph
+        from exporter.foreign import load_onnx_model
+
+        graph = load_onnx_model(path).graph
         inits = {i.name for i in graph.initializer}
         inputs = [i for i in graph.input if i.name not in inits]
         if len(inputs) != 1:

@@ -188,13 +188,26 @@ def _onnx_batch_free(proto: Any, input_name: str) -> Any:
     return copy
 
 
+def load_onnx_model(path: Path) -> Any:
+    """The ONNX ``ModelProto`` in ``path``, passed by ``onnx.checker``; :class:`ForeignModelError` naming the file
+    when it is not a valid ONNX model (e.g. a TFLite file given as ONNX)."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        proto = onnx.load(str(path))
+        onnx.checker.check_model(proto)
+    except (DecodeError, onnx.checker.ValidationError) as exc:
+        raise ForeignModelError(f"{path} is not a valid ONNX model: {str(exc).strip()}") from exc
+    return proto
+
+
 def _inspect_onnx(
     path: Path, spec: ForeignInputSpec, golden_x: np.ndarray, output_name: str | None, features: str | None
 ) -> _Wrapped:
     import onnx
 
-    proto = onnx.load(str(path))
-    onnx.checker.check_model(proto)
+    proto = load_onnx_model(path)
     inits = {i.name for i in proto.graph.initializer}
     inputs = [v for v in proto.graph.input if v.name not in inits]
     where = f"ONNX model {path.name}"

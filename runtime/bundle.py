@@ -14,7 +14,7 @@ import numpy as np
 
 from runtime.blocks import MAGIC as BLOCK_MAGIC
 from runtime.blocks import BlockError, decode_block, decode_image_u8
-from runtime.errors import BundleIntegrityError, GoldenMismatchError, ManifestError
+from runtime.errors import BundleIntegrityError, GoldenMismatchError, InputError, ManifestError
 from runtime.manifest import Manifest, ModelEntry, read_manifest
 from runtime.packing import unpack
 from runtime.session import Session, open_session
@@ -85,10 +85,20 @@ def golden_input(recorded: dict[str, np.ndarray], name: str) -> np.ndarray:
         return recorded["input"]
     if "input_u8_residual" in recorded and "input_denominator" in recorded:
         images = decode_image_u8(recorded["input_u8_residual"])
-        return images.astype(np.float32) / np.float32(recorded["input_denominator"])
+        return images.astype(np.float32) / _denominator(recorded, name)
     if "input_u8" in recorded and "input_denominator" in recorded:
-        return recorded["input_u8"].astype(np.float32) / np.float32(recorded["input_denominator"])
+        return recorded["input_u8"].astype(np.float32) / _denominator(recorded, name)
     raise BundleIntegrityError(f"golden file {name!r} has no 'input' (or 'input_u8') array")
+
+
+def _denominator(recorded: dict[str, np.ndarray], name: str) -> np.float32:
+    """The golden file's ``input_denominator``: one positive finite number."""
+    value = np.asarray(recorded["input_denominator"])
+    scalar = float(value.reshape(())) if value.size == 1 and value.dtype.kind in "fiu" else float("nan")
+    if not (np.isfinite(scalar) and scalar > 0):
+        raise BundleIntegrityError(f"golden file {name!r}: input_denominator must be one positive number, got "
+                                   f"{value.dtype} {value.shape}")
+    return np.float32(scalar)
 
 
 def read_golden(root: Path, name: str) -> dict[str, np.ndarray]:
@@ -104,6 +114,22 @@ def read_golden(root: Path, name: str) -> dict[str, np.ndarray]:
         raise BundleIntegrityError(f"golden file {name!r} is unreadable: {exc}") from exc
 
 
+def check_outputs(manifest: Manifest, model: ModelEntry, outputs: dict[str, np.ndarray]) -> None:
+    """Check that ``model``'s outputs on a batch (the golden one) hold what the manifest says they do: the
+    scores, ``(N, len(labels))``, the features when named, and each adaptable layer's batch statistics."""
+    names = [manifest.logits_output, *([manifest.features_output] if manifest.features_output else [])]
+    if model.graph == "adaptable":
+        names += [n for layer in manifest.layers for n in (layer.batch_mean, layer.batch_var)]
+    missing = [n for n in names if n not in outputs]
+    if missing:
+        raise ManifestError(f"model {model.name!r} has no output(s) {missing} that the manifest names; its outputs "
+                            f"are {sorted(outputs)}")
+    scores = outputs[manifest.logits_output]
+    if scores.ndim != 2 or scores.shape[1] != len(manifest.labels):
+        raise ManifestError(f"model {model.name!r} output {manifest.logits_output!r} has shape {scores.shape}, but "
+                            f"the manifest lists {len(manifest.labels)} labels")
+
+
 def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Session) -> None:
     """Run the golden inputs and compare every recorded output of ``model`` within its tolerance."""
     name = manifest.golden_file_of(model.name)
@@ -112,9 +138,16 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
         x = golden_input(recorded, name)
     except BlockError as exc:
         raise BundleIntegrityError(f"golden file {name!r}: {exc}") from exc
+    if x.ndim != len(manifest.input.shape) or x.shape[1:] != manifest.input.shape[1:] or len(x) == 0:
+        raise BundleIntegrityError(f"golden file {name!r}: golden input has shape {x.shape}, the manifest's input "
+                                   f"is {list(manifest.input.shape)} (N >= 1)")
     if model.name not in manifest.golden_tolerance:
         raise ManifestError(f"golden.models has no tolerance for model {model.name!r}")
-    outputs = session.run(golden_feeds(manifest, model, x.astype(manifest.input.dtype)))
+    try:
+        outputs = session.run(golden_feeds(manifest, model, x.astype(manifest.input.dtype)))
+    except InputError as exc:
+        raise ManifestError(f"model {model.name!r} does not take the inputs its manifest describes: {exc}") from exc
+    check_outputs(manifest, model, outputs)
     prefix = f"{model.name}/"
     checked = 0
     for key, expected in recorded.items():
@@ -123,6 +156,9 @@ def verify_golden(root: Path, manifest: Manifest, model: ModelEntry, session: Se
         out = key[len(prefix) :]
         if out not in outputs:
             raise GoldenMismatchError(f"model {model.name!r} has no output {out!r} recorded in golden vectors")
+        if expected.shape != outputs[out].shape or expected.dtype.kind != "f":
+            raise GoldenMismatchError(f"model {model.name!r} output {out!r} has shape {outputs[out].shape}, its "
+                                      f"golden vector is {expected.dtype} {expected.shape}")
         diff = np.abs(outputs[out].astype(np.float64) - expected)
         atol, rtol = manifest.tolerance_of(model.name, out)
         bound = atol + rtol * np.abs(expected)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,12 +319,29 @@ def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: st
     return value
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, where: str) -> float:
+    """``value`` as a finite float (a JSON number, not a bool); :class:`ManifestError` naming ``where`` else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ManifestError(f"manifest field {where} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def _input_spec(raw: dict[str, Any]) -> InputSpec:
     spec = _get(raw, "input", dict, "manifest")
-    shape = tuple(int(d) for d in _get(spec, "shape", list, "input"))
-    if len(shape) < 2 or shape[0] != -1 or any(d <= 0 for d in shape[1:]):
-        raise ManifestError(f"manifest field input.shape {list(shape)} must be [-1, positive dims…]")
-    lo, hi = (float(v) for v in spec.get("value_range", [0.0, 1.0]))
+    dims = _get(spec, "shape", list, "input")
+    if len(dims) < 2 or dims[0] != -1 or not all(_is_int(d) and d > 0 for d in dims[1:]):
+        raise ManifestError(f"manifest field input.shape {dims!r} must be [-1, positive integer dims…]")
+    shape = tuple(int(d) for d in dims)
+    value_range = spec.get("value_range", [0.0, 1.0])
+    if not isinstance(value_range, list) or len(value_range) != 2:
+        raise ManifestError(f"manifest field input.value_range must be [low, high], got {value_range!r}")
+    lo, hi = (_number(v, "input.value_range") for v in value_range)
+    if not lo < hi:
+        raise ManifestError(f"manifest field input.value_range {value_range!r} must be increasing")
     dtype = _get(spec, "dtype", str, "input")
     if dtype not in INPUT_DTYPES:
         raise ManifestError(f"manifest field input.dtype is {dtype!r}; expected one of {INPUT_DTYPES}")
@@ -377,7 +395,18 @@ def _layers(adaptable: dict[str, Any], version: int) -> tuple[NormLayerSpec, ...
     if not layers:
         raise ManifestError("manifest field adaptable.layers must be a non-empty list (a bundle without adaptable "
                             "layers has no adaptable block: null or absent)")
+    _refuse_repeats([layer.name for layer in layers], "adaptable.layers names a layer")
+    _refuse_repeats([getattr(layer, k) for layer in layers for k in TENSOR_KEYS], "adaptable.layers names a tensor")
     return tuple(layers)
+
+
+def _refuse_repeats(names: list[str], what: str) -> None:
+    """:class:`ManifestError` naming the first name that occurs twice in ``names`` (``what``: who names it)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ManifestError(f"manifest field {what} {name!r} twice")
+        seen.add(name)
 
 
 def _initial_file(adaptable: dict[str, Any], files: dict[str, str]) -> str:
@@ -418,14 +447,26 @@ def _session_options(opts: Any, where: str) -> dict[str, Any] | None:
     return {"disabled_optimizers": list(names)}
 
 
+def _io_names(io_names: Any, where: str) -> dict[str, dict[str, str]] | None:
+    """A model entry's ``io_names``: None, or ``{"inputs": {logical: name}, "outputs": {...}}`` of strings."""
+    if io_names is None:
+        return None
+    if not isinstance(io_names, dict) or set(io_names) - {"inputs", "outputs"} or not all(
+            isinstance(side, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in side.items())
+            for side in io_names.values()):
+        raise ManifestError(f"manifest field {where}.io_names must be an object with 'inputs' and 'outputs' "
+                            f"mapping logical names to tensor names, got {io_names!r}")
+    return io_names
+
+
 def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
     entries = []
     for i, m in enumerate(_get(raw, "models", list, "manifest")):
         where = f"models[{i}]"
+        if not isinstance(m, dict):
+            raise ManifestError(f"manifest field {where} must be an object, got {type(m).__name__}")
         keys = ("name", "file", "format", "precision", "graph")
-        io_names, packed = m.get("io_names"), m.get("packed")
-        if io_names is not None and not isinstance(io_names, dict):
-            raise ManifestError(f"manifest field {where}.io_names must be an object")
+        io_names, packed = _io_names(m.get("io_names"), where), m.get("packed")
         if packed is not None and not (isinstance(packed, dict) and isinstance(packed.get("file"), str)):
             raise ManifestError(f"manifest field {where}.packed must be an object with a 'file'")
         nonnegative = m.get("nonnegative_params", [])
@@ -436,6 +477,7 @@ def _models(raw: dict[str, Any]) -> tuple[ModelEntry, ...]:
                                   nonnegative_params=tuple(nonnegative)))
     if not entries:
         raise ManifestError("manifest lists no models")
+    _refuse_repeats([entry.name for entry in entries], "models names a model")
     return tuple(entries)
 
 
@@ -444,7 +486,17 @@ def _output_tolerances(model: str, tolerance: dict[str, Any]) -> dict[str, tuple
     outputs = tolerance.get("outputs", {})
     if not isinstance(outputs, dict) or not all(isinstance(t, dict) for t in outputs.values()):
         raise ManifestError(f"manifest field golden.models.{model}.outputs must map output names to {{atol, rtol}}")
-    return {out: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0))) for out, t in outputs.items()}
+    return {out: _tolerance(t, f"golden.models.{model}.outputs.{out}") for out, t in outputs.items()}
+
+
+def _tolerance(tolerance: Any, where: str) -> tuple[float, float]:
+    """``(atol, rtol)`` of a golden tolerance object: finite numbers >= 0 (absent: 0)."""
+    if not isinstance(tolerance, dict):
+        raise ManifestError(f"manifest field {where} must be an object with atol and rtol, got {tolerance!r}")
+    out = tuple(_number(tolerance.get(key, 0.0), f"{where}.{key}") for key in ("atol", "rtol"))
+    if min(out) < 0:
+        raise ManifestError(f"manifest field {where}: atol and rtol must be >= 0, got {out}")
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -549,10 +601,8 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
     kind = outputs.get("kind", "logits")
     if kind not in OUTPUT_KINDS:
         raise ManifestError(f"manifest field outputs.kind is {kind!r}; expected one of {OUTPUT_KINDS}")
-    tolerance = {
-        name: (float(t.get("atol", 0.0)), float(t.get("rtol", 0.0)))
-        for name, t in _get(golden, "models", dict, "golden").items()
-    }
+    tolerance = {name: _tolerance(t, f"golden.models.{name}") for name, t in _get(golden, "models", dict,
+                                                                               "golden").items()}
     per_output = {name: _output_tolerances(name, t) for name, t in golden["models"].items()}
     models = _models(raw)
     files = {str(k): str(v) for k, v in _get(raw, "files", dict, "manifest").items()}
@@ -580,7 +630,7 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
         files=files,
         golden_file=str(golden.get("file", "")),
         golden_files={n: str(t["file"]) for n, t in golden["models"].items() if isinstance(t.get("file"), str)},
-        golden_alpha=float(golden.get("alpha", 0.0)),
+        golden_alpha=_number(golden.get("alpha", 0.0), "golden.alpha"),
         golden_tolerance=tolerance,
         raw=raw,
         golden_output_tolerance={k: v for k, v in per_output.items() if v},
@@ -616,6 +666,6 @@ def read_manifest(bundle_dir: Path) -> tuple[Manifest, bytes]:
     data = path.read_bytes()
     try:
         raw = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
     return parse_manifest(raw, root=Path(bundle_dir)), data

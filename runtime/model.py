@@ -166,15 +166,19 @@ class AdaptableModel:
         return self._run(x, alpha, params)
 
     def _run(self, x: np.ndarray, alpha: float, params: Mapping[str, np.ndarray] | None) -> ForwardResult:
-        if not 0.0 <= alpha <= 1.0:
-            raise InputError(f"alpha must be in [0, 1], got {alpha}")
+        try:
+            value = float("nan") if isinstance(alpha, (str, bytes, bool)) else float(alpha)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
         m = self.manifest
         with self._lock:
             feeds: dict[str, np.ndarray] = dict(self._params)  # arrays are replaced, never written: no copies
         if params:
             feeds.update(self._overrides(params))
         feeds[m.input.name] = x
-        feeds[m.alpha_input] = np.asarray(alpha, dtype=np.float32)
+        feeds[m.alpha_input] = np.asarray(value, dtype=np.float32)
         session = self.bundle.session
         run = getattr(session, "run_checked", session.run)  # every input is checked above
         out = run(feeds)

@@ -56,6 +56,7 @@ import math
 import struct
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,7 @@ AXES = (0, 1, 2)
 COMPRESSIONS = {"none": 0, "zlib": 1, "lzma": 2}
 FLAG_NEGZERO = 1
 ITEMSIZES = (1, 2, 4, 8)
+MAX_MODEL_BYTES = 2 << 30  # protobuf (ONNX) and flatbuffers (TFLite) files are below 2 GiB
 
 
 class PackFormatError(BundleError, ValueError):
@@ -213,6 +215,9 @@ def read_header(data: bytes) -> PackHeader:
     names = {code: name for name, code in COMPRESSIONS.items()}
     if compression not in names:
         raise PackFormatError(f"unknown payload compression code {compression}")
+    if original_length > MAX_MODEL_BYTES:
+        raise PackFormatError(f"header says the model is {original_length} bytes; models are at most "
+                              f"{MAX_MODEL_BYTES} bytes (the ONNX and TFLite file limit)")
     if len(data) - HEADER.size != payload_length:
         raise PackFormatError(
             f"payload length mismatch: header says {payload_length} bytes, pack holds {len(data) - HEADER.size}"
@@ -220,15 +225,32 @@ def read_header(data: bytes) -> PackHeader:
     return PackHeader(version, names[compression], original_length, digest.hex(), payload_length)
 
 
-def _decompress(payload: bytes, compression: str) -> bytes:
+def payload_limit(original_length: int) -> int:
+    """The most bytes a pack of an ``original_length``-byte model can decompress to: the stripped model and
+    the packed tensors' sections are each at most the model's size, the names and record headers far less.
+    Decoding stops there (a decompression bomb is refused before it fills memory)."""
+    return 4 * original_length + (1 << 20)
+
+
+def _decompress(payload: bytes, compression: str, original_length: int) -> bytes:
+    limit = payload_limit(original_length)
+    if compression == "none":
+        return payload
     try:
         if compression == "zlib":
-            return zlib.decompress(payload)
-        if compression == "lzma":
-            return lzma.decompress(payload, format=lzma.FORMAT_XZ)
+            decoder: Any = zlib.decompressobj()
+            out = decoder.decompress(payload, limit)
+            done = decoder.eof and not decoder.unconsumed_tail
+        else:
+            decoder = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+            out = decoder.decompress(payload, max_length=limit)
+            done = decoder.eof
     except (zlib.error, lzma.LZMAError) as exc:
         raise PackFormatError(f"{compression} payload does not decompress: {exc}") from exc
-    return payload
+    if not done:
+        raise PackFormatError(f"{compression} payload is truncated or decompresses to more than {limit} bytes, "
+                              f"the most a pack of a {original_length}-byte model can hold")
+    return out
 
 
 class _Reader:
@@ -269,7 +291,7 @@ def _read_record(reader: _Reader, i: int, version: int) -> TensorRecord:
 def read_pack(data: bytes) -> tuple[PackHeader, bytes, list[TensorRecord]]:
     """Parse a pack: ``(header, stripped model bytes, records)``, checking every length and bound."""
     header = read_header(data)
-    reader = _Reader(_decompress(data[HEADER.size :], header.compression))
+    reader = _Reader(_decompress(data[HEADER.size :], header.compression, header.original_length))
     (count,) = reader.unpack(struct.Struct("<I"), "record count")
     (stripped_len,) = reader.unpack(struct.Struct("<Q"), "stripped model length")
     stripped = reader.take(stripped_len, "stripped model")

@@ -56,6 +56,19 @@ def probabilities(scores: np.ndarray, kind: str) -> np.ndarray:
     return np.where(sums > 0, p / np.where(sums > 0, sums, 1.0), uniform)
 
 
+def _static_batch(value: object, bundle: Bundle) -> int | None:
+    """A model entry's ``static_batch`` (the batch a not batch-resizable model runs at): None, or a positive int
+    that agrees with the session's own static batch when it has one; :class:`BundleError` otherwise."""
+    if value is None:
+        return None
+    session_batch = getattr(bundle.session, "static_batch", None)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (
+            session_batch is not None and value != session_batch):
+        raise BundleError(f"model {bundle.model.name!r}: static_batch {value!r} must be a positive int"
+                          + (f" equal to the model's own batch {session_batch}" if session_batch else ""))
+    return value
+
+
 class Predictor:
     """Prediction over a loaded bundle's model (see the module docstring for what to feed).
 
@@ -75,7 +88,7 @@ class Predictor:
         self.kind = self.manifest.output_kind
         entry = self._raw_entry()
         static = entry.get("static_batch")
-        self.static_batch = int(static) if static and entry.get("batch_resizable") is False else None
+        self.static_batch = _static_batch(static, bundle) if entry.get("batch_resizable") is False else None
         self.max_batch = self.static_batch or max_batch
         self._extra = self._fixed_feeds()
         self._lock = threading.Lock()

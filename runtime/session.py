@@ -37,6 +37,10 @@ class Session(Protocol):
 # through a process-wide allocator. Applied to every onnxruntime session this module opens, folded and
 # adaptable alike.
 MEM_PATTERN = False
+# onnxruntime input types (``NodeArg.type``) and the numpy dtype a feed of that type must have
+ORT_DTYPES = {"tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64),
+              "tensor(uint8)": np.dtype(np.uint8), "tensor(int8)": np.dtype(np.int8),
+              "tensor(int32)": np.dtype(np.int32), "tensor(int64)": np.dtype(np.int64)}
 
 
 class OrtSession:
@@ -76,9 +80,14 @@ class OrtSession:
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
         self._ranks = {i.name: len(i.shape) for i in self._sess.get_inputs()}
+        self._dtypes = {i.name: ORT_DTYPES.get(i.type) for i in self._sess.get_inputs()}
+        from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+        self._invalid_argument = InvalidArgument
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run with ``feeds`` (exactly the graph's inputs); return every output."""
+        """Run with ``feeds`` (exactly the graph's inputs, each of the graph's rank and dtype); return every
+        output."""
         missing = [n for n in self.input_names if n not in feeds]
         extra = [n for n in feeds if n not in self._ranks]
         if missing or extra:
@@ -86,13 +95,20 @@ class OrtSession:
         for name, arr in feeds.items():
             if np.ndim(arr) != self._ranks[name]:
                 raise InputError(f"input {name!r} has rank {np.ndim(arr)}, graph expects {self._ranks[name]}")
+            want = self._dtypes[name]
+            if want is not None and np.asarray(arr).dtype != want:
+                raise InputError(f"input {name!r} is {np.asarray(arr).dtype}, graph expects {want}")
         return self.run_checked(feeds)
 
     def run_checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """:meth:`run` for feeds the caller has already checked (every graph input, each a float32 array of
         the graph's rank, e.g. :class:`runtime.model.AdaptableModel`'s): no name or rank checks, which cost
-        about a microsecond per input on every call."""
-        outs = self._sess.run(self.output_names, feeds if isinstance(feeds, dict) else dict(feeds))
+        about a microsecond per input on every call. A feed onnxruntime still refuses (a dimension the graph
+        fixes) raises :class:`InputError` with onnxruntime's reason."""
+        try:
+            outs = self._sess.run(self.output_names, feeds if isinstance(feeds, dict) else dict(feeds))
+        except self._invalid_argument as exc:
+            raise InputError(f"onnxruntime refuses the feeds: {exc}") from exc
         return dict(zip(self.output_names, outs, strict=True))
 
 

@@ -167,7 +167,7 @@ def parse_manifest(raw: bytes) -> tuple[dict[str, Any], BundleSpec]:
     """
     try:
         manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvalidBundleError(f"{MANIFEST_FILE} is not valid UTF-8 JSON: {exc}") from exc
     if not isinstance(manifest, dict):
         raise InvalidBundleError(f"{MANIFEST_FILE} must hold a JSON object, got {type(manifest).__name__}")

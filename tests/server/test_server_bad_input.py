@@ -143,3 +143,11 @@ def test_an_error_echoing_a_huge_request_field_still_reaches_the_client_with_its
     assert code == grpc.StatusCode.NOT_FOUND and details.startswith("unknown bundle 'zzz") and len(details) < 3000
     code, details = _code(lambda: device.Register(device_pb2.RegisterRequest(device_id=huge), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "device_id" in details and "100000 characters" in details
+
+
+def test_a_deeply_nested_manifest_is_an_invalid_bundle_not_a_recursion_error() -> None:
+    from server.errors import InvalidBundleError
+    from server.manifest import parse_manifest
+
+    with pytest.raises(InvalidBundleError, match="not valid UTF-8 JSON"):
+        parse_manifest(b"[" * 100_000 + b"]" * 100_000)
