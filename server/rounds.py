@@ -11,6 +11,16 @@ unused submissions, so a restart loses nothing: a half-full buffer is still ther
 submissions. Each round records which submissions it takes and the strategy's state before it publishes; a
 round a crash interrupted is completed (its update was published) or failed (its submissions stay unused) when
 the runner starts.
+
+An input that can never be read again is quarantined rather than retried forever: every round reads its inputs
+(submissions' parameter blobs, samples' input tensors) before it aggregates, and one whose blob is missing
+(:class:`BlobNotFoundError`), no longer matches its digest (:class:`BlobCorruptError`), does not decode
+(:class:`CodecError`) or is named by a malformed digest is logged, marked used by that round at once (so no
+later round picks it again) and left out; the round goes on with the rest and counts them in its metrics
+(``unreadable_submissions`` / ``unreadable_samples``). When nothing readable is left the round fails with
+:class:`NothingToAggregateError` (its unreadable inputs stay quarantined). Any other failure (the strategy, the
+publish, the registry), and a crash, is transient: the round fails and its readable inputs stay unused for the
+next one (what it quarantined stays so).
 """
 
 from __future__ import annotations
@@ -28,8 +38,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from server.aggregation import AggregateResult, Aggregator, Contribution, FedAvg
-from server.codec import decode_array, decode_arrays
+from server.codec import CodecError, decode_array, decode_arrays
 from server.errors import (
+    BlobCorruptError,
+    BlobNotFoundError,
     DistillerUnavailableError,
     InvalidRequestError,
     InvalidTensorError,
@@ -38,7 +50,7 @@ from server.errors import (
     StorageError,
     UnknownRoundError,
 )
-from server.records import DEFAULT_COHORT, AggregatorStateRecord, RoundRecord, SubmissionRecord
+from server.records import DEFAULT_COHORT, AggregatorStateRecord, RoundRecord, SampleRecord, SubmissionRecord
 from server.state import ServerState, check_id, require_parameters, resolve_bundle, sample_tensor
 from server.updates import current_params, nonnegative_names, publish_update, version_params
 
@@ -46,6 +58,9 @@ logger = logging.getLogger(__name__)
 ROUND_KINDS = ("fedavg", "distill")
 ASYNC_ROUND_KIND = "fedbuff"  # the kind recorded for the rounds an asynchronous strategy runs by itself
 _BASE_CACHE = 64  # exact parameter sets of recent versions kept for computing deltas
+# What makes an input unreadable for good (quarantined, never retried): its blob is gone, corrupt, undecodable, or
+# named by a malformed digest (the blob store's InvalidRequestError; reading raises nothing else of that kind).
+_UNREADABLE = (BlobNotFoundError, BlobCorruptError, CodecError, InvalidRequestError)
 
 
 @dataclass(frozen=True)
@@ -82,11 +97,15 @@ def fedavg(contributions: Sequence[tuple[int, Mapping[str, np.ndarray]]],
 
 def latest_per_device(submissions: Sequence[SubmissionRecord]) -> list[SubmissionRecord]:
     """The newest submission of each device (by id), ordered by device id."""
-    latest: dict[str, SubmissionRecord] = {}
+    return [newest[0] for newest in by_device_newest_first(submissions)]
+
+
+def by_device_newest_first(submissions: Sequence[SubmissionRecord]) -> list[list[SubmissionRecord]]:
+    """The submissions of each device, newest (highest id) first; the devices ordered by id."""
+    per_device: dict[str, list[SubmissionRecord]] = {}
     for s in submissions:
-        if s.device_id not in latest or (s.id or 0) > (latest[s.device_id].id or 0):
-            latest[s.device_id] = s
-    return [latest[d] for d in sorted(latest)]
+        per_device.setdefault(s.device_id, []).append(s)
+    return [sorted(per_device[d], key=lambda s: s.id or 0, reverse=True) for d in sorted(per_device)]
 
 
 @dataclass(frozen=True)
@@ -142,6 +161,7 @@ class RoundRunner:
         self.aggregator = aggregator or FedAvg()
         self._pending: set[tuple[str, str]] = set()  # (bundle, cohort) buffers with a check queued
         self._bases: dict[tuple[str, str, int], dict[str, np.ndarray]] = {}
+        self._quarantined: dict[int, dict[str, float]] = {}  # round id → its unreadable-input counts (worker only)
         self._load_aggregator_state()
         self._settle_unfinished()
         if self.aggregator.asynchronous:
@@ -215,24 +235,50 @@ class RoundRunner:
                 self._pending.discard(key)
 
     def _drain(self, bundle_id: str, cohort: str) -> None:
-        """Run one FedBuff step per full buffer of K submissions, oldest first, until fewer than K are left."""
+        """Run one FedBuff step per full buffer of K submissions, oldest first, until fewer than K are left.
+
+        A buffer whose submissions are all unreadable is quarantined (a failed round) and draining goes on with
+        the next one; a step that failed otherwise stops it (its readable submissions stay unused, and the next
+        submission's check retries them)."""
         with self._lock:
             self._pending.discard((bundle_id, cohort))  # from here on, a new submission queues a new check
         k = self.aggregator.buffer_size
         while True:
             buffer = self.state.storage.unused_submissions(bundle_id, cohort, limit=k)
             if len(buffer) < k or not self._async_step(bundle_id, cohort, buffer):
-                return  # a failed step is recorded; its submissions stay unused and the next one retries
+                return
 
     def _async_step(self, bundle_id: str, cohort: str, buffer: list[SubmissionRecord]) -> bool:
         """One FedBuff step run by the server itself, in three commits: the round (running) with its claimed
-        inputs and the strategy's state; the published update; the inputs marked used with the round done."""
+        inputs and the strategy's state; the published update; the inputs marked used with the round done.
+
+        The buffer is read first: unreadable submissions are quarantined (marked used by this step's round,
+        recorded as running before the step for that) and the step aggregates the readable rest. Returns whether
+        the buffer was consumed, so that draining may go on: True when the step published, or when every one of
+        its submissions was unreadable (the round is recorded failed); False after any other failure (recorded
+        on the round; the readable submissions stay unused for a retry)."""
         storage, t0 = self.state.storage, time.perf_counter()
         record: RoundRecord | None = None
+        unreadable: dict[str, float] = {}
         try:
-            result, outcome = self._fedbuff_step(bundle_id, cohort, buffer)
-            ids = [s.id for s in buffer if s.id is not None]
-            record = storage.start_round(ASYNC_ROUND_KIND, self.state.clock(), ids, self._state_record())
+            readable, bad = self._read_submissions(buffer)
+            if bad:  # the quarantined submissions are marked used by this step's round: record it first
+                record = storage.start_round(ASYNC_ROUND_KIND, self.state.clock(), [])
+                self._quarantine_submissions(record.round_id, bad)
+                unreadable = self._quarantined.pop(record.round_id)
+            if not readable and record is not None:
+                failed = replace(record, state="failed", metrics=unreadable, seconds=time.perf_counter() - t0,
+                                 error=f"NothingToAggregateError: all {len(bad)} submissions of the buffer of "
+                                       f"bundle {bundle_id} cohort {cohort!r} are unreadable (quarantined)")
+                storage.save_round(failed)
+                self._changed(failed)
+                return True
+            result, outcome = self._fedbuff_step(bundle_id, cohort, readable, unreadable=len(bad))
+            ids = [s.id for s, _ in readable if s.id is not None]
+            if record is None:
+                record = storage.start_round(ASYNC_ROUND_KIND, self.state.clock(), ids, self._state_record())
+            else:
+                storage.claim_submissions(record.round_id, ids, self._state_record())
             update = publish_update(self.state, bundle_id, "fedavg", result.params, round_id=record.round_id,
                                     cohort=cohort, project=True)
             self._remember(bundle_id, cohort, update.version, update.params)
@@ -244,13 +290,13 @@ class RoundRunner:
                              cohort)
             record = record or storage.create_round(ASYNC_ROUND_KIND, self.state.clock())
             failed = replace(record, state="failed", error=f"{type(exc).__name__}: {exc}",
-                             seconds=time.perf_counter() - t0)
+                             metrics={**record.metrics, **unreadable}, seconds=time.perf_counter() - t0)
             storage.save_round(failed)
             self._changed(failed)
             return False
         self._changed(done)
         logger.info("round %d (%s) done: %s/v%d from %d submissions", done.round_id, done.kind, cohort,
-                    update.version, len(buffer))
+                    update.version, len(readable))
         return True
 
     def wait_idle(self, timeout: float | None = None) -> bool:
@@ -348,10 +394,12 @@ class RoundRunner:
         except Exception as exc:  # recorded on the round and logged, not swallowed
             logger.exception("round %d (%s) failed", record.round_id, record.kind)
             failed = replace(running, state="failed", error=f"{type(exc).__name__}: {exc}",
+                             metrics={**running.metrics, **self._quarantined.pop(record.round_id, {})},
                              seconds=time.perf_counter() - t0)
             storage.save_round(failed)
             self._changed(failed)
             return False
+        self._quarantined.pop(record.round_id, None)  # already in the outcome's metrics
         done = replace(running, state="done", update_version=outcome.update_version,
                        samples_used=outcome.samples_used, metrics=outcome.metrics, seconds=time.perf_counter() - t0)
         storage.save_round(done)
@@ -361,48 +409,72 @@ class RoundRunner:
 
     def _fedavg(self, round_id: int, job: _Job) -> _Outcome:
         """A synchronous round: the newest unused submission of each of the cohort's devices, as absolute
-        parameters, combined by the strategy onto the cohort's current parameters."""
+        parameters, combined by the strategy onto the cohort's current parameters.
+
+        A device whose newest submission is unreadable contributes its next newest readable one (none: the
+        device is left out); the unreadable ones are quarantined (marked used by this round before it
+        aggregates). Every other unused submission of the cohort is superseded and marked used with the update."""
         bundle_id = job.bundle_id
         unused = self.state.storage.unused_submissions(bundle_id, job.cohort)
-        chosen = latest_per_device(unused)
-        if not chosen:
+        if not unused:
             raise NothingToAggregateError(f"no unused federated submissions for bundle {bundle_id} "
                                           f"in cohort {job.cohort!r}")
+        chosen: list[tuple[SubmissionRecord, dict[str, np.ndarray]]] = []
+        bad: list[tuple[SubmissionRecord, Exception]] = []
+        for newest_first in by_device_newest_first(unused):
+            for s in newest_first:
+                try:
+                    chosen.append((s, self._submission_params(s)))
+                    break
+                except _UNREADABLE as exc:
+                    bad.append((s, exc))
+        self._quarantine_submissions(round_id, bad)
+        if not chosen:
+            raise NothingToAggregateError(f"all {len(bad)} unused federated submissions for bundle {bundle_id} in "
+                                          f"cohort {job.cohort!r} are unreadable (quarantined)")
         base, base_version = current_params(self.state, bundle_id, job.cohort)
-        contributions = [Contribution(s.device_id, decode_arrays(self.state.blobs.get(s.blob)), float(s.num_samples),
-                                      staleness=max(0, base_version - s.base_version)) for s in chosen]
+        contributions = [Contribution(s.device_id, params, float(s.num_samples),
+                                      staleness=max(0, base_version - s.base_version)) for s, params in chosen]
         result = self.aggregator.aggregate(base, contributions)
-        used = [s.id for s in unused if s.id is not None]
+        quarantined = {s.id for s, _ in bad}
+        used = [s.id for s in unused if s.id is not None and s.id not in quarantined]
         update = self._publish(round_id, job, result.params, used)
-        total = sum(s.num_samples for s in chosen)
-        metrics = {"submissions": float(len(chosen)), "superseded": float(len(unused) - len(chosen)),
-                   "total_weight": float(total), "base_version": float(base_version),
-                   "update_norm": _norm(result.params, base)}
+        total = sum(s.num_samples for s, _ in chosen)
+        metrics = {"submissions": float(len(chosen)), "superseded": float(len(unused) - len(chosen) - len(bad)),
+                   "unreadable_submissions": float(len(bad)), "total_weight": float(total),
+                   "base_version": float(base_version), "update_norm": _norm(result.params, base)}
         return _Outcome(update, total, self._with_strategy_metrics(metrics, result.metrics))
 
     def _fedbuff(self, round_id: int, job: _Job) -> _Outcome:
-        """A FedBuff step an operator started (``StartRound``): over every unused submission of the cohort."""
+        """A FedBuff step an operator started (``StartRound``): over every readable unused submission of the
+        cohort (the unreadable ones are quarantined: marked used by this round before it aggregates)."""
         buffer = self.state.storage.unused_submissions(job.bundle_id, job.cohort)
         if not buffer:
             raise NothingToAggregateError(f"no unused federated submissions for bundle {job.bundle_id} "
                                           f"in cohort {job.cohort!r}")
-        result, outcome = self._fedbuff_step(job.bundle_id, job.cohort, buffer)
-        version = self._publish(round_id, job, result.params, [s.id for s in buffer if s.id is not None])
+        readable, bad = self._read_submissions(buffer)
+        self._quarantine_submissions(round_id, bad)
+        if not readable:
+            raise NothingToAggregateError(f"all {len(bad)} unused federated submissions for bundle {job.bundle_id} "
+                                          f"in cohort {job.cohort!r} are unreadable (quarantined)")
+        result, outcome = self._fedbuff_step(job.bundle_id, job.cohort, readable, unreadable=len(bad))
+        version = self._publish(round_id, job, result.params, [s.id for s, _ in readable if s.id is not None])
         return replace(outcome, update_version=version)
 
-    def _fedbuff_step(self, bundle_id: str, cohort: str, buffer: Sequence[SubmissionRecord]
+    def _fedbuff_step(self, bundle_id: str, cohort: str,
+                      buffer: Sequence[tuple[SubmissionRecord, Mapping[str, np.ndarray]]], unreadable: int = 0
                       ) -> tuple[AggregateResult, _Outcome]:
-        """Aggregate a buffer: each submission's delta from the exact parameters of its base version, weighted
-        by its staleness (versions published since), onto the current parameters. Publishes nothing; the
-        outcome's ``update_version`` is left 0."""
+        """Aggregate a buffer of read submissions (record, parameters): each submission's delta from the exact
+        parameters of its base version, weighted by its staleness (versions published since), onto the current
+        parameters. Publishes nothing; the outcome's ``update_version`` is left 0. ``unreadable``: how many of
+        the buffer's submissions were quarantined (for the metrics)."""
         latest = self.state.storage.latest_update(bundle_id, cohort)
         version = latest.version if latest is not None else 0
         base = self._base_params(bundle_id, cohort, version)
         if base is None:
             raise NothingToAggregateError(f"version {version} of cohort {cohort!r} is not one of bundle {bundle_id}")
         contributions, staleness = [], []
-        for s in buffer:
-            submitted = decode_arrays(self.state.blobs.get(s.blob))
+        for s, submitted in buffer:
             origin = self._base_params(bundle_id, cohort, s.base_version)
             if origin is None:  # not a version of this bundle (a device still on another one): from the current
                 origin = base
@@ -411,12 +483,52 @@ class RoundRunner:
             staleness.append(max(0, version - s.base_version))
             contributions.append(Contribution(s.device_id, delta, float(s.num_samples), staleness[-1], is_delta=True))
         result = self.aggregator.aggregate(base, contributions)
-        total = sum(s.num_samples for s in buffer)
+        total = sum(s.num_samples for s, _ in buffer)
         metrics = {"submissions": float(len(buffer)), "buffer_size": float(self.aggregator.buffer_size),
-                   "total_weight": float(total), "base_version": float(version),
-                   "update_norm": _norm(result.params, base), "mean_staleness": float(np.mean(staleness)),
-                   "max_staleness": float(max(staleness))}
+                   "unreadable_submissions": float(unreadable), "total_weight": float(total),
+                   "base_version": float(version), "update_norm": _norm(result.params, base),
+                   "mean_staleness": float(np.mean(staleness)), "max_staleness": float(max(staleness))}
         return result, _Outcome(0, total, self._with_strategy_metrics(metrics, result.metrics))
+
+    # -- unreadable inputs ----------------------------------------------------------------------------------
+    def _submission_params(self, s: SubmissionRecord) -> dict[str, np.ndarray]:
+        """The parameters a submission stored; raises one of ``_UNREADABLE`` when its blob cannot be read."""
+        return decode_arrays(self.state.blobs.get(s.blob))
+
+    def _read_submissions(self, submissions: Sequence[SubmissionRecord]
+                          ) -> tuple[list[tuple[SubmissionRecord, dict[str, np.ndarray]]],
+                                     list[tuple[SubmissionRecord, Exception]]]:
+        """Read every submission's parameters: (readable ones with their parameters, unreadable ones with why)."""
+        readable: list[tuple[SubmissionRecord, dict[str, np.ndarray]]] = []
+        bad: list[tuple[SubmissionRecord, Exception]] = []
+        for s in submissions:
+            try:
+                readable.append((s, self._submission_params(s)))
+            except _UNREADABLE as exc:
+                bad.append((s, exc))
+        return readable, bad
+
+    def _quarantine_submissions(self, round_id: int, bad: Sequence[tuple[SubmissionRecord, Exception]]) -> None:
+        """Log each unreadable submission and mark them used by round ``round_id``, so no round picks them again."""
+        if not bad:
+            return
+        for s, exc in bad:
+            logger.error("round %d: submission %s of device %s is unreadable (blob %s: %s: %s); quarantined: "
+                         "marked used by the round and left out of it", round_id, s.id, s.device_id, s.blob,
+                         type(exc).__name__, exc)
+        self.state.storage.mark_submissions_used([s.id for s, _ in bad if s.id is not None], round_id)
+        self._quarantined[round_id] = {"unreadable_submissions": float(len(bad))}
+
+    def _quarantine_samples(self, round_id: int, bad: Sequence[tuple[SampleRecord, Exception]]) -> None:
+        """Log each sample whose input is unreadable and mark them used by round ``round_id``."""
+        if not bad:
+            return
+        for s, exc in bad:
+            logger.error("round %d: the input of sample %s of device %s is unreadable (tensor %s: %s: %s); "
+                         "quarantined: marked used by the round and left out of it", round_id, s.sample_id,
+                         s.device_id, s.input_blob, type(exc).__name__, exc)
+        self.state.storage.mark_samples_used([s.sample_id for s, _ in bad], round_id)
+        self._quarantined[round_id] = {"unreadable_samples": float(len(bad))}
 
     def _publish(self, round_id: int, job: _Job, params: dict[str, np.ndarray], used: list[int]) -> int:
         """Claim ``used`` and save the strategy's state, publish, then mark ``used`` (see the module doc)."""
@@ -460,13 +572,29 @@ class RoundRunner:
         return self._distiller
 
     def _distill(self, round_id: int, job: _Job) -> _Outcome:
+        """A distillation round over the bundle's unused samples with inputs (up to ``job.limit``). A sample whose
+        input is unreadable is quarantined (marked used by this round before it distils) and left out."""
         bundle_id = job.bundle_id
-        samples = self.state.storage.unused_samples(bundle_id, limit=job.limit, with_input=True)
+        samples = [s for s in self.state.storage.unused_samples(bundle_id, limit=job.limit, with_input=True)
+                   if s.input_blob]
         if not samples:
             raise NothingToAggregateError(f"no unused samples with inputs for bundle {bundle_id}")
         # Arrival order interleaves devices at random; a fixed order makes the round reproducible.
         samples.sort(key=lambda s: (s.device_id, s.stream_position, s.sample_id))
-        x = np.stack([decode_array(sample_tensor(self.state, s.input_blob)) for s in samples if s.input_blob])
+        readable: list[SampleRecord] = []
+        inputs: list[np.ndarray] = []
+        bad: list[tuple[SampleRecord, Exception]] = []
+        for s in samples:
+            try:
+                inputs.append(decode_array(sample_tensor(self.state, s.input_blob or "")))
+                readable.append(s)
+            except _UNREADABLE as exc:
+                bad.append((s, exc))
+        self._quarantine_samples(round_id, bad)
+        if not readable:
+            raise NothingToAggregateError(f"all {len(bad)} unused samples with inputs for bundle {bundle_id} are "
+                                          "unreadable (quarantined)")
+        x = np.stack(inputs)
         base, _ = current_params(self.state, bundle_id, job.cohort)
         spec = require_parameters(resolve_bundle(self.state, bundle_id), "distillation", adaptable=True)
         result = self._distiller_instance().distill(x.astype(np.float32, copy=False), base, job.steps,
@@ -476,10 +604,11 @@ class RoundRunner:
                                      f"expected {sorted(base)}")
         update = publish_update(self.state, bundle_id, "distill", result.params, round_id=round_id,
                                 cohort=job.cohort, project=True)
-        self.state.storage.mark_samples_used([s.sample_id for s in samples], round_id)
+        self.state.storage.mark_samples_used([s.sample_id for s in readable], round_id)
         metrics = {str(k): float(v) for k, v in result.metrics.items()}
-        metrics["samples"] = float(len(samples))
-        return _Outcome(update.version, len(samples), metrics)
+        metrics["samples"] = float(len(readable))
+        metrics["unreadable_samples"] = float(len(bad))
+        return _Outcome(update.version, len(readable), metrics)
 
 
 def _norm(params: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:

@@ -222,14 +222,17 @@ def _blob_params(state: ServerState, blob: str, sha256: str, version: int) -> di
 
 
 def nonnegative_names(spec: BundleSpec) -> frozenset[str]:
-    """The parameters some model of the bundle needs >= 0 (the union of its models' ``nonnegative_params``)."""
-    return frozenset(n for names in spec.nonnegative.values() for n in names)
+    """The parameters that must be >= 0: those some model of the bundle needs so (the union of its models'
+    ``nonnegative_params``) and the adaptable layers' variances (a negative one makes the graph's
+    normalisation NaN)."""
+    return frozenset(n for names in spec.nonnegative.values() for n in names) | frozenset(spec.variances)
 
 
 def project_nonnegative(spec: BundleSpec, params: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
-    """``params`` with every negative value of a parameter some model of the bundle needs >= 0 (its
-    ``nonnegative_params``) set to 0, and how many values that changed: the projection of a server-computed
-    result (distillation, aggregation with a server learning rate) onto what every device can run."""
+    """``params`` with every negative value of a parameter that must be >= 0 (:func:`nonnegative_names`) set
+    to 0, and how many values that changed: the projection of a server-computed result (distillation,
+    aggregation with a server learning rate, a mean over submissions one of which carried a negative
+    variance) onto what every device can run."""
     out, clamped = dict(params), 0
     for name in sorted(nonnegative_names(spec)):
         if name in out:
@@ -248,7 +251,8 @@ def publish_update(
     """Store a parameter set as the cohort's next version, encoded for sending, and wake watchers.
 
     ``project`` (for results the server computed itself: rounds) first sets negative values of the bundle's
-    ``nonnegative_params`` to 0 (:func:`project_nonnegative`, logged); otherwise such a value is refused.
+    ``nonnegative_params`` and variances to 0 (:func:`project_nonnegative`, logged); otherwise such a value is
+    refused.
 
     Every adaptable parameter is required; trainable names ``params`` leaves out keep the previous version's
     values (e.g. a distillation round moves only the adaptable parameters of a bundle that also carries
@@ -266,9 +270,13 @@ def publish_update(
     if project:
         params, clamped = project_nonnegative(spec, params)
         if clamped:
-            logger.warning("%s update of bundle %s: %d negative value(s) of parameters its models need >= 0 set "
-                           "to 0", kind, bundle.bundle_id, clamped)
+            logger.warning("%s update of bundle %s: %d negative value(s) of parameters that must be >= 0 (its "
+                           "models' nonnegative_params, variances) set to 0", kind, bundle.bundle_id, clamped)
     given = _checked_params(spec, params, partial=True)
+    try:  # after a projection there is none left; a caller's own parameters are refused
+        check_nonnegative(given, spec.variances, "a variance is never negative (the normalisation would be NaN)")
+    except InputError as exc:
+        raise InvalidTensorError(str(exc)) from exc
     missing = sorted(set(spec.initial_shapes) - set(given))
     if missing:
         raise InvalidTensorError(f"missing adaptable parameter(s) {missing}")
@@ -284,6 +292,13 @@ def publish_update(
             residual = {k: base_exact[k] - base_held[k] for k in checked}
             payload = compress_delta(delta, residual, encoding, state.update_topk_fraction).payload
             held = decode_update(payload, encoding, base_held, spec.param_shapes)
+            if any(np.any(held[k] < 0) for k in nonnegative_names(spec) if k in held and not np.any(checked[k] < 0)):
+                # the quantised delta would leave devices a negative variance (or scale a model needs >= 0) where
+                # the exact value is >= 0 (e.g. 0 after a projection): this update goes in full, exactly
+                logger.info("update of bundle %s sent as f32: its %s delta would hold a negative value of a "
+                            "parameter that must be >= 0", bundle.bundle_id, encoding)
+                encoding, payload, held = "f32", encode_full(checked), checked
+                base_version, base_sha = 0, ""
         digest, held_sha = params_digest(checked), params_digest(held)
         record = state.storage.insert_update(UpdateRecord(
             0, bundle.bundle_id, kind, round_id, state.blobs.put(encode_arrays(checked)), digest, state.clock(),

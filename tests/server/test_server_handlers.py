@@ -23,7 +23,7 @@ from server.errors import (
 from server.manifest import parse_manifest
 from server.records import SubmissionRecord
 from server.rounds import DistillResult, RoundRunner, fedavg, latest_per_device
-from server.state import Limits, ServerState
+from server.state import Limits, ServerState, resolve_bundle, spec_of
 from server.storage import BlobStore, Registry
 from tests.server.server_testkit import INPUT_SHAPE, FakeDistiller, initial_params, make_bundle_files
 
@@ -235,7 +235,7 @@ def test_rounds_project_server_results_onto_nonnegative_scales(state: ServerStat
     published = updates.current_params(state, bundle)[0]
     assert published["bn1.weight"][1] == 0.0 and published["bn1.weight"][0] == initial_params()["bn1.weight"][0]
     assert published["bn2.weight"][0] == -0.5
-    assert told == [frozenset({"bn1.weight"})]
+    assert told == [frozenset({"bn1.weight", "bn1.var", "bn2.var"})]  # and the variances, never negative
 
 
 def test_distiller_returning_wrong_names_fails_the_round(state: ServerState, bundle_id: str) -> None:
@@ -257,3 +257,16 @@ def test_round_without_bundle(state: ServerState) -> None:
     with pytest.raises(NoBundlePublishedError):
         runner.start("fedavg")
     runner.shutdown()
+
+
+def test_a_negative_variance_is_never_published(state: ServerState, bundle_id: str) -> None:
+    """A variance below 0 makes every device's normalisation NaN: given directly it is refused, naming it; in
+    a result the server computed (``project``: a round's mean over submissions) it is set to 0."""
+    bad = initial_params()
+    bad["bn2.var"] = np.array([1.0, -0.25, 1, 1, 1, 1, 1, 1], np.float32)
+    with pytest.raises(InvalidTensorError, match=r"bn2\.var\[1\] = -0\.25 is negative: a variance"):
+        updates.publish_update(state, bundle_id, "fedavg", bad)
+    assert state.storage.latest_version() == 0
+    update = updates.publish_update(state, bundle_id, "fedavg", bad, project=True)
+    np.testing.assert_array_equal(update.params["bn2.var"], [1.0, 0, 1, 1, 1, 1, 1, 1])
+    assert {"bn1.var", "bn2.var"} <= updates.nonnegative_names(spec_of(resolve_bundle(state, bundle_id)))
