@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -77,7 +78,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "horizontal flips); FOA then averages in a mirrored view; repeatable; default: what the "
                    "checkpoint's meta declares (none for foreign models)")
     p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW", help="foreign model input layout")
-    p.add_argument("--value-range", default="0,1", help="foreign model input value range lo,hi; default 0,1")
+    p.add_argument("--value-range", default="0,1", type=_value_range,
+                   help="foreign model input value range lo,hi; default 0,1")
     p.add_argument("--input-dtype", choices=("float32", "uint8", "int8"), default=None, help="foreign model "
                    "input dtype as fed by devices; default: the model's own (float for float models)")
     p.add_argument("--output-kind", choices=("logits", "probabilities"), default="logits", help="what a "
@@ -267,6 +269,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _value_range(text: str) -> tuple[float, float]:
+    """``--value-range lo,hi``: two finite numbers, lo < hi."""
+    parts = text.split(",")
+    try:
+        lo, hi = (float(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected two numbers lo,hi, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise argparse.ArgumentTypeError(f"expected finite numbers with lo < hi, got {text!r}")
+    return lo, hi
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from edgeloop import exporting
 
@@ -276,10 +290,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if foreign:
         if args.dataset is None:
             raise ValueError("wrapping a foreign model needs --dataset for its golden vectors")
-        lo, _, hi = args.value_range.partition(",")
         path = exporting.wrap_foreign(
             foreign[0][1], foreign[0][0], out=args.out, dataset=args.dataset, layout=args.layout,
-            value_range=(float(lo), float(hi)), dtype=args.input_dtype, output_kind=args.output_kind,
+            value_range=args.value_range, dtype=args.input_dtype, output_kind=args.output_kind,
             name=args.name, overwrite=args.overwrite, key_path=args.signing_key,
             invariances=tuple(args.invariance or ()),
         )

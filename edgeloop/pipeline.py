@@ -357,6 +357,9 @@ def run_agent(
     from edgeloop.data import build_stream, iter_batches, load_dataset
     from edgeloop.exporting import to_model_input
 
+    for name, value in (("batch_size", batch_size), ("sync_every", sync_every)):
+        if value < 1:  # before the agent registers and downloads the bundle
+            raise ValueError(f"{name} must be >= 1, got {value}")
     stream = build_stream(load_dataset(dataset, "test"), parse_domains(domains), samples_per_domain, seed=seed)
     agent_tta(tta, tta_settings)  # a bad setting fails before the agent connects
     agent = connect_agent(server, device_id, work_dir, tta=tta, trusted_keys=trusted_keys(trusted),

@@ -25,6 +25,14 @@ def test_agent_against_an_unreachable_server_names_the_failed_call(tmp_path: Pat
     assert err.startswith("edgeloop agent: error: Register failed with UNAVAILABLE") and "Traceback" not in err
 
 
+def test_agent_refuses_a_bad_batch_size_before_it_registers(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    # the server's port is closed: a check that came after registering would fail there instead
+    code = main(["agent", "--server", f"127.0.0.1:{_closed_port()}", "--device-id", "cam-1", "--work-dir",
+                 str(tmp_path / "w"), "--samples-per-domain", "1", "--domains", "clean:0", "--batch-size", "0"])
+    assert code == 2 and "batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--aggregator-option", "beta=0.3"], "bad options for aggregator 'fedavg'"),
     (["--aggregator", "trimmed_mean", "--aggregator-option", "beta=0.9"], "beta 0.9 must be in"),

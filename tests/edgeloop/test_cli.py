@@ -98,3 +98,16 @@ def test_parse_domains() -> None:
         parse_domains("contrast:x")
     with pytest.raises(ValueError):
         parse_domains("contrast:9")
+
+
+@pytest.mark.parametrize(("value", "reason"), [("a,b", "two numbers"), ("0", "two numbers"), ("1,0", "lo < hi"),
+                                               ("0,inf", "finite")])
+def test_export_names_a_bad_value_range(value: str, reason: str, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["export", "--from-onnx", str(tmp_path / "m.onnx"), "--dataset", "mnist", "--out", str(tmp_path / "b"),
+              "--value-range", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --value-range" in err and reason in err
+    assert build_parser().parse_args(["export", "--from-onnx", "m", "--out", "b"]).value_range == (0.0, 1.0)
