@@ -9,10 +9,12 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
+import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from exporter.signing import signature_document
@@ -159,3 +161,10 @@ def start_server_process(data_dir: Path, config: str = "", setup: str = "") -> t
             return proc, int(found.group(1))
     proc.kill()
     raise RuntimeError(f"server process exited with {proc.wait()} before listening")
+
+
+def rpc_error(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    """The status code and details of the ``grpc.RpcError`` that ``call`` raises (the test fails if none)."""
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code(), info.value.details()

@@ -15,16 +15,10 @@ from proto.edgeloop.v1 import admin_pb2, admin_pb2_grpc, common_pb2, device_pb2,
 from server.app import EdgeloopServer, ServerConfig, create_server
 from server.errors import StorageError
 from server.updates import MAX_NUM_SAMPLES
-from tests.server.server_testkit import RPC_TIMEOUT, initial_params, sample_msg, wait_round
+from tests.server.server_testkit import RPC_TIMEOUT, initial_params, rpc_error, sample_msg, wait_round
 
 Stub = device_pb2_grpc.DeviceServiceStub
 Admin = admin_pb2_grpc.AdminServiceStub
-
-
-def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def test_a_tensor_shape_whose_element_count_overflows_int64_is_invalid_argument(
@@ -32,11 +26,11 @@ def test_a_tensor_shape_whose_element_count_overflows_int64_is_invalid_argument(
     bundle_id = published()  # 2**31 cubed wraps to 0 in an int64 product: it used to pass the size check, then fail
     huge = common_pb2.Tensor(name="input", dtype=common_pb2.DTYPE_FLOAT32, shape=[2**31] * 3, data=b"")
     sample = device_pb2.Sample(device_id="dev-1", sample_id="huge", bundle_id=bundle_id, input=huge)
-    code, details = _code(lambda: device.UploadSamples(iter([sample]), timeout=RPC_TIMEOUT))
+    code, details = rpc_error(lambda: device.UploadSamples(iter([sample]), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'input'" in details and "limit" in details
     assert running.registry.get_sample("huge") is None
     wide = common_pb2.Tensor(name="bn1.weight", dtype=common_pb2.DTYPE_FLOAT32, shape=[2**32, 2**32], data=b"")
-    code, details = _code(lambda: device.SubmitUpdate(device_pb2.FederatedUpdate(
+    code, details = rpc_error(lambda: device.SubmitUpdate(device_pb2.FederatedUpdate(
         device_id="dev-1", bundle_id=bundle_id, num_samples=1, tensors=[wide]), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'bn1.weight'" in details
 
@@ -51,7 +45,7 @@ def test_num_samples_beyond_the_limit_is_refused_so_rounds_can_record_their_tota
         return device.SubmitUpdate(device_pb2.FederatedUpdate(device_id=device_id, bundle_id=bundle_id,
                                                               num_samples=n, tensors=params), timeout=RPC_TIMEOUT)
 
-    code, details = _code(lambda: submit("big", 2**63 - 1))
+    code, details = rpc_error(lambda: submit("big", 2**63 - 1))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "num_samples" in details
     submit("a", MAX_NUM_SAMPLES)
     submit("b", MAX_NUM_SAMPLES)
@@ -67,7 +61,7 @@ def test_a_sample_id_stored_for_another_device_is_refused_not_acknowledged_as_a_
     device.Register(device_pb2.RegisterRequest(device_id="dev-2"), timeout=RPC_TIMEOUT)
     device.UploadSamples(iter([sample_msg("s1", bundle_id, device_id="dev-1")]), timeout=RPC_TIMEOUT)
     batch = [sample_msg("fresh", bundle_id, device_id="dev-2"), sample_msg("s1", bundle_id, device_id="dev-2")]
-    code, details = _code(lambda: device.UploadSamples(iter(batch), timeout=RPC_TIMEOUT))
+    code, details = rpc_error(lambda: device.UploadSamples(iter(batch), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'s1'" in details and "another device" in details
     assert running.registry.get_sample("fresh") is None  # the upload is refused whole
     assert running.registry.get_sample("s1").device_id == "dev-1"  # type: ignore[union-attr]
@@ -77,12 +71,12 @@ def test_a_sample_id_stored_for_another_device_is_refused_not_acknowledged_as_a_
 
 def test_oversized_optional_fields_of_reports_are_refused(device: Stub, published: Callable[..., str]) -> None:
     published()
-    code, details = _code(lambda: device.ReportDrift(device_pb2.DriftReport(
+    code, details = rpc_error(lambda: device.ReportDrift(device_pb2.DriftReport(
         device_id="dev-1", detector="page_hinkley", signal="x" * 100_000), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "signal" in details
     for field in ("bundle_id", "cohort"):
         report = device_pb2.RollbackReport(device_id="dev-1", version=2, restored_version=1, **{field: "y" * 100_000})
-        code, details = _code(lambda r=report: device.ReportRollback(r, timeout=RPC_TIMEOUT))  # type: ignore[misc]
+        code, details = rpc_error(lambda r=report: device.ReportRollback(r, timeout=RPC_TIMEOUT))  # type: ignore[misc]
         assert code == grpc.StatusCode.INVALID_ARGUMENT and field in details
     assert device.ReportDrift(device_pb2.DriftReport(device_id="dev-1", detector="adwin", signal="entropy"),
                               timeout=RPC_TIMEOUT).event_id > 0
@@ -138,10 +132,10 @@ def test_an_error_echoing_a_huge_request_field_still_reaches_the_client_with_its
         device: Stub, published: Callable[..., str]) -> None:
     published()  # a 100 KB status message used to exceed the client's metadata limit: RESOURCE_EXHAUSTED, no text
     huge = "z" * 100_000
-    code, details = _code(lambda: list(device.FetchBundle(device_pb2.FetchBundleRequest(
+    code, details = rpc_error(lambda: list(device.FetchBundle(device_pb2.FetchBundleRequest(
         device_id="dev-1", bundle_id=huge), timeout=RPC_TIMEOUT)))
     assert code == grpc.StatusCode.NOT_FOUND and details.startswith("unknown bundle 'zzz") and len(details) < 3000
-    code, details = _code(lambda: device.Register(device_pb2.RegisterRequest(device_id=huge), timeout=RPC_TIMEOUT))
+    code, details = rpc_error(lambda: device.Register(device_pb2.RegisterRequest(device_id=huge), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "device_id" in details and "100000 characters" in details
 
 

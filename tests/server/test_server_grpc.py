@@ -24,6 +24,7 @@ from tests.server.server_testkit import (
     bundle_chunks,
     initial_params,
     make_bundle_files,
+    rpc_error,
     sample_msg,
     update_params,
     wait_round,
@@ -31,12 +32,6 @@ from tests.server.server_testkit import (
 
 Stub = device_pb2_grpc.DeviceServiceStub
 Admin = admin_pb2_grpc.AdminServiceStub
-
-
-def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def test_health_serving_for_both_services(channel: grpc.Channel) -> None:
@@ -79,10 +74,10 @@ def test_publish_then_fetch_round_trip_with_verified_chunks(device: Stub, publis
 
 def test_fetch_unknown_bundle_or_file_is_not_found(device: Stub, published: Callable[..., str]) -> None:
     published()
-    code, msg = _code(lambda: list(device.FetchBundle(
+    code, msg = rpc_error(lambda: list(device.FetchBundle(
         device_pb2.FetchBundleRequest(device_id="dev-1", bundle_id="f" * 64), timeout=RPC_TIMEOUT)))
     assert code == grpc.StatusCode.NOT_FOUND and "f" * 64 in msg
-    code, msg = _code(lambda: list(device.FetchBundle(
+    code, msg = rpc_error(lambda: list(device.FetchBundle(
         device_pb2.FetchBundleRequest(device_id="dev-1", paths=["nope.bin"]), timeout=RPC_TIMEOUT)))
     assert code == grpc.StatusCode.NOT_FOUND and "nope.bin" in msg
 
@@ -105,7 +100,7 @@ def test_publish_rejects_inconsistent_bundle_naming_the_file(
 ) -> None:
     files = make_bundle_files()
     mutate(files)
-    code, msg = _code(lambda: admin.PublishBundle(bundle_chunks(files), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: admin.PublishBundle(bundle_chunks(files), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert needle in msg
     reg = device.Register(device_pb2.RegisterRequest(device_id="d"), timeout=RPC_TIMEOUT)
@@ -115,7 +110,7 @@ def test_publish_rejects_inconsistent_bundle_naming_the_file(
 def test_publish_rejects_non_contiguous_chunks(admin: Admin) -> None:
     chunks = list(bundle_chunks(make_bundle_files(), chunk_size=100))
     chunks[1].offset += 1
-    code, msg = _code(lambda: admin.PublishBundle(iter(chunks), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: admin.PublishBundle(iter(chunks), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "offset" in msg
 
 
@@ -171,7 +166,7 @@ def test_malformed_sample_rejects_whole_upload(
 ) -> None:
     bundle_id = published()
     stream = [sample_msg("good-0", bundle_id), make_bad(bundle_id), sample_msg("good-1", bundle_id, seed=1)]
-    code, msg = _code(lambda: device.UploadSamples(iter(stream), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: device.UploadSamples(iter(stream), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and needle in msg
     for sid in ("good-0", "bad", "good-1"):
         assert running.registry.get_sample(sid) is None
@@ -181,23 +176,23 @@ def test_features_of_wrong_width_rejected(device: Stub, published: Callable[...,
     bundle_id = published()
     msg = sample_msg("f", bundle_id)
     msg.features.CopyFrom(tensor_to_proto("features", np.zeros(FEATURE_DIM + 1, np.float32)))
-    code, text = _code(lambda: device.UploadSamples(iter([msg]), timeout=RPC_TIMEOUT))
+    code, text = rpc_error(lambda: device.UploadSamples(iter([msg]), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"({FEATURE_DIM},)" in text
 
 
 def test_unregistered_device_is_failed_precondition(device: Stub, published: Callable[..., str]) -> None:
     bundle_id = published()
-    code, msg = _code(lambda: device.UploadSamples(iter([sample_msg("x", bundle_id, device_id="ghost")]),
+    code, msg = rpc_error(lambda: device.UploadSamples(iter([sample_msg("x", bundle_id, device_id="ghost")]),
                                                    timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "ghost" in msg
-    code, _ = _code(lambda: device.ReportDrift(device_pb2.DriftReport(device_id="ghost", detector="ph"),
+    code, _ = rpc_error(lambda: device.ReportDrift(device_pb2.DriftReport(device_id="ghost", detector="ph"),
                                                timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_unknown_bundle_in_sample_is_not_found(device: Stub, published: Callable[..., str]) -> None:
     published()
-    code, _ = _code(lambda: device.UploadSamples(iter([sample_msg("x", "a" * 64)]), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: device.UploadSamples(iter([sample_msg("x", "a" * 64)]), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -210,7 +205,7 @@ def test_oversized_upload_is_resource_exhausted(tmp_path, fake_distiller) -> Non
         bundle_id = admin.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT).bundle_id
         device.Register(device_pb2.RegisterRequest(device_id="dev-1"), timeout=RPC_TIMEOUT)
         msgs = [sample_msg(f"s{i}", bundle_id, seed=i) for i in range(5)]  # ~330 bytes each
-        code, _ = _code(lambda: device.UploadSamples(iter(msgs), timeout=RPC_TIMEOUT))
+        code, _ = rpc_error(lambda: device.UploadSamples(iter(msgs), timeout=RPC_TIMEOUT))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert srv.registry.get_sample("s0") is None
 
@@ -247,11 +242,11 @@ def test_outbox_report_is_recorded_and_listed(device: Stub, published: Callable[
     assert [(d.device_id, d.outbox_dropped_samples, d.outbox_pending_samples) for d in info] == [("dev-1", 6, 1)]
     stored = running.registry.get_outbox("dev-1")
     assert stored is not None and (stored.dropped_bytes, stored.max_bytes) == (60, 1000)
-    code, msg = _code(lambda: report(1, 1, 300, policy="drop_random"))
+    code, msg = rpc_error(lambda: report(1, 1, 300, policy="drop_random"))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "drop_random" in msg
-    code, msg = _code(lambda: report(-1, 1, 300))
+    code, msg = rpc_error(lambda: report(-1, 1, 300))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in msg
-    code, _ = _code(lambda: device.ReportOutbox(device_pb2.OutboxReport(device_id="ghost",
+    code, _ = rpc_error(lambda: device.ReportOutbox(device_pb2.OutboxReport(device_id="ghost",
                                                 eviction_policy="drop_oldest"), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -309,7 +304,7 @@ def test_fedavg_round_weighted_mean_reaches_a_watcher(
     assert running.registry.get_device("dev-1").acked_update_version == 1  # type: ignore[union-attr]
 
     # every submission is now used: a second round has nothing to aggregate
-    code, msg = _code(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="fedavg"), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="fedavg"), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "submission" in msg
     # a late watcher gets the stored update at once, then its max wait ends the stream
     late = list(device.WatchUpdates(device_pb2.WatchRequest(device_id="dev-1", since_version=0,
@@ -319,11 +314,11 @@ def test_fedavg_round_weighted_mean_reaches_a_watcher(
 
 def test_submit_rejects_unknown_param_and_bad_shape(device: Stub, published: Callable[..., str]) -> None:
     bundle_id = published()
-    code, msg = _code(lambda: _submit(device, "d", bundle_id, {"bn9.weight": np.ones(4, np.float32)}, 1))
+    code, msg = rpc_error(lambda: _submit(device, "d", bundle_id, {"bn9.weight": np.ones(4, np.float32)}, 1))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bn9.weight" in msg
-    code, msg = _code(lambda: _submit(device, "d", bundle_id, {"bn1.weight": np.ones(5, np.float32)}, 1))
+    code, msg = rpc_error(lambda: _submit(device, "d", bundle_id, {"bn1.weight": np.ones(5, np.float32)}, 1))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "bn1.weight" in msg
-    code, msg = _code(lambda: device.SubmitUpdate(device_pb2.FederatedUpdate(
+    code, msg = rpc_error(lambda: device.SubmitUpdate(device_pb2.FederatedUpdate(
         device_id="d", bundle_id=bundle_id, base_version=3, num_samples=1,
         tensors=tensors_to_proto({"bn1.weight": np.ones(4, np.float32)})), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "base_version 3" in msg
@@ -352,14 +347,14 @@ def test_distill_round_with_fake_distiller(device: Stub, admin: Admin, published
 
 
 def test_round_errors(admin: Admin, published: Callable[..., str]) -> None:
-    code, _ = _code(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="fedavg"), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="fedavg"), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # nothing published
     published()
-    code, msg = _code(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="krum"), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="krum"), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "krum" in msg
-    code, _ = _code(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="distill"), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: admin.StartRound(admin_pb2.StartRoundRequest(kind="distill"), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.FAILED_PRECONDITION  # no samples
-    code, msg = _code(lambda: admin.GetRound(admin_pb2.GetRoundRequest(round_id=42), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: admin.GetRound(admin_pb2.GetRoundRequest(round_id=42), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.NOT_FOUND and "42" in msg
 
 
@@ -418,6 +413,6 @@ def test_trusted_publisher_keys_restrict_who_may_publish(tmp_path, fake_distille
     cfg = ServerConfig(data_dir=tmp_path / "data", port=0, trusted_publisher_keys=(public_path(tmp_path / "ops.pem"),))
     with create_server(cfg, distiller=fake_distiller) as srv, grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
         stub = admin_pb2_grpc.AdminServiceStub(ch)
-        code, msg = _code(lambda: stub.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT))
+        code, msg = rpc_error(lambda: stub.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT))
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "not among the 1 trusted keys" in msg
         assert srv.registry.current_bundle() is None

@@ -3,7 +3,7 @@ credential, per-device rate limits, reflection and health without tokens; every 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -20,7 +20,14 @@ from server.auth import token_digest
 from server.errors import RateLimitedError
 from server.ratelimit import RateLimiter
 from tests.server.certs import TestCA
-from tests.server.server_testkit import RPC_TIMEOUT, FakeDistiller, bundle_chunks, make_bundle_files, sample_msg
+from tests.server.server_testkit import (
+    RPC_TIMEOUT,
+    FakeDistiller,
+    bundle_chunks,
+    make_bundle_files,
+    rpc_error,
+    sample_msg,
+)
 
 Device = device_pb2_grpc.DeviceServiceStub
 Admin = admin_pb2_grpc.AdminServiceStub
@@ -30,12 +37,6 @@ ADMIN = "admin-token-0123456789abcdef"
 
 def _bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
-
-
-def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        call()
-    return info.value.code(), info.value.details()
 
 
 def _blob_count(srv: EdgeloopServer) -> int:
@@ -70,19 +71,19 @@ def _enroll(device: device_pb2_grpc.DeviceServiceStub, device_id: str, secret: s
 def test_device_calls_need_the_token_of_the_device_they_name(secured: EdgeloopServer, stubs) -> None:  # type: ignore[no-untyped-def]
     device, _ = stubs
     register = device_pb2.RegisterRequest(device_id="cam-1")
-    code, msg = _code(lambda: device.Register(register, timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: device.Register(register, timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "Enroll" in msg
-    code, _ = _code(lambda: device.Register(register, metadata=_bearer("eld_forged"), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: device.Register(register, metadata=_bearer("eld_forged"), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    code, msg = _code(lambda: _enroll(device, "cam-1", secret="wrong-secret-0123456789"))
+    code, msg = rpc_error(lambda: _enroll(device, "cam-1", secret="wrong-secret-0123456789"))
     assert code == grpc.StatusCode.UNAUTHENTICATED and "enrollment secret" in msg
 
     token = _enroll(device, "cam-1")
     assert device.Register(register, metadata=_bearer(token), timeout=RPC_TIMEOUT).bundle_id
     other = device_pb2.RegisterRequest(device_id="cam-2")
-    code, msg = _code(lambda: device.Register(other, metadata=_bearer(token), timeout=RPC_TIMEOUT))
+    code, msg = rpc_error(lambda: device.Register(other, metadata=_bearer(token), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.PERMISSION_DENIED and "cam-1" in msg and "cam-2" in msg
-    code, _ = _code(lambda: device.Register(register, metadata=_bearer(ADMIN), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: device.Register(register, metadata=_bearer(ADMIN), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.PERMISSION_DENIED  # the admin credential is not a device
     assert secured.registry.get_device("cam-2") is None
 
@@ -95,7 +96,7 @@ def test_reenrolling_revokes_the_old_token_and_tokens_survive_a_restart(tmp_path
         device = device_pb2_grpc.DeviceServiceStub(ch)
         old = _enroll(device, "cam-1")
         new = _enroll(device, "cam-1")
-        code, _ = _code(lambda: device.Register(register, metadata=_bearer(old), timeout=RPC_TIMEOUT))
+        code, _ = rpc_error(lambda: device.Register(register, metadata=_bearer(old), timeout=RPC_TIMEOUT))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         device.Register(register, metadata=_bearer(new), timeout=RPC_TIMEOUT)
     stored = b"".join(p.read_bytes() for p in tmp_path.glob("auth.sqlite3*"))
@@ -108,14 +109,15 @@ def test_reenrolling_revokes_the_old_token_and_tokens_survive_a_restart(tmp_path
 def test_admin_service_needs_the_admin_token(stubs) -> None:  # type: ignore[no-untyped-def]
     device, admin = stubs
     request = admin_pb2.ListDevicesRequest()
-    code, _ = _code(lambda: admin.ListDevices(request, timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: admin.ListDevices(request, timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    code, _ = _code(lambda: admin.ListDevices(request, metadata=_bearer("not-the-admin-token"), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: admin.ListDevices(request, metadata=_bearer("not-the-admin-token"),
+                                                  timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     token = _enroll(device, "cam-1")
-    code, _ = _code(lambda: admin.ListDevices(request, metadata=_bearer(token), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: admin.ListDevices(request, metadata=_bearer(token), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.PERMISSION_DENIED
-    code, _ = _code(lambda: admin.PublishBundle(bundle_chunks(make_bundle_files("other")), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: admin.PublishBundle(bundle_chunks(make_bundle_files("other")), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert admin.ListDevices(request, metadata=_bearer(ADMIN), timeout=RPC_TIMEOUT).devices == []
 
@@ -128,9 +130,9 @@ def test_rejected_uploads_store_nothing(secured: EdgeloopServer, stubs) -> None:
     before = _blob_count(secured)
     mine = [sample_msg(f"s{i}", bundle_id, device_id="cam-1", seed=i) for i in range(3)]
     foreign = [*mine[:2], sample_msg("x", bundle_id, device_id="cam-2")]  # the last message names another device
-    code, _ = _code(lambda: device.UploadSamples(iter(mine), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: device.UploadSamples(iter(mine), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    code, _ = _code(lambda: device.UploadSamples(iter(foreign), metadata=_bearer(token), timeout=RPC_TIMEOUT))
+    code, _ = rpc_error(lambda: device.UploadSamples(iter(foreign), metadata=_bearer(token), timeout=RPC_TIMEOUT))
     assert code == grpc.StatusCode.PERMISSION_DENIED
     assert _blob_count(secured) == before
     assert all(secured.registry.get_sample(s) is None for s in ("s0", "s1", "s2", "x"))
@@ -140,7 +142,7 @@ def test_rejected_uploads_store_nothing(secured: EdgeloopServer, stubs) -> None:
 
 def test_enroll_without_a_configured_secret_is_failed_precondition(channel: grpc.Channel) -> None:
     device = device_pb2_grpc.DeviceServiceStub(channel)
-    code, _ = _code(lambda: _enroll(device, "cam-1"))
+    code, _ = rpc_error(lambda: _enroll(device, "cam-1"))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -154,7 +156,7 @@ def test_per_device_rate_limit_is_resource_exhausted_and_stores_nothing(tmp_path
         for _ in range(2):
             device.Register(device_pb2.RegisterRequest(device_id="cam-1"), timeout=RPC_TIMEOUT)
         device.UploadSamples(iter([sample_msg("a", bundle_id, device_id="cam-1")]), timeout=RPC_TIMEOUT)
-        code, msg = _code(lambda: device.UploadSamples(iter([sample_msg("b", bundle_id, device_id="cam-1")]),
+        code, msg = rpc_error(lambda: device.UploadSamples(iter([sample_msg("b", bundle_id, device_id="cam-1")]),
                                                       timeout=RPC_TIMEOUT))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "cam-1" in msg and "retry in" in msg
         assert srv.registry.get_sample("b") is None and srv.registry.get_sample("a") is not None
@@ -236,7 +238,7 @@ def test_mutual_tls_requires_a_client_certificate_from_the_ca(tmp_path: Path, pk
                     TlsOptions(root_ca=ca.pem, client_cert=rogue.cert, client_key=rogue.key)):  # type: ignore[attr-defined]
             with open_channel(target, (), tls) as ch:
                 health = health_pb2_grpc.HealthStub(ch)
-                code, _ = _code(lambda h=health: h.Check(health_pb2.HealthCheckRequest(), timeout=2))
+                code, _ = rpc_error(lambda h=health: h.Check(health_pb2.HealthCheckRequest(), timeout=2))
                 assert code == grpc.StatusCode.UNAVAILABLE
         assert srv.registry.list_devices()[0].device_id == "cam-1"
 
