@@ -24,6 +24,7 @@ a scale near 0 never hands the model a value it would refuse.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -66,8 +67,10 @@ class SPSAConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"SPSA {name} must be finite and >= 0, got {value}")
-        if self.directions < 1:
-            raise ValueError(f"SPSA directions must be >= 1, got {self.directions}")
+        for name, least in (("directions", 1), ("seed", 0)):  # a float or negative value failed later, unnamed
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"SPSA {name} must be >= {least} (an integer), got {value!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"SPSA alpha must be in [0, 1], got {self.alpha}")
         if self.max_update is not None and not (math.isfinite(self.max_update) and self.max_update > 0):

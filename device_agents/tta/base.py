@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import math
+import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -49,6 +50,13 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     if k < 2:
         raise ValueError(f"need at least 2 classes for a normalised entropy, got {k}")
     return entropy(p) / math.log(k)
+
+
+def require_int(field: str, value: object, minimum: int) -> None:
+    """Raise ``ValueError`` naming ``field`` unless ``value`` is an integer (not a bool) ``>= minimum``: a config
+    refuses a float, NaN or negative count when it is built, not with a numpy ``TypeError`` at the first batch."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{field} must be >= {minimum} (an integer), got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAMethod, TTAOutput
+from device_agents.tta.base import TTAMethod, TTAOutput, require_int
 from device_agents.tta.cma_search import CMASearch
 from device_agents.tta.models import (
     ModelCapabilityError,
@@ -138,20 +138,22 @@ class FOAConfig(BatchStatisticsConfig):
                 raise ValueError(f"layers must be >= 1 or a tuple of layer names, got {self.layers}")
         elif not (isinstance(self.layers, tuple) and self.layers and all(isinstance(n, str) for n in self.layers)):
             raise ValueError(f"layers must be an int or a non-empty tuple of layer names, got {self.layers!r}")
+        elif len(set(self.layers)) != len(self.layers):
+            # a repeated name would add search dimensions that the last of its copies overwrites (dead ones)
+            raise ValueError(f"layers names a layer more than once: {self.layers!r}")
         if self.population is not None and (isinstance(self.population, bool) or not isinstance(self.population, int)
                                             or self.population < 2):
             raise ValueError(f"population must be None or an int >= 2 (CMA-ES ranks candidates), "
                              f"got {self.population!r}")
-        if self.generations < 1:
-            raise ValueError(f"generations must be >= 1, got {self.generations}")
+        require_int("generations", self.generations, 1)
         for field in ("sigma0", "variance_floor"):
             value = getattr(self, field)
             if not (math.isfinite(value) and value > 0.0):
                 raise ValueError(f"{field} must be finite and > 0, got {value}")
         if not (math.isfinite(self.fitness_lambda) and self.fitness_lambda >= 0.0):
             raise ValueError(f"fitness_lambda must be finite and >= 0, got {self.fitness_lambda}")
-        if self.min_batch_for_search < 2:
-            raise ValueError(f"min_batch_for_search must be >= 2, got {self.min_batch_for_search}")
+        require_int("min_batch_for_search", self.min_batch_for_search, 2)
+        require_int("seed", self.seed, 0)  # numpy seeds are non-negative
         if not (math.isfinite(self.prior_correction) and 0.0 <= self.prior_correction <= 1.0):
             raise ValueError(f"prior_correction must be in [0, 1], got {self.prior_correction}")
         if not (math.isfinite(self.prior_momentum) and 0.0 < self.prior_momentum < 1.0):

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAOutput
+from device_agents.tta.base import TTAConfig, TTAOutput, require_int
 from device_agents.tta.models import source_feature_stats
 from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, FeaturePassMethod
 
@@ -70,8 +70,7 @@ class LAMEConfig(TTAConfig):
     def __post_init__(self) -> None:
         if self.statistics is not None and not isinstance(self.statistics, BatchStatisticsConfig):
             raise ValueError(f"statistics must be a BatchStatisticsConfig or None, got {self.statistics!r}")
-        if self.knn < 1:
-            raise ValueError(f"knn must be >= 1, got {self.knn}")
+        require_int("knn", self.knn, 1)
         if not (np.isfinite(self.laplacian_weight) and self.laplacian_weight >= 0.0):
             raise ValueError(f"laplacian_weight must be finite and >= 0, got {self.laplacian_weight}")
         if self.balanced_laplacian_weight is not None and not (
@@ -80,8 +79,7 @@ class LAMEConfig(TTAConfig):
             raise ValueError(
                 f"balanced_laplacian_weight must be None or finite and >= 0, got {self.balanced_laplacian_weight}"
             )
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+        require_int("max_steps", self.max_steps, 1)
         if not (np.isfinite(self.tolerance) and self.tolerance >= 0.0):
             raise ValueError(f"tolerance must be finite and >= 0, got {self.tolerance}")
 

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAMethod
+from device_agents.tta.base import TTAConfig, TTAMethod, require_int
 
 
 @dataclass(frozen=True)
@@ -101,16 +101,14 @@ class BatchStatisticsConfig(TTAConfig):
             math.isfinite(self.batch_weight) and 0.0 <= self.batch_weight <= 1.0
         ):
             raise ValueError(f"batch_weight must be None or in [0, 1], got {self.batch_weight}")
-        if self.min_batch_for_batch_stats < 1:
-            raise ValueError(f"min_batch_for_batch_stats must be >= 1, got {self.min_batch_for_batch_stats}")
+        require_int("min_batch_for_batch_stats", self.min_batch_for_batch_stats, 1)
         if self.balanced_batch_weight is not None and not (
             math.isfinite(self.balanced_batch_weight) and 0.0 <= self.balanced_batch_weight <= 1.0
         ):
             raise ValueError(f"balanced_batch_weight must be None or in [0, 1], got {self.balanced_batch_weight}")
         if not (math.isfinite(self.imbalance_threshold) and self.imbalance_threshold > 1.0):
             raise ValueError(f"imbalance_threshold must be finite and > 1, got {self.imbalance_threshold}")
-        if self.min_batch_for_balanced < 2:
-            raise ValueError(f"min_batch_for_balanced must be >= 2, got {self.min_batch_for_balanced}")
+        require_int("min_batch_for_balanced", self.min_batch_for_balanced, 2)
 
     def momenta(self, order: Sequence[str]) -> dict[str, float]:
         """Per-sample momentum of each layer, given the layers in graph order (input side first)."""
@@ -428,6 +426,11 @@ class StatisticsMix:
             mean = np.asarray(mean, dtype=np.float64)
             sq = mean * mean
             sq += var
+            if not np.isfinite(sq).all():
+                # finite logits can come with an overflowed batch variance (activations beyond float32 in a layer
+                # the prediction did not normalise with); folded in, every later batch would be refused
+                raise FloatingPointError(f"the graph returned non-finite batch statistics for layer {layer!r}; "
+                                         "nothing is folded into the running estimate")
             new_mean = state[key_mean] * keep
             new_mean += (1 - keep) * mean
             new_sq = state[key_sq] * keep

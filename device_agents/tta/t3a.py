@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAOutput
+from device_agents.tta.base import TTAConfig, TTAOutput, require_int
 from device_agents.tta.models import (
     ModelCapabilityError,
     describe_model,
@@ -113,8 +113,7 @@ class T3AConfig(TTAConfig):
             raise ValueError("template_scale and model_weight cannot both be 0")
         if self.statistics is not None and not isinstance(self.statistics, BatchStatisticsConfig):
             raise ValueError(f"statistics must be a BatchStatisticsConfig or None, got {self.statistics!r}")
-        if self.filter_k < 1:
-            raise ValueError(f"filter_k must be >= 1, got {self.filter_k}")
+        require_int("filter_k", self.filter_k, 1)
 
 
 class T3A(FeaturePassMethod):

@@ -8,6 +8,7 @@ round runner (``aggregator``), central evaluation after every round, bytes count
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.fleet.byzantine import ATTACKS
 from edgeloop.data.partition import dirichlet_partition
 from edgeloop.federated.device import FederatedDevice
 from edgeloop.federated.trainer import LocalSGDTrainer, TrainerConfig, evaluate
@@ -54,6 +56,14 @@ class FederatedConfig:
             raise ValueError(f"need 0 < per_round ({self.per_round}) <= clients ({self.clients}) and rounds >= 1")
         if not 0 <= self.byzantine_fraction < 1:
             raise ValueError(f"byzantine_fraction {self.byzantine_fraction} must be in [0, 1)")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha (the Dirichlet concentration) must be a positive finite number, got {self.alpha}")
+        # checked here, not when the first byzantine device is sampled: that can be rounds into the run, whose
+        # results were then lost with the error
+        if self.attack not in ATTACKS:
+            raise ValueError(f"unknown byzantine attack {self.attack!r}; known: {sorted(ATTACKS)}")
+        if self.attack_scale is not None and not (math.isfinite(self.attack_scale) and self.attack_scale > 0):
+            raise ValueError(f"attack_scale must be a positive finite number, got {self.attack_scale}")
 
 
 def load_uint8(dataset: str, data_dir: Path | None = None

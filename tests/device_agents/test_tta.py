@@ -160,6 +160,12 @@ def test_config_type_is_checked() -> None:
     (FOAConfig, {"min_batch_for_search": 1}),
     (LAMEConfig, {"knn": 0}), (LAMEConfig, {"laplacian_weight": -1.0}), (LAMEConfig, {"max_steps": 0}),
     (T3AConfig, {"filter_k": 0}),
+    # counts that are not integers, a negative seed and a repeated layer: refused when the config is built, not
+    # with a numpy TypeError / "expected non-negative integer" at the first batch (or, for the layer, never)
+    (AlphaBNConfig, {"min_batch_for_batch_stats": float("nan")}), (AlphaBNConfig, {"min_batch_for_balanced": 2.5}),
+    (FOAConfig, {"generations": 1.5}), (FOAConfig, {"min_batch_for_search": float("nan")}), (FOAConfig, {"seed": -1}),
+    (FOAConfig, {"seed": 0.5}), (FOAConfig, {"layers": ("bn1", "bn1")}),
+    (LAMEConfig, {"knn": float("nan")}), (LAMEConfig, {"max_steps": 2.5}), (T3AConfig, {"filter_k": 2.5}),
 ])
 def test_config_validation(cls: type, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
@@ -277,6 +283,40 @@ def test_a_batch_failing_half_way_is_rolled_back(name: str) -> None:
     assert _same_state(method.snapshot(), before)
     for b in _batches(9, n=2):
         np.testing.assert_array_equal(method.predict(failing, b).logits, reference.predict(clean, b).logits)
+
+
+class OverflowedStatistics(TinyModel):
+    """Finite logits, but an infinite batch variance of ``bn1`` while ``overflow`` is set: what a batch of huge
+    finite values gives where the prediction did not normalise with the batch's own statistics."""
+
+    overflow = False
+
+    def forward(self, x: np.ndarray, alpha: float = 0.0, params: Mapping[str, np.ndarray] | None = None
+                ) -> ForwardResult:
+        out = super().forward(x, alpha, params)
+        if not self.overflow:
+            return out
+        mean, var = out.batch_stats["bn1"]
+        return ForwardResult(out.logits, out.features, {"bn1": (mean, np.full_like(var, np.inf))})
+
+
+@pytest.mark.parametrize("name", sorted(n for n in TTA_METHODS if n != "source"))
+def test_non_finite_batch_statistics_are_refused_and_commit_nothing(name: str) -> None:
+    """Folded in, an infinite batch variance made the running estimate infinite, and every later batch was
+    refused ("parameter 'bn1.var' contains NaN or infinite values") until a reset."""
+    model, method, twin = OverflowedStatistics(), create_tta_method(name), create_tta_method(name)
+    for b in _batches(12, n=2):
+        method.predict(model, b)
+        twin.predict(model, b)
+    before = method.snapshot()
+    twin.snapshot()  # snapshots re-anchor the search state: keep both sides alike
+    model.overflow = True
+    with pytest.raises(FloatingPointError, match="non-finite batch statistics for layer 'bn1'"):
+        method.predict(model, _batches(13, n=1)[0])
+    model.overflow = False
+    assert _same_state(method.snapshot(), before)
+    for b in _batches(14, n=2):
+        np.testing.assert_array_equal(method.predict(model, b).logits, twin.predict(model, b).logits)
 
 
 @pytest.mark.parametrize(("name", "kind"), _pairs())

@@ -53,6 +53,8 @@ def test_settings_apply_on_top_of_a_base_config() -> None:
     ("foa", {"per_channel": "maybe"}, r"'per_channel': 'maybe' is not true/false"),
     ("foa", {"layers": ""}, r"'layers': '' is not an integer or a comma-separated list"),
     ("foa", {"alpha": "none"}, r"'alpha': 'none' is not a number"),
+    ("foa", {"seed": "-1"}, r"'seed' = '-1': seed must be >= 0"),
+    ("foa", {"layers": "bn1,bn1"}, r"'layers' = 'bn1,bn1': layers names a layer more than once"),
     ("lame", {"statistics": "x"}, r"set its fields as 'statistics.<field>=VALUE' or turn it off"),
     ("lame", {"statistics.nope": "1"}, r"has no setting 'statistics.nope'"),
     ("lame", {"knn.k": "1"}, r"'knn' has no settings of its own"),

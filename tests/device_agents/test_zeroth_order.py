@@ -149,6 +149,15 @@ def test_a_failing_pass_rolls_the_optimiser_back(model: AdaptableModel, contrast
     assert opt.snapshot() == state and all(np.array_equal(v, model.params[k]) for k, v in params.items())
 
 
+@pytest.mark.parametrize(("field", "value"), [("directions", 1.5), ("directions", float("nan")), ("seed", -1),
+                                             ("seed", 0.5), ("directions", True)])
+def test_counts_and_seed_must_be_integers(field: str, value: object) -> None:
+    """A float count or a negative seed is refused when the config is built, naming the field (it failed at the
+    first step with a numpy TypeError / "expected non-negative integer")."""
+    with pytest.raises(ValueError, match=f"SPSA {field} must be >= "):
+        SPSAConfig(**{field: value})
+
+
 def test_config_and_parameter_choice_are_checked(model: AdaptableModel) -> None:
     for bad, needle in (({"lr": 0.0}, "lr must be"), ({"directions": 0}, "directions must be"),
                         ({"alpha": 2.0}, "alpha must be"), ({"perturbation": float("nan")}, "perturbation must"),

@@ -52,6 +52,10 @@ def test_federate_runs_rounds_and_writes_the_report(tmp_path: Path, capsys: pyte
     (["--devices", "4", "--per-round", "5"], "--per-round"),
     (["--byzantine", "1.5"], "--byzantine"),
     (["--topk-fraction", "0"], "--topk-fraction"),
+    # refused before the run starts, not once a byzantine device is first sampled (the rounds before were lost)
+    (["--byzantine", "0.25", "--attack-scale", "nan"], "attack_scale must be a positive finite number, got nan"),
+    (["--byzantine", "0.25", "--attack-scale", "-2"], "attack_scale must be a positive finite number, got -2.0"),
+    (["--alpha", "inf"], "alpha (the Dirichlet concentration) must be a positive finite number, got inf"),
     (["--aggregator-option", "novalue"], "KEY=VALUE"),
     (["--dataset", "cifar10", "--data-dir", "/nonexistent-edgeloop"], "not available"),
 ])
