@@ -23,6 +23,18 @@ class ForwardResult:
     batch_stats: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
+RANGE_SLACK = 1e-6
+"""How far (as a share of the range's width) input values may leave ``input.value_range`` (float rounding)."""
+
+
+def check_range(arr: np.ndarray, value_range: tuple[float, float]) -> None:
+    """Raise :class:`InputError` when values of ``arr`` leave ``value_range`` by more than :data:`RANGE_SLACK`."""
+    lo, hi = value_range
+    slack = RANGE_SLACK * (hi - lo)
+    if float(arr.min()) < lo - slack or float(arr.max()) > hi + slack:
+        raise InputError(f"input values [{arr.min()}, {arr.max()}] leave the model's range [{lo}, {hi}]")
+
+
 def check_batch(x: np.ndarray, sample_shape: tuple[int, ...] | None = None) -> np.ndarray:
     """Validate a non-empty, numeric, finite batch (of ``sample_shape`` samples when given); return float32.
 
@@ -122,8 +134,11 @@ class AdaptableModel:
         self.set_params(self.manifest.initial_params)
 
     def check_input(self, x: np.ndarray) -> np.ndarray:
-        """Validate a batch against the manifest's input spec; return it as contiguous float32."""
-        return check_batch(x, self.manifest.input.shape[1:])
+        """Validate a batch against the manifest's input spec (shape, finite values within ``value_range``, as
+        :class:`~runtime.predictor.Predictor` checks); return it as contiguous float32."""
+        arr = check_batch(x, self.manifest.input.shape[1:])
+        check_range(arr, self.manifest.input.value_range)
+        return arr
 
     def _overrides(self, params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """``params`` checked for one call: names, shapes, float32 and finiteness, like :func:`validate_params`

@@ -26,9 +26,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import BundleError, InputError
-from runtime.model import softmax
-
-RANGE_SLACK = 1e-6
+from runtime.model import check_range, softmax
 
 
 @dataclass(frozen=True)
@@ -128,10 +126,7 @@ class Predictor:
                 raise InputError("input holds NaN or inf")
         elif arr.dtype != want:
             raise InputError(f"input is {arr.dtype}; the model takes {want} values in {self.spec.value_range}")
-        lo, hi = self.spec.value_range
-        slack = RANGE_SLACK * (hi - lo)
-        if float(arr.min()) < lo - slack or float(arr.max()) > hi + slack:
-            raise InputError(f"input values [{arr.min()}, {arr.max()}] leave the model's range [{lo}, {hi}]")
+        check_range(arr, self.spec.value_range)
         return np.ascontiguousarray(arr)
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -61,3 +61,14 @@ def test_forward_leaves_the_parameters_and_overrides_alone(model: AdaptableModel
     after = model.params
     assert all(np.array_equal(before[k], after[k]) for k in before)
     assert np.all(override[name] == 0.25)
+
+
+@pytest.mark.parametrize("scale", [1000.0, -1.0])
+def test_forward_refuses_values_outside_the_input_range(model: AdaptableModel, scale: float) -> None:
+    """The manifest's value_range holds for the adaptable model as for a Predictor: a batch far outside it (a
+    0-255 image fed to a 0-1 model) would be normalised into the running statistics of a TTA method."""
+    with pytest.raises(InputError, match=r"leave the model's range \[0\.0, 1\.0\]"):
+        model.forward(_batch() * scale)
+    edge = _batch()
+    edge[0, 0, 0, :2] = (0.0, 1.0)  # the bounds themselves are in range
+    assert np.isfinite(model.forward(edge).logits).all()
