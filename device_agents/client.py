@@ -29,8 +29,8 @@ from proto.convert import tensor_to_proto, tensors_to_proto
 from proto.edgeloop.v1 import common_pb2, device_pb2, device_pb2_grpc
 from runtime.bundle import load_bundle
 from runtime.errors import BundleError, ManifestError
-from runtime.manifest import MANIFEST_NAME, read_manifest
-from runtime.signing import SIGNATURE_NAME
+from runtime.manifest import MANIFEST_NAME, decode_manifest
+from runtime.signing import SIGNATURE_NAME, verify_bundle_signature
 
 logger = logging.getLogger(__name__)
 
@@ -313,8 +313,9 @@ class DeviceClient:
                            ) -> None:
         bad = self._download(bundle_id, root, [MANIFEST_NAME, SIGNATURE_NAME])
         if not bad and (root / MANIFEST_NAME).is_file():
+            data = self._authentic_manifest(bundle_id, root)
             try:
-                manifest, _ = read_manifest(root)
+                manifest = decode_manifest(data, root)
                 bad = self._download(bundle_id, root,
                                      manifest.files_for(manifest.model(model).name, class_statistics))
             except ManifestError as exc:
@@ -331,6 +332,16 @@ class DeviceClient:
         if actual != bundle_id:
             raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
         load_bundle(root, model=model, trusted_keys=self.trusted_keys)
+
+    def _authentic_manifest(self, bundle_id: str, root: Path) -> bytes:
+        """The downloaded manifest's bytes once they hash to ``bundle_id`` and carry a valid signature (by one of
+        :attr:`trusted_keys` when given): nothing else is parsed."""
+        data = (root / MANIFEST_NAME).read_bytes()
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != bundle_id:
+            raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
+        verify_bundle_signature(root, data, self.trusted_keys)
+        return data
 
     def _download(self, bundle_id: str, root: Path, paths: Sequence[str]) -> set[str]:
         """Stream the requested files (all when empty) into ``root``; return the paths that failed."""

@@ -15,7 +15,7 @@ import numpy as np
 from runtime.blocks import MAGIC as BLOCK_MAGIC
 from runtime.blocks import BlockError, decode_block, decode_image_u8
 from runtime.errors import BundleIntegrityError, GoldenMismatchError, InputError, ManifestError
-from runtime.manifest import Manifest, ModelEntry, read_manifest
+from runtime.manifest import Manifest, ModelEntry, decode_manifest, read_manifest_bytes
 from runtime.packing import unpack
 from runtime.session import Session, open_session
 from runtime.signing import SignatureInfo, verify_bundle_signature
@@ -207,8 +207,10 @@ def load_bundle(
     root = Path(path)
     if not root.is_dir():
         raise ManifestError(f"bundle directory not found: {root}")
-    manifest, raw = read_manifest(root)
+    raw = read_manifest_bytes(root)
+    # the signature first: with trusted_keys, nothing a stranger wrote is parsed
     signer = verify_bundle_signature(root, raw, trusted_keys) if verify else None
+    manifest = decode_manifest(raw, root)
     entry = manifest.model(model, backend)
     if backend not in ("auto", entry.backend):
         raise ManifestError(f"model {entry.name!r} is a {entry.format} model; backend {backend!r} cannot run it")

@@ -658,14 +658,24 @@ def parse_manifest(raw: dict[str, Any], root: Path | None = None) -> Manifest:
     return manifest
 
 
-def read_manifest(bundle_dir: Path) -> tuple[Manifest, bytes]:
-    """Read and validate ``bundle_dir/manifest.json``; return it and its raw bytes."""
+def read_manifest_bytes(bundle_dir: Path) -> bytes:
+    """The raw bytes of ``bundle_dir/manifest.json`` (what its signature covers), unparsed."""
     path = Path(bundle_dir) / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"bundle has no {MANIFEST_NAME}: {path}")
-    data = path.read_bytes()
+    return path.read_bytes()
+
+
+def decode_manifest(data: bytes, bundle_dir: Path) -> Manifest:
+    """Parse and validate manifest bytes read from ``bundle_dir`` (:func:`read_manifest_bytes`)."""
     try:
         raw = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise ManifestError(f"{path} is not valid JSON: {exc}") from exc
-    return parse_manifest(raw, root=Path(bundle_dir)), data
+        raise ManifestError(f"{Path(bundle_dir) / MANIFEST_NAME} is not valid JSON: {exc}") from exc
+    return parse_manifest(raw, root=Path(bundle_dir))
+
+
+def read_manifest(bundle_dir: Path) -> tuple[Manifest, bytes]:
+    """Read and validate ``bundle_dir/manifest.json``; return it and its raw bytes."""
+    data = read_manifest_bytes(bundle_dir)
+    return decode_manifest(data, bundle_dir), data

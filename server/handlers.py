@@ -146,16 +146,16 @@ def publish_bundle(state: ServerState, files: Mapping[str, bytes], claimed_id: s
     """Verify a bundle (manifest, file list, sha256s), store its files and make it the current bundle."""
     if MANIFEST_FILE not in files:
         raise InvalidBundleError(f"bundle has no {MANIFEST_FILE}")
+    if SIGNATURE_NAME not in files:
+        raise InvalidBundleError(f"bundle is unsigned: {SIGNATURE_NAME} is missing")
+    try:  # the signature first: with trusted publishers, nothing a stranger wrote is parsed
+        verify_signature(files[MANIFEST_FILE], files[SIGNATURE_NAME], state.trusted_publishers)
+    except SignatureError as exc:
+        raise InvalidBundleError(str(exc)) from exc
     manifest, spec = parse_manifest(files[MANIFEST_FILE])
     missing = sorted(set(spec.files) - set(files))
     if missing:
         raise InvalidBundleError(f"file(s) listed in {MANIFEST_FILE} are missing: {missing}")
-    if SIGNATURE_NAME not in files:
-        raise InvalidBundleError(f"bundle is unsigned: {SIGNATURE_NAME} is missing")
-    try:
-        verify_signature(files[MANIFEST_FILE], files[SIGNATURE_NAME], state.trusted_publishers)
-    except SignatureError as exc:
-        raise InvalidBundleError(str(exc)) from exc
     extra = sorted(set(files) - set(spec.files) - {MANIFEST_FILE, SIGNATURE_NAME})
     if extra:
         raise InvalidBundleError(f"file(s) not listed in {MANIFEST_FILE}: {extra}")

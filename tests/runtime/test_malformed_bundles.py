@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from exporter.signing import sign_bundle
-from runtime import AdaptableModel, BundleError, GoldenMismatchError, InputError, ManifestError, load_bundle
+from runtime import (
+    AdaptableModel,
+    BundleError,
+    GoldenMismatchError,
+    InputError,
+    ManifestError,
+    SignatureError,
+    load_bundle,
+)
 from runtime.blocks import decode_block, encode_block
 from runtime.bundle import BundleIntegrityError, golden_feeds
 from runtime.packing import HEADER, PackFormatError, unpack
@@ -79,8 +87,15 @@ def test_malformed_manifest_fields_are_named(bundle_copy: Path, edit: Any, messa
         load_bundle(bundle_copy, model="fp32", threads=1)
 
 
-def test_deeply_nested_manifest_is_a_manifest_error(bundle_copy: Path) -> None:
-    (bundle_copy / "manifest.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b"{not json"])
+def test_an_unparseable_manifest_fails_its_signature_before_it_is_parsed(bundle_copy: Path, content: bytes,
+                                                                        signing_key: Any) -> None:
+    (bundle_copy / "manifest.json").write_bytes(content)
+    with pytest.raises(SignatureError):  # nobody signed these bytes: they are never parsed
+        load_bundle(bundle_copy)
+    with pytest.raises(ManifestError, match="not valid JSON"):  # unchecked, they are parsed: a clear error
+        load_bundle(bundle_copy, verify=False)
+    sign_bundle(bundle_copy, signing_key)  # signed by the trusted key, they are parsed, and refused
     with pytest.raises(ManifestError, match="not valid JSON"):
         load_bundle(bundle_copy)
 
