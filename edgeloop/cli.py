@@ -24,8 +24,8 @@ DATASETS = ("digits", "mnist", "cifar10")
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a built-in architecture (source student or teacher)")
-    p.add_argument("--arch", default="small_cnn", help="registered architecture: small_cnn (student), wide_cnn "
-                   "(teacher); default small_cnn")
+    p.add_argument("--arch", default="small_cnn", help="registered architecture: small_cnn (the demo's student), "
+                   "wide_cnn (its teacher), smallcnn (the MNIST SmallCNN), resnet8 (CIFAR-10); default small_cnn")
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="training data; default digits "
                    "(embedded); mnist and cifar10 read ../shared/data or $EDGELOOP_DATA_DIR")
     p.add_argument("--epochs", type=int, default=15, help="passes over the training split; default 15")
@@ -69,7 +69,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tflite-int8", choices=("static", "dynamic"), default="static", help="TFLite int8 mode: "
                    "PT2E static (calibrated) or dynamic-range; default static")
     p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="ship N:M-sparse ONNX "
-                   "models in the packed transport encoding (decoded on load); default on with --sparsity")
+                   "and TFLite models in the packed transport encoding (decoded on load); default on with --sparsity")
     p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
     p.add_argument("--trainable", action="store_true", help="also ship the model's full float weights "
                    "(trainable.bin) for local-SGD trainer devices and full-model federated averaging")
@@ -131,7 +131,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the gRPC cloud server until SIGINT/SIGTERM", description="Run the gRPC "
                        "cloud server until SIGINT/SIGTERM. Settings come from --config FILE (TOML, keys as in "
-                       "server.config.ServerConfig; see README) and the flags below, which win over the file.")
+                       "server.config.ServerConfig; see docs/SERVER.md) and the flags below, which win over the file.")
     p.add_argument("--config", type=Path, default=None, help="TOML config file (unknown keys are an error)")
     p.add_argument("--host", default=None, help="address to bind; default 127.0.0.1")
     p.add_argument("--port", type=int, default=None, help="port to bind (0: any free port); default 50051")
@@ -330,7 +330,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 50051, "distill_steps": 100}
+_SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 50051}
 _SERVE_FLAGS = {"host": "host", "port": "port", "data_dir": "data_dir", "teacher": "teacher_ckpt",
                 "student": "student_ckpt", "alpha": "distill_alpha", "distill_steps": "distill_steps",
                 "device": "device", "trusted_publisher_key": "trusted_publisher_keys", "tls_cert": "tls_cert",
@@ -387,6 +387,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# the optional dependencies a command may import, by top-level module: the install that provides them
+_EXTRAS = {
+    **dict.fromkeys(("scipy", "sklearn", "PIL", "matplotlib", "rich"), 'pip install ".[data]"'),
+    "ai_edge_litert": 'pip install ".[litert]"',
+    **dict.fromkeys(("torch", "onnx", "onnxscript", "litert_torch"), 'pip install "torch==2.13.0" ".[export]"'),
+    **dict.fromkeys(("prometheus_client", "grpc_reflection"), 'pip install "torch==2.13.0" ".[server]"'),
+    "ray": 'pip install ".[fleet]"',
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    """What to install for a missing optional dependency (None: not one of them)."""
+    top = (exc.name or "").partition(".")[0]
+    return f"this command needs {top!r}, which is not installed: {_EXTRAS[top]}" if top in _EXTRAS else None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``edgeloop`` console script; returns the exit code."""
     parser = build_parser()
@@ -401,6 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except ModuleNotFoundError as exc:  # an optional dependency of this command (a device install without it)
+        hint = _missing_extra(exc)
+        if hint is None:
+            raise
+        print(f"edgeloop {args.command}: error: {hint}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, RuntimeError, EdgeloopRuntimeError, AgentError) as exc:
         print(f"edgeloop {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,8 @@ import hashlib
 import importlib
 import logging
 import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +100,20 @@ def load_model(source: str, dataset: str | None) -> LoadedModel:
     return _import_model(source, dataset)
 
 
+def _import_from_cwd(module_name: str) -> Any:
+    """Import ``module_name`` the way ``python -m`` would: the working directory first on the path (a console
+    script like ``edgeloop`` leaves it out, so ``my_models.py`` beside the user would not be found)."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
 def _import_model(source: str, dataset: str | None) -> LoadedModel:
     import torch
     from torch import nn
@@ -107,7 +123,7 @@ def _import_model(source: str, dataset: str | None) -> LoadedModel:
 
     module_name, _, attr = source.partition(":")
     try:
-        obj = getattr(importlib.import_module(module_name), attr)
+        obj = getattr(_import_from_cwd(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ValueError(f"cannot import model {source!r}: {exc}") from exc
     model = obj if isinstance(obj, nn.Module) else obj()

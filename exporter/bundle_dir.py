@@ -14,7 +14,8 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite on the "
+                              "command line) to replace it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 

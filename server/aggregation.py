@@ -20,7 +20,7 @@ import numbers
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -232,6 +232,11 @@ def create_aggregator(name: str, **config: Any) -> Aggregator:
     if name not in AGGREGATORS:
         raise AggregationError(f"unknown aggregator {name!r}; known: {sorted(AGGREGATORS)}")
     cls, config_cls = AGGREGATORS[name]
+    known = sorted(f.name for f in fields(config_cls))
+    unknown = sorted(set(config) - set(known))
+    if unknown:
+        raise AggregationError(f"bad options for aggregator {name!r}: unknown option(s) {unknown}; it takes "
+                               f"{known or 'none'}")
     _check_option_types(name, config_cls, config)
     try:
         cfg = config_cls(**config)

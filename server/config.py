@@ -79,7 +79,7 @@ class ServerConfig:
     max_upload_bytes: int = 64 << 20
     max_samples_per_upload: int = 4096
     max_bundle_bytes: int = 512 << 20
-    distill_steps: int = 50
+    distill_steps: int = 100  # optimizer steps of a distillation round (StartRound may ask for others)
     round_max_samples: int = 4096
     teacher_ckpt: Path | None = None
     student_ckpt: Path | None = None

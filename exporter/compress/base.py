@@ -48,7 +48,8 @@ class UnsupportedLayerError(ValueError):
         more = f" (also unsupported: {', '.join(others)})" if others else ""
         super().__init__(
             f"{pass_name}: layer {shown!r} ({layer_type}) is not supported: {reason}{more}; "
-            f"leave it uncompressed by listing it in the config's exclude, e.g. exclude=({shown!r},)"
+            f"leave it uncompressed by listing it in the config's exclude, e.g. exclude=({shown!r},) "
+            f"(on the command line: --exclude {shown})"
         )
 
 

@@ -111,3 +111,16 @@ def test_export_names_a_bad_value_range(value: str, reason: str, tmp_path: Path,
     err = capsys.readouterr().err
     assert "argument --value-range" in err and reason in err
     assert build_parser().parse_args(["export", "--from-onnx", "m", "--out", "b"]).value_range == (0.0, 1.0)
+
+
+def test_a_missing_optional_dependency_names_the_install(digits_bundle: Path) -> None:
+    """A device install without the data extra: `edgeloop eval` says what to install, without a traceback."""
+    code = ("import sys\n"
+            "for name in ('sklearn', 'scipy'):\n"
+            "    sys.modules[name] = None  # as if not installed: importing it raises ModuleNotFoundError\n"
+            "from edgeloop.cli import main\n"
+            f"sys.exit(main(['eval', {str(digits_bundle)!r}, '--dataset', 'digits']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "edgeloop eval: error: this command needs" in proc.stderr and 'pip install ".[data]"' in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -194,3 +196,17 @@ def test_golden_vectors_fit_a_byte_budget(shape: tuple[int, ...], count: int) ->
 
     assert golden_count(shape) == count
     assert count * int(np.prod(shape)) <= GOLDEN_INPUT_BUDGET or count == 2
+
+
+def test_import_path_model_is_found_beside_the_user(tmp_path: Path) -> None:
+    """`edgeloop export my_models:build_net` from the directory holding my_models.py, as `python -m` would find
+    it (a console script does not put the working directory on sys.path)."""
+    src = Path(__file__).with_name("importable_models.py").read_text()
+    (tmp_path / "user_models_beside.py").write_text(src)
+    script = Path(sys.executable).with_name("edgeloop")
+    done = subprocess.run([str(script), "export", "user_models_beside:build_net", "--dataset", "digits", "--out",
+                           "b", "--no-folded", "--no-int8", "--calibration-samples", "8", "--signing-key", "k.pem"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["arch"] == "import:user_models_beside:build_net"
+    assert "user_models_beside" not in sys.modules  # the test process itself imported nothing
