@@ -283,12 +283,12 @@ def connect_agent(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     token_file = work_dir / "device.token"
-    token = token_file.read_text().strip() if token_file.is_file() else None
+    # an empty file is no token: one left by an older version killed while it enrolled
+    token = (token_file.read_text().strip() or None) if token_file.is_file() else None
     client = DeviceClient(server, device_id, trusted_keys=trusted_keys, token=token, tls=tls)
     try:
         if enrollment_secret is not None and token is None:
-            token_file.touch(mode=0o600)
-            token_file.write_text(client.enroll(enrollment_secret))
+            write_atomically(token_file, client.enroll(enrollment_secret).encode())
         info = client.register(labels or {})
         if not info.bundle_id:
             raise RuntimeError(f"server {server} has no bundle published yet")
@@ -308,6 +308,19 @@ def connect_agent(
     return Agent(model, method, make_detector(detector, model, drift_threshold), selector, outbox, client, config)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old file or the whole new one, never an
+    empty or partial one: a temporary file beside it, fsynced, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 def _pinned_update_key(work_dir: Path, announced: bytes) -> tuple[bytes, ...] | None:
     """The pinned update key (pinning ``announced`` on first use); None when the server signs nothing."""
     pin = work_dir / "update_key.pub"
@@ -319,7 +332,7 @@ def _pinned_update_key(work_dir: Path, announced: bytes) -> tuple[bytes, ...] | 
         return (pinned,)
     if not announced:
         return None
-    pin.write_bytes(announced)
+    write_atomically(pin, announced)
     return (announced,)
 
 

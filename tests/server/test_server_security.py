@@ -286,3 +286,8 @@ def test_agent_enrolls_once_over_mutual_tls_and_reuses_its_token(tmp_path: Path,
         close_agent(connect_agent(target, "cam-1", work, enrollment_secret=ENROLL, tls=tls))
         assert (work / "device.token").read_text() == token  # enrolled once, the token is reused
         assert srv.authenticator is not None and srv.authenticator.device_for(token) == "cam-1"
+        (work / "device.token").write_text("")  # what a kill during Enroll used to leave: the device enrolls again
+        close_agent(connect_agent(target, "cam-1", work, enrollment_secret=ENROLL, tls=tls))
+        renewed = (work / "device.token").read_text()
+        assert renewed and srv.authenticator.device_for(renewed) == "cam-1"
+        assert (work / "device.token").stat().st_mode & 0o077 == 0 and not list(work.glob(".*.tmp"))
