@@ -251,6 +251,11 @@ class Storage(Protocol):
         """Record that a round used these samples."""
         ...
 
+    def release_samples(self, round_id: int, sample_ids: Sequence[str] | None = None) -> int:
+        """Make samples marked used by ``round_id`` unused again (``sample_ids``: only those; None: all of the
+        round's); return how many. For a round that claimed its samples and then did not publish."""
+        ...
+
     def insert_drift(self, event: DriftRecord) -> int:
         """Store a drift event; return its id."""
         ...

@@ -339,7 +339,8 @@ class RoundRunner:
 
     def _settle_unfinished(self) -> None:
         """Rounds a stopped server left queued or running: done when their update was published (their claimed
-        submissions are marked used), failed otherwise (their submissions stay for the next round)."""
+        submissions are marked used; a distill round's samples already are), failed otherwise (their submissions
+        stay for the next round, and the samples a distill round claimed are released for it)."""
         storage = self.state.storage
         for record in storage.unfinished_rounds():
             update = storage.update_of_round(record.round_id)
@@ -349,6 +350,7 @@ class RoundRunner:
                 settled = replace(record, state="done", update_version=update.version,
                                   metrics={**record.metrics, "recovered": 1.0, "submissions": float(len(claimed))})
             else:
+                storage.release_samples(record.round_id)  # a distill round's claimed samples serve the next one
                 settled = replace(record, state="failed", error="interrupted: the server stopped before the round "
                                                                "published an update")
             storage.save_round(settled)
@@ -602,9 +604,16 @@ class RoundRunner:
         if set(result.params) != set(base):
             raise InvalidTensorError(f"distiller returned parameters {sorted(result.params)}, "
                                      f"expected {sorted(base)}")
-        update = publish_update(self.state, bundle_id, "distill", result.params, round_id=round_id,
-                                cohort=job.cohort, project=True)
-        self.state.storage.mark_samples_used([s.sample_id for s in readable], round_id)
+        # claimed before the update is published: a crash in between is settled at the next start (the round is
+        # done when its update exists, else failed and its samples released), so no sample serves two versions
+        used = [s.sample_id for s in readable]
+        self.state.storage.mark_samples_used(used, round_id)
+        try:
+            update = publish_update(self.state, bundle_id, "distill", result.params, round_id=round_id,
+                                    cohort=job.cohort, project=True)
+        except Exception:
+            self.state.storage.release_samples(round_id, used)
+            raise
         metrics = {str(k): float(v) for k, v in result.metrics.items()}
         metrics["samples"] = float(len(readable))
         metrics["unreadable_samples"] = float(len(bad))

@@ -327,6 +327,17 @@ class Registry(UpdateTables):
             c.executemany("UPDATE samples SET used_in_round = ? WHERE sample_id = ?",
                           [(round_id, s) for s in sample_ids])
 
+    def release_samples(self, round_id: int, sample_ids: Sequence[str] | None = None) -> int:
+        """See :meth:`Storage.release_samples`."""
+        with self._tx() as c:
+            before = c.total_changes
+            if sample_ids is None:
+                c.execute("UPDATE samples SET used_in_round = NULL WHERE used_in_round = ?", (round_id,))
+            else:
+                c.executemany("UPDATE samples SET used_in_round = NULL WHERE used_in_round = ? AND sample_id = ?",
+                              [(round_id, s) for s in sample_ids])
+            return c.total_changes - before
+
     # -- drift -----------------------------------------------------------------------------------------
     def insert_drift(self, event: DriftRecord) -> int:
         """See :meth:`Storage.insert_drift`."""
