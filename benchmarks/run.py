@@ -83,13 +83,30 @@ def run_benchmark(name: str, quick: bool, results_dir: Path) -> Path:
     return path
 
 
+RESULT_KEYS = ("benchmark", "date", "quick", "duration_s", "machine", "results")
+
+
+class ResultsFileError(ValueError):
+    """A results JSON cannot be rendered: unreadable, not JSON, or not what :func:`run_benchmark` writes."""
+
+
 def load_results(results_dir: Path) -> dict[str, dict[str, Any]]:
-    """Every registered benchmark's JSON found in ``results_dir``, in registry order."""
+    """Every registered benchmark's JSON found in ``results_dir``, in registry order; a file that is not a
+    results file of that benchmark raises :class:`ResultsFileError` naming it."""
     found = {}
     for name in BENCHMARKS:
         path = results_dir / f"{name}.json"
-        if path.is_file():
-            found[name] = json.loads(path.read_text())
+        if not path.is_file():
+            continue
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ResultsFileError(f"{path}: not a readable results file ({exc})") from exc
+        missing = [k for k in RESULT_KEYS if k not in payload] if isinstance(payload, dict) else list(RESULT_KEYS)
+        if missing or payload["benchmark"] != name:
+            raise ResultsFileError(f"{path}: not a results file of benchmark {name!r} (missing {missing} or a "
+                                   f"different 'benchmark'); rerun it with --only {name} or remove the file")
+        found[name] = payload
     return found
 
 
@@ -121,7 +138,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--render-only", action="store_true", help="run nothing; regenerate the markdown from the JSON")
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON results live")
     p.add_argument("--markdown", type=Path, default=MARKDOWN, help="the markdown file to regenerate")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # checked before any benchmark runs: a bad path would otherwise only fail after the whole run
+    if args.results_dir.exists() and not args.results_dir.is_dir():
+        p.error(f"--results-dir {args.results_dir} exists and is not a directory")
+    if not args.markdown.parent.is_dir():
+        p.error(f"--markdown {args.markdown}: directory {args.markdown.parent} does not exist")
+    if args.markdown.is_dir():
+        p.error(f"--markdown {args.markdown} is a directory")
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -140,7 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.error("benchmark %s failed; its previous result (if any) is kept:\n%s", name, traceback.format_exc())
             continue
         log.info("%s done in %.1f s → %s", name, time.perf_counter() - t0, path)
-    args.markdown.write_text(render_markdown(load_results(args.results_dir)))
+    try:
+        results = load_results(args.results_dir)
+    except ResultsFileError as exc:
+        log.error("%s; %s not regenerated", exc, args.markdown)
+        return 1
+    args.markdown.write_text(render_markdown(results))
     log.info("wrote %s", args.markdown)
     return 1 if failed else 0
 

@@ -99,6 +99,16 @@ def _resolve_source(source: ModelSource) -> tuple[nn.Module, str, ModelSpec, str
     return model, info["arch"], info["spec"], info["sha256"]
 
 
+def check_finite_weights(model: nn.Module) -> None:
+    """Raise ``ValueError`` naming the first parameter or buffer of ``model`` holding NaN or infinite values
+    (a bundle exported from it would carry non-finite outputs no device can verify)."""
+    for kind, tensors in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
+        for tensor_name, tensor in tensors:
+            if tensor.is_floating_point() and not bool(tensor.detach().isfinite().all()):
+                raise ValueError(f"model {kind} {tensor_name!r} holds NaN or infinite values; "
+                                 "a bundle needs finite weights")
+
+
 def _check_inputs(spec: ModelSpec, labels: Sequence[str], **arrays: np.ndarray) -> dict[str, np.ndarray]:
     if len(labels) != spec.num_classes or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"labels must be {spec.num_classes} strings, got {list(labels)!r}")
@@ -366,13 +376,15 @@ def _build(tmp: Path, model: nn.Module, data: dict[str, np.ndarray], opts: dict[
     if opts["compression"] is not None:
         blocks["compression"] = dict(opts["compression"])
     if opts["nm"] is not None:
-        sparsified = [layer for rep in (opts["compression"] or {}).get("passes", []) if rep.get("pass") == "nm_sparsity"
-                      for layer in rep.get("layers", [])]
+        nm_reports = [rep for rep in (opts["compression"] or {}).get("passes", []) if rep.get("pass") == "nm_sparsity"]
+        sparsified = [layer for rep in nm_reports for layer in rep.get("layers", [])]
         # Weights keep their module path as name, except a bias-free Linear that exports as MatMul with a
         # generated name: name the ones that kept theirs and require at least one satisfied tensor per layer.
         names = {w.name for w in weight_initializers(onnx.load(str(fp32)))}
         expected = [f"model.{layer}.weight" for layer in sparsified if f"model.{layer}.weight" in names]
-        check = require_onnx_nm(fp32, *opts["nm"], minimum=len(sparsified), expected=expected).manifest_block()
+        # without an nm_sparsity report to say which layers were sparsified, at least one weight must hold it
+        minimum = len(sparsified) if nm_reports else 1
+        check = require_onnx_nm(fp32, *opts["nm"], minimum=minimum, expected=expected).manifest_block()
         blocks.setdefault("compression", {})["nm_check"] = {**check, "all_sparsified_layers_hold": True}
         if opts["pack"]:
             _pack(built, opts["nm"])
@@ -448,6 +460,7 @@ def export_bundle(
     if not 0.0 <= golden_alpha <= 1.0:
         raise ValueError(f"golden_alpha must lie in [0, 1], got {golden_alpha}")
     model, arch, spec, ckpt_sha = _resolve_source(source)
+    check_finite_weights(model)
     declared = checked_invariances(invariances)
     data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x,
                          parity_x=golden_x if parity_x is None else parity_x)

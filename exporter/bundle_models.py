@@ -31,6 +31,7 @@ PARITY_ALPHA = 0.0
 # convolutions on fewer input channels stay float in int8 models (the 1-3 channel image stem): onnxruntime's
 # QLinearConv measured 8x slower than the float convolution there
 FLOAT_STEM_CHANNELS = 8
+TFLITE_INT8_MODES = ("static", "dynamic")  # PT2E static or dynamic-range quantization of the folded TFLite graph
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,10 @@ class BuildOptions:
     int8: bool = True
     int8_config: Int8Config | None = None
     tflite_int8: str = "static"
+
+    def __post_init__(self) -> None:
+        if self.tflite_int8 not in TFLITE_INT8_MODES:
+            raise ValueError(f"tflite_int8 must be one of {TFLITE_INT8_MODES}, got {self.tflite_int8!r}")
 
 
 @dataclass

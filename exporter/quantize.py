@@ -116,10 +116,16 @@ class Int8Config:
     pad_small_convs: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.op_types, str):
+            raise ValueError(f"op_types must be a sequence of operator types, not the string {self.op_types!r}")
         object.__setattr__(self, "op_types", tuple(self.op_types))
         unknown = sorted(set(self.op_types) - SUPPORTED_OP_TYPES)
         if unknown or not self.op_types:
             raise ValueError(f"op_types must be a non-empty subset of {sorted(SUPPORTED_OP_TYPES)}, got {unknown}")
+        for name in ("max_samples", "batch_size", "float_convs_below_channels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.float_convs_below_channels < 0:
             raise ValueError(f"float_convs_below_channels must be >= 0, got {self.float_convs_below_channels}")
         if self.calibration not in _CALIBRATIONS:
@@ -128,7 +134,8 @@ class Int8Config:
             raise ValueError(f"activation_type must be one of {sorted(_ACTIVATIONS)}, got {self.activation_type!r}")
         if self.max_samples < 1 or self.batch_size < 1:
             raise ValueError(f"max_samples and batch_size must be positive, got {self.max_samples}, {self.batch_size}")
-        if not 0.0 <= self.min_agreement <= 1.0:
+        agreement = self.min_agreement
+        if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0.0 <= agreement <= 1.0:
             raise ValueError(f"min_agreement must lie in [0, 1], got {self.min_agreement}")
 
 
@@ -462,6 +469,14 @@ def _verify_agreement(
     return agreement
 
 
+def _same_samples(eval_x: np.ndarray, calib: np.ndarray) -> np.ndarray:
+    """``eval_x`` checked like the calibration samples and against their sample shape."""
+    checked = check_images(eval_x, "eval_x")
+    if checked.shape[1:] != calib.shape[1:]:
+        raise ValueError(f"eval_x has sample shape {checked.shape[1:]}, calibration_x has {calib.shape[1:]}")
+    return checked
+
+
 def quantize_int8(
     fp32_path: Path | str,
     int8_path: Path | str,
@@ -482,6 +497,7 @@ def quantize_int8(
     if config.calibration != "minmax" and len(calib) > config.batch_size:
         # onnxruntime's histogram collectors stack every batch of a tensor: batches must be the same size
         calib = calib[: len(calib) // config.batch_size * config.batch_size]
+    held_out = None if eval_x is None else _same_samples(eval_x, calib)
     reader = CalibrationReader(calib, params, config.batch_size)
     with tempfile.TemporaryDirectory(prefix="edgeloop-quant-") as tmp:
         pre = Path(tmp) / "preprocessed.onnx"
@@ -506,7 +522,7 @@ def quantize_int8(
         if folded:
             onnx.save(quantized, str(int8_path))
     onnx.checker.check_model(str(int8_path))
-    check = calib if eval_x is None else np.concatenate([calib, check_images(eval_x, "eval_x")])
+    check = calib if held_out is None else np.concatenate([calib, held_out])
     agreement = _verify_agreement(fp32_path, int8_path, check, params, config.min_agreement)
     logger.info("quantized %s: %s calibration on %d samples, agreement %.4f", int8_path.name,
                 config.calibration, len(calib), agreement)

@@ -34,7 +34,8 @@ def check_labels(y: np.ndarray, n: int, num_classes: int | None = None) -> np.nd
         raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes):
-        raise ValueError(f"labels must lie in [0, {num_classes}), got range [{arr.min()}, {arr.max()}]")
+        where = "be >= 0" if num_classes is None else f"lie in [0, {num_classes})"
+        raise ValueError(f"labels must {where}, got range [{arr.min()}, {arr.max()}]")
     return arr
 
 

@@ -52,9 +52,10 @@ class TrainConfig:
             raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 2:
             raise ValueError(f"batch_size must be an int >= 2 (BatchNorm needs 2 samples), got {self.batch_size!r}")
-        if not (math.isfinite(self.lr) and self.lr > 0):
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+        if not (isinstance(self.weight_decay, int | float) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
@@ -91,6 +92,13 @@ def check_images(x: np.ndarray, what: str = "images") -> np.ndarray:
     return arr
 
 
+def check_trainable_count(x: np.ndarray, what: str) -> None:
+    """Raise ``ValueError`` unless ``x`` holds at least 2 samples: batches of one are skipped (train-mode
+    BatchNorm needs 2), so a single sample would train nothing."""
+    if len(x) < 2:
+        raise ValueError(f"{what} needs at least 2 samples (train-mode BatchNorm), got {len(x)}")
+
+
 def spec_from_data(x: np.ndarray, y: np.ndarray) -> ModelSpec:
     """Derive a :class:`ModelSpec` from square NCHW images and labels (per-channel mean/std over N, H, W)."""
     x = check_images(x, "train_x")
@@ -113,6 +121,8 @@ def _augmented(xb: np.ndarray, augment_fn: AugmentFn, rng: np.random.Generator) 
     out = np.asarray(augment_fn(xb, rng), dtype=np.float32)
     if out.shape != xb.shape:
         raise ValueError(f"augment_fn changed the batch shape from {xb.shape} to {out.shape}")
+    if not np.all(np.isfinite(out)):
+        raise ValueError("augment_fn returned NaN or infinite values")
     return out
 
 
@@ -183,6 +193,7 @@ def train_model(
     if config.augment and augment_fn is None:
         raise ValueError("config.augment is set but no augment_fn was given")
     x = check_images(train_x, "train_x")
+    check_trainable_count(x, "train_x")
     spec = spec if spec is not None else spec_from_data(x, train_y)
     y = check_labels(train_y, len(x), spec.num_classes)
     if x.shape[1:] != (spec.in_channels, spec.image_size, spec.image_size):

@@ -291,6 +291,8 @@ def _validate_images(images: object) -> np.ndarray:
     x = np.ascontiguousarray(images, dtype=np.float32)
     if not np.isfinite(x).all():
         raise ValueError("images hold NaN or inf values")
+    if x.size and (float(x.min()) < -1e-6 or float(x.max()) > 1 + 1e-6):
+        raise ValueError(f"images must lie in [0, 1], got range [{float(x.min())}, {float(x.max())}]")
     return x
 
 

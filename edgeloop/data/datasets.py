@@ -18,6 +18,8 @@ import functools
 import io
 import logging
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +188,25 @@ def _open_npz(root: Path, relative: str, name: str) -> np.lib.npyio.NpzFile:
             f"and passing data_dir=<that directory> or setting {DATA_DIR_ENV}=<that directory> "
             f"(default: <repo>/../shared/data; see ../shared/data/README.md)."
         )
-    return np.load(path, allow_pickle=False)
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DatasetFormatError(f"{path} is not a readable .npz file ({type(exc).__name__}: {exc})") from exc
+
+
+def _read(npz: np.lib.npyio.NpzFile, key: str, path: str) -> np.ndarray:
+    """Array ``key`` of an open npz; a truncated or damaged member raises :class:`DatasetFormatError`."""
+    try:
+        return npz[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise DatasetFormatError(f"{path}: array {key!r} cannot be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _labels(raw: np.ndarray, path: str) -> np.ndarray:
+    """Integer class labels ``y`` as int64 (N,); anything else raises :class:`DatasetFormatError`."""
+    if raw.ndim != 1 or raw.dtype.kind not in "iu":
+        raise DatasetFormatError(f"{path}: y must be integer labels of shape (N,), got {raw.dtype} {raw.shape}")
+    return raw.astype(np.int64)
 
 
 def _require(npz: np.lib.npyio.NpzFile, keys: tuple[str, ...], path: str) -> None:
@@ -198,10 +218,11 @@ def _require(npz: np.lib.npyio.NpzFile, keys: tuple[str, ...], path: str) -> Non
 def _load_mnist(root: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     relative = f"mnist/mnist_{split}.npz"
     with _open_npz(root, relative, "mnist") as npz:
-        _require(npz, ("x", "y"), str(root / relative))
-        raw_x, raw_y = npz["x"], npz["y"].astype(np.int64)
-    if raw_x.ndim != 3 or raw_x.shape[0] != len(raw_y):
-        raise DatasetFormatError(f"{root / relative}: x must be (N, H, W) matching y, got {raw_x.shape}")
+        source = str(root / relative)
+        _require(npz, ("x", "y"), source)
+        raw_x, raw_y = _read(npz, "x", source), _labels(_read(npz, "y", source), source)
+    if raw_x.ndim != 3 or raw_x.shape[0] != len(raw_y) or raw_x.dtype != np.uint8:
+        raise DatasetFormatError(f"{source}: x must be uint8 (N, H, W) matching y, got {raw_x.dtype} {raw_x.shape}")
     raw_x, y = _take(raw_x, raw_y, _stratified_subset(raw_y, limit))
     x = (raw_x.astype(np.float32) / np.float32(255.0))[:, None, :, :]
     return np.ascontiguousarray(x), y, list(_DIGIT_LABELS)
@@ -210,9 +231,10 @@ def _load_mnist(root: Path, split: str, limit: int | None) -> tuple[np.ndarray, 
 def _load_cifar10(root: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     relative = f"cifar10_jpeg/cifar10_jpeg_{split}.npz"
     with _open_npz(root, relative, "cifar10") as npz:
-        _require(npz, ("jpeg", "offsets", "y", "classes"), str(root / relative))
-        jpeg, offsets = npz["jpeg"], npz["offsets"].astype(np.int64)
-        all_y, labels = npz["y"].astype(np.int64), [str(c) for c in npz["classes"]]
+        source = str(root / relative)
+        _require(npz, ("jpeg", "offsets", "y", "classes"), source)
+        jpeg, offsets = _read(npz, "jpeg", source), _read(npz, "offsets", source).astype(np.int64)
+        all_y, labels = _labels(_read(npz, "y", source), source), [str(c) for c in _read(npz, "classes", source)]
     if len(offsets) != len(all_y) + 1:
         raise DatasetFormatError(f"{root / relative}: {len(offsets)} offsets for {len(all_y)} labels")
     idx = _stratified_subset(all_y, limit)
@@ -227,8 +249,12 @@ def _decode_jpegs(jpeg: np.ndarray, offsets: np.ndarray, idx: np.ndarray, source
 
     images = []
     for i in idx:
-        with Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())) as im:
-            images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        try:
+            with Image.open(io.BytesIO(jpeg[offsets[i] : offsets[i + 1]].tobytes())) as im:
+                images.append(np.asarray(im.convert("RGB"), dtype=np.uint8))
+        except (OSError, ValueError) as exc:  # PIL.UnidentifiedImageError is an OSError
+            raise DatasetFormatError(f"{source}: image {i} (bytes {offsets[i]}..{offsets[i + 1]}) is not a "
+                                     f"decodable JPEG ({exc})") from exc
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
         raise DatasetFormatError(f"{source}: images have differing sizes {sorted(shapes)}")

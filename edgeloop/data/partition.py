@@ -27,10 +27,14 @@ def dirichlet_partition(labels: np.ndarray, n_clients: int, alpha: float, seed: 
         raise ValueError(f"labels must be a non-empty 1-D array, got shape {y.shape}")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    for name, value in (("n_clients", n_clients), ("min_size", min_size), ("max_tries", max_tries)):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
     if n_clients <= 0:
         raise ValueError(f"n_clients must be positive, got {n_clients}")
-    if not (np.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha must be a positive finite number, got {alpha}")
+    numeric = not isinstance(alpha, bool) and isinstance(alpha, int | float | np.number)
+    if not (numeric and np.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive finite number, got {alpha!r}")
     if min_size < 0 or n_clients * min_size > y.size:
         raise ValueError(f"cannot give each of {n_clients} clients {min_size} of {y.size} samples")
     rng = np.random.default_rng(seed)

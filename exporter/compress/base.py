@@ -21,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -57,6 +57,8 @@ def validate_exclude(exclude: Sequence[str] | str) -> tuple[str, ...]:
     """Check ``exclude`` is a sequence of non-empty glob strings; return it as a tuple."""
     if isinstance(exclude, str):
         raise ValueError(f"exclude must be a sequence of module-path globs, not the string {exclude!r}")
+    if not isinstance(exclude, Iterable):
+        raise ValueError(f"exclude must be a sequence of module-path globs, got {exclude!r}")
     patterns = tuple(exclude)
     bad = [p for p in patterns if not isinstance(p, str) or not p]
     if bad:

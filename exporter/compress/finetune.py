@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from exporter.compress.base import CompressionPass
-from exporter.train import check_images, check_labels, torch_threads
+from exporter.train import check_images, check_labels, check_trainable_count, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ def fine_tune(
     The metrics are also attached to the pass's report under ``fine_tune``.
     """
     x = check_images(x, "fine-tune x")
+    check_trainable_count(x, "fine-tune x")
     y = check_labels(y, len(x))
     rng = np.random.default_rng(config.seed)
     steps_per_epoch = len(_batches(len(x), config.batch_size, np.random.default_rng(0)))

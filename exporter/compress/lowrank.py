@@ -69,9 +69,13 @@ class LowRankConfig:
     def from_string(cls, text: str, **options: Any) -> LowRankConfig:
         """Build from ``"energy=0.95"`` or ``"budget=0.5"`` (the CLI's ``--low-rank`` value)."""
         match = re.fullmatch(r"\s*(energy|budget)\s*=\s*([0-9.eE+-]+)\s*", text)
-        if match is None:
+        try:
+            value = float(match.group(2)) if match is not None else None
+        except ValueError:
+            value = None
+        if match is None or value is None:
             raise ValueError(f"low-rank spec must look like 'energy=0.95' or 'budget=0.5', got {text!r}")
-        return cls(**{match.group(1): float(match.group(2))}, **options)
+        return cls(**{match.group(1): value}, **options)
 
 
 @dataclass
