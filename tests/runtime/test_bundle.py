@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,6 @@ from runtime.bundle import golden_input, read_golden
 from runtime.manifest import SCHEMA_VERSIONS
 from runtime.params import params_digest
 from runtime.signing import load_public_key
-
-
-@pytest.fixture
-def bundle_copy(digits_bundle: Path, tmp_path: Path) -> Path:
-    """A private copy of the shared bundle that a test may damage."""
-    return Path(shutil.copytree(digits_bundle, tmp_path / "bundle"))
 
 
 def _edit_manifest(root: Path, edit: object, key: Any | None) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import lzma
-import shutil
 import struct
 import tracemalloc
 from pathlib import Path
@@ -29,12 +28,6 @@ from runtime.blocks import decode_block, encode_block
 from runtime.bundle import BundleIntegrityError, golden_feeds
 from runtime.packing import HEADER, PackFormatError, unpack
 from runtime.predictor import Predictor
-
-
-@pytest.fixture
-def bundle_copy(digits_bundle: Path, tmp_path: Path) -> Path:
-    """A private copy of the shared bundle that a test may damage."""
-    return Path(shutil.copytree(digits_bundle, tmp_path / "bundle"))
 
 
 def _edit_manifest(root: Path, edit: Any, key: Any) -> None:

@@ -11,6 +11,8 @@ import queue
 import signal
 import subprocess
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -62,6 +64,21 @@ def _wait_for_marker(proc: subprocess.Popen[str], timeout: float = 30.0) -> bool
             return True
 
 
+@contextmanager
+def _killed_at_crash_point(proc: subprocess.Popen[str]) -> Iterator[None]:
+    """Run the block (the requests that lead the server to its crash point), then ``kill -9`` the server once its
+    round worker reports the crash point; the process is gone afterwards in every case."""
+    try:
+        yield
+        assert _wait_for_marker(proc), "the round worker never reached the crash point"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
 def _submit_all(target: str, bundle_id: str) -> list[int]:
     with grpc.insecure_channel(target) as ch:
         device = device_pb2_grpc.DeviceServiceStub(ch)
@@ -83,19 +100,11 @@ def test_kill9_during_a_fedavg_round_settles_it_without_losing_or_reusing_a_subm
     monkeypatch.setenv("CRASH_POINT", crash_point)
     proc, port = start_server_process(data, "update_encoding='f32'", setup=_HOLD)
     target = f"127.0.0.1:{port}"
-    try:
-        with grpc.insecure_channel(target) as ch:
-            admin = admin_pb2_grpc.AdminServiceStub(ch)
-            bundle_id = admin.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT).bundle_id
-            submissions = _submit_all(target, bundle_id)  # acknowledged: committed before the kill
-            round_id = admin.StartRound(admin_pb2.StartRoundRequest(kind="fedavg"), timeout=RPC_TIMEOUT).round_id
-        assert _wait_for_marker(proc), "the round worker never reached the crash point"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with _killed_at_crash_point(proc), grpc.insecure_channel(target) as ch:
+        admin = admin_pb2_grpc.AdminServiceStub(ch)
+        bundle_id = admin.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT).bundle_id
+        submissions = _submit_all(target, bundle_id)  # acknowledged: committed before the kill
+        round_id = admin.StartRound(admin_pb2.StartRoundRequest(kind="fedavg"), timeout=RPC_TIMEOUT).round_id
 
     config = ServerConfig(data_dir=data, port=0, grace_seconds=1.0, update_encoding="f32")
     with create_server(config) as srv:  # restart on the same data directory: settles the interrupted round
@@ -137,23 +146,15 @@ def test_kill9_during_a_distill_round_never_lets_a_sample_serve_two_versions(
     proc, port = start_server_process(data, "update_encoding='f32'", setup=f"{_FAKE_DISTILLER}\n{_HOLD}")
     target = f"127.0.0.1:{port}"
     sample_ids = [f"dev-a:s:{i}" for i in range(4)]
-    try:
-        with grpc.insecure_channel(target) as ch:
-            admin = admin_pb2_grpc.AdminServiceStub(ch)
-            device = device_pb2_grpc.DeviceServiceStub(ch)
-            bundle_id = admin.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT).bundle_id
-            device.Register(device_pb2.RegisterRequest(device_id="dev-a"), timeout=RPC_TIMEOUT)
-            ack = device.UploadSamples(iter([sample_msg(s, bundle_id, "dev-a", seed=i)
-                                             for i, s in enumerate(sample_ids)]), timeout=RPC_TIMEOUT)
-            assert sorted(ack.stored_ids) == sample_ids
-            round_id = admin.StartRound(admin_pb2.StartRoundRequest(kind="distill"), timeout=RPC_TIMEOUT).round_id
-        assert _wait_for_marker(proc), "the round worker never reached the crash point"
-        os.kill(proc.pid, signal.SIGKILL)
-        assert proc.wait(timeout=10) == -signal.SIGKILL
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+    with _killed_at_crash_point(proc), grpc.insecure_channel(target) as ch:
+        admin = admin_pb2_grpc.AdminServiceStub(ch)
+        device = device_pb2_grpc.DeviceServiceStub(ch)
+        bundle_id = admin.PublishBundle(bundle_chunks(make_bundle_files()), timeout=RPC_TIMEOUT).bundle_id
+        device.Register(device_pb2.RegisterRequest(device_id="dev-a"), timeout=RPC_TIMEOUT)
+        ack = device.UploadSamples(iter([sample_msg(s, bundle_id, "dev-a", seed=i)
+                                         for i, s in enumerate(sample_ids)]), timeout=RPC_TIMEOUT)
+        assert sorted(ack.stored_ids) == sample_ids
+        round_id = admin.StartRound(admin_pb2.StartRoundRequest(kind="distill"), timeout=RPC_TIMEOUT).round_id
 
     config = ServerConfig(data_dir=data, port=0, grace_seconds=1.0, update_encoding="f32")
     with create_server(config, distiller=FakeDistiller()) as srv:
