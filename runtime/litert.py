@@ -196,6 +196,9 @@ class LiteRTSession:
         self.input_names = list(self._inputs)
         self.output_names = list(self._outputs)
         self._interpreters: OrderedDict[int | None, Any] = OrderedDict({self.static_batch: base})
+        # per interpreter (by batch), the immutable arrays its inputs were last set from: TFLite never overwrites
+        # graph inputs, so feeding the same one again (a model's parameters, call after call) needs no copy
+        self._fed: dict[int | None, dict[str, np.ndarray]] = {}
         self._lock = threading.Lock()
 
     def _new_interpreter(self) -> Any:
@@ -283,8 +286,10 @@ class LiteRTSession:
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"{self.path.name} cannot run at batch size {batch}: {exc}") from exc
         self._interpreters[batch] = interp
+        self._fed.pop(batch, None)
         while len(self._interpreters) > self._max_cached:
             evicted, _ = self._interpreters.popitem(last=False)
+            self._fed.pop(evicted, None)
             log.debug("evicted the batch-%s interpreter of %s", evicted, self.path.name)
         return interp
 
@@ -308,10 +313,23 @@ class LiteRTSession:
             raise InputError("the batch is empty")
         with self._lock:
             interp = self._interpreter_for(batch)
+            fed = self._fed.setdefault(batch, {})
             for name, arr in arrays.items():
+                if fed.get(name) is arr:
+                    continue  # this very immutable array is already in the input tensor
                 interp.set_tensor(self._inputs[name].index, arr)
+                if _immutable(arr):
+                    fed[name] = arr  # kept alive here, so its identity cannot pass to another array
+                else:
+                    fed.pop(name, None)
             interp.invoke()
             raw = {name: interp.get_tensor(info.index) for name, info in self._outputs.items()}
         if not self._dequantize:
             return raw
         return {n: dequantize(v, self._outputs[n]) if self._outputs[n].quantized else v for n, v in raw.items()}
+
+
+def _immutable(arr: np.ndarray) -> bool:
+    """Whether ``arr``'s values cannot change behind this session's back: read-only and owning its memory (a
+    read-only view may look at memory someone else still writes)."""
+    return not arr.flags.writeable and arr.flags.owndata

@@ -394,16 +394,22 @@ class StatisticsMix:
         keep = alpha * (1.0 - w)
         scale = 1.0 / (1.0 - a)
         ref_weight, keep = (1.0 - alpha) * scale, keep * scale
-        for k_mean, k_var, s_mean, s_sq in plan.keys:
-            mean = state[s_mean]
-            var = state[s_sq] - mean * mean
-            np.maximum(var, 0.0, out=var)
-            if ref_weight:
-                feeds[k_mean] = (ref_weight * reference[k_mean] + keep * mean).astype(np.float32)
-                feeds[k_var] = (ref_weight * reference[k_var] + keep * var).astype(np.float32)
-            else:
-                feeds[k_mean] = (keep * mean).astype(np.float32)
-                feeds[k_var] = (keep * var).astype(np.float32)
+        # every layer at once, on the layers' vectors laid end to end (the same element-wise arithmetic as one
+        # layer at a time, so the same numbers; a few numpy calls instead of a few per layer), then cut apart
+        keys = plan.keys
+        mean = np.concatenate([state[s_mean] for _, _, s_mean, _ in keys])
+        var = np.concatenate([state[s_sq] for _, _, _, s_sq in keys])
+        var -= mean * mean
+        np.maximum(var, 0.0, out=var)
+        if ref_weight:
+            ref_mean = np.concatenate([reference[k_mean] for k_mean, _, _, _ in keys])
+            ref_var = np.concatenate([reference[k_var] for _, k_var, _, _ in keys])
+            mixed_mean = (ref_weight * ref_mean + keep * mean).astype(np.float32)
+            mixed_var = (ref_weight * ref_var + keep * var).astype(np.float32)
+        else:
+            mixed_mean, mixed_var = (keep * mean).astype(np.float32), (keep * var).astype(np.float32)
+        for (k_mean, k_var, _, _), part in zip(keys, _parts([state[s_mean] for _, _, s_mean, _ in keys]), strict=True):
+            feeds[k_mean], feeds[k_var] = mixed_mean[part], mixed_var[part]
         return a, feeds
 
     def fold(
@@ -417,26 +423,40 @@ class StatisticsMix:
         layer with its own momentum (``order``: the graph order, as for :meth:`momenta`, of the layers the
         graph reported statistics for)."""
         plan = self._plan(sorted(batch_stats), order)
-        out: dict[str, np.ndarray] = {}
-        for (_, _, key_mean, key_sq), layer in zip(plan.keys, plan.layers, strict=True):
+        for (_, _, key_mean, _), layer in zip(plan.keys, plan.layers, strict=True):
             if key_mean not in state:
                 raise KeyError(f"graph returned statistics of layer {layer!r} with no reference statistics")
-            mean, var = batch_stats[layer]
-            keep = plan.momenta[layer] ** n
-            mean = np.asarray(mean, dtype=np.float64)
-            sq = mean * mean
-            sq += var
-            if not np.isfinite(sq).all():
-                # finite logits can come with an overflowed batch variance (activations beyond float32 in a layer
-                # the prediction did not normalise with); folded in, every later batch would be refused
-                raise FloatingPointError(f"the graph returned non-finite batch statistics for layer {layer!r}; "
-                                         "nothing is folded into the running estimate")
-            new_mean = state[key_mean] * keep
-            new_mean += (1 - keep) * mean
-            new_sq = state[key_sq] * keep
-            new_sq += (1 - keep) * sq
-            out[key_mean], out[key_sq] = new_mean, new_sq
+        # every layer at once, as in :meth:`feeds`: the same element-wise arithmetic as one layer at a time
+        stats = [batch_stats[layer] for layer in plan.layers]
+        mean = np.concatenate([m for m, _ in stats]).astype(np.float64)
+        sq = mean * mean
+        sq += np.concatenate([v for _, v in stats])
+        parts = _parts([m for m, _ in stats])
+        if not np.isfinite(sq).all():
+            # finite logits can come with an overflowed batch variance (activations beyond float32 in a layer the
+            # prediction did not normalise with); folded in, every later batch would be refused
+            layer = next(name for name, part in zip(plan.layers, parts, strict=True)
+                         if not np.isfinite(sq[part]).all())
+            raise FloatingPointError(f"the graph returned non-finite batch statistics for layer {layer!r}; "
+                                     "nothing is folded into the running estimate")
+        keep = np.repeat([plan.momenta[layer] ** n for layer in plan.layers], [len(m) for m, _ in stats])
+        new_mean = np.concatenate([state[key_mean] for _, _, key_mean, _ in plan.keys]) * keep
+        new_mean += (1 - keep) * mean
+        new_sq = np.concatenate([state[key_sq] for _, _, _, key_sq in plan.keys]) * keep
+        new_sq += (1 - keep) * sq
+        out: dict[str, np.ndarray] = {}
+        for (_, _, key_mean, key_sq), part in zip(plan.keys, parts, strict=True):
+            out[key_mean], out[key_sq] = new_mean[part], new_sq[part]
         return out
+
+
+def _parts(arrays: Sequence[np.ndarray]) -> list[slice]:
+    """The slice of each of ``arrays`` (1-d) in their concatenation."""
+    parts, start = [], 0
+    for arr in arrays:
+        parts.append(slice(start, start + len(arr)))
+        start += len(arr)
+    return parts
 
 
 @dataclass(frozen=True)

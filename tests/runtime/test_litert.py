@@ -86,6 +86,36 @@ def test_strided_and_float64_inputs_give_the_contiguous_float32_answer(tiny: tup
         session.run_checked({**_feeds(model, contiguous, 0.5), "input": np.zeros((2, 1, 5, 5), np.float32)})
 
 
+def test_an_immutable_input_fed_again_is_not_copied_again_and_nothing_else_is_skipped(tiny: tuple) -> None:
+    """Read-only arrays that own their memory (a model's parameters) are set once per interpreter and skipped when
+    fed again; anything else is set on every call, so the answers equal a fresh session's."""
+    path, model = tiny
+    session, fresh = LiteRTSession(path, threads=1), lambda f: LiteRTSession(path, threads=1).run(f)
+    x = np.random.default_rng(5).uniform(0, 1, (4, 1, 6, 6)).astype(np.float32)
+    base = _feeds(model, x, 0.5)
+    frozen = {k: v.copy() for k, v in base.items()}
+    for arr in frozen.values():
+        arr.flags.writeable = False
+    frozen["input"] = base["input"]  # the batch stays writable, as a camera's frames are
+    other = {**frozen, "bn1.weight": np.ascontiguousarray(frozen["bn1.weight"] * 2.0)}
+    other["bn1.weight"].flags.writeable = False
+    calls: list[str] = []
+    interp = session._interpreter_for(4)
+    original = interp.set_tensor
+    interp.set_tensor = lambda index, value: (calls.append(str(index)), original(index, value))[1]
+    for feeds in (frozen, frozen, other, frozen):
+        out = session.run(feeds)
+        for name, value in fresh(feeds).items():
+            np.testing.assert_array_equal(out[name], value, err_msg=name)
+    n_inputs = len(session.input_names)
+    # first call: every input; again: only the writable batch; then bn1.weight changes, and changes back
+    assert len(calls) == n_inputs + 1 + 2 + 2
+    writable = dict(frozen, **{"bn2.var": frozen["bn2.var"].copy()})  # a writable array, changed in place
+    session.run(writable)
+    writable["bn2.var"] *= 3.0
+    np.testing.assert_array_equal(session.run(writable)["logits"], fresh(writable)["logits"])
+
+
 def test_refusals_name_the_tensor(tiny: tuple) -> None:
     path, model = tiny
     session = LiteRTSession(path)
