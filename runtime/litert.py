@@ -199,6 +199,7 @@ class LiteRTSession:
         # per interpreter (by batch), the immutable arrays its inputs were last set from: TFLite never overwrites
         # graph inputs, so feeding the same one again (a model's parameters, call after call) needs no copy
         self._fed: dict[int | None, dict[str, np.ndarray]] = {}
+        self._checked: dict[str, np.ndarray] = {}  # per input, the last immutable array that passed _prepare as is
         self._lock = threading.Lock()
 
     def _new_interpreter(self) -> Any:
@@ -304,7 +305,9 @@ class LiteRTSession:
     def run_checked(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """:meth:`run` for feeds that name exactly the graph's logical inputs (the caller checked them, e.g.
         :class:`runtime.model.AdaptableModel`); each value is still prepared and checked against its tensor."""
-        arrays = {name: self._prepare(name, value) for name, value in feeds.items()}
+        checked = self._checked
+        arrays = {name: value if checked.get(name) is value else self._prepare(name, value)
+                  for name, value in feeds.items()}
         batches = {arr.shape[0] for name, arr in arrays.items() if self._inputs[name].batched}
         if len(batches) > 1:
             raise InputError(f"batched inputs disagree on the batch size: {sorted(batches)}")
@@ -319,7 +322,7 @@ class LiteRTSession:
                     continue  # this very immutable array is already in the input tensor
                 interp.set_tensor(self._inputs[name].index, arr)
                 if _immutable(arr):
-                    fed[name] = arr  # kept alive here, so its identity cannot pass to another array
+                    fed[name] = checked[name] = arr  # kept alive here, so its identity cannot pass to another array
                 else:
                     fed.pop(name, None)
             interp.invoke()
