@@ -445,7 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.out.write_text(json.dumps(_payload(args.quick), indent=2, default=str) + "\n")
         log.info("wrote %s", args.out)
     if args.merge_from is not None:
-        copied = merge(args.merge_from, args.into, [d for d in args.merge_devices.split(",") if d])
+        try:
+            copied = merge(args.merge_from, args.into, [d for d in args.merge_devices.split(",") if d])
+        except (OSError, ValueError, KeyError, AttributeError) as exc:  # missing, not JSON, not a results file
+            p.error(f"--merge-from {args.merge_from} into {args.into}: {type(exc).__name__}: {exc}")
         log.info("merged %s from %s into %s", copied, args.merge_from, args.into)
     return 0
 

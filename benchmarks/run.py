@@ -139,6 +139,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the JSON results live")
     p.add_argument("--markdown", type=Path, default=MARKDOWN, help="the markdown file to regenerate")
     args = p.parse_args(argv)
+    if args.render_only and args.only:
+        p.error("--render-only regenerates the whole markdown from every results file; --only does not apply")
     # checked before any benchmark runs: a bad path would otherwise only fail after the whole run
     if args.results_dir.exists() and not args.results_dir.is_dir():
         p.error(f"--results-dir {args.results_dir} exists and is not a directory")

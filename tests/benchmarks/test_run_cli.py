@@ -33,3 +33,24 @@ def test_damaged_results_file_is_named(tmp_path: Path, content: str) -> None:
     markdown = tmp_path / "B.md"
     assert bench_run.main(["--render-only", "--results-dir", str(tmp_path), "--markdown", str(markdown)]) == 1
     assert not markdown.exists()
+
+
+def test_render_only_with_only_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench_run.parse_args(["--render-only", "--only", "tta", "--markdown", str(tmp_path / "B.md")])
+    assert exc.value.code == 2 and "--only does not apply" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [None, "{bad json", json.dumps({"benchmark": "other"})])
+def test_distill_merge_from_a_bad_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                content: str | None) -> None:
+    from benchmarks import bench_distill
+
+    source, into = tmp_path / "gpu.json", tmp_path / "distill.json"
+    into.write_text(json.dumps({"benchmark": bench_distill.NAME, "results": {}}))
+    if content is not None:
+        source.write_text(content)
+    with pytest.raises(SystemExit) as exc:
+        bench_distill.main(["--merge-from", str(source), "--into", str(into)])
+    assert exc.value.code == 2 and "--merge-from" in capsys.readouterr().err
+    assert json.loads(into.read_text()) == {"benchmark": bench_distill.NAME, "results": {}}  # left as it was
