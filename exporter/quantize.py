@@ -124,7 +124,7 @@ class Int8Config:
             raise ValueError(f"op_types must be a non-empty subset of {sorted(SUPPORTED_OP_TYPES)}, got {unknown}")
         for name in ("max_samples", "batch_size", "float_convs_below_channels"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
                 raise ValueError(f"{name} must be an integer, got {value!r}")
         if self.float_convs_below_channels < 0:
             raise ValueError(f"float_convs_below_channels must be >= 0, got {self.float_convs_below_channels}")
