@@ -25,6 +25,7 @@ watch for updates, and :meth:`Agent.learn`, :meth:`Agent.contribute` and :meth:`
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 import uuid
@@ -255,6 +256,9 @@ class Agent:
         self._health = (HealthMonitor(model, config.health)  # type: ignore[arg-type]
                         if config.health is not None and self.adaptable else None)
         self._pending_rollbacks: list[RollbackInfo] = []
+        # an update applied before any batch was seen (a fresh start, a restart): its entropy check waits for the
+        # first batch after it, then compares the parameters before and after on that batch (see _probation_check)
+        self._probation: ParameterUpdate | None = None
         self.rollbacks: list[RollbackInfo] = []
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -294,6 +298,7 @@ class Agent:
                 raise InputError(f"labels must lie in 0..{out.probs.shape[1] - 1}, got {int(labels.max())}")
             if self._health is not None:
                 self._health.observe(x)
+            rolled_back = self._probation_check() if self._probation is not None else None
             pred = out.probs.argmax(axis=1)
             ent = normalized_entropy(out.probs)
             events = self._detect(out.features if self.signal == "features" else ent, start)
@@ -303,6 +308,8 @@ class Agent:
             if events and self.config.drift_policy == "reset":
                 self.tta.on_drift()
             self._count(pred, labels, len(queued), [p for p, _ in events])
+        if rolled_back is not None:
+            self._report_rollback(rolled_back)
         now = int(time.time() * 1000)
         for pos, statistic in events:
             self._report_drift(pos, statistic, now)
@@ -513,7 +520,9 @@ class Agent:
         newer than :attr:`version` (a replayed or older update is refused), and the parameters it yields on
         the held base against its digest. The swap is one ``set_params``. Then the health signal is compared
         with the parameters before (:class:`~device_agents.health.HealthPolicy`); when it worsened beyond the
-        thresholds the previous parameters are restored and the rollback is reported to the server.
+        thresholds the previous parameters are restored and the rollback is reported to the server. An update
+        applied before any batch was seen (a fresh start, a restart) has no recent batch for the entropy signal:
+        that comparison is made on the next batch :meth:`process_batch` gets, before and after, once.
 
         Raises :class:`UpdateIntegrityError` (signature, bundle, cohort, digest), :class:`StaleUpdateError`,
         :class:`~device_agents.errors.BaseMismatchError` (a delta on another base) or
@@ -540,6 +549,8 @@ class Agent:
             self._counters.versions.append(int(update.version))
             self.tta.on_params_changed()
             info = self._health_check(update, before)
+            # no recent batch to measure the entropy on: that check waits for the next batch
+            self._probation = update if info is None and before is not None and math.isnan(before.entropy) else None
         if info is not None:
             self._report_rollback(info)
             return False
@@ -549,7 +560,20 @@ class Agent:
     def _health_check(self, update: ParameterUpdate, before: Health | None) -> RollbackInfo | None:
         if self._health is None or before is None:
             return None
-        after = self._health.measure(self.model.params)
+        return self._verdict(update, before, self._health.measure(self.model.params))
+
+    def _probation_check(self) -> RollbackInfo | None:
+        """The deferred entropy check of the update on probation, on the batches seen since it was applied: the
+        parameters before it against the current ones (a rollback when the current ones are worse)."""
+        update, self._probation = self._probation, None
+        if self._health is None or self._previous is None or update is None:
+            return None
+        before = self._health.measure(self._previous[0])
+        return self._verdict(update, before, self._health.measure(self.model.params))
+
+    def _verdict(self, update: ParameterUpdate, before: Health, after: Health) -> RollbackInfo | None:
+        """Roll ``update`` back when the health policy finds ``after`` worse than ``before``; the report."""
+        assert self._health is not None
         reason = self._health.policy.verdict(before, after)
         if not reason:
             return None

@@ -15,6 +15,7 @@ from device_agents.agent import Agent, AgentConfig
 from device_agents.client import DeviceClient
 from device_agents.drift import PageHinkley
 from device_agents.errors import OutboxError, StaleUpdateError, UpdateIntegrityError, UpdateRejectedError
+from device_agents.health import HealthPolicy
 from device_agents.messages import ParameterUpdate
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import EntropyBandSelector, SelectorConfig
@@ -153,6 +154,33 @@ def test_apply_update_versions_integrity_and_rollback(tiny_model, tmp_path: Path
     assert (agent.version, agent.active_version) == (3, 0)
     assert agent.rollback() is False
     assert agent.stats.update_versions == (3,)
+
+
+@pytest.mark.parametrize("harmful", [True, False])
+def test_an_update_applied_before_any_batch_gets_its_entropy_check_on_the_next_batch(tiny_model, tiny_batch,
+                                                                                   tmp_path: Path,
+                                                                                   harmful: bool) -> None:
+    """A fresh or restarted device has no recent batch to measure the entropy of an update on: the check waits for
+    the first batch after it and compares the parameters before and after on that batch."""
+    agent = _offline(tiny_model, tmp_path, health=HealthPolicy(max_entropy_increase=0.05, max_agreement_drop=1.0))
+    original = tiny_model.params
+    scale = 0.01 if harmful else 1.0  # shrinking every affine map flattens the outputs: entropy near its maximum
+    update = {k: (scale * v if k.endswith((".weight", ".bias")) else v) + (0.0 if harmful else 1e-3)
+              for k, v in original.items() if not k.endswith(".var")}
+    assert agent.apply_update(_update(1, update)) is True  # nothing to measure the entropy on yet: applied
+    agent.process_batch(tiny_batch)
+    assert agent.version == 1
+    if not harmful:
+        assert agent.active_version == 1 and agent.rollbacks == []
+        agent.process_batch(tiny_batch)
+        assert agent.active_version == 1 and agent.rollbacks == []  # checked once
+        return
+    assert agent.active_version == 0
+    (info,) = agent.rollbacks
+    assert info.version == 1 and info.restored_version == 0 and "entropy rose" in info.reason
+    assert info.entropy_after > info.entropy_before + 0.05
+    for name, value in original.items():
+        np.testing.assert_array_equal(tiny_model.params[name], value, err_msg=name)
 
 
 @pytest.mark.parametrize(("labels", "match"), [(np.zeros(5, np.int64), "shape"), (np.zeros(8), "integer dtype"),
