@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from pathlib import Path
 
 from server.errors import BlobCorruptError, BlobNotFoundError, InvalidRequestError
@@ -32,13 +33,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+STALE_TEMPORARY_SECONDS = 3600.0
+"""A blob store's temporary file older than this is left over from a crashed write (a write takes seconds)."""
+
+
 class BlobStore:
     """Immutable blobs addressed by the sha256 of their bytes, stored under ``root``."""
 
     def __init__(self, root: Path) -> None:
-        """Open (creating if needed) the store at ``root``."""
+        """Open (creating if needed) the store at ``root``; temporary files a crashed write left behind (older
+        than :data:`STALE_TEMPORARY_SECONDS`, so never one a live writer still uses) are removed."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_temporaries()
+
+    def _remove_stale_temporaries(self) -> None:
+        cutoff = time.time() - STALE_TEMPORARY_SECONDS
+        removed = 0
+        for tmp in self.root.glob("*/.tmp-*"):
+            try:
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
+                    removed += 1
+            except OSError:  # gone meanwhile, or not ours to remove: never a reason not to start
+                continue
+        if removed:
+            logger.warning("blob store %s: removed %d temporary files left by interrupted writes", self.root, removed)
 
     def path(self, digest: str) -> Path:
         """Where the blob ``digest`` lives (whether or not it exists); rejects malformed digests."""

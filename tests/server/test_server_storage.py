@@ -237,3 +237,17 @@ def test_sample_tensor_reads_the_registry_then_the_blob_store_and_verifies(tmp_p
     reg.insert_samples([_sample("r")], tensors={small: b"bit rot"})  # a damaged row is refused on read
     with pytest.raises(BlobCorruptError, match=small):
         sample_tensor(state, small)
+
+
+def test_temporaries_a_crashed_write_left_are_removed_when_the_store_opens(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    digest = store.put(b"kept")
+    shard = store.path(digest).parent
+    stale, fresh = shard / ".tmp-crashed", shard / ".tmp-in-flight"
+    stale.write_bytes(b"half a blob")
+    fresh.write_bytes(b"a write still going on")
+    hours_ago = os.stat(stale).st_mtime - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    reopened = BlobStore(tmp_path / "blobs")
+    assert not stale.exists() and fresh.exists()  # only what no live writer can still be using
+    assert reopened.get(digest) == b"kept"
