@@ -41,6 +41,18 @@ _END_CODES = (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED)
 _SAMPLE_REFUSED_CODES = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
 
 
+def _manifest_of(bundle_id: str, root: Path) -> bytes:
+    """The bytes of the manifest downloaded into ``root``, which must hash to ``bundle_id`` (the bundle's id)."""
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise BundleDownloadError(f"bundle {bundle_id[:12]}: the server sent no {MANIFEST_NAME}")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != bundle_id:
+        raise BundleDownloadError(f"bundle {bundle_id[:12]}: {MANIFEST_NAME} hashes to {actual[:12]}")
+    return data
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -325,21 +337,13 @@ class DeviceClient:
             still_bad = self._download(bundle_id, root, sorted(bad))
             if still_bad:
                 raise BundleDownloadError(f"bundle {bundle_id[:12]}: {sorted(still_bad)} failed sha256 twice")
-        manifest = root / "manifest.json"
-        if not manifest.is_file():
-            raise BundleDownloadError(f"bundle {bundle_id[:12]}: the server sent no manifest.json")
-        actual = hashlib.sha256(manifest.read_bytes()).hexdigest()
-        if actual != bundle_id:
-            raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
+        _manifest_of(bundle_id, root)  # a refetch may have replaced it
         load_bundle(root, model=model, trusted_keys=self.trusted_keys)
 
     def _authentic_manifest(self, bundle_id: str, root: Path) -> bytes:
         """The downloaded manifest's bytes once they hash to ``bundle_id`` and carry a valid signature (by one of
         :attr:`trusted_keys` when given): nothing else is parsed."""
-        data = (root / MANIFEST_NAME).read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != bundle_id:
-            raise BundleDownloadError(f"bundle {bundle_id[:12]}: manifest.json hashes to {actual[:12]}")
+        data = _manifest_of(bundle_id, root)
         verify_bundle_signature(root, data, self.trusted_keys)
         return data
 
