@@ -117,13 +117,9 @@ class SimulationConfig:
         if self.aggregator not in AGGREGATORS:
             raise ValueError(f"unknown aggregator {self.aggregator!r}; known: {', '.join(AGGREGATORS)}")
         if self.server is None:  # the in-process server builds it; a bad option fails here, before any training
-            from server.aggregation import create_aggregator
-            from server.errors import ServerError
+            from server.aggregation import check_aggregator
 
-            try:
-                create_aggregator(self.aggregator, **self.aggregator_options)
-            except ServerError as exc:
-                raise ValueError(f"--aggregator-option: {exc}") from exc
+            check_aggregator(self.aggregator, self.aggregator_options)
         for name in ("dropout", "byzantine", "labelled", "late"):
             value = getattr(self, name)
             if value is not None and not (0.0 <= value <= 1.0):

@@ -245,6 +245,17 @@ def create_aggregator(name: str, **config: Any) -> Aggregator:
     return cls(cfg)  # type: ignore[call-arg]
 
 
+def check_aggregator(name: str, options: Mapping[str, Any]) -> None:
+    """Build aggregator ``name`` with ``options`` once, for a command that starts its server later: a bad
+    ``--aggregator-option`` is a ``ValueError`` naming the flag before any work (training, export) is done."""
+    from server.errors import ServerError
+
+    try:
+        create_aggregator(name, **options)
+    except ServerError as exc:
+        raise ValueError(f"--aggregator-option: {exc}") from exc
+
+
 _OPTION_TYPES: dict[Any, tuple[type, ...]] = {int: (numbers.Integral,), float: (numbers.Real,), bool: (bool,),
                                               str: (str,)}
 

@@ -90,12 +90,9 @@ def _peer_host(context: grpc.ServicerContext) -> str:
 
 
 def _abort(context: grpc.ServicerContext, exc: ServerError, rpc: str) -> NoReturn:
-    from server.servicers import status_for, status_message  # the one table of domain error → status code
+    from server.servicers import abort_for  # the one table of domain error → status code
 
-    code, message = status_for(exc), status_message(exc)
-    logger.warning("%s -> %s: %s", rpc, code.name, message)
-    context.abort(code, message)
-    raise RuntimeError("grpc.ServicerContext.abort returned")  # it always raises
+    abort_for(context, exc, rpc)
 
 
 class GuardInterceptor(grpc.ServerInterceptor):

@@ -76,9 +76,15 @@ def _domain_errors(context: grpc.ServicerContext, rpc: str) -> Iterator[None]:
     try:
         yield
     except (errors.ServerError, TensorDecodeError) as exc:
-        code, message = status_for(exc), status_message(exc)
-        logger.warning("%s -> %s: %s", rpc, code.name, message)
-        abort(context, code, message)
+        abort_for(context, exc, rpc)
+
+
+def abort_for(context: grpc.ServicerContext, exc: Exception, rpc: str) -> NoReturn:
+    """End the RPC ``rpc`` with the status of a domain error (:func:`status_for`, :func:`status_message`),
+    logged; never returns."""
+    code, message = status_for(exc), status_message(exc)
+    logger.warning("%s -> %s: %s", rpc, code.name, message)
+    abort(context, code, message)
 
 
 def _sample(msg: device_pb2.Sample) -> handlers.SampleIn:
@@ -220,8 +226,8 @@ class DeviceServicer(device_pb2_grpc.DeviceServiceServicer):
         with _domain_errors(context, "SubmitUpdate"):
             submission_id = updates.submit_update(
                 self.state, request.device_id, request.bundle_id, request.base_version, request.num_samples,
-                tensors_from_proto(request.tensors), encoding=request.encoding,
-                payload=bytes(request.payload), base_sha256=request.base_sha256)
+                tensors_from_proto(request.tensors), encoding=request.encoding, payload=bytes(request.payload),
+                base_sha256=request.base_sha256)
         return device_pb2.SubmitAck(submission_id=submission_id)
 
     def PullUpdate(  # noqa: N802 (name fixed by the generated base class)

@@ -64,13 +64,9 @@ class FederatedConfig:
             raise ValueError(f"unknown byzantine attack {self.attack!r}; known: {sorted(ATTACKS)}")
         if self.attack_scale is not None and not (math.isfinite(self.attack_scale) and self.attack_scale > 0):
             raise ValueError(f"attack_scale must be a positive finite number, got {self.attack_scale}")
-        from server.aggregation import create_aggregator
-        from server.errors import ServerError
+        from server.aggregation import check_aggregator
 
-        try:  # the server builds it again; a bad option fails here, before the bundle is exported
-            create_aggregator(self.aggregator, **self.aggregator_options)
-        except ServerError as exc:
-            raise ValueError(f"--aggregator-option: {exc}") from exc
+        check_aggregator(self.aggregator, self.aggregator_options)  # before the bundle is exported
 
 
 def load_uint8(dataset: str, data_dir: Path | None = None
