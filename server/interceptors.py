@@ -16,7 +16,6 @@ rejected call stores nothing.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, NoReturn
 
@@ -26,7 +25,6 @@ from server.auth import Authenticator
 from server.errors import PermissionDeniedError, ServerError
 from server.ratelimit import RateLimiter
 
-logger = logging.getLogger(__name__)
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 BehaviorWrapper = Callable[[Behavior, bool, bool], Behavior]
 ENROLL_METHOD = "Enroll"
