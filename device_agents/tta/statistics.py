@@ -397,7 +397,8 @@ class StatisticsMix:
         # every layer at once, on the layers' vectors laid end to end (the same element-wise arithmetic as one
         # layer at a time, so the same numbers; a few numpy calls instead of a few per layer), then cut apart
         keys = plan.keys
-        mean = np.concatenate([state[s_mean] for _, _, s_mean, _ in keys])
+        means = [state[s_mean] for _, _, s_mean, _ in keys]
+        mean = np.concatenate(means)
         var = np.concatenate([state[s_sq] for _, _, _, s_sq in keys])
         var -= mean * mean
         np.maximum(var, 0.0, out=var)
@@ -408,7 +409,7 @@ class StatisticsMix:
             mixed_var = (ref_weight * ref_var + keep * var).astype(np.float32)
         else:
             mixed_mean, mixed_var = (keep * mean).astype(np.float32), (keep * var).astype(np.float32)
-        for (k_mean, k_var, _, _), part in zip(keys, _parts([state[s_mean] for _, _, s_mean, _ in keys]), strict=True):
+        for (k_mean, k_var, _, _), part in zip(keys, _parts(means), strict=True):
             feeds[k_mean], feeds[k_var] = mixed_mean[part], mixed_var[part]
         return a, feeds
 
@@ -427,11 +428,11 @@ class StatisticsMix:
             if key_mean not in state:
                 raise KeyError(f"graph returned statistics of layer {layer!r} with no reference statistics")
         # every layer at once, as in :meth:`feeds`: the same element-wise arithmetic as one layer at a time
-        stats = [batch_stats[layer] for layer in plan.layers]
-        mean = np.concatenate([m for m, _ in stats]).astype(np.float64)
+        means, variances = zip(*(batch_stats[layer] for layer in plan.layers), strict=True)
+        mean = np.concatenate(means).astype(np.float64)
         sq = mean * mean
-        sq += np.concatenate([v for _, v in stats])
-        parts = _parts([m for m, _ in stats])
+        sq += np.concatenate(variances)
+        parts = _parts(means)
         if not np.isfinite(sq).all():
             # finite logits can come with an overflowed batch variance (activations beyond float32 in a layer the
             # prediction did not normalise with); folded in, every later batch would be refused
@@ -439,7 +440,7 @@ class StatisticsMix:
                          if not np.isfinite(sq[part]).all())
             raise FloatingPointError(f"the graph returned non-finite batch statistics for layer {layer!r}; "
                                      "nothing is folded into the running estimate")
-        keep = np.repeat([plan.momenta[layer] ** n for layer in plan.layers], [len(m) for m, _ in stats])
+        keep = np.repeat([plan.momenta[layer] ** n for layer in plan.layers], [len(m) for m in means])
         new_mean = np.concatenate([state[key_mean] for _, _, key_mean, _ in plan.keys]) * keep
         new_mean += (1 - keep) * mean
         new_sq = np.concatenate([state[key_sq] for _, _, _, key_sq in plan.keys]) * keep
