@@ -29,17 +29,27 @@ import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
 from device_agents.drift import DriftDetector, detector_name, detector_signal
-from device_agents.errors import OutboxError, StaleUpdateError, TransportError, UpdateRejectedError
+from device_agents.errors import (
+    BaseMismatchError,
+    DivergedHistoryError,
+    OutboxError,
+    StaleUpdateError,
+    TransportError,
+    UpdateRefusedError,
+    UpdateRejectedError,
+)
 from device_agents.health import Health, HealthMonitor, HealthPolicy
 from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
+from device_agents.state import AgentStateStore, SavedParameters, SavedState, StateError, UpdateRef
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
 from device_agents.tta.models import describe_model, is_adaptable
 from device_agents.updates import SubmissionEncoder, check_order, check_signature, decode_params
@@ -55,6 +65,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DRIFT_POLICIES = ("reset", "none")
+REFUSED_REPORT_CODES = ("INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "OUT_OF_RANGE")
+"""gRPC codes with which the server refuses a report for good (a retry gets the same answer): such a report is
+dropped, logged and counted instead of blocking the reports queued behind it."""
 
 
 @dataclass(frozen=True)
@@ -173,6 +186,9 @@ class AgentStats:
     samples_not_queued: int = 0
     learned_samples: int = 0
     contributions: int = 0
+    rollback_reports_pending: int = 0
+    reports_refused: int = 0
+    state_write_failures: int = 0
 
     @property
     def accuracy(self) -> float | None:
@@ -201,6 +217,8 @@ class _Counters:
     rejected: int = 0
     sync_failures: int = 0
     drift_reports_dropped: int = 0
+    reports_refused: int = 0
+    state_failures: int = 0
     not_queued: int = 0
     learned: int = 0
     contributions: int = 0
@@ -214,6 +232,15 @@ class Agent:
 
     ``optimizer`` is the zeroth-order optimiser :meth:`learn` uses (None: an :class:`SPSA` with default settings,
     made on the first labelled batch).
+
+    ``state`` (optional) keeps what a restart must not lose (:mod:`device_agents.state`): the applied
+    parameters and versions, the parameters a rollback restores, an update still on probation, and the drift
+    and rollback reports not yet delivered. The agent restores them at construction — unless they are for
+    another bundle or cohort, are refused by the model, or are newer than ``server_version`` (the server's
+    newest update version for this bundle and cohort, from the registration: a saved version above it means
+    the server's update history was reset), in which case it starts from the bundle's parameters — and saves
+    them on every change. A failed save is logged and counted (``AgentStats.state_write_failures``); the agent
+    goes on with its state in memory.
     """
 
     def __init__(
@@ -228,6 +255,8 @@ class Agent:
         *,
         version: int = 0,
         optimizer: SPSA | None = None,
+        state: AgentStateStore | None = None,
+        server_version: int | None = None,
     ) -> None:
         self.model = model
         self.adaptable = is_adaptable(model)  # False: a folded/foreign predictor, no parameters to update
@@ -253,12 +282,13 @@ class Agent:
         self._extra = _trainable_weights(model)
         params = model.params if self.adaptable else {}  # type: ignore[union-attr]
         self._held = {**params, **self._extra}  # the parameters of active_version, the base deltas apply to
+        self._initial = (dict(params), dict(self._extra), int(version))  # what a diverged history restarts from
         self._health = (HealthMonitor(model, config.health)  # type: ignore[arg-type]
                         if config.health is not None and self.adaptable else None)
         self._pending_rollbacks: list[RollbackInfo] = []
         # an update applied before any batch was seen (a fresh start, a restart): its entropy check waits for the
         # first batch after it, then compares the parameters before and after on that batch (see _probation_check)
-        self._probation: ParameterUpdate | None = None
+        self._probation: UpdateRef | None = None
         self.rollbacks: list[RollbackInfo] = []
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -268,6 +298,80 @@ class Agent:
         # Sample ids are <device>:<session>:<stream position>: a retried upload reuses the id stored in the
         # outbox (stored once), while a restarted agent replaying positions from 0 gets fresh ids.
         self.session_id = uuid.uuid4().hex[:12]
+        self.state = state
+        if state is not None:
+            self._restore(state.load(), server_version)
+
+    # -- durable state ------------------------------------------------------------------------------------------
+    def _restore(self, saved: SavedState, server_version: int | None) -> None:
+        """Take over the saved reports, and the saved parameter state when it fits this bundle, cohort, model and
+        server (see the class docstring)."""
+        self._pending_drift = saved.drift_reports[-self.config.max_pending_drift_reports:] if (
+            self.config.max_pending_drift_reports) else []
+        self._pending_rollbacks = list(saved.rollback_reports)
+        if saved.drift_reports or saved.rollback_reports:
+            logger.info("restored %d drift and %d rollback reports not yet delivered", len(self._pending_drift),
+                        len(self._pending_rollbacks))
+        p = saved.parameters
+        if p is None or not self.adaptable:
+            return
+        why = self._saved_mismatch(p, server_version)
+        if why is None:
+            try:
+                self.model.set_params(p.model)  # type: ignore[union-attr]
+            except InputError as exc:
+                why = f"the model refuses them: {exc}"
+        if why is not None:
+            logger.warning("agent state %s: not restoring the saved parameters of v%d (%s); starting from the "
+                           "bundle's parameters", self.state.path if self.state else "?", p.active_version, why)
+            self._save(lambda store: store.clear_parameters())
+            return
+        self._extra = dict(p.extra)
+        self._held = {**self.model.params, **self._extra}  # type: ignore[union-attr]
+        self._version, self._active_version = p.version, p.active_version
+        if p.previous is not None:
+            self._previous = (p.previous[0], p.previous[2], p.previous[1])
+        self._probation = p.probation
+        self.tta.on_params_changed()
+        logger.info("restored the parameters of v%d (newest accepted v%d)", p.active_version, p.version)
+
+    def _saved_mismatch(self, p: SavedParameters, server_version: int | None) -> str | None:
+        """Why the saved parameter state does not fit this agent, or None when it does."""
+        if p.bundle_id != self.config.bundle_id:
+            return f"they are for bundle {p.bundle_id[:12]}, this agent runs {self.config.bundle_id[:12]}"
+        if self.config.cohort is not None and p.cohort != self.config.cohort:
+            return f"they are for cohort {p.cohort!r}, this device is in {self.config.cohort!r}"
+        if server_version is not None and p.version > server_version:
+            return (f"the server's newest update is v{server_version}: its update history was reset since the "
+                    f"device accepted v{p.version}")
+        if set(p.extra) != set(self._extra):
+            return "they hold other trainable weights than the bundle"
+        return None
+
+    def _save(self, write: Callable[[AgentStateStore], None]) -> None:
+        """Run one write on the state store; a failure is logged and counted, never raised."""
+        if self.state is None:
+            return
+        try:
+            write(self.state)
+        except StateError as exc:
+            logger.error("%s", exc)
+            with self._lock:
+                self._counters.state_failures += 1
+
+    def _save_parameters(self) -> None:
+        """Save the parameter state (called under the lock after every change to it)."""
+        previous = None if self._previous is None else (self._previous[0], self._previous[2], self._previous[1])
+        saved = SavedParameters(self.config.bundle_id, self.config.cohort, self._version, self._active_version,
+                                dict(self.model.params), dict(self._extra), previous,  # type: ignore[union-attr]
+                                self._probation)
+        self._save(lambda store: store.save_parameters(saved))
+
+    def _save_reports(self) -> None:
+        """Save the undelivered reports (called after every change to them)."""
+        with self._lock:
+            drift, rollbacks = list(self._pending_drift), list(self._pending_rollbacks)
+        self._save(lambda store: store.save_reports(drift, rollbacks))
 
     @property
     def version(self) -> int:
@@ -390,8 +494,7 @@ class Agent:
         if self.client is None or not self.config.report_drift:
             return
         try:
-            self.client.report_drift(self.detector_label, self.signal, statistic, self.detector.threshold,
-                                     position, detected_ms)
+            self._send_drift(self.client, (position, statistic, detected_ms))
         except TransportError as exc:
             logger.warning("could not report drift at position %d (kept for a retry): %s", position, exc)
             with self._lock:
@@ -400,18 +503,41 @@ class Agent:
                 if excess > 0:
                     del self._pending_drift[:excess]
                     self._counters.drift_reports_dropped += excess
+            self._save_reports()
 
-    def _flush_drift_reports(self, client: DeviceClient) -> None:
-        """Send the drift reports kept after failures, oldest first; stop at the first failure (raises)."""
+    def _send_drift(self, client: DeviceClient, report: tuple[int, float, int]) -> None:
+        position, statistic, detected_ms = report
+        client.report_drift(self.detector_label, self.signal, statistic, self.detector.threshold, position,
+                            detected_ms)
+
+    def _flush_reports(self, client: DeviceClient) -> None:
+        """Send the drift, then the rollback reports kept after failures, oldest first. A report the server
+        refuses for good (:data:`REFUSED_REPORT_CODES`) is dropped and counted; any other failure stops the flush
+        and raises, keeping the rest for the next sync."""
+        try:
+            self._flush(client, self._pending_drift, self._send_drift)
+            self._flush(client, self._pending_rollbacks, lambda c, info: c.report_rollback(info))
+        finally:
+            if self.state is not None:
+                self._save_reports()
+
+    def _flush(self, client: DeviceClient, pending: list[Any], send: Callable[[DeviceClient, Any], object]) -> None:
         while True:
             with self._lock:
-                if not self._pending_drift:
+                if not pending:
                     return
-                position, statistic, detected_ms = self._pending_drift[0]
-            client.report_drift(self.detector_label, self.signal, statistic, self.detector.threshold,
-                                position, detected_ms)
+                report = pending[0]
+            try:
+                send(client, report)
+            except TransportError as exc:
+                if exc.code not in REFUSED_REPORT_CODES:
+                    raise
+                logger.error("the server refuses a kept report, dropping it: %s (%s)", report, exc)
+                with self._lock:
+                    self._counters.reports_refused += 1
             with self._lock:
-                self._pending_drift.pop(0)
+                if pending and pending[0] is report:
+                    pending.pop(0)
 
     def _report_outbox(self, client: DeviceClient, outbox: SqliteOutbox) -> None:
         """Send the outbox's counts when its drops or backlog changed since the last acknowledged report."""
@@ -525,9 +651,11 @@ class Agent:
         that comparison is made on the next batch :meth:`process_batch` gets, before and after, once.
 
         Raises :class:`UpdateIntegrityError` (signature, bundle, cohort, digest), :class:`StaleUpdateError`,
-        :class:`~device_agents.errors.BaseMismatchError` (a delta on another base) or
-        :class:`UpdateRejectedError` (names/shapes/values refused by ``model.set_params``, or a model without
-        adaptable parameters).
+        :class:`~device_agents.errors.BaseMismatchError` (a delta on another base),
+        :class:`~device_agents.errors.UpdateRefusedError` (names/shapes/values refused by ``model.set_params``:
+        the update is authentic, so its version counts as seen — it is not fetched again — while the model keeps
+        its parameters, and the refusal is reported to the server like a rollback) or
+        :class:`UpdateRejectedError` (a model without adaptable parameters).
         """
         if not self.adaptable:
             raise UpdateRejectedError(f"update v{update.version} refused: bundle {self.config.bundle_id} runs "
@@ -538,52 +666,73 @@ class Agent:
             params = decode_params(update, self._held, self._active_version)
             previous, previous_version = self.model.params, self._active_version
             before = self._health.measure(previous) if self._health is not None else None
+            ref = UpdateRef(update.bundle_id, update.cohort, int(update.version))
             try:
                 self.model.set_params({k: v for k, v in params.items() if k not in self._extra})
             except InputError as exc:
-                raise UpdateRejectedError(f"update v{update.version} refused by the model: {exc}") from exc
-            self._previous = (previous, previous_version, self._extra)
-            self._version = self._active_version = int(update.version)
-            self._extra = {k: params.get(k, v) for k, v in self._extra.items()}
-            self._held = {**self.model.params, **self._extra}
-            self._counters.versions.append(int(update.version))
-            self.tta.on_params_changed()
-            info = self._health_check(update, before)
-            # no recent batch to measure the entropy on: that check waits for the next batch
-            self._probation = update if info is None and before is not None and math.isnan(before.entropy) else None
+                refusal, info = self._refuse(ref, f"refused by the model: {exc}"), None
+            else:
+                refusal = None
+                self._previous = (previous, previous_version, self._extra)
+                self._version = self._active_version = int(update.version)
+                self._extra = {k: params.get(k, v) for k, v in self._extra.items()}
+                self._held = {**self.model.params, **self._extra}
+                self._counters.versions.append(int(update.version))
+                self.tta.on_params_changed()
+                info = self._health_check(ref, before)
+                # no recent batch to measure the entropy on: that check waits for the next batch
+                self._probation = ref if info is None and before is not None and math.isnan(before.entropy) else None
+                if info is None:
+                    self._save_parameters()  # a rollback saved the restored state
+        if refusal is not None:
+            self._report_rollback(refusal)
+            raise UpdateRefusedError(f"update v{update.version} {refusal.reason}")
         if info is not None:
             self._report_rollback(info)
             return False
         logger.info("applied %s update v%d", update.kind, update.version)
         return True
 
-    def _health_check(self, update: ParameterUpdate, before: Health | None) -> RollbackInfo | None:
+    def _refuse(self, ref: UpdateRef, reason: str) -> RollbackInfo:
+        """Record an authentic update the model refused: its version counts as seen, the parameters stay."""
+        self._version = max(self._version, ref.version)
+        self._counters.rejected += 1
+        self._save_parameters()
+        logger.error("update v%d %s; keeping the parameters of v%d", ref.version, reason, self._active_version)
+        return RollbackInfo(ref.bundle_id, ref.cohort, ref.version, self._active_version, reason,
+                            NOT_MEASURED, NOT_MEASURED, NOT_MEASURED, NOT_MEASURED)
+
+    def _health_check(self, ref: UpdateRef, before: Health | None) -> RollbackInfo | None:
         if self._health is None or before is None:
             return None
-        return self._verdict(update, before, self._health.measure(self.model.params))
+        return self._verdict(ref, before, self._health.measure(self.model.params))
 
     def _probation_check(self) -> RollbackInfo | None:
         """The deferred entropy check of the update on probation, on the batches seen since it was applied: the
         parameters before it against the current ones (a rollback when the current ones are worse)."""
-        update, self._probation = self._probation, None
-        if self._health is None or self._previous is None or update is None:
+        ref, self._probation = self._probation, None
+        if self._health is None or self._previous is None or ref is None:
             return None
         before = self._health.measure(self._previous[0])
-        return self._verdict(update, before, self._health.measure(self.model.params))
+        info = self._verdict(ref, before, self._health.measure(self.model.params))
+        if info is None:
+            self._save_parameters()  # off probation
+        return info
 
-    def _verdict(self, update: ParameterUpdate, before: Health, after: Health) -> RollbackInfo | None:
-        """Roll ``update`` back when the health policy finds ``after`` worse than ``before``; the report."""
+    def _verdict(self, ref: UpdateRef, before: Health, after: Health) -> RollbackInfo | None:
+        """Roll the update ``ref`` back when the health policy finds ``after`` worse than ``before``; the
+        report."""
         assert self._health is not None
         reason = self._health.policy.verdict(before, after)
         if not reason:
             return None
         restored = self._previous[1] if self._previous is not None else 0
         self.rollback()
-        info = RollbackInfo(update.bundle_id, update.cohort, int(update.version), restored, reason,
+        info = RollbackInfo(ref.bundle_id, ref.cohort, ref.version, restored, reason,
                             *(_reported(v) for v in (before.entropy, after.entropy, before.agreement,
                                                      after.agreement)))
         self.rollbacks.append(info)
-        logger.warning("rolled back update v%d: %s", update.version, reason)
+        logger.warning("rolled back update v%d: %s", ref.version, reason)
         return info
 
     def _report_rollback(self, info: RollbackInfo) -> None:
@@ -595,16 +744,7 @@ class Agent:
             logger.warning("could not report the rollback of v%d (kept for a retry): %s", info.version, exc)
             with self._lock:
                 self._pending_rollbacks.append(info)
-
-    def _flush_rollback_reports(self, client: DeviceClient) -> None:
-        while True:
-            with self._lock:
-                if not self._pending_rollbacks:
-                    return
-                info = self._pending_rollbacks[0]
-            client.report_rollback(info)
-            with self._lock:
-                self._pending_rollbacks.pop(0)
+            self._save_reports()
 
     def rollback(self) -> bool:
         """Restore the parameters held before the last update; False when there is nothing to restore.
@@ -621,11 +761,15 @@ class Agent:
             self._held = {**self.model.params, **self._extra}
             self._active_version = version
             self._previous = None
+            self._probation = None
             self.tta.on_params_changed()
+            self._save_parameters()
         logger.warning("rolled back to parameters of v%d", version)
         return True
 
-    def _apply_from_stream(self, stream: UpdateStream) -> list[int]:
+    def _apply_from_stream(self, stream: UpdateStream, errors: list[str] | None = None) -> list[int]:
+        """Apply the stream's updates in order. A stale one is skipped; a refused one (recorded and reported by
+        :meth:`apply_update`) is noted in ``errors`` and the stream goes on; any other failure raises."""
         applied = []
         for update in stream:
             if self._stop.is_set() and threading.current_thread() is self._watcher:
@@ -635,7 +779,51 @@ class Agent:
                     applied.append(update.version)
             except StaleUpdateError as exc:
                 logger.debug("ignoring %s", exc)
+            except UpdateRefusedError as exc:
+                if errors is not None:
+                    errors.append(str(exc))
         return applied
+
+    def _watch_and_apply(self, client: DeviceClient, wait: float, errors: list[str] | None = None) -> list[int]:
+        """Watch for updates after :attr:`version` and apply them. After a rollback or a refusal the server's
+        next update may be a delta on the version the device did not keep (it learns what the device holds when
+        a watch starts): then the watch is opened once more, and the server sends that update in full."""
+        applied: list[int] = []
+        for attempt in (1, 2):
+            stream = client.watch_updates(self.config.bundle_id, self._version, wait,
+                                          held_version=self._active_version)
+            self._stream = stream
+            if self._stop.is_set() and threading.current_thread() is self._watcher:
+                stream.cancel()
+            try:
+                applied += self._apply_from_stream(stream, errors)
+                return applied
+            except BaseMismatchError as exc:
+                stream.cancel()
+                if attempt == 2:
+                    raise
+                if isinstance(exc, DivergedHistoryError):
+                    self._start_over(exc)
+                else:
+                    logger.info("%s; watching again from the held version", exc)
+            finally:
+                self._stream = None
+        return applied
+
+    def _start_over(self, why: Exception) -> None:
+        """Go back to the parameters the agent was built with (the bundle's) and their version: the server's
+        update history is not the one the device followed, so its next watch fetches that history from there."""
+        params, extra, version = self._initial
+        with self._lock:
+            self.model.set_params(params)  # type: ignore[union-attr]
+            self._extra = dict(extra)
+            self._held = {**self.model.params, **self._extra}  # type: ignore[union-attr]
+            self._version = self._active_version = version
+            self._previous = self._probation = None
+            self.tta.on_params_changed()
+            self._save_parameters()
+        logger.warning("%s: the server's update history differs from the device's; starting over from the "
+                       "parameters of v%d", why, version)
 
     def sync(self, wait_seconds: float | None = None) -> SyncResult:
         """Upload the outbox, then apply updates newer than :attr:`version` (waiting up to ``wait_seconds``,
@@ -649,8 +837,7 @@ class Agent:
         errors: list[str] = []
         upload = None
         try:
-            self._flush_drift_reports(self.client)
-            self._flush_rollback_reports(self.client)
+            self._flush_reports(self.client)
         except TransportError as exc:
             errors.append(str(exc))
         if self.outbox is not None:
@@ -667,8 +854,7 @@ class Agent:
         if not self.adaptable:  # nothing to update: the server refuses to watch a bundle without parameters
             return self._sync_result(upload, applied, errors)
         try:
-            applied = self._apply_from_stream(self.client.watch_updates(self.config.bundle_id, self._version, wait,
-                                                                        held_version=self._active_version))
+            applied = self._watch_and_apply(self.client, wait, errors)
         except (TransportError, UpdateRejectedError) as exc:
             errors.append(str(exc))
             with self._lock:
@@ -697,20 +883,13 @@ class Agent:
 
     def _watch_loop(self, client: DeviceClient) -> None:
         while not self._stop.is_set():
-            stream = client.watch_updates(self.config.bundle_id, self._version, self.config.watch_wait_seconds,
-                                          held_version=self._active_version)
-            self._stream = stream
-            if self._stop.is_set():
-                stream.cancel()
             try:
-                self._apply_from_stream(stream)
+                self._watch_and_apply(client, self.config.watch_wait_seconds)
             except (TransportError, UpdateRejectedError) as exc:
                 logger.warning("update watcher: %s", exc)
                 with self._lock:
                     self._counters.rejected += isinstance(exc, UpdateRejectedError)
                 self._stop.wait(self.config.watch_retry_seconds)
-            finally:
-                self._stream = None
 
     def stop_watcher(self) -> None:
         """Stop the watcher thread (cancelling its RPC) and join it."""
@@ -747,6 +926,8 @@ class Agent:
                 update_versions=tuple(c.versions), rejected_updates=c.rejected, sync_failures=c.sync_failures,
                 drift_reports_pending=len(self._pending_drift), drift_reports_dropped=c.drift_reports_dropped,
                 samples_not_queued=c.not_queued, learned_samples=c.learned, contributions=c.contributions,
+                rollback_reports_pending=len(self._pending_rollbacks), reports_refused=c.reports_refused,
+                state_write_failures=c.state_failures,
             )
 
 

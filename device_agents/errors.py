@@ -37,5 +37,15 @@ class StaleUpdateError(UpdateRejectedError):
     """An update's version is not newer than the version already applied."""
 
 
+class UpdateRefusedError(UpdateRejectedError):
+    """An authentic update for this device (signature, bundle, cohort and order checked) that its model refuses
+    (e.g. a value out of range): the device records the version as seen, keeps its parameters and reports it."""
+
+
 class BaseMismatchError(UpdateRejectedError):
     """A delta update applies to a base version other than the one the device holds (it needs a full one)."""
+
+
+class DivergedHistoryError(BaseMismatchError):
+    """A delta on the version the device holds, but from other parameters than the device holds for it: the
+    server's update history is not the one the device followed (e.g. the server's registry was reset)."""

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from device_agents.errors import BaseMismatchError, StaleUpdateError, UpdateIntegrityError
+from device_agents.errors import BaseMismatchError, DivergedHistoryError, StaleUpdateError, UpdateIntegrityError
 from device_agents.messages import ParameterUpdate
 from runtime.errors import InputError, SignatureError
 from runtime.params import params_digest
@@ -68,10 +68,13 @@ def decode_params(update: ParameterUpdate, held: Mapping[str, np.ndarray], held_
                                        f"{update.sha256[:16]!r}")
         return {k: params[k] for k in held} if held else params
     else:
-        if update.encoding != "f32" and (update.base_version != held_version
-                                         or update.base_sha256 != params_digest(held)):
+        if update.encoding != "f32" and update.base_version != held_version:
             raise BaseMismatchError(f"update v{update.version} is a delta on v{update.base_version}; this device "
                                     f"holds v{held_version}")
+        if update.encoding != "f32" and update.base_sha256 != params_digest(held):
+            raise DivergedHistoryError(f"update v{update.version} is a delta on v{update.base_version} with digest "
+                                       f"{update.base_sha256[:16]!r}; the device's v{held_version} hashes to "
+                                       f"{params_digest(held)[:16]!r}")
         try:
             params = decode_update(update.payload, update.encoding, held, {k: v.shape for k, v in held.items()})
         except InputError as exc:

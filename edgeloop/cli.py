@@ -164,7 +164,8 @@ def _add_agent(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("agent", help="run a device agent on a simulated camera stream against a server")
     p.add_argument("--server", required=True, help="server address host:port")
     p.add_argument("--device-id", required=True, help="this device's id")
-    p.add_argument("--work-dir", type=Path, required=True, help="where the bundle and the outbox live")
+    p.add_argument("--work-dir", type=Path, required=True,
+                   help="where the bundle, the outbox and the agent state live (kept across runs)")
     p.add_argument("--dataset", choices=DATASETS, default="digits", help="stream source (test split); default digits")
     p.add_argument("--domains", default="clean:0,gaussian_noise:4,defocus_blur:3",
                    help="comma-separated corruption:severity domains the stream passes through")

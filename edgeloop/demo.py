@@ -218,7 +218,7 @@ def run_demo(out: Path, devices: int = 4, seed: int = 0, console: Console | None
     if not console.is_terminal:
         console.width = max(console.width, 132)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    pipeline.fresh_run_state(out)
     started = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                TimeElapsedColumn())

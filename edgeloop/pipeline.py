@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -272,11 +273,16 @@ def connect_agent(
 
     ``tls`` (:class:`device_agents.channel.TlsOptions`) turns on (mutual) TLS. With ``enrollment_secret`` the
     device enrolls once and keeps its token in ``work_dir/device.token`` (mode 0600) for later runs.
+
+    What a restart must not lose is kept in ``work_dir/agent_state.sqlite3`` (:mod:`device_agents.state`):
+    the applied update's parameters and versions and the reports not yet delivered. A later run in the same
+    ``work_dir`` restores them, unless the server's update history no longer reaches the saved version.
     """
     from device_agents.agent import Agent, AgentConfig
     from device_agents.client import DeviceClient
     from device_agents.outbox import SqliteOutbox
     from device_agents.selection import EntropyBandSelector, SelectorConfig
+    from device_agents.state import AgentStateStore
     from runtime import AdaptableModel, load_bundle
     from runtime.predictor import Predictor
 
@@ -302,10 +308,30 @@ def connect_agent(
         client.close()
         raise
     selector = EntropyBandSelector(SelectorConfig(bytes_per_window=selector_bytes_per_window))
-    outbox = SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes)
-    keys = tuple(update_keys) if update_keys is not None else _pinned_update_key(work_dir, info.update_public_key)
-    config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id, cohort=info.cohort, update_keys=keys)
-    return Agent(model, method, make_detector(detector, model, drift_threshold), selector, outbox, client, config)
+    opened: list[Any] = []
+    try:
+        keys = tuple(update_keys) if update_keys is not None else _pinned_update_key(work_dir,
+                                                                                     info.update_public_key)
+        config = AgentConfig(device_id=device_id, bundle_id=info.bundle_id, cohort=info.cohort, update_keys=keys)
+        drift = make_detector(detector, model, drift_threshold)
+        opened.append(SqliteOutbox(work_dir / "outbox.sqlite3", max_bytes=outbox_bytes))
+        opened.append(AgentStateStore(work_dir / "agent_state.sqlite3"))
+        return Agent(model, method, drift, selector, opened[0], client, config, state=opened[1],
+                     server_version=info.latest_update_version)
+    except BaseException:
+        for resource in (*opened, client):
+            resource.close()
+        raise
+
+
+def fresh_run_state(out: Path) -> None:
+    """Create ``out`` and remove its ``server`` and ``devices`` directories: a fresh registry and fresh device
+    state for each demo or simulation run (reproducible versions; a device would otherwise restore the update it
+    applied in the previous run, :mod:`device_agents.state`)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for owned in ("server", "devices"):
+        if (out / owned).is_dir():
+            shutil.rmtree(out / owned)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -399,9 +425,8 @@ def run_agent(
 
 
 def close_agent(agent: Any) -> None:
-    """Stop an agent built by :func:`connect_agent` and close its outbox and client."""
+    """Stop an agent built by :func:`connect_agent` and close its outbox, state store and client."""
     agent.close()
-    if agent.outbox is not None:
-        agent.outbox.close()
-    if agent.client is not None:
-        agent.client.close()
+    for resource in (agent.outbox, agent.state, agent.client):
+        if resource is not None:
+            resource.close()

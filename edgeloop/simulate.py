@@ -22,7 +22,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -344,10 +343,9 @@ def run_simulation(cfg: SimulationConfig, *, quiet: bool = False, console: Any =
     started = time.perf_counter()
     cfg.scenario_obj()
     check_data(cfg.dataset, cfg.data_dir)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for owned in ("server", "devices"):  # a fresh registry and device state each run (reproducible versions)
-        if (cfg.out / owned).is_dir():
-            shutil.rmtree(cfg.out / owned)
+    from edgeloop.pipeline import fresh_run_state
+
+    fresh_run_state(cfg.out)
     from edgeloop.data import DATA_DIR_ENV
 
     previous = os.environ.get(DATA_DIR_ENV)

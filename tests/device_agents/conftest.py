@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -147,13 +148,20 @@ class RunningServer:
 @pytest.fixture
 def edge_server(tmp_path: Path, bundle_dir: Path) -> Iterator[RunningServer]:
     """A real server on 127.0.0.1:0 (data in tmp_path) with the digits bundle published over AdminService."""
+    with start_edge_server(tmp_path / "server", bundle_dir) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def start_edge_server(data_dir: Path, bundle_dir: Path) -> Iterator[RunningServer]:
+    """Start a real server on 127.0.0.1:0 keeping its data in ``data_dir``, publish ``bundle_dir`` over
+    AdminService, and stop it on exit."""
     app = pytest.importorskip("server.app")
     import grpc
 
     from proto.edgeloop.v1 import admin_pb2_grpc
 
-    srv = app.create_server(app.ServerConfig(data_dir=tmp_path / "server", port=0, max_workers=8,
-                                             grace_seconds=1.0))
+    srv = app.create_server(app.ServerConfig(data_dir=data_dir, port=0, max_workers=8, grace_seconds=1.0))
     port = srv.start()
     target = f"127.0.0.1:{port}"
     try:

@@ -14,7 +14,12 @@ import pytest
 from device_agents.agent import Agent, AgentConfig
 from device_agents.client import DeviceClient
 from device_agents.drift import PageHinkley
-from device_agents.errors import OutboxError, StaleUpdateError, UpdateIntegrityError, UpdateRejectedError
+from device_agents.errors import (
+    OutboxError,
+    StaleUpdateError,
+    UpdateIntegrityError,
+    UpdateRefusedError,
+)
 from device_agents.health import HealthPolicy
 from device_agents.messages import ParameterUpdate
 from device_agents.outbox import OutboxSample, SqliteOutbox
@@ -144,14 +149,18 @@ def test_apply_update_versions_integrity_and_rollback(tiny_model, tmp_path: Path
     bad = ParameterUpdate(4, BUNDLE, "distill", new, "0" * 64)
     with pytest.raises(UpdateIntegrityError, match="hash"):
         agent.apply_update(bad)
-    with pytest.raises(UpdateRejectedError, match="unknown"):
-        agent.apply_update(_update(4, {"fc.weight": np.ones(3, np.float32)}))
-    with pytest.raises(UpdateRejectedError, match="NaN"):
-        agent.apply_update(_update(4, {"bn1.bias": np.full(4, np.nan, np.float32)}))
     assert agent.version == 3
+    # authentic updates the model refuses: their versions count as seen (not fetched again), parameters stay
+    with pytest.raises(UpdateRefusedError, match="unknown"):
+        agent.apply_update(_update(4, {"fc.weight": np.ones(3, np.float32)}))
+    with pytest.raises(UpdateRefusedError, match="NaN"):
+        agent.apply_update(_update(5, {"bn1.bias": np.full(4, np.nan, np.float32)}))
+    assert (agent.version, agent.active_version) == (5, 3)
+    np.testing.assert_array_equal(tiny_model.params["bn1.bias"], original["bn1.bias"] + 1.0)
+    assert agent.stats.rejected_updates == 2
     assert agent.rollback() is True
     np.testing.assert_array_equal(tiny_model.params["bn1.bias"], original["bn1.bias"])
-    assert (agent.version, agent.active_version) == (3, 0)
+    assert (agent.version, agent.active_version) == (5, 0)
     assert agent.rollback() is False
     assert agent.stats.update_versions == (3,)
 
