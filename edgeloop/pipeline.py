@@ -284,6 +284,7 @@ def connect_agent(
     from device_agents.selection import EntropyBandSelector, SelectorConfig
     from device_agents.state import AgentStateStore
     from runtime import AdaptableModel, load_bundle
+    from runtime.files import write_atomically
     from runtime.predictor import Predictor
 
     work_dir = Path(work_dir)
@@ -334,21 +335,10 @@ def fresh_run_state(out: Path) -> None:
             shutil.rmtree(out / owned)
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600) so that a crash leaves the old file or the whole new one, never an
-    empty or partial one: a temporary file beside it, fsynced, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def _pinned_update_key(work_dir: Path, announced: bytes) -> tuple[bytes, ...] | None:
     """The pinned update key (pinning ``announced`` on first use); None when the server signs nothing."""
+    from runtime.files import write_atomically
+
     pin = work_dir / "update_key.pub"
     if pin.is_file():
         pinned = pin.read_bytes()

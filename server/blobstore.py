@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
+from runtime.files import fsync_dir, write_atomically
 from server.errors import BlobCorruptError, BlobNotFoundError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -23,14 +22,6 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 def sha256_hex(data: bytes) -> str:
     """The sha256 hex digest of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 STALE_TEMPORARY_SECONDS = 3600.0
@@ -93,19 +84,9 @@ class BlobStore:
         shard = target.parent
         created = not shard.is_dir()
         shard.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", dir=shard)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp_name, target)
-        except BaseException:
-            Path(tmp_name).unlink(missing_ok=True)
-            raise
-        _fsync_dir(shard)
+        write_atomically(target, data, prefix=".tmp-")
         if created:
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
 
     def get(self, digest: str) -> bytes:
         """The bytes of blob ``digest``; raises :class:`BlobNotFoundError` or :class:`BlobCorruptError`."""
