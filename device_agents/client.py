@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import re
 import shutil
 import tempfile
 import threading
@@ -51,6 +53,39 @@ def _manifest_of(bundle_id: str, root: Path) -> bytes:
     if actual != bundle_id:
         raise BundleDownloadError(f"bundle {bundle_id[:12]}: {MANIFEST_NAME} hashes to {actual[:12]}")
     return data
+
+
+STALE_DOWNLOAD_SECONDS = 3600.0
+"""A temporary download directory untouched for this long is left over from a process that died mid-download
+(SIGKILL, power loss; a download takes seconds), never one a live download — possibly another process's, into
+the same directory — still writes to. The same age as the server blob store's ``STALE_TEMPORARY_SECONDS``."""
+_DOWNLOAD_DIR = re.compile(r"\.[0-9a-f]{12}-[a-z0-9_]+")
+"""The name :meth:`DeviceClient.fetch_bundle` gives its temporary directories: ``.<bundle_id[:12]>-<random>``."""
+
+
+def remove_stale_downloads(dest: Path, max_age: float = STALE_DOWNLOAD_SECONDS) -> list[Path]:
+    """Remove the temporary download directories in ``dest`` (named as :meth:`DeviceClient.fetch_bundle` names
+    them) in which nothing changed for ``max_age`` seconds (the newest mtime of the directory and of what it
+    holds), logging each at INFO; return those removed. One that cannot be read or removed is logged and left."""
+    cutoff = time.time() - max_age
+    removed: list[Path] = []
+    with os.scandir(dest) as entries:
+        candidates = [Path(e.path) for e in entries
+                      if _DOWNLOAD_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    for path in candidates:
+        try:
+            newest = max([path.lstat().st_mtime, *(p.lstat().st_mtime for p in path.rglob("*"))])
+            if newest >= cutoff:
+                continue
+            shutil.rmtree(path)
+        except FileNotFoundError:  # finished or removed meanwhile (by another process)
+            continue
+        except OSError as exc:
+            logger.warning("could not remove the interrupted download %s: %s", path, exc)
+            continue
+        logger.info("removed the interrupted download %s (unchanged for %.0f s)", path, time.time() - newest)
+        removed.append(path)
+    return removed
 
 
 def _now_ms() -> int:
@@ -291,12 +326,14 @@ class DeviceClient:
         are checked against its chunk headers and a failing file is fetched once more. The whole bundle is
         then verified with :func:`runtime.load_bundle` (every manifest sha256 and the golden outputs) and its
         manifest must hash to ``bundle_id`` before it is renamed into place. An existing directory that
-        verifies is reused without a download.
+        verifies is reused without a download. Temporary directories that a process killed mid-download left
+        in ``dest_dir`` are removed first (:func:`remove_stale_downloads`).
         """
         if len(bundle_id) != 64 or not all(c in "0123456789abcdef" for c in bundle_id):
             raise ValueError(f"bundle_id must be a sha256 hex string, got {bundle_id!r}")
         dest = Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
+        remove_stale_downloads(dest)
         final = dest / bundle_id
         if final.is_dir() and self._installed(final, bundle_id, model, class_statistics):
             return final

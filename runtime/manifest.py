@@ -220,6 +220,13 @@ class Manifest:
         return {name: (layer.channels,) for layer in self.layers
                 for name in (layer.weight, layer.bias, layer.mean, layer.var)}
 
+    @property
+    def variance_params(self) -> tuple[str, ...]:
+        """The adaptable layers' variance parameters (``<layer>.var``, the running variance the graph normalises
+        with): never negative (:data:`runtime.params.VARIANCE_REASON`); empty for a bundle that is not
+        adaptable."""
+        return tuple(layer.var for layer in self.layers)
+
     def class_gaussians(self, root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Class-conditional feature means (K, D), shared covariance (D, D) and class counts (K,), from the
         statistics file of the bundle at ``root`` (default :attr:`root`); None when the bundle records none.

@@ -11,7 +11,7 @@ import numpy as np
 
 from runtime.bundle import Bundle
 from runtime.errors import BundleError, InputError
-from runtime.params import check_nonnegative, validate_params
+from runtime.params import VARIANCE_REASON, check_nonnegative, validate_params
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,8 @@ class AdaptableModel:
         self.manifest = bundle.manifest
         self._shapes = self.manifest.param_shapes()
         self._nonnegative = tuple(sorted(set(bundle.model.nonnegative_params)))
+        self._variances = self.manifest.variance_params
+        self._masks: dict[tuple[str, ...], np.ndarray | None] = {}  # see _guard_mask
         self._params = _frozen({k: np.array(v, dtype=np.float32) for k, v in self.manifest.initial_params.items()})
         try:
             self._check_nonnegative(self._params)
@@ -122,8 +124,9 @@ class AdaptableModel:
         return len(self.manifest.labels)
 
     def set_params(self, params: Mapping[str, np.ndarray]) -> None:
-        """Replace some or all parameters at once, after validating names, shapes, finiteness and the model's
-        ``nonnegative_params`` (an ``InputError`` names the problem; nothing changes then)."""
+        """Replace some or all parameters at once, after validating names, shapes, finiteness, the model's
+        ``nonnegative_params`` and the layers' variances (``<layer>.var`` >= 0: a negative one makes every
+        output NaN) (an ``InputError`` names the problem; nothing changes then)."""
         checked = validate_params(params, self._shapes)
         self._check_nonnegative(checked)
         with self._lock:
@@ -150,14 +153,35 @@ class AdaptableModel:
             if self._shapes.get(name) != arr.shape or arr.dtype.kind not in "fiu":
                 return validate_params(params, self._shapes)  # raises, naming the parameter
             out[name] = np.ascontiguousarray(arr, dtype=np.float32)
-        if out and not np.isfinite(np.concatenate([a.ravel() for a in out.values()])).all():
+        if not out:
+            return out
+        flat = np.concatenate([a.ravel() for a in out.values()])
+        if not np.isfinite(flat).all():
             return validate_params(params, self._shapes)
-        self._check_nonnegative(out)
+        guarded = self._guard_mask(tuple(out))
+        if guarded is not None and np.minimum.reduce(flat, where=guarded, initial=0.0) < 0:
+            self._check_nonnegative(out)  # raises, naming the parameter and its value
         return out
 
+    def _guard_mask(self, names: tuple[str, ...]) -> np.ndarray | None:
+        """Which elements of ``names``' arrays laid end to end must be >= 0 (None: none); cached per name order,
+        so a per-batch override costs one masked minimum for all layers."""
+        cached = self._masks.get(names, False)
+        if cached is not False:
+            return cached
+        guarded = set(self._variances) | set(self._nonnegative)
+        full = np.concatenate([np.full(int(np.prod(self._shapes[n])), n in guarded) for n in names])
+        mask = full if full.any() else None
+        if len(self._masks) >= 64:  # callers use a handful of name orders; bound it anyway
+            self._masks.clear()
+        self._masks[names] = mask
+        return mask
+
     def _check_nonnegative(self, params: Mapping[str, np.ndarray]) -> None:
-        """Refuse a negative value of a parameter the graph needs ≥ 0 (the model entry's ``nonnegative_params``:
-        normalisation scales of layers the TFLite graph pools before scaling), naming it."""
+        """Refuse a negative value of a parameter the graph needs ≥ 0, naming it and its most negative value:
+        the layers' variances (:attr:`~runtime.manifest.Manifest.variance_params`; 0 is allowed) and the model
+        entry's ``nonnegative_params`` (normalisation scales of layers the TFLite graph pools before scaling)."""
+        check_nonnegative(params, self._variances, VARIANCE_REASON)
         if self._nonnegative:
             check_nonnegative(
                 params, self._nonnegative,

@@ -51,14 +51,21 @@ def validate_params(
     return out
 
 
+VARIANCE_REASON = "a variance is never negative (the normalisation would be NaN)"
+"""Why a variance parameter (:attr:`runtime.manifest.Manifest.variance_params`) must be >= 0: the device refuses
+a negative one (:class:`runtime.model.AdaptableModel`) and the server never publishes one (``server.updates``)."""
+
+
 def check_nonnegative(params: Mapping[str, np.ndarray], names: Iterable[str], reason: str) -> None:
-    """Raise :class:`InputError` naming the first negative value of a parameter in ``names`` among ``params``
-    (``<name>[<index>] = <value> is negative: <reason>``); names ``params`` lacks are skipped."""
+    """Raise :class:`InputError` naming the most negative value of the first parameter in ``names`` among
+    ``params`` that has one (``<name>[<index>] = <value> is negative: <reason>``, with how many values are
+    negative when more than one is); names ``params`` lacks are skipped; 0 is allowed."""
     for name in names:
         if name not in params:
             continue
-        values = np.asarray(params[name])
-        negative = np.flatnonzero(values < 0)
-        if negative.size:
-            i = int(negative[0])
-            raise InputError(f"{name}[{i}] = {float(values.ravel()[i]):.4g} is negative: {reason}")
+        values = np.asarray(params[name]).ravel()
+        negative = int(np.count_nonzero(values < 0))
+        if negative:
+            i = int(np.argmin(values))
+            count = "" if negative == 1 else f" (the most negative of {negative} negative values)"
+            raise InputError(f"{name}[{i}] = {float(values[i]):.4g} is negative{count}: {reason}")

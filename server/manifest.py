@@ -57,7 +57,7 @@ class BundleSpec:
     adaptable: bool = True  # False: published without an 'adaptable' block (no federated parameters)
     # parameters a model of the bundle needs >= 0 (its manifest entry's nonnegative_params), by model name
     nonnegative: dict[str, tuple[str, ...]] = field(default_factory=dict)
-    variances: tuple[str, ...] = ()  # the adaptable layers' variance parameters (``L.var``): never negative
+    variances: tuple[str, ...] = ()  # the adaptable layers' variance parameters (Manifest.variance_params)
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -208,7 +208,7 @@ def bundle_spec(manifest: Mapping[str, Any]) -> BundleSpec:
         trainable_shapes=dict(trainable.shapes) if trainable else {},
         trainable_file=trainable.file if trainable else "",
         nonnegative={m.name: m.nonnegative_params for m in parsed.models if m.nonnegative_params},
-        variances=tuple(layer.var for layer in parsed.layers),
+        variances=parsed.variance_params,
     )
 
 

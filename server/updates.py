@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from runtime.errors import InputError
-from runtime.params import check_nonnegative, params_digest, validate_params
+from runtime.params import VARIANCE_REASON, check_nonnegative, params_digest, validate_params
 from runtime.update_codec import ENCODINGS, compress_delta, decode_delta, decode_update, encode_full
 from runtime.update_signing import UpdateHeader, payload_digest
 from server.codec import decode_arrays, encode_arrays
@@ -274,7 +274,7 @@ def publish_update(
                            "models' nonnegative_params, variances) set to 0", kind, bundle.bundle_id, clamped)
     given = _checked_params(spec, params, partial=True)
     try:  # after a projection there is none left; a caller's own parameters are refused
-        check_nonnegative(given, spec.variances, "a variance is never negative (the normalisation would be NaN)")
+        check_nonnegative(given, spec.variances, VARIANCE_REASON)
     except InputError as exc:
         raise InvalidTensorError(str(exc)) from exc
     missing = sorted(set(spec.initial_shapes) - set(given))

@@ -13,7 +13,8 @@ t3a        prototype classifier from confident features (Iwasawa & Matsuo 21) fe
 ========== ================================================================== ==================== ==========
 
 Every method is continual by default (``episodic=True`` resets before every batch), exposes
-``reset``/``snapshot``/``restore``/``on_drift``/``on_params_changed``, and runs each batch as a transaction: a
+``reset``/``snapshot``/``restore``/``on_drift``/``on_params_changed`` (``restore`` refuses another method's
+snapshot, and a state the method never holds, by name), and runs each batch as a transaction: a
 batch the model refuses (``runtime.InputError``: wrong shape or dtype, NaN/inf, empty) leaves the state exactly
 as it was, and so does a batch the model returns non-finite outputs for (``FloatingPointError``).
 """
@@ -31,6 +32,7 @@ from device_agents.tta.base import (
 from device_agents.tta.foa import FOA, FOAConfig
 from device_agents.tta.lame import LAME, LAMEConfig, knn_affinity, laplacian_adjusted
 from device_agents.tta.models import ModelCapabilityError
+from device_agents.tta.snapshots import TTASnapshot
 from device_agents.tta.source import SourceModel
 from device_agents.tta.statistics import BatchStatisticsConfig
 from device_agents.tta.t3a import T3A, T3AConfig
@@ -56,6 +58,7 @@ __all__ = [
     "TTAConfig",
     "TTAMethod",
     "TTAOutput",
+    "TTASnapshot",
     "create_tta_method",
     "knn_affinity",
     "laplacian_adjusted",

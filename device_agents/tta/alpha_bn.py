@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.tta.base import TTAMethod, TTAOutput
+from device_agents.tta.snapshots import StateLayout
 from device_agents.tta.statistics import BatchStatisticsConfig, NormalisedPass
 
 
@@ -102,6 +103,7 @@ class AlphaBN(TTAMethod):
     config_class = AlphaBNConfig
     config: AlphaBNConfig
     requires_adaptable = True
+    state_layout = StateLayout(statistics="")  # the running estimate, unprefixed
 
     def __init__(self, config: AlphaBNConfig | None = None) -> None:
         super().__init__(config)

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from device_agents.tta.models import ModelCapabilityError, check_batch, describe_model, has_features, is_adaptable
+from device_agents.tta.snapshots import StateLayout, TTASnapshot
 from runtime.model import entropy
 
 
@@ -52,11 +53,15 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     return entropy(p) / math.log(k)
 
 
-def require_int(field: str, value: object, minimum: int) -> None:
-    """Raise ``ValueError`` naming ``field`` unless ``value`` is an integer (not a bool) ``>= minimum``: a config
-    refuses a float, NaN or negative count when it is built, not with a numpy ``TypeError`` at the first batch."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{field} must be >= {minimum} (an integer), got {value!r}")
+def require_int(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
+    """Raise ``ValueError`` naming ``field``, ``value`` and the allowed range unless ``value`` is an integer (not a
+    bool) ``>= minimum`` and, when given, ``<= maximum``: a config refuses a float, NaN, negative or absurdly
+    large count when it is built, not with a numpy ``TypeError`` (or an allocation that never ends) at the first
+    batch."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        bound = f">= {minimum} (an integer)" if maximum is None else f"an integer in [{minimum}, {maximum}]"
+        raise ValueError(f"{field} must be {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,8 @@ class TTAMethod(abc.ABC):
     """Where a method's state keeps a running estimate of normalisation statistics (``<prefix><layer>.ema_mean``
     and ``.ema_sq``, the layout of :class:`~device_agents.tta.statistics.StatisticsMix`): α-BN at the top
     level, the methods that build on it under ``stats.``."""
+    state_layout: ClassVar[StateLayout] = StateLayout()
+    """The keys this method's state may hold (:meth:`restore` refuses others); by default none (stateless)."""
 
     def __init__(self, config: TTAConfig | None = None) -> None:
         config = self.config_class() if config is None else config
@@ -106,16 +113,39 @@ class TTAMethod(abc.ABC):
         self._state = {}
         self._state_replaced()
 
-    def snapshot(self) -> dict[str, np.ndarray]:
-        """A deep copy of the state (numpy arrays only)."""
+    def snapshot(self) -> TTASnapshot:
+        """A deep copy of the state (numpy arrays only), tagged with this method's name (:class:`TTASnapshot`)."""
         self._state_replaced()
-        return {k: v.copy() for k, v in self._state.items()}
+        return TTASnapshot(self.name, {k: v.copy() for k, v in self._state.items()})
 
     def restore(self, state: Mapping[str, np.ndarray]) -> None:
-        """Replace the state with a copy of ``state`` (as returned by :meth:`snapshot`)."""
+        """Replace the state with a copy of ``state`` (as returned by :meth:`snapshot`, of this method).
+
+        Refused, leaving the state as it was: something that is not a mapping of names to numeric numpy arrays
+        (``TypeError``); a snapshot another method took (``ValueError`` naming both methods); a state this
+        method never holds — keys of another method's state, or keys without those they come with, e.g. a
+        running mean without its second moment (``ValueError`` naming them, and the methods whose state it
+        looks like)."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"TTA method {self.name!r} restores a snapshot (a mapping of names to numpy arrays), "
+                            f"got {type(state).__name__}")
+        if isinstance(state, TTASnapshot) and state.method != self.name:
+            raise ValueError(f"a snapshot of TTA method {state.method!r} cannot be restored into TTA method "
+                             f"{self.name!r}; the state of {self.name!r} is left as it was")
         for key, value in state.items():
+            if not isinstance(key, str):
+                raise TypeError(f"state keys must be strings, got {key!r}")
             if not isinstance(value, np.ndarray):
                 raise TypeError(f"state entry {key!r} must be a numpy array, got {type(value).__name__}")
+            if value.dtype.kind not in "biuf":
+                raise TypeError(f"state entry {key!r} must be a numeric numpy array, got dtype {value.dtype}")
+        problem = self.state_layout.problem(state)
+        if problem is not None:
+            owners = [name for name, cls in sorted(TTA_METHODS.items())
+                      if name != self.name and cls.state_layout.problem(state) is None]
+            hint = f" (it looks like the state of TTA method {' or '.join(map(repr, owners))})" if owners else ""
+            raise ValueError(f"not a state of TTA method {self.name!r}: {problem}{hint}; its state is left as "
+                             "it was")
         self._state = {k: v.copy() for k, v in state.items()}
         self._state_replaced()
 

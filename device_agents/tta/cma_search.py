@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 import warnings
 from collections.abc import Mapping
@@ -10,8 +12,22 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.tta.base import require_int
+
 _MASK64 = (1 << 64) - 1
 KEYS = ("cma.mean", "cma.sigma", "cma.stds", "cma.rng")
+MIN_POPULATION = 2
+"""Fewest candidates per generation: CMA-ES ranks them."""
+MAX_POPULATION = 1024
+"""Most candidates per generation. Each costs a forward pass per generation, and CMA-ES's own default,
+4 + ⌊3 ln n⌋, is 45 even for a million search dimensions (FOA uses 3–6): more is a mistake, e.g. a population
+of 10**9 that would allocate its candidates for ever."""
+MAX_SIGMA0 = 10.0
+"""Largest initial step size. FOA searches log-scales (a scale becomes ``weight · exp(δ)``) and shifts in units
+of ``|weight|``, starting at 0 with σ0 = 0.1 (0.3 measured): at σ0 = 10 an initial candidate already multiplies a
+scale by e^10 ≈ 22 000 at one σ, and ``exp`` overflows float32 beyond δ ≈ 88.7, 8.9 σ — a larger σ0 only yields
+candidates whose passes overflow."""
+
 # cma imports these when they are installed, for plotting and for surrogate-model statistics that a
 # CMAEvolutionStrategy never uses; loading them costs about 100 MiB of resident memory and 1.5 s
 _CMA_OPTIONAL = ("matplotlib", "scipy", "PIL")
@@ -78,6 +94,16 @@ def rng_from_words(words: np.ndarray) -> np.random.Generator:
     return np.random.Generator(bit_generator)
 
 
+def check_settings(population: object, sigma0: object) -> None:
+    """Raise ``ValueError`` naming the setting, its value and the allowed range unless ``population`` is an
+    integer in [:data:`MIN_POPULATION`, :data:`MAX_POPULATION`] and ``sigma0`` a finite number in
+    (0, :data:`MAX_SIGMA0`]."""
+    require_int("population", population, MIN_POPULATION, MAX_POPULATION)
+    if (isinstance(sigma0, bool) or not isinstance(sigma0, numbers.Real) or not math.isfinite(sigma0)
+            or not 0.0 < sigma0 <= MAX_SIGMA0):
+        raise ValueError(f"sigma0 must be a number in (0, {MAX_SIGMA0}], got {sigma0!r}")
+
+
 class CMASearch:
     """Owns a live ``cma.CMAEvolutionStrategy`` and its array form.
 
@@ -92,6 +118,7 @@ class CMASearch:
     """
 
     def __init__(self, population: int, sigma0: float, seed: int) -> None:
+        check_settings(population, sigma0)
         self.population = population
         self.sigma0 = sigma0
         self.seed = seed
@@ -100,6 +127,7 @@ class CMASearch:
 
     def use_population(self, population: int) -> None:
         """Candidates per generation from now on; a change rebuilds the live strategy from the arrays."""
+        require_int("population", population, MIN_POPULATION, MAX_POPULATION)
         if population != self.population:
             self.population = population
             self.invalidate()

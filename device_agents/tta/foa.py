@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 
 from device_agents.tta.base import TTAMethod, TTAOutput, require_int
-from device_agents.tta.cma_search import CMASearch
+from device_agents.tta.cma_search import KEYS as CMA_KEYS
+from device_agents.tta.cma_search import CMASearch, check_settings
 from device_agents.tta.models import (
     ModelCapabilityError,
     declared_input,
@@ -22,10 +23,10 @@ from device_agents.tta.models import (
     source_feature_stats,
     source_layer_stats,
 )
-from device_agents.tta.statistics import BatchStatisticsConfig, StatisticsMix
+from device_agents.tta.snapshots import StateLayout
+from device_agents.tta.statistics import STATS_PREFIX, BatchStatisticsConfig, StatisticsMix
 from runtime.model import entropy, softmax
 
-STATS_PREFIX = "stats."
 PRIOR_KEY = "foa.prior"
 DEFAULT_POPULATION = 4  # candidates per generation without the mirrored view (one fewer with it)
 MIRROR_CHUNK = 8  # samples per pass of the mirrored view
@@ -37,9 +38,11 @@ class FOAConfig(BatchStatisticsConfig):
 
     ``layers``: the normalisation layers whose scale/shift are searched — the last ``n`` in graph order, or
     explicit names. ``per_channel``: search one scale and one shift per channel (2·C values per layer) instead
-    of one per layer (2). ``population``: CMA-ES candidates per generation; ``generations``: per batch, so a
-    batch costs ``population × generations`` forward passes. ``sigma0``: initial CMA-ES step size (the search
-    starts at 0: unchanged parameters). ``fitness_lambda``: λ of the statistics term. ``variance_floor``:
+    of one per layer (2). ``population``: CMA-ES candidates per generation, 2 to 1024
+    (:data:`~device_agents.tta.cma_search.MAX_POPULATION`); ``generations``: per batch, so a batch costs
+    ``population × generations`` forward passes. ``sigma0``: initial CMA-ES step size, in (0, 10]
+    (:data:`~device_agents.tta.cma_search.MAX_SIGMA0`; the search starts at 0: unchanged parameters).
+    ``fitness_lambda``: λ of the statistics term. ``variance_floor``:
     source variances are floored at this fraction of their mean in the statistics distance (dead features
     have zero variance). ``min_batch_for_search``: smaller batches are predicted at the CMA-ES mean in one pass,
     without a search step. ``seed``: the CMA-ES sampler's seed. ``prior_correction`` (τ, 0 = off) and
@@ -141,15 +144,11 @@ class FOAConfig(BatchStatisticsConfig):
         elif len(set(self.layers)) != len(self.layers):
             # a repeated name would add search dimensions that the last of its copies overwrites (dead ones)
             raise ValueError(f"layers names a layer more than once: {self.layers!r}")
-        if self.population is not None and (isinstance(self.population, bool) or not isinstance(self.population, int)
-                                            or self.population < 2):
-            raise ValueError(f"population must be None or an int >= 2 (CMA-ES ranks candidates), "
-                             f"got {self.population!r}")
+        # population (None: the default) in [MIN_POPULATION, MAX_POPULATION], sigma0 in (0, MAX_SIGMA0]
+        check_settings(self.population_for(False), self.sigma0)
         require_int("generations", self.generations, 1)
-        for field in ("sigma0", "variance_floor"):
-            value = getattr(self, field)
-            if not (math.isfinite(value) and value > 0.0):
-                raise ValueError(f"{field} must be finite and > 0, got {value}")
+        if not (math.isfinite(self.variance_floor) and self.variance_floor > 0.0):
+            raise ValueError(f"variance_floor must be finite and > 0, got {self.variance_floor}")
         if not (math.isfinite(self.fitness_lambda) and self.fitness_lambda >= 0.0):
             raise ValueError(f"fitness_lambda must be finite and >= 0, got {self.fitness_lambda}")
         require_int("min_batch_for_search", self.min_batch_for_search, 2)
@@ -260,6 +259,7 @@ class FOA(TTAMethod):
     config_class = FOAConfig
     config: FOAConfig
     requires_adaptable = True
+    state_layout = StateLayout(statistics=STATS_PREFIX, groups=(CMA_KEYS,), optional=(PRIOR_KEY,))
 
     def __init__(self, config: FOAConfig | None = None) -> None:
         super().__init__(config)

@@ -51,6 +51,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from device_agents.tta.base import TTAConfig, TTAMethod, require_int
+from device_agents.tta.snapshots import BALANCE_KEYS, StateLayout
+
+STATS_PREFIX = "stats."
+"""Where the methods that build on α-BN's pass (:class:`NormalisedPass`) keep its state."""
 
 
 @dataclass(frozen=True)
@@ -194,11 +198,9 @@ class ClassBalanceDetector:
     """
 
     def __init__(self, prefix: str = "") -> None:
-        self.key_mean = f"{prefix}balance.input_mean"
-        self.key_score = f"{prefix}balance.score"
-        self.key_age = f"{prefix}balance.anchor_age"
-        self.key_count, self.key_sum = f"{prefix}balance.pool_count", f"{prefix}balance.pool_sum"
-        self.key_squares = f"{prefix}balance.pool_squares"
+        # input_mean, score, anchor_age, pool_count, pool_sum, pool_squares: the keys a StateLayout expects
+        self.key_mean, self.key_score, self.key_age, self.key_count, self.key_sum, self.key_squares = (
+            f"{prefix}{key}" for key in BALANCE_KEYS)
 
     def update(
         self, state: Mapping[str, np.ndarray], x: np.ndarray, threshold: float = math.inf
@@ -484,7 +486,7 @@ class NormalisedPass:
     worse than the source model on either order, at the cost of one pass, as before.
     """
 
-    def __init__(self, config: BatchStatisticsConfig | None, prefix: str = "stats.") -> None:
+    def __init__(self, config: BatchStatisticsConfig | None, prefix: str = STATS_PREFIX) -> None:
         self.config = config
         self.prefix = prefix
         self._mix = None if config is None else StatisticsMix(config, prefix)
@@ -537,6 +539,7 @@ class FeaturePassMethod(TTAMethod):
     ``statistics`` field (None: the unadapted source pass)."""
 
     requires_features = True
+    state_layout = StateLayout(statistics=STATS_PREFIX)  # the pass's running estimate and detector
 
     def __init__(self, config: TTAConfig | None = None) -> None:
         super().__init__(config)

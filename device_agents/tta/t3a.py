@@ -14,18 +14,29 @@ from device_agents.tta.models import (
     source_class_means,
     source_feature_stats,
 )
-from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, FeaturePassMethod
+from device_agents.tta.snapshots import StateLayout
+from device_agents.tta.statistics import (
+    DEFAULT_STATISTICS,
+    STATS_PREFIX,
+    BatchStatisticsConfig,
+    FeaturePassMethod,
+)
 from runtime.model import entropy, softmax
 
 EMPTY_CLASS_MARGIN = 30.0  # a class with no support scores this far below the batch row's lowest score
 MAX_ALIGN_GAIN = 10.0  # feature alignment scales a feature by at most this (a feature nearly constant on the stream)
+MAX_FILTER_K = 1000
+"""Most supports kept per class. The supports take K·M·D float32 (10 classes of 512 features: 20 MB at 1000)
+and each batch sorts M + n entropies per class; T3A's paper tunes M over 1–100 (the default here is 50), so a
+larger M is a mistake, e.g. 10**9, whose supports would never be allocated."""
 
 
 @dataclass(frozen=True)
 class T3AConfig(TTAConfig):
     """Settings of :class:`T3A`.
 
-    ``filter_k``: M, supports kept per class (the M lowest-entropy ones; memory K·M·D floats);
+    ``filter_k``: M, supports kept per class (the M lowest-entropy ones; memory K·M·D floats), 1 to
+    :data:`MAX_FILTER_K`;
     ``use_source_prototypes``: seed each class's support with its source class-conditional feature mean from
     the bundle's ``source_statistics.npz`` (the classifier's weight rows in the paper; the graph does not
     expose them).
@@ -113,7 +124,7 @@ class T3AConfig(TTAConfig):
             raise ValueError("template_scale and model_weight cannot both be 0")
         if self.statistics is not None and not isinstance(self.statistics, BatchStatisticsConfig):
             raise ValueError(f"statistics must be a BatchStatisticsConfig or None, got {self.statistics!r}")
-        require_int("filter_k", self.filter_k, 1)
+        require_int("filter_k", self.filter_k, 1, MAX_FILTER_K)
 
 
 class T3A(FeaturePassMethod):
@@ -142,6 +153,8 @@ class T3A(FeaturePassMethod):
     name = "t3a"
     config_class = T3AConfig
     config: T3AConfig
+    state_layout = StateLayout(statistics=STATS_PREFIX,
+                               groups=(("supports", "support_entropy"), ("feature_mean", "feature_sq")))
 
     def forward_and_adapt(self, model: Any, x: np.ndarray) -> TTAOutput:
         """One (normalised) pass, align its features, add the batch to the supports (entropy-filtered), predict

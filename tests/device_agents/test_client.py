@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -13,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from device_agents.client import DeviceClient, decode_update
+from device_agents.client import STALE_DOWNLOAD_SECONDS, DeviceClient, decode_update
 from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.updates import check_signature, decode_params
@@ -54,6 +56,41 @@ def test_register_fetch_and_reuse(edge_server, client: DeviceClient, tmp_path: P
     before = client.bytes_down
     assert client.fetch_bundle(info.bundle_id, tmp_path / "bundles") == path
     assert client.bytes_down == before  # already installed and verified: no download
+
+
+def test_fetch_removes_downloads_a_killed_process_left(
+    client: DeviceClient, edge_server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A process killed mid-download (SIGKILL, power loss) left its temporary ``.<id[:12]>-XXXX`` directory
+    behind for ever: the next fetch into the same directory removes those in which nothing changed for an hour
+    (STALE_DOWNLOAD_SECONDS), each logged at INFO, and keeps younger ones — a download in progress, maybe
+    another process's, that may still be writing a file in an old directory — and everything else."""
+    client.register()
+    dest = tmp_path / "bundles"
+    hour_ago = time.time() - STALE_DOWNLOAD_SECONDS - 60
+
+    def made(name: str, mtime: float, file_mtime: float | None = None) -> Path:
+        path = dest / name
+        path.mkdir(parents=True)
+        if file_mtime is not None:
+            (path / "model_fp32.onnx").write_bytes(b"partial")
+            os.utime(path / "model_fp32.onnx", (file_mtime, file_mtime))
+        os.utime(path, (mtime, mtime))
+        return path
+
+    stale = made(f".{edge_server.bundle_id[:12]}-k1ll3d_x", hour_ago, hour_ago)
+    stale_other = made(".0123456789ab-0ld_6ndl", hour_ago)  # another bundle's, empty
+    fresh = made(f".{edge_server.bundle_id[:12]}-fresh_01", time.time())
+    writing = made(f".{edge_server.bundle_id[:12]}-wr1t1ng0", hour_ago, time.time())
+    kept = [made(name, hour_ago) for name in ("notes", ".cache", ".0123456789ab", ".0123456789AB-0ld_6ndl")]
+    with caplog.at_level(logging.INFO, logger="device_agents.client"):
+        path = client.fetch_bundle(edge_server.bundle_id, dest)
+    assert load_bundle(path).bundle_id == edge_server.bundle_id
+    assert not stale.exists() and not stale_other.exists()
+    assert all(p.is_dir() for p in [fresh, writing, *kept]) and (writing / "model_fp32.onnx").is_file()
+    removals = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.INFO and "removed the interrupted download" in r.getMessage()]
+    assert len(removals) == 2 and {str(stale), str(stale_other)} == {m.split()[4] for m in removals}
 
 
 def test_class_statistics_are_fetched_only_on_request(client: DeviceClient, edge_server, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ state unchanged, roll-back of a batch that fails half-way, determinism under a s
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ from device_agents.tta import (
     normalized_entropy,
     register_tta_method,
 )
+from device_agents.tta.cma_search import CMASearch
 from runtime.errors import InputError
 from runtime.model import ForwardResult, softmax
 from runtime.predictor import PredictResult
@@ -170,6 +172,33 @@ def test_config_type_is_checked() -> None:
 def test_config_validation(cls: type, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(("cls", "field", "value", "allowed"), [
+    (FOAConfig, "population", 10**9, r"an integer in \[2, 1024\]"),
+    (FOAConfig, "population", 1025, r"an integer in \[2, 1024\]"),
+    (FOAConfig, "sigma0", 1e30, r"a number in \(0, 10\.0\]"),
+    (FOAConfig, "sigma0", 10.5, r"a number in \(0, 10\.0\]"),
+    (FOAConfig, "sigma0", True, r"a number in \(0, 10\.0\]"),
+    (T3AConfig, "filter_k", 10**9, r"an integer in \[1, 1000\]"),
+    (T3AConfig, "filter_k", 1001, r"an integer in \[1, 1000\]"),
+])
+def test_config_upper_bounds(cls: type, field: str, value: object, allowed: str) -> None:
+    """Counts and step sizes had lower bounds only: a population of 10**9 allocated candidates for ever, a
+    filter_k of 10**9 supports that were never allocated, σ0 = 1e30 candidates that overflow. Refused when the
+    config is built, naming the field, the value and the allowed range; the bounds themselves are accepted."""
+    with pytest.raises(ValueError, match=f"{field} must be {allowed}, got {re.escape(repr(value))}$"):
+        cls(**{field: value})
+    assert FOAConfig(population=1024, sigma0=10.0).passes_per_batch() == 1024
+    assert T3AConfig(filter_k=1000).filter_k == 1000
+    with pytest.raises(ValueError, match=r"population must be an integer in \[2, 1024\], got 5000"):
+        CMASearch(population=5000, sigma0=0.1, seed=0)
+    with pytest.raises(ValueError, match=r"sigma0 must be a number in \(0, 10\.0\], got inf"):
+        CMASearch(population=4, sigma0=float("inf"), seed=0)
+    search = CMASearch(population=4, sigma0=0.1, seed=0)
+    with pytest.raises(ValueError, match=r"population must be an integer in \[2, 1024\], got 0"):
+        search.use_population(0)
+    assert search.population == 4
 
 
 def test_base_class_is_abstract() -> None:
@@ -332,6 +361,77 @@ def test_deterministic_under_seed(name: str, kind: str) -> None:
 def test_restore_rejects_non_arrays() -> None:
     with pytest.raises(TypeError, match="numpy array"):
         AlphaBN().restore({"bn1.ema_mean": [1.0]})  # type: ignore[dict-item]
+
+
+def _adapted(name: str, seed: int) -> TTAMethod:
+    """Method ``name`` after two batches on the tiny adaptable model (a stateful method holds a state then)."""
+    method, model = create_tta_method(name), TinyModel()
+    for b in _batches(seed, n=2):
+        method.predict(model, b)
+    return method
+
+
+def _continues_like(method: TTAMethod, twin: TTAMethod) -> None:
+    """``method`` predicts the next batches as ``twin`` (the same method, never handed anything) does."""
+    model = TinyModel()
+    for b in _batches(31, n=2):
+        np.testing.assert_array_equal(method.predict(model, b).logits, twin.predict(model, b).logits)
+
+
+@pytest.mark.parametrize(("taken_by", "name"), [(a, b) for a in METHODS for b in METHODS if a != b])
+def test_restore_refuses_another_methods_snapshot(taken_by: str, name: str) -> None:
+    """A snapshot of one method restored into another (an α-BN state into LAME or FOA) raised a bare KeyError
+    at the next batch or mixed the two methods' states silently: refused at restore, naming both methods —
+    as a snapshot, and as a plain dict of its arrays, by its keys — and the state stays as it was."""
+    foreign = _adapted(taken_by, 21).snapshot()
+    method, twin = _adapted(name, 22), _adapted(name, 22)
+    before = method.snapshot()
+    twin.snapshot()  # snapshots re-anchor FOA's search state: keep both sides alike
+    with pytest.raises(ValueError, match=f"a snapshot of TTA method '{taken_by}' cannot be restored into TTA "
+                                         f"method '{name}'"):
+        method.restore(foreign)
+    # untagged, only the keys tell: no state (a reset one) is every method's, and LAME's (the running statistics
+    # alone) one that FOA and T3A hold too; any other is refused, naming the method it looks like
+    if foreign and not (taken_by == "lame" and name in ("foa", "t3a")):
+        with pytest.raises(ValueError, match=f"not a state of TTA method '{name}': .*looks like the state of "
+                                             f"TTA method .*'{taken_by}'"):
+            method.restore(dict(foreign))
+    else:
+        create_tta_method(name).restore(dict(foreign))
+    assert _same_state(method.snapshot(), before)
+    twin.snapshot()
+    _continues_like(method, twin)
+
+
+@pytest.mark.parametrize(("name", "dropped", "message"), [
+    ("alpha_bn", "bn1.ema_sq", "'bn1.ema_mean' without 'bn1.ema_sq'"),
+    ("lame", "stats.bn1.ema_mean", "'stats.bn1.ema_sq' without 'stats.bn1.ema_mean'"),
+    ("t3a", "support_entropy", "'supports' without 'support_entropy'"),
+    ("foa", "cma.sigma", "'cma.mean', 'cma.stds', 'cma.rng' without 'cma.sigma'"),
+])
+def test_restore_refuses_what_is_not_a_snapshot(name: str, dropped: str, message: str) -> None:
+    """Not a snapshot — not a mapping, keys that are not names, values that are not numeric arrays, a state
+    missing keys that come together — is refused with the problem named, and the state stays as it was."""
+    method, twin = _adapted(name, 23), _adapted(name, 23)
+    before = method.snapshot()
+    twin.snapshot()
+    incomplete = {k: v for k, v in before.items() if k != dropped}
+    for bad, error, match in [
+        (None, TypeError, "restores a snapshot .*got NoneType"),
+        (list(before.items()), TypeError, "got list"),
+        ({**before, 3: np.zeros(2)}, TypeError, "state keys must be strings, got 3"),
+        ({**before, dropped: np.array(["x"])}, TypeError, f"{dropped!r} must be a numeric numpy array"),
+        (incomplete, ValueError, f"not a state of TTA method '{name}': it holds {message}"),
+        ({**before, "bogus": np.zeros(2)}, ValueError, "it holds 'bogus', which this method's state never holds"),
+    ]:
+        with pytest.raises(error, match=match):
+            method.restore(bad)  # type: ignore[arg-type]
+        assert _same_state(method.snapshot(), before)
+    twin.snapshot()
+    _continues_like(method, twin)
+    SourceModel().restore({})  # an empty state is every method's (after a reset)
+    with pytest.raises(ValueError, match="'bogus', which this method's state never holds"):
+        SourceModel().restore({"bogus": np.zeros(2)})
 
 
 @pytest.mark.parametrize("name", sorted(n for n, c in TTA_METHODS.items() if c.requires_adaptable))

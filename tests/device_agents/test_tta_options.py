@@ -49,7 +49,7 @@ def test_settings_apply_on_top_of_a_base_config() -> None:
 @pytest.mark.parametrize(("name", "options", "message"), [
     ("foa", {"populaton": "3"}, r"TTA method 'foa' has no setting 'populaton'; its settings: \['alpha'"),
     ("foa", {"population": "three"}, r"'population': 'three' is not an integer or none"),
-    ("foa", {"population": "1"}, r"'population' = '1': population must be None or an int >= 2"),
+    ("foa", {"population": "1"}, r"'population' = '1': population must be an integer in \[2, 1024\], got 1"),
     ("foa", {"per_channel": "maybe"}, r"'per_channel': 'maybe' is not true/false"),
     ("foa", {"layers": ""}, r"'layers': '' is not an integer or a comma-separated list"),
     ("foa", {"alpha": "none"}, r"'alpha': 'none' is not a number"),

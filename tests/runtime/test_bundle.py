@@ -184,6 +184,26 @@ def test_scales_a_model_needs_nonnegative_are_enforced(bundle_copy: Path, signin
         load_bundle(bundle_copy)
 
 
+def test_negative_variances_are_refused(digits_bundle: Path) -> None:
+    """A layer's variance (``<layer>.var``, ``Manifest.variance_params``) below 0 makes every output NaN:
+    set_params and a forward's overrides refuse it, naming the parameter and its most negative value, and the
+    parameters stay as they were; 0 is allowed (the graph's epsilon keeps the normalisation finite)."""
+    model = AdaptableModel(load_bundle(digits_bundle, model="fp32", threads=1))
+    before = model.params
+    negative = before["bn2.var"].copy()
+    negative[[1, 3]] = [-0.25, -2.5]
+    with pytest.raises(InputError, match=r"bn2\.var\[3\] = -2\.5 is negative \(the most negative of 2 negative "
+                                         r"values\): a variance is never negative"):
+        model.set_params({"bn1.weight": -before["bn1.weight"], "bn2.var": negative})
+    x = np.random.default_rng(0).random((4, *model.manifest.input.shape[1:]), dtype=np.float32)
+    with pytest.raises(InputError, match=r"bn2\.var\[3\] = -2\.5"):
+        model.forward(x, alpha=0.5, params={"bn2.var": negative})
+    assert all(np.array_equal(v, before[k]) for k, v in model.params.items())
+    model.set_params({"bn2.var": np.zeros_like(negative)})
+    assert np.isfinite(model.forward(x, alpha=0.0).logits).all()
+    assert model.manifest.variance_params == tuple(f"{layer.name}.var" for layer in model.manifest.layers)
+
+
 def test_unparseable_manifest(bundle_copy: Path) -> None:
     (bundle_copy / "manifest.json").write_text("{not json")
     with pytest.raises(SignatureError):  # the signature is checked before the manifest is parsed
