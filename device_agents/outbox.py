@@ -16,12 +16,10 @@ A sample is *acknowledged locally* once ``put`` returned it in :attr:`PutResult.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import random
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from device_agents.errors import OutboxError
+from device_agents.sqlite_store import SqliteStore, from_npy, to_npy
 
 logger = logging.getLogger(__name__)
 
@@ -127,14 +126,6 @@ class OutboxStats:
     eviction: str
 
 
-def _to_npy(array: np.ndarray | None) -> bytes | None:
-    if array is None:
-        return None
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def _check_array(sample_id: str, what: str, array: np.ndarray | None) -> None:
     """A sample's array must hold finite float32 numbers: the server refuses anything else, and a sample it
     refuses would be retried forever at the head of the queue."""
@@ -147,11 +138,7 @@ def _check_array(sample_id: str, what: str, array: np.ndarray | None) -> None:
         raise ValueError(f"sample {sample_id!r}: {what} holds NaN or infinite values")
 
 
-def _from_npy(blob: bytes | None) -> np.ndarray | None:
-    return None if blob is None else np.load(io.BytesIO(blob), allow_pickle=False)
-
-
-class SqliteOutbox:
+class SqliteOutbox(SqliteStore):
     """Durable sample queue bounded by ``max_bytes`` of stored array bytes under an ``eviction`` policy.
 
     ``rng`` draws the backoff jitter (seed it for a reproducible retry schedule). Thread-safe. A file that
@@ -171,36 +158,12 @@ class SqliteOutbox:
             raise ValueError(f"max_bytes must be > 0, got {max_bytes}")
         if eviction not in EVICTION_POLICIES:
             raise ValueError(f"eviction must be one of {EVICTION_POLICIES}, got {eviction!r}")
-        self.path = Path(path)
         self.max_bytes = int(max_bytes)
         self.eviction = eviction
         self.backoff = backoff or BackoffPolicy()
         self._rng = rng or random.Random()
-        self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"outbox {self.path} cannot be opened: {exc}") from exc
-        try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-            self._conn.execute(f"SELECT {_COLUMNS}, seq, nbytes FROM samples LIMIT 0")
-        except sqlite3.Error as exc:
-            self._conn.close()
-            raise OutboxError(f"outbox {self.path} is not a usable outbox database (corrupt, locked or another "
-                              f"schema): {exc}") from exc
-
-    def close(self) -> None:
-        """Close the database connection."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> SqliteOutbox:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(path, _SCHEMA, [f"SELECT {_COLUMNS}, seq, nbytes FROM samples LIMIT 0"], OutboxError,
+                         "outbox")
 
     def put(self, samples: Iterable[OutboxSample], now_ms: int | None = None) -> PutResult:
         """Store samples (ids already present are ignored), enforce ``max_bytes`` by the eviction policy, commit.
@@ -222,7 +185,7 @@ class SqliteOutbox:
                 raise ValueError(f"sample {s.sample_id!r} carries neither input nor features")
             for what, array in (("input", s.input), ("features", s.features)):
                 _check_array(s.sample_id, what, array)
-            inp, feat = _to_npy(s.input), _to_npy(s.features)
+            inp, feat = to_npy(s.input), to_npy(s.features)
             nbytes = len(inp or b"") + len(feat or b"")
             if nbytes > self.max_bytes:
                 raise ValueError(f"sample {s.sample_id!r} takes {nbytes} bytes, above max_bytes {self.max_bytes}")
@@ -289,7 +252,7 @@ class SqliteOutbox:
             unreadable: list[tuple[int, int]] = []
             for r in rows:
                 try:
-                    arrays = _from_npy(r[2]), _from_npy(r[3])
+                    arrays = from_npy(r[2]), from_npy(r[3])
                     for what, array in zip(("input", "features"), arrays, strict=True):
                         _check_array(r[0], what, array)
                 except (ValueError, OSError, EOFError) as exc:

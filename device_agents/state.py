@@ -15,11 +15,9 @@ database raises :class:`StateError` naming it; so does a failed write (the calle
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import sqlite3
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ import numpy as np
 
 from device_agents.errors import AgentError
 from device_agents.messages import RollbackInfo
+from device_agents.sqlite_store import SqliteStore, from_npy, to_npy
 
 logger = logging.getLogger(__name__)
 
@@ -83,48 +82,13 @@ class SavedState:
     rollback_reports: list[RollbackInfo]
 
 
-def _to_npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
-def _from_npy(blob: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(blob), allow_pickle=False)
-
-
-class AgentStateStore:
+class AgentStateStore(SqliteStore):
     """An agent's durable state in the SQLite file ``path`` (created when missing). Thread-safe."""
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        try:
-            self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise StateError(f"agent state {self.path} cannot be opened: {exc}") from exc
-        try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
-            self._conn.executescript(_SCHEMA)
-            for table, columns in (("meta", "key, value"), ("params", "slot, name, npy"),
-                                   ("reports", "seq, kind, body")):
-                self._conn.execute(f"SELECT {columns} FROM {table} LIMIT 0")
-        except sqlite3.Error as exc:
-            self._conn.close()
-            raise StateError(f"agent state {self.path} is not a usable state database (corrupt, locked or another "
-                             f"schema): {exc}; move it away to start from the bundle's parameters") from exc
-
-    def close(self) -> None:
-        """Close the database connection."""
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> AgentStateStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().__init__(path, _SCHEMA, [f"SELECT {columns} FROM {table} LIMIT 0" for table, columns in (
+            ("meta", "key, value"), ("params", "slot, name, npy"), ("reports", "seq, kind, body"))],
+            StateError, "agent state", "; move it away to start from the bundle's parameters")
 
     # -- reading --------------------------------------------------------------------------------------------
     def load(self) -> SavedState:
@@ -170,7 +134,7 @@ class AgentStateStore:
         slots: list[tuple[str, Mapping[str, np.ndarray]]] = [("model", saved.model), ("extra", saved.extra)]
         if saved.previous is not None:
             slots += [("previous_model", saved.previous[0]), ("previous_extra", saved.previous[1])]
-        rows = [(slot, name, _to_npy(np.asarray(value))) for slot, params in slots for name, value in params.items()]
+        rows = [(slot, name, to_npy(np.asarray(value))) for slot, params in slots for name, value in params.items()]
         self._write("save the parameters", [
             ("DELETE FROM params", ()), *(("INSERT INTO params (slot, name, npy) VALUES (?, ?, ?)", r) for r in rows),
             ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_META_KEY, json.dumps(meta))),
@@ -205,7 +169,7 @@ def _decode_parameters(meta: Mapping[str, Any], rows: Sequence[tuple[str, str, b
     for slot, name, blob in rows:
         if slot not in slots:
             raise ValueError(f"unknown parameter slot {slot!r}")
-        slots[slot][name] = _from_npy(blob)
+        slots[slot][name] = from_npy(blob)
     previous_version = meta["previous_version"]
     probation = meta["probation"]
     cohort = meta["cohort"]

@@ -72,7 +72,7 @@ def test_the_store_round_trips_parameters_and_reports(tmp_path: Path) -> None:
 def test_a_file_that_is_not_a_state_database_is_named(tmp_path: Path) -> None:
     bad = tmp_path / "state.db"
     bad.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(StateError, match=r"state\.db is not a usable state database"):
+    with pytest.raises(StateError, match=r"state\.db is not a usable agent state database"):
         AgentStateStore(bad)
     with pytest.raises(StateError, match="cannot be opened"):
         AgentStateStore(tmp_path / "missing-dir" / "state.db")
