@@ -30,6 +30,9 @@ from runtime.model import entropy, softmax
 PRIOR_KEY = "foa.prior"
 DEFAULT_POPULATION = 4  # candidates per generation without the mirrored view (one fewer with it)
 MIRROR_CHUNK = 8  # samples per pass of the mirrored view
+MAX_GENERATIONS = 1000
+"""Most CMA-ES generations per batch: each costs ``population`` forward passes of the batch (FOA runs one;
+1000 already makes a batch cost thousands of passes), so more is a mistake, not a setting."""
 
 
 @dataclass(frozen=True)
@@ -39,12 +42,12 @@ class FOAConfig(BatchStatisticsConfig):
     ``layers``: the normalisation layers whose scale/shift are searched — the last ``n`` in graph order, or
     explicit names. ``per_channel``: search one scale and one shift per channel (2·C values per layer) instead
     of one per layer (2). ``population``: CMA-ES candidates per generation, 2 to 1024
-    (:data:`~device_agents.tta.cma_search.MAX_POPULATION`); ``generations``: per batch, so a batch costs
-    ``population × generations`` forward passes. ``sigma0``: initial CMA-ES step size, in (0, 10]
-    (:data:`~device_agents.tta.cma_search.MAX_SIGMA0`; the search starts at 0: unchanged parameters).
-    ``fitness_lambda``: λ of the statistics term. ``variance_floor``:
-    source variances are floored at this fraction of their mean in the statistics distance (dead features
-    have zero variance). ``min_batch_for_search``: smaller batches are predicted at the CMA-ES mean in one pass,
+    (:data:`~device_agents.tta.cma_search.MAX_POPULATION`); ``generations``: per batch, 1 to 1000
+    (:data:`MAX_GENERATIONS`), so a batch costs ``population × generations`` forward passes. ``sigma0``:
+    initial CMA-ES step size, in (0, 10] (:data:`~device_agents.tta.cma_search.MAX_SIGMA0`; the search starts
+    at 0: unchanged parameters). ``fitness_lambda``: λ of the statistics term. ``variance_floor``: source
+    variances are floored at this fraction of their mean in the statistics distance (dead features have zero
+    variance). ``min_batch_for_search``: smaller batches are predicted at the CMA-ES mean in one pass,
     without a search step. ``seed``: the CMA-ES sampler's seed. ``prior_correction`` (τ, 0 = off) and
     ``prior_momentum`` (m): on a stream the class-balance detector finds balanced, the logits are shifted by
     -τ · log p̄ (centred), p̄ a running mean of the predicted class probabilities (per-sample momentum m), so
@@ -146,7 +149,7 @@ class FOAConfig(BatchStatisticsConfig):
             raise ValueError(f"layers names a layer more than once: {self.layers!r}")
         # population (None: the default) in [MIN_POPULATION, MAX_POPULATION], sigma0 in (0, MAX_SIGMA0]
         check_settings(self.population_for(False), self.sigma0)
-        require_int("generations", self.generations, 1)
+        require_int("generations", self.generations, 1, MAX_GENERATIONS)
         if not (math.isfinite(self.variance_floor) and self.variance_floor > 0.0):
             raise ValueError(f"variance_floor must be finite and > 0, got {self.variance_floor}")
         if not (math.isfinite(self.fitness_lambda) and self.fitness_lambda >= 0.0):

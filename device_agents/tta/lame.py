@@ -11,6 +11,10 @@ from device_agents.tta.base import TTAConfig, TTAOutput, require_int
 from device_agents.tta.models import source_feature_stats
 from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, FeaturePassMethod
 
+MAX_STEPS = 100_000
+"""Most bound iterations per batch: each costs a few matrix products over the batch (LAME converges in tens;
+the default is 100), so more is a mistake, not a setting."""
+
 
 @dataclass(frozen=True)
 class LAMEConfig(TTAConfig):
@@ -18,7 +22,8 @@ class LAMEConfig(TTAConfig):
 
     ``knn``: neighbours per sample in the affinity (the paper's kNN affinity, k = 5); ``laplacian_weight``:
     λ, the weight of the Laplacian term (1 in the paper); ``max_steps`` and ``tolerance``: the bound
-    iterations stop after ``max_steps`` or when the energy changes by at most ``tolerance`` (relative).
+    iterations stop after ``max_steps`` (1 to :data:`MAX_STEPS`) or when the energy changes by at most
+    ``tolerance`` (relative). A ``knn`` above the batch size is clipped to it.
 
     ``statistics``: running-statistics settings of the pass whose outputs LAME corrects
     (:class:`~device_agents.tta.statistics.NormalisedPass`; None = the unadapted source pass, the paper's
@@ -79,7 +84,7 @@ class LAMEConfig(TTAConfig):
             raise ValueError(
                 f"balanced_laplacian_weight must be None or finite and >= 0, got {self.balanced_laplacian_weight}"
             )
-        require_int("max_steps", self.max_steps, 1)
+        require_int("max_steps", self.max_steps, 1, MAX_STEPS)
         if not (np.isfinite(self.tolerance) and self.tolerance >= 0.0):
             raise ValueError(f"tolerance must be finite and >= 0, got {self.tolerance}")
 

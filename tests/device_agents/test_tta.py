@@ -182,6 +182,8 @@ def test_config_validation(cls: type, kwargs: dict) -> None:
     (FOAConfig, "sigma0", True, r"a number in \(0, 10\.0\]"),
     (T3AConfig, "filter_k", 10**9, r"an integer in \[1, 1000\]"),
     (T3AConfig, "filter_k", 1001, r"an integer in \[1, 1000\]"),
+    (FOAConfig, "generations", 10**9, r"an integer in \[1, 1000\]"),
+    (LAMEConfig, "max_steps", 10**12, r"an integer in \[1, 100000\]"),
 ])
 def test_config_upper_bounds(cls: type, field: str, value: object, allowed: str) -> None:
     """Counts and step sizes had lower bounds only: a population of 10**9 allocated candidates for ever, a
@@ -191,6 +193,8 @@ def test_config_upper_bounds(cls: type, field: str, value: object, allowed: str)
         cls(**{field: value})
     assert FOAConfig(population=1024, sigma0=10.0).passes_per_batch() == 1024
     assert T3AConfig(filter_k=1000).filter_k == 1000
+    assert FOAConfig(generations=1000).generations == 1000
+    assert LAMEConfig(max_steps=100_000).max_steps == 100_000
     with pytest.raises(ValueError, match=r"population must be an integer in \[2, 1024\], got 5000"):
         CMASearch(population=5000, sigma0=0.1, seed=0)
     with pytest.raises(ValueError, match=r"sigma0 must be a number in \(0, 10\.0\], got inf"):
