@@ -49,7 +49,7 @@ from device_agents.health import Health, HealthMonitor, HealthPolicy
 from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
-from device_agents.state import AgentStateStore, SavedParameters, SavedState, StateError, UpdateRef
+from device_agents.state import AgentStateStore, SavedParameters, SavedState, SavedTTA, StateError, UpdateRef
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
 from device_agents.tta.models import describe_model, is_adaptable
 from device_agents.updates import SubmissionEncoder, check_order, check_signature, decode_params
@@ -234,8 +234,10 @@ class Agent:
     made on the first labelled batch).
 
     ``state`` (optional) keeps what a restart must not lose (:mod:`device_agents.state`): the applied
-    parameters and versions, the parameters a rollback restores, an update still on probation, and the drift
-    and rollback reports not yet delivered. The agent restores them at construction — unless they are for
+    parameters and versions, the parameters a rollback restores, an update still on probation, the drift
+    and rollback reports not yet delivered, and the TTA method's state (saved at each :meth:`sync` and at
+    :meth:`close`; restored for the same method, bundle and parameters). The agent restores them at
+    construction — unless they are for
     another bundle or cohort, are refused by the model, or are newer than ``server_version`` (the server's
     newest update version for this bundle and cohort, from the registration: a saved version above it means
     the server's update history was reset), in which case it starts from the bundle's parameters — and saves
@@ -312,7 +314,10 @@ class Agent:
         if saved.drift_reports or saved.rollback_reports:
             logger.info("restored %d drift and %d rollback reports not yet delivered", len(self._pending_drift),
                         len(self._pending_rollbacks))
-        p = saved.parameters
+        self._restore_parameters(saved.parameters, server_version)
+        self._restore_tta(saved.tta)
+
+    def _restore_parameters(self, p: SavedParameters | None, server_version: int | None) -> None:
         if p is None or not self.adaptable:
             return
         why = self._saved_mismatch(p, server_version)
@@ -334,6 +339,32 @@ class Agent:
         self._probation = p.probation
         self.tta.on_params_changed()
         logger.info("restored the parameters of v%d (newest accepted v%d)", p.active_version, p.version)
+
+    def _restore_tta(self, t: SavedTTA | None) -> None:
+        """Take over the TTA method's saved state when it is this method's, for this bundle and the parameters
+        the model now runs (an update resets a method's state)."""
+        if t is None:
+            return
+        if (t.method, t.bundle_id, t.active_version) != (self.tta.name, self.config.bundle_id, self._active_version):
+            logger.info("not restoring the saved state of TTA method %r (bundle %s, v%d): this agent runs %r on "
+                        "bundle %s, v%d", t.method, t.bundle_id[:12], t.active_version, self.tta.name,
+                        self.config.bundle_id[:12], self._active_version)
+            return
+        try:
+            self.tta.restore(t.state)
+        except (TypeError, ValueError) as exc:  # restore names what is wrong, and changes nothing then
+            logger.warning("not restoring the saved state of TTA method %r: %s", t.method, exc)
+            return
+        logger.info("restored the state of TTA method %r (%d arrays)", t.method, len(t.state))
+
+    def save_tta_state(self) -> None:
+        """Save the TTA method's state (a no-op without a state store); :meth:`sync` and :meth:`close` call it.
+        A failed save is logged and counted, like every save."""
+        if self.state is None:
+            return
+        with self._lock:
+            saved = SavedTTA(self.tta.name, self.config.bundle_id, self._active_version, dict(self.tta.snapshot()))
+        self._save(lambda store: store.save_tta(saved))
 
     def _saved_mismatch(self, p: SavedParameters, server_version: int | None) -> str | None:
         """Why the saved parameter state does not fit this agent, or None when it does."""
@@ -826,12 +857,14 @@ class Agent:
                        "parameters of v%d", why, version)
 
     def sync(self, wait_seconds: float | None = None) -> SyncResult:
-        """Upload the outbox, then apply updates newer than :attr:`version` (waiting up to ``wait_seconds``,
-        default ``config.sync_wait_seconds``; a model without adaptable parameters only uploads). Transport
-        failures and refused updates are logged, counted and returned in ``errors``; they do not raise."""
+        """Save the TTA state (with a state store), upload the outbox, deliver kept reports, then apply updates
+        newer than :attr:`version` (waiting up to ``wait_seconds``, default ``config.sync_wait_seconds``; a model
+        without adaptable parameters only uploads). Transport failures and refused updates are logged, counted
+        and returned in ``errors``; they do not raise."""
         wait = self.config.sync_wait_seconds if wait_seconds is None else wait_seconds
         if not wait > 0:
             raise ValueError(f"wait_seconds must be > 0 (0 would wait forever), got {wait}")
+        self.save_tta_state()
         if self.client is None:
             return SyncResult(None, (), ("no client: offline",))
         errors: list[str] = []
@@ -911,8 +944,10 @@ class Agent:
                                        f"this device cannot {what}")
 
     def close(self) -> None:
-        """Stop the watcher; the model, outbox and client belong to the caller and stay open."""
+        """Stop the watcher and save the TTA method's state; the model, outbox, state store and client belong to
+        the caller and stay open."""
         self.stop_watcher()
+        self.save_tta_state()
 
     @property
     def stats(self) -> AgentStats:

@@ -23,7 +23,7 @@ def to_npy(array: np.ndarray | None) -> bytes | None:
     if array is None:
         return None
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    np.save(buf, np.asarray(array), allow_pickle=False)  # (ascontiguousarray would make a 0-d array 1-d)
     return buf.getvalue()
 
 

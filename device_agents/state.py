@@ -7,6 +7,9 @@
   runs what it ran before — offline too — and watches for updates after the version it had.
 * **Reports not yet delivered**: drift reports and rollback reports the server could not be reached for, sent
   at the next sync after a restart.
+* **The TTA method's state** (its :meth:`~device_agents.tta.TTAMethod.snapshot`: α-BN's running statistics,
+  FOA's search, T3A's supports), saved at each sync and when the agent closes, so that a restarted device
+  keeps what it adapted to instead of starting again from the source statistics.
 
 Arrays are stored as ``.npy`` bytes. The database runs in WAL mode with ``synchronous=FULL``; each save is one
 transaction, so a crash leaves the previous state or the new one, whole. A file that is not a usable state
@@ -36,9 +39,11 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS params (slot TEXT NOT NULL, name TEXT NOT NULL, npy BLOB NOT NULL,
                                    PRIMARY KEY (slot, name));
 CREATE TABLE IF NOT EXISTS reports (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tta (name TEXT PRIMARY KEY, npy BLOB NOT NULL);
 """
 _SLOTS = ("model", "extra", "previous_model", "previous_extra")
 _META_KEY = "parameters"
+_TTA_KEY = "tta"
 
 
 class StateError(AgentError):
@@ -73,13 +78,26 @@ class SavedParameters:
 
 
 @dataclass(frozen=True)
+class SavedTTA:
+    """A TTA method's saved state: the method's name, the bundle and the parameter version it adapted (a
+    method's state belongs to the parameters it ran with: an update resets it) and its snapshot."""
+
+    method: str
+    bundle_id: str
+    active_version: int
+    state: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
 class SavedState:
-    """What :meth:`AgentStateStore.load` found: the parameter state (None: none saved, or unreadable) and the
-    undelivered reports, oldest first (drift reports as ``(position, statistic, detected_ms)``)."""
+    """What :meth:`AgentStateStore.load` found: the parameter state (None: none saved, or unreadable), the
+    undelivered reports, oldest first (drift reports as ``(position, statistic, detected_ms)``), and the TTA
+    method's state (None: none saved, or unreadable)."""
 
     parameters: SavedParameters | None
     drift_reports: list[tuple[int, float, int]]
     rollback_reports: list[RollbackInfo]
+    tta: SavedTTA | None = None
 
 
 class AgentStateStore(SqliteStore):
@@ -87,18 +105,21 @@ class AgentStateStore(SqliteStore):
 
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, _SCHEMA, [f"SELECT {columns} FROM {table} LIMIT 0" for table, columns in (
-            ("meta", "key, value"), ("params", "slot, name, npy"), ("reports", "seq, kind, body"))],
+            ("meta", "key, value"), ("params", "slot, name, npy"), ("reports", "seq, kind, body"),
+            ("tta", "name, npy"))],
             StateError, "agent state", "; move it away to start from the bundle's parameters")
 
     # -- reading --------------------------------------------------------------------------------------------
     def load(self) -> SavedState:
         """The saved state. A parameter state that no longer decodes is logged and left out (the agent starts
-        from the bundle's parameters); so is each report that no longer decodes."""
+        from the bundle's parameters); so is each report, and a TTA state, that no longer decodes."""
         try:
             with self._lock:
                 meta = self._conn.execute("SELECT value FROM meta WHERE key = ?", (_META_KEY,)).fetchone()
                 rows = self._conn.execute("SELECT slot, name, npy FROM params").fetchall()
                 reports = self._conn.execute("SELECT seq, kind, body FROM reports ORDER BY seq").fetchall()
+                tta_meta = self._conn.execute("SELECT value FROM meta WHERE key = ?", (_TTA_KEY,)).fetchone()
+                tta_rows = self._conn.execute("SELECT name, npy FROM tta").fetchall()
         except sqlite3.Error as exc:
             raise StateError(f"agent state {self.path} cannot be read: {exc}") from exc
         parameters = None
@@ -122,7 +143,16 @@ class AgentStateStore(SqliteStore):
             except (ValueError, TypeError, KeyError) as exc:
                 logger.warning("agent state %s: dropping undelivered report %d that does not decode: %s", self.path,
                                seq, exc)
-        return SavedState(parameters, drift, rollbacks)
+        tta = None
+        if tta_meta is not None:
+            try:
+                fields = json.loads(tta_meta[0])
+                tta = SavedTTA(str(fields["method"]), str(fields["bundle_id"]), int(fields["active_version"]),
+                               {str(name): from_npy(blob) for name, blob in tta_rows})
+            except (ValueError, TypeError, KeyError, OSError) as exc:
+                logger.warning("agent state %s: the saved TTA state does not decode (%s); the method starts "
+                               "afresh", self.path, exc)
+        return SavedState(parameters, drift, rollbacks, tta)
 
     # -- writing --------------------------------------------------------------------------------------------
     def save_parameters(self, saved: SavedParameters) -> None:
@@ -144,6 +174,16 @@ class AgentStateStore(SqliteStore):
         """Forget the saved parameter state (the reports stay)."""
         self._write("clear the parameters", [("DELETE FROM params", ()),
                                              ("DELETE FROM meta WHERE key = ?", (_META_KEY,))])
+
+    def save_tta(self, saved: SavedTTA) -> None:
+        """Replace the saved TTA state with ``saved``, in one transaction."""
+        rows = [(str(name), to_npy(np.asarray(value))) for name, value in saved.state.items()]
+        meta = json.dumps({"method": saved.method, "bundle_id": saved.bundle_id,
+                           "active_version": int(saved.active_version)})
+        self._write("save the TTA state", [
+            ("DELETE FROM tta", ()), *(("INSERT INTO tta (name, npy) VALUES (?, ?)", r) for r in rows),
+            ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_TTA_KEY, meta)),
+        ])
 
     def save_reports(self, drift: Sequence[tuple[int, float, int]], rollbacks: Sequence[RollbackInfo]) -> None:
         """Replace the undelivered reports with ``drift`` and ``rollbacks`` (oldest first), in one transaction."""

@@ -287,3 +287,50 @@ def test_connect_agent_restores_the_previous_run_from_its_work_dir(edge_server, 
         assert again.sync(wait_seconds=0.2).applied_versions == ()  # nothing fetched twice
     finally:
         close_agent(again)
+
+
+def test_the_tta_state_survives_a_restart(tmp_path: Path) -> None:
+    """A device restarted mid-stream predicts the next batch exactly as one that never stopped: α-BN's running
+    statistics are saved at close and restored for the same method, bundle and parameters."""
+    rng = np.random.default_rng(3)
+    batches = [(rng.random((16, 1, 8, 8)) * 0.6 + 0.4).astype(np.float32) for _ in range(5)]
+    steady = _agent(tmp_path / "steady.db")
+    for x in batches[:4]:
+        steady.process_batch(x)
+    want = steady.process_batch(batches[4]).probs
+
+    path = tmp_path / "restarted.db"
+    first = _agent(path)
+    for x in batches[:4]:
+        first.process_batch(x)
+    first.close()
+    first.state.close()  # type: ignore[union-attr]
+    restarted = _agent(path)
+    np.testing.assert_array_equal(restarted.process_batch(batches[4]).probs, want)
+    fresh = _agent(tmp_path / "fresh.db").process_batch(batches[4]).probs
+    assert not np.array_equal(fresh, want)  # the state made a difference
+
+
+def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "state.db"
+    agent = _agent(path)
+    agent.process_batch(np.full((16, 1, 8, 8), 0.7, np.float32))
+    agent.close()  # saves α-BN's state at v0
+    original = agent.model.params
+    agent.apply_update(_update(1, _shifted(original, 0.1)))  # now v1: the saved TTA state is v0's
+    agent.state.close()  # type: ignore[union-attr]
+    with caplog.at_level(logging.INFO):
+        restarted = _agent(path)
+    assert restarted.active_version == 1
+    assert "not restoring the saved state of TTA method 'alpha_bn' (bundle aaaaaaaaaaaa, v0)" in caplog.text
+    assert restarted.tta.snapshot() == {}  # starts afresh on v1
+    restarted.close()  # saves v1's (empty) state
+    restarted.state.close()  # type: ignore[union-attr]
+
+    from device_agents.tta import LAME
+
+    with caplog.at_level(logging.INFO):
+        Agent(TinyAdaptableModel(), LAME(), PageHinkley(), None, None, None,
+              AgentConfig(device_id="dev-1", bundle_id=BUNDLE), state=AgentStateStore(path))
+    assert "not restoring the saved state of TTA method 'alpha_bn'" in caplog.text
