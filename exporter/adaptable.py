@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from runtime.checks import require_optional_int
+
 PARAM_KINDS = ("weight", "bias", "mean", "var")
 
 
@@ -123,10 +125,8 @@ def functional_forward(
     built with ``LeanOptions(stats_samples=k)`` computes). Not thread-safe for one model object: the BN
     modules are patched for the duration of the call.
     """
-    if stats_samples is None:
+    if require_optional_int("stats_samples", stats_samples, 1) is None:
         return forward_with_norm(model, x, params, alpha, _mixed_norm)
-    if stats_samples < 1:
-        raise ValueError(f"stats_samples must be >= 1 or None, got {stats_samples}")
     return forward_with_norm(model, x, params, alpha, functools.partial(_mixed_norm, stats_samples=stats_samples))
 
 

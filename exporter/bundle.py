@@ -32,14 +32,15 @@ from exporter.adaptable import AdaptableGraph, norm_layers
 from exporter.bundle_dir import golden_file, install, prepare_out_dir
 from exporter.bundle_models import BuildOptions, BuiltModel, build_models, feeds_for, session_for
 from exporter.checkpoint import load_checkpoint
+from exporter.compress.nm import check_pattern
 from exporter.compress.onnx_nm import require_onnx_nm, weight_initializers
 from exporter.models import ModelSpec
 from exporter.onnx_export import ExportError, make_feeds, ort_session, params_numpy
 from exporter.quantize import Int8Config
 from exporter.signing import sign_bundle
 from exporter.statistics import STATISTICS as STATISTICS  # re-exported: the file name and the helpers
+from exporter.statistics import check_source_data, output_statistics, write_statistic_blocks
 from exporter.statistics import class_gaussians as class_gaussians
-from exporter.statistics import output_statistics, write_statistic_blocks
 from exporter.train import check_images
 from runtime.blocks import encode_block, encode_image_u8
 from runtime.manifest import checked_invariances
@@ -122,6 +123,16 @@ def _check_inputs(spec: ModelSpec, labels: Sequence[str], **arrays: np.ndarray) 
             raise ValueError(f"{name} has sample shape {checked.shape[1:]}, the model expects {expected}")
         out[name] = checked
     return out
+
+
+def _check_options(golden_alpha: float, nm: tuple[int, int] | None) -> None:
+    """Refuse a ``golden_alpha`` outside [0, 1] (or a bool) and an ``nm`` that is not an ``(n, m)`` pattern."""
+    if isinstance(golden_alpha, bool) or not isinstance(golden_alpha, int | float) or not 0.0 <= golden_alpha <= 1.0:
+        raise ValueError(f"golden_alpha must lie in [0, 1], got {golden_alpha!r}")
+    if nm is not None:
+        if isinstance(nm, str) or not isinstance(nm, Sequence) or len(nm) != 2:
+            raise ValueError(f"nm must be a pair (n, m) such as (2, 4), got {nm!r}")
+        check_pattern(*nm)
 
 
 def _run(path: Path, x: np.ndarray, params: dict[str, np.ndarray], alpha: float, optimize: bool = True
@@ -441,7 +452,9 @@ def export_bundle(
     """Write a signed bundle for ``source`` (a checkpoint path or ``(model, arch, spec, ckpt_sha256)``) to ``out_dir``.
 
     ``calibration_x`` calibrates int8; ``golden_x`` (a few held-out samples, e.g. 8) are the golden inputs and
-    the export parity inputs; ``source_x``/``source_y`` give the source statistics and accuracy. The bundle is
+    the export parity inputs; ``source_x``/``source_y`` give the source statistics and accuracy (at least 2
+    different samples; with ``source_y``, one label per sample and a class with 2 different samples, so that
+    the shared class covariance is not zero: :func:`exporter.statistics.check_source_data`). The bundle is
     built beside ``out_dir`` and renamed into place; an existing non-empty ``out_dir`` is refused unless
     ``overwrite``. ``formats`` (onnx always, tflite optionally) and ``folded`` choose the model files (see
     :mod:`exporter.bundle_models`); ``parity_x`` (default ``golden_x``) are the held-out inputs of the parity
@@ -457,13 +470,13 @@ def export_bundle(
     Returns the bundle path.
     """
     out_dir = Path(out_dir)
-    if not 0.0 <= golden_alpha <= 1.0:
-        raise ValueError(f"golden_alpha must lie in [0, 1], got {golden_alpha}")
+    _check_options(golden_alpha, nm)
     model, arch, spec, ckpt_sha = _resolve_source(source)
     check_finite_weights(model)
     declared = checked_invariances(invariances)
     data = _check_inputs(spec, labels, calibration_x=calibration_x, golden_x=golden_x, source_x=source_x,
                          parity_x=golden_x if parity_x is None else parity_x)
+    source_y = check_source_data(data["source_x"], source_y, spec.num_classes)
     data["golden_x"] = quantize_golden(data["golden_x"])[1]
     prepare_out_dir(out_dir, overwrite)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))

@@ -38,7 +38,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,9 +49,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from exporter.bundle_dir import golden_file, install, prepare_out_dir
 from exporter.foreign_features import AUTO, FEATURES, ForeignModelError, onnx_with_features, tflite_with_features
 from exporter.signing import sign_bundle
-from exporter.statistics import output_statistics, write_statistic_blocks
+from exporter.statistics import check_source_data, output_statistics, write_statistic_blocks
 from runtime.blocks import encode_block, encode_image_u8
 from runtime.bundle import golden_input, load_bundle
+from runtime.checks import require_int
 from runtime.manifest import INPUT_DTYPES, MANIFEST_NAME, OUTPUT_KINDS, SCHEMA_VERSION, checked_invariances
 from runtime.session import Session, open_session
 from runtime.signing import SIGNATURE_NAME
@@ -93,7 +94,7 @@ class ForeignInputSpec:
     invariances: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        shape = tuple(int(d) for d in self.shape)
+        shape = _checked_shape(self.shape)
         object.__setattr__(self, "shape", shape)
         object.__setattr__(self, "value_range", tuple(float(v) for v in self.value_range))
         try:
@@ -125,6 +126,20 @@ class ForeignInputSpec:
         return {"name": self.name, "shape": [-1, *self.shape[1:]], "dtype": self.dtype, "layout": self.layout,
                 "value_range": list(self.value_range),
                 **({"invariances": list(self.invariances)} if self.invariances else {})}
+
+
+def _checked_shape(shape: Any) -> tuple[int, ...]:
+    """The input shape as ints; a dim that is not an integer (a bool, 2.5, NaN, a string) is refused by position."""
+    if isinstance(shape, str | bytes) or not isinstance(shape, Iterable):
+        raise ForeignModelError(f"input shape must be a sequence of 4 integers, got {shape!r}")
+    shape = list(shape)
+    dims = []
+    for axis, dim in enumerate(shape):
+        try:
+            dims.append(require_int(f"input shape dim {axis}", dim, -1))
+        except ValueError as exc:
+            raise ForeignModelError(f"{exc} (shape {shape!r})") from None
+    return tuple(dims)
 
 
 @dataclass(frozen=True)
@@ -452,6 +467,11 @@ def _wrap(
         raise FileNotFoundError(f"foreign model not found: {source_path}")
     x = _check_x(golden_x, spec)
     source = _check_x(source_x, spec, "source_x") if source_x is not None else None
+    if source is not None:
+        try:
+            source_y = check_source_data(source, source_y, len(labels))
+        except ValueError as exc:
+            raise ForeignModelError(str(exc)) from exc
     wrapped = inspect(source_path, spec, x, output_name, features)
     if wrapped.static_batch is not None:
         if len(x) < wrapped.static_batch:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from runtime.checks import require_int
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -24,8 +26,8 @@ class ModelSpec:
     std: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        if self.in_channels < 1 or self.num_classes < 2 or self.image_size < 4:
-            raise ValueError(f"invalid model spec {self}")
+        for name, minimum in (("in_channels", 1), ("num_classes", 2), ("image_size", 4)):
+            object.__setattr__(self, name, require_int(f"ModelSpec.{name}", getattr(self, name), minimum))
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise ValueError(f"mean/std need {self.in_channels} values, got {self.mean} / {self.std}")
         if any(s <= 0 for s in self.std):

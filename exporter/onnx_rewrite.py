@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from runtime.checks import require_optional_int
+
 MARKER_DOMAIN = "edgeloop"
 MARKER_OP = "AlphaNorm"
 
@@ -49,8 +51,7 @@ class LeanOptions:
     stats_samples: int | None = None
 
     def __post_init__(self) -> None:
-        if self.stats_samples is not None and self.stats_samples < 1:
-            raise ValueError(f"stats_samples must be >= 1 or None, got {self.stats_samples}")
+        object.__setattr__(self, "stats_samples", require_optional_int("stats_samples", self.stats_samples, 1))
         if self.stats_samples is not None and not self.statistics:
             raise ValueError("stats_samples needs statistics=True (a graph without statistics has none to sample)")
 

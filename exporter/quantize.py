@@ -55,6 +55,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from exporter.onnx_export import make_feeds, ort_session
 from exporter.train import check_images
+from runtime.checks import require_int
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +123,12 @@ class Int8Config:
         unknown = sorted(set(self.op_types) - SUPPORTED_OP_TYPES)
         if unknown or not self.op_types:
             raise ValueError(f"op_types must be a non-empty subset of {sorted(SUPPORTED_OP_TYPES)}, got {unknown}")
-        for name in ("max_samples", "batch_size", "float_convs_below_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-        if self.float_convs_below_channels < 0:
-            raise ValueError(f"float_convs_below_channels must be >= 0, got {self.float_convs_below_channels}")
+        for name, minimum in (("max_samples", 1), ("batch_size", 1), ("float_convs_below_channels", 0)):
+            object.__setattr__(self, name, require_int(name, getattr(self, name), minimum))
         if self.calibration not in _CALIBRATIONS:
             raise ValueError(f"calibration must be one of {sorted(_CALIBRATIONS)}, got {self.calibration!r}")
         if self.activation_type not in _ACTIVATIONS:
             raise ValueError(f"activation_type must be one of {sorted(_ACTIVATIONS)}, got {self.activation_type!r}")
-        if self.max_samples < 1 or self.batch_size < 1:
-            raise ValueError(f"max_samples and batch_size must be positive, got {self.max_samples}, {self.batch_size}")
         agreement = self.min_agreement
         if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0.0 <= agreement <= 1.0:
             raise ValueError(f"min_agreement must lie in [0, 1], got {self.min_agreement}")
@@ -191,11 +186,9 @@ class CalibrationReader(CalibrationDataReader):
 
     def __init__(self, x: np.ndarray, params: Mapping[str, np.ndarray], batch_size: int = 64) -> None:
         """``x``: (N, C, H, W) float32 samples in [0, 1]; ``params``: every ``bnK.*`` graph input."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.batch_size = require_int("batch_size", batch_size, 1)
         self.x = check_images(x, "calibration samples")
         self.params = {k: np.asarray(v, dtype=np.float32) for k, v in params.items()}
-        self.batch_size = batch_size
         self._start = 0
 
     def __len__(self) -> int:

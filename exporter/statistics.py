@@ -25,18 +25,63 @@ FEATURES_FILE = "source_features.bin"  # schema version 2
 CLASS_STATISTICS_FILE = "class_statistics.bin"  # schema version 2
 
 
-def check_labels(y: np.ndarray, n: int, num_classes: int | None = None) -> np.ndarray:
-    """Validate ``n`` integer labels (in ``[0, num_classes)`` when given); return them as int64."""
+def check_labels(y: np.ndarray, n: int, num_classes: int | None = None, what: str = "labels") -> np.ndarray:
+    """Validate ``n`` integer labels (in ``[0, num_classes)`` when given); return them as int64. Errors name the
+    labels as ``what`` (e.g. ``"source_y"``)."""
     arr = np.asarray(y)
     if arr.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), got {arr.shape}")
+        raise ValueError(f"{what} must have shape ({n},) (one label per sample), got {arr.shape}")
     if arr.dtype.kind not in "iu":
-        raise ValueError(f"labels must be integers, got dtype {arr.dtype}")
+        raise ValueError(f"{what} must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64)
     if arr.min() < 0 or (num_classes is not None and arr.max() >= num_classes):
         where = "be >= 0" if num_classes is None else f"lie in [0, {num_classes})"
-        raise ValueError(f"labels must {where}, got range [{arr.min()}, {arr.max()}]")
+        raise ValueError(f"{what} must {where}, got range [{arr.min()}, {arr.max()}]")
     return arr
+
+
+def check_source_data(source_x: np.ndarray, source_y: np.ndarray | None, num_classes: int) -> np.ndarray | None:
+    """Refuse source samples whose statistics would be degenerate, before any work; return ``source_y`` checked
+    (int64, one label in ``[0, num_classes)`` per sample of ``source_x``) or None without labels.
+
+    The feature variances need 2 different samples (one sample's are zero). With labels, the class-conditional
+    Gaussians' shared covariance (:func:`class_gaussians`: pooled within-class, ``N − K`` degrees of freedom for
+    the ``K`` classes present) needs a class with 2 different samples: with one sample per class every sample
+    is its class mean and the covariance is zero, which a device's Mahalanobis drift detector refuses. Other
+    classes may have one sample (their mean is recorded, the covariance is shared) or none (count 0).
+    """
+    x = np.asarray(source_x)
+    n = len(x)
+    flat = x.reshape(n, -1)
+    if source_y is None:
+        if n < 2:
+            raise ValueError(f"source_x has {n} sample; the source statistics need at least 2 "
+                             "(the feature variances of a single sample are zero)")
+        if not _varies(flat):
+            raise ValueError(f"source_x's {n} samples are all identical; the source statistics need at least 2 "
+                             "different samples (the feature variances would be zero)")
+        return None
+    y = check_labels(source_y, n, num_classes, what="source_y")
+    classes = np.unique(y)
+    if n <= len(classes):
+        raise ValueError(
+            f"source_x has {n} sample{'s' if n != 1 else ''} in {len(classes)} class(es) of source_y; the "
+            f"class-conditional source statistics need at least {len(classes) + 1}, a class with 2 samples "
+            "(with one sample per class the shared covariance is zero)")
+    if not any(_varies(flat, np.flatnonzero(y == c)) for c in classes):
+        raise ValueError(f"no class of source_y has 2 different samples in source_x ({n} samples, "
+                         f"{len(classes)} classes): the shared within-class covariance would be zero")
+    return y
+
+
+def _varies(rows: np.ndarray, index: np.ndarray | None = None, chunk: int = 256) -> bool:
+    """Whether the rows of ``rows`` (N, D) — those listed in ``index`` when given — are not all equal (compared
+    in chunks: a different row usually comes first, and a large source set is never copied whole)."""
+    index = np.arange(len(rows)) if index is None else index
+    if len(index) < 2:
+        return False
+    first = rows[index[0]]
+    return any(bool(np.any(rows[index[i : i + chunk]] != first)) for i in range(1, len(index), chunk))
 
 
 def output_statistics(probs: np.ndarray, features: np.ndarray, source_y: np.ndarray | None) -> dict[str, Any]:
@@ -52,10 +97,17 @@ def output_statistics(probs: np.ndarray, features: np.ndarray, source_y: np.ndar
         "entropy": {"mean": float(ent.mean()), "std": float(ent.std())},
         "accuracy": None,
     }
+    if not np.any(np.asarray(stats["features"]["var"]) > 0):
+        raise ValueError(f"the model's features on the {len(ft)} samples of source_x do not vary (every feature "
+                         "variance is zero): the source statistics would be degenerate")
     if source_y is not None:
-        y = check_labels(source_y, len(p), p.shape[1])
+        y = check_labels(source_y, len(p), p.shape[1], what="source_y")
         stats["accuracy"] = float((p.argmax(1) == y).mean())
-        stats["class_conditional"] = class_gaussians(ft, y, p.shape[1])
+        gaussians = class_gaussians(ft, y, p.shape[1])
+        if not float(np.trace(gaussians["shared_covariance"])) > 0:
+            raise ValueError("the model's features on source_x do not vary within any class of source_y: the "
+                             "shared covariance of the class-conditional statistics would be zero")
+        stats["class_conditional"] = gaussians
     return stats
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from exporter.models import ARCHITECTURES, ModelSpec, build_model
 from exporter.statistics import check_labels
+from runtime.checks import require_int, require_optional_int
 
 logger = logging.getLogger(__name__)
 
@@ -48,19 +49,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.arch!r}; registered: {sorted(ARCHITECTURES)}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ValueError(f"batch_size must be an int >= 2 (BatchNorm needs 2 samples), got {self.batch_size!r}")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, int | float) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be None or a positive int, got {self.threads!r}")
+        check_counts(self)
+        check_rates(self)
+
+
+def check_counts(config: Any) -> None:
+    """Validate the integer fields ``epochs``, ``batch_size``, ``seed`` and ``threads`` that :class:`TrainConfig`
+    and the fine-tune config share (a bool or a float is refused, naming the field) and store them as ints."""
+    counts = {"epochs": require_int("epochs", config.epochs, 1),
+              "batch_size": require_int("batch_size", config.batch_size, 2, why="BatchNorm needs 2 samples"),
+              "seed": require_int("seed", config.seed, 0),
+              "threads": require_optional_int("threads", config.threads, 1)}
+    for name, value in counts.items():  # numpy integers become ints (frozen dataclasses: set past the guard)
+        object.__setattr__(config, name, value)
+
+
+def check_rates(config: Any) -> None:
+    """Validate ``lr`` (positive) and ``weight_decay`` (>= 0): finite real numbers, not bools or strings."""
+    if not (_real(config.lr) and config.lr > 0):
+        raise ValueError(f"lr must be positive and finite, got {config.lr!r}")
+    if not (_real(config.weight_decay) and config.weight_decay >= 0):
+        raise ValueError(f"weight_decay must be >= 0 and finite, got {config.weight_decay!r}")
+
+
+def _real(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 @contextmanager
@@ -210,8 +223,7 @@ def train_model(
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Eval-mode logits (N, K) of ``model`` on the [0, 1] batch ``x``, computed in chunks."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    batch_size = require_int("batch_size", batch_size, 1)
     arr = check_images(x, "x")
     was_training = model.training
     model.eval()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import abc
 import math
-import numbers
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -51,17 +50,6 @@ def normalized_entropy(probs: np.ndarray) -> np.ndarray:
     if k < 2:
         raise ValueError(f"need at least 2 classes for a normalised entropy, got {k}")
     return entropy(p) / math.log(k)
-
-
-def require_int(field: str, value: object, minimum: int, maximum: int | None = None) -> None:
-    """Raise ``ValueError`` naming ``field``, ``value`` and the allowed range unless ``value`` is an integer (not a
-    bool) ``>= minimum`` and, when given, ``<= maximum``: a config refuses a float, NaN, negative or absurdly
-    large count when it is built, not with a numpy ``TypeError`` (or an allocation that never ends) at the first
-    batch."""
-    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
-            or (maximum is not None and value > maximum)):
-        bound = f">= {minimum} (an integer)" if maximum is None else f"an integer in [{minimum}, {maximum}]"
-        raise ValueError(f"{field} must be {bound}, got {value!r}")
 
 
 @dataclass(frozen=True)

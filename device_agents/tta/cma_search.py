@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import require_int
+from runtime.checks import require_int
 
 _MASK64 = (1 << 64) - 1
 KEYS = ("cma.mean", "cma.sigma", "cma.stds", "cma.rng")

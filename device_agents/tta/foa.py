@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAMethod, TTAOutput, require_int
+from device_agents.tta.base import TTAMethod, TTAOutput
 from device_agents.tta.cma_search import KEYS as CMA_KEYS
 from device_agents.tta.cma_search import CMASearch, check_settings
 from device_agents.tta.models import (
@@ -25,6 +25,7 @@ from device_agents.tta.models import (
 )
 from device_agents.tta.snapshots import StateLayout
 from device_agents.tta.statistics import STATS_PREFIX, BatchStatisticsConfig, StatisticsMix
+from runtime.checks import require_int
 from runtime.model import entropy, softmax
 
 PRIOR_KEY = "foa.prior"

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAOutput, require_int
+from device_agents.tta.base import TTAConfig, TTAOutput
 from device_agents.tta.models import source_feature_stats
 from device_agents.tta.statistics import DEFAULT_STATISTICS, BatchStatisticsConfig, FeaturePassMethod
+from runtime.checks import require_int
 
 MAX_STEPS = 100_000
 """Most bound iterations per batch: each costs a few matrix products over the batch (LAME converges in tens;

@@ -50,8 +50,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAMethod, require_int
+from device_agents.tta.base import TTAConfig, TTAMethod
 from device_agents.tta.snapshots import BALANCE_KEYS, StateLayout
+from runtime.checks import require_int
 
 STATS_PREFIX = "stats."
 """Where the methods that build on α-BN's pass (:class:`NormalisedPass`) keep its state."""

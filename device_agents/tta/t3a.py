@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.tta.base import TTAConfig, TTAOutput, require_int
+from device_agents.tta.base import TTAConfig, TTAOutput
 from device_agents.tta.models import (
     ModelCapabilityError,
     describe_model,
@@ -21,6 +21,7 @@ from device_agents.tta.statistics import (
     BatchStatisticsConfig,
     FeaturePassMethod,
 )
+from runtime.checks import require_int
 from runtime.model import entropy, softmax
 
 EMPTY_CLASS_MARGIN = 30.0  # a class with no support scores this far below the batch row's lowest score

@@ -22,7 +22,7 @@ import fnmatch
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -78,10 +78,35 @@ def is_excluded(path: str, patterns: Sequence[str]) -> str | None:
 
 @dataclass(frozen=True)
 class LayerSelection:
-    """The layers a pass will compress (path → module, in registration order) and the excluded paths."""
+    """The layers a pass will compress (path → module, in registration order), the excluded paths and, for a
+    target registered under more than one path (one module object shared, e.g. ``self.b = self.a``), its
+    other paths (``aliases``: first path → the others; a pass must change the module under every one)."""
 
     targets: dict[str, nn.Module]
     excluded: tuple[str, ...]
+    aliases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """Every path each module of ``model`` is registered under, keyed by ``id(module)``, in registration order
+    (``named_modules`` lists a shared module only under its first path)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        paths.setdefault(id(module), []).append(path)
+    return paths
+
+
+def _shared_exclusion(pass_name: str, paths: list[str], matched: list[str | None]) -> bool:
+    """Whether a module registered under ``paths`` is excluded; ``ValueError`` naming its paths when ``exclude``
+    matches some of them but not all (one module object cannot be both compressed and left alone)."""
+    if all(m is None for m in matched):
+        return False
+    if all(m is not None for m in matched):
+        return True
+    hit = [p for p, m in zip(paths, matched, strict=True) if m is not None]
+    missed = [p for p, m in zip(paths, matched, strict=True) if m is None]
+    raise ValueError(f"{pass_name}: one module is registered as {' and '.join(repr(p) for p in paths)}; exclude "
+                     f"matches {hit} but not {missed}: exclude every path of a shared module or none")
 
 
 def select_layers(
@@ -93,28 +118,34 @@ def select_layers(
     parameters of their own are passed over; anything else holding parameters (a ``Conv1d``, an
     ``Embedding``, a bare ``nn.Parameter`` on a container …) raises :class:`UnsupportedLayerError` unless a
     glob of ``exclude`` matches its path or an ancestor's. Globs that match no module raise ``ValueError``
-    (a typo would otherwise silently compress the layer it meant to protect).
+    (a typo would otherwise silently compress the layer it meant to protect). A module registered under
+    several paths is one target under its first path (its other paths in ``aliases``); ``exclude`` must match
+    all of its paths or none (``ValueError`` naming them).
     """
     used: set[str] = set()
     found: dict[str, nn.Module] = {}
+    aliases: dict[str, tuple[str, ...]] = {}
     excluded: list[str] = []
     unsupported: list[tuple[str, nn.Module]] = []
+    all_paths = module_paths(model)
     for path, module in model.named_modules():
         if parametrize.is_parametrized(module):
             raise CompressionError(f"{pass_name}: layer {path!r} is parametrized (a pass is still prepared on it); "
                                    "finalize that pass first")
         if ".parametrizations." in f".{path}.":
             continue
-        pattern = is_excluded(path, exclude)
-        if pattern is not None:
-            used.add(pattern)
+        paths = all_paths[id(module)]
+        matched = [is_excluded(p, exclude) for p in paths]
+        used.update(m for m in matched if m is not None)
         own = any(True for _ in module.parameters(recurse=False))
         if not own or isinstance(module, NORM_TYPES):
             continue
-        if pattern is not None:
+        if _shared_exclusion(pass_name, paths, matched):
             excluded.append(path)
         elif isinstance(module, targets):
             found[path] = module
+            if len(paths) > 1:
+                aliases[path] = tuple(paths[1:])
         else:
             unsupported.append((path, module))
     unused = [p for p in exclude if p not in used]
@@ -122,7 +153,7 @@ def select_layers(
         raise ValueError(f"{pass_name}: exclude patterns {unused} match no module of {type(model).__name__}")
     if unsupported:
         _raise_unsupported(pass_name, unsupported, targets)
-    return LayerSelection(found, tuple(excluded))
+    return LayerSelection(found, tuple(excluded), aliases)
 
 
 def _raise_unsupported(

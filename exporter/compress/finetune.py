@@ -7,7 +7,6 @@ its schedule) and after low-rank factorization (``step`` does nothing; the facto
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from exporter.compress.base import CompressionPass
-from exporter.train import check_images, check_labels, check_trainable_count, torch_threads
+from exporter.train import check_counts, check_images, check_labels, check_rates, check_trainable_count, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +34,8 @@ class FineTuneConfig:
     threads: int | None = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 2:
-            raise ValueError(f"batch_size must be an int >= 2 (BatchNorm needs 2 samples), got {self.batch_size!r}")
-        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be positive and finite, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, int | float) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0 and finite, got {self.weight_decay!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {self.seed!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be None or a positive int, got {self.threads!r}")
+        check_counts(self)
+        check_rates(self)
 
 
 def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -38,6 +38,7 @@ from exporter.compress.base import (
     select_layers,
     validate_exclude,
 )
+from runtime.checks import require_int
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,7 @@ class LowRankConfig:
             object.__setattr__(self, "energy", finite_fraction(self.energy, "energy"))
         if self.budget is not None:
             object.__setattr__(self, "budget", finite_fraction(self.budget, "budget"))
-        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
-            raise ValueError(f"rank_multiple must be a positive int, got {self.rank_multiple!r}")
+        object.__setattr__(self, "rank_multiple", require_int("rank_multiple", self.rank_multiple, 1))
         object.__setattr__(self, "exclude", validate_exclude(self.exclude))
 
     @classmethod
@@ -167,6 +167,25 @@ def _greedy_budget(layers: list[_Layer], budget: float, multiple: int) -> None:
         layer.rank = nxt
 
 
+def _refuse_tied(
+    model: nn.Module, pass_name: str, targets: dict[str, nn.Module], aliases: dict[str, tuple[str, ...]]
+) -> None:
+    """Raise :class:`UnsupportedLayerError` for a target whose weight or bias is the same ``nn.Parameter`` as
+    another module's (tied weights): factorizing replaces the parameter, which would untie them."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name.rpartition(".")[0])
+    for path, module in targets.items():
+        own = {path, *aliases.get(path, ())}
+        for name, param in module.named_parameters(recurse=False):
+            others = [p or "<root>" for p in dict.fromkeys(owners[id(param)]) if p not in own]
+            if others:
+                raise UnsupportedLayerError(
+                    pass_name, path, type(module).__name__,
+                    f"its {name} is tied to {', '.join(map(repr, others))} (the same nn.Parameter), and "
+                    "factorizing would untie them; exclude every layer sharing it", others)
+
+
 def _factors(layer: _Layer) -> tuple[torch.Tensor, torch.Tensor]:
     """``(first, second)`` factor matrices ``(r, in)`` and ``(out, r)`` with ``√Σ`` on both sides."""
     r = layer.rank
@@ -208,6 +227,7 @@ class LowRank(CompressionPass):
         self.config: LowRankConfig
         self.layers: dict[str, dict[str, Any]] = {}
         self.skipped: dict[str, str] = {}
+        self.aliases: dict[str, tuple[str, ...]] = {}
         self.dense_kept = 0
 
     def _analyse(self, model: nn.Module) -> list[_Layer]:
@@ -217,7 +237,9 @@ class LowRank(CompressionPass):
             path, module = grouped[0]
             raise UnsupportedLayerError(self.name, path, "Conv2d", f"grouped convolution (groups={module.groups})",
                                         [p for p, _ in grouped[1:]])
+        _refuse_tied(model, self.name, selection.targets, selection.aliases)
         self.excluded = selection.excluded
+        self.aliases = selection.aliases
         layers = []
         for path, module in selection.targets.items():
             u, s, vh = torch.linalg.svd(_matrix(module), full_matrices=False)
@@ -242,20 +264,27 @@ class LowRank(CompressionPass):
                                             f"{layer.dense_params} weights")
                 self.dense_kept += layer.dense_params
                 continue
-            parent, attr = parent_and_name(model, layer.path)
-            setattr(parent, attr, _factorized(layer))
+            factorized = _factorized(layer)
+            aliases = self.aliases.get(layer.path, ())
+            for path in (layer.path, *aliases):  # a shared module: every name refers to the one factorization
+                parent, attr = parent_and_name(model, path)
+                setattr(parent, attr, factorized)
             self.layers[layer.path] = {
                 "type": kind, "shape": list(layer.shape), "rank": layer.rank, "full_rank": layer.full,
                 "energy": round(layer.energy(layer.rank), 6),
                 "params_before": layer.dense_params, "params_after": layer.params(layer.rank),
+                **({"aliases": list(aliases)} if aliases else {}),
             }
         return model
 
     def _finalize(self, model: nn.Module) -> nn.Module:
-        for path in self.layers:
+        for path, entry in self.layers.items():
             module = model.get_submodule(path)
             if not (isinstance(module, nn.Sequential) and len(module) == 2):
                 raise CompressionError(f"{self.name}: factorized layer {path!r} was replaced by {type(module)}")
+            apart = [alias for alias in entry.get("aliases", ()) if model.get_submodule(alias) is not module]
+            if apart:
+                raise CompressionError(f"{self.name}: {apart} no longer share the factorized layer {path!r}")
         return model
 
     def _report(self) -> dict[str, Any]:

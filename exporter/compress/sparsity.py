@@ -36,6 +36,7 @@ from exporter.compress.base import (
     validate_exclude,
 )
 from exporter.compress.nm import check_nm, check_pattern, magnitude_mask, parse_pattern, sparsity
+from runtime.checks import require_int
 
 METHODS = ("mdgf", "srste")
 DECAYS = ("linear", "exponential")
@@ -67,13 +68,12 @@ class NMSparsityConfig:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         for name in ("initial_flow", "freeze_at"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        if not (isinstance(self.srste_lambda, int | float) and math.isfinite(self.srste_lambda)
-                and self.srste_lambda >= 0):
+        if not (not isinstance(self.srste_lambda, bool) and isinstance(self.srste_lambda, int | float)
+                and math.isfinite(self.srste_lambda) and self.srste_lambda >= 0):
             raise ValueError(f"srste_lambda must be >= 0 and finite, got {self.srste_lambda!r}")
-        if not isinstance(self.mask_update_every, int) or self.mask_update_every < 1:
-            raise ValueError(f"mask_update_every must be a positive int, got {self.mask_update_every!r}")
+        object.__setattr__(self, "mask_update_every", require_int("mask_update_every", self.mask_update_every, 1))
 
     @property
     def pattern(self) -> str:
@@ -141,6 +141,7 @@ class NMSparsity(CompressionPass):
         super().__init__(config or NMSparsityConfig())
         self.config: NMSparsityConfig
         self.layers: dict[str, nn.Module] = {}
+        self.aliases: dict[str, tuple[str, ...]] = {}
         self.steps = 0
         self.mask_updates = 0
         self.stats: dict[str, dict[str, Any]] = {}
@@ -164,7 +165,8 @@ class NMSparsity(CompressionPass):
         self._check_divisible(selection.targets)
         for module in selection.targets.values():
             parametrize.register_parametrization(module, "weight", NMMask(_mask_of(module.weight, *self._nm)))
-        self.layers, self.excluded = dict(selection.targets), selection.excluded
+        # a module shared under several paths is masked once (the mask holds for every path: see ``aliases``)
+        self.layers, self.excluded, self.aliases = dict(selection.targets), selection.excluded, selection.aliases
         self._set_flow(0.0)
         return model
 
@@ -218,6 +220,8 @@ class NMSparsity(CompressionPass):
                 raise CompressionError(f"{self.name}: layer {path!r} does not satisfy {n}:{m} after finalize")
             self.stats[path] = {"type": type(module).__name__, "shape": list(weight.shape),
                                 "pattern": self.config.pattern, "sparsity": round(sparsity(weight), 6)}
+            if path in self.aliases:
+                self.stats[path]["aliases"] = list(self.aliases[path])
         return model
 
     def _report(self) -> dict[str, Any]:

@@ -51,6 +51,57 @@ class WithConv1d(nn.Module):
         return self.head(self.odd(z).mean(dim=2))
 
 
+class SharedLayer(nn.Module):
+    """Weight sharing by aliasing: one ``Linear(16, 16)`` registered as ``mix`` and ``again`` and applied twice
+    (its weight has rank 2, so low-rank factorizes it exactly)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.mix = nn.Linear(16, 16)
+        self.again = self.mix
+        self.classifier = nn.Linear(16, 4)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.randn(16, 2) @ torch.randn(2, 16) / 4)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.again(torch.relu(self.mix(self.features(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.forward_features(x))
+
+
+def test_shared_module_is_compressed_once_under_every_path(
+    pass_class: type[CompressionPass], tmp_path: Path
+) -> None:
+    """Low-rank used to factorize only the first name of a shared module and leave the second dense."""
+    torch.manual_seed(0)
+    model = SharedLayer().eval()
+    x = torch.rand(8, 1, 8, 8)
+    dense = sum(p.numel() for p in model.parameters())
+    p = pass_class(pass_class.config_type(exclude=("features.0",)))
+    model = p.finalize(p.prepare(model)).eval()
+    assert model.again is model.mix  # still one module: every name refers to the compressed one
+    assert type(model.mix) is not nn.Linear or bool((model.mix.weight == 0).any())  # and it was compressed
+    assert sum(p.numel() for p in model.parameters()) <= dense
+    report = p.report()
+    assert report["layers"]["mix"]["aliases"] == ["again"] and "again" not in report["layers"]
+    export_adaptable_onnx(model, tmp_path / "m.onnx", x, parity_x=x)
+
+
+def test_exclude_must_name_every_path_of_a_shared_module(pass_class: type[CompressionPass]) -> None:
+    with pytest.raises(ValueError, match=r"one module is registered as 'mix' and 'again'; exclude matches "
+                                         r"\['again'\] but not \['mix'\]"):
+        pass_class(pass_class.config_type(exclude=("features.0", "again"))).prepare(SharedLayer())
+    model = SharedLayer()
+    before = model.mix.weight.detach().clone()
+    p = pass_class(pass_class.config_type(exclude=("features.0", "mix", "again")))
+    model = p.finalize(p.prepare(model))
+    assert p.report()["excluded"] == ["features.0", "mix"]
+    assert type(model.mix) is nn.Linear and model.again is model.mix and torch.equal(model.mix.weight, before)
+
+
 @pytest.mark.parametrize("arch", ["small_cnn", "smallcnn", "resnet8"])
 def test_pass_keeps_adaptable_graph_and_exports(pass_class: type[CompressionPass], arch: str, tmp_path: Path) -> None:
     torch.manual_seed(0)

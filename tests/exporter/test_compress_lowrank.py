@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from exporter.adaptable import functional_forward, norm_layers, source_params
-from exporter.compress import FineTuneConfig, LowRank, LowRankConfig, compose, fine_tune
+from exporter.compress import FineTuneConfig, LowRank, LowRankConfig, UnsupportedLayerError, compose, fine_tune
 from exporter.compress.lowrank import energy_rank, reconstruction_error
 from exporter.models import ModelSpec, build_model
 from exporter.onnx_export import export_adaptable_onnx
@@ -162,3 +162,29 @@ def test_fine_tune_recovers_accuracy_on_digits(digits_model: tuple, digits_array
     assert factored < dense - 0.02 and tuned >= dense - 0.02
     assert p.report()["fine_tune"]["steps"] == 4 * math.ceil(len(x_train) / 64)
     assert not np.isnan(p.report()["fine_tune"]["loss"])
+
+
+class _TiedPair(nn.Module):
+    """Two Linear layers holding one weight ``nn.Parameter`` (tied weights: distinct modules, shared tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        with torch.no_grad():
+            self.a.weight.copy_(_with_spectrum(16, 16, SINGULAR[:2]).float())
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weights_are_refused_naming_both_layers() -> None:
+    """Factorizing replaces the shared parameter: the two layers used to get separate factors (untied)."""
+    model = _TiedPair()
+    with pytest.raises(UnsupportedLayerError, match=r"low_rank: layer 'a' \(Linear\).*its weight is tied to 'b' "
+                                                    r"\(the same nn.Parameter\).*\(also unsupported: b\)"):
+        LowRank().prepare(model)
+    assert type(model.a) is nn.Linear and type(model.b) is nn.Linear and model.b.weight is model.a.weight
+    p = LowRank(LowRankConfig(exclude=("a", "b")))
+    compose(model, [p])
+    assert p.report()["excluded"] == ["a", "b"] and model.b.weight is model.a.weight

@@ -176,3 +176,27 @@ def test_masked_fine_tune_recovers_accuracy_on_digits(pattern: str, method: str,
     print(f"digits small_cnn {pattern} {method}: dense {dense:.4f} magnitude {magnitude:.4f} fine-tuned {tuned:.4f}")
     assert magnitude < dense - 0.02
     assert tuned >= dense - tolerance
+
+
+def test_tied_weights_are_masked_alike_and_stay_tied() -> None:
+    """Two layers holding one weight parameter each get a mask over it: the masks are computed from the same
+    tensor at every update, so they agree, and finalizing twice writes the same zeros (idempotent)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.b(torch.relu(self.a(x.flatten(1)[:, :16])))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 1, 8, 8), dtype=np.float32), np.arange(32) % 4
+    p = NMSparsity(NMSparsityConfig(mask_update_every=1, freeze_at=0.9))
+    model, (report,) = compose(model, [p], (x, y), FineTuneConfig(epochs=2, batch_size=8))
+    assert model.b.weight is model.a.weight and report["mask_updates"] > 0
+    assert check_nm(model.a.weight.detach().numpy(), 2, 4) and set(report["layers"]) == {"a", "b", "head"}
+    assert report["layers"]["a"]["sparsity"] == report["layers"]["b"]["sparsity"] == 0.5

@@ -135,6 +135,21 @@ def test_explicit_and_bad_feature_names(tmp_path: Path, data: tuple) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+def test_degenerate_source_samples_are_refused_before_wrapping(tmp_path: Path, data: tuple) -> None:
+    """One labelled sample gives zero feature variances and a zero class covariance: refused by name, as in
+    our own bundles, before anything is written."""
+    x, y = data
+    kwargs = {"labels": LABELS, "input_spec": SPEC, "output_kind": "probabilities", "golden_x": x[:4]}
+    model = _classifier(tmp_path / "clf.onnx")
+    with pytest.raises(ForeignModelError, match=r"source_x has 1 sample in 1 class\(es\) of source_y"):
+        wrap_onnx(model, tmp_path / "b", source_x=x[:1], source_y=y[:1], **kwargs)
+    with pytest.raises(ForeignModelError, match=r"source_x has 1 sample; .* need at least 2"):
+        wrap_onnx(model, tmp_path / "b", source_x=x[:1], **kwargs)
+    with pytest.raises(ForeignModelError, match=r"source_y must have shape \(8,\)"):
+        wrap_onnx(model, tmp_path / "b", source_x=x[:8], source_y=y[:7], **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clf.onnx"]
+
+
 def test_tflite_features_found_through_its_signature(tmp_path: Path) -> None:
     """A model converted here (with a SignatureDef): the features join the subgraph and the signature."""
     pytest.importorskip("litert_torch")
