@@ -112,12 +112,18 @@ class MahalanobisDrift(WindowedEmbeddingDetector):
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, **kwargs: Any) -> MahalanobisDrift:
-        """A detector on the class-conditional Gaussians recorded in ``bundle``'s source statistics."""
+        """A detector on the class-conditional Gaussians recorded in ``bundle``'s source statistics. Classes the
+        source samples did not cover (count 0: their recorded mean is a placeholder zero vector) are left out,
+        so that no row scores against a mean no class ever had."""
         gaussians = bundle.manifest.class_gaussians(bundle.root)
         if gaussians is None:
             raise ValueError(f"bundle {bundle.manifest.name!r} records no class-conditional source statistics")
-        means, cov, _ = gaussians
-        return cls(means, cov, **kwargs)
+        means, cov, counts = gaussians
+        present = np.asarray(counts) > 0
+        if not present.any():
+            raise ValueError(f"bundle {bundle.manifest.name!r} records class-conditional statistics of no class "
+                             "(every class count is 0)")
+        return cls(np.asarray(means)[present], cov, **kwargs)
 
     def _params(self) -> dict[str, Any]:
         return {"dim": self.dim, "window_size": self.window_size, "ert": self.ert,

@@ -121,14 +121,17 @@ def source_layer_stats(model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return stats
 
 
-def source_class_means(model: Any) -> np.ndarray | None:
-    """Class-conditional source feature means (K, D) from the bundle's statistics file, or None."""
+def source_class_means(model: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Class-conditional source feature means (K, D) from the bundle's statistics file and which classes the
+    source samples covered (K,) bool (a class of count 0 records a placeholder zero mean), or None."""
     bundle = getattr(model, "bundle", None)
     loader = getattr(getattr(bundle, "manifest", None), "class_gaussians", None)
     if bundle is None or not callable(loader):
         return None
     gaussians = loader(bundle.root)
-    return None if gaussians is None else np.asarray(gaussians[0], dtype=np.float32)
+    if gaussians is None:
+        return None
+    return np.asarray(gaussians[0], dtype=np.float32), np.asarray(gaussians[2]).reshape(-1) > 0
 
 
 def graph_layer_order(model: Any) -> list[str]:

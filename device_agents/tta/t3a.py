@@ -192,15 +192,18 @@ class T3A(FeaturePassMethod):
         m = self.config.filter_k
         supports = np.zeros((classes, m, dim), np.float32)
         ent = np.full((classes, m), np.inf)
-        means = source_class_means(model) if self.config.use_source_prototypes else None
-        if means is not None:
-            if means.shape != (classes, dim):
+        source = source_class_means(model) if self.config.use_source_prototypes else None
+        if source is not None:
+            means, present = source
+            if means.shape != (classes, dim) or present.shape != (classes,):
                 raise ModelCapabilityError(
-                    f"source class means of {describe_model(model)} have shape {means.shape}, expected "
-                    f"({classes}, {dim})"
+                    f"source class means of {describe_model(model)} have shape {means.shape} (counts "
+                    f"{present.shape}), expected ({classes}, {dim}) ({classes},)"
                 )
-            supports[:, 0] = means
-            ent[:, 0] = 0.0  # the source prototype ranks as the most confident entry and is kept
+            # the source prototype ranks as the most confident entry and is kept; a class the source samples
+            # did not cover has no prototype (its recorded mean is a placeholder), so it starts empty
+            supports[present, 0] = means[present]
+            ent[present, 0] = 0.0
         return {"supports": supports, "support_entropy": ent}
 
     def _add(

@@ -190,6 +190,23 @@ def test_few_samples_per_class_still_export_an_invertible_covariance(tmp_path: P
     assert counts.tolist() == [2, 1, 0, 2] and not means[2].any()
     assert np.linalg.eigvalsh(cov.astype(np.float64)).min() > 0  # what the device's Cholesky needs
 
+    # on the device, the class without samples has no mean to score against and no T3A prototype
+    from device_agents.drift import MahalanobisDrift
+    from device_agents.drift.mahalanobis import MahalanobisScorer
+    from device_agents.tta import T3A
+    from runtime import load_bundle
+    from runtime.predictor import Predictor
+
+    loaded = load_bundle(out)
+    scorer = MahalanobisDrift.from_bundle(loaded).scorer
+    rows = np.random.default_rng(0).normal(size=(8, means.shape[1])).astype(np.float32)
+    rows[0] = 0.0  # the placeholder mean of class 2: not a class centre
+    np.testing.assert_allclose(scorer(rows), MahalanobisScorer(means[[0, 1, 3]], cov, scorer.shrinkage)(rows))
+    state = T3A()._initial_state(Predictor(loaded), 4, means.shape[1])
+    assert np.isinf(state["support_entropy"][2]).all() and not state["supports"][2].any()
+    assert (state["support_entropy"][[0, 1, 3], 0] == 0).all()
+    np.testing.assert_array_equal(state["supports"][[0, 1, 3], 0], means[[0, 1, 3]])
+
 
 Factory = Any  # (value, tmp_path) -> object: builds the config or calls the function with the value under test
 INTEGER_FIELDS: list[tuple[str, Factory, str]] = [
