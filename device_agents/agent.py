@@ -545,12 +545,15 @@ class Agent:
         """Send the drift, then the rollback reports kept after failures, oldest first. A report the server
         refuses for good (:data:`REFUSED_REPORT_CODES`) is dropped and counted; any other failure stops the flush
         and raises, keeping the rest for the next sync."""
+        with self._lock:
+            kept = bool(self._pending_drift or self._pending_rollbacks)
+        if not kept:
+            return
         try:
             self._flush(client, self._pending_drift, self._send_drift)
             self._flush(client, self._pending_rollbacks, lambda c, info: c.report_rollback(info))
         finally:
-            if self.state is not None:
-                self._save_reports()
+            self._save_reports()
 
     def _flush(self, client: DeviceClient, pending: list[Any], send: Callable[[DeviceClient, Any], object]) -> None:
         while True:
