@@ -111,6 +111,8 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 def _check_inputs(spec: ModelSpec, labels: Sequence[str], **arrays: np.ndarray) -> dict[str, np.ndarray]:
+    if isinstance(labels, str | bytes):  # a string is a sequence of one-character labels: never what is meant
+        raise ValueError(f"labels must be a list of {spec.num_classes} strings, got the single string {labels!r}")
     if len(labels) != spec.num_classes or not all(isinstance(label, str) for label in labels):
         raise ValueError(f"labels must be {spec.num_classes} strings, got {list(labels)!r}")
     if len(set(labels)) != len(labels):

@@ -274,3 +274,10 @@ def test_numpy_integers_are_accepted_as_ints() -> None:
 def test_real_options_refuse_bools(factory: Any, match: str, tmp_path: Path, no_build: None) -> None:
     with pytest.raises(ValueError, match=match):
         factory(tmp_path)
+
+
+def test_labels_given_as_one_string_are_refused(tmp_path: Path) -> None:
+    """``labels="abcd"`` has the right length for 4 classes, but one-character labels are never what is meant."""
+    with pytest.raises(ValueError, match=r"labels must be a list of 4 strings, got the single string 'abcd'"):
+        _export(TinyNet(), tmp_path / "b", labels="abcd")
+    assert not (tmp_path / "b").exists()
