@@ -67,14 +67,15 @@ def decode_params(update: ParameterUpdate, held: Mapping[str, np.ndarray], held_
             raise UpdateIntegrityError(f"update v{update.version}: parameters hash to {digest[:16]!r}, header says "
                                        f"{update.sha256[:16]!r}")
         return {k: params[k] for k in held} if held else params
-    else:
-        if update.encoding != "f32" and update.base_version != held_version:
+    else:  # a delta encoding
+        if update.base_version != held_version:
             raise BaseMismatchError(f"update v{update.version} is a delta on v{update.base_version}; this device "
                                     f"holds v{held_version}")
-        if update.encoding != "f32" and update.base_sha256 != params_digest(held):
+        held_digest = params_digest(held)
+        if update.base_sha256 != held_digest:
             raise DivergedHistoryError(f"update v{update.version} is a delta on v{update.base_version} with digest "
                                        f"{update.base_sha256[:16]!r}; the device's v{held_version} hashes to "
-                                       f"{params_digest(held)[:16]!r}")
+                                       f"{held_digest[:16]!r}")
         try:
             params = decode_update(update.payload, update.encoding, held, {k: v.shape for k, v in held.items()})
         except InputError as exc:
