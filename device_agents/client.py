@@ -31,6 +31,7 @@ from proto.convert import tensor_to_proto, tensors_to_proto
 from proto.edgeloop.v1 import common_pb2, device_pb2, device_pb2_grpc
 from runtime.bundle import load_bundle
 from runtime.errors import BundleError, ManifestError
+from runtime.files import STALE_TEMPORARY_SECONDS
 from runtime.manifest import MANIFEST_NAME, decode_manifest
 from runtime.signing import SIGNATURE_NAME, verify_bundle_signature
 
@@ -55,15 +56,11 @@ def _manifest_of(bundle_id: str, root: Path) -> bytes:
     return data
 
 
-STALE_DOWNLOAD_SECONDS = 3600.0
-"""A temporary download directory untouched for this long is left over from a process that died mid-download
-(SIGKILL, power loss; a download takes seconds), never one a live download — possibly another process's, into
-the same directory — still writes to. The same age as the server blob store's ``STALE_TEMPORARY_SECONDS``."""
 _DOWNLOAD_DIR = re.compile(r"\.[0-9a-f]{12}-[a-z0-9_]+")
 """The name :meth:`DeviceClient.fetch_bundle` gives its temporary directories: ``.<bundle_id[:12]>-<random>``."""
 
 
-def remove_stale_downloads(dest: Path, max_age: float = STALE_DOWNLOAD_SECONDS) -> list[Path]:
+def remove_stale_downloads(dest: Path, max_age: float = STALE_TEMPORARY_SECONDS) -> list[Path]:
     """Remove the temporary download directories in ``dest`` (named as :meth:`DeviceClient.fetch_bundle` names
     them) in which nothing changed for ``max_age`` seconds (the newest mtime of the directory and of what it
     holds), logging each at INFO; return those removed. One that cannot be read or removed is logged and left."""

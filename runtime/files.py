@@ -6,6 +6,11 @@ import os
 import tempfile
 from pathlib import Path
 
+STALE_TEMPORARY_SECONDS = 3600.0
+"""A temporary file or directory nothing has changed in for this long is left over from a process that died
+mid-write (SIGKILL, power loss; a write or a download takes seconds), never one a live writer, possibly another
+process, still uses: the server's blob store and the device's bundle downloads remove such leftovers."""
+
 
 def fsync_dir(path: Path) -> None:
     """Flush a directory's entries (a rename or a new file in it) to disk."""

@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from runtime.files import fsync_dir, write_atomically
+from runtime.files import STALE_TEMPORARY_SECONDS, fsync_dir, write_atomically
 from server.errors import BlobCorruptError, BlobNotFoundError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -22,10 +22,6 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 def sha256_hex(data: bytes) -> str:
     """The sha256 hex digest of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-STALE_TEMPORARY_SECONDS = 3600.0
-"""A blob store's temporary file older than this is left over from a crashed write (a write takes seconds)."""
 
 
 class BlobStore:

@@ -15,13 +15,14 @@ import grpc
 import numpy as np
 import pytest
 
-from device_agents.client import STALE_DOWNLOAD_SECONDS, DeviceClient, decode_update
+from device_agents.client import DeviceClient, decode_update
 from device_agents.errors import BundleDownloadError, TransportError, UpdateIntegrityError
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.updates import check_signature, decode_params
 from proto.edgeloop.v1 import common_pb2, device_pb2_grpc
 from runtime import AdaptableModel, load_bundle
 from runtime.errors import ManifestError
+from runtime.files import STALE_TEMPORARY_SECONDS
 from runtime.manifest import read_manifest
 
 
@@ -63,11 +64,11 @@ def test_fetch_removes_downloads_a_killed_process_left(
 ) -> None:
     """A process killed mid-download (SIGKILL, power loss) left its temporary ``.<id[:12]>-XXXX`` directory
     behind for ever: the next fetch into the same directory removes those in which nothing changed for an hour
-    (STALE_DOWNLOAD_SECONDS), each logged at INFO, and keeps younger ones — a download in progress, maybe
+    (STALE_TEMPORARY_SECONDS), each logged at INFO, and keeps younger ones — a download in progress, maybe
     another process's, that may still be writing a file in an old directory — and everything else."""
     client.register()
     dest = tmp_path / "bundles"
-    hour_ago = time.time() - STALE_DOWNLOAD_SECONDS - 60
+    hour_ago = time.time() - STALE_TEMPORARY_SECONDS - 60
 
     def made(name: str, mtime: float, file_mtime: float | None = None) -> Path:
         path = dest / name
