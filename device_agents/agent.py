@@ -237,8 +237,8 @@ class Agent:
     parameters and versions, the parameters a rollback restores, an update still on probation, the drift
     and rollback reports not yet delivered, and the TTA method's state (saved at each :meth:`sync` and at
     :meth:`close`; restored for the same method, bundle and parameters). The agent restores them at
-    construction — unless they are for
-    another bundle or cohort, are refused by the model, or are newer than ``server_version`` (the server's
+    construction — unless they are for another bundle or cohort, are refused by the model, or are newer than
+    ``server_version`` (the server's
     newest update version for this bundle and cohort, from the registration: a saved version above it means
     the server's update history was reset), in which case it starts from the bundle's parameters — and saves
     them on every change. A failed save is logged and counted (``AgentStats.state_write_failures``); the agent
@@ -331,13 +331,8 @@ class Agent:
                            "bundle's parameters", self.state.path if self.state else "?", p.active_version, why)
             self._save(lambda store: store.clear_parameters())
             return
-        self._extra = dict(p.extra)
-        self._held = {**self.model.params, **self._extra}  # type: ignore[union-attr]
-        self._version, self._active_version = p.version, p.active_version
-        if p.previous is not None:
-            self._previous = (p.previous[0], p.previous[2], p.previous[1])
-        self._probation = p.probation
-        self.tta.on_params_changed()
+        self._hold(p.extra, p.active_version)
+        self._version, self._previous, self._probation = p.version, p.previous, p.probation
         logger.info("restored the parameters of v%d (newest accepted v%d)", p.active_version, p.version)
 
     def _restore_tta(self, t: SavedTTA | None) -> None:
@@ -366,6 +361,14 @@ class Agent:
             saved = SavedTTA(self.tta.name, self.config.bundle_id, self._active_version, dict(self.tta.snapshot()))
         self._save(lambda store: store.save_tta(saved))
 
+    def _hold(self, extra: dict[str, np.ndarray], active_version: int) -> None:
+        """Bookkeeping after ``model.set_params``: the trainable weights and the version that go with the model's
+        parameters now, the held set deltas apply to, and a TTA state of the old parameters dropped."""
+        self._extra = dict(extra)
+        self._held = {**self.model.params, **self._extra}  # type: ignore[union-attr]
+        self._active_version = int(active_version)
+        self.tta.on_params_changed()
+
     def _saved_mismatch(self, p: SavedParameters, server_version: int | None) -> str | None:
         """Why the saved parameter state does not fit this agent, or None when it does."""
         if p.bundle_id != self.config.bundle_id:
@@ -392,9 +395,8 @@ class Agent:
 
     def _save_parameters(self) -> None:
         """Save the parameter state (called under the lock after every change to it)."""
-        previous = None if self._previous is None else (self._previous[0], self._previous[2], self._previous[1])
         saved = SavedParameters(self.config.bundle_id, self.config.cohort, self._version, self._active_version,
-                                dict(self.model.params), dict(self._extra), previous,  # type: ignore[union-attr]
+                                dict(self.model.params), dict(self._extra), self._previous,  # type: ignore[union-attr]
                                 self._probation)
         self._save(lambda store: store.save_parameters(saved))
 
@@ -708,11 +710,9 @@ class Agent:
             else:
                 refusal = None
                 self._previous = (previous, previous_version, self._extra)
-                self._version = self._active_version = int(update.version)
-                self._extra = {k: params.get(k, v) for k, v in self._extra.items()}
-                self._held = {**self.model.params, **self._extra}
-                self._counters.versions.append(int(update.version))
-                self.tta.on_params_changed()
+                self._version = int(update.version)
+                self._hold({k: params.get(k, v) for k, v in self._extra.items()}, self._version)
+                self._counters.versions.append(self._version)
                 info = self._health_check(ref, before)
                 # no recent batch to measure the entropy on: that check waits for the next batch
                 self._probation = ref if info is None and before is not None and math.isnan(before.entropy) else None
@@ -791,12 +791,8 @@ class Agent:
                 return False
             params, version, extra = self._previous
             self.model.set_params(params)
-            self._extra = extra
-            self._held = {**self.model.params, **self._extra}
-            self._active_version = version
-            self._previous = None
-            self._probation = None
-            self.tta.on_params_changed()
+            self._hold(extra, version)
+            self._previous = self._probation = None
             self._save_parameters()
         logger.warning("rolled back to parameters of v%d", version)
         return True
@@ -850,11 +846,8 @@ class Agent:
         params, extra, version = self._initial
         with self._lock:
             self.model.set_params(params)  # type: ignore[union-attr]
-            self._extra = dict(extra)
-            self._held = {**self.model.params, **self._extra}  # type: ignore[union-attr]
-            self._version = self._active_version = version
-            self._previous = self._probation = None
-            self.tta.on_params_changed()
+            self._hold(extra, version)
+            self._version, self._previous, self._probation = version, None, None
             self._save_parameters()
         logger.warning("%s: the server's update history differs from the device's; starting over from the "
                        "parameters of v%d", why, version)

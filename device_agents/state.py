@@ -63,7 +63,7 @@ class SavedParameters:
     """The parameter state of an agent (see the module docstring).
 
     ``model``: the parameters the model runs; ``extra``: the bundle's trainable weights the device holds for
-    delta updates but does not run; ``previous``: (model, extra, version) before the last update, or None;
+    delta updates but does not run; ``previous``: (model, version, extra) before the last update, or None;
     ``probation``: the update whose entropy check waits for the next batch, or None.
     """
 
@@ -73,7 +73,7 @@ class SavedParameters:
     active_version: int
     model: dict[str, np.ndarray]
     extra: dict[str, np.ndarray]
-    previous: tuple[dict[str, np.ndarray], dict[str, np.ndarray], int] | None = None
+    previous: tuple[dict[str, np.ndarray], int, dict[str, np.ndarray]] | None = None
     probation: UpdateRef | None = None
 
 
@@ -159,11 +159,11 @@ class AgentStateStore(SqliteStore):
         """Replace the saved parameter state with ``saved``, in one transaction."""
         meta = {"bundle_id": saved.bundle_id, "cohort": saved.cohort, "version": int(saved.version),
                 "active_version": int(saved.active_version),
-                "previous_version": None if saved.previous is None else int(saved.previous[2]),
+                "previous_version": None if saved.previous is None else int(saved.previous[1]),
                 "probation": None if saved.probation is None else list(saved.probation)}
         slots: list[tuple[str, Mapping[str, np.ndarray]]] = [("model", saved.model), ("extra", saved.extra)]
         if saved.previous is not None:
-            slots += [("previous_model", saved.previous[0]), ("previous_extra", saved.previous[1])]
+            slots += [("previous_model", saved.previous[0]), ("previous_extra", saved.previous[2])]
         rows = [(slot, name, to_npy(np.asarray(value))) for slot, params in slots for name, value in params.items()]
         self._write("save the parameters", [
             ("DELETE FROM params", ()), *(("INSERT INTO params (slot, name, npy) VALUES (?, ?, ?)", r) for r in rows),
@@ -218,6 +218,6 @@ def _decode_parameters(meta: Mapping[str, Any], rows: Sequence[tuple[str, str, b
         version=int(meta["version"]), active_version=int(meta["active_version"]),
         model=slots["model"], extra=slots["extra"],
         previous=(None if previous_version is None
-                  else (slots["previous_model"], slots["previous_extra"], int(previous_version))),
+                  else (slots["previous_model"], int(previous_version), slots["previous_extra"])),
         probation=None if probation is None else UpdateRef(str(probation[0]), str(probation[1]), int(probation[2])),
     )

@@ -47,7 +47,7 @@ def _shifted(params: dict[str, np.ndarray], delta: float) -> dict[str, np.ndarra
 def test_the_store_round_trips_parameters_and_reports(tmp_path: Path) -> None:
     arrays = {"bn1.mean": np.arange(4, dtype=np.float32), "bn1.var": np.ones(4, np.float32)}
     extra = {"fc.weight": np.eye(3, dtype=np.float32)}
-    saved = SavedParameters(BUNDLE, "north", 7, 5, arrays, extra, ({"bn1.mean": np.zeros(4, np.float32)}, {}, 3),
+    saved = SavedParameters(BUNDLE, "north", 7, 5, arrays, extra, ({"bn1.mean": np.zeros(4, np.float32)}, 3, {}),
                             UpdateRef(BUNDLE, "north", 5))
     rollback = RollbackInfo(BUNDLE, "north", 6, 5, "entropy rose", 0.1, 0.4, -1.0, -1.0)
     with AgentStateStore(tmp_path / "s.db") as store:
@@ -64,7 +64,7 @@ def test_the_store_round_trips_parameters_and_reports(tmp_path: Path) -> None:
         for name in want:
             np.testing.assert_array_equal(got[name], want[name])
             assert got[name].dtype == want[name].dtype
-    assert p.previous is not None and p.previous[1:] == ({}, 3)
+    assert p.previous is not None and p.previous[1:] == (3, {})
     assert loaded.drift_reports == [(12, 3.5, 1000), (40, 7.25, 2000)]
     assert loaded.rollback_reports == [rollback]
 
