@@ -72,12 +72,12 @@ class TTAMethod(abc.ABC):
     config_class: ClassVar[type[TTAConfig]] = TTAConfig
     requires_adaptable: ClassVar[bool] = False
     requires_features: ClassVar[bool] = False
-    statistics_prefixes: ClassVar[tuple[str, ...]] = ("", "stats.")
-    """Where a method's state keeps a running estimate of normalisation statistics (``<prefix><layer>.ema_mean``
-    and ``.ema_sq``, the layout of :class:`~device_agents.tta.statistics.StatisticsMix`): α-BN at the top
-    level, the methods that build on it under ``stats.``."""
     state_layout: ClassVar[StateLayout] = StateLayout()
-    """The keys this method's state may hold (:meth:`restore` refuses others); by default none (stateless)."""
+    """The keys this method's state may hold (:meth:`restore` refuses others); by default none (stateless). Its
+    ``statistics`` prefix is where the state keeps a running estimate of normalisation statistics
+    (``<prefix><layer>.ema_mean`` and ``.ema_sq``, the layout of
+    :class:`~device_agents.tta.statistics.StatisticsMix`): α-BN at the top level, the methods that build on it
+    under ``stats.``."""
 
     def __init__(self, config: TTAConfig | None = None) -> None:
         config = self.config_class() if config is None else config
@@ -147,20 +147,19 @@ class TTAMethod(abc.ABC):
         (FOA's scale/shift) add it. Empty when nothing was adapted yet, after a reset, or on a model without
         an adaptable graph. Reads the state only: no forward pass, nothing changes.
         """
-        if not is_adaptable(model):
+        prefix = self.state_layout.statistics
+        if prefix is None or not is_adaptable(model):
             return {}
         out: dict[str, np.ndarray] = {}
         for name in model.params:
             if not name.endswith(".mean"):
                 continue
             layer = name[: -len(".mean")]
-            for prefix in self.statistics_prefixes:
-                mean, sq = self._state.get(f"{prefix}{layer}.ema_mean"), self._state.get(f"{prefix}{layer}.ema_sq")
-                if mean is not None and sq is not None:
-                    m = np.asarray(mean, dtype=np.float64)
-                    out[f"{layer}.mean"] = m.astype(np.float32)
-                    out[f"{layer}.var"] = np.maximum(np.asarray(sq, np.float64) - m**2, 0.0).astype(np.float32)
-                    break
+            mean, sq = self._state.get(f"{prefix}{layer}.ema_mean"), self._state.get(f"{prefix}{layer}.ema_sq")
+            if mean is not None and sq is not None:
+                m = np.asarray(mean, dtype=np.float64)
+                out[f"{layer}.mean"] = m.astype(np.float32)
+                out[f"{layer}.var"] = np.maximum(np.asarray(sq, np.float64) - m**2, 0.0).astype(np.float32)
         return out
 
     def on_drift(self) -> None:
