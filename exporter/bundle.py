@@ -43,6 +43,7 @@ from exporter.statistics import check_source_data, output_statistics, write_stat
 from exporter.statistics import class_gaussians as class_gaussians
 from exporter.train import check_images
 from runtime.blocks import encode_block, encode_image_u8
+from runtime.checks import is_finite_number
 from runtime.manifest import checked_invariances
 from runtime.model import softmax
 from runtime.signing import SIGNATURE_NAME
@@ -129,7 +130,7 @@ def _check_inputs(spec: ModelSpec, labels: Sequence[str], **arrays: np.ndarray) 
 
 def _check_options(golden_alpha: float, nm: tuple[int, int] | None) -> None:
     """Refuse a ``golden_alpha`` outside [0, 1] (or a bool) and an ``nm`` that is not an ``(n, m)`` pattern."""
-    if isinstance(golden_alpha, bool) or not isinstance(golden_alpha, int | float) or not 0.0 <= golden_alpha <= 1.0:
+    if not is_finite_number(golden_alpha) or not 0.0 <= golden_alpha <= 1.0:
         raise ValueError(f"golden_alpha must lie in [0, 1], got {golden_alpha!r}")
     if nm is not None:
         if isinstance(nm, str) or not isinstance(nm, Sequence) or len(nm) != 2:

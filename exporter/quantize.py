@@ -55,7 +55,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from exporter.onnx_export import make_feeds, ort_session
 from exporter.train import check_images
-from runtime.checks import require_int
+from runtime.checks import is_finite_number, require_int
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class Int8Config:
         if self.activation_type not in _ACTIVATIONS:
             raise ValueError(f"activation_type must be one of {sorted(_ACTIVATIONS)}, got {self.activation_type!r}")
         agreement = self.min_agreement
-        if isinstance(agreement, bool) or not isinstance(agreement, int | float) or not 0.0 <= agreement <= 1.0:
+        if not is_finite_number(agreement) or not 0.0 <= agreement <= 1.0:
             raise ValueError(f"min_agreement must lie in [0, 1], got {self.min_agreement}")
 
 

@@ -7,7 +7,6 @@ The data spec (channels, image size, per-channel mean/std) is derived from the t
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,7 +19,7 @@ from torch import nn
 
 from exporter.models import ARCHITECTURES, ModelSpec, build_model
 from exporter.statistics import check_labels
-from runtime.checks import require_int, require_optional_int
+from runtime.checks import is_finite_number, require_int, require_optional_int
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +65,10 @@ def check_counts(config: Any) -> None:
 
 def check_rates(config: Any) -> None:
     """Validate ``lr`` (positive) and ``weight_decay`` (>= 0): finite real numbers, not bools or strings."""
-    if not (_real(config.lr) and config.lr > 0):
+    if not (is_finite_number(config.lr) and config.lr > 0):
         raise ValueError(f"lr must be positive and finite, got {config.lr!r}")
-    if not (_real(config.weight_decay) and config.weight_decay >= 0):
+    if not (is_finite_number(config.weight_decay) and config.weight_decay >= 0):
         raise ValueError(f"weight_decay must be >= 0 and finite, got {config.weight_decay!r}")
-
-
-def _real(value: object) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 @contextmanager

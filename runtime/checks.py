@@ -8,6 +8,7 @@ allocation that never ends. These helpers refuse them when a config is built, na
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -21,6 +22,12 @@ def require_int(field: str, value: object, minimum: int, maximum: int | None = N
         reason = f" ({why})" if why else ""
         raise ValueError(f"{field} must be {bound}{reason}, got {value!r}")
     return int(value)
+
+
+def is_finite_number(value: object) -> bool:
+    """Whether ``value`` is a finite ``int`` or ``float`` (numpy's float64 included), not a bool: what a real
+    setting must be before its range is compared (``True`` is 1 to Python, and NaN fails no ``<``)."""
+    return not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
 
 
 def require_optional_int(field: str, value: object, minimum: int) -> int | None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.checks import is_finite_number
 from runtime.errors import ManifestError
 
 SCHEMA_VERSION = 2  # what the exporter writes
@@ -332,7 +332,7 @@ def _is_int(value: Any) -> bool:
 
 def _number(value: Any, where: str) -> float:
     """``value`` as a finite float (a JSON number, not a bool); :class:`ManifestError` naming ``where`` else."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ManifestError(f"manifest field {where} must be a finite number, got {value!r}")
     return float(value)
 

@@ -19,7 +19,6 @@ are never compressed and never replaced: the adaptable graph (:mod:`exporter.ada
 from __future__ import annotations
 
 import fnmatch
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,8 @@ from typing import Any, ClassVar
 import numpy as np
 from torch import nn
 from torch.nn.utils import parametrize
+
+from runtime.checks import is_finite_number
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
@@ -178,7 +179,7 @@ def config_dict(config: Any) -> dict[str, Any]:
 
 def finite_fraction(value: float, name: str, low: float = 0.0, high: float = 1.0) -> float:
     """Check ``low < value <= high`` and finite; return it as float."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if not is_finite_number(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not low < value <= high:
         raise ValueError(f"{name} must lie in ({low}, {high}], got {value!r}")

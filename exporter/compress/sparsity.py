@@ -36,7 +36,7 @@ from exporter.compress.base import (
     validate_exclude,
 )
 from exporter.compress.nm import check_nm, check_pattern, magnitude_mask, parse_pattern, sparsity
-from runtime.checks import require_int
+from runtime.checks import is_finite_number, require_int
 
 METHODS = ("mdgf", "srste")
 DECAYS = ("linear", "exponential")
@@ -68,10 +68,9 @@ class NMSparsityConfig:
             raise ValueError(f"decay must be one of {DECAYS}, got {self.decay!r}")
         for name in ("initial_flow", "freeze_at"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+            if not is_finite_number(value) or not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {value!r}")
-        if not (not isinstance(self.srste_lambda, bool) and isinstance(self.srste_lambda, int | float)
-                and math.isfinite(self.srste_lambda) and self.srste_lambda >= 0):
+        if not (is_finite_number(self.srste_lambda) and self.srste_lambda >= 0):
             raise ValueError(f"srste_lambda must be >= 0 and finite, got {self.srste_lambda!r}")
         object.__setattr__(self, "mask_update_every", require_int("mask_update_every", self.mask_update_every, 1))
 
