@@ -49,7 +49,15 @@ from device_agents.health import Health, HealthMonitor, HealthPolicy
 from device_agents.messages import ParameterUpdate, RollbackInfo, UploadResult
 from device_agents.outbox import OutboxSample, SqliteOutbox
 from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
-from device_agents.state import AgentStateStore, SavedParameters, SavedState, SavedTTA, StateError, UpdateRef
+from device_agents.state import (
+    AgentStateStore,
+    Restored,
+    SavedParameters,
+    SavedState,
+    SavedTTA,
+    StateError,
+    UpdateRef,
+)
 from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normalized_entropy
 from device_agents.tta.models import describe_model, is_adaptable
 from device_agents.updates import SubmissionEncoder, check_order, check_signature, decode_params
@@ -242,7 +250,8 @@ class Agent:
     newest update version for this bundle and cohort, from the registration: a saved version above it means
     the server's update history was reset), in which case it starts from the bundle's parameters — and saves
     them on every change. A failed save is logged and counted (``AgentStats.state_write_failures``); the agent
-    goes on with its state in memory.
+    goes on with its state in memory. :attr:`restored` (a :class:`~device_agents.state.Restored`) says what the
+    constructor took over.
     """
 
     def __init__(
@@ -301,6 +310,7 @@ class Agent:
         # outbox (stored once), while a restarted agent replaying positions from 0 gets fresh ids.
         self.session_id = uuid.uuid4().hex[:12]
         self.state = state
+        self.restored = Restored()  # what the constructor took over from ``state``
         if state is not None:
             self._restore(state.load(), server_version)
 
@@ -314,12 +324,16 @@ class Agent:
         if saved.drift_reports or saved.rollback_reports:
             logger.info("restored %d drift and %d rollback reports not yet delivered", len(self._pending_drift),
                         len(self._pending_rollbacks))
-        self._restore_parameters(saved.parameters, server_version)
-        self._restore_tta(saved.tta)
+        parameters = self._restore_parameters(saved.parameters, server_version)
+        self.restored = Restored(
+            version=self._version if parameters else None, active_version=self._active_version if parameters else None,
+            tta=self._restore_tta(saved.tta), drift_reports=len(self._pending_drift),
+            rollback_reports=len(self._pending_rollbacks))
 
-    def _restore_parameters(self, p: SavedParameters | None, server_version: int | None) -> None:
+    def _restore_parameters(self, p: SavedParameters | None, server_version: int | None) -> bool:
+        """Take over the saved parameter state when it fits; True when it did."""
         if p is None or not self.adaptable:
-            return
+            return False
         why = self._saved_mismatch(p, server_version)
         if why is None:
             try:
@@ -330,27 +344,29 @@ class Agent:
             logger.warning("agent state %s: not restoring the saved parameters of v%d (%s); starting from the "
                            "bundle's parameters", self.state.path if self.state else "?", p.active_version, why)
             self._save(lambda store: store.clear_parameters())
-            return
+            return False
         self._hold(p.extra, p.active_version)
         self._version, self._previous, self._probation = p.version, p.previous, p.probation
         logger.info("restored the parameters of v%d (newest accepted v%d)", p.active_version, p.version)
+        return True
 
-    def _restore_tta(self, t: SavedTTA | None) -> None:
+    def _restore_tta(self, t: SavedTTA | None) -> bool:
         """Take over the TTA method's saved state when it is this method's, for this bundle and the parameters
-        the model now runs (an update resets a method's state)."""
+        the model now runs (an update resets a method's state); True when it did."""
         if t is None:
-            return
+            return False
         if (t.method, t.bundle_id, t.active_version) != (self.tta.name, self.config.bundle_id, self._active_version):
             logger.info("not restoring the saved state of TTA method %r (bundle %s, v%d): this agent runs %r on "
                         "bundle %s, v%d", t.method, t.bundle_id[:12], t.active_version, self.tta.name,
                         self.config.bundle_id[:12], self._active_version)
-            return
+            return False
         try:
             self.tta.restore(t.state)
         except (TypeError, ValueError) as exc:  # restore names what is wrong, and changes nothing then
             logger.warning("not restoring the saved state of TTA method %r: %s", t.method, exc)
-            return
+            return False
         logger.info("restored the state of TTA method %r (%d arrays)", t.method, len(t.state))
+        return True
 
     def save_tta_state(self) -> None:
         """Save the TTA method's state (a no-op without a state store); :meth:`sync` and :meth:`close` call it.

@@ -100,6 +100,21 @@ class SavedState:
     tta: SavedTTA | None = None
 
 
+@dataclass(frozen=True)
+class Restored:
+    """What an agent took over from its state store at construction (:attr:`Agent.restored`).
+
+    ``version``/``active_version``: the restored parameter state's versions (None: it started from the bundle's
+    parameters); ``tta``: whether the TTA method's state was restored; ``drift_reports``/``rollback_reports``:
+    undelivered reports taken over."""
+
+    version: int | None = None
+    active_version: int | None = None
+    tta: bool = False
+    drift_reports: int = 0
+    rollback_reports: int = 0
+
+
 class AgentStateStore(SqliteStore):
     """An agent's durable state in the SQLite file ``path`` (created when missing). Thread-safe."""
 

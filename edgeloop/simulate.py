@@ -85,6 +85,7 @@ class SimulationConfig:
     attack_scale: float | None = None
     labelled: float | None = None
     late: float | None = None
+    restarts: float | None = None
     upload_bytes_per_window: int = 4096
     health_samples: int = 64
     local_baseline: bool = True
@@ -119,7 +120,7 @@ class SimulationConfig:
             from server.aggregation import check_aggregator
 
             check_aggregator(self.aggregator, self.aggregator_options)
-        for name in ("dropout", "byzantine", "labelled", "late"):
+        for name in ("dropout", "byzantine", "labelled", "late", "restarts"):
             value = getattr(self, name)
             if value is not None and not (0.0 <= value <= 1.0):
                 raise ValueError(f"--{name} must be a fraction in [0, 1], got {value}")
@@ -161,7 +162,8 @@ class SimulationConfig:
         """The scenario with the command line's overrides."""
         return get_scenario(self.scenario).with_overrides(
             dirichlet_alpha=self.dirichlet_alpha, dropout_max=self.dropout, byzantine=self.byzantine,
-            attack=self.attack, attack_scale=self.attack_scale, labelled=self.labelled, late=self.late)
+            attack=self.attack, attack_scale=self.attack_scale, labelled=self.labelled, late=self.late,
+            restarts=self.restarts)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready config for the report (no secrets)."""
@@ -302,8 +304,10 @@ def _round_line(k: int, rounds: int, run: list[Any], info: dict[str, Any]) -> st
     base = sum(r.source_correct for r in run) / max(samples, 1)
     state = (f"update v{info['update_version']} ({info['seconds']:.2f} s)" if info.get("update_version")
              else f"no update ({info.get('skipped', '')})")
+    restarted = f", {info['restarted']} restarted" if info.get("restarted") else ""
     return (f"round {k + 1}/{rounds}: {sum(r.online for r in run)} online, {info['submissions']} contributed, "
-            f"{state}; accuracy {acc:.3f} (no adaptation {base:.3f}), errors {sum(len(r.errors) for r in run)}")
+            f"{state}; accuracy {acc:.3f} (no adaptation {base:.3f}), errors {sum(len(r.errors) for r in run)}"
+            f"{restarted}")
 
 
 def _server_round(admin: Any, cfg: SimulationConfig, submissions: int) -> tuple[dict[str, Any], str | None]:
@@ -392,7 +396,8 @@ def _round_loop(cfg: SimulationConfig, engine: Any, admin: Any, rep: _Reporter) 
             out.errors.append(f"round {k + 1}: {error}")
         sync = engine.sync(k, advance)
         info.update(round=k + 1, online=int(sum(r.online for r in run)),
-                    updates_applied=int(sum(len(r.applied) for r in sync)))
+                    updates_applied=int(sum(len(r.applied) for r in sync)),
+                    restarted=int(sum(getattr(r, "restarted", False) for r in sync)))
         if info.get("update_version"):  # a FedBuff server also publishes between StartRounds
             info["versions_published"] = int(info["update_version"]) - latest
             latest = int(info["update_version"])
@@ -416,7 +421,7 @@ def _model(cfg: SimulationConfig, rep: _Reporter) -> tuple[Path, tuple[Path, ...
 def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> dict[str, Any]:
     from device_agents.fleet.engine import create_engine
     from device_agents.fleet.report import build_report, plot_report, write_report
-    from device_agents.fleet.scenarios import generate_fleet, participation
+    from device_agents.fleet.scenarios import generate_fleet, participation, restart_draws
     from device_agents.fleet.worker import FleetConfig
     from edgeloop.admin import AdminClient
     from edgeloop.data import default_data_dir, load_dataset
@@ -427,8 +432,9 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
         bundle, trusted_pub = _model(cfg, rep)
         timings["model"] = time.perf_counter() - started
         test = load_dataset(cfg.dataset, "test", data_dir=cfg.data_dir)
-        specs = generate_fleet(cfg.scenario_obj(), cfg.devices, test.y, rounds=cfg.rounds,
-                               batch_size=cfg.batch_size, seed=cfg.seed)
+        scenario = cfg.scenario_obj()
+        specs = generate_fleet(scenario, cfg.devices, test.y, rounds=cfg.rounds, batch_size=cfg.batch_size,
+                               seed=cfg.seed)
         with _server(cfg, trusted_pub) as address, \
                 AdminClient(address, timeout=60.0, admin_token=cfg.admin_token) as admin:
             bundle_id = admin.publish_bundle(bundle)
@@ -442,7 +448,9 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
                 tta=cfg.tta, tta_settings=dict(cfg.tta_settings), detector=cfg.detector,
                 upload_bytes_per_window=cfg.upload_bytes_per_window, health_samples=cfg.health_samples,
                 local_baseline=cfg.local_baseline, trusted_keys=tuple(map(load_public_key, trusted_pub)) or None,
-                contribution_encoding=cfg.contribution_encoding)
+                contribution_encoding=cfg.contribution_encoding,
+                restarts=(restart_draws(specs, cfg.rounds, scenario.restarts, cfg.seed) if scenario.restarts > 0
+                          else None))
             t0 = time.perf_counter()
             engine = create_engine(cfg.engine, specs, fleet_config, workers=cfg.workers, address=cfg.address)
             try:
@@ -467,6 +475,14 @@ def _run(cfg: SimulationConfig, started: float, quiet: bool, console: Any) -> di
         if not quiet:
             rep.console.print(summary_table(report))
         acc = report["overall_accuracy"]
+        restarts = report["restarts"]
+        if restarts["count"]:
+            rep.log(f"{restarts['count']} power losses: {restarts['resumed']} devices booted holding the update "
+                    f"they had, {restarts['tta_restored']} with their TTA state (one saved for parameters an update "
+                    f"has since replaced is dropped); outbox samples kept "
+                    f"{restarts['outbox_samples']['after']}/{restarts['outbox_samples']['before']}, undelivered "
+                    f"reports {restarts['undelivered_reports']['after']}/{restarts['undelivered_reports']['before']}"
+                    + (f", {restarts['failed_boots']} boots failed" if restarts["failed_boots"] else ""))
         rep.log(f"done in {report['wall_seconds']:.1f} s: accuracy {acc['federated']} (no adaptation "
                 f"{acc['no_adaptation']}), {report['bytes']['up']:,} bytes up, {report['bytes']['down']:,} down, "
                 f"{report['errors']['count']} errors, {report['rollbacks']} rollbacks; report {path}")
@@ -546,6 +562,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    "zeroth-order (SPSA) steps (overrides the scenario's)")
     p.add_argument("--late", type=float, default=None, help="fraction of devices whose contributions reach the "
                    "server a round late (overrides the scenario's)")
+    p.add_argument("--restarts", type=float, default=None, help="probability in [0, 1] that a device loses power "
+                   "after a round and boots from its state files (overrides the scenario's)")
     p.add_argument("--upload-bytes", type=int, default=4096, help="each device's selective-upload budget per "
                    "minute in bytes (0: no uploads); default 4096")
     p.add_argument("--health-samples", type=int, default=64, help="recent samples each device keeps for its "
@@ -577,7 +595,7 @@ def config_from_args(args: argparse.Namespace) -> SimulationConfig:
         tta=args.tta, tta_settings=parse_options(args.tta_set), detector=args.detector, batch_size=args.batch_size,
         dirichlet_alpha=args.dirichlet_alpha,
         dropout=args.dropout, byzantine=args.byzantine, attack=args.attack, attack_scale=args.attack_scale,
-        labelled=args.labelled, late=args.late,
+        labelled=args.labelled, late=args.late, restarts=args.restarts,
         upload_bytes_per_window=args.upload_bytes, health_samples=args.health_samples,
         local_baseline=not args.no_local_baseline, bundle=args.bundle, cache_dir=args.cache_dir,
         data_dir=args.data_dir, update_encoding=args.update_encoding,

@@ -72,6 +72,7 @@ def build_report(
     online = np.zeros((n, r), dtype=bool)
     learned = np.zeros((n, r), dtype=np.int64)
     contributed = np.zeros((n, r), dtype=bool)
+    restarted = np.zeros((n, r), dtype=bool)
     up, down = np.zeros((n, r), dtype=np.int64), np.zeros((n, r), dtype=np.int64)
     phase = dict.fromkeys(("rounds_up", "rounds_down", "sync_up", "sync_down"), 0)
     errors = 0
@@ -88,6 +89,7 @@ def build_report(
             phase["rounds_down"] += rec.bytes_down
             errors += len(rec.errors)
         for rec in sync:
+            restarted[rec.index, k] = getattr(rec, "restarted", False)
             up[rec.index, k] += rec.bytes_up
             down[rec.index, k] += rec.bytes_down
             phase["sync_up"] += rec.bytes_up
@@ -174,7 +176,10 @@ def build_report(
         "device_accuracy_spread": {"federated": pct(per_device["federated"]),
                                    "gain_vs_no_adaptation": pct(gain)},
         "participation": {"online": online.sum(0).astype(int).tolist(),
-                          "contributed": contributed.sum(0).astype(int).tolist()},
+                          "contributed": contributed.sum(0).astype(int).tolist(),
+                          "restarted": restarted.sum(0).astype(int).tolist()},
+        "restarts": restart_summary([row for f in finals for row in f.get("restarts", [])]),
+        "device_restarts": [list(f.get("restarts", [])) for f in finals],
         "rounds_detail": list(rounds_info),
         "bytes": {
             "up": int(up.sum()), "down": int(down.sum()),
@@ -205,11 +210,37 @@ def build_report(
         "device_summaries": [
             {**spec.summary(), "drift": {k: v for k, v in row.items()},
              **{k: final[k] for k in ("update_versions", "rollbacks", "rejected_updates", "uploaded_samples",
-                                      "bytes_up", "bytes_down", "contributions", "contributor", "errors")}}
+                                      "bytes_up", "bytes_down", "contributions", "contributor", "errors")},
+             "restarts": len(final.get("restarts", []))}
             for spec, row, final in zip(specs, drift_rows, finals, strict=True)
         ],
     }
     return report
+
+
+def restart_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the devices' power losses cost them (rows: :meth:`FleetWorker._restart`'s records).
+
+    ``resumed``: boots that came back with the parameters and both versions held before the power loss (none
+    restored counts as v0: a device that had applied no update starts from the bundle's parameters, which is
+    what it held); ``tta_restored``: boots whose TTA method took over its saved state (a state saved for
+    parameters an update has since replaced is not restored, by design); outbox samples and undelivered reports
+    before the power loss and after the boot."""
+    booted = [row for row in rows if row.get("booted")]
+    resumed = [row for row in booted if "version" in row
+               and (row["restored_version"] or 0, row["restored_active_version"] or 0)
+               == (row["version"], row["active_version"])]
+    return {
+        "count": len(rows), "booted": len(booted), "failed_boots": len(rows) - len(booted),
+        "resumed": len(resumed), "tta_restored": sum(bool(row["restored_tta"]) for row in booted),
+        "outbox_samples": {"before": sum(int(row.get("outbox_pending", 0)) for row in booted),
+                           "after": sum(int(row["restored_outbox_pending"]) for row in booted)},
+        "undelivered_reports": {
+            "before": sum(int(row.get("drift_reports", 0)) + int(row.get("rollback_reports", 0)) for row in booted),
+            "after": sum(int(row["restored_drift_reports"]) + int(row["restored_rollback_reports"])
+                         for row in booted)},
+        "not_resumed": [row for row in booted if row not in resumed][:10],
+    }
 
 
 def write_report(report: dict[str, Any], out: Path) -> Path:

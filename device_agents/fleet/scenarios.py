@@ -48,6 +48,8 @@ class Scenario:
     byzantine device draws one). ``labelled``: the share of devices that receive the labels of what they saw
     (after predicting) and take zeroth-order SPSA steps on them (``Agent.learn``). ``late``: the share of
     devices whose uplink straggles: each contribution reaches the server one round late (stale by a version).
+    ``restarts``: the probability that a device loses power after a round's batches, before its sync; it boots
+    again from its state files (:mod:`device_agents.state`, its outbox) and syncs as if nothing happened.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Scenario:
     attack_scale: float | None = None
     labelled: float = 0.0
     late: float = 0.0
+    restarts: float = 0.0
 
     def __post_init__(self) -> None:
         check_scenario(self)
@@ -90,7 +93,7 @@ def check_scenario(s: Scenario) -> None:
         raise ValueError(f"scenario {s.name!r}: drift_mix shares must be >= 0 with a positive sum, got {kinds}")
     if s.segments < 2 and any(kinds.get(k, 0) > 0 for k in ("abrupt", "gradual", "recurring")):
         raise ValueError(f"scenario {s.name!r}: a drifting schedule needs segments >= 2, got {s.segments}")
-    for name in ("gradual_width", "clean_start", "dropout_max", "byzantine", "labelled", "late"):
+    for name in ("gradual_width", "clean_start", "dropout_max", "byzantine", "labelled", "late", "restarts"):
         _fraction(name, getattr(s, name))
     if s.dropout_max >= 1.0:
         raise ValueError(f"dropout must be below 1 (a device that is always offline never takes part), "
@@ -150,6 +153,8 @@ for _s in (
              labelled=0.3),
     Scenario("stragglers", "mixed, with speeds 1-6 batches/round, dropout up to 60 % and 30 % of devices whose "
              "contributions arrive a round late", speed=(1, 6), dropout_max=0.6, late=0.3),
+    Scenario("reboots", "mixed, and each device loses power after a round with probability 0.25, then boots from "
+             "its state files (applied updates, undelivered reports, TTA state, outbox)", restarts=0.25),
 ):
     register_scenario(_s)
 DEFAULT_SCENARIO = "mixed"
@@ -315,3 +320,11 @@ def participation(specs: Sequence[DeviceSpec], rounds: int, seed: int = 0) -> np
     draws = rng.random((len(specs), rounds))
     dropout = np.asarray([s.dropout for s in specs], dtype=np.float64)[:, None]
     return draws >= dropout
+
+
+def restart_draws(specs: Sequence[DeviceSpec], rounds: int, probability: float, seed: int = 0) -> np.ndarray:
+    """``(devices, rounds)`` booleans: whether each device loses power after each round's batches (drawn up front
+    from ``seed``, like :func:`participation`, and independent of it)."""
+    _fraction("restarts", probability)
+    rng = np.random.default_rng([seed, 15485863])
+    return rng.random((len(specs), rounds)) < probability

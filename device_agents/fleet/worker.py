@@ -11,6 +11,12 @@ model with no adaptation, and optionally the same TTA method on a private model 
 contributes, and after the server's round syncs (outbox upload, signed update verified, applied, health
 checked and possibly rolled back).
 
+With ``FleetConfig.restarts``, devices keep their outbox and agent state in files (``work_dir/<device id>/``)
+and a device drawn to restart after a round loses power before its sync: its agent, client and model are
+dropped without a goodbye (the TTA state adapted since its last sync is lost, like on a real device), and a new
+agent is built from the files, registers again and syncs. What it took over is recorded per restart and
+compared with what it held before (``finish()['restarts']``).
+
 Workers are plain Python objects with picklable inputs and outputs, so the in-process engine runs them on a
 thread pool and the Ray engine runs each as an actor.
 """
@@ -72,6 +78,7 @@ class FleetConfig:
     rpc_timeout: float = 30.0
     sync_wait_seconds: float = 0.001
     contribution_encoding: str = "int8_delta"
+    restarts: np.ndarray | None = field(default=None, repr=False)  # (devices, rounds) power losses; None: no files
 
 
 @dataclass
@@ -92,6 +99,7 @@ class DeviceRound:
     bytes_down: int = 0
     drift_detected: tuple[int, ...] = ()
     errors: tuple[str, ...] = ()
+    restarted: bool = False
 
 
 class _SimDevice:
@@ -109,6 +117,8 @@ class _SimDevice:
         self.error_count = 0
         self.contributions = 0
         self.pending: Contribution | None = None  # a late device's contribution, sent next round
+        self.restarts: list[dict[str, Any]] = []  # one record per power loss (see FleetWorker._restart)
+        self.lives: list[dict[str, Any]] = []  # what the agents of earlier boots counted (see _life)
 
     def error(self, where: str, exc: BaseException | str) -> str:
         text = f"{self.spec.device_id} {where}: {exc if isinstance(exc, str) else type(exc).__name__ + ': ' + str(exc)}"
@@ -130,6 +140,7 @@ class FleetWorker:
         self.devices: list[_SimDevice] = []
         self._channel: Any = None
         self._source: tuple[Any, Any] | None = None
+        self._bundle: Any = None
         self.bundle_id = ""
         self.bundle_bytes = 0
         self.setup_errors: list[str] = []
@@ -151,8 +162,7 @@ class FleetWorker:
         for spec in self.specs:
             client = DeviceClient(cfg.server, spec.device_id, timeout=cfg.rpc_timeout,
                                   trusted_keys=cfg.trusted_keys, channel=self._channel)
-            infos.append(client.register({"simulated": "true", "drift": spec.drift_kind,
-                                          "byzantine": spec.byzantine or "no"}))
+            infos.append(client.register(_labels(spec)))
             clients.append(client)
         bundle_ids = {info.bundle_id for info in infos}
         if len(bundle_ids) != 1 or not next(iter(bundle_ids)):
@@ -163,31 +173,39 @@ class FleetWorker:
         path = clients[0].fetch_bundle(self.bundle_id, Path(cfg.work_dir) / f"worker-{self.specs[0].device_id}",
                                        class_statistics=needs_class_statistics(cfg.tta, cfg.detector))
         self.bundle_bytes = clients[0].bytes_down - before
-        bundle = load_bundle(path, threads=1, trusted_keys=cfg.trusted_keys)
+        bundle = self._bundle = load_bundle(path, threads=1, trusted_keys=cfg.trusted_keys)
         source_model = AdaptableModel(bundle)
         self._source = (source_model, _tta("source"))
         for spec, client, info in zip(self.specs, clients, infos, strict=True):
             stream = DeviceStream(spec, test.x, test.y, cfg.rounds, cfg.batch_size)
-            agent = self._agent(bundle, client, info)
+            agent = self._agent(bundle, client, info, spec)
             local = (AdaptableModel(bundle), _tta(cfg.tta, cfg.tta_settings)) if cfg.local_baseline else None
             self.devices.append(_SimDevice(spec, stream, agent, local))
         return {"devices": len(self.devices), "bundle_id": self.bundle_id, "bundle_bytes": self.bundle_bytes,
                 "seconds": time.perf_counter() - started}
 
-    def _agent(self, bundle: Any, client: Any, info: Any) -> Any:
+    def _agent(self, bundle: Any, client: Any, info: Any, spec: DeviceSpec) -> Any:
+        """A device's agent; with restarts on, its outbox and state live in ``work_dir/<device id>/`` and the
+        agent restores what they hold."""
         from device_agents.agent import Agent, AgentConfig
         from device_agents.health import HealthPolicy
         from device_agents.outbox import SqliteOutbox
         from device_agents.selection import EntropyBandSelector, SelectorConfig
+        from device_agents.state import AgentStateStore
         from edgeloop.pipeline import make_detector
         from runtime import AdaptableModel
 
         cfg = self.config
         model = AdaptableModel(bundle)
         upload = cfg.upload_bytes_per_window > 0
+        durable = cfg.restarts is not None
+        files = Path(cfg.work_dir) / spec.device_id
+        if durable:
+            files.mkdir(parents=True, exist_ok=True)
         selector = EntropyBandSelector(SelectorConfig(bytes_per_window=cfg.upload_bytes_per_window)) if upload else None
-        # the outbox is a real SqliteOutbox, in memory: durability across crashes is not what a fleet run tests
-        outbox = SqliteOutbox(":memory:", max_bytes=max(1 << 16, 16 * cfg.upload_bytes_per_window)) if upload else None
+        # a real SqliteOutbox: in a file when devices restart, else in memory (no crash to survive)
+        outbox = (SqliteOutbox(files / "outbox.sqlite3" if durable else ":memory:",
+                               max_bytes=max(1 << 16, 16 * cfg.upload_bytes_per_window)) if upload else None)
         keys = (info.update_public_key,) if info.update_public_key else None
         extra = ({"contribution_encoding": cfg.contribution_encoding}
                  if "contribution_encoding" in {f.name for f in fields(AgentConfig)} else {})
@@ -195,7 +213,53 @@ class FleetWorker:
                              update_keys=keys, health=HealthPolicy(recent_samples=cfg.health_samples),
                              sync_wait_seconds=cfg.sync_wait_seconds, **extra)
         detector = make_detector(cfg.detector, model, cfg.drift_threshold)
-        return Agent(model, _tta(cfg.tta, cfg.tta_settings), detector, selector, outbox, client, config)
+        state = AgentStateStore(files / "agent_state.sqlite3") if durable else None
+        try:
+            return Agent(model, _tta(cfg.tta, cfg.tta_settings), detector, selector, outbox, client, config,
+                         state=state, server_version=info.latest_update_version)
+        except BaseException:
+            for store in (outbox, state):
+                if store is not None:
+                    store.close()
+            raise
+
+    def _restart(self, dev: _SimDevice, round_index: int) -> str | None:
+        """``dev`` loses power and boots again from its files: a new client registers, a new model and agent
+        restore what the state store and outbox hold. Records what it held before and what it took over;
+        returns an error text when the boot failed (the device then stays down until a later boot succeeds)."""
+        from device_agents.client import DeviceClient
+
+        cfg = self.config
+        old = dev.agent
+        before: dict[str, Any] = {"round": round_index}
+        if old is not None:
+            before.update(version=old.version, active_version=old.active_version,
+                          outbox_pending=old.outbox.pending_count if old.outbox is not None else 0,
+                          drift_reports=old.stats.drift_reports_pending,
+                          rollback_reports=old.stats.rollback_reports_pending)
+            old.stop_watcher()  # power loss: no TTA save, nothing flushed; committed SQLite transactions stay
+            for store in (old.outbox, old.state):
+                if store is not None:
+                    store.close()
+            old.client.close()  # the shared channel stays open (the client does not own it)
+            dev.lives.append(_life(old))
+            dev.agent = None
+        try:
+            client = DeviceClient(cfg.server, dev.spec.device_id, timeout=cfg.rpc_timeout,
+                                  trusted_keys=cfg.trusted_keys, channel=self._channel)
+            agent = self._agent(self._bundle, client, client.register(_labels(dev.spec)), dev.spec)
+        except Exception as exc:
+            dev.restarts.append({**before, "booted": False})
+            return dev.error("restart", exc)
+        dev.agent = agent
+        got = agent.restored
+        dev.restarts.append({
+            **before, "booted": True,
+            "restored_version": got.version, "restored_active_version": got.active_version,
+            "restored_tta": got.tta, "restored_outbox_pending": agent.outbox.pending_count if agent.outbox else 0,
+            "restored_drift_reports": got.drift_reports, "restored_rollback_reports": got.rollback_reports,
+        })
+        return None
 
     # -- rounds ---------------------------------------------------------------------------------------------
     def run_round(self, round_index: int, on_device: Callable[[int], None] | None = None) -> list[DeviceRound]:
@@ -204,6 +268,13 @@ class FleetWorker:
         out, images, labels, owners = [], [], [], []
         for dev in self.devices:
             rec = DeviceRound(dev.spec.index, round_index, bool(self.config.online[dev.spec.index, round_index]))
+            if dev.agent is None:  # its last boot failed: down for this round, booted again at the next sync
+                rec.online = False
+                rec.errors = (dev.error(f"round {round_index}", "the device is down (its last boot failed)"),)
+                out.append(rec)
+                if on_device is not None:
+                    on_device(1)
+                continue
             up0, down0 = dev.agent.client.bytes_up, dev.agent.client.bytes_down
             try:
                 batches = dev.stream.round_batches(round_index)
@@ -298,21 +369,33 @@ class FleetWorker:
             rec.source_correct = int(counts[i])
 
     def sync(self, round_index: int, on_device: Callable[[int], None] | None = None) -> list[DeviceRound]:
-        """Online devices sync after the server's round: upload their outbox, fetch, verify and apply updates."""
+        """Online devices sync after the server's round: upload their outbox, fetch, verify and apply updates.
+        A device drawn to restart (``FleetConfig.restarts``), or down since a failed boot, boots first; its new
+        client's bytes (the registration too) count in the sync's."""
         out = []
+        restarts = self.config.restarts
         for dev in self.devices:
             rec = DeviceRound(dev.spec.index, round_index, bool(self.config.online[dev.spec.index, round_index]))
-            if rec.online:
-                client = dev.agent.client
-                up0, down0 = client.bytes_up, client.bytes_down
+            errors: list[str] = []
+            up0 = down0 = 0
+            if dev.agent is None or (restarts is not None and restarts[dev.spec.index, round_index]):
+                rec.restarted = True
+                failed = self._restart(dev, round_index)
+                if failed is not None:
+                    errors.append(failed)
+            elif rec.online:
+                up0, down0 = dev.agent.client.bytes_up, dev.agent.client.bytes_down
+            if rec.online and dev.agent is not None:
                 try:
                     result = dev.agent.sync(wait_seconds=self.config.sync_wait_seconds)
                     rec.applied = tuple(result.applied_versions)
-                    rec.errors = tuple(dev.error("sync", e) for e in result.errors)
+                    errors.extend(dev.error("sync", e) for e in result.errors)
                 except Exception as exc:
-                    rec.errors = (dev.error("sync", exc),)
-                rec.bytes_up = client.bytes_up - up0
-                rec.bytes_down = client.bytes_down - down0
+                    errors.append(dev.error("sync", exc))
+            if dev.agent is not None and (rec.online or rec.restarted):
+                rec.bytes_up = dev.agent.client.bytes_up - up0
+                rec.bytes_down = dev.agent.client.bytes_down - down0
+            rec.errors = tuple(errors)
             out.append(rec)
             if on_device is not None:
                 on_device(1)
@@ -323,19 +406,17 @@ class FleetWorker:
         """Per-device summaries (drift detections, updates, rollbacks, bytes, errors); closes the devices."""
         out = []
         for dev in self.devices:
-            stats = dev.agent.stats
+            lives = dev.lives + ([_life(dev.agent)] if dev.agent is not None else [])
+            summary: dict[str, Any] = {key: [] if isinstance(value, list) else 0 for key, value in _LIFE_KEYS.items()}
+            for life in lives:  # each boot's agent counted from zero: the device's totals are their sums
+                for key, value in life.items():
+                    summary[key] = summary[key] + value
             out.append({
-                "index": dev.spec.index,
-                "drift_detected": list(stats.drift_positions),
-                "update_versions": list(stats.update_versions),
-                "version": dev.agent.version, "active_version": dev.agent.active_version,
-                "rollbacks": len(dev.agent.rollbacks),
-                "rollback_reasons": [r.reason for r in dev.agent.rollbacks][:5],
-                "rejected_updates": stats.rejected_updates, "sync_failures": stats.sync_failures,
-                "uploaded_samples": stats.uploaded_samples, "selected": stats.selected,
-                "bytes_up": dev.agent.client.bytes_up, "bytes_down": dev.agent.client.bytes_down,
+                "index": dev.spec.index, **summary, "rollback_reasons": summary["rollback_reasons"][:5],
+                "version": dev.agent.version if dev.agent is not None else None,
+                "active_version": dev.agent.active_version if dev.agent is not None else None,
                 "contributions": dev.contributions, "contributor": dev.contributor.name,
-                "errors": dev.error_count, "error_messages": list(dev.errors),
+                "errors": dev.error_count, "error_messages": list(dev.errors), "restarts": dev.restarts,
             })
         self.close()
         return out
@@ -343,16 +424,43 @@ class FleetWorker:
     def close(self) -> None:
         """Close outboxes and the shared channel (idempotent)."""
         for dev in self.devices:
+            if dev.agent is None:
+                continue
             try:
                 dev.agent.close()
-                if dev.agent.outbox is not None:
-                    dev.agent.outbox.close()
+                for store in (dev.agent.outbox, dev.agent.state):
+                    if store is not None:
+                        store.close()
             except Exception as exc:  # closing must go on for the other devices
                 logger.warning("closing %s: %s", dev.spec.device_id, exc)
         self.devices = []
         if self._channel is not None:
             self._channel.close()
             self._channel = None
+
+
+_LIFE_KEYS: dict[str, Any] = {
+    "drift_detected": [], "update_versions": [], "rollbacks": 0, "rollback_reasons": [], "rejected_updates": 0,
+    "sync_failures": 0, "uploaded_samples": 0, "selected": 0, "bytes_up": 0, "bytes_down": 0,
+}
+
+
+def _life(agent: Any) -> dict[str, Any]:
+    """What one boot's agent counted (the keys of :data:`_LIFE_KEYS`): lists are concatenated and numbers
+    summed over a device's boots."""
+    stats = agent.stats
+    return {
+        "drift_detected": list(stats.drift_positions), "update_versions": list(stats.update_versions),
+        "rollbacks": len(agent.rollbacks), "rollback_reasons": [r.reason for r in agent.rollbacks],
+        "rejected_updates": stats.rejected_updates, "sync_failures": stats.sync_failures,
+        "uploaded_samples": stats.uploaded_samples, "selected": stats.selected,
+        "bytes_up": agent.client.bytes_up, "bytes_down": agent.client.bytes_down,
+    }
+
+
+def _labels(spec: DeviceSpec) -> dict[str, str]:
+    """What a simulated device tells the server about itself when it registers."""
+    return {"simulated": "true", "drift": spec.drift_kind, "byzantine": spec.byzantine or "no"}
 
 
 def _tta(name: str, settings: dict[str, str] | None = None) -> Any:

@@ -17,7 +17,7 @@ from device_agents.drift import PageHinkley
 from device_agents.errors import UpdateRefusedError
 from device_agents.health import HealthPolicy
 from device_agents.messages import ParameterUpdate, RollbackInfo
-from device_agents.state import AgentStateStore, SavedParameters, StateError, UpdateRef
+from device_agents.state import AgentStateStore, Restored, SavedParameters, StateError, UpdateRef
 from device_agents.tta import AlphaBN
 from runtime.params import params_digest
 from tests.device_agents.conftest import TinyAdaptableModel, start_edge_server
@@ -100,8 +100,10 @@ def test_a_restarted_agent_runs_the_update_it_had_and_can_still_roll_it_back(tmp
     agent.apply_update(_update(3, _shifted(original, 1.0)))
     agent.state.close()  # type: ignore[union-attr]
 
+    assert agent.restored == Restored()  # a fresh state file: nothing taken over
     restarted = _agent(path)
     assert (restarted.version, restarted.active_version) == (3, 3)
+    assert restarted.restored == Restored(version=3, active_version=3)
     np.testing.assert_array_equal(restarted.model.params["bn1.bias"], original["bn1.bias"] + 1.0)
     assert restarted.rollback() is True  # the parameters before v3 were kept too
     restarted.state.close()  # type: ignore[union-attr]
@@ -148,6 +150,7 @@ def test_saved_parameters_that_do_not_fit_are_not_restored(tmp_path: Path, caplo
         restarted = _agent(path, server_version=server_version, **{"cohort": "north", **cfg})
     assert why in caplog.text
     assert (restarted.version, restarted.active_version) == (0, 0)
+    assert restarted.restored.version is None
     np.testing.assert_array_equal(restarted.model.params["bn1.bias"], original["bn1.bias"])
     assert restarted.state is not None and restarted.state.load().parameters is None  # forgotten
 
@@ -216,6 +219,7 @@ def test_undelivered_drift_and_rollback_reports_survive_a_restart(edge_server, t
     with DeviceClient(edge_server.target, "dev-1", timeout=5.0) as live:
         restarted = _agent(path, client=live, bundle_id=edge_server.bundle_id)
         assert restarted.stats.drift_reports_pending == len(drifts)
+        assert (restarted.restored.drift_reports, restarted.restored.rollback_reports) == (len(drifts), 2)
         result = restarted.sync(wait_seconds=0.2)
         stats = restarted.stats
         assert stats.drift_reports_pending == stats.rollback_reports_pending == 0
@@ -306,6 +310,7 @@ def test_the_tta_state_survives_a_restart(tmp_path: Path) -> None:
     first.close()
     first.state.close()  # type: ignore[union-attr]
     restarted = _agent(path)
+    assert restarted.restored.tta
     np.testing.assert_array_equal(restarted.process_batch(batches[4]).probs, want)
     fresh = _agent(tmp_path / "fresh.db").process_batch(batches[4]).probs
     assert not np.array_equal(fresh, want)  # the state made a difference
@@ -325,6 +330,7 @@ def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path
     assert restarted.active_version == 1
     assert "not restoring the saved state of TTA method 'alpha_bn' (bundle aaaaaaaaaaaa, v0)" in caplog.text
     assert restarted.tta.snapshot() == {}  # starts afresh on v1
+    assert restarted.restored == Restored(version=1, active_version=1, tta=False)
     restarted.close()  # saves v1's (empty) state
     restarted.state.close()  # type: ignore[union-attr]
 

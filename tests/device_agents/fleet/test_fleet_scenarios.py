@@ -18,6 +18,7 @@ from device_agents.fleet.scenarios import (
     generate_fleet,
     get_scenario,
     participation,
+    restart_draws,
     scenario_help,
 )
 from device_agents.fleet.streams import DeviceStream
@@ -104,6 +105,21 @@ def test_dropout_and_byzantine_fractions() -> None:
     assert all(s.byzantine is None for s in fleet("mixed"))
 
 
+
+def test_restart_draws_are_reproducible_and_independent_of_participation() -> None:
+    specs = fleet("reboots", n=200)
+    assert get_scenario("reboots").restarts == 0.25
+    draws = restart_draws(specs, 50, 0.25, seed=0)
+    assert draws.shape == (200, 50) and abs(draws.mean() - 0.25) < 0.02
+    np.testing.assert_array_equal(draws, restart_draws(specs, 50, 0.25, seed=0))
+    assert not np.array_equal(draws, restart_draws(specs, 50, 0.25, seed=1))
+    online = participation(specs, 50, seed=0)
+    assert abs(np.corrcoef(draws.ravel(), online.ravel())[0, 1]) < 0.05
+    assert not restart_draws(specs, 5, 0.0).any() and restart_draws(specs, 5, 1.0).all()
+    with pytest.raises(ValueError, match="restarts must be a fraction in \\[0, 1\\], got 1.5"):
+        restart_draws(specs, 5, 1.5)
+
+
 @pytest.mark.parametrize(("changes", "message"), [
     ({"byzantine": 1.5}, "byzantine must be a fraction in [0, 1]"),
     ({"dropout_max": -0.1}, "dropout_max must be a fraction in [0, 1]"),
@@ -113,6 +129,7 @@ def test_dropout_and_byzantine_fractions() -> None:
     ({"severity": (0, 3)}, "severity range"),
     ({"speed": (0, 2)}, "speed (batches per round)"),
     ({"attack": "nice"}, "unknown byzantine attack 'nice'"),
+    ({"restarts": 2.0}, "restarts must be a fraction in [0, 1]"),
 ])
 def test_bad_scenarios_are_named(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=None) as info:
