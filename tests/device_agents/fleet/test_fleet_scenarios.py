@@ -116,7 +116,7 @@ def test_restart_draws_are_reproducible_and_independent_of_participation() -> No
     online = participation(specs, 50, seed=0)
     assert abs(np.corrcoef(draws.ravel(), online.ravel())[0, 1]) < 0.05
     assert not restart_draws(specs, 5, 0.0).any() and restart_draws(specs, 5, 1.0).all()
-    with pytest.raises(ValueError, match="restarts must be a fraction in \\[0, 1\\], got 1.5"):
+    with pytest.raises(ValueError, match=r"restarts must be a fraction in \[0, 1\], got 1.5"):
         restart_draws(specs, 5, 1.5)
 
 

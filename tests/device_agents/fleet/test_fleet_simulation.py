@@ -89,7 +89,7 @@ def test_bad_fleet_config_is_named(tmp_path: Path) -> None:
         SimulationConfig(out=tmp_path, byzantine=1.2)
     with pytest.raises(ValueError, match="--late must be a fraction"):
         SimulationConfig(out=tmp_path, late=2.0)
-    with pytest.raises(ValueError, match="--restarts must be a fraction in \\[0, 1\\], got -0.1"):
+    with pytest.raises(ValueError, match=r"--restarts must be a fraction in \[0, 1\], got -0.1"):
         SimulationConfig(out=tmp_path, restarts=-0.1)
     with pytest.raises(ValueError, match="unknown aggregator 'mean'"):
         SimulationConfig(out=tmp_path, aggregator="mean")
