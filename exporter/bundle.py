@@ -43,6 +43,7 @@ from exporter.statistics import check_source_data, output_statistics, write_stat
 from exporter.statistics import class_gaussians as class_gaussians
 from exporter.train import check_images
 from runtime.blocks import encode_block, encode_image_u8
+from runtime.bundle_info import merge_export_report
 from runtime.checks import is_finite_number
 from runtime.manifest import checked_invariances
 from runtime.model import softmax
@@ -345,16 +346,7 @@ def export_details(bundle_dir: Path | str) -> dict[str, Any]:
     path = root / ref["file"]
     if sha256_file(path) != manifest["files"].get(ref["file"]):
         raise ExportError(f"{path} does not match its sha256 in the manifest")
-    report = json.loads(path.read_text(encoding="utf-8"))
-    for entry in manifest["models"]:
-        extra = report.get("models", {}).get(entry["name"], {})
-        packed = {**entry.get("packed", {}), **extra.get("packed", {})}
-        entry.update({k: v for k, v in extra.items() if k != "packed"})
-        if packed:
-            entry["packed"] = packed
-    if "compression" in report:
-        manifest["compression"] = report["compression"]
-    return manifest
+    return merge_export_report(manifest, json.loads(path.read_text(encoding="utf-8")))
 
 
 def _pack(built: list[BuiltModel], nm: tuple[int, int]) -> None:

@@ -46,27 +46,33 @@ class Bundle:
     signer: SignatureInfo | None
 
 
+def file_problem(root: Path, rel: str, expected: str) -> tuple[str, str] | None:
+    """What is wrong with the manifest-listed file ``rel`` of the bundle ``root`` — ``("escapes" | "missing" |
+    "sha256", message)`` — or None when it is present and matches ``expected``."""
+    base = root.resolve()
+    path = (root / rel).resolve()
+    if base not in path.parents:
+        return "escapes", f"manifest file path {rel!r} escapes the bundle directory"
+    if not path.is_file():
+        return "missing", f"bundle file {rel!r} is missing from {root}"
+    actual = file_sha256(path)
+    if actual != expected:
+        return "sha256", f"bundle file {rel!r} fails its sha256 check: expected {expected[:16]}…, got {actual[:16]}…"
+    return None
+
+
 def verify_files(root: Path, manifest: Manifest, required: Sequence[str] | None = None) -> None:
     """Check the files the manifest lists inside ``root`` against their sha256.
 
     ``required`` (default: every listed file) must be present; any other listed file may be absent (a device
     fetches only what its model needs), but if it is present it must match too.
     """
-    base = root.resolve()
     needed = set(manifest.files if required is None else required)
     for rel, expected in sorted(manifest.files.items()):
-        path = (root / rel).resolve()
-        if base not in path.parents:
-            raise BundleIntegrityError(f"manifest file path {rel!r} escapes the bundle directory")
-        if not path.is_file():
-            if rel not in needed:
-                continue
-            raise BundleIntegrityError(f"bundle file {rel!r} is missing from {root}")
-        actual = file_sha256(path)
-        if actual != expected:
-            raise BundleIntegrityError(
-                f"bundle file {rel!r} fails its sha256 check: expected {expected[:16]}…, got {actual[:16]}…"
-            )
+        problem = file_problem(root, rel, expected)
+        if problem is None or (problem[0] == "missing" and rel not in needed):
+            continue
+        raise BundleIntegrityError(problem[1])
 
 
 def golden_feeds(manifest: Manifest, model: ModelEntry, x: np.ndarray) -> dict[str, np.ndarray]:

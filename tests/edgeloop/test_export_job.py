@@ -210,3 +210,19 @@ def test_import_path_model_is_found_beside_the_user(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["arch"] == "import:user_models_beside:build_net"
     assert "user_models_beside" not in sys.modules  # the test process itself imported nothing
+
+
+def test_inspect_verifies_every_packed_model_in_both_runtimes(compressed_bundle: Path) -> None:
+    from runtime.bundle_info import describe, inspect_bundle
+
+    ins = inspect_bundle(compressed_bundle)
+    assert ins.ok, ins.failures
+    assert {m["name"]: m["golden"]["status"] for m in ins.models} == dict.fromkeys(
+        ("fp32", "int8", "folded_fp32", "folded_int8", "tflite_fp32", "tflite_folded_fp32", "tflite_folded_int8"),
+        "ok")
+    for m in ins.models:  # shipped in the packed N:M transport encoding, smaller than the model it decodes to
+        assert m["packing"] == "2:4 N:M, lzma" and m["unpacked_bytes"] > m["bytes"] > 0, m
+    lines = describe(ins.manifest)["compression"]  # type: ignore[arg-type]
+    assert any(line.startswith("low-rank on") for line in lines)
+    assert any(line.startswith("N:M sparsity 2:4") for line in lines)
+    assert any("all sparsified layers hold: True" in line for line in lines)

@@ -38,6 +38,19 @@ def test_device_side_runs_without_torch(digits_bundle: Path, tmp_path: Path) -> 
     assert proc.stdout.strip() == "ok 32"
 
 
+def test_inspect_runs_without_torch(digits_bundle: Path) -> None:
+    """``edgeloop inspect`` is a device-side tool: it verifies every model of a bundle without torch."""
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from edgeloop.cli import main\n"
+              "code = main(['inspect', sys.argv[1]])\n"
+              "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(digits_bundle)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "verified: every check passed" in proc.stdout
+
+
 def test_device_install_requirements_exclude_torch() -> None:
     import tomllib
 
