@@ -236,7 +236,8 @@ def describe(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "created": (datetime.fromtimestamp(created / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
                     if isinstance(created, int | float) else None),
         "input": manifest.get("input"), "labels": len(labels), "label_names": labels[:10],
-        "output_kind": manifest.get("output_kind", "logits"),
+        "output_kind": _mapping(manifest.get("outputs")).get("kind", "logits"),
+        "foreign": _foreign(manifest.get("foreign")),
         "normalisation_layers": [layer.get("channels") for layer in layers if isinstance(layer, dict)],
         "source_statistics": sorted(k for k in stats if k != "accuracy"),
         "source_accuracy": stats.get("accuracy"),
@@ -244,6 +245,17 @@ def describe(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "default_model": manifest.get("default_model"),
         "trainable": bool(manifest.get("trainable")),
     }
+
+
+def _foreign(block: Any) -> str | None:
+    """One line on a wrapped foreign model: its source file, and what the wrapper added."""
+    if not isinstance(block, Mapping):
+        return None
+    added = _mapping(block.get("added_outputs"))
+    extra = f"; outputs added: {', '.join(f'{k} <- {v}' for k, v in added.items())}" if added else ""
+    same = "; scores bit-identical to the source model" if block.get("scores_bit_identical_to_source") else ""
+    return (f"wrapped from {block.get('source_file')} ({block.get('format')}, sha256 "
+            f"{str(block.get('source_sha256'))[:16]}…){extra}{same}")
 
 
 def _compression_lines(block: Any) -> list[str]:
@@ -296,18 +308,21 @@ def render_inspection(ins: BundleInspection) -> str:
         d = describe(ins.manifest)
         spec = d["input"] or {}
         lines += [
-            f"  name      {d['name']} ({d['arch'] or 'foreign model'}), schema {d['schema_version']}, "
+            f"  name      {d['name']} ({d['arch'] or '?'}), schema {d['schema_version']}, "
             f"created {d['created'] or '?'}",
             f"  input     {spec.get('name')} {spec.get('dtype')} {spec.get('shape')} {spec.get('layout', '')}, "
             f"range {spec.get('value_range')}",
             f"  output    {d['output_kind']}, {d['labels']} labels ({', '.join(map(str, d['label_names']))}"
             f"{', …' if d['labels'] > len(d['label_names']) else ''})",
         ]
+        if d["foreign"]:
+            lines.append(f"  foreign   {d['foreign']}")
         if d["normalisation_layers"]:
             lines.append(f"  adaptable {len(d['normalisation_layers'])} normalisation layers "
                          f"(channels {', '.join(map(str, d['normalisation_layers']))})")
         if d["source_statistics"]:
-            acc = f"; source accuracy {d['source_accuracy']}" if d["source_accuracy"] is not None else ""
+            acc = (f"; top-1 on the source sample {d['source_accuracy']:.4f}"
+                   if isinstance(d["source_accuracy"], int | float) else "")
             lines.append(f"  source    {', '.join(d['source_statistics'])}{acc}")
         lines += [f"  compress  {line}" for line in d["compression"]]
         if d["trainable"]:

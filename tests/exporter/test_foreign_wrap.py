@@ -115,6 +115,11 @@ def test_zoo_manifest(zoo_bundle: Path) -> None:
     assert golden_input(golden, "golden_fp32.bin").shape == (8, 1, 28, 28)
     proto = onnx.load(str(zoo_bundle / "model_fp32.onnx"))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    from runtime.bundle_info import describe, inspect_bundle
+
+    inspection = inspect_bundle(zoo_bundle)  # edgeloop inspect: verified, and described as the wrapper it is
+    assert inspection.ok, inspection.failures
+    assert "onnx_zoo_mnist8.onnx" in describe(inspection.manifest)["foreign"]  # type: ignore[arg-type]
 
 
 @pytest.mark.shared_data
