@@ -7,6 +7,9 @@ vectorized path that signals drift at exactly the positions the per-sample path 
 Scalar streams (entropy, confidence, …): :class:`PageHinkley`, :class:`ADWIN`, :class:`KSWIN`.
 Feature vectors: :class:`MMDDrift` (online MMD), :class:`MahalanobisDrift` (class-conditional source
 Gaussians of the bundle); both calibrate their thresholds to an expected run time.
+
+Every detector refuses (``ValueError``, state unchanged) non-finite observations and observations of magnitude
+above :data:`MAX_ABS_VALUE` (``1e100``), so that its state stays finite (see :mod:`device_agents.drift.base`).
 """
 
 from __future__ import annotations
@@ -14,7 +17,13 @@ from __future__ import annotations
 from typing import Any
 
 from device_agents.drift.adwin import ADWIN
-from device_agents.drift.base import DriftDetector, FeatureDetector, ScalarDetector
+from device_agents.drift.base import (
+    MAX_ABS_VALUE,
+    DriftDetector,
+    FeatureDetector,
+    ScalarDetector,
+    StateOverflowError,
+)
 from device_agents.drift.kswin import KSWIN, ks_critical_count, ks_tail_probability
 from device_agents.drift.mahalanobis import MahalanobisDrift, MahalanobisScorer
 from device_agents.drift.mmd import MMDDrift, median_heuristic
@@ -62,6 +71,7 @@ __all__ = [
     "DETECTORS",
     "FEATURE_DETECTORS",
     "KSWIN",
+    "MAX_ABS_VALUE",
     "SCALAR_DETECTORS",
     "DriftDetector",
     "FeatureDetector",
@@ -71,6 +81,7 @@ __all__ = [
     "PageHinkley",
     "ScalarDetector",
     "Signals",
+    "StateOverflowError",
     "WindowedEmbeddingDetector",
     "create_detector",
     "detector_name",

@@ -5,7 +5,13 @@
   it signalled a drift; the state is reset at the first update after a drift;
 * ``update_many(batch) -> list[int]`` feeds observations in order and returns the positions (within the batch)
   where a drift was signalled — exactly what calling ``update`` on each would give, computed with numpy;
-* non-finite input raises ``ValueError`` before any state changes.
+* non-finite input, and input of magnitude above :data:`MAX_ABS_VALUE` (``1e100``), raises ``ValueError`` before
+  any state changes. The bound keeps every detector's state finite: the running sums and sums of squares of
+  ADWIN and Page-Hinkley stay below ``n·4e200`` (and a squared sum below ``n²·4e200``), far from the float64
+  limit ``1.8e308`` for any stream shorter than ``1e53`` values;
+* a feature row within the bound can still overflow a feature detector's fitted transform (a near-singular
+  covariance, a tiny kernel bandwidth): the batch holding it is refused with ``ValueError`` and the state is
+  restored to what it was before the call, so after any accepted input every number a detector holds is finite.
 
 Every detector exposes :attr:`statistic` (its test statistic after the last update) and :attr:`threshold` (the
 value the statistic must exceed), so an agent can report both with a drift event.
@@ -19,6 +25,18 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+
+MAX_ABS_VALUE = 1e100
+"""The largest magnitude a detector accepts in an observation (a value, or an entry of a feature row)."""
+
+
+class StateOverflowError(ValueError):
+    """An observation (at :attr:`position` of the batch being consumed) would make a detector's state non-finite."""
+
+    def __init__(self, position: int, detail: str) -> None:
+        super().__init__(detail)
+        self.position = position
+        self.detail = detail
 
 
 class DriftDetector(ABC):
@@ -76,7 +94,10 @@ class DriftDetector(ABC):
         while start < len(arr):
             if self._drift_detected:
                 self.reset()
-            hit = self._run(arr[start:])
+            try:
+                hit = self._run(arr[start:])
+            except StateOverflowError as exc:
+                raise StateOverflowError(start + exc.position, exc.detail) from None
             if hit is None:
                 break
             found.append(start + hit)
@@ -86,7 +107,8 @@ class DriftDetector(ABC):
     @abstractmethod
     def _run(self, x: np.ndarray) -> int | None:
         """Vectorized update over ``x`` until the first drift: its index (state left as after that update,
-        drift flag set), or None with every value consumed."""
+        drift flag set), or None with every value consumed. Raises :class:`StateOverflowError` (position within
+        ``x``) for a value that would make the state non-finite."""
 
 
 class ScalarDetector(DriftDetector):
@@ -101,8 +123,8 @@ class ScalarDetector(DriftDetector):
     def update(self, x: float) -> ScalarDetector:
         """Feed one value; a drift found on the previous call resets the state first. Returns ``self``."""
         value = float(x)
-        if not math.isfinite(value):
-            raise ValueError(f"{type(self).__name__}.update got a non-finite value {value}")
+        if not abs(value) <= MAX_ABS_VALUE:
+            raise ValueError(f"{type(self).__name__}.update got {_describe(value)}")
         if self._drift_detected:
             self.reset()
         self._update_one(value)
@@ -142,28 +164,61 @@ class FeatureDetector(DriftDetector):
         return self
 
     def update_many(self, batch: np.ndarray) -> list[int]:
-        """Feed feature vectors ``(n, dim)`` in order; return the positions where a drift was signalled."""
+        """Feed feature vectors ``(n, dim)`` in order; return the positions where a drift was signalled.
+
+        All or nothing: a row that is non-finite, beyond :data:`MAX_ABS_VALUE`, or that would make the state
+        non-finite raises ``ValueError`` with the state as it was before the call (drifts found earlier in the
+        batch included)."""
+        who = type(self).__name__
         arr = np.asarray(batch, dtype=np.float64)
         if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise ValueError(f"{type(self).__name__}.update_many expects shape (n, {self.dim}), got {arr.shape}")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError(f"{type(self).__name__} got non-finite values at rows {_bad_rows(arr)}")
-        return self._consume(arr)
+            raise ValueError(f"{who}.update_many expects shape (n, {self.dim}), got {arr.shape}")
+        bad = np.flatnonzero(~np.all(np.abs(arr) <= MAX_ABS_VALUE, axis=1))
+        if bad.size:
+            row = arr[bad[0]]
+            worst = row[np.flatnonzero(~(np.abs(row) <= MAX_ABS_VALUE))[0]]
+            raise ValueError(f"{who} got a feature row at position {bad[0]} (of rows {bad[:5].tolist()} "
+                             f"refused) holding {_describe(float(worst))}")
+        saved = self._save_state()
+        try:
+            return self._consume(arr)
+        except StateOverflowError as exc:
+            self._restore_state(saved)
+            raise ValueError(f"{who} refused the feature row at position {exc.position} (largest magnitude "
+                             f"{float(np.abs(arr[exc.position]).max()):g}): {exc.detail}; the state is as "
+                             "before this call") from None
+        except BaseException:
+            self._restore_state(saved)
+            raise
+
+    def _save_state(self) -> dict[str, Any]:
+        """What :meth:`_restore_state` needs to undo a failed :meth:`update_many`: the attributes, lists copied.
+        Subclasses replace their arrays on update (never write into them), so a shallow copy is exact."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()}
+
+    def _restore_state(self, saved: dict[str, Any]) -> None:
+        vars(self).clear()
+        vars(self).update(saved)
 
 
 def scalar_batch(values: Iterable[float] | np.ndarray, who: str) -> np.ndarray:
-    """``values`` as a finite float64 vector, or ``ValueError`` naming the first bad position."""
+    """``values`` as a float64 vector of finite values of magnitude at most :data:`MAX_ABS_VALUE`, or
+    ``ValueError`` naming the first bad position."""
     arr = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
     if arr.ndim != 1:
         raise ValueError(f"{who}.update_many expects a 1-d sequence of numbers, got shape {arr.shape}")
-    bad = np.flatnonzero(~np.isfinite(arr))
+    bad = np.flatnonzero(~(np.abs(arr) <= MAX_ABS_VALUE))
     if bad.size:
-        raise ValueError(f"{who}.update_many got a non-finite value {arr[bad[0]]} at position {bad[0]}")
+        raise ValueError(f"{who}.update_many: position {bad[0]} holds {_describe(float(arr[bad[0]]))}")
     return arr
 
 
-def _bad_rows(arr: np.ndarray) -> list[int]:
-    return np.flatnonzero(~np.all(np.isfinite(arr), axis=1))[:5].tolist()
+def _describe(value: float) -> str:
+    """Why ``value`` is refused, for an error message."""
+    if not math.isfinite(value):
+        return f"a non-finite value {value}"
+    return (f"the value {value:g}, beyond the accepted magnitude {MAX_ABS_VALUE:g} (sums of such values would "
+            "overflow the detector's state)")
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agents.drift.base import ScalarDetector, check_positive_int
+from device_agents.drift.base import MAX_ABS_VALUE, ScalarDetector, check_positive_int
 
 _MODES = ("up", "down", "both")
 _BLOCK = 32  # the forgetting recurrence restarts its partial sum every _BLOCK updates (see the class docstring)
@@ -37,7 +37,7 @@ class PageHinkley(ScalarDetector):
     min_instances
         Values to see after a reset before a drift may be signalled.
     delta
-        Magnitude of change tolerated without alarm.
+        Magnitude of change tolerated without alarm, at most ``1e100`` (the bound on the values).
     threshold
         Detection threshold λ on the cumulative deviation.
     alpha
@@ -70,8 +70,9 @@ class PageHinkley(ScalarDetector):
         mode: str = "both",
     ) -> None:
         self.min_instances = check_positive_int("min_instances", min_instances)
-        if not (math.isfinite(delta) and delta >= 0):
-            raise ValueError(f"delta must be finite and >= 0, got {delta}")
+        if not 0 <= delta <= MAX_ABS_VALUE:
+            raise ValueError(f"delta must be in [0, {MAX_ABS_VALUE:g}] (larger offsets overflow the cumulative "
+                             f"sums), got {delta}")
         if not (math.isfinite(threshold) and threshold > 0):
             raise ValueError(f"threshold must be finite and > 0, got {threshold}")
         if not 0 < alpha <= 1:

@@ -33,7 +33,7 @@ from abc import abstractmethod
 
 import numpy as np
 
-from device_agents.drift.base import FeatureDetector, check_positive_int
+from device_agents.drift.base import MAX_ABS_VALUE, FeatureDetector, StateOverflowError, check_positive_int
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -44,8 +44,13 @@ def gumbel_threshold(maxima: np.ndarray, run_length: int, ert: float) -> float:
     m = np.asarray(maxima, dtype=np.float64)
     if m.size < 2:
         raise ValueError(f"need at least 2 run maxima to fit a Gumbel law, got {m.size}")
-    scale = max(float(np.std(m, ddof=1)) * math.sqrt(6.0) / math.pi, 1e-12)
-    location = float(np.mean(m)) - EULER_GAMMA * scale
+    # the moments of m / 2^k (k: the exponent of the largest |m|), so squared deviations of huge maxima cannot
+    # overflow; dividing by a power of two is exact, so ordinary maxima give the same numbers bit for bit
+    top = float(np.max(np.abs(m)))
+    unit = 2.0 ** math.frexp(top)[1] if math.isfinite(top) and top > 1.0 else 1.0
+    std = float(np.std(m / unit, ddof=1)) * unit
+    scale = max(std * math.sqrt(6.0) / math.pi, 1e-12)
+    location = float(np.mean(m / unit)) * unit - EULER_GAMMA * scale
     return location + scale * math.log(ert / run_length)
 
 
@@ -77,6 +82,9 @@ class WindowedEmbeddingDetector(FeatureDetector):
                 raise ValueError(f"reference must have shape (n >= 2, {self.dim}), got {ref.shape}")
             if not np.all(np.isfinite(ref)):
                 raise ValueError("reference contains non-finite values")
+            if not np.all(np.abs(ref) <= MAX_ABS_VALUE):
+                raise ValueError(f"reference contains values of magnitude above {MAX_ABS_VALUE:g} (largest "
+                                 f"{float(np.abs(ref).max()):g})")
             self._fit_and_calibrate(ref)
         super().__init__()
 
@@ -100,6 +108,10 @@ class WindowedEmbeddingDetector(FeatureDetector):
 
     # -- calibration ---------------------------------------------------------------------------------------
     def _fit_and_calibrate(self, reference: np.ndarray) -> None:
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite threshold is refused below
+            self._calibrate(reference)
+
+    def _calibrate(self, reference: np.ndarray) -> None:
         self._fit(reference)
         rng = np.random.default_rng(self.seed)
         maxima = np.empty(self.n_runs)
@@ -109,7 +121,11 @@ class WindowedEmbeddingDetector(FeatureDetector):
             sums = cumsum_rows(np.concatenate([np.zeros((1, rows.shape[1])), rows]))
             means = (sums[self.window_size :] - sums[: -self.window_size]) / self.window_size
             maxima[run] = float(self._score(means, ref_stat).max())
-        self._threshold = gumbel_threshold(maxima, self.run_length, self.ert)
+        threshold = gumbel_threshold(maxima, self.run_length, self.ert)
+        if not math.isfinite(threshold):
+            raise ValueError(f"{type(self).__name__}: the reference gives a non-finite threshold {threshold} (its "
+                             "embeddings or scores overflow: a degenerate covariance or bandwidth?)")
+        self._threshold = threshold
         self.null_maxima = maxima
         self._fitted = True
 
@@ -141,34 +157,46 @@ class WindowedEmbeddingDetector(FeatureDetector):
             offset = take
             if have + take < self.reference_size:
                 return None
-            self._fit_and_calibrate(np.concatenate(self._buffer))
+            try:
+                self._fit_and_calibrate(np.concatenate(self._buffer))
+            except ValueError as exc:  # the reference rows learnt so far cannot be used
+                raise StateOverflowError(take - 1, f"the reference completed by this row fails ({exc}); "
+                                         "reset() to learn a new one") from None
             self._n = self.reference_size
             self._buffer = []
             x = x[take:]
             if x.shape[0] == 0:
                 return None
-        hit = self._run_fitted(x)
+        try:
+            hit = self._run_fitted(x)
+        except StateOverflowError as exc:
+            raise StateOverflowError(offset + exc.position, exc.detail) from None
         return None if hit is None else offset + hit
 
     def _run_fitted(self, x: np.ndarray) -> int | None:
-        e = self._embed(x)
-        q, w = e.shape[1], self.window_size
-        if self._cum is None:
-            self._cum = np.zeros(q)
-            self._ring = np.zeros((0, q))
-        sums = cumsum_rows(np.concatenate([self._cum[None, :], e]))  # sums[i]: before row i
-        history = np.concatenate([self._ring, sums[:-1]])  # cumulative sums before each row, oldest first
-        seen = self._ring.shape[0] + np.arange(1, x.shape[0] + 1)  # rows in the window after each row
-        full = seen >= w
-        stats = np.full(x.shape[0], -np.inf)
-        if full.any():
-            idx = np.flatnonzero(full)
-            start = history[idx + self._ring.shape[0] + 1 - w]
-            stats[idx] = self._score((sums[idx + 1] - start) / w)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked below, before any state changes
+            e = self._embed(x)
+            q, w = e.shape[1], self.window_size
+            cum = np.zeros(q) if self._cum is None else self._cum
+            ring = np.zeros((0, q)) if self._ring is None else self._ring
+            sums = cumsum_rows(np.concatenate([cum[None, :], e]))  # sums[i]: before row i
+            history = np.concatenate([ring, sums[:-1]])  # cumulative sums before each row, oldest first
+            seen = ring.shape[0] + np.arange(1, x.shape[0] + 1)  # rows in the window after each row
+            full = seen >= w
+            stats = np.full(x.shape[0], -np.inf)
+            if full.any():
+                idx = np.flatnonzero(full)
+                start = history[idx + ring.shape[0] + 1 - w]
+                stats[idx] = self._score((sums[idx + 1] - start) / w)
         hits = np.flatnonzero(stats > self._threshold)
         end = int(hits[0]) if hits.size else x.shape[0] - 1
+        # rows whose window is not yet full hold the placeholder -inf
+        broken = ~np.all(np.isfinite(sums[1 : end + 2]), axis=1) | (full[: end + 1] & ~np.isfinite(stats[: end + 1]))
+        if broken.any():
+            raise StateOverflowError(int(np.flatnonzero(broken)[0]), "its embedding would make the window sums "
+                                     "or the statistic non-finite")
         self._cum = sums[end + 1].copy()
-        self._ring = np.concatenate([self._ring, sums[: end + 1]])[-(w - 1) :] if w > 1 else np.zeros((0, q))
+        self._ring = np.concatenate([ring, sums[: end + 1]])[-(w - 1) :] if w > 1 else np.zeros((0, q))
         self._n += end + 1
         if np.isfinite(stats[end]):
             self._statistic = float(stats[end])

@@ -283,3 +283,116 @@ def test_signals_from_forward(bundle_dir: Path, digits_test: tuple[np.ndarray, n
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(f"device_agents.drift.{module}"), raise_on_error=False)
     assert result.failed == 0
+
+
+# -- magnitude bound: the state stays finite -------------------------------------------------------------------
+def _floats(value: object) -> list[float]:
+    """Every float held by ``value`` (a detector's attributes, recursively through containers and arrays)."""
+    if isinstance(value, float | np.floating):
+        return [float(value)]
+    if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        return value.ravel().tolist()
+    if isinstance(value, list | tuple):
+        return [f for item in value for f in _floats(item)]
+    if isinstance(value, dict):
+        return [f for item in value.values() for f in _floats(item)]
+    if isinstance(value, drift.DriftDetector):
+        return _floats(vars(value))
+    return []
+
+
+def _huge(name: str, value: float) -> float | np.ndarray:
+    return value if name in drift.SCALAR_DETECTORS else np.full(4, value)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("value", [1e308, -1e308, 1.5e100, -1e200])
+def test_huge_values_are_refused_and_leave_state(name: str, value: float) -> None:
+    det, twin = _make(name), _make(name)
+    stream = _stream(name, 3)
+    det.update_many(stream[:400])
+    twin.update_many(stream[:400])
+    before = pickle.dumps(det)
+    cls = type(det).__name__
+    with pytest.raises(ValueError, match=rf"{cls}.*magnitude.*1e\+?100") as err:
+        det.update(_huge(name, value))
+    assert f"{value:g}".replace("+", "") in str(err.value).replace("+", "")
+    batch = np.array(stream[400:420])
+    batch[7] = _huge(name, value)
+    with pytest.raises(ValueError, match=rf"{cls}.*position 7.*magnitude"):
+        det.update_many(batch)
+    assert pickle.dumps(det) == before
+    assert det.update_many(stream[400:]) == twin.update_many(stream[400:])  # still detects, as if never fed
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_values_at_the_bound_keep_every_state_number_finite(name: str) -> None:
+    det = _make(name)
+    extreme = np.resize([drift.MAX_ABS_VALUE, -drift.MAX_ABS_VALUE, drift.MAX_ABS_VALUE * 0.999], 3000)
+    stream = extreme if name in drift.SCALAR_DETECTORS else np.repeat(extreme[:, None], 4, axis=1)
+    det.update_many(stream)
+    for x in stream[:500]:
+        det.update(x)
+    held = _floats(det)
+    assert held and all(math.isfinite(f) for f in held)
+    assert math.isfinite(det.statistic)
+
+
+def test_adwin_and_page_hinkley_state_is_finite_after_alternating_extremes() -> None:
+    for det in (ADWIN(), PageHinkley()):
+        det.update_many(np.resize([drift.MAX_ABS_VALUE, -drift.MAX_ABS_VALUE], 20_000))
+        assert all(math.isfinite(f) for f in _floats(det)), type(det).__name__
+        assert math.isfinite(det.statistic)
+        det.reset()
+        assert det.update_many(np.r_[np.zeros(1000), np.ones(1000) * 5.0]), type(det).__name__
+
+
+def test_feature_row_within_bound_that_overflows_the_state_is_refused() -> None:
+    # a near-singular covariance: whitening multiplies by 1e100, so a row of 1e99 scores ~4e398 (inf)
+    rng = np.random.default_rng(0)
+    det = MahalanobisDrift(np.zeros((1, 4)), np.eye(4) * 1e-200, window_size=32, ert=5000,
+                           reference=rng.normal(0, 1e-100, (200, 4)), n_runs=20, run_length=100)
+    det.update_many(rng.normal(0, 1e-100, (150, 4)))
+    before = pickle.dumps(det)
+    batch = rng.normal(0, 1e-100, (20, 4))
+    batch[5] = 1e99
+    with pytest.raises(ValueError, match=r"MahalanobisDrift.*position 5.*non-finite"):
+        det.update_many(batch)
+    assert pickle.dumps(det) == before
+    # huge but finite scores (~1.6e307 each): the row whose score would overflow the window sum is refused
+    det.reset()
+    big = np.full(4, 2e53)  # whitened to 2e153
+    accepted = 0
+    with pytest.raises(ValueError, match=r"MahalanobisDrift.*non-finite"):
+        for _ in range(det.window_size):
+            det.update(big)
+            accepted += 1
+    assert 5 < accepted < det.window_size and det.n_seen == accepted
+    assert all(math.isfinite(f) for f in _floats(det))
+
+
+def test_feature_batch_refused_after_a_drift_restores_the_state_before_the_batch() -> None:
+    det = _make("mahalanobis")
+    stream = _stream("mahalanobis", 1)
+    det.update_many(stream[:700])
+    before = pickle.dumps(det)
+    batch = np.array(stream[700:1500])
+    assert det.update_many(batch.copy())  # the batch holds a drift
+    det = pickle.loads(before)
+    batch[-1] = 1e101
+    with pytest.raises(ValueError, match="magnitude"):
+        det.update_many(batch)
+    assert pickle.dumps(det) == before
+
+
+def test_reference_that_gives_a_non_finite_threshold_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"MMDDrift.*non-finite threshold"):
+        MMDDrift(_reference(), window_size=16, ert=5000, n_features=32, n_runs=20, run_length=300,
+                 bandwidth=1e-310)
+    with pytest.raises(ValueError, match=r"reference.*magnitude"):
+        MMDDrift(_reference() * 1e200, window_size=16, ert=5000, n_features=32, n_runs=20, run_length=300)
+
+
+def test_page_hinkley_delta_is_bounded() -> None:
+    with pytest.raises(ValueError, match="delta"):
+        PageHinkley(delta=1e300)
