@@ -29,7 +29,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -52,9 +52,9 @@ from device_agents.selection import UPLOAD_MODES, EntropyBandSelector
 from device_agents.state import (
     AgentStateStore,
     Restored,
+    SavedComponent,
     SavedParameters,
     SavedState,
-    SavedTTA,
     StateError,
     UpdateRef,
 )
@@ -243,8 +243,9 @@ class Agent:
 
     ``state`` (optional) keeps what a restart must not lose (:mod:`device_agents.state`): the applied
     parameters and versions, the parameters a rollback restores, an update still on probation, the drift
-    and rollback reports not yet delivered, and the TTA method's state (saved at each :meth:`sync` and at
-    :meth:`close`; restored for the same method, bundle and parameters). The agent restores them at
+    and rollback reports not yet delivered, and the state of the TTA method, the drift detector and the
+    selector (saved at each :meth:`sync` and at :meth:`close`; each restored only into a component of the same
+    identity: for the TTA method the same method, bundle and parameters). The agent restores them at
     construction — unless they are for another bundle or cohort, are refused by the model, or are newer than
     ``server_version`` (the server's
     newest update version for this bundle and cohort, from the registration: a saved version above it means
@@ -325,9 +326,11 @@ class Agent:
             logger.info("restored %d drift and %d rollback reports not yet delivered", len(self._pending_drift),
                         len(self._pending_rollbacks))
         parameters = self._restore_parameters(saved.parameters, server_version)
+        components = self._restore_components(saved.components)
         self.restored = Restored(
             version=self._version if parameters else None, active_version=self._active_version if parameters else None,
-            tta=self._restore_tta(saved.tta), drift_reports=len(self._pending_drift),
+            tta=components["tta"], detector=components.get("detector", False),
+            selector=components.get("selector", False), drift_reports=len(self._pending_drift),
             rollback_reports=len(self._pending_rollbacks))
 
     def _restore_parameters(self, p: SavedParameters | None, server_version: int | None) -> bool:
@@ -350,32 +353,52 @@ class Agent:
         logger.info("restored the parameters of v%d (newest accepted v%d)", p.active_version, p.version)
         return True
 
-    def _restore_tta(self, t: SavedTTA | None) -> bool:
-        """Take over the TTA method's saved state when it is this method's, for this bundle and the parameters
-        the model now runs (an update resets a method's state); True when it did."""
-        if t is None:
-            return False
-        if (t.method, t.bundle_id, t.active_version) != (self.tta.name, self.config.bundle_id, self._active_version):
-            logger.info("not restoring the saved state of TTA method %r (bundle %s, v%d): this agent runs %r on "
-                        "bundle %s, v%d", t.method, t.bundle_id[:12], t.active_version, self.tta.name,
-                        self.config.bundle_id[:12], self._active_version)
-            return False
-        try:
-            self.tta.restore(t.state)
-        except (TypeError, ValueError) as exc:  # restore names what is wrong, and changes nothing then
-            logger.warning("not restoring the saved state of TTA method %r: %s", t.method, exc)
-            return False
-        logger.info("restored the state of TTA method %r (%d arrays)", t.method, len(t.state))
-        return True
+    def _components(self) -> list[tuple[str, dict[str, Any], Any]]:
+        """``(kind, identity, component)`` of each component whose state is saved (:mod:`device_agents.state`):
+        the TTA method (its state belongs to the method, the bundle and the parameters it adapted), the drift
+        detector (its configuration and the bundle) and the upload selector."""
+        out: list[tuple[str, dict[str, Any], Any]] = [
+            ("tta", {"method": self.tta.name, "bundle_id": self.config.bundle_id,
+                     "active_version": self._active_version}, self.tta)]
+        if callable(getattr(self.detector, "snapshot", None)):
+            out.append(("detector", {"detector": repr(self.detector), "bundle_id": self.config.bundle_id},
+                        self.detector))
+        if self.selector is not None:
+            out.append(("selector", {"selector": type(self.selector).__name__}, self.selector))
+        return out
 
-    def save_tta_state(self) -> None:
-        """Save the TTA method's state (a no-op without a state store); :meth:`sync` and :meth:`close` call it.
-        A failed save is logged and counted, like every save."""
+    def _restore_components(self, saved: Mapping[str, SavedComponent]) -> dict[str, bool]:
+        """Take over each component's saved state when its identity is this agent's component's (see
+        :meth:`_components`); ``{kind: restored}``."""
+        out: dict[str, bool] = {}
+        for kind, identity, component in self._components():
+            got = saved.get(kind)
+            out[kind] = False
+            if got is None:
+                continue
+            if got.identity != identity:
+                logger.info("not restoring the saved %s state: it belongs to %s; this agent's is %s", kind,
+                            _identity(got.identity), _identity(identity))
+                continue
+            try:
+                component.restore(got.state)
+            except (TypeError, ValueError) as exc:  # restore names what is wrong, and changes nothing then
+                logger.warning("not restoring the saved %s state (%s): %s", kind, _identity(identity), exc)
+                continue
+            logger.info("restored the saved %s state (%s, %d arrays)", kind, _identity(identity), len(got.state))
+            out[kind] = True
+        return out
+
+    def save_component_states(self) -> None:
+        """Save the TTA method's, the drift detector's and the selector's state, in one transaction (a no-op
+        without a state store); :meth:`sync` and :meth:`close` call it. A failed save is logged and counted,
+        like every save."""
         if self.state is None:
             return
         with self._lock:
-            saved = SavedTTA(self.tta.name, self.config.bundle_id, self._active_version, dict(self.tta.snapshot()))
-        self._save(lambda store: store.save_tta(saved))
+            saved = [SavedComponent(kind, identity, dict(component.snapshot()))
+                     for kind, identity, component in self._components()]
+        self._save(lambda store: store.save_components(saved))
 
     def _hold(self, extra: dict[str, np.ndarray], active_version: int) -> None:
         """Bookkeeping after ``model.set_params``: the trainable weights and the version that go with the model's
@@ -869,14 +892,14 @@ class Agent:
                        "parameters of v%d", why, version)
 
     def sync(self, wait_seconds: float | None = None) -> SyncResult:
-        """Save the TTA state (with a state store), upload the outbox, deliver kept reports, then apply updates
+        """Save the components' state (with a state store), upload the outbox, deliver kept reports, then apply updates
         newer than :attr:`version` (waiting up to ``wait_seconds``, default ``config.sync_wait_seconds``; a model
         without adaptable parameters only uploads). Transport failures and refused updates are logged, counted
         and returned in ``errors``; they do not raise."""
         wait = self.config.sync_wait_seconds if wait_seconds is None else wait_seconds
         if not wait > 0:
             raise ValueError(f"wait_seconds must be > 0 (0 would wait forever), got {wait}")
-        self.save_tta_state()
+        self.save_component_states()
         if self.client is None:
             return SyncResult(None, (), ("no client: offline",))
         errors: list[str] = []
@@ -956,10 +979,10 @@ class Agent:
                                        f"this device cannot {what}")
 
     def close(self) -> None:
-        """Stop the watcher and save the TTA method's state; the model, outbox, state store and client belong to
-        the caller and stay open."""
+        """Stop the watcher and save the components' state (TTA method, detector, selector); the model, outbox,
+        state store and client belong to the caller and stay open."""
         self.stop_watcher()
-        self.save_tta_state()
+        self.save_component_states()
 
     @property
     def stats(self) -> AgentStats:
@@ -976,6 +999,12 @@ class Agent:
                 rollback_reports_pending=len(self._pending_rollbacks), reports_refused=c.reports_refused,
                 state_write_failures=c.state_failures,
             )
+
+
+def _identity(identity: Mapping[str, Any]) -> str:
+    """A component's identity for a log line (bundle ids shortened)."""
+    return ", ".join(f"{k}={(v[:12] + '…') if isinstance(v, str) and len(v) > 40 else v!r}"
+                     for k, v in sorted(identity.items()))
 
 
 def _trainable_weights(model: object) -> dict[str, np.ndarray]:

@@ -101,11 +101,20 @@ class EntropyBandSelector:
     boost ends the tokens are clipped back to ``bytes_per_window``. Over a window of length ``W`` the bytes
     selected are thus at most ``bytes_per_window · (1 + W / window_seconds)``, or ``drift_boost`` times that
     while boosted.
+
+    State across restarts: :meth:`snapshot` holds the tokens, the moving average and what is left of a boost,
+    stamped with ``wall_clock()`` (seconds since the epoch); :meth:`restore` takes them back and refills the
+    bucket for the wall time that passed in between, so a restarted device does not start with a full budget
+    (a fresh selector's bucket starts full).
     """
 
-    def __init__(self, config: SelectorConfig | None = None, clock: Callable[[], float] = time.monotonic):
+    STATE_KEYS = ("tokens", "mean_entropy", "boost_left_seconds", "wall_time")
+
+    def __init__(self, config: SelectorConfig | None = None, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time):
         self.config = config or SelectorConfig()
         self._clock = clock
+        self._wall_clock = wall_clock
         self._mean: float | None = None
         self._tokens = float(self.config.bytes_per_window or 0)
         self._last_refill = clock()
@@ -164,6 +173,46 @@ class EntropyBandSelector:
         self._boost_until = self._last_refill + cfg.drift_boost_seconds
         boosted = cfg.drift_boost * cfg.bytes_per_window
         self._tokens = min(boosted, self._tokens + (cfg.drift_boost - 1.0) * cfg.bytes_per_window)
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """The state a restart must not lose (see the class docstring), as 0-d float64 arrays; the moving
+        average is NaN before the first batch."""
+        self._refill()
+        return {
+            "tokens": np.float64(self._tokens),
+            "mean_entropy": np.float64(math.nan if self._mean is None else self._mean),
+            "boost_left_seconds": np.float64(max(0.0, self._boost_until - self._last_refill)),
+            "wall_time": np.float64(self._wall_clock()),
+        }
+
+    def restore(self, state: dict[str, np.ndarray]) -> None:
+        """Take back a :meth:`snapshot`, refilled for the wall time since it was taken (a clock that stepped
+        back refills nothing); tokens above this config's capacity are clipped to it. ``ValueError`` naming the
+        problem, and nothing changed, for a state that is not a snapshot's."""
+        if set(state) != set(self.STATE_KEYS):
+            raise ValueError(f"selector state must hold exactly {list(self.STATE_KEYS)}, got {sorted(state)}")
+        values: dict[str, float] = {}
+        for key in self.STATE_KEYS:
+            value = np.asarray(state[key])
+            if value.shape != () or value.dtype.kind != "f":
+                raise ValueError(f"selector state {key!r} must be a float scalar, got {value.dtype} {value.shape}")
+            values[key] = float(value)
+        mean = values["mean_entropy"]
+        if not (math.isnan(mean) or 0.0 <= mean <= 1.0):
+            raise ValueError(f"selector state 'mean_entropy' must lie in [0, 1] (or be NaN: none yet), got {mean}")
+        for key in ("tokens", "boost_left_seconds", "wall_time"):
+            if not (math.isfinite(values[key]) and values[key] >= 0):
+                raise ValueError(f"selector state {key!r} must be a finite number >= 0, got {values[key]}")
+        cfg = self.config
+        capacity = float(cfg.bytes_per_window or 0)
+        elapsed = max(0.0, self._wall_clock() - values["wall_time"])
+        now = self._clock()
+        self._mean = None if math.isnan(mean) else mean
+        self._last_refill = now - elapsed
+        self._boost_until = self._last_refill + min(values["boost_left_seconds"], cfg.drift_boost_seconds)
+        boosted = self._boost_until > self._last_refill
+        self._tokens = min(values["tokens"], (cfg.drift_boost if boosted else 1.0) * capacity)
+        self._refill()
 
     def _refill(self) -> None:
         capacity = self.config.bytes_per_window

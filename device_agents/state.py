@@ -7,9 +7,12 @@
   runs what it ran before — offline too — and watches for updates after the version it had.
 * **Reports not yet delivered**: drift reports and rollback reports the server could not be reached for, sent
   at the next sync after a restart.
-* **The TTA method's state** (its :meth:`~device_agents.tta.TTAMethod.snapshot`: α-BN's running statistics,
-  FOA's search, T3A's supports), saved at each sync and when the agent closes, so that a restarted device
-  keeps what it adapted to instead of starting again from the source statistics.
+* **What the agent's components learnt from the stream**, saved at each sync and when the agent closes
+  (:class:`SavedComponent`): the TTA method's state (its :meth:`~device_agents.tta.TTAMethod.snapshot`:
+  α-BN's running statistics, FOA's search, T3A's supports), so that a restarted device keeps what it adapted
+  to instead of starting again from the source statistics; the drift detector's state, so that it does not
+  take the stream after a restart as its new reference (a drift under way would never be detected); the
+  upload selector's byte budget, so that a restart does not refill it.
 
 Arrays are stored as ``.npy`` bytes. The database runs in WAL mode with ``synchronous=FULL``; each save is one
 transaction, so a crash leaves the previous state or the new one, whole. A file that is not a usable state
@@ -22,7 +25,7 @@ import json
 import logging
 import sqlite3
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -39,11 +42,14 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS params (slot TEXT NOT NULL, name TEXT NOT NULL, npy BLOB NOT NULL,
                                    PRIMARY KEY (slot, name));
 CREATE TABLE IF NOT EXISTS reports (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, body TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS tta (name TEXT PRIMARY KEY, npy BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS components (kind TEXT NOT NULL, name TEXT NOT NULL, npy BLOB NOT NULL,
+                                       PRIMARY KEY (kind, name));
 """
 _SLOTS = ("model", "extra", "previous_model", "previous_extra")
 _META_KEY = "parameters"
-_TTA_KEY = "tta"
+_COMPONENT_KEY = "component."  # + kind: the meta row holding a component's identity (JSON)
+COMPONENTS = ("tta", "detector", "selector")
+"""The kinds of component state an agent saves (see the module docstring)."""
 
 
 class StateError(AgentError):
@@ -78,26 +84,27 @@ class SavedParameters:
 
 
 @dataclass(frozen=True)
-class SavedTTA:
-    """A TTA method's saved state: the method's name, the bundle and the parameter version it adapted (a
-    method's state belongs to the parameters it ran with: an update resets it) and its snapshot."""
+class SavedComponent:
+    """The saved state of one component of the agent (``kind``: one of :data:`COMPONENTS`): ``identity`` says
+    what the state belongs to (JSON: for the TTA method its name, the bundle and the parameter version it
+    adapted, since an update resets it; for the detector its configuration and the bundle), and the agent
+    restores ``state`` only into a component of the same identity."""
 
-    method: str
-    bundle_id: str
-    active_version: int
+    kind: str
+    identity: dict[str, Any]
     state: dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
 class SavedState:
     """What :meth:`AgentStateStore.load` found: the parameter state (None: none saved, or unreadable), the
-    undelivered reports, oldest first (drift reports as ``(position, statistic, detected_ms)``), and the TTA
-    method's state (None: none saved, or unreadable)."""
+    undelivered reports, oldest first (drift reports as ``(position, statistic, detected_ms)``), and the
+    components' saved states by kind (a kind none was saved for, or whose state no longer decodes, is absent)."""
 
     parameters: SavedParameters | None
     drift_reports: list[tuple[int, float, int]]
     rollback_reports: list[RollbackInfo]
-    tta: SavedTTA | None = None
+    components: dict[str, SavedComponent] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,14 +112,16 @@ class Restored:
     """What an agent took over from its state store at construction (:attr:`Agent.restored`).
 
     ``version``/``active_version``: the restored parameter state's versions (None: it started from the bundle's
-    parameters); ``tta``: whether the TTA method's state was restored; ``drift_reports``/``rollback_reports``:
-    undelivered reports taken over."""
+    parameters); ``tta``/``detector``/``selector``: whether that component's state was restored;
+    ``drift_reports``/``rollback_reports``: undelivered reports taken over."""
 
     version: int | None = None
     active_version: int | None = None
     tta: bool = False
     drift_reports: int = 0
     rollback_reports: int = 0
+    detector: bool = False
+    selector: bool = False
 
 
 class AgentStateStore(SqliteStore):
@@ -121,20 +130,21 @@ class AgentStateStore(SqliteStore):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, _SCHEMA, [f"SELECT {columns} FROM {table} LIMIT 0" for table, columns in (
             ("meta", "key, value"), ("params", "slot, name, npy"), ("reports", "seq, kind, body"),
-            ("tta", "name, npy"))],
+            ("components", "kind, name, npy"))],
             StateError, "agent state", "; move it away to start from the bundle's parameters")
 
     # -- reading --------------------------------------------------------------------------------------------
     def load(self) -> SavedState:
         """The saved state. A parameter state that no longer decodes is logged and left out (the agent starts
-        from the bundle's parameters); so is each report, and a TTA state, that no longer decodes."""
+        from the bundle's parameters); so is each report, and each component's state, that no longer decodes."""
         try:
             with self._lock:
                 meta = self._conn.execute("SELECT value FROM meta WHERE key = ?", (_META_KEY,)).fetchone()
                 rows = self._conn.execute("SELECT slot, name, npy FROM params").fetchall()
                 reports = self._conn.execute("SELECT seq, kind, body FROM reports ORDER BY seq").fetchall()
-                tta_meta = self._conn.execute("SELECT value FROM meta WHERE key = ?", (_TTA_KEY,)).fetchone()
-                tta_rows = self._conn.execute("SELECT name, npy FROM tta").fetchall()
+                component_meta = self._conn.execute("SELECT key, value FROM meta WHERE key LIKE ?",
+                                                    (_COMPONENT_KEY + "%",)).fetchall()
+                component_rows = self._conn.execute("SELECT kind, name, npy FROM components").fetchall()
         except sqlite3.Error as exc:
             raise StateError(f"agent state {self.path} cannot be read: {exc}") from exc
         parameters = None
@@ -158,16 +168,19 @@ class AgentStateStore(SqliteStore):
             except (ValueError, TypeError, KeyError) as exc:
                 logger.warning("agent state %s: dropping undelivered report %d that does not decode: %s", self.path,
                                seq, exc)
-        tta = None
-        if tta_meta is not None:
+        components: dict[str, SavedComponent] = {}
+        for key, value in component_meta:
+            kind = key[len(_COMPONENT_KEY):]
             try:
-                fields = json.loads(tta_meta[0])
-                tta = SavedTTA(str(fields["method"]), str(fields["bundle_id"]), int(fields["active_version"]),
-                               {str(name): from_npy(blob) for name, blob in tta_rows})
+                identity = json.loads(value)
+                if not isinstance(identity, dict):
+                    raise TypeError(f"its identity is a JSON {type(identity).__name__}, not an object")
+                state = {str(name): from_npy(blob) for k, name, blob in component_rows if k == kind}
+                components[kind] = SavedComponent(kind, identity, state)
             except (ValueError, TypeError, KeyError, OSError) as exc:
-                logger.warning("agent state %s: the saved TTA state does not decode (%s); the method starts "
-                               "afresh", self.path, exc)
-        return SavedState(parameters, drift, rollbacks, tta)
+                logger.warning("agent state %s: the saved %s state does not decode (%s); it starts afresh", self.path,
+                               kind, exc)
+        return SavedState(parameters, drift, rollbacks, components)
 
     # -- writing --------------------------------------------------------------------------------------------
     def save_parameters(self, saved: SavedParameters) -> None:
@@ -190,15 +203,18 @@ class AgentStateStore(SqliteStore):
         self._write("clear the parameters", [("DELETE FROM params", ()),
                                              ("DELETE FROM meta WHERE key = ?", (_META_KEY,))])
 
-    def save_tta(self, saved: SavedTTA) -> None:
-        """Replace the saved TTA state with ``saved``, in one transaction."""
-        rows = [(str(name), to_npy(np.asarray(value))) for name, value in saved.state.items()]
-        meta = json.dumps({"method": saved.method, "bundle_id": saved.bundle_id,
-                           "active_version": int(saved.active_version)})
-        self._write("save the TTA state", [
-            ("DELETE FROM tta", ()), *(("INSERT INTO tta (name, npy) VALUES (?, ?)", r) for r in rows),
-            ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (_TTA_KEY, meta)),
-        ])
+    def save_components(self, saved: Sequence[SavedComponent]) -> None:
+        """Replace the saved state of each component in ``saved`` (the others stay), in one transaction."""
+        statements: list[tuple[str, Sequence[Any]]] = []
+        for component in saved:
+            statements += [
+                ("DELETE FROM components WHERE kind = ?", (component.kind,)),
+                *(("INSERT INTO components (kind, name, npy) VALUES (?, ?, ?)",
+                   (component.kind, str(name), to_npy(np.asarray(value)))) for name, value in component.state.items()),
+                ("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                 (_COMPONENT_KEY + component.kind, json.dumps(component.identity, sort_keys=True))),
+            ]
+        self._write(f"save the {', '.join(c.kind for c in saved)} state", statements)
 
     def save_reports(self, drift: Sequence[tuple[int, float, int]], rollbacks: Sequence[RollbackInfo]) -> None:
         """Replace the undelivered reports with ``drift`` and ``rollbacks`` (oldest first), in one transaction."""

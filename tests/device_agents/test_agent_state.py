@@ -328,7 +328,8 @@ def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path
     with caplog.at_level(logging.INFO):
         restarted = _agent(path)
     assert restarted.active_version == 1
-    assert "not restoring the saved state of TTA method 'alpha_bn' (bundle aaaaaaaaaaaa, v0)" in caplog.text
+    assert ("not restoring the saved tta state: it belongs to active_version=0, bundle_id='aaaaaaaaaaaa…', "
+            "method='alpha_bn'; this agent's is active_version=1") in caplog.text
     assert restarted.tta.snapshot() == {}  # starts afresh on v1
     assert restarted.restored == Restored(version=1, active_version=1, tta=False)
     restarted.close()  # saves v1's (empty) state
@@ -339,4 +340,5 @@ def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path
     with caplog.at_level(logging.INFO):
         Agent(TinyAdaptableModel(), LAME(), PageHinkley(), None, None, None,
               AgentConfig(device_id="dev-1", bundle_id=BUNDLE), state=AgentStateStore(path))
-    assert "not restoring the saved state of TTA method 'alpha_bn'" in caplog.text
+    assert "not restoring the saved tta state: it belongs to active_version=1" in caplog.text
+    assert "'alpha_bn'; this agent's is active_version=1, bundle_id='aaaaaaaaaaaa…', method='lame'" in caplog.text

@@ -153,3 +153,63 @@ def test_invalid_config_raises(kwargs: dict) -> None:
 def test_rejects_non_finite_entropy() -> None:
     with pytest.raises(ValueError, match="finite"):
         EntropyBandSelector().select(np.array([0.1, np.nan]), 1)
+
+
+def _selector(capacity: int = 1000, wall: float = 1000.0) -> tuple[EntropyBandSelector, FakeClock, FakeClock]:
+    clock, wall_clock = FakeClock(), FakeClock()
+    wall_clock.now = wall
+    cfg = SelectorConfig(low=0.1, high=0.5, bytes_per_window=capacity, window_seconds=60.0)
+    return EntropyBandSelector(cfg, clock=clock, wall_clock=wall_clock), clock, wall_clock
+
+
+def test_a_restored_budget_is_not_full_again_and_refills_for_the_time_between() -> None:
+    sel, _, _ = _selector()
+    sel.select(np.full(8, 0.3), 100)  # 800 of 1000 bytes spent
+    saved = sel.snapshot()
+    assert float(saved["tokens"]) == 800.0 - 600.0 and float(saved["mean_entropy"]) == pytest.approx(0.3)
+
+    fresh, _, wall = _selector(wall=1030.0)  # 30 s of wall time later, on a new monotonic clock
+    assert fresh.tokens == 1000.0  # a fresh selector starts full
+    fresh.restore(saved)
+    assert fresh.tokens == pytest.approx(200.0 + 30.0 * 1000 / 60)
+    assert fresh.running_mean_entropy == pytest.approx(0.3) and fresh.high == pytest.approx(0.5)
+    back, _, _ = _selector(wall=900.0)  # a wall clock that stepped back refills nothing
+    back.restore(saved)
+    assert back.tokens == pytest.approx(200.0)
+    small, _, _ = _selector(capacity=100, wall=1000.0)  # a smaller budget now: clipped to it
+    small.restore(saved)
+    assert small.tokens == 100.0
+
+
+def test_a_drift_boost_carries_over_a_restart() -> None:
+    sel, clock, _ = _selector()
+    sel.on_drift()  # +1000 tokens, boosted capacity 2000 for 60 s
+    clock.now = 20.0
+    saved = sel.snapshot()
+    assert float(saved["boost_left_seconds"]) == pytest.approx(40.0)
+    fresh, clock2, _ = _selector(wall=1010.0)
+    fresh.restore(saved)
+    assert fresh.boosted and fresh.tokens == 2000.0
+    clock2.now = 31.0  # the boost ends 40 s after the snapshot, 30 s after the restore
+    assert not fresh.boosted and fresh.tokens == 1000.0
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"tokens": None}, "must hold exactly"),
+    ({"tokens": np.zeros(2)}, "'tokens' must be a float scalar"),
+    ({"tokens": np.float64(-1.0)}, "'tokens' must be a finite number >= 0"),
+    ({"wall_time": np.float64(np.inf)}, "'wall_time' must be a finite number >= 0"),
+    ({"mean_entropy": np.float64(1.5)}, "'mean_entropy' must lie in [0, 1]"),
+    ({"boost_left_seconds": np.int64(3)}, "must be a float scalar"),
+])
+def test_a_bad_selector_state_is_refused_and_changes_nothing(change: dict, message: str) -> None:
+    sel, _, _ = _selector()
+    sel.select(np.full(4, 0.3), 100)
+    state = {**sel.snapshot(), **change}
+    state = {k: v for k, v in state.items() if v is not None}
+    before = sel.snapshot()
+    with pytest.raises(ValueError) as info:
+        sel.restore(state)
+    assert message in str(info.value)
+    after = sel.snapshot()
+    assert {k: float(v) for k, v in after.items()} == {k: float(v) for k, v in before.items()}
