@@ -230,7 +230,17 @@ def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np
 
 
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on ``(x, y)``."""
-    logits = predict_logits(model, x, batch_size)
-    labels = check_labels(y, len(logits), logits.shape[1])
+    """Top-1 accuracy of ``model`` (eval mode) on ``(x, y)``.
+
+    ``x`` (a non-empty [0, 1] NCHW batch) and ``y`` (one integer label per sample, in ``[0, K)`` for a model with
+    a ``spec``) are validated before the model runs; errors name ``x`` or ``y``. A model without a ``spec`` has
+    its labels' range checked against the width of its logits."""
+    batch_size = require_int("batch_size", batch_size, 1)
+    arr = check_images(x, "x")
+    spec = getattr(model, "spec", None)
+    num_classes = spec.num_classes if isinstance(spec, ModelSpec) else None
+    labels = check_labels(y, len(arr), num_classes, what="y")
+    logits = predict_logits(model, arr, batch_size)
+    if num_classes is None:
+        labels = check_labels(labels, len(logits), logits.shape[1], what="y")
     return float((logits.argmax(1) == labels).mean())
