@@ -88,7 +88,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for fine-tuning and data selection; default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
     p.add_argument("--signing-key", type=Path, default=None, help="Ed25519 private key (PEM) that signs the "
-                   "bundle; default $EDGELOOP_SIGNING_KEY or ~/.config/edgeloop/signing_key.pem, created if absent")
+                   "bundle; it must exist (create one with `edgeloop keygen --out PATH`); default "
+                   "$EDGELOOP_SIGNING_KEY or ~/.config/edgeloop/signing_key.pem, created there if absent")
     p.set_defaults(func=_cmd_export)
 
 
@@ -290,7 +291,10 @@ def _value_range(text: str) -> tuple[float, float]:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from edgeloop import exporting
+    from edgeloop.pipeline import signing_key
 
+    if args.signing_key is not None:  # checked first: a typo must not sign with a fresh key devices do not trust
+        signing_key(args.signing_key, create=False)
     foreign = [(fmt, path) for fmt, path in (("onnx", args.from_onnx), ("tflite", args.from_tflite)) if path]
     if len(foreign) + (args.model is not None) != 1:
         raise ValueError("give exactly one of MODEL, --from-onnx FILE, --from-tflite FILE")

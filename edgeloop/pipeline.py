@@ -92,11 +92,19 @@ def default_signing_key_path() -> Path:
 
 
 def signing_key(path: Path | None = None, create: bool = True) -> Any:
-    """Load the Ed25519 signing key at ``path`` (default :func:`default_signing_key_path`), creating it if absent."""
+    """Load the Ed25519 signing key at ``path`` (default :func:`default_signing_key_path`).
+
+    A missing key is created (PEM, mode 0600, its public key beside it as ``PATH.pub``; logged) when ``create``
+    is true, the default for callers that keep a key of their own beside their outputs. With ``create=False`` a
+    missing key raises ``FileNotFoundError`` naming the path and how to create it: the CLI passes it for an
+    explicit ``--signing-key``, where a typo must not sign a bundle with a fresh key no device trusts."""
     from exporter.signing import generate_key, load_private_key, public_path
 
     path = Path(path) if path is not None else default_signing_key_path()
-    if not path.exists() and create:
+    if not path.exists() and not create:
+        raise FileNotFoundError(f"signing key {path} does not exist; create it with `edgeloop keygen --out {path}` "
+                                f"and give devices its public key {public_path(path)}, or check the path for a typo")
+    if not path.exists():
         key = generate_key(path)
         log.warning("created signing key %s (public key %s): give the public key to devices", path,
                     public_path(path))
