@@ -19,11 +19,18 @@ SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(not (SHARED / "models").is_dir(), reason=f"{SHARED} is absent")
 
 
+@pytest.fixture(autouse=True)
+def _signing_key(tmp_path: Path) -> None:
+    """The key the exports below sign with: `export --signing-key PATH` refuses a PATH that does not exist."""
+    assert main(["keygen", "--out", str(tmp_path / "k.pem")]) == 0
+
+
 @pytest.fixture(scope="module")
 def compressed_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """small_cnn on digits, low-rank + 2:4 + int8, ONNX and TFLite, packed."""
     root = tmp_path_factory.mktemp("export_job")
     ckpt = root / "s.pt"
+    assert main(["keygen", "--out", str(root / "k.pem")]) == 0
     assert main(["train", "--arch", "small_cnn", "--epochs", "8", "--out", str(ckpt)]) == 0
     args = ["export", str(ckpt), "--out", str(root / "b"), "--sparsity", "2:4", "--low-rank", "energy=0.95",
             "--exclude", "features.0", "--formats", "onnx,tflite", "--signing-key", str(root / "k.pem")]

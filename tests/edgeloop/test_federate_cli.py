@@ -19,6 +19,7 @@ def test_export_trainable_ships_the_checkpoints_weights(tmp_path: Path) -> None:
 
     ckpt, out = tmp_path / "s.pt", tmp_path / "b"
     assert main(["train", "--arch", "small_cnn", "--epochs", "1", "--out", str(ckpt)]) == 0
+    assert main(["keygen", "--out", str(tmp_path / "k.pem")]) == 0
     assert main(["export", str(ckpt), "--out", str(out), "--no-int8", "--no-folded", "--trainable",
                  "--signing-key", str(tmp_path / "k.pem")]) == 0
     manifest, _ = read_manifest(out)

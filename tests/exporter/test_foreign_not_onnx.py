@@ -30,6 +30,7 @@ def test_cli_export_from_onnx_on_a_non_onnx_file_is_a_clear_error(
 ) -> None:
     path = tmp_path / "model.tflite"
     path.write_bytes(TFLITE_HEADER)
+    assert main(["keygen", "--out", str(tmp_path / "key.pem")]) == 0
     code = main(["export", "--from-onnx", str(path), "--dataset", "digits", "--out", str(tmp_path / "out"),
                  "--signing-key", str(tmp_path / "key.pem")])
     assert code == 2

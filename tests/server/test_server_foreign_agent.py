@@ -130,6 +130,7 @@ def test_cli_export_serve_agent_with_the_zoo_mnist(tmp_path: Path, capsys: pytes
     if not (ZOO.is_file() and MNIST.is_file()):
         pytest.skip(f"shared data absent (see ../shared/data/README.md): {ZOO}, {MNIST}")
     bundle = tmp_path / "zoo"
+    assert main(["keygen", "--out", str(tmp_path / "k.pem")]) == 0
     assert main(["export", "--from-onnx", str(ZOO), "--dataset", "mnist", "--value-range", "0,255", "--out",
                  str(bundle), "--signing-key", str(tmp_path / "k.pem")]) == 0
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"}
