@@ -3,11 +3,18 @@ data with adaptive windowing", SDM; the ADWIN2 variant of §4)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from device_agents.drift.base import ScalarDetector, check_open_unit, check_positive_int
+from device_agents.drift.base import (
+    ScalarDetector,
+    check_open_unit,
+    check_positive_int,
+    state_array,
+    state_scalar,
+)
 
 _CHUNK = 1 << 15  # values per vectorized step: bounds the (ticks × levels × buckets) candidate arrays
 
@@ -93,6 +100,43 @@ class ADWIN(ScalarDetector):
     def n_seen(self) -> int:
         """Values seen since the last reset (the window width)."""
         return self._n
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        buckets = np.array([b for level in self._levels for b in level], dtype=np.float64).reshape(-1, 3)
+        return {"n": np.asarray(self._n, np.int64), "shift": np.asarray(self._shift, np.float64),
+                "sum": np.asarray(self._sum, np.float64), "sq": np.asarray(self._sq, np.float64),
+                "level_sizes": np.array([len(level) for level in self._levels], np.int64),
+                "bucket_end": buckets[:, 0].astype(np.int64), "bucket_sum": buckets[:, 1], "bucket_sq": buckets[:, 2]}
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        n = state_scalar(state, "n", "i", minimum=0)
+        sizes = state_array(state, "level_sizes", (None,), "i")
+        ends = state_array(state, "bucket_end", (None,), "i")
+        sums = state_array(state, "bucket_sum", (ends.size,))
+        sqs = state_array(state, "bucket_sq", (ends.size,))
+        if sizes.size == 0 or sizes.min() < 0 or int(sizes.sum()) != ends.size:
+            raise ValueError(f"'level_sizes' {sizes.tolist()} does not partition the {ends.size} buckets")
+        # the bucket structure is a function of n alone (see _ends): the saved one must be it
+        want, exists = self._ends(np.array([max(n, 1)], np.int64))
+        per_level = [want[0, i * self.max_buckets : (i + 1) * self.max_buckets][exists[0, i * self.max_buckets :
+                                                                                       (i + 1) * self.max_buckets]]
+                     for i in range(want.shape[1] // self.max_buckets)] if n else []
+        levels: list[list[tuple[int, float, float]]] = []
+        start = 0
+        for i, size in enumerate(sizes.tolist()):
+            expected = per_level[i].tolist() if i < len(per_level) else []
+            got = ends[start : start + size].tolist()
+            if got != expected:
+                raise ValueError(f"level {i} holds buckets ending at {got[:8]}, the histogram of {n} values "
+                                 f"ends them at {expected[:8]}")
+            levels.append([(int(e), float(a), float(b)) for e, a, b in zip(got, sums[start : start + size],
+                                                                             sqs[start : start + size], strict=True)])
+            start += size
+        if sum(len(x) for x in per_level) != ends.size:
+            raise ValueError(f"the histogram of {n} values has {sum(len(x) for x in per_level)} buckets, got "
+                             f"{ends.size}")
+        self._n, self._levels = n, levels
+        self._shift, self._sum, self._sq = (state_scalar(state, key, "f") for key in ("shift", "sum", "sq"))
 
     @property
     def width(self) -> int:

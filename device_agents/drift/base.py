@@ -15,13 +15,20 @@
 
 Every detector exposes :attr:`statistic` (its test statistic after the last update) and :attr:`threshold` (the
 value the statistic must exceed), so an agent can report both with a drift event.
+
+State across restarts: :meth:`DriftDetector.snapshot` returns everything a detector learnt from the stream since
+its last reset as named arrays, and :meth:`DriftDetector.restore` takes them back into a detector of the same
+class and hyperparameters, which then signals drift exactly where the original would have. A restarted device
+that started afresh instead would take the stream after the restart as its reference, and a drift under way
+would never be detected. A state that does not fit is refused with ``ValueError`` naming the problem, and the
+detector is left as it was.
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -85,6 +92,47 @@ class DriftDetector(ABC):
     def _params(self) -> dict[str, Any]:
         """The hyperparameters, for ``repr``."""
         return {}
+
+    # -- state across restarts -----------------------------------------------------------------------------
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Everything learnt since the last reset, as named arrays (see the module docstring)."""
+        return {"drift_detected": np.asarray(self._drift_detected),
+                "statistic": np.asarray(self._statistic, np.float64), **self._state_arrays()}
+
+    def restore(self, state: Mapping[str, np.ndarray]) -> None:
+        """Take back a :meth:`snapshot` of a detector of this class and hyperparameters. ``ValueError`` naming
+        the problem, with the detector left as it was, for a state that does not fit."""
+        who = type(self).__name__
+        keys = set(self.snapshot())
+        if set(state) != keys:
+            raise ValueError(f"{who}: a saved state holds {sorted(keys)}, got {sorted(state)}")
+        saved = self._save_state()
+        try:
+            arrays = {k: np.asarray(v) for k, v in state.items()}
+            self._drift_detected = state_scalar(arrays, "drift_detected", "b")
+            self._statistic = state_scalar(arrays, "statistic", "f", allow=(-math.inf,))
+            self._load_state(arrays)
+        except (ValueError, TypeError, OverflowError) as exc:
+            self._restore_state(saved)
+            raise ValueError(f"{who}: the saved state does not fit this detector: {exc}") from None
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        """The subclass's state (beyond the drift flag and the statistic) as named arrays."""
+        raise NotImplementedError(f"{type(self).__name__} does not save its state")
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Set the subclass's state from :meth:`_state_arrays`'s arrays, checking each (``ValueError`` naming it);
+        :meth:`restore` undoes a partial load."""
+        raise NotImplementedError(f"{type(self).__name__} does not restore a saved state")
+
+    def _save_state(self) -> dict[str, Any]:
+        """What :meth:`_restore_state` needs to undo a failed update or restore: the attributes, lists copied.
+        Detectors replace their arrays on update (never write into them), so a shallow copy is exact."""
+        return {k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()}
+
+    def _restore_state(self, saved: dict[str, Any]) -> None:
+        vars(self).clear()
+        vars(self).update(saved)
 
     def _consume(self, arr: np.ndarray) -> list[int]:
         """Feed validated observations (values or rows) through :meth:`_run` in order, resetting after each
@@ -191,14 +239,38 @@ class FeatureDetector(DriftDetector):
             self._restore_state(saved)
             raise
 
-    def _save_state(self) -> dict[str, Any]:
-        """What :meth:`_restore_state` needs to undo a failed :meth:`update_many`: the attributes, lists copied.
-        Subclasses replace their arrays on update (never write into them), so a shallow copy is exact."""
-        return {k: list(v) if isinstance(v, list) else v for k, v in vars(self).items()}
 
-    def _restore_state(self, saved: dict[str, Any]) -> None:
-        vars(self).clear()
-        vars(self).update(saved)
+def state_scalar(state: Mapping[str, np.ndarray], key: str, kind: str, *, minimum: float | None = None,
+                 allow: tuple[float, ...] = ()) -> Any:
+    """``state[key]`` as a Python scalar of ``kind`` (``"b"`` bool, ``"i"`` int, ``"f"`` float), checked: a 0-d
+    array of that kind, finite (or one of ``allow``), at least ``minimum``."""
+    value = np.asarray(state[key])
+    kinds = {"b": "b", "i": "iu", "f": "f"}[kind]
+    if value.shape != () or value.dtype.kind not in kinds:
+        raise ValueError(f"{key!r} must be a {dict(b='bool', i='integer', f='float')[kind]} scalar, got "
+                         f"{value.dtype} of shape {value.shape}")
+    out = value.item()
+    if kind == "f" and not (math.isfinite(out) or out in allow):
+        raise ValueError(f"{key!r} must be finite, got {out}")
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{key!r} must be >= {minimum}, got {out}")
+    return out
+
+
+def state_array(state: Mapping[str, np.ndarray], key: str, shape: tuple[int | None, ...], kind: str = "f"
+                ) -> np.ndarray:
+    """``state[key]`` checked: of ``shape`` (None: any length on that axis), of ``kind`` (``"f"`` finite floats,
+    ``"i"`` integers, ``"u"`` unsigned), as a new array."""
+    value = np.asarray(state[key])
+    if value.ndim != len(shape) or any(want is not None and got != want for got, want in zip(value.shape, shape,
+                                                                                              strict=True)):
+        raise ValueError(f"{key!r} must have shape {tuple('n' if d is None else d for d in shape)}, got {value.shape}")
+    if value.dtype.kind not in {"f": "f", "i": "iu", "u": "u"}[kind] or value.dtype.kind == "b":
+        raise ValueError(f"{key!r} must hold {dict(f='floats', i='integers', u='unsigned integers')[kind]}, got "
+                         f"{value.dtype}")
+    if kind == "f" and not np.all(np.isfinite(value)):
+        raise ValueError(f"{key!r} holds non-finite values")
+    return np.array(value, dtype=np.float64 if kind == "f" else (np.int64 if kind == "i" else np.uint64))
 
 
 def scalar_batch(values: Iterable[float] | np.ndarray, who: str) -> np.ndarray:

@@ -4,13 +4,21 @@ concept drift streams", Neurocomputing 416)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from device_agents.drift.base import ScalarDetector, check_open_unit, check_positive_int
+from device_agents.drift.base import (
+    ScalarDetector,
+    check_open_unit,
+    check_positive_int,
+    state_array,
+    state_scalar,
+)
+from device_agents.rng import rng_from_words, rng_to_words
 
 _CHUNK = 4096  # tests per vectorized step
 
@@ -114,6 +122,18 @@ class KSWIN(ScalarDetector):
     def n_seen(self) -> int:
         """Values seen since the last reset."""
         return self._n
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"n": np.asarray(self._n, np.int64), "window": self._window.copy(), "rng": rng_to_words(self._rng)}
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        n = state_scalar(state, "n", "i", minimum=0)
+        window = state_array(state, "window", (None,))
+        if window.size != min(n, self.window_size):
+            raise ValueError(f"'window' holds {window.size} values, after {n} values it holds "
+                             f"{min(n, self.window_size)}")
+        self._n, self._window = n, window
+        self._rng = rng_from_words(state_array(state, "rng", (6,), "u"))
 
     def _tests(self, windows: np.ndarray) -> np.ndarray:
         """``n·D`` for each full window (rows), drawing one row of uniforms per window."""

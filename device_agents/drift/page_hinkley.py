@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from device_agents.drift.base import MAX_ABS_VALUE, ScalarDetector, check_positive_int
+from device_agents.drift.base import (
+    MAX_ABS_VALUE,
+    ScalarDetector,
+    check_positive_int,
+    state_array,
+    state_scalar,
+)
 
 _MODES = ("up", "down", "both")
 _BLOCK = 32  # the forgetting recurrence restarts its partial sum every _BLOCK updates (see the class docstring)
@@ -104,6 +111,19 @@ class PageHinkley(ScalarDetector):
     def n_seen(self) -> int:
         """Values seen since the last reset."""
         return self._n
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        return {"n": np.asarray(self._n, np.int64), "sum": np.asarray(self._sum, np.float64),
+                "block_start": self._block_start.copy(), "partial": self._partial.copy(), "sums": self._sums.copy(),
+                "min_up": np.asarray(self._min_up, np.float64), "max_down": np.asarray(self._max_down, np.float64)}
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self._n = state_scalar(state, "n", "i", minimum=0)
+        self._sum = state_scalar(state, "sum", "f")
+        self._block_start, self._partial, self._sums = (state_array(state, key, (2,))
+                                                        for key in ("block_start", "partial", "sums"))
+        self._min_up = state_scalar(state, "min_up", "f", allow=(math.inf,))
+        self._max_down = state_scalar(state, "max_down", "f", allow=(-math.inf,))
 
     def _update_one(self, x: float) -> None:
         k = self._n % _BLOCK

@@ -30,10 +30,18 @@ from __future__ import annotations
 
 import math
 from abc import abstractmethod
+from collections.abc import Mapping
 
 import numpy as np
 
-from device_agents.drift.base import MAX_ABS_VALUE, FeatureDetector, StateOverflowError, check_positive_int
+from device_agents.drift.base import (
+    MAX_ABS_VALUE,
+    FeatureDetector,
+    StateOverflowError,
+    check_positive_int,
+    state_array,
+    state_scalar,
+)
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -133,6 +141,7 @@ class WindowedEmbeddingDetector(FeatureDetector):
     def _reset_state(self) -> None:
         if not self._given:
             self._fitted = False
+            self._learnt: np.ndarray | None = None  # the reference rows learnt after the last reset
         self._buffer: list[np.ndarray] = []
         self._n = 0
         self._cum: np.ndarray | None = None
@@ -142,6 +151,50 @@ class WindowedEmbeddingDetector(FeatureDetector):
     def n_seen(self) -> int:
         """Rows seen since the last reset (reference rows included)."""
         return self._n + sum(b.shape[0] for b in self._buffer)
+
+    def _state_arrays(self) -> dict[str, np.ndarray]:
+        q = self._embed(np.zeros((1, self.dim))).shape[1] if self._fitted else 0
+        return {
+            "n": np.asarray(self._n, np.int64),
+            "cum": np.zeros(0) if self._cum is None else self._cum.copy(),
+            "ring": np.zeros((0, q)) if self._ring is None else self._ring.copy(),
+            "buffer": np.concatenate(self._buffer) if self._buffer else np.zeros((0, self.dim)),
+            "reference": (self._learnt.copy() if not self._given and self._learnt is not None
+                          else np.zeros((0, self.dim))),
+        }
+
+    def _load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        n = state_scalar(state, "n", "i", minimum=0)
+        buffer = state_array(state, "buffer", (None, self.dim))
+        reference = state_array(state, "reference", (None, self.dim))
+        if self._given and reference.shape[0]:
+            raise ValueError("a detector given its reference holds no learnt one, got "
+                             f"{reference.shape[0]} reference rows")
+        if not self._given:  # fitted from learnt rows, or still learning them
+            if reference.shape[0] not in (0, self.reference_size):
+                raise ValueError(f"'reference' holds {reference.shape[0]} rows, a learnt reference "
+                                 f"{self.reference_size}")
+            if reference.shape[0]:
+                self._fit_and_calibrate(reference)  # deterministic: the same embedding and threshold
+            else:
+                self._fitted = False
+            self._learnt = reference if reference.shape[0] else None
+        if not self._fitted:
+            if n or buffer.shape[0] >= self.reference_size:
+                raise ValueError(f"a detector learning its reference holds fewer than {self.reference_size} "
+                                 f"buffered rows and n = 0, got {buffer.shape[0]} and n = {n}")
+            self._n, self._buffer, self._cum, self._ring = 0, [buffer] if buffer.shape[0] else [], None, None
+            return
+        if buffer.shape[0]:
+            raise ValueError(f"a fitted detector buffers no rows, got {buffer.shape[0]}")
+        q = self._embed(np.zeros((1, self.dim))).shape[1]
+        rows = n - (0 if self._given else self.reference_size)  # rows embedded since the fit
+        if rows < 0:
+            raise ValueError(f"'n' = {n} is below the {self.reference_size} reference rows")
+        cum = state_array(state, "cum", (q,) if rows else (0,))
+        ring = state_array(state, "ring", (min(rows, self.window_size - 1), q))
+        self._n, self._buffer = n, []
+        self._cum, self._ring = (cum, ring) if rows else (None, None)
 
     @property
     def fitted(self) -> bool:
@@ -157,13 +210,14 @@ class WindowedEmbeddingDetector(FeatureDetector):
             offset = take
             if have + take < self.reference_size:
                 return None
+            learnt = np.concatenate(self._buffer)
             try:
-                self._fit_and_calibrate(np.concatenate(self._buffer))
+                self._fit_and_calibrate(learnt)
             except ValueError as exc:  # the reference rows learnt so far cannot be used
                 raise StateOverflowError(take - 1, f"the reference completed by this row fails ({exc}); "
                                          "reset() to learn a new one") from None
             self._n = self.reference_size
-            self._buffer = []
+            self._buffer, self._learnt = [], learnt
             x = x[take:]
             if x.shape[0] == 0:
                 return None

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from device_agents.rng import rng_from_words, rng_to_words
 from runtime.checks import require_int
 
-_MASK64 = (1 << 64) - 1
 KEYS = ("cma.mean", "cma.sigma", "cma.stds", "cma.rng")
 MIN_POPULATION = 2
 """Fewest candidates per generation: CMA-ES ranks them."""
@@ -67,31 +67,6 @@ class _Randn:
 
     def __call__(self, *shape: int) -> np.ndarray:
         return self.rng.standard_normal(shape)
-
-
-def rng_to_words(rng: np.random.Generator) -> np.ndarray:
-    """The PCG64 state of ``rng`` as six uint64 words (state, increment, buffered 32-bit draw)."""
-    s = rng.bit_generator.state
-    if s.get("bit_generator") != "PCG64":
-        raise ValueError(f"only PCG64 generators are serialised, got {s.get('bit_generator')!r}")
-    state, inc = int(s["state"]["state"]), int(s["state"]["inc"])
-    return np.array([state & _MASK64, state >> 64, inc & _MASK64, inc >> 64, s["has_uint32"], s["uinteger"]],
-                    dtype=np.uint64)
-
-
-def rng_from_words(words: np.ndarray) -> np.random.Generator:
-    """The generator serialised by :func:`rng_to_words`."""
-    w = [int(v) for v in np.asarray(words, dtype=np.uint64).ravel()]
-    if len(w) != 6:
-        raise ValueError(f"a PCG64 state has 6 words, got {len(w)}")
-    bit_generator = np.random.PCG64()
-    bit_generator.state = {
-        "bit_generator": "PCG64",
-        "state": {"state": w[0] | (w[1] << 64), "inc": w[2] | (w[3] << 64)},
-        "has_uint32": w[4],
-        "uinteger": w[5],
-    }
-    return np.random.Generator(bit_generator)
 
 
 def check_settings(population: object, sigma0: object) -> None:

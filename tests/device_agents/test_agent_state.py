@@ -103,7 +103,7 @@ def test_a_restarted_agent_runs_the_update_it_had_and_can_still_roll_it_back(tmp
     assert agent.restored == Restored()  # a fresh state file: nothing taken over
     restarted = _agent(path)
     assert (restarted.version, restarted.active_version) == (3, 3)
-    assert restarted.restored == Restored(version=3, active_version=3)
+    assert restarted.restored == Restored(version=3, active_version=3, detector=False)
     np.testing.assert_array_equal(restarted.model.params["bn1.bias"], original["bn1.bias"] + 1.0)
     assert restarted.rollback() is True  # the parameters before v3 were kept too
     restarted.state.close()  # type: ignore[union-attr]
@@ -316,6 +316,41 @@ def test_the_tta_state_survives_a_restart(tmp_path: Path) -> None:
     assert not np.array_equal(fresh, want)  # the state made a difference
 
 
+def test_a_drift_under_way_at_a_restart_is_detected_where_it_would_have_been(tmp_path: Path) -> None:
+    """The detector's state survives a restart: a device that restarts just as the stream shifts signals the
+    drift at the same position as one that never stopped. Without it, the restarted detector takes the shifted
+    stream as its reference and never signals it. The selector's byte budget comes back too."""
+    from device_agents.selection import EntropyBandSelector, SelectorConfig
+
+    stream = _drifting_stream()
+
+    def run(agent: Agent, lo: int, hi: int) -> list[int]:
+        for i in range(lo, hi, 8):
+            agent.process_batch(stream[i : i + 8], position=i)
+        return list(agent.stats.drift_positions)
+
+    def device(path: Path) -> Agent:
+        return Agent(TinyAdaptableModel(), AlphaBN(), PageHinkley(threshold=2.0, mode="both", min_instances=20),
+                     EntropyBandSelector(SelectorConfig(bytes_per_window=64)), None, None,
+                     AgentConfig(device_id="dev-1", bundle_id=BUNDLE), state=AgentStateStore(path))
+
+    steady = run(_agent(tmp_path / "steady.db"), 0, len(stream))
+    assert steady and steady[0] >= 256  # the shift at 256 is signalled after the restart below
+
+    first = device(tmp_path / "restarted.db")
+    assert run(first, 0, 256) == []
+    budget = first.selector.tokens  # type: ignore[union-attr]
+    first.close()  # saves the components' state
+    first.state.close()  # type: ignore[union-attr]
+    restarted = device(tmp_path / "restarted.db")
+    assert restarted.restored.detector and restarted.restored.selector and restarted.restored.tta
+    assert restarted.selector.tokens == pytest.approx(budget, abs=1.0)  # type: ignore[union-attr]
+    assert run(restarted, 256, len(stream)) == steady
+
+    amnesic = _agent(tmp_path / "amnesic.db")  # a detector that starts afresh after the restart
+    assert run(amnesic, 256, len(stream)) != steady
+
+
 def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "state.db"
@@ -331,7 +366,7 @@ def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path
     assert ("not restoring the saved tta state: it belongs to active_version=0, bundle_id='aaaaaaaaaaaa…', "
             "method='alpha_bn'; this agent's is active_version=1") in caplog.text
     assert restarted.tta.snapshot() == {}  # starts afresh on v1
-    assert restarted.restored == Restored(version=1, active_version=1, tta=False)
+    assert restarted.restored == Restored(version=1, active_version=1, tta=False, detector=True)
     restarted.close()  # saves v1's (empty) state
     restarted.state.close()  # type: ignore[union-attr]
 

@@ -69,6 +69,75 @@ def test_contract_detects_shift_and_resets(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("cut", [0, 1, 250, 299, 300, 301, 760, 1400])
+def test_a_restored_snapshot_detects_exactly_where_the_original_does(name: str, cut: int) -> None:
+    """What a restarted device relies on: a fresh detector given the snapshot signals drift at the same positions
+    (both update paths) as the detector that never stopped, wherever the stream was cut (before, during and
+    after a learnt reference, before and after the shift, after a drift)."""
+    stream = _stream(name, 5)
+    original = _make(name)
+    original.update_many(stream[:cut])
+    state = original.snapshot()
+    assert all(isinstance(v, np.ndarray) for v in state.values())
+    twin, single = _make(name), _make(name)
+    twin.restore(state)
+    single.restore(state)
+    assert twin.n_seen == original.n_seen and twin.statistic == original.statistic
+    want = original.update_many(stream[cut:])
+    assert twin.update_many(stream[cut:]) == want
+    assert [i for i, x in enumerate(stream[cut:]) if single.update(x).drift_detected] == want
+    uncut = _make(name).update_many(stream)  # and where one that saw the whole stream in one call does
+    assert [p - cut for p in uncut if p >= cut] == want
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(name: str) -> None:
+    det = _make(name)
+    det.update_many(_stream(name, 6)[:400])
+    good = det.snapshot()
+    before = pickle.dumps(det)
+    key = next(k for k, v in good.items() if v.dtype.kind == "f" and v.size and k != "statistic")
+    broken = {**good, key: np.full_like(good[key], np.nan)}
+    cases = [({k: v for k, v in good.items() if k != "n"}, "a saved state holds"),
+             (broken, f"{key!r}"),
+             ({**good, "n": np.asarray(-1)}, "'n' must be >= 0"),
+             ({**good, "drift_detected": np.asarray(2.0)}, "'drift_detected' must be a bool scalar")]
+    for bad, message in cases:
+        with pytest.raises(ValueError) as info:
+            det.restore(bad)
+        assert message in str(info.value) and type(det).__name__ in str(info.value)
+        assert pickle.dumps(det) == before
+    other = next(n for n in ALL if n != name)
+    with pytest.raises(ValueError, match=r"a saved state holds|does not fit"):
+        _make(other).restore(good)
+
+
+def test_structural_states_that_do_not_fit_are_named() -> None:
+    adwin = ADWIN()
+    adwin.update_many(_stream("adwin", 7)[:100])
+    state = adwin.snapshot()
+    ends = state["bucket_end"].copy()
+    ends[0] += 1
+    with pytest.raises(ValueError, match=r"level .* holds buckets ending at"):
+        ADWIN().restore({**state, "bucket_end": ends})
+    with pytest.raises(ValueError, match="does not partition"):
+        ADWIN().restore({**state, "level_sizes": state["level_sizes"] + 1})
+    kswin = KSWIN()
+    kswin.update_many(_stream("kswin", 7)[:100])
+    state = kswin.snapshot()
+    with pytest.raises(ValueError, match="'window' holds 99 values, after 100 values it holds 100"):
+        KSWIN().restore({**state, "window": state["window"][1:]})
+    learner = _make("mahalanobis")  # learns its reference from the first 300 rows
+    learner.update_many(_stream("mahalanobis", 7)[:320])
+    state = learner.snapshot()
+    assert state["reference"].shape == (300, 4)
+    with pytest.raises(ValueError, match="'reference' holds 299 rows, a learnt reference 300"):
+        _make("mahalanobis").restore({**state, "reference": state["reference"][1:]})
+    with pytest.raises(ValueError, match="'ring' must have shape"):
+        _make("mahalanobis").restore({**state, "ring": state["ring"][1:]})
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_contract_pickle_repr_and_reset(name: str) -> None:
     det = _make(name)
     det.update_many(_stream(name, 2)[:300])

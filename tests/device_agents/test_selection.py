@@ -168,7 +168,7 @@ def test_a_restored_budget_is_not_full_again_and_refills_for_the_time_between() 
     saved = sel.snapshot()
     assert float(saved["tokens"]) == 800.0 - 600.0 and float(saved["mean_entropy"]) == pytest.approx(0.3)
 
-    fresh, _, wall = _selector(wall=1030.0)  # 30 s of wall time later, on a new monotonic clock
+    fresh, _, _ = _selector(wall=1030.0)  # 30 s of wall time later, on a new monotonic clock
     assert fresh.tokens == 1000.0  # a fresh selector starts full
     fresh.restore(saved)
     assert fresh.tokens == pytest.approx(200.0 + 30.0 * 1000 / 60)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from device_agents.rng import rng_from_words, rng_to_words
 from device_agents.tta import (
     FOA,
     LAME,
@@ -21,7 +22,7 @@ from device_agents.tta import (
     knn_affinity,
     laplacian_adjusted,
 )
-from device_agents.tta.cma_search import CMASearch, rng_from_words, rng_to_words
+from device_agents.tta.cma_search import CMASearch
 from runtime.model import ForwardResult, softmax
 from tests.device_agents.conftest import TinyAdaptableModel
 from tests.device_agents.test_tta import TinyModel, TinyPredictor
