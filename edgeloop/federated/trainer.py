@@ -110,23 +110,19 @@ class LocalSGDTrainer:
 def evaluate(arch: str, spec: Any, params: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
              batch_size: int = 256, threads: int | None = None) -> float:
     """Top-1 accuracy of ``arch`` with ``params`` on ``(x, y)`` (central evaluation), with ``threads`` torch
-    threads for its duration (None: as set)."""
+    threads for its duration (None: as set); ``x`` and ``y`` are checked before the model runs
+    (:func:`exporter.train.evaluate`)."""
     import torch
 
     from exporter.models import build_model
+    from exporter.train import evaluate as evaluate_model
 
     model = build_model(arch, spec)
     load_trainable(model, params)
-    model.eval()
-    correct = 0
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        with torch.inference_mode():
-            for start in range(0, len(x), batch_size):
-                xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32))
-                correct += int((model(xb).argmax(1).numpy() == np.asarray(y[start:start + batch_size])).sum())
+        return evaluate_model(model, x, y, batch_size)
     finally:
         torch.set_num_threads(before)
-    return correct / max(1, len(x))

@@ -102,6 +102,10 @@ def test_trainer_and_weights_reject_bad_input(digits: tuple, trainable_bundle: t
     bad = dict(state, **{"classifier.bias": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match=r"classifier\.bias"):
         load_trainable(trainer.model, bad)
+    with pytest.raises(ValueError, match=r"y must have shape \(10,\)"):  # central evaluation checks first too
+        evaluate(ARCH, spec, state, x[:10], y[:9])
+    with pytest.raises(ValueError, match="y must lie in"):
+        evaluate(ARCH, spec, state, x[:10], y[:10] + 10)
 
 
 @pytest.mark.slow
