@@ -62,6 +62,7 @@ from device_agents.tta import ModelCapabilityError, TTAMethod, TTAOutput, normal
 from device_agents.tta.models import describe_model, is_adaptable
 from device_agents.updates import SubmissionEncoder, check_order, check_signature, decode_params
 from device_agents.zeroth_order import SPSA, SPSAStep
+from runtime.checks import is_finite_number
 from runtime.errors import InputError
 from runtime.update_codec import ENCODINGS
 
@@ -98,6 +99,9 @@ class AgentConfig:
     delta encoding of :mod:`runtime.update_codec` (``"int8_delta"``, ``"int8_topk_delta"`` keeping
     ``contribution_topk_fraction`` of each tensor) of the change from the held version, with error feedback
     across contributions (what one leaves out goes with the next).
+    ``save_state_seconds``: with a state store, the components' state (TTA method, detector, selector) is also
+    saved after a batch once this long has passed since the last save, so a power loss between syncs loses at
+    most that much of what they learnt (None: only at sync and close; 0: after every batch).
     """
 
     device_id: str
@@ -118,6 +122,7 @@ class AgentConfig:
     health: HealthPolicy | None = field(default_factory=HealthPolicy)
     contribution_encoding: str = "f32"
     contribution_topk_fraction: float = 0.25
+    save_state_seconds: float | None = 60.0
 
     def __post_init__(self) -> None:
         if not self.device_id:
@@ -137,6 +142,10 @@ class AgentConfig:
         for name in ("sync_wait_seconds", "watch_wait_seconds", "watch_retry_seconds", "join_timeout_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.save_state_seconds is not None and not (is_finite_number(self.save_state_seconds)
+                                                        and self.save_state_seconds >= 0):
+            raise ValueError(f"save_state_seconds must be a finite number >= 0 or None, got "
+                             f"{self.save_state_seconds!r}")
 
     @property
     def upload_input(self) -> bool:
@@ -311,6 +320,7 @@ class Agent:
         # outbox (stored once), while a restarted agent replaying positions from 0 gets fresh ids.
         self.session_id = uuid.uuid4().hex[:12]
         self.state = state
+        self._components_saved = time.monotonic()  # when the components' state was last saved (or restored)
         self.restored = Restored()  # what the constructor took over from ``state``
         if state is not None:
             self._restore(state.load(), server_version)
@@ -398,6 +408,7 @@ class Agent:
         with self._lock:
             saved = [SavedComponent(kind, identity, dict(component.snapshot()))
                      for kind, identity, component in self._components()]
+            self._components_saved = time.monotonic()
         self._save(lambda store: store.save_components(saved))
 
     def _hold(self, extra: dict[str, np.ndarray], active_version: int) -> None:
@@ -486,6 +497,9 @@ class Agent:
             self._count(pred, labels, len(queued), [p for p, _ in events])
         if rolled_back is not None:
             self._report_rollback(rolled_back)
+        every = self.config.save_state_seconds
+        if self.state is not None and every is not None and time.monotonic() - self._components_saved >= every:
+            self.save_component_states()
         now = int(time.time() * 1000)
         for pos, statistic in events:
             self._report_drift(pos, statistic, now)

@@ -233,6 +233,8 @@ def restart_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "count": len(rows), "booted": len(booted), "failed_boots": len(rows) - len(booted),
         "resumed": len(resumed), "tta_restored": sum(bool(row["restored_tta"]) for row in booted),
+        "detector_restored": sum(bool(row.get("restored_detector")) for row in booted),
+        "selector_restored": sum(bool(row.get("restored_selector")) for row in booted),
         "outbox_samples": {"before": sum(int(row.get("outbox_pending", 0)) for row in booted),
                            "after": sum(int(row["restored_outbox_pending"]) for row in booted)},
         "undelivered_reports": {

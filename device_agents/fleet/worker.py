@@ -256,7 +256,8 @@ class FleetWorker:
         dev.restarts.append({
             **before, "booted": True,
             "restored_version": got.version, "restored_active_version": got.active_version,
-            "restored_tta": got.tta, "restored_outbox_pending": agent.outbox.pending_count if agent.outbox else 0,
+            "restored_tta": got.tta, "restored_detector": got.detector, "restored_selector": got.selector,
+            "restored_outbox_pending": agent.outbox.pending_count if agent.outbox else 0,
             "restored_drift_reports": got.drift_reports, "restored_rollback_reports": got.rollback_reports,
         })
         return None

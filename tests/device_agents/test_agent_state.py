@@ -351,6 +351,30 @@ def test_a_drift_under_way_at_a_restart_is_detected_where_it_would_have_been(tmp
     assert run(amnesic, 256, len(stream)) != steady
 
 
+def test_components_are_saved_between_syncs_so_a_power_loss_keeps_them(tmp_path: Path) -> None:
+    """``save_state_seconds``: the components' state is saved after a batch once that long has passed, so a power
+    loss (no close, no sync) keeps what they learnt up to the last save."""
+    rng = np.random.default_rng(4)
+    batches = [(rng.random((16, 1, 8, 8)) * 0.6 + 0.4).astype(np.float32) for _ in range(4)]
+    steady = _agent(tmp_path / "steady.db")
+    for x in batches[:3]:
+        steady.process_batch(x)
+    want = steady.process_batch(batches[3]).probs
+
+    for every, kept in ((0.0, True), (None, False), (3600.0, False)):
+        path = tmp_path / f"every-{every}.db"
+        crashed = _agent(path, save_state_seconds=every)
+        for x in batches[:3]:
+            crashed.process_batch(x)
+        crashed.state.close()  # type: ignore[union-attr]  # power loss: no close(), no sync()
+        booted = _agent(path, save_state_seconds=every)
+        assert (booted.restored.tta, booted.restored.detector) == (kept, kept), every
+        assert np.array_equal(booted.process_batch(batches[3]).probs, want) == kept, every
+    for bad in (-1.0, float("nan"), True, "60"):
+        with pytest.raises(ValueError, match="save_state_seconds must be a finite number >= 0 or None"):
+            AgentConfig(device_id="d", bundle_id=BUNDLE, save_state_seconds=bad)  # type: ignore[arg-type]
+
+
 def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "state.db"
