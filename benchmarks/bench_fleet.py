@@ -110,10 +110,11 @@ def render(r: dict[str, Any]) -> str:
     rebooted = [x for x in done if x.get("restarts", {}).get("count")]
     if rebooted:
         restarts = md_table(["run", "power losses", "booted", "came back holding the update they had",
-                             "TTA state restored", "outbox samples before / after",
+                             "TTA state restored", "detector state restored", "outbox samples before / after",
                              "undelivered reports before / after"],
                             [[x["engine"], f"{x['restarts']['count']:,}", f"{x['restarts']['booted']:,}",
                               f"{x['restarts']['resumed']:,}", f"{x['restarts']['tta_restored']:,}",
+                              f"{x['restarts'].get('detector_restored', 0):,}",
                               f"{x['restarts']['outbox_samples']['before']:,} / "
                               f"{x['restarts']['outbox_samples']['after']:,}",
                               f"{x['restarts']['undelivered_reports']['before']:,} / "
@@ -121,8 +122,12 @@ def render(r: dict[str, Any]) -> str:
         skipped += ("\n\nScenario `reboots`: after each round's batches, before its sync, a device loses power with "
                     "probability 0.25: its agent, client and model are dropped without saving, and it boots from "
                     "its own outbox and agent-state SQLite files (WAL, synchronous=FULL), registers again and "
-                    "syncs. Every device keeps its files in this run, so its time includes their writes. A TTA "
-                    "state saved for parameters an update has since replaced is not restored (an update resets it)."
+                    "syncs. Every device keeps its files in this run, so its time includes their writes. The "
+                    "components' state (TTA method, drift detector, upload selector) is saved at each sync (a round "
+                    "here takes seconds, so the periodic save every 60 s never comes first): a power loss loses what "
+                    "they learnt in the round's batches, and a device that loses power before its first sync "
+                    "has nothing saved. A TTA state saved for parameters an update has since replaced is not "
+                    "restored (an update resets it)."
                     f"\n\n{restarts}")
     return (f"`edgeloop simulate --devices {r['devices']} --rounds {r['rounds']}` (scenario `{r['scenario']}`, "
             f"{r['dataset']}, batch {r['batch_size']}, aggregator {r['aggregator']}); every device a real agent on "
