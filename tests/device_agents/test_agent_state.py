@@ -293,15 +293,20 @@ def test_connect_agent_restores_the_previous_run_from_its_work_dir(edge_server, 
         close_agent(again)
 
 
+def _steady_run(tmp_path: Path, seed: int, batches: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """``batches`` random batches and what an agent that never stops predicts on the last one."""
+    rng = np.random.default_rng(seed)
+    xs = [(rng.random((16, 1, 8, 8)) * 0.6 + 0.4).astype(np.float32) for _ in range(batches)]
+    steady = _agent(tmp_path / "steady.db")
+    for x in xs[:-1]:
+        steady.process_batch(x)
+    return xs, steady.process_batch(xs[-1]).probs
+
+
 def test_the_tta_state_survives_a_restart(tmp_path: Path) -> None:
     """A device restarted mid-stream predicts the next batch exactly as one that never stopped: α-BN's running
     statistics are saved at close and restored for the same method, bundle and parameters."""
-    rng = np.random.default_rng(3)
-    batches = [(rng.random((16, 1, 8, 8)) * 0.6 + 0.4).astype(np.float32) for _ in range(5)]
-    steady = _agent(tmp_path / "steady.db")
-    for x in batches[:4]:
-        steady.process_batch(x)
-    want = steady.process_batch(batches[4]).probs
+    batches, want = _steady_run(tmp_path, seed=3, batches=5)
 
     path = tmp_path / "restarted.db"
     first = _agent(path)
@@ -354,12 +359,7 @@ def test_a_drift_under_way_at_a_restart_is_detected_where_it_would_have_been(tmp
 def test_components_are_saved_between_syncs_so_a_power_loss_keeps_them(tmp_path: Path) -> None:
     """``save_state_seconds``: the components' state is saved after a batch once that long has passed, so a power
     loss (no close, no sync) keeps what they learnt up to the last save."""
-    rng = np.random.default_rng(4)
-    batches = [(rng.random((16, 1, 8, 8)) * 0.6 + 0.4).astype(np.float32) for _ in range(4)]
-    steady = _agent(tmp_path / "steady.db")
-    for x in batches[:3]:
-        steady.process_batch(x)
-    want = steady.process_batch(batches[3]).probs
+    batches, want = _steady_run(tmp_path, seed=4, batches=4)
 
     for every, kept in ((0.0, True), (None, False), (3600.0, False)):
         path = tmp_path / f"every-{every}.db"
