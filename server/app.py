@@ -62,6 +62,7 @@ class EdgeloopServer:
         try:  # restores the strategy's saved state: a corrupt one stops start-up (StorageError)
             self.runner = RoundRunner(self.state, distiller=distiller, distiller_factory=factory,
                                       default_steps=config.distill_steps, max_samples=config.round_max_samples,
+                                      max_steps=config.max_distill_steps,
                                       on_change=self.metrics.observe_round if self.metrics else None,
                                       aggregator=config.create_aggregator())
         except BaseException:

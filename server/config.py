@@ -67,6 +67,13 @@ class ServerConfig:
     Federated rounds: ``aggregator`` names the rule that combines device submissions (``server.aggregation``:
     fedavg, fedau, fedbuff, trimmed_mean, median, krum, dp_fedavg) and ``aggregator_options`` its settings (a
     TOML table, e.g. ``{ byzantine = 2 }`` for krum); both are checked at start-up.
+
+    Round limits: a distillation round runs ``distill_steps`` optimizer steps (default 100) over at most
+    ``round_max_samples`` unused samples (default 4096). ``StartRound`` may ask for other values up to
+    ``max_distill_steps`` steps (default 10 000, a hundred times the default) and ``round_max_samples`` samples;
+    a request beyond either limit is refused with INVALID_ARGUMENT naming the field, its value and the limit, and
+    queues nothing (rounds run one at a time, so one oversized round would hold up every later one).
+    ``distill_steps`` must not exceed ``max_distill_steps``.
     """
 
     data_dir: Path = Path("edgeloop_data")
@@ -80,7 +87,8 @@ class ServerConfig:
     max_samples_per_upload: int = 4096
     max_bundle_bytes: int = 512 << 20
     distill_steps: int = 100  # optimizer steps of a distillation round (StartRound may ask for others)
-    round_max_samples: int = 4096
+    max_distill_steps: int = 10_000  # the most steps StartRound may ask for; more is INVALID_ARGUMENT
+    round_max_samples: int = 4096  # the most samples a distillation round uses (StartRound may ask for fewer)
     teacher_ckpt: Path | None = None
     student_ckpt: Path | None = None
     distill_alpha: float = 0.5
@@ -142,7 +150,8 @@ class ServerConfig:
             if value is not None and not 0 <= value <= 65535:
                 raise ValueError(f"{name} {value} is outside 0..65535")
         for name in ("max_workers", "max_message_bytes", "chunk_size", "max_upload_bytes",
-                     "max_samples_per_upload", "max_bundle_bytes", "distill_steps", "round_max_samples"):
+                     "max_samples_per_upload", "max_bundle_bytes", "distill_steps", "max_distill_steps",
+                     "round_max_samples"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.max_message_bytes > MAX_GRPC_MESSAGE_BYTES:
@@ -157,6 +166,9 @@ class ServerConfig:
             raise ValueError(f"online_window_seconds must be positive, got {self.online_window_seconds}")
 
     def _check_distillation(self) -> None:
+        if self.distill_steps > self.max_distill_steps:
+            raise ValueError(f"distill_steps {self.distill_steps} exceeds max_distill_steps {self.max_distill_steps}: "
+                             "raise max_distill_steps too, or lower distill_steps")
         if (self.teacher_ckpt is None) != (self.student_ckpt is None):
             raise ValueError("teacher_ckpt and student_ckpt must be given together")
         if not 0.0 <= self.distill_alpha <= 1.0:

@@ -133,9 +133,13 @@ class RoundRunner:
         self, state: ServerState, *, distiller: Distiller | None = None,
         distiller_factory: Callable[[], Distiller] | None = None, default_steps: int = 50,
         max_samples: int = 4096, on_change: Callable[[RoundRecord], None] | None = None,
-        aggregator: Aggregator | None = None,
+        aggregator: Aggregator | None = None, max_steps: int = 10_000,
     ) -> None:
         """``distiller`` is used as is; otherwise ``distiller_factory`` builds one on the first distill round.
+
+        A distill round runs ``default_steps`` steps over at most ``max_samples`` samples unless
+        :meth:`start` asks for others, up to ``max_steps`` steps and ``max_samples`` samples (the server's
+        ``max_distill_steps`` and ``round_max_samples``).
 
         ``aggregator`` combines the submissions of "fedavg" rounds (default :class:`FedAvg`); it lives as long
         as the runner, so stateful strategies (FedAU's participation, DP's accountant) span rounds.
@@ -148,8 +152,11 @@ class RoundRunner:
         """
         if default_steps <= 0 or max_samples <= 0:
             raise ValueError(f"default_steps {default_steps} and max_samples {max_samples} must be positive")
+        if not default_steps <= max_steps:
+            raise ValueError(f"default_steps {default_steps} exceeds max_steps {max_steps}")
         self.state = state
         self.default_steps = default_steps
+        self.max_steps = max_steps
         self.max_samples = max_samples
         self._distiller = distiller
         self._factory = distiller_factory
@@ -179,11 +186,21 @@ class RoundRunner:
         The round's update is published to ``cohort`` ("": the default cohort); its inputs are the bundle's
         unused samples, or the unused submissions of the cohort's devices. With an asynchronous strategy a
         "fedavg" round flushes the cohort's partly filled buffer (one step over every unused submission).
+
+        ``steps`` (0: ``default_steps``) and ``max_samples`` (0: ``max_samples`` of the runner) beyond the
+        runner's ``max_steps`` / ``max_samples`` raise :class:`InvalidRequestError` naming the field, the value
+        and the server setting that bounds it, whatever the kind; nothing is queued or recorded then.
         """
         if kind not in ROUND_KINDS:
             raise InvalidRequestError(f"round kind {kind!r} is not one of {ROUND_KINDS}")
         if max_samples < 0 or steps < 0:
             raise InvalidRequestError(f"max_samples {max_samples} and steps {steps} must be >= 0")
+        if steps > self.max_steps:
+            raise InvalidRequestError(f"steps {steps} exceeds the server's limit of {self.max_steps} optimizer steps "
+                                      "per round (max_distill_steps in its config)")
+        if max_samples > self.max_samples:
+            raise InvalidRequestError(f"max_samples {max_samples} exceeds the server's limit of {self.max_samples} "
+                                      "samples per round (round_max_samples in its config)")
         cohort = check_id(cohort or DEFAULT_COHORT, "cohort")
         if self._closed:
             raise ServerShuttingDownError("the server is shutting down; no new rounds")
@@ -193,7 +210,7 @@ class RoundRunner:
             f"a federated round ({kind})"
         require_parameters(bundle, what, adaptable=kind == "distill")
         self._check_ready(kind, bundle_id, cohort)
-        limit = min(max_samples or self.max_samples, self.max_samples)
+        limit = max_samples or self.max_samples
         with self._lock:
             if self._closed:
                 raise ServerShuttingDownError("the server is shutting down; no new rounds")
