@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -419,6 +420,8 @@ def run_agent(
         "drift_points": list(stream.drift_points), "drift_detected": list(stats.drift_positions),
         "uploaded_samples": stats.uploaded_samples, "bytes_up": stats.uploaded_bytes,
         "bytes_down": stats.downloaded_bytes, "update_versions": list(stats.update_versions),
+        "version": agent.version, "active_version": agent.active_version,
+        "restored": asdict(agent.restored),  # what this run took over from the work dir's state
     }
 
 

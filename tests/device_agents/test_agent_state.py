@@ -289,8 +289,13 @@ def test_connect_agent_restores_the_previous_run_from_its_work_dir(edge_server, 
         assert (again.version, again.active_version) == (version, version)
         assert params_digest(again.model.params) == params_digest(held)
         assert again.sync(wait_seconds=0.2).applied_versions == ()  # nothing fetched twice
+        assert again.restored.version == version and again.restored.tta and again.restored.detector
     finally:
         close_agent(again)
+    from edgeloop.pipeline import run_agent
+
+    report = run_agent(server=edge_server.target, device_id="cam-1", work_dir=work, samples_per_domain=32)
+    assert report["restored"]["version"] == report["version"] == version  # the CLI's JSON says what it took over
 
 
 def _steady_run(tmp_path: Path, seed: int, batches: int) -> tuple[list[np.ndarray], np.ndarray]:
