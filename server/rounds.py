@@ -5,7 +5,7 @@ metrics) and runs it on a single worker thread, so ``StartRound`` returns at onc
 
 Synchronous strategies run when an operator starts a round (``StartRound``). An asynchronous one (FedBuff)
 runs by itself: the registry calls :meth:`RoundRunner.on_submission` after each submission is committed, and
-once a bundle's cohort holds ``buffer_size`` unused submissions the worker aggregates the oldest K of them and
+once a bundle's cohort holds ``buffer_size`` unused submissions the worker aggregates the oldest K readable ones and
 publishes a new version of that cohort (a round of kind ``"fedbuff"``). The buffer *is* the registry's table of
 unused submissions, so a restart loses nothing: a half-full buffer is still there and fills up with the next
 submissions. Each round records which submissions it takes and the strategy's state before it publishes; a
@@ -18,7 +18,10 @@ An input that can never be read again is quarantined rather than retried forever
 (:class:`CodecError`) or is named by a malformed digest is logged, marked used by that round at once (so no
 later round picks it again) and left out; the round goes on with the rest and counts them in its metrics
 (``unreadable_submissions`` / ``unreadable_samples``). When nothing readable is left the round fails with
-:class:`NothingToAggregateError` (its unreadable inputs stay quarantined). Any other failure (the strategy, the
+:class:`NothingToAggregateError` (its unreadable inputs stay quarantined). A FedBuff step the server runs by
+itself always aggregates K readable submissions: it replaces each unreadable one it quarantines with the next
+oldest unused submission, and when fewer than K readable are left it publishes nothing (a failed round records
+the quarantine) and the readable ones stay buffered for the next submissions. Any other failure (the strategy, the
 publish, the registry), and a crash, is transient: the round fails and its readable inputs stay unused for the
 next one (what it quarantined stays so).
 """
@@ -252,44 +255,77 @@ class RoundRunner:
                 self._pending.discard(key)
 
     def _drain(self, bundle_id: str, cohort: str) -> None:
-        """Run one FedBuff step per full buffer of K submissions, oldest first, until fewer than K are left.
+        """Run one FedBuff step per K readable submissions, oldest first, until fewer than K are left.
 
-        A buffer whose submissions are all unreadable is quarantined (a failed round) and draining goes on with
-        the next one; a step that failed otherwise stops it (its readable submissions stay unused, and the next
-        submission's check retries them)."""
+        Every step aggregates exactly K readable submissions: one found unreadable is quarantined and the buffer
+        is topped up with the next oldest unused one. When the unused submissions hold fewer than K readable
+        ones, the unreadable ones are quarantined (by a failed round that says so) and the readable ones stay
+        buffered until later submissions complete the buffer. A step that failed otherwise stops draining (its
+        readable submissions stay unused, and the next submission's check retries them)."""
         with self._lock:
             self._pending.discard((bundle_id, cohort))  # from here on, a new submission queues a new check
         k = self.aggregator.buffer_size
-        while True:
-            buffer = self.state.storage.unused_submissions(bundle_id, cohort, limit=k)
-            if len(buffer) < k or not self._async_step(bundle_id, cohort, buffer):
+        while len(self.state.storage.unused_submissions(bundle_id, cohort, limit=k)) >= k:  # no blob read below K
+            if not self._async_step(bundle_id, cohort):
                 return
 
-    def _async_step(self, bundle_id: str, cohort: str, buffer: list[SubmissionRecord]) -> bool:
-        """One FedBuff step run by the server itself, in three commits: the round (running) with its claimed
-        inputs and the strategy's state; the published update; the inputs marked used with the round done.
+    def _fill_buffer(self, bundle_id: str, cohort: str, k: int
+                     ) -> tuple[list[tuple[SubmissionRecord, dict[str, np.ndarray]]],
+                                list[tuple[SubmissionRecord, Exception]]]:
+        """Read the cohort's unused submissions, oldest first, until ``k`` are readable or none is left:
+        (the readable ones with their parameters, at most ``k``; the unreadable ones met on the way, with why).
 
-        The buffer is read first: unreadable submissions are quarantined (marked used by this step's round,
-        recorded as running before the step for that) and the step aggregates the readable rest. Returns whether
-        the buffer was consumed, so that draining may go on: True when the step published, or when every one of
-        its submissions was unreadable (the round is recorded failed); False after any other failure (recorded
-        on the round; the readable submissions stay unused for a retry)."""
-        storage, t0 = self.state.storage, time.perf_counter()
+        Only the worker marks submissions used and new ones get higher ids, so each query's rows extend the
+        previous query's; each blob is read once."""
+        readable: list[tuple[SubmissionRecord, dict[str, np.ndarray]]] = []
+        bad: list[tuple[SubmissionRecord, Exception]] = []
+        read, limit = 0, k
+        while True:
+            rows = self.state.storage.unused_submissions(bundle_id, cohort, limit=limit)
+            for s in rows[read:]:
+                try:
+                    readable.append((s, self._submission_params(s)))
+                except _UNREADABLE as exc:
+                    bad.append((s, exc))
+                if len(readable) == k:
+                    return readable, bad
+            if len(rows) < limit:  # every unused submission has been read
+                return readable, bad
+            read, limit = len(rows), len(rows) + k - len(readable)
+
+    def _async_step(self, bundle_id: str, cohort: str) -> bool:
+        """One FedBuff step run by the server itself over the buffer :meth:`_fill_buffer` reads, in three
+        commits: the round (running) with its claimed inputs and the strategy's state; the published update; the
+        inputs marked used with the round done.
+
+        The unreadable submissions met while reading are quarantined first (marked used by this step's round,
+        recorded as running before the step for that). With K readable ones the step aggregates them; with fewer
+        (the unused submissions ran out) it publishes nothing: the round is recorded failed, naming the
+        quarantined submissions, and the readable ones stay unused for a later, complete buffer. Returns whether
+        draining may go on: True when the step published; False when it waits for more submissions, or after any
+        other failure (recorded on the round; the readable submissions stay unused for a retry)."""
+        storage, t0, k = self.state.storage, time.perf_counter(), self.aggregator.buffer_size
         record: RoundRecord | None = None
         unreadable: dict[str, float] = {}
         try:
-            readable, bad = self._read_submissions(buffer)
+            readable, bad = self._fill_buffer(bundle_id, cohort, k)
             if bad:  # the quarantined submissions are marked used by this step's round: record it first
                 record = storage.start_round(ASYNC_ROUND_KIND, self.state.clock(), [])
                 self._quarantine_submissions(record.round_id, bad)
                 unreadable = self._quarantined.pop(record.round_id)
-            if not readable and record is not None:
-                failed = replace(record, state="failed", metrics=unreadable, seconds=time.perf_counter() - t0,
-                                 error=f"NothingToAggregateError: all {len(bad)} submissions of the buffer of "
-                                       f"bundle {bundle_id} cohort {cohort!r} are unreadable (quarantined)")
+            if len(readable) < k:
+                if record is None:  # nothing was quarantined: nothing to record (the caller saw K unused)
+                    return False
+                ids = ", ".join(str(s.id) for s, _ in bad)
+                waiting = {**unreadable, "buffer_size": float(k), "buffered_submissions": float(len(readable))}
+                failed = replace(record, state="failed", metrics=waiting, seconds=time.perf_counter() - t0,
+                                 error=f"NothingToAggregateError: {len(bad)} submission(s) of the buffer of bundle "
+                                       f"{bundle_id} cohort {cohort!r} are unreadable (quarantined: {ids}); the "
+                                       f"{len(readable)} readable one(s) stay buffered until {k} are readable")
                 storage.save_round(failed)
                 self._changed(failed)
-                return True
+                logger.warning("round %d (%s): %s", failed.round_id, failed.kind, failed.error)
+                return False
             result, outcome = self._fedbuff_step(bundle_id, cohort, readable, unreadable=len(bad))
             ids = [s.id for s, _ in readable if s.id is not None]
             if record is None:

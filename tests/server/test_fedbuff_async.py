@@ -312,3 +312,39 @@ def test_kill9_while_aggregating_loses_no_acknowledged_submission(tmp_path: Path
         for round_id in published:
             assert len(storage.round_inputs(round_id)) == k
         assert len(storage.unused_submissions(bundle_id)) < k  # every full buffer was aggregated at start-up
+
+
+def test_an_unreadable_submission_is_quarantined_and_the_buffer_waits_for_k_readable_ones(tmp_path: Path) -> None:
+    """K = 2 over gRPC. The first submission's blob rots on disk: when the second fills the buffer, the rotten one is
+    quarantined (a failed round naming it) and nothing is published from one readable submission; the third
+    completes the buffer and the version is the FedBuff step over exactly K = 2 readable submissions."""
+    fleet = Fleet(tmp_path / "data", buffer_size=2)
+    try:
+        rotten = fleet.submit("dev-a", _params(0.1))
+        fleet.server.blobs.path(fleet.storage.get_submission(rotten).blob).write_bytes(b"rot")
+        kept = fleet.submit("dev-b", _params(0.2))
+        assert fleet.server.runner.wait_idle(10.0)
+        assert fleet.versions() == []
+        quarantine = fleet.admin.GetRound(admin_pb2.GetRoundRequest(
+            round_id=fleet.storage.get_submission(rotten).used_in_round), timeout=RPC_TIMEOUT)
+        assert quarantine.kind == "fedbuff" and quarantine.state == "failed"
+        assert f"unreadable (quarantined: {rotten})" in quarantine.error
+        assert "1 readable one(s) stay buffered until 2 are readable" in quarantine.error
+        assert dict(quarantine.metrics) == {"unreadable_submissions": 1.0, "buffer_size": 2.0,
+                                            "buffered_submissions": 1.0}
+        assert fleet.storage.get_submission(kept).used_in_round is None
+
+        last = fleet.submit("dev-c", _params(0.3))
+        assert fleet.server.runner.wait_idle(10.0)
+        assert fleet.versions() == [1]
+        step = fleet.admin.GetRound(admin_pb2.GetRoundRequest(
+            round_id=fleet.storage.get_submission(last).used_in_round), timeout=RPC_TIMEOUT)
+        assert step.state == "done" and step.update_version == 1, step.error
+        assert step.metrics["submissions"] == 2.0 and step.metrics["unreadable_submissions"] == 0.0
+        assert fleet.storage.round_inputs(step.round_id) == [kept, last]
+        init = initial_params()
+        current, _ = current_params(fleet.server.state, fleet.bundle_id)
+        for name in _params(0):  # both on v0, staleness 0: x1 = x0 + (0.2 + 0.3) / 2
+            np.testing.assert_allclose(current[name], init[name].astype(np.float64) + 0.25, rtol=0, atol=1e-5)
+    finally:
+        fleet.stop()

@@ -1,6 +1,7 @@
 """Unreadable round inputs are quarantined, not retried forever: a submission whose blob is corrupt, missing or
 undecodable, or a sample whose input tensor is, is marked used by the round that found it and left out, the
-round goes on with the rest (counting them in its metrics), and later rounds and FedBuff buffers are not blocked.
+round goes on with the rest (counting them in its metrics), and later rounds and FedBuff buffers are not blocked;
+a FedBuff step replaces each one with the next unused submission, so it always aggregates K readable ones.
 Transient failures (the strategy, the publish) still leave every input unused for a retry.
 
 Real objects throughout: a SQLite registry file, a blob store on disk, the handlers and a :class:`RoundRunner`."""
@@ -180,8 +181,15 @@ def test_an_undecodable_blob_with_a_valid_digest_is_quarantined(site: Site) -> N
 
 
 # -- asynchronous FedBuff -----------------------------------------------------------------------------------
-def test_fedbuff_drain_goes_on_past_unreadable_buffers(site: Site, caplog: pytest.LogCaptureFixture) -> None:
-    """K = 2. Buffer 1 is entirely unreadable, buffer 2 half; later buffers still aggregate and publish."""
+def _deltas(*values: float) -> dict[str, np.ndarray]:
+    """Σ (submission − initial) over submissions ``initial + value`` (bn1 only), float64."""
+    init = initial_params()
+    return {k: sum(_params(x)[k].astype(np.float64) - init[k] for x in values) for k in _params(0)}
+
+
+def test_every_fedbuff_step_aggregates_k_readable_submissions(site: Site, caplog: pytest.LogCaptureFixture) -> None:
+    """K = 2. Unreadable submissions are quarantined and the buffer is topped up with the next oldest ones, so each
+    step aggregates exactly K readable submissions; a readable one left over waits for the next."""
     ids = [site.submit(f"dev-{i}", 0.1 * (i + 1)) for i in range(6)]  # no runner yet: they wait in the registry
     site.corrupt(ids[0])
     site.delete(ids[1])
@@ -190,46 +198,84 @@ def test_fedbuff_drain_goes_on_past_unreadable_buffers(site: Site, caplog: pytes
     try:
         with caplog.at_level(logging.ERROR, logger="server.rounds"):
             assert runner.wait_idle(WAIT)
-        assert site.versions() == [1, 2]
-        assert site.reg.unused_submissions(site.bundle_id) == []
-        r_bad, r_half, r_full = (site.used_in_round(ids[0]), site.used_in_round(ids[2]), site.used_in_round(ids[4]))
-        assert site.used_in_round(ids[1]) == r_bad and site.used_in_round(ids[3]) == r_half
-        assert site.used_in_round(ids[5]) == r_full and len({r_bad, r_half, r_full}) == 3
-
-        first = runner.get(r_bad)
-        assert first.kind == "fedbuff" and first.state == "failed" and "unreadable" in first.error
-        assert first.metrics["unreadable_submissions"] == 2.0 and site.reg.update_of_round(r_bad) is None
-        half = runner.get(r_half)
-        assert half.state == "done" and half.update_version == 1
-        assert half.metrics["submissions"] == 1.0 and half.metrics["unreadable_submissions"] == 1.0
-        assert site.reg.round_inputs(r_half) == [ids[2]]
-        full = runner.get(r_full)
-        assert full.state == "done" and full.update_version == 2 and full.metrics["unreadable_submissions"] == 0.0
+        assert site.versions() == [1]
+        step = runner.get(site.used_in_round(ids[2]))
+        assert step.kind == "fedbuff" and step.state == "done" and step.update_version == 1, step.error
+        assert step.metrics["submissions"] == 2.0 and step.metrics["buffer_size"] == 2.0
+        assert step.metrics["unreadable_submissions"] == 3.0
+        assert site.reg.round_inputs(step.round_id) == [ids[2], ids[4]]  # claimed: exactly K readable ones
+        assert [site.used_in_round(ids[i]) for i in (0, 1, 3, 4)] == [step.round_id] * 4
+        assert [s.id for s in site.reg.unused_submissions(site.bundle_id)] == [ids[5]]  # buffered for the next
         assert site.reg.unfinished_rounds() == []
         logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
         for pos in (0, 1, 3):
             assert f"submission {ids[pos]} of device dev-{pos}" in logged
         assert f"submission {ids[2]} of" not in logged
-
-        # v1 is ids[2]'s own parameters (one delta from v0, staleness 0); v2 averages ids[4], ids[5] (both on v0,
-        # staleness 1 each: weight 1/sqrt(2))
-        v1 = {k: v.astype(np.float64) for k, v in initial_params().items()}
-        v1.update({k: v.astype(np.float64) for k, v in _params(0.3).items()})
         init = {k: v.astype(np.float64) for k, v in initial_params().items()}
-        for k in _params(0):
-            step = sum(_params(x)[k].astype(np.float64) - init[k] for x in (0.5, 0.6)) / np.sqrt(2.0) / 2
-            np.testing.assert_allclose(site.current()[k], v1[k] + step, rtol=0, atol=1e-5)
+        v1 = {k: init[k] + d / 2 for k, d in _deltas(0.3, 0.5).items()}  # both on v0, staleness 0
+        for k, v in v1.items():
+            np.testing.assert_allclose(site.current()[k], v, rtol=0, atol=1e-5)
+    finally:
+        runner.shutdown()
 
-        # live: the next full buffer, with one corrupt submission among it, still publishes
-        late = [site.submit("dev-x", 1.0, base_version=2)]
-        site.corrupt(late[0])
-        late += [site.submit("dev-y", 1.5, base_version=2)]
+    # a restart finds ids[5] plus a corrupt and a good submission: one step of ids[5] and the good one
+    late = [site.submit("dev-x", 1.0, base_version=1), site.submit("dev-y", 1.5, base_version=1)]
+    site.corrupt(late[0])
+    runner = RoundRunner(site.state, aggregator=FedBuff(FedBuffConfig(buffer_size=2)))
+    try:
         assert runner.wait_idle(WAIT)
-        assert site.versions() == [1, 2, 3] and site.reg.unused_submissions(site.bundle_id) == []
+        assert site.versions() == [1, 2] and site.reg.unused_submissions(site.bundle_id) == []
         last = runner.get(site.used_in_round(late[1]))
-        assert last.state == "done" and last.metrics["unreadable_submissions"] == 1.0
+        assert last.state == "done" and last.update_version == 2, last.error
+        assert last.metrics["submissions"] == 2.0 and last.metrics["unreadable_submissions"] == 1.0
+        assert site.reg.round_inputs(last.round_id) == [ids[5], late[1]]
         assert site.used_in_round(late[0]) == last.round_id
-        np.testing.assert_allclose(site.current()["bn1.bias"], _params(1.5)["bn1.bias"], rtol=0, atol=1e-5)
+        # ids[5] is on v0 (staleness 1: weight 1/sqrt(2)), dev-y on v1 (staleness 0)
+        step = {k: (_deltas(0.6)[k] / np.sqrt(2.0) + _params(1.5)[k].astype(np.float64) - v1[k]) / 2 for k in v1}
+        for k in v1:
+            np.testing.assert_allclose(site.current()[k], v1[k] + step[k], rtol=0, atol=1e-5)
+    finally:
+        runner.shutdown()
+
+
+def test_a_buffer_short_of_k_readable_submissions_waits_for_more_and_publishes_nothing(site: Site) -> None:
+    """K = 3. A full buffer with one unreadable submission: it is quarantined by a failed round naming it, nothing
+    is published, and the two readable ones wait; the next submission completes the buffer."""
+    ids = [site.submit("dev-a", 0.2), site.submit("dev-b", 0.4), site.submit("dev-c", 0.6)]
+    site.delete(ids[1])
+    runner = RoundRunner(site.state, aggregator=FedBuff(FedBuffConfig(buffer_size=3)))
+    try:
+        assert runner.wait_idle(WAIT)
+        assert site.versions() == []
+        waiting = runner.get(site.used_in_round(ids[1]))
+        assert waiting.kind == "fedbuff" and waiting.state == "failed" and waiting.update_version is None
+        assert "NothingToAggregateError" in waiting.error and f"unreadable (quarantined: {ids[1]})" in waiting.error
+        assert "2 readable one(s) stay buffered until 3 are readable" in waiting.error
+        assert waiting.metrics == {"unreadable_submissions": 1.0, "buffer_size": 3.0, "buffered_submissions": 2.0}
+        assert site.reg.round_inputs(waiting.round_id) == [] and site.reg.update_of_round(waiting.round_id) is None
+        assert [s.id for s in site.reg.unused_submissions(site.bundle_id)] == [ids[0], ids[2]]
+
+        ids.append(site.submit("dev-d", 0.8))  # completes the buffer: three readable submissions
+        assert runner.wait_idle(WAIT)
+        assert site.versions() == [1] and site.reg.unused_submissions(site.bundle_id) == []
+        done = runner.get(site.used_in_round(ids[3]))
+        assert done.state == "done" and done.metrics["submissions"] == 3.0, done.error
+        assert done.metrics["unreadable_submissions"] == 0.0
+        assert site.reg.round_inputs(done.round_id) == [ids[0], ids[2], ids[3]]
+        init = initial_params()
+        for k, d in _deltas(0.2, 0.6, 0.8).items():
+            np.testing.assert_allclose(site.current()[k], init[k] + d / 3, rtol=0, atol=1e-5)
+
+        runner.shutdown()  # so that no check reads the next ones before they are corrupted
+        bad = [site.submit("dev-a", 1.0), site.submit("dev-b", 1.2), site.submit("dev-c", 1.4)]
+        for i in bad:  # a buffer of nothing but unreadable submissions: quarantined, nothing waits
+            site.corrupt(i)
+        runner = RoundRunner(site.state, aggregator=FedBuff(FedBuffConfig(buffer_size=3)))
+        assert runner.wait_idle(WAIT)
+        failed = runner.get(site.used_in_round(bad[0]))
+        assert failed.state == "failed" and failed.metrics["unreadable_submissions"] == 3.0
+        assert failed.metrics["buffered_submissions"] == 0.0
+        assert [site.used_in_round(i) for i in bad] == [failed.round_id] * 3 and site.versions() == [1]
     finally:
         runner.shutdown()
 
@@ -339,20 +385,20 @@ def test_a_failing_publish_of_an_async_step_keeps_its_submissions_for_the_next(
         return real_publish(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(rounds, "publish_update", publish_once_failing)
-    runner = RoundRunner(site.state, aggregator=FedBuff(FedBuffConfig(buffer_size=2)))
+    bad = site.submit("dev-a", 0.1)
+    site.corrupt(bad)
+    good = [site.submit("dev-b", 0.2), site.submit("dev-c", 0.4)]  # with bad: K = 2 readable after a top-up
+    runner = RoundRunner(site.state, aggregator=FedBuff(FedBuffConfig(buffer_size=2)))  # drains at start-up
     try:
-        bad = site.submit("dev-a", 0.1)
-        site.corrupt(bad)
-        good = [site.submit("dev-b", 0.2)]
         assert runner.wait_idle(WAIT)
         failed = runner.get(site.used_in_round(bad))
         assert failed.state == "failed" and "disk full" in failed.error
         assert failed.metrics["unreadable_submissions"] == 1.0
-        assert site.used_in_round(good[0]) is None and site.versions() == []  # transient: still unused
+        assert [site.used_in_round(i) for i in good] == [None, None] and site.versions() == []  # transient: unused
 
-        good.append(site.submit("dev-c", 0.4))  # the buffer is full again: the retry aggregates both
+        good.append(site.submit("dev-d", 0.6))  # the next check retries the buffer: the oldest K readable ones
         assert runner.wait_idle(WAIT)
-        assert site.versions() == [1] and [site.used_in_round(i) for i in good] == [failed.round_id + 1] * 2
+        assert site.versions() == [1] and [site.used_in_round(i) for i in good] == [failed.round_id + 1] * 2 + [None]
         assert runner.get(failed.round_id + 1).metrics["unreadable_submissions"] == 0.0
     finally:
         runner.shutdown()
