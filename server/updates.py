@@ -41,10 +41,14 @@ MAX_WAIT_SECONDS = 86_400.0  # a longer max_wait_seconds waits this long (beyond
 
 
 def _checked_params(spec: BundleSpec, params: Mapping[str, np.ndarray], partial: bool) -> dict[str, np.ndarray]:
+    """``params`` as float32 copies, checked against the bundle: known names and shapes, finite values, no
+    negative variance (``spec.variances``; the message names the parameter and its most negative value) and no
+    negative value of a model's ``nonnegative_params``; else :class:`InvalidTensorError`."""
     if not params:
         raise InvalidTensorError("no parameter tensors given")
     try:
-        checked = validate_params(params, spec.param_shapes, partial=partial)
+        checked = validate_params(params, spec.param_shapes, partial=partial)  # names, shapes, NaN/inf
+        check_nonnegative(checked, spec.variances, VARIANCE_REASON)
     except InputError as exc:
         raise InvalidTensorError(str(exc)) from exc
     for model, names in spec.nonnegative.items():
@@ -135,7 +139,25 @@ def _decode_submission(
         delta = decode_delta(payload, encoding, spec.param_shapes)
     except InputError as exc:
         raise InvalidTensorError(f"undecodable {encoding} submission payload: {exc}") from exc
-    return {k: exact[k] + d for k, d in delta.items()}
+    params = {k: exact[k] + d for k, d in delta.items()}
+    for name in sorted(nonnegative_names(spec) & set(params)):
+        params[name] = _zero_rounding_below_zero(device_id, name, params[name], delta[name])
+    return params
+
+
+def _zero_rounding_below_zero(device_id: str, name: str, value: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    """``value`` (a parameter that must be >= 0, :func:`nonnegative_names`, decoded from a lossy delta) with its
+    entries less than one quantisation step of ``delta`` below 0 set to 0: an honest device's variance near 0 can
+    decode that far below it (the int8 rounding of this message, up to half a step, plus what its error feedback
+    carried over). The step is the tensor's int8 scale, ``max|delta| / 127`` (its largest entry is sent as ±127).
+    Entries further below 0 are kept, for :func:`_checked_params` to refuse naming them."""
+    step = float(np.max(np.abs(delta))) / 127.0 if delta.size else 0.0
+    rounding = (value < 0) & (value >= -step)
+    if not rounding.any():
+        return value
+    logger.info("submission of device %s: %d value(s) of %s within one quantisation step (%.3g) below 0 set to 0",
+                device_id, int(rounding.sum()), name, step)
+    return np.where(rounding, np.float32(0.0), value).astype(np.float32)
 
 
 def submit_update(
@@ -143,11 +165,16 @@ def submit_update(
     params: Mapping[str, np.ndarray] | None = None, *, encoding: str = "", payload: bytes = b"",
     base_sha256: str = "",
 ) -> int:
-    """Store a device's parameters (names/shapes/finiteness checked against the bundle's parameter space);
-    return the submission id. Either ``params`` (plain tensors) or ``encoding`` + ``payload``: a delta (the
-    device's change) is added to the exact parameters of ``base_version``; ``base_sha256``, when given, must be
-    the digest of what the device started from (that version's exact or held parameters, or what this server
-    last sent it), else the submission is refused."""
+    """Store a device's parameters; return the submission id.
+
+    Names, shapes and finiteness are checked against the bundle's parameter space, and a negative variance
+    (``<layer>.var``) or ``nonnegative_params`` value is refused naming the parameter and its most negative value
+    (a round never has to project one away; :class:`InvalidTensorError`, INVALID_ARGUMENT). Either ``params``
+    (plain tensors) or ``encoding`` + ``payload``: a delta (the device's change) is added to the exact parameters
+    of ``base_version`` and the result is checked (a variance or scale less than one quantisation step of the
+    delta below 0 is rounding of a value near 0 and set to 0: :func:`_zero_rounding_below_zero`); ``base_sha256``, when
+    given, must be the digest of what the device started from (that version's exact or held parameters, or what
+    this server last sent it), else the submission is refused."""
     device = require_device(state, device_id)
     bundle = resolve_bundle(state, bundle_id)
     require_parameters(bundle, f"a federated parameter submission (SubmitUpdate from device {device_id!r})")
@@ -163,7 +190,15 @@ def submit_update(
             raise InvalidRequestError(f"encoding {encoding!r} given without a payload")
         params = _decode_submission(state, device_id, bundle, device.cohort, base_version, encoding, payload,
                                     base_sha256)
-    checked = _checked_params(spec_of(bundle), params or {}, partial=True)
+    try:
+        checked = _checked_params(spec_of(bundle), params or {}, partial=True)
+    except InvalidTensorError as exc:
+        if not payload:
+            raise
+        lossy = "" if encoding == "f32" or "is negative" not in str(exc) else \
+            "; a value less than one quantisation step below 0 is taken as rounding and set to 0, this one is not"
+        raise InvalidTensorError(f"{exc} (in the parameters decoded from the {encoding} payload on base_version "
+                                 f"{base_version}{lossy})") from exc
     blob = state.blobs.put(encode_arrays(checked))
     record = SubmissionRecord(device_id, bundle.bundle_id, base_version, num_samples, blob, state.clock())
     return state.storage.insert_submission(record)
@@ -272,11 +307,7 @@ def publish_update(
         if clamped:
             logger.warning("%s update of bundle %s: %d negative value(s) of parameters that must be >= 0 (its "
                            "models' nonnegative_params, variances) set to 0", kind, bundle.bundle_id, clamped)
-    given = _checked_params(spec, params, partial=True)
-    try:  # after a projection there is none left; a caller's own parameters are refused
-        check_nonnegative(given, spec.variances, VARIANCE_REASON)
-    except InputError as exc:
-        raise InvalidTensorError(str(exc)) from exc
+    given = _checked_params(spec, params, partial=True)  # after a projection no negative variance is left
     missing = sorted(set(spec.initial_shapes) - set(given))
     if missing:
         raise InvalidTensorError(f"missing adaptable parameter(s) {missing}")
