@@ -266,8 +266,8 @@ def nonnegative_names(spec: BundleSpec) -> frozenset[str]:
 def project_nonnegative(spec: BundleSpec, params: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
     """``params`` with every negative value of a parameter that must be >= 0 (:func:`nonnegative_names`) set
     to 0, and how many values that changed: the projection of a server-computed result (distillation,
-    aggregation with a server learning rate, a mean over submissions one of which carried a negative
-    variance) onto what every device can run."""
+    aggregation with a server learning rate) onto what every device can run. Submissions never carry a
+    negative one (:func:`submit_update` refuses it), so for a mean of them this is defence in depth."""
     out, clamped = dict(params), 0
     for name in sorted(nonnegative_names(spec)):
         if name in out:
