@@ -145,6 +145,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    "used when distilling; default 0.5")
     p.add_argument("--distill-steps", type=int, default=None, help="optimizer steps per distillation round; "
                    "default 100")
+    p.add_argument("--max-distill-steps", type=int, default=None, help="the most steps a StartRound may ask for "
+                   "(more is refused); default 10000")
     p.add_argument("--device", default=None, help="torch device for distillation: auto, cpu, cuda")
     p.add_argument("--trusted-publisher-key", type=Path, action="append", default=None, help="public key (PEM) "
                    "allowed to sign published bundles; repeatable; default: any valid signature")
@@ -344,6 +346,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 _SERVE_DEFAULTS = {"host": "127.0.0.1", "port": 50051}
 _SERVE_FLAGS = {"host": "host", "port": "port", "data_dir": "data_dir", "teacher": "teacher_ckpt",
                 "student": "student_ckpt", "alpha": "distill_alpha", "distill_steps": "distill_steps",
+                "max_distill_steps": "max_distill_steps",
                 "device": "device", "trusted_publisher_key": "trusted_publisher_keys", "tls_cert": "tls_cert",
                 "tls_key": "tls_key", "tls_client_ca": "tls_client_ca", "metrics_port": "metrics_port",
                 "insecure": "insecure"}

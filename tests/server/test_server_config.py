@@ -83,6 +83,9 @@ def test_cli_flags_override_the_file_and_the_file_overrides_cli_defaults(tmp_pat
     assert (cfg.port, cfg.distill_steps, cfg.host, cfg.data_dir) == (0, 7, "127.0.0.1", tmp_path / "d")
     cfg = serve_config(build_parser().parse_args(["serve", "--data-dir", str(tmp_path)]))
     assert (cfg.port, cfg.distill_steps) == (50051, 100)  # the CLI's historic defaults
+    cfg = serve_config(build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--distill-steps", "20000",
+                                                  "--max-distill-steps", "50000"]))
+    assert (cfg.distill_steps, cfg.max_distill_steps) == (20000, 50000)
     with pytest.raises(ValueError, match="data directory"):
         serve_config(build_parser().parse_args(["serve", "--port", "0"]))
     with pytest.raises(ValueError, match="insecure"):
