@@ -9,6 +9,7 @@ from runtime.errors import (
     GoldenMismatchError,
     InputError,
     ManifestError,
+    ModelLoadError,
     SignatureError,
 )
 from runtime.manifest import Manifest, read_manifest
@@ -27,6 +28,7 @@ __all__ = [
     "InputError",
     "Manifest",
     "ManifestError",
+    "ModelLoadError",
     "Session",
     "SignatureError",
     "entropy",

@@ -48,14 +48,17 @@ class Bundle:
 
 def file_problem(root: Path, rel: str, expected: str) -> tuple[str, str] | None:
     """What is wrong with the manifest-listed file ``rel`` of the bundle ``root`` — ``("escapes" | "missing" |
-    "sha256", message)`` — or None when it is present and matches ``expected``."""
-    base = root.resolve()
-    path = (root / rel).resolve()
-    if base not in path.parents:
-        return "escapes", f"manifest file path {rel!r} escapes the bundle directory"
-    if not path.is_file():
-        return "missing", f"bundle file {rel!r} is missing from {root}"
-    actual = file_sha256(path)
+    "unreadable" | "sha256", message)`` — or None when it is present and matches ``expected``."""
+    try:
+        base = root.resolve()
+        path = (root / rel).resolve()
+        if base not in path.parents:
+            return "escapes", f"manifest file path {rel!r} escapes the bundle directory"
+        if not path.is_file():
+            return "missing", f"bundle file {rel!r} is missing from {root}"
+        actual = file_sha256(path)
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError on Python 3.11), a permission, I/O
+        return "unreadable", f"bundle file {rel!r} cannot be read: {exc}"
     if actual != expected:
         return "sha256", f"bundle file {rel!r} fails its sha256 check: expected {expected[:16]}…, got {actual[:16]}…"
     return None

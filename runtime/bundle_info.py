@@ -8,9 +8,11 @@ for every model instead of one, recording each result instead of stopping at the
 * every listed file's sha256 (a file a device would fetch only for another model may be absent: that is
   reported, not failed);
 * each model's golden vectors, in the model's own runtime (onnxruntime or LiteRT) — skipped, and said so, when
-  that runtime is not installed, and not run at all when the signature or the model's files failed (nothing a
-  stranger wrote is run). A device refuses every model of a bundle in which a present file fails its sha256, so
-  no golden check runs then either.
+  that runtime is not installed; failed when it is installed but cannot load the model file; and not run at all
+  when the signature failed (with ``trusted_keys``, a bundle another key signed fails it, so nothing a stranger
+  wrote is run; without them any valid signature passes) or the model's files did. A device refuses every model
+  of a bundle in which a present file fails its sha256 (or cannot be read, or escapes the directory), so no
+  golden check runs then either; a missing file fails only the models that need it.
 
 Next to the checks it collects what the bundle says about itself: input, labels, normalisation layers, source
 statistics, compression (N:M pattern and per-layer sparsity, low-rank ranks, int8 calibration), each model's
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.bundle import file_problem, load_bundle
-from runtime.errors import BackendUnavailableError, BundleError, ManifestError, SignatureError
+from runtime.errors import BackendUnavailableError, BundleError, ManifestError, ModelLoadError, SignatureError
 from runtime.manifest import Manifest, decode_manifest, read_manifest_bytes
 from runtime.signing import verify_bundle_signature
 
@@ -81,8 +83,8 @@ def merge_export_report(manifest: Mapping[str, Any], report: Mapping[str, Any]) 
     out = json.loads(json.dumps(manifest))
     for entry in out.get("models", []):
         extra = report.get("models", {}).get(entry.get("name"), {})
-        packed = {**entry.get("packed", {}), **extra.get("packed", {})}
-        entry.update({k: v for k, v in extra.items() if k != "packed"})
+        packed = {**extra.get("packed", {}), **entry.get("packed", {})}
+        entry.update({k: v for k, v in extra.items() if k != "packed" and k not in entry})  # the manifest's stand
         if packed:
             entry["packed"] = packed
     if "compression" in report:
@@ -117,18 +119,18 @@ def inspect_bundle(path: str | Path, trusted_keys: Sequence[bytes] | None = None
         manifest = None
     if manifest is None:
         return out
-    bad_files = _check_files(root, manifest, out)
-    _merge_report(root, manifest, out, bad_files)
+    bad_files, missing = _check_files(root, manifest, out)
+    _merge_report(root, manifest, out, bad_files | missing)
     for entry in manifest.models:
-        summary = _model_summary(root, out.manifest, entry.name)
+        summary = _model_summary(root, manifest, out.manifest, entry.name)
         needed = set(manifest.files_for(entry.name))
         what = f"golden vectors of model {entry.name!r}"
         if not golden:
             check = Check(what, SKIPPED, "not asked for (--no-golden)")
         elif not signed:
             check = Check(what, SKIPPED, "not run: the signature did not verify")
-        elif bad_files:  # a device refuses every model of a bundle with a damaged file (runtime.bundle.verify_files)
-            own = sorted(needed & bad_files)
+        elif bad_files or needed & missing:  # a device refuses every model of a bundle with a damaged file
+            own = sorted(needed & (bad_files | missing))
             check = Check(what, FAILED, f"not run: its files failed ({', '.join(own)})" if own else
                           f"not run: a device refuses the bundle while {', '.join(sorted(bad_files))} fail")
         else:
@@ -139,9 +141,12 @@ def inspect_bundle(path: str | Path, trusted_keys: Sequence[bytes] | None = None
     return out
 
 
-def _check_files(root: Path, manifest: Manifest, out: BundleInspection) -> set[str]:
-    """One check per file that is absent or wrong, one summary check for the rest; returns the bad files."""
+def _check_files(root: Path, manifest: Manifest, out: BundleInspection) -> tuple[set[str], set[str]]:
+    """One check per file that is absent or wrong, one summary check for the rest; returns the files present but
+    wrong (sha256, unreadable, escaping: a device refuses the whole bundle) and the missing ones some model
+    needs (they fail only the models that need them)."""
     bad: set[str] = set()
+    missing: set[str] = set()
     total = matched = 0
     needed = {f for entry in manifest.models for f in manifest.files_for(entry.name)}
     for rel, expected in sorted(manifest.files.items()):
@@ -153,10 +158,10 @@ def _check_files(root: Path, manifest: Manifest, out: BundleInspection) -> set[s
             out.checks.append(Check(f"file {rel}", ABSENT, "not present; no model in the bundle needs it"))
         else:
             out.checks.append(Check(f"file {rel}", FAILED, problem[1]))
-            bad.add(rel)
-    out.checks.append(Check("files", FAILED if bad else OK,
+            (missing if problem[0] == "missing" else bad).add(rel)
+    out.checks.append(Check("files", FAILED if bad or missing else OK,
                             f"{matched} of {len(manifest.files)} files match their sha256 ({total:,} bytes)"))
-    return bad
+    return bad, missing
 
 
 def _merge_report(root: Path, manifest: Manifest, out: BundleInspection, bad_files: set[str]) -> None:
@@ -178,14 +183,17 @@ def _merge_report(root: Path, manifest: Manifest, out: BundleInspection, bad_fil
         out.checks.append(Check(f"file {name}", FAILED, f"the export report is not in the exporter's form: {exc}"))
 
 
-def _model_summary(root: Path, manifest: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+def _model_summary(root: Path, parsed: Manifest, manifest: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
     entry = next((m for m in (manifest or {}).get("models", []) if m.get("name") == name), {})
     packed, parity, quant = (_mapping(entry.get(key)) for key in ("packed", "parity", "quantization"))
-    shipped = root / str(packed.get("file") or entry.get("file", ""))
+    model = parsed.model(name)
+    shipped_name = model.packed["file"] if model.packed else model.file  # the signed manifest's, never the report's
+    shipped = root / shipped_name if shipped_name in parsed.files and file_problem(
+        root, shipped_name, parsed.files[shipped_name]) is None else None
     return {
         "name": name, "format": entry.get("format"), "precision": entry.get("precision"), "graph": entry.get("graph"),
-        "file": packed.get("file") or entry.get("file"),
-        "bytes": shipped.stat().st_size if shipped.is_file() else None,
+        "file": shipped_name,
+        "bytes": shipped.stat().st_size if shipped is not None else None,
         "unpacked_bytes": _number(packed.get("unpacked_bytes")),
         "packing": f"{packed.get('n')}:{packed.get('m')} N:M, {packed.get('compression')}" if packed else None,
         "parity_max_abs_diff": _number(parity.get("max_abs_diff")),
@@ -215,6 +223,8 @@ def _run_golden(root: Path, model: str, trusted_keys: Sequence[bytes] | None, th
     started = time.perf_counter()
     try:
         load_bundle(root, model=model, threads=threads, trusted_keys=trusted_keys)
+    except ModelLoadError as exc:  # the runtime is here but cannot load the file
+        return Check(what, FAILED, str(exc))
     except BackendUnavailableError as exc:
         return Check(what, SKIPPED, f"its runtime cannot run here: {exc}")
     except BundleError as exc:
@@ -233,8 +243,7 @@ def describe(manifest: Mapping[str, Any]) -> dict[str, Any]:
     labels = list(manifest.get("labels") or [])
     return {
         "name": manifest.get("name"), "arch": manifest.get("arch"), "schema_version": manifest.get("schema_version"),
-        "created": (datetime.fromtimestamp(created / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
-                    if isinstance(created, int | float) else None),
+        "created": _created(created),
         "input": manifest.get("input"), "labels": len(labels), "label_names": labels[:10],
         "output_kind": _mapping(manifest.get("outputs")).get("kind", "logits"),
         "foreign": _foreign(manifest.get("foreign")),
@@ -245,6 +254,16 @@ def describe(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "default_model": manifest.get("default_model"),
         "trainable": bool(manifest.get("trainable")),
     }
+
+
+def _created(unix_ms: Any) -> str | None:
+    """``created_unix_ms`` as a UTC time, or None when it is not a time a calendar holds."""
+    if not isinstance(unix_ms, int | float) or isinstance(unix_ms, bool):
+        return None
+    try:
+        return datetime.fromtimestamp(unix_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 def _foreign(block: Any) -> str | None:

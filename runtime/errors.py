@@ -31,5 +31,9 @@ class BackendUnavailableError(EdgeloopRuntimeError):
     """The requested inference backend is not installed or cannot load the model."""
 
 
+class ModelLoadError(BackendUnavailableError):
+    """The backend is installed but cannot load this model file (corrupt, or not what the manifest says)."""
+
+
 class SignatureError(BundleError):
     """manifest.sig is missing or malformed, does not verify, or the signer is not trusted."""

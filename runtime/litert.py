@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import BackendUnavailableError, InputError
+from runtime.errors import BackendUnavailableError, InputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def read_io_names_metadata(model: bytes) -> dict[str, dict[str, str]] | None:
         buffer = root.Buffers(entry.Buffer())
         data = buffer.DataAsNumpy() if buffer is not None else 0
         if isinstance(data, int):  # the flatbuffers API returns 0 for an empty vector
-            raise BackendUnavailableError(f"TFLite metadata {IO_NAMES_METADATA!r} has no data")
+            raise ModelLoadError(f"TFLite metadata {IO_NAMES_METADATA!r} has no data")
         return _checked_io_names(json.loads(bytes(data).decode("utf-8")))
     return None
 
@@ -117,7 +117,7 @@ def _tensor_info(key: str, d: Mapping[str, Any], static_batch: int | None) -> Te
     scales = np.asarray(qp.get("scales", []), dtype=np.float64)
     zeros = np.asarray(qp.get("zero_points", []), dtype=np.int64)
     if scales.size > 1:
-        raise BackendUnavailableError(f"TFLite tensor {key!r} is quantized per axis; graph inputs/outputs must not be")
+        raise ModelLoadError(f"TFLite tensor {key!r} is quantized per axis; graph inputs/outputs must not be")
     shape = tuple(int(s) for s in d["shape"])
     signature = tuple(int(s) for s in d.get("shape_signature", shape))
     batched = len(shape) >= 2 and (signature[0] == -1 or shape[0] == static_batch)
@@ -176,7 +176,7 @@ class LiteRTSession:
             try:
                 self._model = self.path.read_bytes()
             except OSError as exc:
-                raise BackendUnavailableError(f"LiteRT cannot read {self.path}: {exc}") from exc
+                raise ModelLoadError(f"LiteRT cannot read {self.path}: {exc}") from exc
         self._cls = _interpreter_class()
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {sorted(KERNELS)}, got {kernels!r}")
@@ -207,7 +207,7 @@ class LiteRTSession:
             interp = self._cls(model_content=self._model, num_threads=self._threads, **self._resolver)
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise BackendUnavailableError(f"LiteRT cannot load {self.path}: {exc}") from exc
+            raise ModelLoadError(f"LiteRT cannot load {self.path}: {exc}") from exc
         return interp
 
     def _describe(
@@ -219,14 +219,14 @@ class LiteRTSession:
         sigs = interp.get_signature_list()
         if sigs:
             if signature is None and len(sigs) > 1:
-                raise BackendUnavailableError(f"{self.path} has signatures {sorted(sigs)}; choose one")
+                raise ModelLoadError(f"{self.path} has signatures {sorted(sigs)}; choose one")
             runner = interp.get_signature_runner(signature)
             ins, outs = runner.get_input_details(), runner.get_output_details()
             primary = {d["index"] for d in interp.get_input_details()}
             if {d["index"] for d in ins.values()} != primary:
-                raise BackendUnavailableError(f"{self.path}: signature {signature!r} is not the primary subgraph")
+                raise ModelLoadError(f"{self.path}: signature {signature!r} is not the primary subgraph")
         elif signature is not None:
-            raise BackendUnavailableError(f"{self.path} has no signatures; asked for {signature!r}")
+            raise ModelLoadError(f"{self.path} has no signatures; asked for {signature!r}")
         batch_dims = {int(d["shape"][0]) for d in ins.values() if len(d["shape"]) >= 2}
         static_batch = batch_dims.pop() if len(batch_dims) == 1 else None
         result = []
@@ -234,7 +234,7 @@ class LiteRTSession:
             to_logical = {key: logical for logical, key in names.get(side, {}).items()}
             unknown = sorted(set(to_logical) - set(details))
             if unknown:
-                raise BackendUnavailableError(f"{self.path}: io_names {side} {unknown} are not in {sorted(details)}")
+                raise ModelLoadError(f"{self.path}: io_names {side} {unknown} are not in {sorted(details)}")
             infos = [(to_logical.get(k, k), _tensor_info(k, d, static_batch)) for k, d in details.items()]
             result.append(dict(sorted(infos, key=lambda item: item[1].index)))
         return result[0], result[1]

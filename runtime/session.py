@@ -9,7 +9,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from runtime.errors import BackendUnavailableError, InputError
+from runtime.errors import BackendUnavailableError, InputError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class OrtSession:
                                               disabled_optimizers=list(disabled_optimizers) or None)
         except Exception as exc:
             what = f"a {len(path)}-byte model" if isinstance(path, bytes) else path
-            raise BackendUnavailableError(f"onnxruntime cannot load {what}: {exc}") from exc
+            raise ModelLoadError(f"onnxruntime cannot load {what}: {exc}") from exc
         self.options = self._sess.get_session_options()
         self.input_names = [i.name for i in self._sess.get_inputs()]
         self.output_names = [o.name for o in self._sess.get_outputs()]
@@ -127,7 +127,7 @@ def backend_for(path: Path | str) -> str:
     """The backend that runs ``path``, from its extension (``.onnx`` → onnx, ``.tflite`` → tflite)."""
     suffix = Path(path).suffix.lower()
     if suffix not in EXTENSIONS:
-        raise BackendUnavailableError(f"cannot tell the backend of {path}: known extensions {sorted(EXTENSIONS)}")
+        raise ModelLoadError(f"cannot tell the backend of {path}: known extensions {sorted(EXTENSIONS)}")
     return EXTENSIONS[suffix]
 
 

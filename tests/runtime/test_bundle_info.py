@@ -135,3 +135,53 @@ def test_the_command_line(digits_bundle: Path, bundle_copy: Path, tmp_path: Path
     assert "bundle directory not found" in capsys.readouterr().err
     with pytest.raises(ManifestError, match=r"has no manifest\.json"):
         inspect_bundle(tmp_path)
+
+
+def test_a_model_file_its_runtime_cannot_load_fails(bundle_copy: Path, signing_key: Any) -> None:
+    from tests.runtime.test_bundle import _rehash
+
+    (bundle_copy / "model_int8.onnx").write_bytes(b"not an onnx model")
+    _rehash(bundle_copy, "model_int8.onnx", signing_key)  # hashed and signed: only the runtime can tell
+    ins = inspect_bundle(bundle_copy)
+    check = next(c for c in ins.checks if c.what == "golden vectors of model 'int8'")
+    assert check.status == "failed" and "onnxruntime cannot load" in check.detail
+    assert not ins.ok and _statuses(ins)["golden vectors of model 'fp32'"] == "ok"
+
+
+def test_a_missing_file_fails_only_the_models_that_need_it(bundle_copy: Path) -> None:
+    (bundle_copy / "model_int8.onnx").unlink()
+    ins = inspect_bundle(bundle_copy)
+    statuses = _statuses(ins)
+    assert statuses["file model_int8.onnx"] == "failed"
+    assert statuses["golden vectors of model 'fp32'"] == "ok"  # a device running fp32 loads this bundle
+    int8 = next(c for c in ins.checks if c.what == "golden vectors of model 'int8'")
+    assert int8.status == "failed" and "its files failed (model_int8.onnx)" in int8.detail
+    assert next(m for m in ins.models if m["name"] == "int8")["bytes"] is None
+
+
+def test_odd_but_signed_values_do_not_break_the_report(bundle_copy: Path, signing_key: Any) -> None:
+    from tests.runtime.test_bundle import _edit_manifest, _rehash
+
+    for created in (1e300, -1e20):
+        _edit_manifest(bundle_copy, lambda raw, c=created: raw.__setitem__("created_unix_ms", c), signing_key)
+        ins = inspect_bundle(bundle_copy, golden=False)
+        assert ins.to_dict()["description"]["created"] is None and "created ?" in render_inspection(ins)
+    report = json.loads((bundle_copy / "export_report.json").read_text())
+    report["models"]["fp32"].update(name="other", file="../../outside.onnx", packed={"file": "../../../etc/passwd"})
+    (bundle_copy / "export_report.json").write_text(json.dumps(report))
+    _rehash(bundle_copy, "export_report.json", signing_key)
+    fp32 = next(m for m in inspect_bundle(bundle_copy, golden=False).models if m["name"] == "fp32")
+    assert fp32["file"] == "model_fp32.onnx"  # the signed manifest's entry stands; the report only adds to it
+    assert fp32["bytes"] == (bundle_copy / "model_fp32.onnx").stat().st_size
+
+
+def test_a_symlink_loop_is_a_named_failure_on_the_device_too(bundle_copy: Path) -> None:
+    from runtime import BundleIntegrityError, load_bundle
+
+    (bundle_copy / "model_int8.onnx").unlink()
+    (bundle_copy / "model_int8.onnx").symlink_to(bundle_copy / "model_int8.onnx")
+    ins = inspect_bundle(bundle_copy)
+    assert "cannot be read" in next(c.detail for c in ins.checks if c.what == "file model_int8.onnx")
+    assert _statuses(ins)["golden vectors of model 'fp32'"] == "failed"  # a device refuses the whole bundle
+    with pytest.raises(BundleIntegrityError, match=r"model_int8\.onnx' cannot be read"):
+        load_bundle(bundle_copy, model="fp32")
