@@ -8,9 +8,10 @@ Streams (seeded, the same arrays for both libraries, saved as ``.npy`` for River
 * (iii) 100,000 steps of N(0,1), no drift: false alarms per 10,000 steps.
 * (iv) the normalised prediction entropy of the issue's SmallCNN (MNIST, cached checkpoint, exported with
   :func:`edgeloop.exporting.run_export` and run by :class:`runtime.model.AdaptableModel`, no TTA) on 5,000
-  clean MNIST test images then 5,000 with ``gaussian_noise`` at severity 3; 20 seeds draw the images. The
-  clean images exclude the 2,048 the exporter used for the bundle's source statistics; those 2,048 are the
-  reference features of the MMD and Mahalanobis detectors, which watch the penultimate features.
+  clean MNIST test images then 5,000 with ``gaussian_noise`` at severity 3; 20 seeds draw the images from the
+  test images the export did not look at (it used 264 for golden and parity outputs). The reference features of
+  the MMD and Mahalanobis detectors, which watch the penultimate features, are those of the 2,048 training
+  images behind the bundle's source statistics (:func:`edgeloop.exporting.export_split` names them).
 
 River runs in its own virtual environment (``river`` is never a project dependency), created on first use in
 the benchmark cache (``$EDGELOOP_BENCH_CACHE/river-venv``). River's KSWIN updates at about 2,000 values/s (a
@@ -65,7 +66,7 @@ def entropy_streams(seeds: int) -> tuple[list[np.ndarray], list[np.ndarray], np.
     from benchmarks import trained
     from device_agents.drift import prediction_entropy
     from edgeloop.data import corrupt, load_dataset
-    from edgeloop.exporting import ExportRequest, run_export
+    from edgeloop.exporting import ExportRequest, export_split, run_export
     from runtime.bundle import load_bundle
     from runtime.model import AdaptableModel, softmax
 
@@ -75,12 +76,9 @@ def entropy_streams(seeds: int) -> tuple[list[np.ndarray], list[np.ndarray], np.
                                            key_path=root / "signing_key.pem", seed=0))
     bundle = load_bundle(bundle_path, threads=2)
     model = AdaptableModel(bundle)
-    test = load_dataset("mnist", "test")
-    rng = np.random.default_rng(0)  # the exporter's draws (run_export, seed 0): calibration, then the split
-    rng.choice(len(load_dataset("mnist", "train")), size=256, replace=False)
-    held_out = rng.permutation(len(test))
-    source = held_out[264 : 264 + 2048]
-    pool = np.setdiff1d(np.arange(len(test)), source)
+    train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
+    split = export_split(0, len(train), len(test))  # the exporter's draws (run_export, seed 0)
+    pool = np.sort(split.held_out[264:])  # test images the export did not look at (golden, parity)
 
     def run(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         outs = [model.forward(x[i : i + 512]) for i in range(0, len(x), 512)]
@@ -88,9 +86,10 @@ def entropy_streams(seeds: int) -> tuple[list[np.ndarray], list[np.ndarray], np.
         feats = np.concatenate([o.features for o in outs]).astype(np.float64)
         return prediction_entropy(softmax(logits), normalized=True), feats, logits.argmax(1)
 
-    _, ref_feats, _ = run(test.x[source])
+    _, ref_feats, _ = run(train.x[split.source])  # the training images behind the bundle's source statistics
     means, cov, _ = bundle.manifest.class_gaussians(bundle.root)
-    check = max(float(np.abs(ref_feats[test.y[source] == k].mean(0) - means[k]).max()) for k in range(len(means)))
+    check = max(float(np.abs(ref_feats[train.y[split.source] == k].mean(0) - means[k]).max())
+                for k in range(len(means)))
     ent_c, feat_c, pred_c = run(test.x[pool])
     ent_n, feat_n, pred_n = run(corrupt(test.x[pool], "gaussian_noise", 3, seed=0))
     y = test.y[pool]
@@ -103,7 +102,7 @@ def entropy_streams(seeds: int) -> tuple[list[np.ndarray], list[np.ndarray], np.
     facts = {"accuracy_clean": float((pred_c == y).mean()), "accuracy_noisy": float((pred_n == y).mean()),
              "mean_entropy_clean": float(ent_c.mean()), "mean_entropy_noisy": float(ent_n.mean()),
              "feature_dim": int(feat_c.shape[1]), "source_statistics_max_abs_diff": check,
-             "reference_rows": len(source), "pool": len(pool)}
+             "reference_rows": len(split.source), "pool": len(pool)}
     return entropies, features, ref_feats, facts, (means, cov)
 
 
@@ -309,8 +308,8 @@ def render(r: dict[str, Any]) -> str:
     frows = [[label, _cell(f), fmt(f["threshold"], 4), fmt(f["init_s"], 2), fmt(f["rows_per_s"], 0)]
              for label, f in r["features"].items()]
     parts.append("Feature detectors on stream (iv) (the SmallCNN's "
-                 f"{m['feature_dim']}-d penultimate features; reference: the {m['reference_rows']:,} source images "
-                 "of the bundle's statistics, disjoint from the stream's clean images; defaults: "
+                 f"{m['feature_dim']}-d penultimate features; reference: the {m['reference_rows']:,} training images "
+                 "behind the bundle's source statistics; the stream's images are test images; defaults: "
                  "ERT 1,000,000 updates):\n\n"
                  + md_table(["detector", "median delay / misses / early alarms", "threshold", "init s (calibration)",
                              "rows/s"], frows))

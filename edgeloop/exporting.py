@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -244,6 +244,26 @@ def wrap_foreign(
                 **source)
 
 
+class ExportSplit(NamedTuple):
+    """Which images an export draws (:func:`export_split`): training indices for int8 calibration and for the
+    source statistics, and a permutation of the test indices whose head gives the golden and parity images."""
+
+    calibration: np.ndarray
+    held_out: np.ndarray
+    source: np.ndarray
+
+
+def export_split(seed: int, train_size: int, test_size: int, calibration_samples: int = 256) -> ExportSplit:
+    """The draws :func:`run_export` makes with ``seed`` (calibration, test permutation, source sample, in that
+    order), for tools that must know which images a bundle's statistics came from (the drift benchmark)."""
+    rng = np.random.default_rng(seed)
+    calibration = rng.choice(train_size, size=min(calibration_samples, train_size), replace=False)
+    held_out = rng.permutation(test_size)
+    # source statistics describe the training distribution; test images stay for golden/parity and streams
+    source = rng.choice(train_size, size=min(SOURCE_SAMPLES, train_size), replace=False)
+    return ExportSplit(calibration, held_out, source)
+
+
 def run_export(request: ExportRequest) -> Path:
     """Load, compress, export and sign: the whole ``edgeloop export`` job. Returns the bundle path."""
     from edgeloop.data import load_dataset
@@ -256,14 +276,11 @@ def run_export(request: ExportRequest) -> Path:
     if not dataset:
         raise ValueError(f"{request.model} records no dataset; pass --dataset")
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
-    rng = np.random.default_rng(request.seed)
     reports = compress(loaded, request, train.x, train.y)
-    calib = train.x[rng.choice(len(train), size=min(request.calibration_samples, len(train)), replace=False)]
-    held_out = rng.permutation(len(test))
+    split = export_split(request.seed, len(train), len(test), request.calibration_samples)
     k = golden_count(test.x.shape[1:])
-    golden, parity = test.x[held_out[:k]], test.x[held_out[8:264]]
-    # source statistics describe the training distribution; test images stay for golden/parity and streams
-    source = rng.choice(len(train), size=min(SOURCE_SAMPLES, len(train)), replace=False)
+    calib, golden, parity = train.x[split.calibration], test.x[split.held_out[:k]], test.x[split.held_out[8:264]]
+    source = split.source
     compression = {"passes": reports} if reports else None
     return export_bundle(
         (loaded.model, loaded.arch, loaded.spec, loaded.sha256), request.out, labels=train.labels,
