@@ -293,6 +293,7 @@ class Agent:
         self.client = client
         self.config = config
         self._lock = threading.RLock()
+        self._save_lock = threading.Lock()  # orders the components' saves (see save_component_states)
         self._counters = _Counters()
         self._version = int(version)
         self._active_version = int(version)
@@ -370,7 +371,7 @@ class Agent:
         out: list[tuple[str, dict[str, Any], Any]] = [
             ("tta", {"method": self.tta.name, "bundle_id": self.config.bundle_id,
                      "active_version": self._active_version}, self.tta)]
-        if callable(getattr(self.detector, "snapshot", None)):
+        if getattr(self.detector, "saves_state", False):  # a user's own detector may not implement it
             out.append(("detector", {"detector": repr(self.detector), "bundle_id": self.config.bundle_id},
                         self.detector))
         if self.selector is not None:
@@ -405,11 +406,17 @@ class Agent:
         like every save."""
         if self.state is None:
             return
-        with self._lock:
-            saved = [SavedComponent(kind, identity, dict(component.snapshot()))
-                     for kind, identity, component in self._components()]
-            self._components_saved = time.monotonic()
-        self._save(lambda store: store.save_components(saved))
+        with self._save_lock:  # two savers (a batch's periodic save, a sync on another thread) write in order
+            with self._lock:
+                self._components_saved = time.monotonic()
+                try:
+                    saved = [SavedComponent(kind, identity, dict(component.snapshot()))
+                             for kind, identity, component in self._components()]
+                except Exception as exc:  # a component that cannot describe its state: counted, the agent goes on
+                    logger.error("could not take the components' state to save it: %s: %s", type(exc).__name__, exc)
+                    self._counters.state_failures += 1
+                    return
+            self._save(lambda store: store.save_components(saved))
 
     def _hold(self, extra: dict[str, np.ndarray], active_version: int) -> None:
         """Bookkeeping after ``model.set_params``: the trainable weights and the version that go with the model's

@@ -23,6 +23,9 @@ def rng_from_words(words: np.ndarray) -> np.random.Generator:
     w = [int(v) for v in np.asarray(words, dtype=np.uint64).ravel()]
     if len(w) != 6:
         raise ValueError(f"a PCG64 state has 6 words, got {len(w)}")
+    if not w[2] & 1 or w[4] not in (0, 1) or w[5] >= 1 << 32:
+        raise ValueError("not a PCG64 state: its increment must be odd, has_uint32 0 or 1 and the buffered draw "
+                         f"below 2**32 (got increment parity {w[2] & 1}, has_uint32 {w[4]}, uinteger {w[5]})")
     bit_generator = np.random.PCG64()
     bit_generator.state = {
         "bit_generator": "PCG64",

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from device_agents.drift.base import (
+    MAX_ABS_VALUE,
     ScalarDetector,
     check_open_unit,
     check_positive_int,
@@ -135,8 +136,18 @@ class ADWIN(ScalarDetector):
         if sum(len(x) for x in per_level) != ends.size:
             raise ValueError(f"the histogram of {n} values has {sum(len(x) for x in per_level)} buckets, got "
                              f"{ends.size}")
-        self._n, self._levels = n, levels
-        self._shift, self._sum, self._sq = (state_scalar(state, key, "f") for key in ("shift", "sum", "sq"))
+        shift, total, sq = (state_scalar(state, key, "f") for key in ("shift", "sum", "sq"))
+        # buckets carry the prefix sums at their end: oldest first, the sums of squares never decrease, and the
+        # newest one is the whole window's (n, sum, sq)
+        prefix = [b for level in reversed(levels) for b in level]
+        squares = np.array([b[2] for b in prefix])
+        if n and (prefix[-1] != (n, total, sq) or squares.min() < 0 or np.any(np.diff(squares) < 0)):
+            raise ValueError("the buckets' prefix sums disagree with each other or with the window's (n, sum, sq)")
+        if not n and (total or sq):
+            raise ValueError("a state with n = 0 must have zero sums")
+        if abs(total) > n * 2 * MAX_ABS_VALUE or sq > n * 4 * MAX_ABS_VALUE**2 or abs(shift) > MAX_ABS_VALUE:
+            raise ValueError(f"sums beyond what {n} values of magnitude <= {MAX_ABS_VALUE:g} can reach")
+        self._n, self._levels, self._shift, self._sum, self._sq = n, levels, shift, total, sq
 
     @property
     def width(self) -> int:

@@ -33,6 +33,8 @@ from typing import Any
 
 import numpy as np
 
+MAX_STATE_INT = 2**62
+"""The largest count a saved detector state may hold (far beyond any stream; int64 arithmetic stays exact)."""
 MAX_ABS_VALUE = 1e100
 """The largest magnitude a detector accepts in an observation (a value, or an entry of a feature row)."""
 
@@ -115,6 +117,12 @@ class DriftDetector(ABC):
         except (ValueError, TypeError, OverflowError) as exc:
             self._restore_state(saved)
             raise ValueError(f"{who}: the saved state does not fit this detector: {exc}") from None
+
+    @property
+    def saves_state(self) -> bool:
+        """Whether this detector implements :meth:`snapshot`/:meth:`restore` (every built-in one does; a user's
+        own subclass may not, and then an agent does not save it)."""
+        return type(self)._state_arrays is not DriftDetector._state_arrays
 
     def _state_arrays(self) -> dict[str, np.ndarray]:
         """The subclass's state (beyond the drift flag and the statistic) as named arrays."""
@@ -252,6 +260,8 @@ def state_scalar(state: Mapping[str, np.ndarray], key: str, kind: str, *, minimu
     out = value.item()
     if kind == "f" and not (math.isfinite(out) or out in allow):
         raise ValueError(f"{key!r} must be finite, got {out}")
+    if kind == "i" and not -MAX_STATE_INT <= out <= MAX_STATE_INT:
+        raise ValueError(f"{key!r} must lie within ±2**62, got {out}")
     if minimum is not None and out < minimum:
         raise ValueError(f"{key!r} must be >= {minimum}, got {out}")
     return out
@@ -270,6 +280,8 @@ def state_array(state: Mapping[str, np.ndarray], key: str, shape: tuple[int | No
                          f"{value.dtype}")
     if kind == "f" and not np.all(np.isfinite(value)):
         raise ValueError(f"{key!r} holds non-finite values")
+    if kind == "i" and value.size and not (int(value.min()) >= -MAX_STATE_INT and int(value.max()) <= MAX_STATE_INT):
+        raise ValueError(f"{key!r} holds values beyond ±2**62")
     return np.array(value, dtype=np.float64 if kind == "f" else (np.int64 if kind == "i" else np.uint64))
 
 

@@ -124,6 +124,17 @@ class PageHinkley(ScalarDetector):
                                                         for key in ("block_start", "partial", "sums"))
         self._min_up = state_scalar(state, "min_up", "f", allow=(math.inf,))
         self._max_down = state_scalar(state, "max_down", "f", allow=(-math.inf,))
+        if self._n == 0:
+            if self._sum or np.any(self._block_start) or np.any(self._partial) or np.any(self._sums) or (
+                    self._min_up != math.inf or self._max_down != -math.inf):
+                raise ValueError("a state with n = 0 must be the fresh state (zero sums, no extremes)")
+            return
+        # each step adds a deviation of at most 2·MAX_ABS_VALUE (+ delta) to the sums: larger ones are not a
+        # state any stream within the input bound reaches
+        bound = self._n * (2 * MAX_ABS_VALUE + self.delta) * 2
+        values = np.r_[self._sum, self._block_start, self._partial, self._sums, self._min_up, self._max_down]
+        if not np.all(np.abs(values) <= bound):
+            raise ValueError(f"sums beyond what {self._n} values of magnitude <= {MAX_ABS_VALUE:g} can reach")
 
     def _update_one(self, x: float) -> None:
         k = self._n % _BLOCK

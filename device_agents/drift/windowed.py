@@ -167,6 +167,9 @@ class WindowedEmbeddingDetector(FeatureDetector):
         n = state_scalar(state, "n", "i", minimum=0)
         buffer = state_array(state, "buffer", (None, self.dim))
         reference = state_array(state, "reference", (None, self.dim))
+        for key, rows in (("buffer", buffer), ("reference", reference)):
+            if rows.size and not np.all(np.abs(rows) <= MAX_ABS_VALUE):  # what update_many itself refuses
+                raise ValueError(f"{key!r} holds values of magnitude above {MAX_ABS_VALUE:g}")
         if self._given and reference.shape[0]:
             raise ValueError("a detector given its reference holds no learnt one, got "
                              f"{reference.shape[0]} reference rows")
@@ -195,6 +198,15 @@ class WindowedEmbeddingDetector(FeatureDetector):
         ring = state_array(state, "ring", (min(rows, self.window_size - 1), q))
         self._n, self._buffer = n, []
         self._cum, self._ring = (cum, ring) if rows else (None, None)
+        # the sums must leave room for the stream: a state whose next ordinary row (a zero feature vector) would
+        # already overflow them, or whose current window statistic is not finite, would refuse every update
+        probe = self._save_state()
+        try:
+            self._run_fitted(np.zeros((1, self.dim)))
+        except StateOverflowError:
+            raise ValueError("the window sums would overflow at the next row") from None
+        finally:
+            self._restore_state(probe)
 
     @property
     def fitted(self) -> bool:

@@ -219,7 +219,9 @@ def build_report(
 
 
 def restart_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """What the devices' power losses cost them (rows: :meth:`FleetWorker._restart`'s records).
+    """What the devices' power losses cost them (rows: :meth:`FleetWorker._restart`'s records, one per boot
+    attempt: a boot that failed is retried at the next sync, marked ``retry``, against what the device held
+    before the power loss).
 
     ``resumed``: boots that came back with the parameters and both versions held before the power loss (none
     restored counts as v0: a device that had applied no update starts from the bundle's parameters, which is
@@ -227,11 +229,12 @@ def restart_summary(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     parameters an update has since replaced is not restored, by design); outbox samples and undelivered reports
     before the power loss and after the boot."""
     booted = [row for row in rows if row.get("booted")]
+    losses = [row for row in rows if not row.get("retry")]  # a retried boot belongs to the same power loss
     resumed = [row for row in booted if "version" in row
                and (row["restored_version"] or 0, row["restored_active_version"] or 0)
                == (row["version"], row["active_version"])]
     return {
-        "count": len(rows), "booted": len(booted), "failed_boots": len(rows) - len(booted),
+        "count": len(losses), "booted": len(booted), "failed_boots": len(rows) - len(booted),
         "resumed": len(resumed), "tta_restored": sum(bool(row["restored_tta"]) for row in booted),
         "detector_restored": sum(bool(row.get("restored_detector")) for row in booted),
         "selector_restored": sum(bool(row.get("restored_selector")) for row in booted),

@@ -27,6 +27,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,7 @@ class _SimDevice:
         self.pending: Contribution | None = None  # a late device's contribution, sent next round
         self.restarts: list[dict[str, Any]] = []  # one record per power loss (see FleetWorker._restart)
         self.lives: list[dict[str, Any]] = []  # what the agents of earlier boots counted (see _life)
+        self.failed_boot: dict[str, Any] | None = None  # what it held before a power loss whose boot failed
 
     def error(self, where: str, exc: BaseException | str) -> str:
         text = f"{self.spec.device_id} {where}: {exc if isinstance(exc, str) else type(exc).__name__ + ': ' + str(exc)}"
@@ -203,9 +205,6 @@ class FleetWorker:
         if durable:
             files.mkdir(parents=True, exist_ok=True)
         selector = EntropyBandSelector(SelectorConfig(bytes_per_window=cfg.upload_bytes_per_window)) if upload else None
-        # a real SqliteOutbox: in a file when devices restart, else in memory (no crash to survive)
-        outbox = (SqliteOutbox(files / "outbox.sqlite3" if durable else ":memory:",
-                               max_bytes=max(1 << 16, 16 * cfg.upload_bytes_per_window)) if upload else None)
         keys = (info.update_public_key,) if info.update_public_key else None
         extra = ({"contribution_encoding": cfg.contribution_encoding}
                  if "contribution_encoding" in {f.name for f in fields(AgentConfig)} else {})
@@ -213,15 +212,16 @@ class FleetWorker:
                              update_keys=keys, health=HealthPolicy(recent_samples=cfg.health_samples),
                              sync_wait_seconds=cfg.sync_wait_seconds, **extra)
         detector = make_detector(cfg.detector, model, cfg.drift_threshold)
-        state = AgentStateStore(files / "agent_state.sqlite3") if durable else None
-        try:
-            return Agent(model, _tta(cfg.tta, cfg.tta_settings), detector, selector, outbox, client, config,
-                         state=state, server_version=info.latest_update_version)
-        except BaseException:
-            for store in (outbox, state):
-                if store is not None:
-                    store.close()
-            raise
+        with ExitStack() as opened:  # a failed boot (a corrupt state file) closes what it had opened
+            # a real SqliteOutbox: in a file when devices restart, else in memory (no crash to survive)
+            outbox = (opened.enter_context(SqliteOutbox(files / "outbox.sqlite3" if durable else ":memory:",
+                                                        max_bytes=max(1 << 16, 16 * cfg.upload_bytes_per_window)))
+                      if upload else None)
+            state = opened.enter_context(AgentStateStore(files / "agent_state.sqlite3")) if durable else None
+            agent = Agent(model, _tta(cfg.tta, cfg.tta_settings), detector, selector, outbox, client, config,
+                          state=state, server_version=info.latest_update_version)
+            opened.pop_all()  # the agent holds them now
+        return agent
 
     def _restart(self, dev: _SimDevice, round_index: int) -> str | None:
         """``dev`` loses power and boots again from its files: a new client registers, a new model and agent
@@ -231,7 +231,9 @@ class FleetWorker:
 
         cfg = self.config
         old = dev.agent
-        before: dict[str, Any] = {"round": round_index}
+        # a boot that failed before: this is a retry of the same power loss, compared with what was held then
+        before: dict[str, Any] = ({**dev.failed_boot, "round": round_index, "retry": True}
+                                  if dev.failed_boot is not None else {"round": round_index})
         if old is not None:
             before.update(version=old.version, active_version=old.active_version,
                           outbox_pending=old.outbox.pending_count if old.outbox is not None else 0,
@@ -250,8 +252,9 @@ class FleetWorker:
             agent = self._agent(self._bundle, client, client.register(_labels(dev.spec)), dev.spec)
         except Exception as exc:
             dev.restarts.append({**before, "booted": False})
+            dev.failed_boot = before
             return dev.error("restart", exc)
-        dev.agent = agent
+        dev.agent, dev.failed_boot = agent, None
         got = agent.restored
         dev.restarts.append({
             **before, "booted": True,
@@ -429,11 +432,12 @@ class FleetWorker:
                 continue
             try:
                 dev.agent.close()
+            except Exception as exc:  # closing must go on, for its stores and for the other devices
+                logger.warning("closing %s: %s", dev.spec.device_id, exc)
+            finally:
                 for store in (dev.agent.outbox, dev.agent.state):
                     if store is not None:
                         store.close()
-            except Exception as exc:  # closing must go on for the other devices
-                logger.warning("closing %s: %s", dev.spec.device_id, exc)
         self.devices = []
         if self._channel is not None:
             self._channel.close()

@@ -13,7 +13,7 @@ import pytest
 
 from device_agents.agent import Agent, AgentConfig
 from device_agents.client import DeviceClient
-from device_agents.drift import PageHinkley
+from device_agents.drift import PageHinkley, ScalarDetector
 from device_agents.errors import UpdateRefusedError
 from device_agents.health import HealthPolicy
 from device_agents.messages import ParameterUpdate, RollbackInfo
@@ -406,3 +406,40 @@ def test_a_tta_state_of_another_method_or_version_is_not_restored(tmp_path: Path
               AgentConfig(device_id="dev-1", bundle_id=BUNDLE), state=AgentStateStore(path))
     assert "not restoring the saved tta state: it belongs to active_version=1" in caplog.text
     assert "'alpha_bn'; this agent's is active_version=1, bundle_id='aaaaaaaaaaaa…', method='lame'" in caplog.text
+
+
+class _Threshold(ScalarDetector):
+    """A user's own detector that follows the detector contract but does not save its state."""
+
+    def _reset_state(self) -> None:
+        self._n = 0
+
+    @property
+    def n_seen(self) -> int:
+        return self._n
+
+    def _update_one(self, x: float) -> None:
+        self._n += 1
+        self._drift_detected = x > 0.99
+
+    def _run_chunk(self, x: np.ndarray) -> int | None:
+        hits = np.flatnonzero(x > 0.99)
+        end = int(hits[0]) if hits.size else x.size - 1
+        self._n += end + 1
+        self._drift_detected = bool(hits.size)
+        return end if hits.size else None
+
+
+def test_a_detector_that_does_not_save_its_state_is_left_out(tmp_path: Path, tiny_batch) -> None:
+    path = tmp_path / "state.db"
+    agent = Agent(TinyAdaptableModel(), AlphaBN(), _Threshold(), None, None, None,
+                  AgentConfig(device_id="dev-1", bundle_id=BUNDLE, save_state_seconds=0.0),
+                  state=AgentStateStore(path))
+    assert not agent.detector.saves_state and PageHinkley().saves_state
+    agent.process_batch(tiny_batch)  # the periodic save after the batch
+    agent.sync()
+    agent.close()
+    assert agent.stats.state_write_failures == 0
+    agent.state.close()  # type: ignore[union-attr]
+    saved = AgentStateStore(path).load().components
+    assert set(saved) == {"tta"}  # the TTA method's state is kept; the detector's is not asked for

@@ -465,3 +465,39 @@ def test_reference_that_gives_a_non_finite_threshold_is_refused() -> None:
 def test_page_hinkley_delta_is_bounded() -> None:
     with pytest.raises(ValueError, match="delta"):
         PageHinkley(delta=1e300)
+
+
+def test_saved_states_no_stream_reaches_are_refused() -> None:
+    """Crafted states that pass the shape checks but that no stream within the input bound reaches (they would
+    make the restored detector signal false drifts, or refuse every later update) are refused by name."""
+    ph = PageHinkley()
+    ph.update_many(_stream("page_hinkley", 8)[:50])
+    state = ph.snapshot()
+    fresh = PageHinkley().snapshot()
+    for bad, message in (({**state, "n": np.asarray(2**64 - 1, np.uint64)}, "'n' must lie within"),
+                         ({**fresh, "sum": np.asarray(3.0)}, "n = 0 must be the fresh state"),
+                         ({**state, "sums": np.array([1e300, -1e300])}, "sums beyond what 50 values")):
+        with pytest.raises(ValueError, match=message):
+            PageHinkley().restore(bad)
+    adwin = ADWIN()
+    adwin.update_many(_stream("adwin", 8)[:100])
+    state = adwin.snapshot()
+    for bad in ({**state, "sum": state["sum"] + 1.0}, {**state, "bucket_sq": -state["bucket_sq"]}):
+        with pytest.raises(ValueError, match="prefix sums disagree"):
+            ADWIN().restore(bad)
+    kswin = KSWIN()
+    kswin.update_many(_stream("kswin", 8)[:100])
+    rng = kswin.snapshot()["rng"].copy()
+    rng[2] -= np.uint64(1)  # an even increment: no PCG64 has one
+    with pytest.raises(ValueError, match="increment must be odd"):
+        KSWIN().restore({**kswin.snapshot(), "rng": rng})
+    mmd = _make("mmd")
+    mmd.update_many(_stream("mmd", 8)[:40])
+    state = mmd.snapshot()
+    with pytest.raises(ValueError, match="window sums would overflow"):
+        _make("mmd").restore({**state, "cum": np.full_like(state["cum"], 1e308)})
+    learner = _make("mahalanobis")
+    learner.update_many(_stream("mahalanobis", 8)[:40])  # still learning its reference
+    state = learner.snapshot()
+    with pytest.raises(ValueError, match="'buffer' holds values of magnitude above"):
+        _make("mahalanobis").restore({**state, "buffer": np.full_like(state["buffer"], 1e200)})

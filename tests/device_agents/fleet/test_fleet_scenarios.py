@@ -11,7 +11,7 @@ import pytest
 from device_agents.fleet.byzantine import attack_params
 from device_agents.fleet.contribution import TTAStatisticsContributor
 from device_agents.fleet.engine import split
-from device_agents.fleet.report import score_drift
+from device_agents.fleet.report import restart_summary, score_drift
 from device_agents.fleet.scenarios import (
     SCENARIOS,
     Scenario,
@@ -193,3 +193,19 @@ def test_statistics_contributor_reads_the_running_estimate(digits_bundle: Path) 
         assert np.allclose(got.params[f"{layer}.var"], 0.4 * ref[f"{layer}.var"] + 0.6 * (sq - ema**2), atol=1e-5)
         assert not np.allclose(got.params[f"{layer}.mean"], ref[f"{layer}.mean"])  # contrast moved the statistics
     assert TTAStatisticsContributor().contribution(agent, 0) is None
+
+
+def test_a_failed_boot_and_its_retry_are_one_power_loss() -> None:
+    held = {"round": 1, "version": 2, "active_version": 2, "outbox_pending": 5, "drift_reports": 1,
+            "rollback_reports": 0}
+    restored = {"restored_version": 2, "restored_active_version": 2, "restored_tta": False, "restored_detector": True,
+                "restored_selector": True, "restored_outbox_pending": 5, "restored_drift_reports": 1,
+                "restored_rollback_reports": 0}
+    rows = [{**held, "booted": False}, {**held, "round": 2, "retry": True, "booted": True, **restored},
+            {"round": 0, "version": 0, "active_version": 0, "outbox_pending": 3, "booted": True,
+             **restored, "restored_version": None, "restored_active_version": None, "restored_outbox_pending": 3}]
+    summary = restart_summary(rows)
+    # the v0 boot restored no parameters (none saved yet) and holds v0 as before: resumed
+    assert (summary["count"], summary["booted"], summary["failed_boots"], summary["resumed"]) == (2, 2, 1, 2)
+    assert summary["outbox_samples"] == {"before": 8, "after": 8}  # the failed boot's samples counted once
+    assert summary["detector_restored"] == 2 and summary["not_resumed"] == []
