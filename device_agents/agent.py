@@ -64,7 +64,7 @@ from device_agents.updates import SubmissionEncoder, check_order, check_signatur
 from device_agents.zeroth_order import SPSA, SPSAStep
 from runtime.checks import is_finite_number
 from runtime.errors import InputError
-from runtime.update_codec import ENCODINGS
+from runtime.update_codec import ENCODINGS, decode_delta
 
 if TYPE_CHECKING:
     from device_agents.client import DeviceClient, UpdateStream
@@ -101,7 +101,9 @@ class AgentConfig:
     across contributions (what one leaves out goes with the next).
     ``save_state_seconds``: with a state store, the components' state (TTA method, detector, selector) is also
     saved after a batch once this long has passed since the last save, so a power loss between syncs loses at
-    most that much of what they learnt (None: only at sync and close; 0: after every batch).
+    most that much of what they learnt (None: only at sync, close and drift; 0: after every batch). A batch in
+    which drift fired is always followed by a save: a power loss must not bring back the detector's state from
+    before the drift it signalled (it would signal the same drift again).
     """
 
     device_id: str
@@ -505,7 +507,8 @@ class Agent:
         if rolled_back is not None:
             self._report_rollback(rolled_back)
         every = self.config.save_state_seconds
-        if self.state is not None and every is not None and time.monotonic() - self._components_saved >= every:
+        due = every is not None and time.monotonic() - self._components_saved >= every
+        if self.state is not None and (due or events):  # a drift resets the detector: a crash must not undo it
             self.save_component_states()
         now = int(time.time() * 1000)
         for pos, statistic in events:
@@ -707,7 +710,7 @@ class Agent:
             encoded = self._encode(params) if self._encoder is not None else None  # on the same held version
         assert self.client is not None
         try:
-            if encoded is None:
+            if encoded is None or encoded[0] is None:
                 submission_id = self.client.submit_update(self.config.bundle_id, pending.base_version, num_samples,
                                                           params)
             else:
@@ -725,11 +728,28 @@ class Agent:
                     pending.base_version, submission_id)
         return submission_id
 
-    def _encode(self, params: dict[str, np.ndarray]) -> tuple[bytes, dict[str, np.ndarray]]:
-        """``(payload, residual before)``: the error-feedback delta of ``params`` from the held parameters."""
+    def _encode(self, params: dict[str, np.ndarray]) -> tuple[bytes | None, dict[str, np.ndarray]]:
+        """``(payload, residual before)``: the error-feedback delta of ``params`` from the held parameters.
+
+        The payload is None when the delta would decode a parameter that must be >= 0 (a layer's variance, a
+        model's ``nonnegative_params``) below 0 where ``params`` holds it >= 0 (int8 rounding around 0, or error
+        feedback carried over): the contribution then goes in full (f32), exactly, and the residual is cleared,
+        since the full values carry everything (the server refuses a negative variance)."""
         assert self._encoder is not None
         saved = self._encoder.residual
-        return self._encoder.encode(params, self._held), saved
+        payload = self._encoder.encode(params, self._held)
+        model = self.model
+        must = (set(model.nonnegative_params) | set(model.manifest.variance_params)) & set(params)  # type: ignore[union-attr]
+        if must:
+            delta = decode_delta(payload, self.config.contribution_encoding,
+                                 {k: np.shape(v) for k, v in params.items()})
+            below = sorted(k for k in must if np.any((self._held[k] + delta.get(k, 0.0) < 0) & (params[k] >= 0)))
+            if below:
+                logger.info("contribution sent as f32: its %s delta would decode %s below 0",
+                            self.config.contribution_encoding, ", ".join(below[:4]))
+                self._encoder.residual = {}
+                return None, saved
+        return payload, saved
 
     def _mark_contributed(self, processed: int) -> None:
         self._counters.contributed_mark = max(self._counters.contributed_mark, processed)

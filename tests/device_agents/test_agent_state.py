@@ -361,6 +361,26 @@ def test_a_drift_under_way_at_a_restart_is_detected_where_it_would_have_been(tmp
     assert run(amnesic, 256, len(stream)) != steady
 
 
+def test_a_power_loss_after_a_drift_does_not_bring_the_drift_back(tmp_path: Path) -> None:
+    """The components are saved after a batch in which drift fired (even with no periodic save): a device that
+    loses power after signalling a drift does not restore the detector from before it and signal it twice."""
+    stream = _drifting_stream()
+
+    def run(agent: Agent, lo: int, hi: int) -> list[int]:
+        for i in range(lo, hi, 8):
+            agent.process_batch(stream[i : i + 8], position=i)
+        return list(agent.stats.drift_positions)
+
+    steady = run(_agent(tmp_path / "steady.db"), 0, len(stream))
+    cut = (steady[0] // 8 + 1) * 8  # just after the batch that signalled the first drift
+    crashed = _agent(tmp_path / "crashed.db", save_state_seconds=None)
+    assert run(crashed, 0, cut) == steady[:1]
+    crashed.state.close()  # type: ignore[union-attr]  # power loss: no sync, no close
+    booted = _agent(tmp_path / "crashed.db", save_state_seconds=None)
+    assert booted.restored.detector
+    assert steady[:1] + run(booted, cut, len(stream)) == steady
+
+
 def test_components_are_saved_between_syncs_so_a_power_loss_keeps_them(tmp_path: Path) -> None:
     """``save_state_seconds``: the components' state is saved after a batch once that long has passed, so a power
     loss (no close, no sync) keeps what they learnt up to the last save."""

@@ -196,3 +196,26 @@ def test_contributions_travel_as_int8_deltas_with_error_feedback(fedbuff_server:
     assert fedbuff_server.submitted(packed.contribute())[0].num_samples == 32
     with pytest.raises(ValueError, match="contribution_encoding must be one of"):
         AgentConfig(device_id="d", bundle_id="b", contribution_encoding="zip")
+
+
+def test_a_delta_that_would_decode_a_variance_below_zero_goes_in_full(fedbuff_server: FedBuffServer,
+                                                                     bundle_dir: Path, digits_test) -> None:
+    """int8 rounding around 0: a variance the device holds at 1e-4 next to one that moved far would decode below
+    0 (the server would refuse it, or take it for rounding and store 0); the device sends that contribution as
+    f32, exactly, and clears its error-feedback residual."""
+    x, _ = digits_test
+    client = DeviceClient(fedbuff_server.target, "dev-near-zero", timeout=5.0)
+    info = client.register()
+    agent = Agent(AdaptableModel(load_bundle(bundle_dir, threads=1)), SourceModel(), PageHinkley(threshold=50.0),
+                  None, None, client, AgentConfig(device_id="dev-near-zero", bundle_id=info.bundle_id, health=None,
+                                                  contribution_encoding="int8_delta"))
+    agent.process_batch(x[:16])
+    var = agent.model.params["bn1.var"].copy()
+    step = float(var[0]) / 0.6  # channel 0's delta, -var[0], is -0.6 steps: int8 rounds it to -1 step (< -var[0])
+    var[0], var[1] = 1e-4, var[1] + 127 * step
+    agent.model.set_params({"bn1.var": var})
+    record, stored = fedbuff_server.submitted(agent.contribute())
+    assert float(stored["bn1.var"][0]) == pytest.approx(1e-4, rel=1e-6)  # exact, not 0 and not refused
+    np.testing.assert_array_equal(stored["bn1.var"], var)
+    assert agent._encoder is not None and agent._encoder.residual == {}
+    assert agent.client.traffic()["SubmitUpdate"]["bytes_up"] > 0 and record.num_samples == 16
