@@ -400,6 +400,11 @@ class Agent:
                 continue
             logger.info("restored the saved %s state (%s, %d arrays)", kind, _identity(identity), len(got.state))
             out[kind] = True
+            if kind == "selector" and self.outbox is not None:  # what it selected after the save is still queued
+                try:
+                    component.charge(self.outbox.bytes_created_after(int(float(got.state["wall_time"]) * 1000)))
+                except OutboxError as exc:
+                    logger.warning("could not charge the selector for samples queued after its save: %s", exc)
         return out
 
     def save_component_states(self) -> None:

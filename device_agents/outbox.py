@@ -315,6 +315,12 @@ class SqliteOutbox(SqliteStore):
         """Array bytes of the pending samples (what ``max_bytes`` bounds)."""
         return self._scalar("SELECT COALESCE(SUM(nbytes), 0) FROM samples")
 
+    def bytes_created_after(self, ms: int) -> int:
+        """Stored bytes of the pending samples queued after ``ms`` (wall clock, ms since the epoch)."""
+        with self._lock:
+            return int(self._conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM samples WHERE created_ms > ?",
+                                          (int(ms),)).fetchone()[0])
+
     @property
     def dropped(self) -> int:
         """Samples dropped since the database was created (persisted): evicted by the byte bound, or found

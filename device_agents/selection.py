@@ -214,6 +214,14 @@ class EntropyBandSelector:
         self._tokens = min(values["tokens"], (cfg.drift_boost if boosted else 1.0) * capacity)
         self._refill()
 
+    def charge(self, nbytes: int) -> None:
+        """Take ``nbytes`` from the budget (not below 0): bytes selected that a restored snapshot does not know
+        of (samples queued after it was taken, still in the outbox)."""
+        if nbytes < 0:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+        self._refill()
+        self._tokens = max(0.0, self._tokens - float(nbytes))
+
     def _refill(self) -> None:
         capacity = self.config.bytes_per_window
         now = self._clock()

@@ -463,3 +463,31 @@ def test_a_detector_that_does_not_save_its_state_is_left_out(tmp_path: Path, tin
     agent.state.close()  # type: ignore[union-attr]
     saved = AgentStateStore(path).load().components
     assert set(saved) == {"tta"}  # the TTA method's state is kept; the detector's is not asked for
+
+
+def test_samples_queued_after_the_last_save_are_charged_to_the_restored_budget(tmp_path: Path) -> None:
+    """A power loss after samples were queued must not hand their bytes back: the restored selector is charged
+    for what the outbox holds from after its save (a fresh selector would start full, the saved one as it was)."""
+    from device_agents.outbox import SqliteOutbox
+    from device_agents.selection import EntropyBandSelector, SelectorConfig
+
+    def device() -> Agent:
+        return Agent(TinyAdaptableModel(), AlphaBN(), PageHinkley(threshold=50.0),
+                     EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=1 << 20,
+                                                        window_seconds=1e9)),
+                     SqliteOutbox(tmp_path / "outbox.db", max_bytes=1 << 24), None,
+                     AgentConfig(device_id="dev-1", bundle_id=BUNDLE, save_state_seconds=None),
+                     state=AgentStateStore(tmp_path / "state.db"))
+
+    rng = np.random.default_rng(5)
+    first = device()
+    first.save_component_states()
+    saved = first.selector.tokens  # type: ignore[union-attr]
+    result = first.process_batch(rng.random((16, 1, 8, 8)).astype(np.float32))
+    assert result.queued_ids and first.outbox is not None
+    queued = first.outbox.pending_bytes
+    for store in (first.state, first.outbox):  # power loss
+        store.close()  # type: ignore[union-attr]
+    booted = device()
+    assert booted.restored.selector
+    assert booted.selector.tokens == pytest.approx(saved - queued, abs=1.0)  # type: ignore[union-attr]

@@ -213,3 +213,13 @@ def test_a_bad_selector_state_is_refused_and_changes_nothing(change: dict, messa
     assert message in str(info.value)
     after = sel.snapshot()
     assert {k: float(v) for k, v in after.items()} == {k: float(v) for k, v in before.items()}
+
+
+def test_charge_takes_bytes_from_the_budget_and_never_below_zero() -> None:
+    sel, _, _ = _selector()
+    sel.charge(300)
+    assert sel.tokens == 700.0
+    sel.charge(5000)
+    assert sel.tokens == 0.0
+    with pytest.raises(ValueError, match="nbytes must be >= 0"):
+        sel.charge(-1)
