@@ -64,7 +64,7 @@ from device_agents.updates import SubmissionEncoder, check_order, check_signatur
 from device_agents.zeroth_order import SPSA, SPSAStep
 from runtime.checks import is_finite_number
 from runtime.errors import InputError
-from runtime.update_codec import ENCODINGS, decode_delta
+from runtime.update_codec import ENCODINGS, decode_delta, decoded_below_zero
 
 if TYPE_CHECKING:
     from device_agents.client import DeviceClient, UpdateStream
@@ -340,6 +340,8 @@ class Agent:
                         len(self._pending_rollbacks))
         parameters = self._restore_parameters(saved.parameters, server_version)
         components = self._restore_components(saved.components)
+        if components.get("selector") and self.outbox is not None:
+            self._charge_selector(saved.components["selector"])
         self.restored = Restored(
             version=self._version if parameters else None, active_version=self._active_version if parameters else None,
             tta=components["tta"], detector=components.get("detector", False),
@@ -400,12 +402,16 @@ class Agent:
                 continue
             logger.info("restored the saved %s state (%s, %d arrays)", kind, _identity(identity), len(got.state))
             out[kind] = True
-            if kind == "selector" and self.outbox is not None:  # what it selected after the save is still queued
-                try:
-                    component.charge(self.outbox.bytes_created_after(int(float(got.state["wall_time"]) * 1000)))
-                except OutboxError as exc:
-                    logger.warning("could not charge the selector for samples queued after its save: %s", exc)
         return out
+
+    def _charge_selector(self, saved: SavedComponent) -> None:
+        """Charge the restored selector for the samples its outbox holds from after its save (it selected them,
+        and the snapshot does not know)."""
+        assert self.selector is not None and self.outbox is not None
+        try:
+            self.selector.charge(self.outbox.bytes_created_after(int(float(saved.state["wall_time"]) * 1000)))
+        except OutboxError as exc:
+            logger.warning("could not charge the selector for samples queued after its save: %s", exc)
 
     def save_component_states(self) -> None:
         """Save the TTA method's, the drift detector's and the selector's state, in one transaction (a no-op
@@ -748,7 +754,7 @@ class Agent:
         if must:
             delta = decode_delta(payload, self.config.contribution_encoding,
                                  {k: np.shape(v) for k, v in params.items()})
-            below = sorted(k for k in must if np.any((self._held[k] + delta.get(k, 0.0) < 0) & (params[k] >= 0)))
+            below = decoded_below_zero({k: self._held[k] + delta.get(k, 0.0) for k in must}, params, must)
             if below:
                 logger.info("contribution sent as f32: its %s delta would decode %s below 0",
                             self.config.contribution_encoding, ", ".join(below[:4]))

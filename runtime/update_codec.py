@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -252,6 +252,14 @@ class EncodedDelta:
     payload: bytes
     decoded: dict[str, np.ndarray] = field(repr=False)
     residual: dict[str, np.ndarray] = field(repr=False)
+
+
+def decoded_below_zero(decoded: Mapping[str, np.ndarray], exact: Mapping[str, np.ndarray],
+                       names: Iterable[str]) -> list[str]:
+    """The parameters of ``names`` (ones that must be >= 0: variances, a model's ``nonnegative_params``) that a
+    lossy delta decodes below 0 (``decoded``) where the exact values are not: such an update or submission goes
+    in full instead (int8 rounding around 0 would otherwise hand its receiver a negative variance)."""
+    return sorted(k for k in names if k in decoded and k in exact and np.any((decoded[k] < 0) & (exact[k] >= 0)))
 
 
 def compress_delta(

@@ -25,7 +25,14 @@ import numpy as np
 
 from runtime.errors import InputError
 from runtime.params import VARIANCE_REASON, check_nonnegative, params_digest, validate_params
-from runtime.update_codec import ENCODINGS, compress_delta, decode_delta, decode_update, encode_full
+from runtime.update_codec import (
+    ENCODINGS,
+    compress_delta,
+    decode_delta,
+    decode_update,
+    decoded_below_zero,
+    encode_full,
+)
 from runtime.update_signing import UpdateHeader, payload_digest
 from server.codec import decode_arrays, encode_arrays
 from server.errors import BlobCorruptError, InvalidRequestError, InvalidTensorError, TooManyWatchersError
@@ -323,7 +330,7 @@ def publish_update(
             residual = {k: base_exact[k] - base_held[k] for k in checked}
             payload = compress_delta(delta, residual, encoding, state.update_topk_fraction).payload
             held = decode_update(payload, encoding, base_held, spec.param_shapes)
-            if any(np.any(held[k] < 0) for k in nonnegative_names(spec) if k in held and not np.any(checked[k] < 0)):
+            if decoded_below_zero(held, checked, nonnegative_names(spec)):
                 # the quantised delta would leave devices a negative variance (or scale a model needs >= 0) where
                 # the exact value is >= 0 (e.g. 0 after a projection): this update goes in full, exactly
                 logger.info("update of bundle %s sent as f32: its %s delta would hold a negative value of a "
