@@ -48,8 +48,6 @@ CREATE TABLE IF NOT EXISTS components (kind TEXT NOT NULL, name TEXT NOT NULL, n
 _SLOTS = ("model", "extra", "previous_model", "previous_extra")
 _META_KEY = "parameters"
 _COMPONENT_KEY = "component."  # + kind: the meta row holding a component's identity (JSON)
-COMPONENTS = ("tta", "detector", "selector")
-"""The kinds of component state an agent saves (see the module docstring)."""
 
 
 class StateError(AgentError):
@@ -85,10 +83,10 @@ class SavedParameters:
 
 @dataclass(frozen=True)
 class SavedComponent:
-    """The saved state of one component of the agent (``kind``: one of :data:`COMPONENTS`): ``identity`` says
-    what the state belongs to (JSON: for the TTA method its name, the bundle and the parameter version it
-    adapted, since an update resets it; for the detector its configuration and the bundle), and the agent
-    restores ``state`` only into a component of the same identity."""
+    """The saved state of one component of the agent (``kind``: ``tta``, ``detector`` or ``selector``):
+    ``identity`` says what the state belongs to (JSON: for the TTA method its name, the bundle and the parameter
+    version it adapted, since an update resets it; for the detector its configuration and the bundle), and the
+    agent restores ``state`` only into a component of the same identity."""
 
     kind: str
     identity: dict[str, Any]

@@ -122,7 +122,7 @@ def inspect_bundle(path: str | Path, trusted_keys: Sequence[bytes] | None = None
     bad_files, missing = _check_files(root, manifest, out)
     _merge_report(root, manifest, out, bad_files | missing)
     for entry in manifest.models:
-        summary = _model_summary(root, manifest, out.manifest, entry.name)
+        summary = _model_summary(root, manifest, out.manifest, entry.name, bad_files | missing)
         needed = set(manifest.files_for(entry.name))
         what = f"golden vectors of model {entry.name!r}"
         if not golden:
@@ -183,13 +183,14 @@ def _merge_report(root: Path, manifest: Manifest, out: BundleInspection, bad_fil
         out.checks.append(Check(f"file {name}", FAILED, f"the export report is not in the exporter's form: {exc}"))
 
 
-def _model_summary(root: Path, parsed: Manifest, manifest: Mapping[str, Any] | None, name: str) -> dict[str, Any]:
+def _model_summary(root: Path, parsed: Manifest, manifest: Mapping[str, Any] | None, name: str,
+                   failed: set[str]) -> dict[str, Any]:
+    """One model's row; ``failed``: the files :func:`_check_files` found missing or wrong (not measured)."""
     entry = next((m for m in (manifest or {}).get("models", []) if m.get("name") == name), {})
     packed, parity, quant = (_mapping(entry.get(key)) for key in ("packed", "parity", "quantization"))
     model = parsed.model(name)
     shipped_name = model.packed["file"] if model.packed else model.file  # the signed manifest's, never the report's
-    shipped = root / shipped_name if shipped_name in parsed.files and file_problem(
-        root, shipped_name, parsed.files[shipped_name]) is None else None
+    shipped = root / shipped_name if shipped_name in parsed.files and shipped_name not in failed else None
     return {
         "name": name, "format": entry.get("format"), "precision": entry.get("precision"), "graph": entry.get("graph"),
         "file": shipped_name,

@@ -152,8 +152,12 @@ class WindowedEmbeddingDetector(FeatureDetector):
         """Rows seen since the last reset (reference rows included)."""
         return self._n + sum(b.shape[0] for b in self._buffer)
 
+    def _embedding_size(self) -> int:
+        """``q``, the width of the fitted embedding (the window sums' width)."""
+        return int(self._embed(np.zeros((1, self.dim))).shape[1])
+
     def _state_arrays(self) -> dict[str, np.ndarray]:
-        q = self._embed(np.zeros((1, self.dim))).shape[1] if self._fitted else 0
+        q = self._embedding_size() if self._fitted else 0
         return {
             "n": np.asarray(self._n, np.int64),
             "cum": np.zeros(0) if self._cum is None else self._cum.copy(),
@@ -190,7 +194,7 @@ class WindowedEmbeddingDetector(FeatureDetector):
             return
         if buffer.shape[0]:
             raise ValueError(f"a fitted detector buffers no rows, got {buffer.shape[0]}")
-        q = self._embed(np.zeros((1, self.dim))).shape[1]
+        q = self._embedding_size()
         rows = n - (0 if self._given else self.reference_size)  # rows embedded since the fit
         if rows < 0:
             raise ValueError(f"'n' = {n} is below the {self.reference_size} reference rows")
