@@ -79,10 +79,11 @@ def run(quick: bool) -> dict[str, Any]:
 def render(r: dict[str, Any]) -> str:
     """The BENCHMARKS.md section body."""
     done = [x for x in r["runs"] if "skipped" not in x]
-    for x in done:  # the row label: the engine, and the scenario when it is not the section's
-        x["engine"] = x["engine"] if x.get("scenario", r["scenario"]) == r["scenario"] else (
-            f"{x['engine']}, {x['scenario']}")
-    rows = [[x["engine"], x["workers"], fmt(x["wall_s"], 1), fmt(x["setup_s"], 1), fmt(x["rounds_s"], 1),
+    def label(x: dict[str, Any]) -> str:  # the row label: the engine, and the scenario when not the section's
+        scenario = x.get("scenario", r["scenario"])
+        return x["engine"] if scenario == r["scenario"] else f"{x['engine']}, {scenario}"
+
+    rows = [[label(x), x["workers"], fmt(x["wall_s"], 1), fmt(x["setup_s"], 1), fmt(x["rounds_s"], 1),
              "met" if x["meets_time_target"] and x["errors"] == 0 else "**not met**", x["errors"],
              f"{x['samples']:,}", f"{x['contributions']:,}", f"{x['updates_applied']:,}", x["rollbacks"]]
             for x in done]
@@ -90,7 +91,7 @@ def render(r: dict[str, Any]) -> str:
                        "errors", "samples", "contributions", "updates applied", "rollbacks"], rows)
     acc = md_table(["engine", "fleet (TTA + rounds)", "TTA only (no fleet)", "no adaptation", "last round: fleet",
                     "last round: no adaptation"], [
-        [x["engine"], fmt(x["accuracy"]["federated"], 4), fmt(x["accuracy"]["local_tta"], 4),
+        [label(x), fmt(x["accuracy"]["federated"], 4), fmt(x["accuracy"]["local_tta"], 4),
          fmt(x["accuracy"]["no_adaptation"], 4), fmt(x["accuracy"]["last_round"]["federated"], 4),
          fmt(x["accuracy"]["last_round"]["no_adaptation"], 4)] for x in done])
     def phase(x: dict[str, Any], key: str) -> str:
@@ -100,11 +101,11 @@ def render(r: dict[str, Any]) -> str:
     byte_rows = md_table(["engine", "bytes up", "bytes down", "up / device", "down / device",
                           "up while streaming (contributions, drift reports)", "up at sync (sample uploads)",
                           "down at sync (signed updates)", "bundle downloads"], [
-        [x["engine"], f"{x['bytes']['up']:,}", f"{x['bytes']['down']:,}", fmt(x["bytes"]["up_per_device_mean"], 0),
+        [label(x), f"{x['bytes']['up']:,}", f"{x['bytes']['down']:,}", fmt(x["bytes"]["up_per_device_mean"], 0),
          fmt(x["bytes"]["down_per_device_mean"], 0), phase(x, "rounds_up"), phase(x, "sync_up"),
          phase(x, "sync_down"), f"{x['bytes']['bundle_downloads']:,}"] for x in done])
     drift = md_table(["engine", "true drift points", "detected", "missed", "false alarms", "median delay (samples)"], [
-        [x["engine"], x["drift"]["true_points"], x["drift"]["detected_true"], x["drift"]["missed"],
+        [label(x), x["drift"]["true_points"], x["drift"]["detected_true"], x["drift"]["missed"],
          x["drift"]["false_alarms"], fmt(x["drift"]["delay_samples"]["median"], 0)] for x in done])
     skipped = "".join(f"\n\n{x['engine']}: skipped ({x['skipped']})." for x in r["runs"] if "skipped" in x)
     rebooted = [x for x in done if x.get("restarts", {}).get("count")]
@@ -112,7 +113,7 @@ def render(r: dict[str, Any]) -> str:
         restarts = md_table(["run", "power losses", "booted", "came back holding the update they had",
                              "TTA state restored", "detector state restored", "outbox samples before / after",
                              "undelivered reports before / after"],
-                            [[x["engine"], f"{x['restarts']['count']:,}", f"{x['restarts']['booted']:,}",
+                            [[label(x), f"{x['restarts']['count']:,}", f"{x['restarts']['booted']:,}",
                               f"{x['restarts']['resumed']:,}", f"{x['restarts']['tta_restored']:,}",
                               f"{x['restarts'].get('detector_restored', 0):,}",
                               f"{x['restarts']['outbox_samples']['before']:,} / "
