@@ -119,9 +119,9 @@ class ADWIN(ScalarDetector):
             raise ValueError(f"'level_sizes' {sizes.tolist()} does not partition the {ends.size} buckets")
         # the bucket structure is a function of n alone (see _ends): the saved one must be it
         want, exists = self._ends(np.array([max(n, 1)], np.int64))
-        per_level = [want[0, i * self.max_buckets : (i + 1) * self.max_buckets][exists[0, i * self.max_buckets :
-                                                                                       (i + 1) * self.max_buckets]]
-                     for i in range(want.shape[1] // self.max_buckets)] if n else []
+        per_level = [ends_of[kept] for ends_of, kept in zip(want[0].reshape(-1, self.max_buckets),
+                                                             exists[0].reshape(-1, self.max_buckets), strict=True)
+                     ] if n else []
         levels: list[list[tuple[int, float, float]]] = []
         start = 0
         for i, size in enumerate(sizes.tolist()):
