@@ -286,6 +286,34 @@ def project_nonnegative(spec: BundleSpec, params: Mapping[str, np.ndarray]) -> t
     return out, clamped
 
 
+def _all_finite(params: Mapping[str, np.ndarray]) -> bool:
+    return all(bool(np.all(np.isfinite(v))) for v in params.values())
+
+
+def _lossy_update(spec: BundleSpec, checked: Mapping[str, np.ndarray], base_exact: Mapping[str, np.ndarray],
+                  base_held: Mapping[str, np.ndarray], encoding: str, topk_fraction: float
+                  ) -> tuple[bytes, dict[str, np.ndarray], str]:
+    """``(payload, what devices hold after it, "")`` of the delta from ``base_held`` to ``checked`` with error
+    feedback, or ``(b"", {}, why)`` when that delta must not be sent and the update goes in full: it would leave
+    devices a negative value of a parameter that must be >= 0 where the exact one is not (int8 rounding around 0),
+    or it is not finite in float32 (finite parameters far apart: a step from near -max to near +max overflows,
+    and one near the float32 limit can decode past it) — a held state with inf would make every later delta of
+    the cohort inf too, so no later update could be published."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        delta = {k: checked[k] - base_exact[k] for k in checked}
+        residual = {k: base_exact[k] - base_held[k] for k in checked}
+        if not (_all_finite(delta) and _all_finite(residual)
+                and _all_finite({k: delta[k] + residual[k] for k in checked})):
+            return b"", {}, "is not finite in float32 (parameters too far apart)"
+        payload = compress_delta(delta, residual, encoding, topk_fraction).payload
+        held = decode_update(payload, encoding, base_held, spec.param_shapes)
+    if not _all_finite(held):
+        return b"", {}, "would decode to non-finite values on devices (parameters near the float32 limit)"
+    if decoded_below_zero(held, checked, nonnegative_names(spec)):
+        return b"", {}, "would hold a negative value of a parameter that must be >= 0"
+    return payload, held, ""
+
+
 def publish_update(
     state: ServerState, bundle_id: str, kind: str, params: Mapping[str, np.ndarray], round_id: int | None = None,
     cohort: str = DEFAULT_COHORT, project: bool = False,
@@ -326,15 +354,10 @@ def publish_update(
             payload, held = encode_full(checked), checked
             base_version, base_sha = 0, ""
         else:
-            delta = {k: checked[k] - base_exact[k] for k in checked}
-            residual = {k: base_exact[k] - base_held[k] for k in checked}
-            payload = compress_delta(delta, residual, encoding, state.update_topk_fraction).payload
-            held = decode_update(payload, encoding, base_held, spec.param_shapes)
-            if decoded_below_zero(held, checked, nonnegative_names(spec)):
-                # the quantised delta would leave devices a negative variance (or scale a model needs >= 0) where
-                # the exact value is >= 0 (e.g. 0 after a projection): this update goes in full, exactly
-                logger.info("update of bundle %s sent as f32: its %s delta would hold a negative value of a "
-                            "parameter that must be >= 0", bundle.bundle_id, encoding)
+            payload, held, why_full = _lossy_update(spec, checked, base_exact, base_held, encoding,
+                                                    state.update_topk_fraction)
+            if why_full:
+                logger.info("update of bundle %s sent as f32: its %s delta %s", bundle.bundle_id, encoding, why_full)
                 encoding, payload, held = "f32", encode_full(checked), checked
                 base_version, base_sha = 0, ""
         digest, held_sha = params_digest(checked), params_digest(held)
@@ -522,13 +545,17 @@ def pull_update(
                         break
             except InvalidRequestError:
                 base = None
-    if base is None or set(base) != set(exact):
-        payload, encoding, base_version, base_sha, after = encode_full(exact), "f32", 0, "", exact
-    else:
-        delta = {k: exact[k] - base[k] for k in exact}
-        payload = compress_delta(delta, None, encoding, state.update_topk_fraction, PULL_DENSE_BELOW).payload
-        after = decode_update(payload, encoding, base, spec_of(bundle).param_shapes)
+    after: dict[str, np.ndarray] | None = None
+    if base is not None and set(base) == set(exact):
+        with np.errstate(over="ignore", invalid="ignore"):  # a delta or its decoding past the float32 limit: in full
+            delta = {k: exact[k] - base[k] for k in exact}
+            if _all_finite(delta):
+                payload = compress_delta(delta, None, encoding, state.update_topk_fraction, PULL_DENSE_BELOW).payload
+                after = decode_update(payload, encoding, base, spec_of(bundle).param_shapes)
+                after = after if _all_finite(after) else None
         base_version, base_sha = held_version, held_sha256
+    if after is None:
+        payload, encoding, base_version, base_sha, after = encode_full(exact), "f32", 0, "", exact
     after_sha = latest.sha256 if after is exact else params_digest(after)
     if after is not exact:
         cache.put(device_id, bundle.bundle_id, cohort, after_sha, after)
