@@ -73,9 +73,10 @@ class AdminClient:
         """Every registered device with its counters."""
         return list(self._stub.ListDevices(admin_pb2.ListDevicesRequest(), timeout=self.timeout).devices)
 
-    def start_round(self, kind: str, max_samples: int = 0, steps: int = 0) -> int:
-        """Queue a ``distill`` or ``fedavg`` round; return its id."""
-        req = admin_pb2.StartRoundRequest(kind=kind, max_samples=max_samples, steps=steps)
+    def start_round(self, kind: str, max_samples: int = 0, steps: int = 0, cohort: str = "") -> int:
+        """Queue a ``distill`` or ``fedavg`` round whose update is published to ``cohort`` ("": the server's
+        default cohort); ``max_samples``/``steps`` 0: the server's defaults. Return the round's id."""
+        req = admin_pb2.StartRoundRequest(kind=kind, max_samples=max_samples, steps=steps, cohort=cohort)
         return int(self._stub.StartRound(req, timeout=self.timeout).round_id)
 
     def get_round(self, round_id: int) -> RoundInfo:

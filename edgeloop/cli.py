@@ -1,4 +1,4 @@
-"""The ``edgeloop`` command line: train, export, eval, inspect, serve, agent, demo, simulate, federate.
+"""The ``edgeloop`` command line: train, export, eval, inspect, serve, admin, agent, demo, simulate, federate.
 
 Each subcommand imports only what it needs, so ``edgeloop agent`` and ``edgeloop eval`` run on a device
 install without torch. Progress bars and tables (rich) live here and in :mod:`edgeloop.demo` only.
@@ -234,6 +234,12 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
     add_parser(sub).set_defaults(func=command)
 
 
+def _add_admin(sub: argparse._SubParsersAction) -> None:
+    from edgeloop.admin_cli import add_parser, command
+
+    add_parser(sub).set_defaults(func=command)
+
+
 def _add_keygen(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("keygen", help="create an Ed25519 signing key pair for bundles")
     p.add_argument("--out", type=Path, required=True, help="private key file to create (PEM, mode 0600); the "
@@ -255,8 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeloop", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_train, _add_export, _add_eval, _add_inspect, _add_serve, _add_agent, _add_demo, _add_simulate,
-                _add_federate, _add_keygen):
+    for add in (_add_train, _add_export, _add_eval, _add_inspect, _add_serve, _add_admin, _add_agent, _add_demo,
+                _add_simulate, _add_federate, _add_keygen):
         add(sub)
     return parser
 
