@@ -488,6 +488,8 @@ class RoundRunner:
             raise NothingToAggregateError(f"all {len(bad)} unused federated submissions for bundle {bundle_id} in "
                                           f"cohort {job.cohort!r} are unreadable (quarantined)")
         base, base_version = current_params(self.state, bundle_id, job.cohort)
+        if self.aggregator.whole_vector:
+            chosen = _completed(chosen, base, round_id, self.aggregator.name)
         contributions = [Contribution(s.device_id, params, float(s.num_samples),
                                       staleness=max(0, base_version - s.base_version)) for s, params in chosen]
         result = self.aggregator.aggregate(base, contributions)
@@ -671,6 +673,23 @@ class RoundRunner:
         metrics["samples"] = float(len(readable))
         metrics["unreadable_samples"] = float(len(bad))
         return _Outcome(update.version, len(readable), metrics)
+
+
+def _completed(chosen: Sequence[tuple[SubmissionRecord, dict[str, np.ndarray]]], base: Mapping[str, np.ndarray],
+               round_id: int, rule: str) -> list[tuple[SubmissionRecord, dict[str, np.ndarray]]]:
+    """Submissions for a rule over the whole parameter vector (Krum, DP-FedAvg), each completed with the current
+    value of every parameter another one carries and it does not: a submission proposes no change to what it
+    leaves out (devices submit what they adapted, e.g. only normalisation statistics). Refusing the round
+    instead would refuse every later one too, as long as that device's submission stays the newest unused."""
+    carried = sorted(set().union(*(params for _, params in chosen)) & set(base))
+    out = []
+    for s, params in chosen:
+        missing = [k for k in carried if k not in params]
+        if missing:
+            logger.info("round %d (%s): submission %s of device %s does not carry %s; they keep their current "
+                        "values in it", round_id, rule, s.id, s.device_id, missing)
+        out.append((s, {**{k: base[k] for k in missing}, **params}))
+    return out
 
 
 def _norm(params: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray]) -> float:
