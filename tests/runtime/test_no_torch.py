@@ -58,3 +58,22 @@ def test_device_install_requirements_exclude_torch() -> None:
     device = project["dependencies"] + project["optional-dependencies"]["litert"]
     assert not [d for d in device if d.lower().startswith("torch")], device
     assert any(d.startswith("torch==2.13.0") for d in project["optional-dependencies"]["export"])
+
+
+def test_admin_runs_without_torch() -> None:
+    """``edgeloop admin`` is an operator tool for any machine: it imports no torch (here against a closed port,
+    which it names)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from edgeloop.cli import main\n"
+              "code = main(['admin', 'devices', '--server', sys.argv[1], '--timeout', '10'])\n"
+              "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+              "sys.exit(code)\n")
+    proc = subprocess.run([sys.executable, "-c", script, f"127.0.0.1:{port}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot reach the server at 127.0.0.1:{port}" in proc.stderr
