@@ -268,7 +268,11 @@ def config_values(raw: dict[str, Any], base_dir: Path) -> dict[str, Any]:
             if target in raw:
                 raise ValueError(f"config keys {key!r} and {target!r} are both given; use one")
             path = base_dir / _coerce(key, value, str)
-            out[target] = path.read_text().strip()
+            try:
+                out[target] = path.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = "it is not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror or str(exc)
+                raise ValueError(f"config key {key!r}: cannot read the {target} from {path}: {reason}") from exc
             continue
         out[key] = _coerce(key, value, hints[key])
     path_keys = {f.name for f in fields(ServerConfig) if "Path" in str(hints[f.name])}
