@@ -349,6 +349,16 @@ class Storage(Protocol):
         """The cohort's newest update version (None: over all cohorts; 0 when none)."""
         ...
 
+    def record_sent(self, device_id: str, bundle_id: str, cohort: str, version: int, sha256: str,
+                    sent_ms: int) -> None:
+        """Durably record the digest of the parameters a device holds after a lossy reply this server sent it
+        (version ``version`` of the cohort's, approximately), replacing the one recorded before."""
+        ...
+
+    def sent_digest(self, device_id: str, bundle_id: str, cohort: str) -> str | None:
+        """The digest :meth:`record_sent` last recorded for the device, or None."""
+        ...
+
     def insert_rollback(self, record: RollbackRecord) -> int:
         """Store a rollback report; return its id."""
         ...

@@ -23,7 +23,10 @@ CREATE TABLE IF NOT EXISTS rollbacks (
   reason TEXT NOT NULL, entropy_before REAL NOT NULL, entropy_after REAL NOT NULL, agreement_before REAL NOT NULL,
   agreement_after REAL NOT NULL, rolled_back_ms INTEGER NOT NULL, received_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS rollbacks_by_device ON rollbacks(device_id);
-"""
+CREATE TABLE IF NOT EXISTS sent_params (
+  device_id TEXT NOT NULL, bundle_id TEXT NOT NULL, cohort TEXT NOT NULL, version INTEGER NOT NULL,
+  sha256 TEXT NOT NULL, sent_ms INTEGER NOT NULL, PRIMARY KEY (device_id, bundle_id, cohort));
+"""  # sent_params: added within schema 3 (a table older servers ignore)
 _UPDATE_COLUMNS = ("cohort", "version", "bundle_id", "kind", "round_id", "blob", "sha256", "created_ms", "held_blob",
                    "held_sha256", "encoding", "base_version", "base_sha256", "payload_blob")
 
@@ -90,6 +93,19 @@ class UpdateTables:
         else:
             row = self._one("SELECT COALESCE(MAX(version), 0) AS v FROM updates WHERE cohort = ?", (cohort,))
         return int(row["v"]) if row else 0
+
+    def record_sent(self, device_id: str, bundle_id: str, cohort: str, version: int, sha256: str,
+                    sent_ms: int) -> None:
+        """See :meth:`Storage.record_sent`."""
+        with self._tx() as c:
+            c.execute("INSERT OR REPLACE INTO sent_params (device_id, bundle_id, cohort, version, sha256, sent_ms) "
+                      "VALUES (?, ?, ?, ?, ?, ?)", (device_id, bundle_id, cohort, version, sha256, sent_ms))
+
+    def sent_digest(self, device_id: str, bundle_id: str, cohort: str) -> str | None:
+        """See :meth:`Storage.sent_digest`."""
+        row = self._one("SELECT sha256 FROM sent_params WHERE device_id = ? AND bundle_id = ? AND cohort = ?",
+                        (device_id, bundle_id, cohort))
+        return str(row["sha256"]) if row else None
 
     def insert_rollback(self, record: RollbackRecord) -> int:
         """See :meth:`Storage.insert_rollback`."""

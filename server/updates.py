@@ -139,7 +139,7 @@ def _decode_submission(
     if base_sha256:
         cached = held_cache(state).get(device_id, bundle.bundle_id, cohort)
         known = {params_digest(exact), params_digest(held)} | ({cached[0]} if cached is not None else set())
-        if base_sha256 not in known:
+        if base_sha256 not in known and base_sha256 != state.storage.sent_digest(device_id, bundle.bundle_id, cohort):
             raise InvalidRequestError(f"the submission's base_sha256 {base_sha256[:16]!r} matches neither version "
                                       f"{base_version}'s parameters nor what this device was last sent")
     try:
@@ -557,6 +557,8 @@ def pull_update(
     if after is None:
         payload, encoding, base_version, base_sha, after = encode_full(exact), "f32", 0, "", exact
     after_sha = latest.sha256 if after is exact else params_digest(after)
-    if after is not exact:
+    if after is not exact:  # recorded before the reply: a device's submission from it is checked against it,
+        # after a restart or the cache's eviction too (the cache only saves bytes)
+        state.storage.record_sent(device_id, bundle.bundle_id, cohort, latest.version, after_sha, state.clock())
         cache.put(device_id, bundle.bundle_id, cohort, after_sha, after)
     return _signed(state, latest, payload, encoding, base_version, base_sha, after_sha)
