@@ -583,7 +583,8 @@ class Agent:
         ]
         try:
             return self.outbox.put(samples, now_ms=now).stored
-        except OutboxError as exc:  # the device keeps serving predictions; the samples are counted as lost
+        except (OutboxError, ValueError) as exc:  # the device keeps serving predictions; the samples are counted
+            # as lost: a file that cannot be written, or samples the outbox refuses (larger than its max_bytes)
             logger.error("%s; %d selected samples not queued", exc, len(samples))
             self._counters.not_queued += len(samples)
             return ()
@@ -946,8 +947,9 @@ class Agent:
     def sync(self, wait_seconds: float | None = None) -> SyncResult:
         """Save the components' state (with a state store), upload the outbox, deliver kept reports, then apply updates
         newer than :attr:`version` (waiting up to ``wait_seconds``, default ``config.sync_wait_seconds``; a model
-        without adaptable parameters only uploads). Transport failures and refused updates are logged, counted
-        and returned in ``errors``; they do not raise."""
+        without adaptable parameters only uploads). Transport failures, an outbox that cannot be read or written
+        (:class:`~device_agents.errors.OutboxError`: the updates are still applied) and refused updates are logged,
+        counted and returned in ``errors``; they do not raise."""
         wait = self.config.sync_wait_seconds if wait_seconds is None else wait_seconds
         if not wait > 0:
             raise ValueError(f"wait_seconds must be > 0 (0 would wait forever), got {wait}")
@@ -968,7 +970,7 @@ class Agent:
                     self._counters.uploaded_bytes += upload.bytes_sent
                 if self.config.report_outbox:
                     self._report_outbox(self.client, self.outbox)
-            except TransportError as exc:
+            except (TransportError, OutboxError) as exc:  # a damaged or locked outbox must not hold back updates
                 errors.append(str(exc))
         applied: list[int] = []
         if not self.adaptable:  # nothing to update: the server refuses to watch a bundle without parameters

@@ -18,7 +18,8 @@ class TransportError(AgentError):
 
 
 class OutboxError(AgentError):
-    """The outbox database cannot be opened: not a database, corrupt, locked, another schema; names the file."""
+    """The outbox database cannot be opened (not a database, corrupt, locked, another schema), read or written
+    (a damaged page, a lock held too long, disk full); names the file."""
 
 
 class BundleDownloadError(AgentError):

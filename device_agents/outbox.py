@@ -16,12 +16,13 @@ A sample is *acknowledged locally* once ``put`` returned it in :attr:`PutResult.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,7 +143,8 @@ class SqliteOutbox(SqliteStore):
     """Durable sample queue bounded by ``max_bytes`` of stored array bytes under an ``eviction`` policy.
 
     ``rng`` draws the backoff jitter (seed it for a reproducible retry schedule). Thread-safe. A file that
-    cannot be opened as an outbox raises :class:`~device_agents.errors.OutboxError` naming it.
+    cannot be opened as an outbox raises :class:`~device_agents.errors.OutboxError` naming it, and so does every
+    later read or write SQLite fails (a page damaged on disk, a lock held beyond the timeout, an I/O error).
     """
 
     def __init__(
@@ -243,7 +245,7 @@ class SqliteOutbox(SqliteStore):
         eviction (so the server's ``ReportOutbox`` shows it) and logged, instead of failing every later upload."""
         if n <= 0:
             raise ValueError(f"n must be > 0, got {n}")
-        with self._lock:
+        with self._failing("read the samples due"), self._lock:
             rows = self._conn.execute(
                 f"SELECT {_COLUMNS}, seq, nbytes FROM samples WHERE next_attempt_ms <= ? ORDER BY seq LIMIT ?",
                 (int(now_ms), int(n)),
@@ -272,7 +274,7 @@ class SqliteOutbox(SqliteStore):
 
     def ack(self, ids: Sequence[str]) -> int:
         """Delete delivered samples; returns how many were present."""
-        with self._lock, self._conn:
+        with self._failing("remove delivered samples"), self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             before = self._conn.total_changes
             self._conn.executemany("DELETE FROM samples WHERE sample_id = ?", [(i,) for i in ids])
@@ -283,7 +285,7 @@ class SqliteOutbox(SqliteStore):
 
         Returns how many were present.
         """
-        with self._lock, self._conn:
+        with self._failing("record a failed upload"), self._lock, self._conn:
             self._conn.execute("BEGIN IMMEDIATE")
             changed = 0
             for sample_id in ids:
@@ -302,8 +304,18 @@ class SqliteOutbox(SqliteStore):
             return changed
 
     def _scalar(self, sql: str) -> int:
-        with self._lock:
+        with self._failing("read its counts"), self._lock:
             return int(self._conn.execute(sql).fetchone()[0])
+
+    @contextlib.contextmanager
+    def _failing(self, what: str) -> Iterator[None]:
+        """Raise a SQLite failure (a page damaged on disk, locked beyond the timeout, an I/O error) as an
+        :class:`~device_agents.errors.OutboxError` naming the file and what could not be done."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise OutboxError(f"outbox {self.path}: could not {what} ({exc}); move the file away if it is "
+                              "damaged") from exc
 
     @property
     def pending_count(self) -> int:
@@ -317,7 +329,7 @@ class SqliteOutbox(SqliteStore):
 
     def bytes_created_after(self, ms: int) -> int:
         """Stored bytes of the pending samples queued after ``ms`` (wall clock, ms since the epoch)."""
-        with self._lock:
+        with self._failing("read its counts"), self._lock:
             return int(self._conn.execute("SELECT COALESCE(SUM(nbytes), 0) FROM samples WHERE created_ms > ?",
                                           (int(ms),)).fetchone()[0])
 
@@ -335,7 +347,7 @@ class SqliteOutbox(SqliteStore):
     @property
     def stats(self) -> OutboxStats:
         """A consistent snapshot of the pending and dropped counts."""
-        with self._lock:
+        with self._failing("read its counts"), self._lock:
             count, nbytes = self._conn.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM samples").fetchone()
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
         return OutboxStats(int(count), int(nbytes), int(meta["dropped"]), int(meta["dropped_bytes"]),
