@@ -8,6 +8,7 @@ and their registry are in :mod:`server.aggregation`. numpy only; no torch.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from server.errors import InvalidRequestError, InvalidTensorError, NothingToAggregateError
+
+logger = logging.getLogger(__name__)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class AggregationError(InvalidRequestError):
@@ -105,7 +109,11 @@ class Aggregator:
         return {}
 
     def aggregate(self, base: Mapping[str, np.ndarray], contributions: Sequence[Contribution]) -> AggregateResult:
-        """Aggregate ``contributions`` onto ``base``; raises on non-finite, mis-shaped or too few inputs."""
+        """Aggregate ``contributions`` onto ``base``; raises on non-finite, mis-shaped or too few inputs.
+
+        A result beyond the float32 range (finite inputs near its limit, a server learning rate > 1) is set to the
+        limit and counted in ``metrics["saturated"]``: refusing it would refuse every later round over the same
+        inputs (an asynchronous buffer's oldest submissions are taken again and again)."""
         if not contributions:
             raise NothingToAggregateError("no contributions to aggregate")
         if len(contributions) < self.min_contributions():
@@ -116,12 +124,23 @@ class Aggregator:
         w = self.weights(contributions)
         combined = (self._combine_whole(base64, deltas, w) if self.whole_vector
                     else self._combine_each(base64, deltas, w))
-        params = {k: (v + combined[k] if k in combined else v).astype(np.float32) for k, v in base64.items()}
-        for k, v in params.items():
-            if not np.all(np.isfinite(v)):
+        params, saturated = {}, 0
+        for k, v in base64.items():
+            value = v + combined[k] if k in combined else v
+            if not np.all(np.isfinite(value)):
                 raise InvalidTensorError(f"{self.name}: aggregated parameter {k!r} is not finite")
+            beyond = np.abs(value) > FLOAT32_MAX
+            if beyond.any():  # finite, but past what float32 holds: the cast would make it inf
+                saturated += int(beyond.sum())
+                value = np.clip(value, -FLOAT32_MAX, FLOAT32_MAX)
+            params[k] = value.astype(np.float32)
         used = {c.device_id: float(x) for c, x in zip(contributions, w, strict=True)}
-        return AggregateResult(params, used, self.metrics())
+        metrics = self.metrics()
+        if saturated:
+            logger.warning("%s: %d aggregated value(s) beyond the float32 range set to its limit", self.name,
+                           saturated)
+            metrics = {**metrics, "saturated": float(saturated)}
+        return AggregateResult(params, used, metrics)
 
     def _combine_each(self, base: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
                       w: np.ndarray) -> dict[str, np.ndarray]:
