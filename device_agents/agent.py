@@ -187,7 +187,11 @@ class SyncResult:
 
 @dataclass(frozen=True)
 class AgentStats:
-    """Counters since the agent started; ``accuracy`` is None until a labelled batch was seen."""
+    """Counters since the agent started; ``accuracy`` is None until a labelled batch was seen.
+
+    ``samples_not_watched``: samples the drift detector did not see because it refused one (``ValueError``: e.g.
+    an MMD reference learnt from identical rows); the batch's predictions stand and the rest of that batch is
+    skipped."""
 
     samples_seen: int
     labelled_seen: int
@@ -208,6 +212,7 @@ class AgentStats:
     rollback_reports_pending: int = 0
     reports_refused: int = 0
     state_write_failures: int = 0
+    samples_not_watched: int = 0
 
     @property
     def accuracy(self) -> float | None:
@@ -239,6 +244,7 @@ class _Counters:
     reports_refused: int = 0
     state_failures: int = 0
     not_queued: int = 0
+    not_watched: int = 0
     learned: int = 0
     contributions: int = 0
     contributed_mark: int = 0  # seen + learned at the last acknowledged contribution
@@ -544,13 +550,26 @@ class Agent:
 
     def _detect(self, values: np.ndarray | None, start: int) -> list[tuple[int, float]]:
         """Feed the batch's signal (entropies, or feature rows for a feature detector) one sample at a time, so
-        each drift has its stream position and statistic."""
+        each drift has its stream position and statistic. A sample the detector refuses ends the batch's detection
+        (logged, counted in ``AgentStats.samples_not_watched``) instead of failing the batch; a detector still
+        learning its reference (``fitted`` False) is reset then, so it learns a new one from the next samples."""
         if values is None:
             raise ModelCapabilityError(f"the {self.detector_label} drift detector watches features; the model "
                                        "returns none")
         events = []
         for i, value in enumerate(values):
-            if self.detector.update(value).drift_detected:
+            try:
+                detected = self.detector.update(value).drift_detected
+            except ValueError as exc:  # refused, its state unchanged: the batch's predictions stand
+                learning = getattr(self.detector, "fitted", None) is False
+                logger.error("the %s drift detector refuses the sample at stream position %d (%s); %d samples of "
+                             "this batch go unwatched%s", self.detector_label, start + i, exc, len(values) - i,
+                             "; it learns a new reference from the next samples" if learning else "")
+                if learning:  # the reference it was learning cannot be used (e.g. identical rows): every later
+                    self.detector.reset()  # row would complete the same one, and be refused too
+                self._counters.not_watched += len(values) - i
+                break
+            if detected:
                 events.append((start + i, self.detector.statistic))
                 logger.info("drift at stream position %d (statistic %.3f)", start + i, self.detector.statistic)
         return events
@@ -1051,7 +1070,7 @@ class Agent:
                 drift_reports_pending=len(self._pending_drift), drift_reports_dropped=c.drift_reports_dropped,
                 samples_not_queued=c.not_queued, learned_samples=c.learned, contributions=c.contributions,
                 rollback_reports_pending=len(self._pending_rollbacks), reports_refused=c.reports_refused,
-                state_write_failures=c.state_failures,
+                state_write_failures=c.state_failures, samples_not_watched=c.not_watched,
             )
 
 
