@@ -240,12 +240,15 @@ class EntropyBandSelector:
     def select(self, entropies: np.ndarray, sizes: int | np.ndarray) -> np.ndarray:
         """Return the int64 indices of the samples to upload.
 
-        ``entropies``: normalised entropies, shape (N,); ``sizes``: bytes each sample would take on the
-        wire, one int for all or shape (N,).
+        ``entropies``: normalised entropies, shape (N,) (clipped into [0, 1]); ``sizes``: bytes each sample would
+        take on the wire, one int for all or shape (N,).
         """
         ent = np.asarray(entropies, dtype=np.float64).reshape(-1)
         if not np.all(np.isfinite(ent)):
             raise ValueError(f"entropies must be finite, got {ent[~np.isfinite(ent)][:5]}")
+        # the normalised entropy of float32 probabilities can leave [0, 1] by rounding (a uniform prediction gives
+        # up to 1 + 4e-8): clipped, so that the running mean, and the snapshot holding it, stay in [0, 1]
+        ent = np.clip(ent, 0.0, 1.0)
         size_arr = np.broadcast_to(np.asarray(sizes, dtype=np.int64), ent.shape)
         if np.any(size_arr < 0):
             raise ValueError(f"sizes must be >= 0, got min {int(size_arr.min())}")
