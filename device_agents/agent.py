@@ -501,11 +501,14 @@ class Agent:
 
         ``y`` (optional) holds one integer label in 0..K-1 per sample; other labels raise :class:`InputError`
         naming the problem before anything is counted or queued (and before the prediction when the model states
-        its class count, as bundles do).
+        its class count, as bundles do). So does a ``position`` that is not an integer >= 0 whose batch ends below
+        2**63 (the outbox and the wire hold positions as int64).
         """
         labels = None if y is None else self._check_labels(x, y)
+        if position is not None:
+            position = _check_position(position, len(x) if np.ndim(x) else 0)
         with self._lock:
-            start = self._counters.seen if position is None else int(position)
+            start = self._counters.seen if position is None else position
             out = self.tta.predict(self.model, x)
             if labels is not None and labels.size and labels.max() >= out.probs.shape[1]:
                 raise InputError(f"labels must lie in 0..{out.probs.shape[1] - 1}, got {int(labels.max())}")
@@ -1078,6 +1081,18 @@ def _identity(identity: Mapping[str, Any]) -> str:
     """A component's identity for a log line (bundle ids shortened)."""
     return ", ".join(f"{k}={(v[:12] + '…') if isinstance(v, str) and len(v) > 40 else v!r}"
                      for k, v in sorted(identity.items()))
+
+
+def _check_position(position: object, n: int) -> int:
+    """``position`` (the stream position of a batch's first of ``n`` samples) as an int, or :class:`InputError`:
+    an integer >= 0 whose batch's last position still fits an int64."""
+    if isinstance(position, bool) or not isinstance(position, int | np.integer):
+        raise InputError(f"position must be an integer stream position, got {type(position).__name__} "
+                         f"{position!r}")
+    value = int(position)
+    if not 0 <= value <= 2**63 - 1 - max(n, 1):
+        raise InputError(f"position must lie in 0..2**63-1 less the batch's {n} samples, got {value}")
+    return value
 
 
 def _trainable_weights(model: object) -> dict[str, np.ndarray]:

@@ -1,15 +1,20 @@
 """Agent edge cases from an audit: a drift detector that refuses a batch's signal (an MMD reference learnt from
-identical feature rows) must not cost the batch its predictions."""
+identical feature rows) must not cost the batch its predictions; a stream position the outbox cannot hold is
+refused before anything changes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from device_agents.agent import Agent, AgentConfig
-from device_agents.drift import MMDDrift
-from device_agents.tta import SourceModel
+from device_agents.drift import MMDDrift, PageHinkley
+from device_agents.outbox import SqliteOutbox
+from device_agents.selection import EntropyBandSelector, SelectorConfig
+from device_agents.tta import AlphaBN, SourceModel
+from runtime.errors import InputError
 from tests.device_agents.conftest import TinyAdaptableModel
 
 
@@ -30,3 +35,27 @@ def test_a_detector_refusing_the_signal_costs_the_batch_its_drift_check_not_its_
     assert detector.fitted and detector.n_seen == 96
     stats = agent.stats
     assert stats.samples_seen == 160 and stats.samples_not_watched == 1
+
+
+@pytest.mark.parametrize(("position", "why"), [
+    (-5, "must lie in 0..2"), (2**63 - 4, "must lie in 0..2"), (2**64, "must lie in 0..2"),
+    (1.7, "must be an integer stream position, got float"), ("3", "got str"), (True, "got bool"),
+])
+def test_a_position_the_outbox_cannot_hold_is_refused_before_anything_changes(tiny_model, tiny_batch,
+                                                                               tmp_path: Path, position: object,
+                                                                               why: str) -> None:
+    selector = EntropyBandSelector(SelectorConfig(low=0.0, high=1.0, min_band=0.0, bytes_per_window=None))
+    tta = AlphaBN()
+    agent = Agent(tiny_model, tta, PageHinkley(), selector, SqliteOutbox(tmp_path / "o.db", max_bytes=1 << 20),
+                  None, AgentConfig(device_id="dev-1", bundle_id="a" * 64))
+    agent.process_batch(tiny_batch[:8])
+    before = (tta.snapshot(), agent.detector.snapshot(), agent.stats, agent.outbox.pending_count)
+    with pytest.raises(InputError, match=why):
+        agent.process_batch(tiny_batch[8:], position=position)  # type: ignore[arg-type]
+    after = (tta.snapshot(), agent.detector.snapshot(), agent.stats, agent.outbox.pending_count)
+    for name in before[0]:
+        np.testing.assert_array_equal(after[0][name], before[0][name], err_msg=name)
+    for name in before[1]:
+        np.testing.assert_array_equal(after[1][name], before[1][name], err_msg=name)
+    assert after[2:] == before[2:]
+    assert agent.process_batch(tiny_batch[8:], position=np.int64(8)).queued_ids[0] == f"dev-1:{agent.session_id}:8"
