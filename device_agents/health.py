@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,8 +45,13 @@ class HealthPolicy:
     recent_samples: int = 256
 
     def __post_init__(self) -> None:
-        if self.max_entropy_increase < 0 or self.max_agreement_drop < 0 or self.recent_samples < 0:
-            raise ValueError(f"health thresholds and recent_samples must be >= 0, got {self}")
+        for name in ("max_entropy_increase", "max_agreement_drop"):  # NaN would roll every update back; inf
+            value = getattr(self, name)  # turns that check off
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+                raise ValueError(f"health {name} must be a number >= 0 (inf: never), got {value!r}")
+        if (isinstance(self.recent_samples, bool) or not isinstance(self.recent_samples, numbers.Integral)
+                or self.recent_samples < 0):
+            raise ValueError(f"health recent_samples must be an integer >= 0, got {self.recent_samples!r}")
 
     def verdict(self, before: Health, after: Health) -> str:
         """"" when ``after`` is acceptable, else the reason to roll back. A signal measured before that is no

@@ -11,6 +11,7 @@ import pytest
 
 from device_agents.agent import Agent, AgentConfig
 from device_agents.drift import MMDDrift, PageHinkley
+from device_agents.health import Health, HealthPolicy
 from device_agents.outbox import SqliteOutbox
 from device_agents.selection import EntropyBandSelector, SelectorConfig
 from device_agents.tta import AlphaBN, SourceModel
@@ -59,3 +60,13 @@ def test_a_position_the_outbox_cannot_hold_is_refused_before_anything_changes(ti
         np.testing.assert_array_equal(after[1][name], before[1][name], err_msg=name)
     assert after[2:] == before[2:]
     assert agent.process_batch(tiny_batch[8:], position=np.int64(8)).queued_ids[0] == f"dev-1:{agent.session_id}:8"
+
+
+@pytest.mark.parametrize("kwargs", [{"max_entropy_increase": float("nan")}, {"max_agreement_drop": float("nan")},
+                                    {"max_agreement_drop": "0.1"}, {"recent_samples": 2.5},
+                                    {"recent_samples": True}])
+def test_a_health_policy_that_would_roll_back_every_update_is_refused(kwargs: dict) -> None:
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=f"health {name} must be"):
+        HealthPolicy(**kwargs)  # NaN: every update rolled back ("entropy rose 0.200 -> 0.200 (> nan)")
+    assert HealthPolicy(max_agreement_drop=float("inf")).verdict(Health(0.2, 1.0), Health(0.2, 0.0)) == ""
