@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from torch import nn
 
 from exporter.adaptable import AdaptableGraph, norm_layers
-from exporter.bundle_dir import golden_file, install, prepare_out_dir
+from exporter.bundle_dir import golden_file, install, out_path, prepare_out_dir
 from exporter.bundle_models import BuildOptions, BuiltModel, build_models, feeds_for, session_for
 from exporter.checkpoint import load_checkpoint
 from exporter.compress.nm import check_pattern
@@ -464,7 +464,7 @@ def export_bundle(
     a throwaway key is used (integrity only: devices that trust specific keys will refuse the bundle).
     Returns the bundle path.
     """
-    out_dir = Path(out_dir)
+    out_dir = out_path(out_dir)
     _check_options(golden_alpha, nm)
     model, arch, spec, ckpt_sha = _resolve_source(source)
     check_finite_weights(model)

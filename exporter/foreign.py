@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from exporter.bundle_dir import golden_file, install, prepare_out_dir
+from exporter.bundle_dir import golden_file, install, out_path, prepare_out_dir
 from exporter.foreign_features import AUTO, FEATURES, ForeignModelError, onnx_with_features, tflite_with_features
 from exporter.signing import sign_bundle
 from exporter.statistics import check_source_data, output_statistics, write_statistic_blocks
@@ -454,6 +454,7 @@ def _wrap(
     golden_x: np.ndarray, signing_key: Ed25519PrivateKey | None, name: str | None, output_name: str | None,
     overwrite: bool, features: str | None, source_x: np.ndarray | None, source_y: np.ndarray | None,
 ) -> Path:
+    out_dir = out_path(out_dir)
     spec = ForeignInputSpec.parse(input_spec)
     if source_x is not None and features is None:
         raise ForeignModelError("source statistics (source_x) describe the features: pass features='auto' or a name")
