@@ -119,22 +119,44 @@ def _import_model(source: str, dataset: str | None) -> LoadedModel:
     from torch import nn
 
     from edgeloop.data import load_dataset
+    from exporter.bundle import check_finite_weights
     from exporter.models import ModelSpec, with_feature_split
 
     module_name, _, attr = source.partition(":")
-    try:
-        obj = getattr(_import_from_cwd(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ValueError(f"cannot import model {source!r}: {exc}") from exc
-    model = obj if isinstance(obj, nn.Module) else obj()
+    if not module_name or not attr:
+        raise ValueError(f"model import path {source!r} must look like 'module:attr'")
+    try:  # the user's module: any failure of it (a SyntaxError, an exception at import) is theirs to fix
+        module = _import_from_cwd(module_name)
+    except Exception as exc:
+        raise ValueError(f"cannot import model {source!r}: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, attr):
+        raise ValueError(f"cannot import model {source!r}: module {module_name!r} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    if isinstance(obj, nn.Module):
+        model = obj
+    elif callable(obj):
+        try:
+            model = obj()
+        except Exception as exc:
+            raise ValueError(f"calling {source!r} to build the model failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        raise ValueError(f"{source!r} is a {type(obj).__name__}: it must be an nn.Module or a callable returning one")
     if not isinstance(model, nn.Module):
         raise ValueError(f"{source!r} gave a {type(model).__name__}, not a torch nn.Module")
     if dataset is None:
         raise ValueError(f"an imported model ({source}) needs --dataset to define its input")
+    check_finite_weights(model)
     train = load_dataset(dataset, "train", limit=16)
     c, h = int(train.x.shape[1]), int(train.x.shape[2])
     spec = ModelSpec(c, len(train.labels), h, (0.0,) * c, (1.0,) * c)
-    model = with_feature_split(model.eval(), torch.from_numpy(np.array(train.x[:4])))
+    example = torch.from_numpy(np.array(train.x[:4]))
+    try:
+        model = with_feature_split(model.eval(), example)
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from exc
+    except Exception as exc:  # the user's forward on the dataset's images
+        raise ValueError(f"{source}: running it on {dataset} images of shape {tuple(example.shape)} failed: "
+                         f"{type(exc).__name__}: {exc}") from exc
     digest = hashlib.sha256(repr(sorted((k, tuple(v.shape)) for k, v in model.state_dict().items())).encode())
     return LoadedModel(model.eval(), f"import:{source}", spec, digest.hexdigest(), dataset)
 
