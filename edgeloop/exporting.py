@@ -286,18 +286,34 @@ def export_split(seed: int, train_size: int, test_size: int, calibration_samples
     return ExportSplit(calibration, held_out, source)
 
 
+def _check_dataset_fits(loaded: LoadedModel, source: str, dataset: str, shape: tuple[int, ...], classes: int) -> None:
+    """The dataset's images and classes must be what the model takes: found before any fine-tune, not after."""
+    spec = loaded.spec
+    takes = (spec.in_channels, spec.image_size, spec.image_size)
+    if tuple(shape) != takes or classes != spec.num_classes:
+        raise ValueError(f"dataset {dataset} gives images of shape {tuple(shape)} in {classes} classes; the model "
+                         f"({loaded.arch} from {source}) takes {takes} in {spec.num_classes} classes: pass the "
+                         "--dataset it was trained on")
+
+
 def run_export(request: ExportRequest) -> Path:
     """Load, compress, export and sign: the whole ``edgeloop export`` job. Returns the bundle path."""
     from edgeloop.data import load_dataset
-    from edgeloop.pipeline import signing_key
+    from edgeloop.pipeline import default_signing_key_path, signing_key
     from exporter.bundle import export_bundle
+    from exporter.bundle_dir import check_out_dir, out_path
     from exporter.compress.nm import parse_pattern
 
+    check_out_dir(out_path(request.out), request.overwrite)  # before minutes of fine-tuning, not after
+    key_path = request.key_path or default_signing_key_path()
+    key = signing_key(key_path) if key_path.exists() else None  # a key that cannot sign: found now; a missing
+    # one is created only for a bundle that was built
     loaded = load_model(request.model, request.dataset)
     dataset = request.dataset or loaded.dataset
     if not dataset:
         raise ValueError(f"{request.model} records no dataset; pass --dataset")
     train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
+    _check_dataset_fits(loaded, request.model, dataset, train.x.shape[1:], len(train.labels))
     reports = compress(loaded, request, train.x, train.y)
     split = export_split(request.seed, len(train), len(test), request.calibration_samples)
     k = golden_count(test.x.shape[1:])
@@ -308,7 +324,7 @@ def run_export(request: ExportRequest) -> Path:
         (loaded.model, loaded.arch, loaded.spec, loaded.sha256), request.out, labels=train.labels,
         calibration_x=calib, golden_x=golden, source_x=train.x[source], source_y=train.y[source], int8=request.int8,
         name=request.name or f"{loaded.arch}-{dataset}", overwrite=request.overwrite,
-        signing_key=signing_key(request.key_path), formats=request.formats, folded=request.folded,
+        signing_key=key or signing_key(key_path), formats=request.formats, folded=request.folded,
         tflite_int8=request.tflite_int8, parity_x=parity, compression=compression,
         nm=parse_pattern(request.sparsity) if request.sparsity else None, pack=request.pack,
         trainable=request.trainable,

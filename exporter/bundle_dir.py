@@ -20,8 +20,14 @@ def out_path(out_dir: Path | str) -> Path:
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """:func:`check_out_dir`, then create the parent directory."""
+    check_out_dir(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse a file, or a non-empty directory unless ``overwrite`` and it is a bundle holding nothing but its
-    own files (what would be lost otherwise is named); create the parent directory."""
+    own files (what would be lost otherwise is named)."""
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -29,7 +35,6 @@ def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
             raise FileExistsError(f"{out_dir} exists and is not empty; pass overwrite=True (--overwrite on the "
                                   "command line) to replace it")
         _check_replaceable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
 
 
 def _check_replaceable(out_dir: Path) -> None:
