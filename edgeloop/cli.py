@@ -53,7 +53,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dataset", choices=DATASETS, default=None, help="data for fine-tuning, calibration, golden "
                    "vectors and source statistics; default: the checkpoint's training dataset")
     p.add_argument("--out", type=Path, required=True, help="bundle directory to create")
-    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="add int8 models: "
+    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=None, help="add int8 models: "
                    "onnxruntime static QDQ per-channel (ONNX), PT2E static or dynamic-range (TFLite); default on")
     p.add_argument("--sparsity", default=None, metavar="N:M", help="N:M structured sparsity (e.g. 2:4) with a "
                    "masked fine-tune whose gradient flow to pruned weights decays; packed in the bundle")
@@ -61,28 +61,29 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "energy=0.95 (rank per layer by kept energy) or budget=0.5 (fraction of parameters kept)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="module path (glob) the "
                    "compression passes leave alone, e.g. features.0; repeatable")
-    p.add_argument("--fine-tune-epochs", type=int, default=3, help="epochs of fine-tuning after each "
+    p.add_argument("--fine-tune-epochs", type=int, default=None, help="epochs of fine-tuning after each "
                    "compression pass (0: none); default 3")
-    p.add_argument("--formats", default="onnx", help="comma-separated: onnx, tflite; default onnx")
-    p.add_argument("--folded", action=argparse.BooleanOptionalAction, default=True, help="also export the "
+    p.add_argument("--formats", default=None, help="comma-separated: onnx, tflite; default onnx")
+    p.add_argument("--folded", action=argparse.BooleanOptionalAction, default=None, help="also export the "
                    "folded (fastest, not adaptable) graph of each format; default on")
-    p.add_argument("--tflite-int8", choices=("static", "dynamic"), default="static", help="TFLite int8 mode: "
+    p.add_argument("--tflite-int8", choices=("static", "dynamic"), default=None, help="TFLite int8 mode: "
                    "PT2E static (calibrated) or dynamic-range; default static")
-    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True, help="ship N:M-sparse ONNX "
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None, help="ship N:M-sparse ONNX "
                    "and TFLite models in the packed transport encoding (decoded on load); default on with --sparsity")
-    p.add_argument("--calibration-samples", type=int, default=256, help="images for int8 calibration; default 256")
-    p.add_argument("--trainable", action="store_true", help="also ship the model's full float weights "
-                   "(trainable.bin) for local-SGD trainer devices and full-model federated averaging")
+    p.add_argument("--calibration-samples", type=int, default=None, help="images for int8 calibration; default 256")
+    p.add_argument("--trainable", action="store_const", const=True, default=None, help="also ship the model's "
+                   "full float weights (trainable.bin) for local-SGD trainer devices and full-model federated "
+                   "averaging")
     p.add_argument("--invariance", action="append", default=None, choices=sorted(INVARIANCES), help="declare that "
                    "the model's predictions are invariant to this input transformation (hflip: trained with random "
                    "horizontal flips); FOA then averages in a mirrored view; repeatable; default: what the "
                    "checkpoint's meta declares (none for foreign models)")
-    p.add_argument("--layout", choices=("NCHW", "NHWC"), default="NCHW", help="foreign model input layout")
-    p.add_argument("--value-range", default="0,1", type=_value_range,
+    p.add_argument("--layout", choices=("NCHW", "NHWC"), default=None, help="foreign model input layout; default NCHW")
+    p.add_argument("--value-range", default=None, type=_value_range,
                    help="foreign model input value range lo,hi; default 0,1")
     p.add_argument("--input-dtype", choices=("float32", "uint8", "int8"), default=None, help="foreign model "
                    "input dtype as fed by devices; default: the model's own (float for float models)")
-    p.add_argument("--output-kind", choices=("logits", "probabilities"), default="logits", help="what a "
+    p.add_argument("--output-kind", choices=("logits", "probabilities"), default=None, help="what a "
                    "foreign model outputs; default logits")
     p.add_argument("--name", default=None, help="bundle name in the manifest; default <arch>-<dataset>")
     p.add_argument("--seed", type=int, default=0, help="seed for fine-tuning and data selection; default 0")
@@ -297,6 +298,19 @@ def _value_range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+# export options that apply to one kind of model only: given for the other, they are refused, not ignored
+_TORCH_ONLY = {"int8": "--int8/--no-int8", "sparsity": "--sparsity", "low_rank": "--low-rank", "exclude": "--exclude",
+               "fine_tune_epochs": "--fine-tune-epochs", "formats": "--formats", "folded": "--folded/--no-folded",
+               "tflite_int8": "--tflite-int8", "pack": "--pack/--no-pack",
+               "calibration_samples": "--calibration-samples", "trainable": "--trainable"}
+_FOREIGN_ONLY = {"layout": "--layout", "value_range": "--value-range", "input_dtype": "--input-dtype",
+                 "output_kind": "--output-kind"}
+
+
+def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
+    return [flag for dest, flag in options.items() if getattr(args, dest) not in (None, [])]
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from edgeloop import exporting
     from edgeloop.pipeline import signing_key
@@ -306,23 +320,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     foreign = [(fmt, path) for fmt, path in (("onnx", args.from_onnx), ("tflite", args.from_tflite)) if path]
     if len(foreign) + (args.model is not None) != 1:
         raise ValueError("give exactly one of MODEL, --from-onnx FILE, --from-tflite FILE")
+    misplaced = _given(args, _TORCH_ONLY) if foreign else _given(args, _FOREIGN_ONLY)
+    if misplaced:
+        verb = "applies" if len(misplaced) == 1 else "apply"
+        where = ("to exporting a torch model; a foreign model (--from-onnx, --from-tflite) is wrapped as it is"
+                 if foreign else "to wrapping a foreign model (--from-onnx, --from-tflite); a torch model's input and "
+                 "output are its own")
+        raise ValueError(f"{', '.join(misplaced)} only {verb} {where}")
     if foreign:
         if args.dataset is None:
             raise ValueError("wrapping a foreign model needs --dataset for its golden vectors")
         path = exporting.wrap_foreign(
-            foreign[0][1], foreign[0][0], out=args.out, dataset=args.dataset, layout=args.layout,
-            value_range=args.value_range, dtype=args.input_dtype, output_kind=args.output_kind,
-            name=args.name, overwrite=args.overwrite, key_path=args.signing_key,
-            invariances=tuple(args.invariance or ()),
+            foreign[0][1], foreign[0][0], out=args.out, dataset=args.dataset, layout=args.layout or "NCHW",
+            value_range=args.value_range or (0.0, 1.0), dtype=args.input_dtype,
+            output_kind=args.output_kind or "logits", name=args.name, overwrite=args.overwrite,
+            key_path=args.signing_key, invariances=tuple(args.invariance or ()),
         )
     else:
+        formats = args.formats if args.formats is not None else "onnx"
         request = exporting.ExportRequest(
-            model=args.model, out=args.out, dataset=args.dataset, int8=args.int8, sparsity=args.sparsity,
-            low_rank=args.low_rank, exclude=tuple(args.exclude), fine_tune_epochs=args.fine_tune_epochs,
-            formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()), folded=args.folded,
-            tflite_int8=args.tflite_int8, pack=args.pack, calibration_samples=args.calibration_samples,
+            model=args.model, out=args.out, dataset=args.dataset, int8=args.int8 is not False,
+            sparsity=args.sparsity, low_rank=args.low_rank, exclude=tuple(args.exclude),
+            fine_tune_epochs=3 if args.fine_tune_epochs is None else args.fine_tune_epochs,
+            formats=tuple(f.strip() for f in formats.split(",") if f.strip()), folded=args.folded is not False,
+            tflite_int8=args.tflite_int8 or "static", pack=args.pack is not False,
+            calibration_samples=256 if args.calibration_samples is None else args.calibration_samples,
             name=args.name, overwrite=args.overwrite, seed=args.seed, key_path=args.signing_key,
-            trainable=args.trainable, invariances=None if args.invariance is None else tuple(args.invariance),
+            trainable=bool(args.trainable), invariances=None if args.invariance is None else tuple(args.invariance),
         )
         path = exporting.run_export(request)
     print(f"bundle written to {path}")

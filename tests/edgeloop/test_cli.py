@@ -110,7 +110,10 @@ def test_export_names_a_bad_value_range(value: str, reason: str, tmp_path: Path,
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "argument --value-range" in err and reason in err
-    assert build_parser().parse_args(["export", "--from-onnx", "m", "--out", "b"]).value_range == (0.0, 1.0)
+    # not given: None, so that it can be refused for a torch model; wrapping then uses (0, 1)
+    assert build_parser().parse_args(["export", "--from-onnx", "m", "--out", "b"]).value_range is None
+    assert build_parser().parse_args(["export", "--from-onnx", "m", "--out", "b", "--value-range", "0,255"]
+                                     ).value_range == (0.0, 255.0)
 
 
 def test_a_missing_optional_dependency_names_the_install(digits_bundle: Path) -> None:
