@@ -85,6 +85,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    "input dtype as fed by devices; default: the model's own (float for float models)")
     p.add_argument("--output-kind", choices=("logits", "probabilities"), default=None, help="what a "
                    "foreign model outputs; default logits")
+    p.add_argument("--output-name", default=None, help="foreign model: the output holding the class scores, when "
+                   "it has several")
+    p.add_argument("--features", default=None, metavar="auto|none|TENSOR", help="foreign model: the penultimate "
+                   "tensor exposed as the features output (for lame, t3a, feature drift detectors): auto (found in "
+                   "the graph), a tensor name, or none; default auto")
     p.add_argument("--name", default=None, help="bundle name in the manifest; default <arch>-<dataset>")
     p.add_argument("--seed", type=int, default=0, help="seed for fine-tuning and data selection; default 0")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle directory")
@@ -304,7 +309,7 @@ _TORCH_ONLY = {"int8": "--int8/--no-int8", "sparsity": "--sparsity", "low_rank":
                "tflite_int8": "--tflite-int8", "pack": "--pack/--no-pack",
                "calibration_samples": "--calibration-samples", "trainable": "--trainable"}
 _FOREIGN_ONLY = {"layout": "--layout", "value_range": "--value-range", "input_dtype": "--input-dtype",
-                 "output_kind": "--output-kind"}
+                 "output_kind": "--output-kind", "output_name": "--output-name", "features": "--features"}
 
 
 def _given(args: argparse.Namespace, options: dict[str, str]) -> list[str]:
@@ -334,7 +339,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             foreign[0][1], foreign[0][0], out=args.out, dataset=args.dataset, layout=args.layout or "NCHW",
             value_range=args.value_range or (0.0, 1.0), dtype=args.input_dtype,
             output_kind=args.output_kind or "logits", name=args.name, overwrite=args.overwrite,
-            key_path=args.signing_key, invariances=tuple(args.invariance or ()),
+            key_path=args.signing_key, invariances=tuple(args.invariance or ()), output_name=args.output_name,
+            features=None if args.features == "none" else args.features or "auto",
         )
     else:
         formats = args.formats if args.formats is not None else "onnx"

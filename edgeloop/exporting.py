@@ -231,13 +231,15 @@ def wrap_foreign(
     path: Path, fmt: str, *, out: Path, dataset: str, layout: str = "NCHW",
     value_range: tuple[float, float] = (0.0, 1.0), dtype: str | None = None, output_kind: str = "logits",
     name: str | None = None, overwrite: bool = False, key_path: Path | None = None, features: str | None = "auto",
-    source_samples: int = SOURCE_SAMPLES, invariances: tuple[str, ...] = (),
+    source_samples: int = SOURCE_SAMPLES, invariances: tuple[str, ...] = (), output_name: str | None = None,
 ) -> Path:
     """Wrap a foreign ONNX or TFLite classifier into a signed bundle, with golden vectors from ``dataset``'s
     test split and — when it exposes ``features`` (``"auto"``, a tensor name, or None; see
     :func:`exporter.foreign.wrap_onnx`) — source statistics from up to ``source_samples`` training images
     (a seeded class-stratified subset), fed as the model takes them (:func:`to_model_input`). ``invariances``
-    are declared in the manifest's input block (see :data:`runtime.manifest.INVARIANCES`)."""
+    are declared in the manifest's input block (see :data:`runtime.manifest.INVARIANCES`); ``output_name`` names
+    the class scores of a model with several outputs. A model with a static batch larger than
+    :func:`golden_count` gets golden vectors for its whole batch (its golden check runs one batch)."""
     from edgeloop.data import load_dataset
     from edgeloop.pipeline import signing_key
     from exporter.foreign import ForeignInputSpec, wrap_onnx, wrap_tflite
@@ -250,7 +252,10 @@ def wrap_foreign(
     input_name, dims, model_dtype = _model_input(path, fmt)
     dtype = dtype or ("float32" if model_dtype.startswith("float") else model_dtype)
     test = load_dataset(dataset, "test", limit=64)
-    golden = to_model_input(test.x[: golden_count(test.x.shape[1:])], layout, value_range, dtype)
+    count = max(golden_count(test.x.shape[1:]), dims[0] if dims else 0)  # a static batch: one whole batch
+    if count > len(test):
+        test = load_dataset(dataset, "test", limit=count)
+    golden = to_model_input(test.x[:count], layout, value_range, dtype)
     shape = [-1, *golden.shape[1:]]
     if len(dims) != len(shape):
         raise ValueError(f"{path}: model input {input_name!r} has rank {len(dims)}, {dataset} gives {len(shape)}")
@@ -263,7 +268,7 @@ def wrap_foreign(
     wrap = wrap_onnx if fmt == "onnx" else wrap_tflite
     return wrap(path, out, labels=test.labels, input_spec=spec, output_kind=output_kind, golden_x=golden,
                 signing_key=signing_key(key_path), name=name or path.stem, overwrite=overwrite, features=features,
-                **source)
+                output_name=output_name, **source)
 
 
 class ExportSplit(NamedTuple):

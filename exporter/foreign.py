@@ -168,7 +168,8 @@ def _check_output_name(outputs: Sequence[str], output_name: str | None, where: s
             raise ForeignModelError(f"{where} has no output {output_name!r}; outputs are {list(outputs)}")
         return output_name
     if len(outputs) != 1:
-        raise ForeignModelError(f"{where} has outputs {list(outputs)}; name the class scores with output_name")
+        raise ForeignModelError(f"{where} has outputs {list(outputs)}; name the class scores with output_name "
+                                "(--output-name)")
     return outputs[0]
 
 
@@ -303,7 +304,7 @@ def _inspect_tflite(
     added = None
     if features is not None:
         if FEATURES in io_names["outputs"]:
-            raise ForeignModelError(f"{where} already has an output {FEATURES!r}; pass features=None")
+            raise ForeignModelError(f"{where} already has an output {FEATURES!r}; pass features=None (--features none)")
         added = tflite_with_features(data, out_info.key, features, where)
         _check_scores_unchanged(data, added.data, ".tflite", spec.name, golden_x, output, info.shape[0],
                                 f"{where} with features {added.tensor!r}")
@@ -347,7 +348,7 @@ def _check_scores_unchanged(
                 diff = float(np.abs(a.astype(np.float64) - b).max()) if a.shape == b.shape else float("nan")
                 raise ForeignModelError(f"{where}: adding the features output changes the scores {output!r} "
                                         f"(max difference {diff:.3g} on the golden inputs); pass features=None "
-                                        "or name another tensor")
+                                        "(--features none) or name another tensor")
 
 
 def _open(data: bytes, suffix: str, tmp: Path, name: str = "probe") -> Session:

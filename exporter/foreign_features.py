@@ -54,8 +54,9 @@ def _unknown(features: str, where: str, names: list[str]) -> ForeignModelError:
 
 def _not_found(where: str, walked: list[str], names: list[str]) -> ForeignModelError:
     return ForeignModelError(f"{where}: no FullyConnected/Gemm/MatMul produces the scores (walked back through "
-                             f"{' <- '.join(walked)}); name the penultimate tensor with features=NAME (available "
-                             f"tensors: {_available(names)}) or pass features=None")
+                             f"{' <- '.join(walked)}); name the penultimate tensor with features=NAME "
+                             f"(--features NAME; available tensors: {_available(names)}) or pass features=None "
+                             "(--features none)")
 
 
 # -- ONNX -----------------------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def onnx_with_features(proto: Any, score: str, features: str, where: str) -> tup
     taken = {v.name for v in [*graph.input, *graph.output, *graph.value_info]} | {o for n in graph.node
                                                                                     for o in n.output}
     if FEATURES in taken:
-        raise ForeignModelError(f"{where} already has a tensor named {FEATURES!r}; rename it or pass features=None")
+        raise ForeignModelError(f"{where} already has a tensor named {FEATURES!r}; rename it or pass features=None "
+                                "(--features none)")
     inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
     info = inferred.get(tensor)
     elem = info.type.tensor_type.elem_type if info is not None else onnx.TensorProto.FLOAT
@@ -158,7 +160,8 @@ def tflite_with_features(data: bytes, score_key: str, features: str, where: str)
     if signature is not None:
         keys = {t.name.decode(): int(t.tensorIndex) for t in signature.outputs}
         if FEATURES in keys:
-            raise ForeignModelError(f"{where}: signature already has an output {FEATURES!r}; pass features=None")
+            raise ForeignModelError(f"{where}: signature already has an output {FEATURES!r}; pass features=None "
+                                    "(--features none)")
         score = keys[score_key]
     else:
         score = next(i for i in outputs if tensor_names[i] == score_key)
