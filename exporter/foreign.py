@@ -343,12 +343,24 @@ def _check_scores_unchanged(
         after = _open(modified, suffix, Path(tmp), "modified")
         for i in range(0, len(x) - step + 1, step):
             a = before.run({input_name: x[i : i + step]})[output]
+            _require_finite({output: a}, where.partition(" with features")[0])
             b = after.run({input_name: x[i : i + step]})[output]
             if a.shape != b.shape or not np.array_equal(a, b):
                 diff = float(np.abs(a.astype(np.float64) - b).max()) if a.shape == b.shape else float("nan")
                 raise ForeignModelError(f"{where}: adding the features output changes the scores {output!r} "
                                         f"(max difference {diff:.3g} on the golden inputs); pass features=None "
                                         "(--features none) or name another tensor")
+
+
+def _require_finite(outputs: Mapping[str, np.ndarray], where: str) -> None:
+    """A model whose outputs hold NaN or inf on the golden inputs cannot be verified by them: refused, named."""
+    for name, value in outputs.items():
+        value = np.asarray(value)
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            raise ForeignModelError(f"{where}: output {name!r} holds {bad} NaN or infinite value(s) on the golden "
+                                    "inputs; check the input spec (--value-range, --layout, --input-dtype): a model "
+                                    "that does not compute finite scores cannot be verified on a device")
 
 
 def _open(data: bytes, suffix: str, tmp: Path, name: str = "probe") -> Session:
@@ -532,6 +544,7 @@ def _write_files(
     model_file.write_bytes(wrapped.data)
     session = open_session(model_file, backend="auto", threads=1, io_names=wrapped.io_names)
     outputs = session.run({spec.name: x})
+    _require_finite(outputs, f"{wrapped.fmt.upper() if wrapped.fmt == 'onnx' else 'TFLite'} model {source.name}")
     _check_scores(outputs[wrapped.output], output_kind, labels, wrapped.output)
     if wrapped.features is not None:
         _check_features(outputs[FEATURES], len(x), wrapped.features)
